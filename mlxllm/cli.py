@@ -1,0 +1,244 @@
+"""The `mlxllm` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from . import _blas
+from .generate import stream_generate
+from .gguf import GGUFError, GGUFFile
+from .loader import LoadError, load
+from .models import ModelNotFound, resolve
+from .quant import UnsupportedTypeError
+from .registry import REGISTRY, ArchError
+from .sample import SamplingParams
+
+# Errors that describe bad input: one line on stderr and exit code 1, never a traceback
+# (MLXLLM_DEBUG=1 shows it).
+USER_ERRORS = (GGUFError, ArchError, LoadError, ModelNotFound, UnsupportedTypeError, ValueError)
+
+
+class Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as e:
+            if os.environ.get("MLXLLM_DEBUG"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="mlxllm")
+def main() -> None:
+    """Run GGUF models on MLX."""
+
+
+def _human(n: float, unit: str = "") -> str:
+    for prefix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.4g}{prefix}{unit}"
+        n /= 1000
+    return f"{n:.4g}P{unit}"
+
+
+@main.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def show(model: str, as_json: bool) -> None:
+    """Describe a GGUF model: architecture, size, quant types, tokenizer."""
+    with GGUFFile(resolve(model)) as gf:
+        info = gf.summary()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    rows = [
+        ("architecture", info["architecture"]),
+        ("name", info["name"]),
+        ("parameters", _human(info["parameters"])),
+        ("file size", _human(info["file_size"], "B")),
+        ("context length", info["context_length"]),
+        ("embedding length", info["embedding_length"]),
+        ("layers", info["layers"]),
+        ("heads", f"{info['heads']} (kv {info['kv_heads']})"),
+        ("tensor types", ", ".join(f"{t} x{n}" for t, n in info["tensor_types"].items())),
+        ("tokenizer", f"{info['tokenizer']} ({info['vocab_size']} tokens)"),
+        ("chat template", "yes" if info["chat_template"] else "no"),
+    ]
+    click.echo(f"  {info['path']}")
+    for key, value in rows:
+        click.echo(f"  {key:<18}{value}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def archs(as_json: bool) -> None:
+    """List the architectures every installed plugin provides."""
+    entries = REGISTRY.all()
+    rows = [{"name": e.name,
+             "aliases": list(e.arch.aliases) if e.arch else [],
+             "distribution": e.distribution,
+             "module": ", ".join(e.targets),
+             "error": e.error} for e in entries]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        aliases = f" (aliases: {', '.join(r['aliases'])})" if r["aliases"] else ""
+        status = f"  ERROR: {r['error']}" if r["error"] else ""
+        click.echo(f"{r['name']:<14}{r['distribution']:<24}{r['module']}{aliases}{status}")
+
+
+def sampling_options(f):
+    """The sampler flags `run` shares with the server's options (llama.cpp's defaults)."""
+    d = SamplingParams()
+    for name, kind, default, help_ in reversed([
+        ("--temperature", float, d.temperature, "0 is greedy."),
+        ("--top-k", int, d.top_k, "Keep the k most likely tokens (0: all)."),
+        ("--top-p", float, d.top_p, "Keep the most likely tokens up to this probability mass."),
+        ("--min-p", float, d.min_p, "Drop tokens below this fraction of the top token's probability."),
+        ("--repeat-penalty", float, d.repeat_penalty, "Penalize tokens seen in the last --repeat-last-n."),
+        ("--repeat-last-n", int, d.repeat_last_n, "Window for the penalties (-1: all, 0: off)."),
+        ("--presence-penalty", float, d.presence_penalty, None),
+        ("--frequency-penalty", float, d.frequency_penalty, None),
+        ("--seed", int, None, "Same seed, same output."),
+    ]):
+        f = click.option(name, type=kind, default=default, show_default=default is not None, help=help_)(f)
+    return f
+
+
+def _params(opts: dict) -> SamplingParams:
+    params = SamplingParams(**{k: opts.pop(k) for k in list(opts) if k in SamplingParams.__dataclass_fields__})
+    params.validate()
+    return params
+
+
+@main.command()
+@click.argument("model")
+@click.argument("prompt", required=False)
+@sampling_options
+@click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--system", default=None, help="System prompt for chat models.")
+@click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
+@click.option("--verbose", is_flag=True, help="Print load and speed statistics to stderr.")
+def run(model: str, prompt: str | None, max_tokens: int, system: str | None, raw: bool, verbose: bool, **opts) -> None:
+    """Generate from MODEL. Without PROMPT (and no piped input): an interactive chat."""
+    params = _params(opts)
+    piped = None if sys.stdin.isatty() else sys.stdin.read()
+    net, tokenizer = load(model)
+    if verbose:
+        stats = net.load_stats
+        click.echo(f"loaded {model} in {stats.seconds:.2f} s ({stats.nbytes / 1e6:.0f} MB of weights; BLAS: {_blas.loaded or 'reference'})", err=True)
+    if prompt is None and piped is None:
+        _chat(net, tokenizer, params, max_tokens, system, verbose)
+        return
+    text = "\n\n".join(p for p in (prompt, piped) if p)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    full = text if raw else tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    _stream(net, tokenizer, full, params, max_tokens, verbose)
+
+
+def _stream(net, tokenizer, prompt: str, params: SamplingParams, max_tokens: int, verbose: bool) -> str:
+    out = []
+    last = None
+    for r in stream_generate(net, tokenizer, prompt, params, max_tokens):
+        click.echo(r.text, nl=False)
+        out.append(r.text)
+        last = r
+    click.echo()
+    if verbose and last is not None:
+        click.echo(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s | "
+                   f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s | "
+                   f"peak memory {last.peak_memory_gb:.2f} GB | finish: {last.finish_reason}", err=True)
+    return "".join(out)
+
+
+def _chat(net, tokenizer, params, max_tokens, system, verbose) -> None:
+    messages = [{"role": "system", "content": system}] if system else []
+    click.echo("Send a message (/bye to leave).", err=True)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            click.echo()
+            return
+        if line.strip() in ("/bye", "/exit"):
+            return
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        try:
+            answer = _stream(net, tokenizer, prompt, params, max_tokens, verbose)
+        except KeyboardInterrupt:  # stop this answer, keep the conversation
+            click.echo()
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": answer})
+
+
+@main.command()
+@click.argument("model")
+@click.option("-p", "--n-prompt", type=click.IntRange(min=1), default=512, show_default=True, help="Prompt tokens (pp).")
+@click.option("-n", "--n-gen", type=click.IntRange(min=1), default=128, show_default=True, help="Generated tokens (tg).")
+@click.option("-r", "--repetitions", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench(model: str, n_prompt: int, n_gen: int, repetitions: int, as_json: bool) -> None:
+    """Prompt processing (pp) and generation (tg) speed, llama-bench style."""
+    import mlx.core as mx
+
+    from .bench import bench as run_bench
+
+    mx.reset_peak_memory()
+    net, tokenizer = load(model)
+    results = run_bench(net, tokenizer, n_prompt, n_gen, repetitions)
+    info = {"model": model, "load_s": net.load_stats.seconds, "weights_mb": net.load_stats.nbytes / 1e6,
+            "peak_memory_gb": mx.get_peak_memory() / 1e9, "blas": _blas.loaded, "tokens_per_s": results}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"model {model}: load {info['load_s']:.2f} s, weights {info['weights_mb']:.0f} MB, "
+               f"peak memory {info['peak_memory_gb']:.2f} GB, BLAS {info['blas'] or 'reference'}")
+    click.echo(f"{'test':<8}{'tokens/s':>12}{'+/-':>10}")
+    for name, r in results.items():
+        click.echo(f"{name:<8}{r['mean']:>12.2f}{r['stdev']:>10.2f}")
+
+
+def _seconds(value: str) -> float | None:
+    """--keep-alive: seconds or a duration ("5m", "1h"); negative: forever (None)."""
+    from .server import ApiError, keep_alive_of
+
+    try:
+        seconds = keep_alive_of({"keep_alive": value})
+    except ApiError as e:
+        raise click.BadParameter(e.message) from None
+    return None if seconds is None else float(seconds)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=11434, show_default=True,
+              help="Port (Ollama's by default; 0 picks a free one, logged at start).")
+@click.option("--keep-alive", default="5m", show_default=True,
+              help="How long a model stays loaded after its last request (\"5m\", \"30s\", -1: forever).")
+@click.option("--parallel", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Requests decoded together per model; more wait for a free slot.")
+@click.option("--preload", multiple=True, help="Model to load at start (repeatable).")
+@click.option("--max-body-mb", type=click.FloatRange(min=0.001), default=16.0, show_default=True,
+              help="Largest request body accepted (413 above it).")
+@click.option("--prefix-cache-mb", type=click.FloatRange(min=0), default=512.0, show_default=True,
+              help="Memory per model for the KV of finished prompts, reused by requests sharing a prefix (0: off).")
+def serve(host: str, port: int, keep_alive: str, parallel: int, preload: tuple[str, ...], max_body_mb: float,
+          prefix_cache_mb: float) -> None:
+    """Serve the Ollama (/api) and OpenAI (/v1) APIs; models load on demand by name or path."""
+    from .server import serve as run_server
+
+    run_server(host, port, keep_alive=_seconds(keep_alive), parallel=parallel, preload=preload,
+               max_body=int(max_body_mb * (1 << 20)), prefix_cache_bytes=int(prefix_cache_mb * (1 << 20)))

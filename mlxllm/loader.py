@@ -1,0 +1,158 @@
+"""GGUF -> MLX model: build the architecture from metadata, fill its parameters by name.
+
+Parameter names of every architecture module are GGUF tensor names (`blk.3.attn_q.weight`
+is `model.blk[3].attn_q.weight`), so no per-architecture name table exists. A quantized
+tensor replaces the `nn.Linear` / `nn.Embedding` that owns it with the quantized layer of
+the same role; float tensors become parameters in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .gguf import GGUFError, GGUFFile
+from .layers import QuantizedEmbedding, QuantizedLinear
+from .quant import QuantizedTensor, to_mlx
+from .registry import Arch, get_arch
+
+
+class LoadError(ValueError):
+    pass
+
+
+@dataclass
+class LoadStats:
+    seconds: float
+    nbytes: int  # bytes of MLX memory the weights occupy
+
+
+def load_tensor(gf: GGUFFile, name: str, dense: bool = False) -> mx.array | QuantizedTensor:
+    """One GGUF tensor as MLX memory; `dense` widens a quantized one to float32."""
+    info = gf.tensors[name]
+    try:
+        value = to_mlx(gf.tensor_bytes(name), info.qtype, info.shape,
+                       consumed=lambda start, end: gf.release_through(info.offset + end))
+    except ValueError as e:
+        raise GGUFError(f"{gf.path}: tensor {name!r}: {e}") from None
+    if dense and isinstance(value, QuantizedTensor):
+        value = value.dequantize()
+        mx.eval(value)
+    return value
+
+
+def load_tensors(gf: GGUFFile, dense: bool = False) -> dict[str, mx.array | QuantizedTensor]:
+    """Every tensor of the file in its MLX layout (see `mlxllm.quant`), converted in file
+    order so the mapped pages behind each can be dropped as it is done."""
+    order = sorted(gf.tensors, key=lambda name: gf.tensors[name].offset)
+    return {name: load_tensor(gf, name, dense) for name in order}
+
+
+DENSE_RAM_FRACTION = 0.5
+
+
+def dense_by_default(gf: GGUFFile) -> bool:
+    """Whether to widen quantized weights to float32 at load time.
+
+    On MLX's CPU backend a float32 matmul goes to BLAS while `quantized_matmul` has no
+    optimized kernel: measured on 2 cores with OpenBLAS, 2.3x slower for one token and
+    30-60x slower for a 64-token prompt. So on the CPU the weights are widened whenever
+    the float32 model fits in half of the machine's memory; on a GPU, and for models too
+    big to widen, they stay in their quantized layouts.
+    """
+    if mx.default_device() != mx.cpu:
+        return False
+    fp32_bytes = 4 * sum(t.n_elements for t in gf.tensors.values())
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return False
+    return fp32_bytes <= DENSE_RAM_FRACTION * ram
+
+
+def _walk(model: nn.Module, path: list[str]) -> tuple[object, str | int]:
+    """The container holding `path[-1]` and the key into it."""
+    node: object = model
+    for part in path[:-1]:
+        node = node[int(part)] if isinstance(node, list) else node[part] if isinstance(node, dict) else getattr(node, part)
+    last = path[-1]
+    return node, int(last) if isinstance(node, list) else last
+
+
+def _set(model: nn.Module, dotted: str, value: object) -> None:
+    node, key = _walk(model, dotted.split("."))
+    if isinstance(node, (list, dict)):
+        node[key] = value
+    else:
+        setattr(node, key, value)
+
+
+def _get(model: nn.Module, dotted: str) -> object:
+    node, key = _walk(model, dotted.split("."))
+    return node[key] if isinstance(node, (list, dict)) else getattr(node, key)
+
+
+def load_model(path: str, dtype: mx.Dtype = mx.float32, dense: bool | None = None
+               ) -> tuple[nn.Module, GGUFFile, Arch, LoadStats]:
+    """Build the architecture named in the file and load every tensor into it.
+
+    dtype: the compute dtype float weights are cast to (float32 on the CPU, where MLX has
+    no fast half-precision matmul). dense: widen quantized weights to float32 (None: see
+    `dense_by_default`); otherwise they stay in their quantized layouts.
+    """
+    start = time.perf_counter()
+    gf = GGUFFile(path)
+    arch = get_arch(gf.architecture)
+    try:
+        args = arch.args.from_gguf(gf)
+    except (KeyError, TypeError, ValueError) as e:
+        raise LoadError(f"{path}: metadata for {arch.name!r} is incomplete or invalid: {e}") from None
+    model = arch.model(args)
+    expected = dict(tree_flatten(model.parameters()))
+    unexpected = sorted(set(gf.tensors) - set(expected))
+    missing = sorted(set(expected) - set(gf.tensors))
+    if unexpected or missing:
+        raise LoadError(f"{path}: tensors do not match architecture {arch.name!r}: "
+                        f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
+                        f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    nbytes = 0
+    values = load_tensors(gf, dense_by_default(gf) if dense is None else dense)
+    # Quantized weights first: they replace their owning module, then float params follow
+    # (a bias set afterwards lands on the replacement).
+    for name in sorted(values, key=lambda n: not isinstance(values[n], QuantizedTensor)):
+        value = values.pop(name)
+        want = expected[name].shape
+        if tuple(value.shape) != tuple(want):
+            raise LoadError(f"{path}: tensor {name!r} has shape {list(value.shape)}, {arch.name} expects {list(want)}")
+        if isinstance(value, QuantizedTensor):
+            owner_path, leaf = name.rsplit(".", 1)
+            owner = _get(model, owner_path)
+            if leaf != "weight" or not isinstance(owner, (nn.Linear, nn.Embedding)):
+                raise LoadError(f"{path}: tensor {name!r} is {value.qtype.name}, but {arch.name} needs it as floats")
+            layer = QuantizedEmbedding(value) if isinstance(owner, nn.Embedding) else QuantizedLinear(value)
+            _set(model, owner_path, layer)
+        else:
+            if value.dtype != dtype:
+                value = value.astype(dtype)
+                mx.eval(value)
+            _set(model, name, value)
+        nbytes += value.nbytes
+    model.eval()
+    return model, gf, arch, LoadStats(time.perf_counter() - start, nbytes)
+
+
+def load(model: str, dtype: mx.Dtype = mx.float32, dense: bool | None = None):
+    """`model, tokenizer = load("smollm2:135m")`: a GGUF path or short name, ready to run.
+    The model keeps `model.gguf` (the open file) and `model.load_stats`."""
+    from .models import resolve
+    from .tokenizer import Tokenizer
+
+    net, gf, _, stats = load_model(resolve(model), dtype, dense)
+    tokenizer = Tokenizer.from_metadata(gf.metadata)
+    net.gguf, net.load_stats = gf, stats
+    return net, tokenizer

@@ -1,0 +1,268 @@
+"""The quant table: every GGML tensor type and how its blocks live in MLX.
+
+Three ways a GGUF tensor can land in MLX:
+- "float":  F32 / F16 / BF16 become plain arrays of the same dtype.
+- "affine", "mxfp4": the block format is exactly one of MLX's own quantized layouts
+  (`w = scale * q + bias` per group of 32, or OCP MX-FP4), so the codes are re-packed into
+  MLX's bit order and no float copy of the weight ever exists. `mx.quantized_matmul` and
+  `mx.dequantize` read them directly.
+- "packed": everything MLX cannot express (sub-blocks of 16, codebooks, ternary packs) keeps
+  the GGUF bytes unchanged, uint8 (rows, bytes_per_row). `mlxllm.kernels` reads them; its
+  pure-MLX reference dequantizer is the portable path.
+
+Every converter below mirrors the block layout in ggml-quants.c / gguf-py's quants.py, and
+the tests check each type bit for bit against `gguf.quants.dequantize`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType as T
+
+from . import kernels
+
+GROUP = 32  # every native GGUF layout here quantizes in groups of 32
+
+# (codes uint8 (n_blocks, block_size), scales f32 (n_blocks, block_size/32), biases f32 | None)
+Converted = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One row of the table."""
+
+    kind: str  # "float" | "affine" | "mxfp4" | "packed"
+    bits: int = 0  # code width in MLX's layout (affine / mxfp4)
+    convert: Callable[[np.ndarray], Converted] | None = None  # GGUF blocks -> MLX groups
+
+
+# -- block converters: GGUF blocks (n, type_size) uint8 -> MLX groups of 32 -------------------
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """Little-endian half fields (n, 2) -> float32 (n, 1)."""
+    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """ggml packs element i in the low nibble of qs[i], element i+16 in the high one."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # (n, 32)
+
+
+def _high_bits(qh: np.ndarray) -> np.ndarray:
+    """Q5_0 / Q5_1: bit j of the little-endian uint32 qh is the fifth bit of element j."""
+    bits = np.unpackbits(np.ascontiguousarray(qh), axis=-1, bitorder="little")
+    return bits << 4  # (n, 32)
+
+
+def _q4_0(b: np.ndarray) -> Converted:  # dequantize_row_q4_0: d * (q - 8)
+    d = _f16(b[:, :2])
+    return _nibbles(b[:, 2:]), d, d * -8
+
+
+def _q4_1(b: np.ndarray) -> Converted:  # dequantize_row_q4_1: d * q + m
+    return _nibbles(b[:, 4:]), _f16(b[:, :2]), _f16(b[:, 2:4])
+
+
+def _q5_0(b: np.ndarray) -> Converted:  # dequantize_row_q5_0: d * (q - 16)
+    d = _f16(b[:, :2])
+    return _nibbles(b[:, 6:]) | _high_bits(b[:, 2:6]), d, d * -16
+
+
+def _q5_1(b: np.ndarray) -> Converted:  # dequantize_row_q5_1: d * q + m
+    return _nibbles(b[:, 8:]) | _high_bits(b[:, 4:8]), _f16(b[:, :2]), _f16(b[:, 2:4])
+
+
+def _q8_0(b: np.ndarray) -> Converted:  # dequantize_row_q8_0: d * q, q int8 -> q + 128 unsigned
+    d = _f16(b[:, :2])
+    return b[:, 2:] ^ 0x80, d, d * -128
+
+
+def _k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """get_scale_min_k4: eight 6-bit scales and mins packed in 12 bytes -> (n, 8) each."""
+    d, m, m_d = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
+    sc = np.concatenate([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _k_low_nibbles(qs: np.ndarray) -> np.ndarray:
+    """Q4_K / Q5_K: 32-byte chunk k holds sub-block 2k (low nibbles) and 2k+1 (high)."""
+    n = qs.shape[0]
+    qs = qs.reshape(n, QK_K // 64, 1, 32)  # (n, 4, 1, 32)
+    return ((qs >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0x0F).reshape(n, QK_K)
+
+
+def _q4_k(b: np.ndarray) -> Converted:  # dequantize_row_q4_K: d*sc_j * q - dmin*m_j
+    sc, mn = _k_scale_min(b[:, 4:16])
+    return _k_low_nibbles(b[:, 16:]), _f16(b[:, :2]) * sc, -(_f16(b[:, 2:4]) * mn)
+
+
+def _q5_k(b: np.ndarray) -> Converted:  # dequantize_row_q5_K: as Q4_K, plus bit j of qh for sub-block j
+    n = b.shape[0]
+    sc, mn = _k_scale_min(b[:, 4:16])
+    qh = b[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)  # (n, 8, 32)
+    codes = _k_low_nibbles(b[:, 48:]) | ((qh & 1) << 4).reshape(n, QK_K)
+    return codes, _f16(b[:, :2]) * sc, -(_f16(b[:, 2:4]) * mn)
+
+
+def _mxfp4(b: np.ndarray) -> Converted:
+    # ggml's kvalues_mxfp4 are the E2M1 codes doubled, and its scale is e8m0 halved
+    # (ggml_e8m0_to_fp32_half), so the nibble and exponent byte are MLX's mxfp4 as they are.
+    return _nibbles(b[:, 1:]), b[:, :1], None
+
+
+FLOAT = Layout("float")
+PACKED = Layout("packed")
+
+QUANT_TABLE: dict[T, Layout] = {
+    T.F32: FLOAT, T.F16: FLOAT, T.BF16: FLOAT,
+    T.Q4_0: Layout("affine", 4, _q4_0),
+    T.Q4_1: Layout("affine", 4, _q4_1),
+    T.Q5_0: Layout("affine", 5, _q5_0),
+    T.Q5_1: Layout("affine", 5, _q5_1),
+    T.Q8_0: Layout("affine", 8, _q8_0),
+    T.Q4_K: Layout("affine", 4, _q4_k),
+    T.Q5_K: Layout("affine", 5, _q5_k),
+    T.MXFP4: Layout("mxfp4", 4, _mxfp4),
+    # Sub-blocks of 16, codebooks, ternary packs, and NVFP4's FP8 scale per 16 (MLX's nvfp4
+    # mode scales by fp8 e4m3 with a global scale; ggml's UE4M3 decoding differs): no
+    # MLX layout holds them exactly.
+    **{t: PACKED for t in (T.Q2_K, T.Q3_K, T.Q6_K, T.TQ1_0, T.TQ2_0, T.IQ1_S, T.IQ1_M,
+                           T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ4_NL, T.IQ4_XS,
+                           T.NVFP4)},
+}
+
+
+class UnsupportedTypeError(ValueError):
+    pass
+
+
+def layout_of(qtype: T) -> Layout:
+    try:
+        return QUANT_TABLE[qtype]
+    except KeyError:
+        known = ", ".join(t.name for t in QUANT_TABLE)
+        raise UnsupportedTypeError(f"ggml type {qtype.name} is not supported (supported: {known})") from None
+
+
+# -- MLX-side tensors ---------------------------------------------------------------------
+
+@dataclass
+class QuantizedTensor:
+    """A weight kept in a quantized layout. `shape` is the logical float shape (rows, cols).
+
+    affine / mxfp4: `weight` is MLX's packed uint32 codes, `scales`/`biases` per group of 32,
+    ready for `mx.quantized_matmul`. packed: `weight` is the GGUF blocks as uint8
+    (rows, bytes_per_row), read by `mlxllm.kernels`.
+    """
+
+    qtype: T
+    shape: tuple[int, ...]
+    weight: mx.array
+    scales: mx.array | None = None
+    biases: mx.array | None = None
+
+    @property
+    def mode(self) -> str:
+        return QUANT_TABLE[self.qtype].kind
+
+    @property
+    def bits(self) -> int:
+        return QUANT_TABLE[self.qtype].bits
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.weight, self.scales, self.biases) if a is not None)
+
+    def dequantize(self) -> mx.array:
+        """float32 of `shape`."""
+        return kernels.dequantize(self).reshape(self.shape)
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes (rows, cols) < 2**bits -> MLX's packing: one little-endian bit stream per row,
+    element j at bits [j*bits, (j+1)*bits), viewed as uint32 (rows, cols*bits/32)."""
+    rows, cols = codes.shape
+    if bits == 8:
+        return np.ascontiguousarray(codes, dtype=np.uint8).view(np.uint32)
+    if bits == 4:
+        pairs = codes.reshape(rows, cols // 2, 2)
+        return np.ascontiguousarray(pairs[..., 0] | (pairs[..., 1] << 4), dtype=np.uint8).view(np.uint32)
+    # Eight codes fill exactly `bits` bytes: build them in a uint64, keep the low bytes.
+    eight = codes.reshape(rows, cols // 8, 8).astype(np.uint64)
+    word = np.zeros((rows, cols // 8), np.uint64)
+    for k in range(8):
+        word |= eight[:, :, k] << np.uint64(bits * k)
+    stream = word[..., None].view(np.uint8)[..., :bits]  # (rows, cols/8, bits) little-endian
+    return np.ascontiguousarray(stream).reshape(rows, cols * bits // 8).view(np.uint32)
+
+
+def _writable(a: mx.array) -> np.ndarray:
+    """A numpy view onto a freshly evaluated MLX buffer, so converted chunks are written
+    into MLX memory directly and no second full-size copy exists during loading."""
+    mx.eval(a)
+    view = np.array(a, copy=False)
+    assert view.flags.writeable and view.flags.c_contiguous and 0 not in view.strides
+    return view
+
+
+CHUNK_BYTES = 1 << 22  # GGUF bytes converted per slice: bounds every temporary
+
+
+def _affine_rows(layout: Layout, type_size: int, cols: int) -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
+    """GGUF rows (r, bytes_per_row) -> (packed codes, scales[, biases]) rows for MLX."""
+    def convert(rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        r = rows.shape[0]
+        codes, scales, biases = layout.convert(rows.reshape(-1, type_size))  # (n_blocks, ...)
+        out = (pack_bits(codes.reshape(r, cols), layout.bits), scales.reshape(r, -1))
+        return out if biases is None else (*out, biases.reshape(r, -1))
+    return convert
+
+
+def to_mlx(raw: np.ndarray, qtype: T, shape: tuple[int, ...],
+           consumed: Callable[[int, int], None] | None = None) -> mx.array | QuantizedTensor:
+    """GGUF bytes (rows..., bytes_per_row) -> a plain MLX array or a QuantizedTensor.
+
+    Rows are converted in slices straight into MLX-owned buffers, and `consumed(start, end)`
+    is told each byte range of `raw` that is done, so a caller reading from a memory map
+    can drop those pages: loading never holds a tensor twice.
+    """
+    layout = layout_of(qtype)
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    rows, cols = int(np.prod(shape[:-1], dtype=np.int64)), shape[-1]
+    raw2d = raw.reshape(rows, -1)  # (rows, bytes_per_row)
+    groups = cols // GROUP
+    if layout.kind == "float":
+        # numpy has no bfloat16: BF16 travels as its bits and is viewed at the end.
+        np_dtype = {T.F32: np.float32, T.F16: np.float16, T.BF16: np.uint16}[qtype]
+        outputs = [((rows, cols), mx.float32 if qtype == T.F32 else mx.float16 if qtype == T.F16 else mx.uint16)]
+        convert = lambda r: (r.view(np_dtype),)  # noqa: E731
+    elif layout.kind == "packed":
+        outputs = [((rows, raw2d.shape[1]), mx.uint8)]
+        convert = lambda r: (r,)  # noqa: E731
+    else:
+        outputs = [((rows, cols * layout.bits // 32), mx.uint32),
+                   ((rows, groups), mx.uint8 if layout.kind == "mxfp4" else mx.float32)]
+        if layout.kind == "affine":
+            outputs.append(((rows, groups), mx.float32))
+        convert = _affine_rows(layout, type_size, cols)
+
+    arrays = [mx.zeros(s, d) for s, d in outputs]
+    views = [_writable(a) for a in arrays]
+    row_bytes = max(1, raw2d.shape[1])
+    step = max(1, CHUNK_BYTES // row_bytes)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        for view, part in zip(views, convert(raw2d[r0:r1])):
+            view[r0:r1] = part
+        if consumed is not None:
+            consumed(r0 * row_bytes, r1 * row_bytes)
+
+    if layout.kind == "float":
+        out = arrays[0].view(mx.bfloat16) if qtype == T.BF16 else arrays[0]
+        return out.reshape(shape)
+    return QuantizedTensor(qtype, tuple(shape), *arrays)

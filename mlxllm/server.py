@@ -1,0 +1,1595 @@
+"""`mlxllm serve`: Ollama's and OpenAI's HTTP APIs over aiohttp, on the generation pieces
+the CLI uses (`prefill`, the samplers and logits processors, the stop-string rules).
+
+Top to bottom:
+- routes (`/api/*` Ollama, `/v1/*` OpenAI) validate a request, build its prompt and hand a
+  `Job` to the model's engine, then turn the engine's events into that API's shapes;
+- `ModelPool` loads models by name or path on demand and unloads each after keep_alive;
+- `Engine` is one thread per loaded model, the only thread that touches it. Each iteration
+  it admits one waiting job (prefill, reusing the KV of a shared prompt prefix) and then
+  decodes one token for every active job: continuous batching, one forward pass over all
+  of them, when the architecture builds its attention mask with `cache.make_mask` (see
+  `mlxllm.cache`); otherwise one forward per job, interleaved, so every client still streams;
+- `BatchKVCache` holds rows of different lengths, left-padded, and makes their masks.
+Events flow back to the handlers through asyncio queues (`loop.call_soon_threadsafe`); a
+handler whose client went away sets its job's cancel flag, which the engine checks between
+tokens, freeing the slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import signal
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from aiohttp import web
+
+from . import __version__
+from .cache import KVCache, RotatingKVCache
+from .chat_template import ChatTemplateError, render_chat_template
+from .constrain import ANY_OBJECT, Constraint, GrammarError, vocabulary_for
+from .generate import _find_stop, _held_back, prefill
+from .models import ModelNotFound, available, resolve
+from .sample import SamplingParams, make_logits_processors, make_sampler
+
+log = logging.getLogger("mlxllm.server")
+
+DEFAULT_PORT = 11434  # Ollama's, so Ollama clients work without configuration
+DEFAULT_KEEP_ALIVE = 300.0  # seconds a model stays loaded after its last request (Ollama: 5m)
+DEFAULT_PARALLEL = 16  # jobs decoded together per model; more wait their turn
+MAX_STOPS = 16
+FINGERPRINT = f"fp_mlxllm_{__version__}"
+
+
+# ---------------------------------------------------------------------------- KV cache rows
+
+class BatchKVCache:
+    """Keys and values of B sequences, (B, n_kv_heads, T, head_dim), each left-padded to
+    the longest: row b holds its positions at slots pad[b]..size-1.
+
+    `offset` is each row's RoPE position (an int while no row is padded), `make_mask(L)`
+    hides the padding and, with `window`, the keys a sliding window no longer sees (the
+    whole history is kept: rows join and leave at any length). One row without padding
+    grows, stores and returns exactly what `mlxllm.cache.KVCache` does, so a lone request
+    computes what `generate_step` computes.
+    """
+
+    step = 256
+
+    def __init__(self, window: int | None = None) -> None:
+        self.window = window
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.pad: list[int] = []
+        self.size = 0  # filled slots, the same for every row
+        self.masks_made = 0  # the engine's probe: does the model ask its cache for masks?
+
+    @classmethod
+    def from_state(cls, keys: mx.array, values: mx.array, n: int, window: int | None) -> BatchKVCache:
+        """One row holding the first n positions of a stored (1, H, T, D) state."""
+        cache = cls(window)
+        cache.keys, cache.values = keys[..., :n, :], values[..., :n, :]
+        cache.pad, cache.size = [0], n
+        return cache
+
+    @property
+    def offset(self) -> int | mx.array:
+        if not any(self.pad):
+            return self.size
+        return mx.array([self.size - p for p in self.pad])  # (B,): mx.fast.rope takes one per row
+
+    def make_mask(self, L: int) -> mx.array | str | None:
+        self.masks_made += 1
+        T = self.size + L
+        windowed = self.window is not None and T > self.window
+        if not any(self.pad) and not windowed:
+            return "causal" if L > 1 else None
+        q = mx.arange(self.size, T)[:, None]  # (L, 1) query slots
+        k = mx.arange(T)[None]  # (1, T) key slots
+        mask = k <= q
+        if windowed:  # slots and positions differ by a per-row constant: same distances
+            mask = mask & (q - k < self.window)
+        if any(self.pad):
+            real = k[None] >= mx.array(self.pad)[:, None, None]  # (B, 1, T)
+            mask = (mask[None] & real)[:, None]  # (B, 1, L, T), broadcast over heads
+        return mask
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        B, H, L, D = keys.shape
+        if not self.pad:
+            self.pad = [0] * B
+        prev = self.size
+        if self.keys is None or prev + L > self.keys.shape[2]:
+            grow = (L + self.step - 1) // self.step * self.step
+            new_k = mx.zeros((B, H, grow, D), keys.dtype)
+            new_v = mx.zeros((B, H, grow, values.shape[3]), values.dtype)
+            if self.keys is None:
+                self.keys, self.values = new_k, new_v
+            else:
+                self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
+                self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
+        self.size += L
+        self.keys[..., prev:self.size, :] = keys
+        self.values[..., prev:self.size, :] = values
+        return self.keys[..., :self.size, :], self.values[..., :self.size, :]
+
+    @property
+    def state(self) -> tuple[mx.array, mx.array] | None:
+        if self.keys is None:
+            return None
+        return self.keys[..., :self.size, :], self.values[..., :self.size, :]
+
+    def row(self, b: int) -> tuple[mx.array, mx.array]:
+        """Row b's positions, (1, H, n, D), copied out of the batch's storage."""
+        p = self.pad[b]
+        return (mx.contiguous(self.keys[b:b + 1, :, p:self.size, :]),
+                mx.contiguous(self.values[b:b + 1, :, p:self.size, :]))
+
+    def extend(self, other: BatchKVCache) -> None:
+        """Append other's rows; the shorter side is padded on the left."""
+        if self.keys is None:
+            self.keys, self.values, self.pad, self.size = other.keys, other.values, list(other.pad), other.size
+            return
+        n = max(self.size, other.size)
+
+        def left_pad(x: mx.array, size: int) -> mx.array:
+            x = x[..., :size, :]
+            return mx.pad(x, ((0, 0), (0, 0), (n - size, 0), (0, 0))) if n > size else x
+
+        self.keys = mx.concatenate([left_pad(self.keys, self.size), left_pad(other.keys, other.size)])
+        self.values = mx.concatenate([left_pad(self.values, self.size), left_pad(other.values, other.size)])
+        self.pad = [p + n - self.size for p in self.pad] + [p + n - other.size for p in other.pad]
+        self.size = n
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Drop every row not listed, then the padding all remaining rows share."""
+        if not rows:
+            self.keys = self.values = None
+            self.pad, self.size = [], 0
+            return
+        index = mx.array(rows)
+        self.keys, self.values = self.keys[index], self.values[index]
+        self.pad = [self.pad[i] for i in rows]
+        trim = min(self.pad)
+        if trim:
+            self.keys = self.keys[..., trim:self.size, :]
+            self.values = self.values[..., trim:self.size, :]
+            self.pad = [p - trim for p in self.pad]
+            self.size -= trim
+
+
+def probe_layout(model) -> tuple[list[int | None] | None, bool]:
+    """(the sliding window of each layer's cache, or None when the model uses caches this
+    server cannot stand in for; whether the model builds its masks with `cache.make_mask`,
+    which rows of different lengths in one batch need)."""
+    own = model.make_cache()
+    if not own or not all(type(c) in (KVCache, RotatingKVCache) for c in own):
+        return None, False
+    windows = [c.max_size if isinstance(c, RotatingKVCache) else None for c in own]
+    probe = [BatchKVCache(w) for w in windows]
+    model(mx.array([[0]], mx.int32), cache=probe)  # builds a graph, evaluates nothing
+    return windows, any(c.masks_made for c in probe)
+
+
+class PrefixCache:
+    """The KV of finished sequences, reused by any new prompt that starts with the same
+    tokens (a chat's next turn, a shared system prompt). Least recently used entries go
+    first once the stored bytes pass the budget."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self._entries: list[tuple[np.ndarray, list[tuple[mx.array, mx.array]], int]] = []  # LRU order
+
+    @staticmethod
+    def _shared(a: np.ndarray, b: np.ndarray) -> int:
+        n = min(a.size, b.size)
+        differ = np.flatnonzero(a[:n] != b[:n])
+        return int(differ[0]) if differ.size else n
+
+    def lookup(self, ids: list[int], limit: int) -> tuple[int, list[tuple[mx.array, mx.array]] | None]:
+        """(n, state): the longest stored prefix of ids, at most limit tokens."""
+        want = np.asarray(ids)
+        best, best_n = -1, 0
+        for i, (key, _, _) in enumerate(self._entries):
+            n = self._shared(key, want)
+            if n > best_n:
+                best, best_n = i, n
+        n = min(best_n, limit)
+        if n <= 0:
+            return 0, None
+        entry = self._entries.pop(best)
+        self._entries.append(entry)
+        return n, entry[1]
+
+    def store(self, ids: list[int], state: list[tuple[mx.array, mx.array]]) -> None:
+        key = np.asarray(ids)
+        for i, (other, _, _) in enumerate(self._entries):
+            if other.size >= key.size and self._shared(other, key) == key.size:
+                self._entries.append(self._entries.pop(i))  # already covered by a longer one
+                return
+        # Entries this one extends are redundant: every prefix of theirs is one of its.
+        self._entries = [e for e in self._entries if not (e[0].size <= key.size and self._shared(e[0], key) == e[0].size)]
+        mx.eval(state)
+        nbytes = sum(k.nbytes + v.nbytes for k, v in state)
+        self._entries.append((key, state, nbytes))
+        while len(self._entries) > 1 and sum(e[2] for e in self._entries) > self.budget:
+            self._entries.pop(0)
+        if self._entries and self._entries[-1][2] > self.budget:
+            self._entries.pop()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e[2] for e in self._entries)
+
+
+# ---------------------------------------------------------------------------- the engine
+
+@dataclass
+class Job:
+    """One generation request as the engine sees it."""
+
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop: list[str]
+    emit: Callable[[tuple[str, Any]], None]  # called from the engine thread
+    constraint: Constraint | None = None
+    cancelled: bool = False  # set by the request handler; checked between tokens
+
+
+class _TextStream:
+    """Token ids -> text pieces with stop strings removed, by `stream_generate`'s rules:
+    text that could still grow into a stop string is held back until it cannot."""
+
+    def __init__(self, tokenizer, stop: list[str]) -> None:
+        self._detok = tokenizer.detokenizer()
+        self._stop = [s for s in stop if s]
+        self._pending = ""
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """(text ready to send, whether a stop string ended the output)."""
+        self._pending += self._detok.add(token)
+        cut = _find_stop(self._pending, self._stop)
+        if cut >= 0:
+            return self._pending[:cut], True
+        ready = len(self._pending) - _held_back(self._pending, self._stop)
+        text, self._pending = self._pending[:ready], self._pending[ready:]
+        return text, False
+
+    def flush(self) -> tuple[str, bool]:
+        self._pending += self._detok.flush()
+        cut = _find_stop(self._pending, self._stop)
+        text = self._pending[:cut] if cut >= 0 else self._pending
+        self._pending = ""
+        return text, cut >= 0
+
+
+class Slot:
+    """An admitted job: its sampler, penalties, grammar, text stream and statistics."""
+
+    def __init__(self, job: Job, tokenizer, vocab_size: int) -> None:
+        self.job = job
+        self.sampler = make_sampler(job.params)
+        self.processors = make_logits_processors(job.params, vocab_size)
+        self.eos = tokenizer.eos_ids
+        self.text = _TextStream(tokenizer, job.stop)
+        self.history = list(job.prompt)  # prompt + accepted tokens: what the penalties see
+        self.generated = 0
+        self.cached = 0  # prompt tokens whose KV came from the prefix cache
+        self.caches: list | None = None  # this job's own caches when not batched
+        self.started = time.perf_counter()  # admission: prefill time counts from here
+        self.decode_start = self.started
+        self.prompt_ns = 0
+        self.finish: str | None = None
+
+    @property
+    def last(self) -> int:
+        return self.history[-1]
+
+    def choose(self, logits: mx.array) -> mx.array:
+        """The next token (1,) from last-position logits (1, V), as `generate_step` does."""
+        if self.processors:
+            n = self.job.params.repeat_last_n
+            recent = mx.array(self.history if n < 0 else self.history[-n:], mx.int32)
+            for process in self.processors:
+                logits = process(recent, logits[0])[None]
+        if self.job.constraint is not None:
+            allowed = self.job.constraint.mask(logits.shape[-1])
+            logits = mx.where(allowed, logits, mx.array(-mx.inf, logits.dtype))
+        return self.sampler(logits)
+
+    def accept(self, token: int) -> None:
+        job = self.job
+        if self.generated == 0:
+            self.prompt_ns = int((time.perf_counter() - self.started) * 1e9)
+            self.decode_start = time.perf_counter()
+        self.generated += 1
+        self.history.append(token)
+        if token in self.eos:
+            self._end("stop")
+            return
+        if job.constraint is not None:
+            job.constraint.advance(token)
+        text, stopped = self.text.add(token)
+        if text:
+            job.emit(("text", text))
+        if stopped:
+            self._end("stop", flush=False)
+        elif job.constraint is not None and job.constraint.complete:
+            self._end("stop")
+        elif self.generated >= job.max_tokens:
+            self._end("length")
+
+    def _end(self, reason: str, flush: bool = True) -> None:
+        if flush:
+            text, stopped = self.text.flush()
+            reason = "stop" if stopped else reason
+            if text:
+                self.job.emit(("text", text))
+        self.finish = reason
+        ids = self.history[:-1] if self.history[-1] in self.eos else self.history
+        self.job.emit(("done", {
+            "finish_reason": reason,
+            "prompt_tokens": len(self.job.prompt),
+            "cached_tokens": self.cached,
+            "completion_tokens": self.generated,
+            "prompt_ns": self.prompt_ns,
+            "eval_ns": int((time.perf_counter() - self.decode_start) * 1e9),
+            "context": ids,
+        }))
+
+    @property
+    def fed(self) -> list[int]:
+        """The tokens whose KV is in the cache: all but the last sampled one."""
+        return self.history[:-1]
+
+
+class Engine:
+    """One loaded model's jobs: admits them, prefills them, and decodes a token for every
+    active one per `tick()` (batched when the model allows, see `probe_layout`). Touched
+    only from the worker thread."""
+
+    def __init__(self, model, tokenizer, name: str = "", parallel: int = DEFAULT_PARALLEL,
+                 prefix_cache_bytes: int = 512 << 20) -> None:
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.parallel = parallel
+        self.windows, asks_mask = probe_layout(model)
+        # Our caches stand in for the model's when they can apply its masks: always for
+        # plain full-history models, and for sliding windows when the model asks for masks.
+        self.own_cache = self.windows is not None and (asks_mask or not any(self.windows))
+        self.batched = self.own_cache and asks_mask
+        self.prefixes = PrefixCache(prefix_cache_bytes) if self.own_cache and prefix_cache_bytes > 0 else None
+        self.slots: list[Slot] = []
+        self.waiting: deque[Job] = deque()
+        self._admitting = 0  # a job between the waiting line and the slots (for `active`)
+        self._caches: list[BatchKVCache] | None = None  # every slot's row, when batched
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.slots or self.waiting)
+
+    @property
+    def active(self) -> int:  # read from the event loop: a snapshot is all it needs
+        return len(self.slots) + self._admitting
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    def tick(self) -> None:
+        """Admit at most one waiting job, then one token for every active one: a long
+        prompt delays the others' next token by one prefill, never more."""
+        try:
+            self._reap()
+            if self.waiting and len(self.slots) < self.parallel:
+                self._admitting = 1
+                try:
+                    self._admit(self.waiting.popleft())
+                finally:
+                    self._admitting = 0
+            if self.slots:
+                self._step()
+        except Exception as e:  # a bug or an MLX error: fail these jobs, keep serving
+            log.exception("engine %s: step failed", self.name)
+            self.fail_all(f"generation failed: {type(e).__name__}: {e}")
+
+    def _reap(self) -> None:
+        """Forget jobs whose clients went away; their slots are free for the next."""
+        if any(j.cancelled for j in self.waiting):
+            self.waiting = deque(j for j in self.waiting if not j.cancelled)
+        gone = [i for i, s in enumerate(self.slots) if s.job.cancelled]
+        if gone:
+            log.info("%s: %d cancelled job(s) freed their slots", self.name, len(gone))
+            self._remove(gone, store=False)
+
+    def _start_caches(self, ids: list[int]) -> tuple[list, int]:
+        """Fresh caches for a prompt, primed with the longest stored prefix of it (all but
+        the last token at most: its logits are needed)."""
+        if self.prefixes is not None:
+            n, state = self.prefixes.lookup(ids, limit=len(ids) - 1)
+            if n:
+                return [BatchKVCache.from_state(k, v, n, w) for (k, v), w in zip(state, self.windows)], n
+        if self.own_cache:
+            return [BatchKVCache(w) for w in self.windows], 0
+        return self.model.make_cache(), 0
+
+    def _admit(self, job: Job) -> None:
+        slot = Slot(job, self.tokenizer, self.tokenizer.vocab_size)
+        try:
+            caches, reused = self._start_caches(job.prompt)
+            logits = prefill(self.model, mx.array(job.prompt[reused:], mx.int32), caches)
+            token = slot.choose(logits)
+            mx.eval(token)
+            slot.cached = reused
+            slot.accept(int(token.item()))
+        except Exception as e:
+            log.exception("engine %s: prefill failed", self.name)
+            job.emit(("error", f"generation failed: {type(e).__name__}: {e}"))
+            return
+        if slot.finish:
+            self._store(slot, caches, 0)
+            return
+        if self.batched:
+            if self._caches is None:
+                self._caches = caches
+            else:
+                for mine, theirs in zip(self._caches, caches):
+                    mine.extend(theirs)
+        else:
+            slot.caches = caches
+        self.slots.append(slot)
+
+    def _step(self) -> None:
+        """One token for every active slot."""
+        if self.batched:
+            tokens = mx.array([[s.last] for s in self.slots], mx.int32)  # (B, 1)
+            logits = self.model(tokens, cache=self._caches)[:, -1, :]  # (B, V)
+            picks = [s.choose(logits[i:i + 1]) for i, s in enumerate(self.slots)]
+        else:
+            picks = [s.choose(self.model(mx.array([[s.last]], mx.int32), cache=s.caches)[:, -1, :])
+                     for s in self.slots]
+        mx.eval(picks)
+        for slot, pick in zip(self.slots, picks):
+            try:
+                slot.accept(int(pick.item()))
+            except GrammarError as e:  # cannot happen with the mask applied; never silently
+                slot.job.emit(("error", str(e)))
+                slot.finish = "error"
+        done = [i for i, s in enumerate(self.slots) if s.finish]
+        if done:
+            self._remove(done, store=True)
+
+    def _store(self, slot: Slot, caches: list, row: int) -> None:
+        if self.prefixes is None or slot.finish == "error":
+            return
+        state = [c.row(row) for c in caches]
+        if state and state[0][0].shape[2] == len(slot.fed):
+            self.prefixes.store(slot.fed, state)
+
+    def _remove(self, rows: list[int], store: bool) -> None:
+        for i in rows if store else ():
+            slot = self.slots[i]
+            self._store(slot, self._caches if self.batched else slot.caches, i if self.batched else 0)
+        drop = set(rows)
+        keep = [i for i in range(len(self.slots)) if i not in drop]
+        if self.batched:
+            for c in self._caches:
+                c.keep_rows(keep)
+            if not keep:
+                self._caches = None
+        self.slots = [self.slots[i] for i in keep]
+
+    def fail_all(self, message: str) -> None:
+        for job in [s.job for s in self.slots] + list(self.waiting):
+            job.emit(("error", message))
+        self.slots, self._caches = [], None
+        self.waiting.clear()
+
+
+class Worker:
+    """The one thread that runs MLX: model loading, unloading and every engine's ticks.
+    One thread because MLX work is not meant to be issued from several threads at once,
+    and because the engines share the machine's compute and memory bandwidth anyway."""
+
+    def __init__(self) -> None:
+        self.engines: list[Engine] = []
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="mlxllm-worker", daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable, *args: Any) -> asyncio.Future:
+        """Run fn(*args) on the worker thread; the result arrives in the returned future."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def deliver(result: Any, error: BaseException | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        self._inbox.put(("call", fn, args, loop, deliver))
+        return future
+
+    def submit(self, engine: Engine, job: Job) -> None:
+        self._inbox.put(("job", engine, job))
+
+    def stop(self) -> None:
+        self._inbox.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            busy = any(e.busy for e in self.engines)
+            try:
+                item = self._inbox.get_nowait() if busy else self._inbox.get()
+                while True:
+                    if item is None:
+                        for engine in self.engines:
+                            engine.fail_all("the server is shutting down")
+                        return
+                    self._handle(item)
+                    item = self._inbox.get_nowait()
+            except queue.Empty:
+                pass
+            for engine in list(self.engines):
+                engine.tick()
+
+    def _handle(self, item: tuple) -> None:
+        if item[0] == "job":
+            _, engine, job = item
+            if engine in self.engines:
+                engine.waiting.append(job)
+            else:
+                job.emit(("error", "the model was unloaded"))
+            return
+        _, fn, args, loop, deliver = item
+        try:
+            result, error = fn(*args), None
+        except Exception as e:
+            result, error = None, e
+        loop.call_soon_threadsafe(deliver, result, error)
+
+
+# ---------------------------------------------------------------------------- loaded models
+
+@dataclass
+class Loaded:
+    name: str  # as first requested
+    path: str
+    model: Any
+    tokenizer: Any
+    engine: Engine
+    load_ns: int
+    digest: str
+    users: int = 0
+    keep_alive: float | None = DEFAULT_KEEP_ALIVE  # None: forever
+    expires: float | None = None  # wall-clock deadline while idle
+    vocabulary: Any = None  # constrain.Vocabulary, built on the first JSON request
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.gguf.metadata.get("context_length", 4096))
+
+    @property
+    def nbytes(self) -> int:
+        return self.model.load_stats.nbytes
+
+
+class ApiError(Exception):
+    """A request the server will not serve: status, message, and the field at fault."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def model_path(name: str) -> str:
+    """The GGUF file a model name stands for; ApiError 404 when there is none."""
+    try:
+        path = resolve(name)
+    except ModelNotFound as e:
+        raise ApiError(404, str(e), "model", "model_not_found") from None
+    if not os.path.isfile(path):
+        raise ApiError(404, f"model {name!r} not found: no such file {path}", "model", "model_not_found")
+    return os.path.realpath(path)
+
+
+def file_digest(path: str) -> str:
+    """A stable id for a model file without hashing gigabytes: path, size and mtime."""
+    st = os.stat(path)
+    return hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
+
+
+class ModelPool:
+    """Loaded models by file; each loads on first use and unloads keep_alive after its
+    last request ends. All MLX work goes through the one `Worker` thread."""
+
+    def __init__(self, keep_alive: float | None = DEFAULT_KEEP_ALIVE, parallel: int = DEFAULT_PARALLEL,
+                 prefix_cache_bytes: int = 512 << 20) -> None:
+        self.keep_alive = keep_alive
+        self.parallel = parallel
+        self.prefix_cache_bytes = prefix_cache_bytes
+        self.loaded: dict[str, Loaded] = {}
+        self.worker = Worker()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._closed = False
+
+    def _load(self, name: str, path: str) -> Loaded:  # on the worker thread
+        from .loader import load
+
+        start = time.perf_counter()
+        model, tokenizer = load(path)
+        engine = Engine(model, tokenizer, name, self.parallel, self.prefix_cache_bytes)
+        self.worker.engines.append(engine)
+        log.info("loaded %s (%s) in %.2f s; %s", name, path, time.perf_counter() - start,
+                 "continuous batching" if engine.batched else "one forward per request per step (the "
+                 "architecture does not build its masks with cache.make_mask, so rows cannot be padded)")
+        return Loaded(name, path, model, tokenizer, engine, int((time.perf_counter() - start) * 1e9), file_digest(path))
+
+    def _unload(self, loaded: Loaded) -> None:  # on the worker thread
+        engine = loaded.engine
+        engine.fail_all("the model was unloaded")
+        self.worker.engines.remove(engine)
+        loaded.model = loaded.engine = loaded.vocabulary = None
+        del engine
+        gc.collect()
+        mx.clear_cache()
+
+    async def acquire(self, name: str, keep_alive: float | None | str = "default") -> tuple[Loaded, int]:
+        """(the model, nanoseconds spent loading it for this request); held until release().
+        keep_alive: seconds (None: forever) the model stays loaded once idle; "default": the
+        server's."""
+        path = await asyncio.get_running_loop().run_in_executor(None, model_path, name)
+        async with self._locks.setdefault(path, asyncio.Lock()):
+            loaded, load_ns = self.loaded.get(path), 0
+            if loaded is None:
+                try:
+                    loaded = await self.worker.call(self._load, name, path)
+                except Exception as e:
+                    log.exception("loading %s failed", name)
+                    raise ApiError(500, f"cannot load model {name!r}: {e}", "model") from None
+                self.loaded[path] = loaded
+                load_ns = loaded.load_ns
+            loaded.users += 1
+        loaded.expires = None
+        loaded.keep_alive = self.keep_alive if keep_alive == "default" else keep_alive
+        return loaded, load_ns
+
+    def release(self, loaded: Loaded) -> None:
+        loaded.users = max(loaded.users - 1, 0)
+        if loaded.users == 0 and not self._closed:
+            loaded.expires = None if loaded.keep_alive is None else time.time() + loaded.keep_alive
+            if loaded.keep_alive is not None and loaded.keep_alive <= 0:
+                asyncio.get_running_loop().create_task(self.unload(loaded))
+
+    async def unload(self, loaded: Loaded) -> None:
+        async with self._locks.setdefault(loaded.path, asyncio.Lock()):
+            if loaded.users or self.loaded.get(loaded.path) is not loaded:
+                return
+            del self.loaded[loaded.path]
+            await self.worker.call(self._unload, loaded)
+        log.info("unloaded %s", loaded.name)
+
+    async def reap_forever(self, every: float = 0.5) -> None:
+        while True:
+            await asyncio.sleep(every)
+            now = time.time()
+            for loaded in list(self.loaded.values()):
+                if not loaded.users and loaded.expires is not None and loaded.expires <= now:
+                    await self.unload(loaded)
+
+    def find(self, name: str) -> Loaded | None:
+        """The loaded model a name stands for, if it is loaded (never loads it)."""
+        try:
+            return self.loaded.get(model_path(name))
+        except ApiError:
+            return None
+
+    async def close(self) -> None:
+        """Fail whatever is still running, unload everything, stop the worker."""
+        if self._closed:
+            return
+        self._closed = True
+        for loaded in list(self.loaded.values()):
+            loaded.users = 0
+            await self.unload(loaded)
+        await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
+
+
+# ---------------------------------------------------------------------------- request fields
+
+_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "string": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "a boolean"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "list": (lambda v: isinstance(v, list), "an array"),
+    "object": (lambda v: isinstance(v, dict), "an object"),
+}
+
+
+def field_of(body: dict, key: str, kind: str, default: Any = None, where: str = "") -> Any:
+    """body[key] checked against a JSON kind; null or absent gives the default."""
+    value = body.get(key)
+    if value is None:
+        return default
+    ok, name = _KINDS[kind]
+    if not ok(value):
+        raise ApiError(400, f"{where}{key} must be {name}, not {json.dumps(value)[:60]}", key)
+    return value
+
+
+def in_range(value: float | None, key: str, low: float, high: float) -> None:
+    if value is not None and not low <= value <= high:
+        raise ApiError(400, f"{key} must be between {low:g} and {high:g}, not {value:g}", key)
+
+
+def stop_list(value: Any, key: str = "stop") -> list[str]:
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise ApiError(400, f"{key} must be a string or an array of strings", key)
+    if len(stops) > MAX_STOPS:
+        raise ApiError(400, f"{key} has {len(stops)} strings; at most {MAX_STOPS} are allowed", key)
+    return stops
+
+
+def sampling(values: dict[str, Any]) -> SamplingParams:
+    params = SamplingParams(**{k: v for k, v in values.items() if v is not None})
+    try:
+        params.validate()
+    except ValueError as e:
+        raise ApiError(400, str(e), str(e).split()[0]) from None
+    return params
+
+
+_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_of(body: dict) -> float | None | str:
+    """Ollama's keep_alive: seconds as a number, or a Go duration ("5m", "1h30m", "0");
+    negative keeps the model loaded forever (None). Absent: "default"."""
+    value = body.get("keep_alive")
+    if value is None:
+        return "default"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = _DURATION.findall(text)
+            if not parts or "".join(n + u for n, u in parts) != text.replace("+", ""):
+                raise ApiError(400, f"keep_alive {value!r} is not a duration (e.g. \"5m\", \"30s\", \"-1\")",
+                               "keep_alive") from None
+            seconds = sum(float(n) * _UNIT_S[u] for n, u in parts)
+    else:
+        raise ApiError(400, "keep_alive must be a number of seconds or a duration string", "keep_alive")
+    return None if seconds < 0 else seconds
+
+
+def json_schema_of(value: Any, key: str) -> dict | None:
+    """A format request as a JSON schema: None (free text), ANY_OBJECT, or the schema."""
+    if value in (None, ""):
+        return None
+    if value == "json":
+        return ANY_OBJECT
+    if isinstance(value, dict):
+        return value
+    raise ApiError(400, f"{key} must be \"json\" or a JSON schema object", key)
+
+
+# ---------------------------------------------------------------------------- prompts
+
+_GO_IF = re.compile(r"\{\{(-?)\s*if\s+\.(\w+)\s*(-?)\}\}")
+_GO_ELSE = re.compile(r"\{\{(-?)\s*else\s*(-?)\}\}")
+_GO_END = re.compile(r"\{\{(-?)\s*end\s*(-?)\}\}")
+_GO_VAR = re.compile(r"\{\{(-?)\s*\.(\w+)\s*(-?)\}\}")
+
+
+def go_to_jinja(template: str) -> str:
+    """Ollama's simplest Go templates (`{{ .System }}`, `{{ .Prompt }}`, `{{ if .X }}...
+    {{ else }}...{{ end }}`) in Jinja, which renders the rest; anything else is Jinja."""
+    template = _GO_IF.sub(lambda m: f"{{%{m[1]} if {m[2].lower()} {m[3]}%}}", template)
+    template = _GO_ELSE.sub(lambda m: f"{{%{m[1]} else {m[2]}%}}", template)
+    template = _GO_END.sub(lambda m: f"{{%{m[1]} endif {m[2]}%}}", template)
+    return _GO_VAR.sub(lambda m: f"{{{{{m[1]} {m[2].lower()} {m[3]}}}}}", template)
+
+
+def special_text(tokenizer, token_id: int | None) -> str:
+    return tokenizer.token_to_bytes(token_id).decode("utf-8", "replace") if token_id is not None else ""
+
+
+def render(tokenizer, messages: list[dict], template: str | None) -> str:
+    """The prompt text: the model's chat template, or a request's own template."""
+    try:
+        if template is None:
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        system = next((m["content"] for m in reversed(messages) if m["role"] == "system"), "")
+        prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        return render_chat_template(go_to_jinja(template), messages, add_generation_prompt=True,
+                                    system=system, prompt=prompt, response="",
+                                    bos_token=special_text(tokenizer, tokenizer.bos_id),
+                                    eos_token=special_text(tokenizer, tokenizer.eos_id))
+    except ChatTemplateError as e:
+        raise ApiError(400, str(e), "template") from None
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Prompt text -> ids exactly as `stream_generate` encodes a text prompt."""
+    return tokenizer.encode(text, parse_special=True)
+
+
+# ---------------------------------------------------------------------------- one generation
+
+@dataclass
+class Request:
+    """A generation request in API-neutral terms (the routes fill it in)."""
+
+    model: str
+    build: Callable[[Any], list[int]]  # tokenizer -> prompt ids (runs in a worker thread)
+    params: SamplingParams
+    max_tokens: int | None  # None: until the context is full
+    num_ctx: int | None
+    stop: list[str]
+    schema: dict | None
+    keep_alive: float | None | str = "default"
+    started: float = field(default_factory=time.perf_counter)
+
+
+class Run:
+    """A submitted job seen from the event loop: its events, in order, then done."""
+
+    def __init__(self, pool: ModelPool, loaded: Loaded, load_ns: int, request: Request) -> None:
+        self.pool, self.loaded, self.load_ns, self.request = pool, loaded, load_ns, request
+        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.job: Job | None = None
+        self.finished = False
+        self._released = False
+
+    async def events(self) -> AsyncIterator[tuple[str, Any]]:
+        """("text", str) pieces, then ("done", stats); an engine error raises ApiError 500."""
+        while True:
+            kind, value = await self.queue.get()
+            if kind == "error":
+                self.finished = True
+                raise ApiError(500, value)
+            if kind == "done":
+                self.finished = True
+                value["load_ns"] = self.load_ns
+                value["total_ns"] = int((time.perf_counter() - self.request.started) * 1e9)
+            yield kind, value
+            if kind == "done":
+                return
+
+    def close(self) -> None:
+        """The handler is done with it: a job still running is cancelled (its client went
+        away) and the model is released to its keep_alive timer."""
+        if self.job is not None and not self.finished:
+            self.job.cancelled = True
+        if not self._released:
+            self._released = True
+            self.pool.release(self.loaded)
+
+
+def _prepare(loaded: Loaded, request: Request) -> tuple[list[int], int, Constraint | None]:
+    """(prompt ids, max tokens, constraint), in a worker thread: tokenizing and compiling
+    a grammar can take a while."""
+    ids = request.build(loaded.tokenizer)
+    if not ids:
+        raise ApiError(400, "the prompt is empty", "prompt")
+    limit = loaded.context_length
+    if request.max_tokens is not None and request.max_tokens > limit:
+        raise ApiError(400, f"the token limit {request.max_tokens} is more than {loaded.name}'s context "
+                            f"length {limit}", "max_tokens")
+    num_ctx = min(request.num_ctx or limit, limit)
+    if len(ids) >= num_ctx:
+        raise ApiError(400, f"the prompt is {len(ids)} tokens; the context holds {num_ctx}", "messages",
+                       "context_length_exceeded")
+    room = num_ctx - len(ids)
+    max_tokens = room if request.max_tokens is None else min(request.max_tokens, room)
+    constraint = None
+    if request.schema is not None:
+        vocab = vocabulary_for(loaded, loaded.tokenizer)
+        try:
+            constraint = vocab.constraint(vocab.json_grammar(request.schema))
+        except GrammarError as e:
+            raise ApiError(400, str(e), "format") from None
+    return ids, max_tokens, constraint
+
+
+async def start(app: web.Application, request: Request) -> Run:
+    """Load the model, build the prompt and submit the job; the caller must close() the Run."""
+    pool: ModelPool = app["pool"]
+    loaded, load_ns = await pool.acquire(request.model, request.keep_alive)
+    run = Run(pool, loaded, load_ns, request)
+    try:
+        ids, max_tokens, constraint = await asyncio.get_running_loop().run_in_executor(
+            None, _prepare, loaded, request)
+        loop = asyncio.get_running_loop()
+
+        def emit(event: tuple[str, Any]) -> None:  # on the worker thread
+            try:
+                loop.call_soon_threadsafe(run.queue.put_nowait, event)
+            except RuntimeError:  # the event loop is closed: the server is stopping
+                pass
+
+        run.job = Job(ids, request.params, max_tokens, request.stop, emit, constraint)
+        pool.worker.submit(loaded.engine, run.job)
+    except BaseException:
+        run.close()
+        raise
+    return run
+
+
+# ---------------------------------------------------------------------------- HTTP plumbing
+
+def is_openai(request: web.Request) -> bool:
+    return request.path.startswith("/v1/") or request.path == "/v1"
+
+
+def error_response(request: web.Request, status: int, message: str, param: str | None = None,
+                   code: str | None = None) -> web.Response:
+    """Each API's own error shape: OpenAI {"error": {message, type, param, code}},
+    Ollama {"error": message}."""
+    if is_openai(request):
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+        body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    else:
+        body = {"error": message}
+    return web.json_response(body, status=status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return error_response(request, e.status, e.message, e.param, e.code)
+    except web.HTTPException as e:  # aiohttp's own: unknown route, wrong method, body too large
+        if e.status < 400:
+            raise
+        message = {404: f"not found: {request.method} {request.path}",
+                   405: f"method {request.method} not allowed for {request.path}"}.get(e.status, e.text or e.reason)
+        code = "not_found" if e.status == 404 else None
+        return error_response(request, e.status, message, code=code)
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception as e:
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(request, 500, f"internal error: {type(e).__name__}: {e}")
+
+
+async def json_body(request: web.Request) -> dict:
+    raw = await request.read()  # over client_max_size: aiohttp raises 413
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"invalid JSON body: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
+
+
+def model_of(body: dict) -> str:
+    name = field_of(body, "model", "string")
+    if not name:
+        raise ApiError(400, "model is required", "model")
+    return name
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+async def ndjson_stream(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    return response
+
+
+async def sse_stream(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    return response
+
+
+def line(obj: Any) -> bytes:
+    return (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+
+
+def sse(obj: Any) -> bytes:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+# ---------------------------------------------------------------------------- Ollama API
+
+OLLAMA_OPTIONS = {"num_ctx": "int", "num_predict": "int", "temperature": "number", "top_k": "int",
+                  "top_p": "number", "min_p": "number", "repeat_penalty": "number", "repeat_last_n": "int",
+                  "presence_penalty": "number", "frequency_penalty": "number", "seed": "int"}
+SAMPLING_KEYS = set(SamplingParams.__dataclass_fields__)
+
+
+def ollama_request(body: dict, model: str, build: Callable[[Any], list[int]]) -> Request:
+    options = field_of(body, "options", "object", {})
+    values = {k: field_of(options, k, kind, where="options.") for k, kind in OLLAMA_OPTIONS.items()}
+    ignored = sorted(set(options) - set(OLLAMA_OPTIONS) - {"stop"})
+    if ignored:
+        log.info("ignoring options mlxllm does not use: %s", ", ".join(ignored))
+    predict = values.pop("num_predict")
+    if predict is not None and predict < 0 and predict not in (-1, -2):
+        raise ApiError(400, f"options.num_predict must be positive, or -1 (no limit) or -2 (fill the context), "
+                            f"not {predict}", "num_predict")
+    if predict == 0:
+        raise ApiError(400, "options.num_predict must not be 0", "num_predict")
+    num_ctx = values.pop("num_ctx")
+    if num_ctx is not None and num_ctx < 1:
+        raise ApiError(400, "options.num_ctx must be positive", "num_ctx")
+    params = sampling({k: v for k, v in values.items() if k in SAMPLING_KEYS})
+    for key in ("images",):
+        if body.get(key):
+            raise ApiError(400, f"{model} does not support images", key)
+    if body.get("think"):
+        raise ApiError(400, f"{model!r} does not support thinking", "think")
+    if body.get("tools"):
+        raise ApiError(400, "tools are not supported by mlxllm yet", "tools")
+    return Request(model=model, build=build, params=params,
+                   max_tokens=predict if predict is not None and predict > 0 else None, num_ctx=num_ctx,
+                   stop=stop_list(options.get("stop"), "options.stop"),
+                   schema=json_schema_of(body.get("format"), "format"), keep_alive=keep_alive_of(body))
+
+
+def ollama_final(model: str, stats: dict) -> dict:
+    return {"model": model, "created_at": now_rfc3339(), "done": True, "done_reason": stats["finish_reason"],
+            "total_duration": stats["total_ns"], "load_duration": stats["load_ns"],
+            "prompt_eval_count": stats["prompt_tokens"], "prompt_eval_duration": stats["prompt_ns"],
+            "eval_count": stats["completion_tokens"], "eval_duration": stats["eval_ns"]}
+
+
+async def ollama_respond(request: web.Request, req: Request, stream: bool,
+                         chunk: Callable[[str], dict], final: Callable[[str, dict], dict]) -> web.StreamResponse:
+    """Run a generation and answer in Ollama's shape: NDJSON chunks, or one object."""
+    run = await start(request.app, req)
+    try:
+        if not stream:
+            text = []
+            async for kind, value in run.events():
+                if kind == "text":
+                    text.append(value)
+                else:
+                    return web.json_response(final("".join(text), value))
+        response = await ndjson_stream(request)
+        try:
+            async for kind, value in run.events():
+                await response.write(line(chunk(value) if kind == "text" else final("", value)))
+        except ApiError as e:  # headers are sent: the error goes in the stream
+            await response.write(line({"error": e.message}))
+        await response.write_eof()
+        return response
+    except ConnectionResetError:
+        log.info("%s %s: client went away", request.method, request.path)
+        return web.Response(status=499)
+    finally:
+        run.close()
+
+
+async def ollama_load_only(request: web.Request, body: dict, model: str, shape: dict) -> web.Response:
+    """Ollama's empty request: load the model (or, with keep_alive 0, unload it)."""
+    pool: ModelPool = request.app["pool"]
+    keep_alive = keep_alive_of(body)
+    reason = "unload" if keep_alive == 0 else "load"
+    loaded = await asyncio.get_running_loop().run_in_executor(None, pool.find, model)
+    if reason == "unload" and loaded is None:  # nothing to unload: do not load it first
+        await asyncio.get_running_loop().run_in_executor(None, model_path, model)  # 404 if unknown
+    else:
+        loaded, _ = await pool.acquire(model, keep_alive)
+        pool.release(loaded)
+    return web.json_response({"model": model, "created_at": now_rfc3339(), **shape, "done": True, "done_reason": reason})
+
+
+async def api_generate(request: web.Request) -> web.StreamResponse:
+    body = await json_body(request)
+    model = model_of(body)
+    prompt = field_of(body, "prompt", "string", "")
+    system = field_of(body, "system", "string")
+    template = field_of(body, "template", "string")
+    raw = field_of(body, "raw", "bool", False)
+    stream = field_of(body, "stream", "bool", True)
+    context = field_of(body, "context", "list", [])
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in context):
+        raise ApiError(400, "context must be an array of token ids", "context")
+    if field_of(body, "suffix", "string"):
+        raise ApiError(400, f"{model!r} does not support insert (suffix)", "suffix")
+
+    def build(tokenizer) -> list[int]:
+        if any(t >= tokenizer.vocab_size for t in context):
+            raise ApiError(400, "context holds a token id outside the vocabulary", "context")
+        if raw:
+            text = prompt
+        else:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            text = render(tokenizer, messages, template)
+        return list(context) + encode(tokenizer, text)
+
+    req = ollama_request(body, model, build)
+    if not prompt and not context:
+        return await ollama_load_only(request, body, model, {"response": ""})
+
+    def final(text: str, stats: dict) -> dict:
+        return {**ollama_final(model, stats), "response": text, "context": stats["context"]}
+
+    return await ollama_respond(request, req, stream,
+                                lambda text: {"model": model, "created_at": now_rfc3339(), "response": text, "done": False},
+                                final)
+
+
+def ollama_messages(body: dict) -> list[dict]:
+    messages = field_of(body, "messages", "list", [])
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ApiError(400, f"messages[{i}] must be an object", "messages")
+        role = m.get("role")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise ApiError(400, f"messages[{i}].role must be system, user, assistant or tool, not {json.dumps(role)}",
+                           "messages")
+        content = m.get("content") or ""
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content must be a string", "messages")
+        if m.get("images"):
+            raise ApiError(400, "this model does not support images", "messages")
+        out.append({"role": role, "content": content})
+    return out
+
+
+async def api_chat(request: web.Request) -> web.StreamResponse:
+    body = await json_body(request)
+    model = model_of(body)
+    messages = ollama_messages(body)
+    template = field_of(body, "template", "string")
+    stream = field_of(body, "stream", "bool", True)
+    req = ollama_request(body, model, lambda tokenizer: encode(tokenizer, render(tokenizer, messages, template)))
+    if not messages:
+        return await ollama_load_only(request, body, model, {"message": {"role": "assistant", "content": ""}})
+
+    def chunk(text: str) -> dict:
+        return {"model": model, "created_at": now_rfc3339(), "message": {"role": "assistant", "content": text}, "done": False}
+
+    def final(text: str, stats: dict) -> dict:
+        return {**ollama_final(model, stats), "message": {"role": "assistant", "content": text}}
+
+    return await ollama_respond(request, req, stream, chunk, final)
+
+
+_SUMMARIES: dict[tuple[str, int], dict] = {}
+
+
+def describe(path: str) -> dict:
+    """The GGUF facts listings need (cached per file version): summary, metadata, template."""
+    from .gguf import GGUFFile
+
+    key = (path, os.stat(path).st_mtime_ns)
+    if key not in _SUMMARIES:
+        with GGUFFile(path) as gf:
+            info = gf.summary()
+            meta = dict(gf.metadata.items())
+        info["metadata"] = meta
+        info["modified_at"] = datetime.fromtimestamp(os.stat(path).st_mtime, timezone.utc).isoformat().replace("+00:00", "Z")
+        info["digest"] = file_digest(path)
+        _SUMMARIES[key] = info
+    return _SUMMARIES[key]
+
+
+def _human_count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def quantization_level(info: dict) -> str:
+    import gguf
+
+    ftype = info["metadata"].get("general.file_type")
+    try:
+        return gguf.LlamaFileType(ftype).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return next(iter(info["tensor_types"]), "unknown")
+
+
+def details(info: dict) -> dict:
+    arch = info["architecture"]
+    return {"parent_model": "", "format": "gguf", "family": arch, "families": [arch],
+            "parameter_size": _human_count(info["parameters"]), "quantization_level": quantization_level(info)}
+
+
+def listed_models() -> list[tuple[str, str]]:
+    """(name, path) of every model this server can load by name."""
+    out = []
+    for name in available():
+        try:
+            path = model_path(name)
+        except ApiError:
+            continue
+        out.append((name, path))
+    return out
+
+
+async def api_tags(request: web.Request) -> web.Response:
+    def collect() -> list[dict]:
+        models = []
+        for name, path in listed_models():
+            info = describe(path)
+            models.append({"name": name, "model": name, "modified_at": info["modified_at"], "size": info["file_size"],
+                           "digest": info["digest"], "details": details(info)})
+        return models
+
+    return web.json_response({"models": await asyncio.get_running_loop().run_in_executor(None, collect)})
+
+
+def model_info(info: dict) -> dict:
+    """GGUF metadata for /api/show: scalars and short arrays (Ollama leaves out the
+    vocabulary arrays too)."""
+    out = {}
+    for key, value in info["metadata"].items():
+        if isinstance(value, (list, np.ndarray)) and len(value) > 64:
+            continue
+        out[key] = value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
+    out["general.parameter_count"] = info["parameters"]
+    return out
+
+
+async def api_show(request: web.Request) -> web.Response:
+    body = await json_body(request)
+    name = field_of(body, "model", "string") or field_of(body, "name", "string")
+    if not name:
+        raise ApiError(400, "model is required", "model")
+
+    def collect() -> dict:
+        path = model_path(name)
+        info = describe(path)
+        meta = info["metadata"]
+        template = meta.get("tokenizer.chat_template", "")
+        from .registry import get_arch
+
+        try:
+            embeds = hasattr(get_arch(info["architecture"]).model, "embed")
+        except Exception:
+            embeds = False
+        return {"license": meta.get("general.license", ""), "modelfile": f"# Modelfile generated by mlxllm\nFROM {path}\n",
+                "parameters": "", "template": template, "details": details(info), "model_info": model_info(info),
+                "capabilities": ["completion"] + (["embedding"] if embeds else []),
+                "modified_at": info["modified_at"]}
+
+    return web.json_response(await asyncio.get_running_loop().run_in_executor(None, collect))
+
+
+def rfc3339(seconds: float | None) -> str:
+    if seconds is None:  # loaded forever: Ollama shows a far-future time
+        return "2318-01-01T00:00:00Z"
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+async def api_ps(request: web.Request) -> web.Response:
+    pool: ModelPool = request.app["pool"]
+    models = []
+    for loaded in list(pool.loaded.values()):
+        info = await asyncio.get_running_loop().run_in_executor(None, describe, loaded.path)
+        expires = loaded.expires
+        if expires is None and loaded.keep_alive is not None:  # in use: keep_alive after now at least
+            expires = time.time() + loaded.keep_alive
+        models.append({"name": loaded.name, "model": loaded.name, "size": loaded.nbytes, "digest": loaded.digest,
+                       "details": details(info), "expires_at": rfc3339(expires),
+                       "size_vram": 0 if mx.default_device() == mx.cpu else loaded.nbytes,
+                       "context_length": loaded.context_length})
+    return web.json_response({"models": models})
+
+
+async def api_version(request: web.Request) -> web.Response:
+    return web.json_response({"version": __version__})
+
+
+async def api_embed(request: web.Request) -> web.Response:
+    body = await json_body(request)
+    model = model_of(body)
+    inputs = body.get("input")
+    if not (isinstance(inputs, str) or (isinstance(inputs, list) and all(isinstance(s, str) for s in inputs))):
+        raise ApiError(400, "input must be a string or an array of strings", "input")
+    info = await asyncio.get_running_loop().run_in_executor(None, lambda: describe(model_path(model)))
+    # No architecture computes embeddings yet; Ollama answers a chat-only model the same way.
+    raise ApiError(400, f"{model!r} does not support embeddings (architecture {info['architecture']} "
+                        "has no embedding support in mlxllm yet)", "model")
+
+
+# ---------------------------------------------------------------------------- OpenAI API
+
+def openai_common(body: dict, model: str, build: Callable[[Any], list[int]], default_max: int | None) -> Request:
+    n = field_of(body, "n", "int", 1)
+    if n != 1:
+        raise ApiError(400, "n must be 1: mlxllm returns one choice per request", "n")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise ApiError(400, "logprobs are not supported by mlxllm yet", "logprobs")
+    if body.get("tools"):
+        raise ApiError(400, "tools are not supported by mlxllm yet", "tools")
+    max_tokens = field_of(body, "max_completion_tokens", "int") or field_of(body, "max_tokens", "int")
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if value is not None and value < 1:
+            raise ApiError(400, f"{key} must be at least 1, not {value}", key, "invalid_value")
+    values = {k: field_of(body, k, "number") for k in ("temperature", "top_p", "presence_penalty", "frequency_penalty")}
+    in_range(values["temperature"], "temperature", 0, 2)
+    in_range(values["top_p"], "top_p", 0, 1)
+    in_range(values["presence_penalty"], "presence_penalty", -2, 2)
+    in_range(values["frequency_penalty"], "frequency_penalty", -2, 2)
+    values["seed"] = field_of(body, "seed", "int")
+    field_of(body, "stream", "bool")
+    options = field_of(body, "stream_options", "object", {})
+    field_of(options, "include_usage", "bool", where="stream_options.")
+    return Request(model=model, build=build, params=sampling(values),
+                   max_tokens=max_tokens if max_tokens is not None else default_max, num_ctx=None,
+                   stop=stop_list(body.get("stop")), schema=response_schema(body.get("response_format")))
+
+
+def response_schema(value: Any) -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ApiError(400, "response_format must be an object", "response_format")
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ANY_OBJECT
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise ApiError(400, "response_format.json_schema must be an object with a schema object", "response_format")
+        return spec.get("schema", {})
+    raise ApiError(400, "response_format.type must be text, json_object or json_schema", "response_format")
+
+
+def openai_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty array", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ApiError(400, f"messages[{i}] must be an object", "messages")
+        role = m.get("role")
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            raise ApiError(400, f"messages[{i}].role must be system, developer, user, assistant or tool, "
+                                f"not {json.dumps(role)}", "messages")
+        out.append({"role": "system" if role == "developer" else role, "content": message_text(m.get("content"), i)})
+    return out
+
+
+def message_text(content: Any, i: int) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"messages[{i}].content parts must be text parts: mlxllm has no image input",
+                               "messages")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ApiError(400, f"messages[{i}].content must be a string or an array of text parts", "messages")
+
+
+def usage(stats: dict) -> dict:
+    return {"prompt_tokens": stats["prompt_tokens"], "completion_tokens": stats["completion_tokens"],
+            "total_tokens": stats["prompt_tokens"] + stats["completion_tokens"],
+            "prompt_tokens_details": {"cached_tokens": stats["cached_tokens"]}}
+
+
+async def openai_respond(request: web.Request, body: dict, req: Request, kind: str) -> web.StreamResponse:
+    """Run a generation and answer as chat.completion(.chunk) or text_completion objects."""
+    chat = kind == "chat"
+    ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    head = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": req.model, "system_fingerprint": FINGERPRINT}
+    echo = body.get("prompt") if not chat and body.get("echo") and isinstance(body.get("prompt"), str) else ""
+
+    def choice(text: str | None, finish: str | None, streaming: bool) -> dict:
+        if not chat:
+            return {"text": text or "", "index": 0, "logprobs": None, "finish_reason": finish}
+        if streaming:
+            delta = {"content": text} if text is not None else {}
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None, "finish_reason": finish}
+
+    run = await start(request.app, req)
+    try:
+        if not body.get("stream"):
+            pieces = [echo]
+            async for event, value in run.events():
+                if event == "text":
+                    pieces.append(value)
+                else:
+                    return web.json_response({**head, "choices": [choice("".join(pieces), value["finish_reason"], False)],
+                                              "usage": usage(value)})
+        chunk_head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        response = await sse_stream(request)
+        try:
+            if chat:
+                first = choice("", None, True)
+                first["delta"] = {"role": "assistant", "content": ""}
+                await response.write(sse({**chunk_head, "choices": [first]}))
+            elif echo:
+                await response.write(sse({**chunk_head, "choices": [choice(echo, None, True)]}))
+            async for event, value in run.events():
+                if event == "text":
+                    await response.write(sse({**chunk_head, "choices": [choice(value, None, True)]}))
+                    continue
+                await response.write(sse({**chunk_head, "choices": [choice(None, value["finish_reason"], True)]}))
+                if include_usage:
+                    await response.write(sse({**chunk_head, "choices": [], "usage": usage(value)}))
+        except ApiError as e:
+            await response.write(sse({"error": {"message": e.message, "type": "server_error", "param": None, "code": None}}))
+        await response.write(sse("[DONE]"))
+        await response.write_eof()
+        return response
+    except ConnectionResetError:
+        log.info("%s %s: client went away", request.method, request.path)
+        return web.Response(status=499)
+    finally:
+        run.close()
+
+
+async def v1_chat_completions(request: web.Request) -> web.StreamResponse:
+    body = await json_body(request)
+    model = model_of(body)
+    messages = openai_messages(body)
+    req = openai_common(body, model, lambda tokenizer: encode(tokenizer, render(tokenizer, messages, None)), None)
+    return await openai_respond(request, body, req, "chat")
+
+
+def completion_prompt(value: Any) -> str | list[int]:
+    """OpenAI's prompt: a string or token ids, alone or as a one-element array."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        value = value[0]
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
+        return value
+    raise ApiError(400, "prompt must be a non-empty string or array of token ids (one prompt per request)", "prompt")
+
+
+async def v1_completions(request: web.Request) -> web.StreamResponse:
+    body = await json_body(request)
+    model = model_of(body)
+    prompt = completion_prompt(body.get("prompt"))
+    if body.get("suffix"):
+        raise ApiError(400, "suffix is not supported by mlxllm", "suffix")
+    if field_of(body, "best_of", "int", 1) != 1:
+        raise ApiError(400, "best_of must be 1", "best_of")
+    field_of(body, "echo", "bool")
+
+    def build(tokenizer) -> list[int]:
+        if isinstance(prompt, str):
+            return encode(tokenizer, prompt)
+        if max(prompt) >= tokenizer.vocab_size:
+            raise ApiError(400, "prompt holds a token id outside the vocabulary", "prompt")
+        return list(prompt)
+
+    req = openai_common(body, model, build, 16)  # OpenAI's default max_tokens for completions
+    return await openai_respond(request, body, req, "completion")
+
+
+async def v1_models(request: web.Request) -> web.Response:
+    def collect() -> list[dict]:
+        return [{"id": name, "object": "model", "created": int(os.stat(path).st_mtime), "owned_by": "mlxllm"}
+                for name, path in listed_models()]
+
+    return web.json_response({"object": "list", "data": await asyncio.get_running_loop().run_in_executor(None, collect)})
+
+
+async def v1_model(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    path = await asyncio.get_running_loop().run_in_executor(None, model_path, name)
+    return web.json_response({"id": name, "object": "model", "created": int(os.stat(path).st_mtime), "owned_by": "mlxllm"})
+
+
+# ---------------------------------------------------------------------------- app and serve
+
+async def health(request: web.Request) -> web.Response:
+    pool: ModelPool = request.app["pool"]
+    models = [{"name": m.name, "active": m.engine.active, "queued": m.engine.queued, "batched": m.engine.batched,
+               "prefix_cache_bytes": m.engine.prefixes.nbytes if m.engine.prefixes else 0}
+              for m in list(pool.loaded.values())]
+    return web.json_response({"status": "ok", "version": __version__, "models": models,
+                              "active": sum(m["active"] for m in models), "queued": sum(m["queued"] for m in models)})
+
+
+async def root(request: web.Request) -> web.Response:
+    return web.Response(text="mlxllm is running")  # Ollama answers "/" the same way
+
+
+def make_app(pool: ModelPool | None = None, max_body: int = 16 << 20) -> web.Application:
+    app = web.Application(client_max_size=max_body, middlewares=[errors_middleware])
+    app["pool"] = pool or ModelPool()
+    app.router.add_get("/", root)
+    app.router.add_get("/health", health)
+    app.router.add_post("/api/generate", api_generate)
+    app.router.add_post("/api/chat", api_chat)
+    app.router.add_get("/api/tags", api_tags)
+    app.router.add_post("/api/show", api_show)
+    app.router.add_get("/api/ps", api_ps)
+    app.router.add_get("/api/version", api_version)
+    app.router.add_post("/api/embed", api_embed)
+    app.router.add_post("/v1/chat/completions", v1_chat_completions)
+    app.router.add_post("/v1/completions", v1_completions)
+    app.router.add_get("/v1/models", v1_models)
+    app.router.add_get("/v1/models/{name:.+}", v1_model)
+
+    async def reaper(app: web.Application):
+        task = asyncio.get_running_loop().create_task(app["pool"].reap_forever())
+        yield
+        task.cancel()
+        await app["pool"].close()
+
+    app.cleanup_ctx.append(reaper)
+    return app
+
+
+ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
+
+
+async def serve_async(host: str, port: int, preload: tuple[str, ...] = (), **pool_options: Any) -> None:
+    max_body = pool_options.pop("max_body", 16 << 20)
+    app = make_app(ModelPool(**pool_options), max_body)
+    runner = web.AppRunner(app, access_log_format=ACCESS_LOG_FORMAT, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = runner.addresses[0][1] if runner.addresses else port
+    log.info("mlxllm %s serving on http://%s:%d (Ollama API at /api, OpenAI API at /v1)", __version__, host, bound)
+    for name in preload:
+        loaded, _ = await app["pool"].acquire(name, None)
+        app["pool"].release(loaded)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await site.stop()  # no new connections; engines then fail what is still running
+    await app["pool"].close()
+    await runner.cleanup()
+    log.info("stopped")
+
+
+def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, keep_alive: float | None = DEFAULT_KEEP_ALIVE,
+          parallel: int = DEFAULT_PARALLEL, preload: tuple[str, ...] = (), max_body: int = 16 << 20,
+          prefix_cache_bytes: int = 512 << 20) -> None:
+    """Run the server until SIGINT or SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve_async(host, port, preload, keep_alive=keep_alive, parallel=parallel,
+                            prefix_cache_bytes=prefix_cache_bytes, max_body=max_body))

@@ -1,0 +1,75 @@
+"""mlxllm against llama.cpp on the same GGUF, in one run: pp512 and tg128 tokens/s and the
+ratios (mlxllm / llama.cpp). llama.cpp runs through llama-cpp-python with the same thread
+count (the machine's cores); both measure the llama-bench way: pp = one prompt of random
+tokens, tg = single-token steps from a one-token context, repeated.
+
+    python scripts/bench_vs_llamacpp.py smollm2:135m gemma3:270m [-r 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import time
+
+N_PROMPT, N_GEN = 512, 128
+
+
+def bench_llama_cpp(path: str, reps: int, threads: int) -> dict[str, list[float]]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=path, n_ctx=N_PROMPT + N_GEN + 8, n_batch=N_PROMPT, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    rng = random.Random(0)
+    vocab = llm.n_vocab()
+
+    def pp() -> float:
+        llm.reset()  # eval() then drops the KV cache past position 0
+        tokens = [rng.randrange(vocab) for _ in range(N_PROMPT)]
+        start = time.perf_counter()
+        llm.eval(tokens)
+        return N_PROMPT / (time.perf_counter() - start)
+
+    def tg() -> float:
+        llm.reset()  # eval() then drops the KV cache past position 0
+        llm.eval([llm.token_bos()])
+        start = time.perf_counter()
+        for _ in range(N_GEN):
+            llm.eval([rng.randrange(vocab)])
+        return N_GEN / (time.perf_counter() - start)
+
+    pp(), tg()  # warm-up
+    return {"pp": [pp() for _ in range(reps)], "tg": [tg() for _ in range(reps)]}
+
+
+def bench_mlxllm(name: str, reps: int) -> dict[str, list[float]]:
+    from mlxllm import load
+    from mlxllm.bench import bench
+
+    model, tokenizer = load(name)
+    r = bench(model, tokenizer, N_PROMPT, N_GEN, reps)
+    return {"pp": r[f"pp{N_PROMPT}"]["runs"], "tg": r[f"tg{N_GEN}"]["runs"]}
+
+
+def main() -> None:
+    import mlxllm  # noqa: F401  (loads the BLAS before mlx.core)
+    from mlxllm.models import resolve
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", nargs="*", default=["smollm2:135m", "gemma3:270m"])
+    ap.add_argument("-r", "--repetitions", type=int, default=3)
+    ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+    print(f"{'model':<14}{'test':<7}{'llama.cpp':>11}{'mlxllm':>10}{'ratio':>8}   (tokens/s, mean of {args.repetitions})")
+    for name in args.models:
+        theirs = bench_llama_cpp(resolve(name), args.repetitions, args.threads)
+        ours = bench_mlxllm(name, args.repetitions)
+        for test, label in (("pp", f"pp{N_PROMPT}"), ("tg", f"tg{N_GEN}")):
+            t, o = statistics.mean(theirs[test]), statistics.mean(ours[test])
+            print(f"{name:<14}{label:<7}{t:>11.1f}{o:>10.1f}{o / t:>8.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

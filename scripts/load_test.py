@@ -1,0 +1,202 @@
+"""Load test for `mlxllm serve` (a benchmark, not a timed test).
+
+Starts the server on a free loopback port (or uses --url), then:
+1. reference answers: each prompt alone, greedy, not streamed;
+2. one streaming client: its tokens/s;
+3. N concurrent streaming clients (OpenAI SSE): every response must be complete (a
+   finish_reason, usage, `data: [DONE]`) and equal its reference answer; aggregate tokens/s;
+4. a client that disconnects mid-stream: seconds until /health shows its slot free.
+
+    python scripts/load_test.py                      # smollm2:135m, 16 clients, 48 tokens each
+    python scripts/load_test.py --model gemma3:270m --clients 8 --raw
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import aiohttp
+
+PROMPTS = [
+    "Name a fruit and describe it.", "What is the capital of France?", "Write a haiku about the sea.",
+    "Count from 1 to 10.", "Explain gravity in one sentence.", "Name three colors.", "What is 2+2?",
+    "Tell me a joke.", "Describe a cat.", "What is Python?", "Give me a recipe for tea.",
+    "Why is the sky blue?", "Name a planet.", "What do bees make?", "Suggest a name for a dog.",
+    "What is the opposite of hot?", "How many legs does a spider have?", "Write a short poem about rain.",
+    "What is the largest ocean?", "Describe a sunset.",
+]
+
+
+def start_server(extra: list[str]) -> tuple[subprocess.Popen, str, object]:
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    proc = subprocess.Popen([sys.executable, "-m", "mlxllm", "serve", "--port", "0", *extra],
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        found = re.search(r"serving on (http://[\d.]+:\d+)", open(log.name).read())
+        if found:
+            return proc, found.group(1), log
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.kill()
+    sys.exit(f"the server did not start; its log:\n{open(log.name).read()}")
+
+
+def body(args, prompt: str, stream: bool) -> dict:
+    out = {"model": args.model, "temperature": 0, "max_tokens": args.tokens, "stream": stream}
+    if args.raw:
+        out["prompt"] = prompt
+    else:
+        out["messages"] = [{"role": "user", "content": prompt}]
+    if stream:
+        out["stream_options"] = {"include_usage": True}
+    return out
+
+
+def route(args) -> str:
+    return "/v1/completions" if args.raw else "/v1/chat/completions"
+
+
+def piece(args, chunk: dict) -> str:
+    if not chunk.get("choices"):
+        return ""
+    choice = chunk["choices"][0]
+    return choice.get("text") or "" if args.raw else choice["delta"].get("content") or ""
+
+
+async def ask(session: aiohttp.ClientSession, url: str, args, prompt: str) -> str:
+    async with session.post(url + route(args), json=body(args, prompt, False)) as r:
+        data = await r.json()
+        if r.status != 200:
+            raise RuntimeError(f"{r.status}: {data}")
+        choice = data["choices"][0]
+        return choice["text"] if args.raw else choice["message"]["content"]
+
+
+async def stream(session: aiohttp.ClientSession, url: str, args, prompt: str) -> dict:
+    """One streaming request: text, token count, time to first token, end time, completeness."""
+    start = time.perf_counter()
+    result = {"text": "", "tokens": 0, "ttft": None, "finish": None, "done": False}
+    async with session.post(url + route(args), json=body(args, prompt, True)) as r:
+        if r.status != 200:
+            raise RuntimeError(f"{r.status}: {await r.text()}")
+        async for raw in r.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                result["done"] = True
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"])
+            text = piece(args, chunk)
+            if text and result["ttft"] is None:
+                result["ttft"] = time.perf_counter() - start
+            result["text"] += text
+            if chunk.get("choices") and chunk["choices"][0].get("finish_reason"):
+                result["finish"] = chunk["choices"][0]["finish_reason"]
+            if chunk.get("usage"):
+                result["tokens"] = chunk["usage"]["completion_tokens"]
+    result["end"] = time.perf_counter()
+    result["start"] = start
+    return result
+
+
+async def active_slots(session: aiohttp.ClientSession, url: str) -> int:
+    async with session.get(url + "/health") as r:
+        health = await r.json()
+    return health["active"] + health["queued"]
+
+
+async def disconnect(session: aiohttp.ClientSession, url: str, args) -> float:
+    """Seconds from closing a stream mid-way to its slot being free."""
+    request = body(args, "Write a very long story about a dragon.", True)
+    request["max_tokens"] = 2000
+    async with session.post(url + route(args), json=request) as r:
+        seen = 0
+        async for raw in r.content:
+            if raw.startswith(b"data: "):
+                seen += 1
+            if seen >= 4:
+                break
+        r.close()  # drop the connection mid-stream
+    closed = time.perf_counter()
+    while await active_slots(session, url):
+        if time.perf_counter() - closed > 30:
+            raise RuntimeError("the disconnected client's slot was not freed within 30 s")
+        await asyncio.sleep(0.05)
+    return time.perf_counter() - closed
+
+
+async def main(args) -> None:
+    proc = log = None
+    url = args.url
+    if url is None:
+        proc, url, log = start_server(["--preload", args.model, "--parallel", str(max(args.clients, 1))])
+    timeout = aiohttp.ClientTimeout(total=3600)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            await ask(session, url, args, "hi")  # warm-up (and load, when --url names a fresh server)
+            async with session.get(url + "/health") as r:
+                models = (await r.json())["models"]
+            batched = next((m["batched"] for m in models if m["name"] == args.model), None)
+            prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.clients)]
+            reference = {}
+            if not args.no_verify:
+                for p in dict.fromkeys(prompts):
+                    reference[p] = await ask(session, url, args, p)
+
+            single = await stream(session, url, args, prompts[0])
+            single_tps = single["tokens"] / (single["end"] - single["start"])
+
+            wall = time.perf_counter()
+            results = await asyncio.gather(*(stream(session, url, args, p) for p in prompts))
+            wall = time.perf_counter() - wall
+            total = sum(r["tokens"] for r in results)
+            complete = sum(bool(r["done"] and r["finish"] and r["tokens"]) for r in results)
+            correct = sum(r["text"] == reference[p] for r, p in zip(results, prompts)) if reference else None
+            freed = await disconnect(session, url, args)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+
+    ttfts = [r["ttft"] for r in results if r["ttft"] is not None]
+    print(f"model {args.model} ({'continuous batching' if batched else 'one forward per request per step'}), "
+          f"{args.tokens} tokens per request, greedy")
+    print(f"single client      : {single['tokens']} tokens in {single['end'] - single['start']:.2f} s "
+          f"= {single_tps:.1f} tokens/s (time to first token {single['ttft']:.2f} s)")
+    print(f"{args.clients:>2} concurrent clients: {total} tokens in {wall:.2f} s = {total / wall:.1f} tokens/s aggregate "
+          f"({total / wall / single_tps:.2f}x single); time to first token median {statistics.median(ttfts):.2f} s, "
+          f"max {max(ttfts):.2f} s")
+    print(f"complete responses : {complete}/{args.clients}")
+    if correct is not None:
+        print(f"equal to the answer served alone: {correct}/{args.clients}")
+        for r, p in zip(results, prompts):
+            if r["text"] != reference[p]:
+                print(f"  differs for {p!r}:\n    alone   : {reference[p]!r}\n    together: {r['text']!r}")
+    print(f"disconnect         : slot free {freed:.2f} s after the client closed the stream")
+    if complete != args.clients or (correct is not None and correct != args.clients):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2:135m")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=48, help="max_tokens per request")
+    parser.add_argument("--raw", action="store_true", help="/v1/completions with raw prompts (base models)")
+    parser.add_argument("--url", help="an already running server (default: start one)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the reference answers")
+    asyncio.run(main(parser.parse_args()))

@@ -1,0 +1,155 @@
+"""Every quant type end to end: SmolLM2 in each type llama.cpp can write, mlxllm vs llama.cpp.
+
+1. Widen SmolLM2-135M-Instruct (Q4_1) to an all-F32 GGUF (gguf-py writer, same metadata).
+2. Have llama.cpp (`llama_model_quantize`) write every file type it can from it.
+3. For each file: llama.cpp's greedy continuation of a few prompts, then teacher-forced
+   argmax agreement of mlxllm with llama.cpp at every position, and the tensor types the
+   file holds (llama.cpp mixes types where row sizes force it).
+4. The same against llama.cpp running a float32 copy of that file (its own dequantization,
+   `llama_model_quantize` with ftype F32): this separates our error from llama.cpp's, whose
+   CPU matmuls round activations to 8 bits before multiplying quantized weights.
+
+    python scripts/quant_matrix.py [--out DIR] [--types Q4_0,Q6_K,...] [--json results.json]
+
+Types that llama.cpp refuses without an importance matrix (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS,
+IQ2_S) are reported as such: llama-cpp-python cannot pass one in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+PROMPTS = [
+    "The capital of France is",
+    "def add(a, b):\n    return",
+    "Once upon a time, there was a little robot who",
+    "<|im_start|>user\nName three primary colors.<|im_end|>\n<|im_start|>assistant\n",
+    "The three laws of motion formulated by Isaac Newton state that",
+    "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n",
+    "import os\n\nfor name in os.listdir('.'):\n",
+    "Water boils at 100 degrees Celsius at sea level because",
+]
+CONTINUATION = 48
+
+# llama.h LLAMA_FTYPE_MOSTLY_* values
+FTYPES = {
+    "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11,
+    "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
+    "IQ2_XXS": 19, "IQ2_XS": 20, "Q2_K_S": 21, "IQ3_XS": 22, "IQ3_XXS": 23, "IQ1_S": 24,
+    "IQ4_NL": 25, "IQ3_S": 26, "IQ3_M": 27, "IQ2_S": 28, "IQ2_M": 29, "IQ4_XS": 30, "IQ1_M": 31,
+    "BF16": 32, "TQ1_0": 36, "TQ2_0": 37, "MXFP4_MOE": 38,
+}
+
+
+def write_f32(src: str, dst: Path) -> None:
+    """The same model with every tensor widened to F32 (gguf-py dequantizes)."""
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(src)
+    writer = GGUFWriter(str(dst), arch=reader.get_field("general.architecture").contents())
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+    writer.add_file_type(0)  # LLAMA_FTYPE_ALL_F32
+    for t in reader.tensors:
+        data = dequantize(t.data, t.tensor_type).astype(np.float32)
+        writer.add_tensor(t.name, data.reshape([int(d) for d in reversed(t.shape)]),
+                          raw_dtype=GGMLQuantizationType.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def quantize(src: Path, dst: Path, ftype: int) -> str | None:
+    """None on success, else why llama.cpp refused."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = 2
+    params.allow_requantize = ftype == 0  # the float32 copy of a quantized file
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    return None if rc == 0 and dst.exists() else f"llama_model_quantize returned {rc}"
+
+
+def agreement(path: Path, reference: Path | None = None) -> dict:
+    """Teacher-forced argmax agreement of mlxllm on `path` with llama.cpp on `reference`
+    (default: the same file)."""
+    import llama_cpp
+    import mlx.core as mx
+
+    from mlxllm.gguf import GGUFFile
+    from mlxllm.loader import load_model
+
+    llm = llama_cpp.Llama(model_path=str(reference or path), n_ctx=512, n_threads=2, logits_all=True,
+                          verbose=False)
+    sequences, refs = [], []
+    for prompt in PROMPTS:
+        llm.reset()
+        ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        llm.eval(ids)
+        for _ in range(CONTINUATION):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        sequences.append(list(llm.eval_tokens))
+        refs.append(np.asarray(llm.scores[: llm.n_tokens]).argmax(-1))
+    del llm
+    model, gf, _, _ = load_model(str(path))
+    agree = total = 0
+    for tokens, ref in zip(sequences, refs):
+        ours = np.array(mx.argmax(model(mx.array([tokens]))[0], axis=-1))
+        agree += int((ours == ref).sum())
+        total += len(ref)
+    types = Counter(t.qtype.name for t in GGUFFile(str(path)).tensors.values())
+    return {"agreement": agree / total, "positions": total, "types": dict(types.most_common())}
+
+
+def main() -> None:
+    from mlxllm.models import resolve
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="/tmp/mlxllm-quant-matrix")
+    ap.add_argument("--types", default=",".join(FTYPES))
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    f32 = out / "smollm2-135m-f32.gguf"
+    if not f32.exists():
+        write_f32(resolve("smollm2:135m"), f32)
+    results = {}
+    print(f"{'file type':<11}{'agree':>8}{'vs f32':>8}  tensor types")
+    for name in args.types.split(","):
+        dst = out / f"smollm2-135m-{name.lower()}.gguf"
+        start = time.perf_counter()
+        error = None if dst.exists() else quantize(f32, dst, FTYPES[name])
+        if error:
+            results[name] = {"error": error}
+            print(f"{name:<11}{'-':>8}  {error}")
+            continue
+        r = agreement(dst)
+        f32_copy = out / f"{dst.stem}-as-f32.gguf"
+        if not f32_copy.exists():
+            quantize(dst, f32_copy, 0)
+        r["agreement_vs_f32_copy"] = agreement(dst, f32_copy)["agreement"]
+        f32_copy.unlink()
+        r["seconds"] = round(time.perf_counter() - start, 1)
+        results[name] = r
+        types = ", ".join(f"{k} x{v}" for k, v in r["types"].items())
+        print(f"{name:<11}{r['agreement']:>8.2%}{r['agreement_vs_f32_copy']:>8.2%}  {types}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

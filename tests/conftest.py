@@ -1,0 +1,32 @@
+"""Shared fixtures and the reports printed at the end of the run."""
+
+import mlxllm  # noqa: F401  first: it puts an optimized BLAS under mlx.core (see _blas.py)
+import pytest
+
+_QUANT_REPORT: dict[str, tuple[str, ...]] = {}
+_FIDELITY_REPORT: list[tuple] = []
+
+
+@pytest.fixture
+def quant_report():
+    return _QUANT_REPORT
+
+
+@pytest.fixture
+def fidelity_report():
+    return _FIDELITY_REPORT
+
+
+def pytest_terminal_summary(terminalreporter):
+    tr = terminalreporter
+    if _FIDELITY_REPORT:
+        tr.section("teacher-forced agreement with llama.cpp")
+        tr.write_line(f"{'model':<14}{'positions':>10}  {'argmax agrees':<16}max |logit diff| (top-8)")
+        for name, n, agree, diff in _FIDELITY_REPORT:
+            tr.write_line(f"{name:<14}{n:>10}  {agree:<16}{diff}")
+    if not _QUANT_REPORT:
+        return
+    tr.section("quant types vs gguf.quants.dequantize")
+    tr.write_line(f"{'type':<9}{'layout':<8}{'MLX bpw':>9}{'GGUF bpw':>10}  result")
+    for name, (kind, bpw, gguf_bpw, result) in sorted(_QUANT_REPORT.items()):
+        tr.write_line(f"{name:<9}{kind:<8}{bpw:>9}{gguf_bpw:>10}  {result}")

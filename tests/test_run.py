@@ -1,0 +1,108 @@
+"""`mlxllm run` as a user runs it (argument, piped stdin, interactive chat on a terminal),
+and the generation loop's contract: stop strings, max tokens, EOS, seeds."""
+
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+from mlxllm import generate, load, stream_generate
+from mlxllm.sample import SamplingParams
+
+MODEL = "smollm2:135m"
+GREEDY = ["--temperature", "0", "--max-tokens", "24"]
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return load(MODEL)
+
+
+def cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "mlxllm", "run", MODEL, *args],
+                          input=stdin, capture_output=True, text=True, timeout=300)
+
+
+def test_prompt_argument_matches_the_api(smollm):
+    model, tok = smollm
+    r = cli("What is the capital of France?", *GREEDY)
+    assert r.returncode == 0, r.stderr
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    assert r.stdout.strip() == generate(model, tok, prompt, max_tokens=24, temperature=0).strip()
+    assert "Paris" in r.stdout
+
+
+def test_prompt_from_stdin_and_verbose_stats():
+    r = cli(*GREEDY, "--verbose", stdin="What is the capital of France?")
+    assert r.returncode == 0 and "Paris" in r.stdout
+    assert "tokens/s" in r.stderr and "generation" in r.stderr
+
+
+def test_raw_prompt_skips_the_template(smollm):
+    model, tok = smollm
+    r = cli("The capital of France is", "--raw", *GREEDY)
+    assert r.stdout.strip() == generate(model, tok, "The capital of France is", max_tokens=24, temperature=0).strip()
+
+
+def test_interactive_chat_keeps_history_and_leaves_on_bye():
+    child = pexpect.spawn(sys.executable, ["-m", "mlxllm", "run", MODEL, *GREEDY], encoding="utf-8", timeout=300)
+    child.expect(">>> ")
+    child.sendline("My name is Ada. What is the capital of France?")
+    child.expect("Paris")
+    child.expect(">>> ")
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_bad_options_and_unknown_model_are_one_line_errors():
+    r = cli("hi", "--temperature", "-1")
+    assert r.returncode != 0 and "temperature" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "mlxllm", "run", "no-such-model", "hi"], capture_output=True, text=True)
+    assert r.returncode == 1 and "unknown model" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_stop_string_split_across_tokens_is_never_emitted(smollm):
+    model, tok = smollm
+    prompt = "The capital of France is"
+    full = generate(model, tok, prompt, max_tokens=30, temperature=0)
+    ids = tok.encode(full, add_special=False)
+    # A stop string that starts inside one token and ends inside the next.
+    pieces = [tok.decode([i]) for i in ids]
+    k = next(i for i in range(1, len(pieces)) if len(pieces[i - 1].strip()) >= 2 and len(pieces[i].strip()) >= 2)
+    start = len("".join(pieces[:k])) - 1
+    stop = full[start:start + 3]
+    out = list(stream_generate(model, tok, prompt, SamplingParams(temperature=0), 30, stop=[stop]))
+    text = "".join(r.text for r in out)
+    assert text == full[:full.index(stop)]
+    assert out[-1].finish_reason == "stop" and stop not in text
+
+
+def test_max_tokens_and_eos(smollm):
+    model, tok = smollm
+    out = list(stream_generate(model, tok, "Count: one, two, three,", SamplingParams(temperature=0), 3))
+    assert out[-1].finish_reason == "length" and out[-1].generation_tokens == 3
+    chat = tok.apply_chat_template([{"role": "user", "content": "Say hi."}])
+    out = list(stream_generate(model, tok, chat, SamplingParams(temperature=0), 200))
+    assert out[-1].finish_reason == "stop" and out[-1].generation_tokens < 200  # <|im_end|>
+
+
+def test_same_seed_same_output(smollm):
+    model, tok = smollm
+    kw = dict(max_tokens=16, temperature=1.0, top_k=0, top_p=1.0, seed=1234)
+    a = generate(model, tok, "Once upon a time", **kw)
+    b = generate(model, tok, "Once upon a time", **kw)
+    c = generate(model, tok, "Once upon a time", **{**kw, "seed": 99})
+    assert a == b and a != c
+
+
+def test_bench_reports_pp_tg_load_and_memory():
+    r = subprocess.run([sys.executable, "-m", "mlxllm", "bench", MODEL, "-p", "16", "-n", "4", "-r", "2", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    info = __import__("json").loads(r.stdout)
+    assert set(info["tokens_per_s"]) == {"pp16", "tg4"}
+    assert all(v["mean"] > 0 and len(v["runs"]) == 2 for v in info["tokens_per_s"].values())
+    assert info["load_s"] > 0 and info["peak_memory_gb"] > 0
