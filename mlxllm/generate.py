@@ -45,18 +45,23 @@ def generate_step(model: nn.Module, prompt: Sequence[int], params: SamplingParam
 
     token = next_token(logits, history)
     mx.async_eval(token)
-    for n in range(max_tokens):
-        # Build step n+1's graph before waiting on token n: the CPU/GPU computes while
-        # Python yields and detokenizes.
-        if n + 1 < max_tokens:
-            if processors:
-                history = mx.concatenate([history, token])
-            next_logits = model(token[None], cache=cache)[:, -1, :]
-            upcoming = next_token(next_logits, history)
-            mx.async_eval(upcoming)
-        yield int(token.item())
-        if n + 1 < max_tokens:
-            token = upcoming
+    try:
+        for n in range(max_tokens):
+            # Build step n+1's graph before waiting on token n: the CPU/GPU computes while
+            # Python yields and detokenizes.
+            if n + 1 < max_tokens:
+                if processors:
+                    history = mx.concatenate([history, token])
+                next_logits = model(token[None], cache=cache)[:, -1, :]
+                upcoming = next_token(next_logits, history)
+                mx.async_eval(upcoming)
+            yield int(token.item())
+            if n + 1 < max_tokens:
+                token = upcoming
+    finally:
+        # A caller that stops early leaves one step in flight; let it finish, or an
+        # interpreter exiting right after aborts on MLX's still-running stream thread.
+        mx.synchronize()
 
 
 @dataclass

@@ -545,6 +545,9 @@ class Worker:
                     if item is None:
                         for engine in self.engines:
                             engine.fail_all("the server is shutting down")
+                        # Let MLX finish what async_eval already queued: a stream thread still
+                        # running at interpreter exit aborts the process ("terminate called").
+                        mx.synchronize()
                         return
                     self._handle(item)
                     item = self._inbox.get_nowait()
@@ -648,6 +651,7 @@ class ModelPool:
     def _unload(self, loaded: Loaded) -> None:  # on the worker thread
         engine = loaded.engine
         engine.fail_all("the model was unloaded")
+        mx.synchronize()  # queued async_evals still reference the weights
         self.worker.engines.remove(engine)
         loaded.model = loaded.engine = loaded.vocabulary = None
         del engine

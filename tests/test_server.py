@@ -474,7 +474,7 @@ def test_sigterm_mid_stream_shuts_down_cleanly(tmp_path):
     while not lines and time.time() < deadline:
         time.sleep(0.05)
     assert lines, srv.log()
-    assert srv.stop(signal.SIGTERM, timeout=20) == 0
+    assert srv.stop(signal.SIGTERM, timeout=20) == 0, srv.log()
     reader.join(20)
     log = srv.log()
     assert "shutting down" in log and "stopped" in log and "Traceback" not in log

@@ -1,0 +1,1 @@
+// Codebook i-quants block decoding (see common.h for the contract).
