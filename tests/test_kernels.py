@@ -10,12 +10,20 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf.quants import dequantize as gguf_dequantize
 
 from kernel_host import host_kernels
+from mlxllm.kernels.cuda import CUDA
+from mlxllm.kernels.gpu import dequantize_source, matvec_source
+from mlxllm.kernels.metal import METAL
 from mlxllm.kernels.source import KERNEL_NAMES, kernel_types, table
 from quant_blocks import assert_bit_identical, random_blocks
 
@@ -66,3 +74,95 @@ def test_codebook_layouts():
     for qtype, size in sizes.items():
         assert table(qtype).size == size, qtype.name
     assert table(Q.Q6_K).size == 1
+
+
+# ---------------------------------------------------------------------------- compile checks
+
+SHIMS = Path(__file__).parent / "shims"
+METAL_ATTRIBUTES = ("thread_position_in_grid", "thread_index_in_simdgroup")  # those our kernels use
+
+
+def _kernel_parts(kind: str, qtype) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(inputs, outputs) as (name, element type) in the order gpu.py passes them."""
+    inputs = [("w", "uint8_t"), ("table", "uint8_t")] if kind == "dequantize" else \
+        [("w", "uint8_t"), ("x", "float"), ("table", "uint8_t")]
+    return inputs, [("out", "float")]
+
+
+def metal_translation_unit(kind: str, qtype) -> str:
+    """What mx.fast.metal_kernel hands the Metal compiler: its preamble, our header, then a
+    generated [[kernel]] signature (inputs, their _shape where the body names it, outputs,
+    the thread attributes the body names) around our body."""
+    body = (dequantize_source if kind == "dequantize" else matvec_source)(METAL, qtype)
+    inputs, outputs = _kernel_parts(kind, qtype)
+    params, slot = [], 0
+    for name, ctype in inputs:
+        params.append(f"  const device {ctype}* {name} [[buffer({slot})]]")
+        slot += 1
+        if f"{name}_shape" in body:
+            params.append(f"  const constant int* {name}_shape [[buffer({slot})]]")
+            slot += 1
+    for name, ctype in outputs:
+        params.append(f"  device {ctype}* {name} [[buffer({slot})]]")
+        slot += 1
+    for attribute in METAL_ATTRIBUTES:
+        if attribute in body:
+            kind_of = "uint3" if attribute.startswith("thread_position") else "uint"
+            params.append(f"  {kind_of} {attribute} [[{attribute}]]")
+    return ("#include <metal_stdlib>\nusing namespace metal;\ntypedef bfloat bfloat16_t;\ntypedef half float16_t;\n"
+            + METAL.header() + f"\n[[kernel]] void custom_kernel_mlxllm_{kind}(\n" + ",\n".join(params)
+            + ") {\n" + body + "\n}\n")
+
+
+def cuda_translation_unit(kind: str, qtype) -> str:
+    """What mx.fast.cuda_kernel hands NVRTC: MLX's default header, our header, then a
+    __global__ function in mlx::core::cu with the inputs (and their Shape where the body names
+    it) and outputs around our body."""
+    body = (dequantize_source if kind == "dequantize" else matvec_source)(CUDA, qtype)
+    inputs, outputs = _kernel_parts(kind, qtype)
+    params = []
+    for name, ctype in inputs:
+        params.append(f"    const {ctype}* {name}")
+        if f"{name}_shape" in body:
+            params.append(f"    const __grid_constant__ Shape {name}_shape")
+    params += [f"    {ctype}* {name}" for name, ctype in outputs]
+    return ('#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
+            "#define inf cuda::std::numeric_limits<float>::infinity()\n\n" + CUDA.header()
+            + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
+            + f"__global__ void custom_kernel_mlxllm_{kind}(\n" + ",\n".join(params) + ") {\n"
+            + body + "\n}\n\n} // namespace mlx::core::cu\n")
+
+
+def test_metal_sources_pass_a_syntax_check(tmp_path):
+    # Every kernel of every type in one g++ run (-fsyntax-only): each unit in its own namespace.
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("g++ is not installed")
+    for kind in ("dequantize", "matvec"):
+        for qtype in TYPES:
+            unit = tmp_path / f"{kind}_{qtype.name}.metal.cpp"
+            unit.write_text(metal_translation_unit(kind, qtype))
+            run = subprocess.run([compiler, "-std=c++17", "-fsyntax-only", "-Wall", "-Werror", "-Wno-attributes",
+                                  "-Wno-unused-variable", "-Wno-unused-function", "-isystem", str(SHIMS / "metal"),
+                                  "-x", "c++", str(unit)], capture_output=True, text=True)
+            assert run.returncode == 0, f"{kind} {qtype.name}:\n{run.stderr[-3000:]}"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (the CUDA toolkit) is not installed")
+def test_cuda_sources_compile_with_nvcc(tmp_path):
+    units = []
+    for kind in ("dequantize", "matvec"):
+        for qtype in TYPES:
+            unit = tmp_path / f"{kind}_{qtype.name}.cu"
+            unit.write_text(cuda_translation_unit(kind, qtype))
+            units.append(unit)
+    # One nvcc per unit, two at a time; -ptx runs the whole front and middle end (every
+    # type and syntax error), sm_80 is the oldest architecture MLX's CUDA backend targets.
+    def compile_unit(unit: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(["nvcc", "-std=c++17", "-arch=sm_80", "-ptx", "-Werror", "all-warnings",
+                               "-I", str(SHIMS / "cuda"), str(unit), "-o", str(unit.with_suffix(".ptx"))],
+                              capture_output=True, text=True)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for unit, run in zip(units, pool.map(compile_unit, units)):
+            assert run.returncode == 0, f"{unit.name}:\n{run.stderr[-3000:]}"
+            assert "custom_kernel_mlxllm_" in unit.with_suffix(".ptx").read_text()
