@@ -18,7 +18,8 @@ from mlx.utils import tree_flatten
 
 from .gguf import GGUFError, GGUFFile
 from .layers import QuantizedEmbedding, QuantizedLinear
-from .quant import QuantizedTensor, to_mlx
+from .kernels.widen import widen
+from .quant import QuantizedTensor, layout_of, to_mlx
 from .registry import Arch, get_arch
 
 
@@ -33,9 +34,18 @@ class LoadStats:
 
 
 def load_tensor(gf: GGUFFile, name: str, dense: bool = False) -> mx.array | QuantizedTensor:
-    """One GGUF tensor as MLX memory; `dense` widens a quantized one to float32."""
+    """One GGUF tensor as MLX memory; `dense` widens a quantized one to float32.
+
+    Types MLX holds natively load in MLX's layout. The packed types stay GGUF blocks for
+    the GPU kernels; on the CPU, where MLX runs no custom kernels, they load as their exact
+    image in native layouts (kernels/widen.py) so MLX's quantized_matmul can take them.
+    """
     info = gf.tensors[name]
     try:
+        if layout_of(info.qtype).kind == "packed" and not dense and mx.default_device() == mx.cpu:
+            parts = widen(info.qtype, gf.tensor_bytes(name), info.shape)
+            gf.release_through(info.offset + info.nbytes)
+            return QuantizedTensor(info.qtype, tuple(info.shape), None, parts=parts)
         value = to_mlx(gf.tensor_bytes(name), info.qtype, info.shape,
                        consumed=lambda start, end: gf.release_through(info.offset + end))
     except ValueError as e:

@@ -128,9 +128,9 @@ QUANT_TABLE: dict[T, Layout] = {
     T.Q4_K: Layout("affine", 4, _q4_k),
     T.Q5_K: Layout("affine", 5, _q5_k),
     T.MXFP4: Layout("mxfp4", 4, _mxfp4),
-    # Sub-blocks of 16, codebooks, ternary packs, and NVFP4's FP8 scale per 16 (MLX's nvfp4
-    # mode scales by fp8 e4m3 with a global scale; ggml's UE4M3 decoding differs): no
-    # MLX layout holds them exactly.
+    # Sub-blocks of 16, codebooks, ternary packs, and NVFP4's UE4M3 scale per 16: kept as
+    # GGUF bytes for the GPU kernels. Each also has an exact image in wider native layouts
+    # (kernels/widen.py), which the CPU uses; it costs more bits than the GGUF blocks.
     **{t: PACKED for t in (T.Q2_K, T.Q3_K, T.Q6_K, T.TQ1_0, T.TQ2_0, T.IQ1_S, T.IQ1_M,
                            T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ4_NL, T.IQ4_XS,
                            T.NVFP4)},
@@ -157,18 +157,20 @@ class QuantizedTensor:
 
     affine / mxfp4: `weight` is MLX's packed uint32 codes, `scales`/`biases` per group of 32,
     ready for `mx.quantized_matmul`. packed: `weight` is the GGUF blocks as uint8
-    (rows, bytes_per_row), read by `mlxllm.kernels`.
+    (rows, bytes_per_row), read by `mlxllm.kernels`. widened: a packed type held as the
+    native parts of its exact image (`kernels.widen`), `weight` is None.
     """
 
     qtype: T
     shape: tuple[int, ...]
-    weight: mx.array
+    weight: mx.array | None
     scales: mx.array | None = None
     biases: mx.array | None = None
+    parts: list | None = None  # kernels.widen.Part, for the widened layout
 
     @property
     def mode(self) -> str:
-        return QUANT_TABLE[self.qtype].kind
+        return "widened" if self.parts else QUANT_TABLE[self.qtype].kind
 
     @property
     def bits(self) -> int:
@@ -176,7 +178,9 @@ class QuantizedTensor:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.weight, self.scales, self.biases) if a is not None)
+        arrays = [self.weight, self.scales, self.biases]
+        arrays += [a for p in self.parts or () for a in (p.weight, p.scales, p.biases)]
+        return sum(a.nbytes for a in arrays if a is not None)
 
     def dequantize(self) -> mx.array:
         """float32 of `shape`."""

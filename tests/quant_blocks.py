@@ -58,6 +58,20 @@ def random_blocks(qtype: Q, n_blocks: int, seed: int, edge: bool = False) -> np.
     return raw
 
 
+def with_zero_scales(qtype: Q, raw: np.ndarray) -> np.ndarray:
+    """A copy of `raw` whose blocks alternate scales of +0 and -0 in every fp16 scale field:
+    the sign of each zero weight then depends on the order the decoder multiplies in."""
+    raw = raw.copy()
+    zero = np.where(np.arange(raw.shape[0]) % 2 == 0, 0x0000, 0x8000).astype(np.uint16).reshape(-1, 1)
+    for off in HALF_FIELDS[qtype]:
+        raw[:, off:off + 2] = zero.view(np.uint8)
+    if qtype == Q.IQ1_M:  # d's 16 bits are the top nibbles of the 4 scale words; sign in the last
+        sc = raw[:, IQ1_M_SCALES:IQ1_M_SCALES + 8].copy().view(np.uint16) & 0x0FFF
+        sc[:, 3:] |= zero
+        raw[:, IQ1_M_SCALES:IQ1_M_SCALES + 8] = sc.view(np.uint8)
+    return raw
+
+
 def assert_bit_identical(ours: np.ndarray, ref: np.ndarray, signed_zero: bool = True) -> None:
     """Equal float32 bit patterns. signed_zero=False also accepts +0 for -0: see
     test_quant.py for the one layout where the sign of a zero differs."""

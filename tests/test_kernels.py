@@ -25,7 +25,7 @@ from mlxllm.kernels.cuda import CUDA
 from mlxllm.kernels.gpu import dequantize_source, matvec_source
 from mlxllm.kernels.metal import METAL
 from mlxllm.kernels.source import KERNEL_NAMES, kernel_types, table
-from quant_blocks import assert_bit_identical, random_blocks
+from quant_blocks import assert_bit_identical, random_blocks, with_zero_scales
 
 TYPES = kernel_types()
 IDS = [t.name for t in TYPES]
@@ -43,10 +43,12 @@ def host(tmp_path_factory):
     return host_kernels(str(tmp_path_factory.mktemp("host_kernels")))
 
 
-@pytest.mark.parametrize("edge", [False, True], ids=["scales", "edge_scales"])
+@pytest.mark.parametrize("scales", ["scales", "edge_scales", "zero_scales"])
 @pytest.mark.parametrize("qtype", TYPES, ids=IDS)
-def test_shared_decoder_bit_exact(host, qtype, edge):
-    raw = random_blocks(qtype, 2048, seed=7, edge=edge)
+def test_shared_decoder_bit_exact(host, qtype, scales):
+    raw = random_blocks(qtype, 2048, seed=7, edge=scales == "edge_scales")
+    if scales == "zero_scales":  # +-0 scales: the sign of each zero output checks operation order
+        raw = with_zero_scales(qtype, raw)
     ref = gguf_dequantize(raw, qtype).reshape(-1)
     assert_bit_identical(host.dequantize(qtype, raw), ref)
 

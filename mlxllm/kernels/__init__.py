@@ -5,7 +5,8 @@ picks how. Layouts MLX holds natively go to MLX's own `quantized_matmul`. The pa
 types go, on a GPU, to our kernels (gpu.py through metal.py or cuda.py): the fused
 dequantize-and-multiply for up to 8 activation rows (decode), and dequantize-then-GEMM in
 row tiles above that (prefill); on the CPU, where MLX runs no custom kernels, to the pure-MLX
-reference dequantizer (reference.py) and a dense matmul.
+reference dequantizer (reference.py) and a dense matmul, unless the loader gave them their
+exact image in native layouts (widen.py, the CPU default): then `quantized_matmul` per part.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from . import reference
+from . import reference, widen
 from .gpu import MAX_BATCH, GpuKernels
 
 if TYPE_CHECKING:
@@ -68,6 +69,8 @@ def dequantize(w: QuantizedTensor, dtype: mx.Dtype = mx.float32) -> mx.array:
     """The whole weight as floats, (out, in)."""
     if w.mode == "packed":
         return _dequantize_packed(w, w.weight, w.shape).astype(dtype)
+    if w.mode == "widened":
+        return widen.dequantize(w.parts).astype(dtype)
     return mx.dequantize(w.weight, w.scales, w.biases, group_size=GROUP, bits=w.bits, mode=w.mode, dtype=dtype)
 
 
@@ -96,6 +99,8 @@ def matmul(x: mx.array, w: QuantizedTensor) -> mx.array:
     rows = x.size // x.shape[-1]
     if rows >= CPU_DEQUANTIZE_ROWS and mx.default_device() == mx.cpu:
         return x @ dequantize(w, x.dtype).T
+    if w.mode == "widened":
+        return widen.matmul(x, w.parts)
     return mx.quantized_matmul(x, w.weight, w.scales, w.biases, transpose=True,
                                group_size=GROUP, bits=w.bits, mode=w.mode)
 
@@ -106,6 +111,10 @@ def embed(ids: mx.array, w: QuantizedTensor) -> mx.array:
     dim = w.shape[-1]
     if w.mode == "packed":
         return _dequantize_packed(w, rows.reshape(-1, rows.shape[-1]), (*ids.shape, dim))
+    if w.mode == "widened":
+        return widen.dequantize([p._replace(weight=p.weight[ids], scales=p.scales[ids],
+                                            biases=None if p.biases is None else p.biases[ids])
+                                 for p in w.parts])
     scales = w.scales[ids]
     biases = w.biases[ids] if w.biases is not None else None
     return mx.dequantize(rows, scales, biases, group_size=GROUP, bits=w.bits, mode=w.mode,
