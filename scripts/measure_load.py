@@ -4,7 +4,9 @@
 
 Prints one JSON line per model. `peak_delta` is the process's peak RSS (VmHWM) minus its
 RSS just before loading (after imports), so the interpreter and MLX runtime are not
-counted; `ratio` is peak_delta over the file size. Each model loads in a fresh process so
+counted; `ratio` is peak_delta over the file size; `widening` is the loaded weights' bytes
+over the file size (above 1 where the CPU holds packed types in their wider exact image) and
+`peak_over_weights` is peak_delta over those bytes. Each model loads in a fresh process so
 one's peak does not hide the next.
 """
 
@@ -52,9 +54,15 @@ def measure(name: str) -> dict:
         what = "tensors"
     seconds = time.perf_counter() - start
     peak = _status_kib("VmHWM")
-    return {"model": name, "loaded": what, "file_size": size, "load_s": round(seconds, 3),
-            "rss_before": before, "peak_rss": peak, "peak_delta": peak - before,
-            "ratio": round((peak - before) / size, 3), "mlx_peak": mx.get_peak_memory()}
+    result = {"model": name, "loaded": what, "file_size": size, "load_s": round(seconds, 3),
+              "rss_before": before, "peak_rss": peak, "peak_delta": peak - before,
+              "ratio": round((peak - before) / size, 3), "mlx_peak": mx.get_peak_memory()}
+    if what == "model":
+        # The weights' own size in MLX over the file's: above 1 where the CPU holds a packed
+        # type as its wider exact image (kernels/widen.py). Peak over that is the overhead.
+        result["widening"] = round(stats.nbytes / size, 3)
+        result["peak_over_weights"] = round((peak - before) / stats.nbytes, 3)
+    return result
 
 
 if __name__ == "__main__":

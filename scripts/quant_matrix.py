@@ -10,6 +10,7 @@
    CPU matmuls round activations to 8 bits before multiplying quantized weights.
 
     python scripts/quant_matrix.py [--out DIR] [--types Q4_0,Q6_K,...] [--json results.json]
+                                   [--layout default|dense|quantized]
 
 Types that llama.cpp refuses without an importance matrix (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS,
 IQ2_S) are reported as such: llama-cpp-python cannot pass one in.
@@ -83,9 +84,9 @@ def quantize(src: Path, dst: Path, ftype: int) -> str | None:
     return None if rc == 0 and dst.exists() else f"llama_model_quantize returned {rc}"
 
 
-def agreement(path: Path, reference: Path | None = None) -> dict:
+def agreement(path: Path, reference: Path | None = None, dense: bool | None = None) -> dict:
     """Teacher-forced argmax agreement of mlxllm on `path` with llama.cpp on `reference`
-    (default: the same file)."""
+    (default: the same file). dense: as load_model's (None: the device's default)."""
     import llama_cpp
     import mlx.core as mx
 
@@ -104,7 +105,7 @@ def agreement(path: Path, reference: Path | None = None) -> dict:
         sequences.append(list(llm.eval_tokens))
         refs.append(np.asarray(llm.scores[: llm.n_tokens]).argmax(-1))
     del llm
-    model, gf, _, _ = load_model(str(path))
+    model, gf, _, _ = load_model(str(path), dense=dense)
     agree = total = 0
     for tokens, ref in zip(sequences, refs):
         ours = np.array(mx.argmax(model(mx.array([tokens]))[0], axis=-1))
@@ -121,7 +122,11 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/mlxllm-quant-matrix")
     ap.add_argument("--types", default=",".join(FTYPES))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--layout", choices=["default", "dense", "quantized"], default="default",
+                    help="weights as float32 (dense), in their quantized layouts (quantized: the "
+                         "packed types as their exact widened image on the CPU), or the device default")
     args = ap.parse_args()
+    dense = {"default": None, "dense": True, "quantized": False}[args.layout]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     f32 = out / "smollm2-135m-f32.gguf"
@@ -137,11 +142,11 @@ def main() -> None:
             results[name] = {"error": error}
             print(f"{name:<11}{'-':>8}  {error}")
             continue
-        r = agreement(dst)
+        r = agreement(dst, dense=dense)
         f32_copy = out / f"{dst.stem}-as-f32.gguf"
         if not f32_copy.exists():
             quantize(dst, f32_copy, 0)
-        r["agreement_vs_f32_copy"] = agreement(dst, f32_copy)["agreement"]
+        r["agreement_vs_f32_copy"] = agreement(dst, f32_copy, dense=dense)["agreement"]
         f32_copy.unlink()
         r["seconds"] = round(time.perf_counter() - start, 1)
         results[name] = r

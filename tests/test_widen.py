@@ -201,3 +201,39 @@ def test_bits_per_weight(capsys):
                      f"{parts[0].group_size:>7}{measured:>13.4g}{8 * type_size / block_size:>10.4g}")
     with capsys.disabled():
         print("\nwidened layouts (bits per weight incl. scales and biases):\n" + "\n".join(lines))
+
+
+# ---------------------------------------------------------------------------- through the layers
+
+@pytest.mark.parametrize("qtype", [Q.Q6_K, Q.Q2_K, Q.IQ4_XS, Q.IQ2_XS, Q.TQ1_0, Q.NVFP4], ids=lambda t: t.name)
+def test_widened_layers_match_the_packed_reference(qtype):
+    # The CPU loads packed types widened: the layers and the dispatch must give what the
+    # packed reference gives (decode rows through quantized_matmul, prefill rows through the
+    # dequantized weight, embedding rows bit for bit).
+    from mlxllm import kernels
+    from mlxllm.layers import QuantizedEmbedding, QuantizedLinear
+    from mlxllm.quant import QuantizedTensor
+
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    rows, cols = 40, 2 * 256
+    raw = random_blocks(qtype, rows * cols // block_size, seed=3).reshape(rows, -1)
+    oracle = gguf_dequantize(raw, qtype)
+    widened = QuantizedTensor(qtype, (rows, cols), None, parts=widen(qtype, raw, (rows, cols)))
+    packed = QuantizedTensor(qtype, (rows, cols), mx.array(raw))
+    assert widened.mode == "widened" and packed.mode == "packed"
+    assert widened.nbytes == sum(p.weight.nbytes + p.scales.nbytes + (p.biases.nbytes if p.biases is not None else 0)
+                                 for p in widened.parts)
+
+    linear, embedding = QuantizedLinear(widened), QuantizedEmbedding(widened)
+    assert linear.mode == "widened" and len(linear.parts) == len(widened.parts)
+    for n in (1, 3, 16):  # decode (quantized_matmul per part) and prefill (dequantize + BLAS)
+        x = mx.array(np.random.default_rng(n).standard_normal((n, cols)).astype(np.float32))
+        expected = np.asarray(x).astype(np.float64) @ oracle.astype(np.float64).T
+        bound = np.abs(np.asarray(x)).astype(np.float64) @ np.abs(oracle).astype(np.float64).T
+        for got in (linear(x), kernels.matmul(x, packed), embedding.as_linear(x)):
+            assert np.all(np.abs(np.asarray(got) - expected) <= 1e-5 * bound + 1e-30)
+    ids = mx.array([[5, 0, 39, 5]])
+    got = np.asarray(embedding(ids))
+    assert got.shape == (1, 4, cols)
+    np.testing.assert_array_equal(got[0], oracle[[5, 0, 39, 5]])  # == also equates +0 and -0
+    np.testing.assert_array_equal(np.asarray(kernels.dequantize(widened)), oracle)

@@ -107,14 +107,13 @@ def matmul(x: mx.array, w: QuantizedTensor) -> mx.array:
 
 def embed(ids: mx.array, w: QuantizedTensor) -> mx.array:
     """Rows `ids` of W (vocab, dim), dequantized to float32: only the looked-up rows."""
-    rows = w.weight[ids]  # (..., packed_row)
-    dim = w.shape[-1]
-    if w.mode == "packed":
-        return _dequantize_packed(w, rows.reshape(-1, rows.shape[-1]), (*ids.shape, dim))
     if w.mode == "widened":
         return widen.dequantize([p._replace(weight=p.weight[ids], scales=p.scales[ids],
                                             biases=None if p.biases is None else p.biases[ids])
                                  for p in w.parts])
+    rows = w.weight[ids]  # (..., packed_row)
+    if w.mode == "packed":
+        return _dequantize_packed(w, rows.reshape(-1, rows.shape[-1]), (*ids.shape, w.shape[-1]))
     scales = w.scales[ids]
     biases = w.biases[ids] if w.biases is not None else None
     return mx.dequantize(rows, scales, biases, group_size=GROUP, bits=w.bits, mode=w.mode,
