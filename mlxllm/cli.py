@@ -190,16 +190,18 @@ def _chat(net, tokenizer, params, max_tokens, system, verbose) -> None:
 @click.option("-n", "--n-gen", type=click.IntRange(min=1), default=128, show_default=True, help="Generated tokens (tg).")
 @click.option("-r", "--repetitions", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def bench(model: str, n_prompt: int, n_gen: int, repetitions: int, as_json: bool) -> None:
+@click.option("--layout", type=click.Choice(["auto", "dense", "quantized"]), default="auto", show_default=True,
+              help="Weights as float32 (dense) or in their quantized layouts; auto: the device's default.")
+def bench(model: str, n_prompt: int, n_gen: int, repetitions: int, as_json: bool, layout: str) -> None:
     """Prompt processing (pp) and generation (tg) speed, llama-bench style."""
     import mlx.core as mx
 
     from .bench import bench as run_bench
 
     mx.reset_peak_memory()
-    net, tokenizer = load(model)
+    net, tokenizer = load(model, dense={"auto": None, "dense": True, "quantized": False}[layout])
     results = run_bench(net, tokenizer, n_prompt, n_gen, repetitions)
-    info = {"model": model, "load_s": net.load_stats.seconds, "weights_mb": net.load_stats.nbytes / 1e6,
+    info = {"model": model, "layout": layout, "load_s": net.load_stats.seconds, "weights_mb": net.load_stats.nbytes / 1e6,
             "peak_memory_gb": mx.get_peak_memory() / 1e9, "blas": _blas.loaded, "tokens_per_s": results}
     if as_json:
         click.echo(json.dumps(info, indent=2))
