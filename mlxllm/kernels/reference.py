@@ -20,6 +20,8 @@ import mlx.core as mx
 from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType
 from gguf import quants as gq
 
+from .source import codebook
+
 __all__ = ["DEQUANTIZE", "dequantize"]
 
 _F32 = mx.float32
@@ -54,8 +56,7 @@ def _pm_one(bits: mx.array) -> mx.array:
 @functools.cache
 def _grid(cls: type) -> mx.array:
     """IQ codebook of a gguf-py quant class as (n_entries, entry_width) float32."""
-    cls.init_grid()
-    return mx.array(cls.grid.reshape(cls.grid_shape).astype("float32"))
+    return mx.array(codebook(cls).astype("float32"))
 
 
 @functools.cache

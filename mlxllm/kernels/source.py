@@ -54,11 +54,20 @@ def block_source() -> str:
     return _headers() + "\n" + "".join(rowdots)
 
 
-def _grid_bytes(cls: type) -> np.ndarray:
-    """An IQ grid as (entries x width) bytes; IQ1 grids hold -1/0/1, stored as int8."""
+@functools.cache
+def codebook(cls: type) -> np.ndarray:
+    """A gguf-py IQ grid as small integers (entries, width) int16: the one place the
+    kernels, the widening and the reference read gguf-py's codebooks from."""
     cls.init_grid()
     grid = np.asarray(cls.grid).reshape(cls.grid_shape)
-    return grid.astype(np.int8).view(np.uint8).reshape(-1)
+    values = np.rint(grid).astype(np.int16)
+    assert (values == grid).all(), f"{cls.__name__}: grid values are not integers"
+    return values
+
+
+def _grid_bytes(cls: type) -> np.ndarray:
+    """An IQ grid as (entries x width) bytes; IQ1 grids hold -1/0/1, stored as int8."""
+    return codebook(cls).astype(np.int8).view(np.uint8).reshape(-1)
 
 
 def _signs() -> np.ndarray:

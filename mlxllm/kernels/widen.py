@@ -52,7 +52,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType as T
 from gguf import quants as gq
 
-from ..quant import CHUNK_BYTES, _writable, pack_bits
+from ..quant import CHUNK_BYTES, _f16, _writable, pack_bits
+from .source import codebook
 
 __all__ = ["WIDEN", "Native", "Part", "Widening", "bits_per_weight", "dequantize", "matmul", "widen"]
 
@@ -107,11 +108,6 @@ class Part(NamedTuple):
 
 # -- field decoding (as gguf-py's quants.py / ggml-quants.c) -------------------------------
 
-def _half(b: np.ndarray) -> np.ndarray:
-    """(n, 2k) little-endian fp16 bytes -> (n, k) float32 (exact)."""
-    return np.ascontiguousarray(b).view(np.float16).astype(_F32)
-
-
 def _u16(b: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(b).view(np.uint16)
 
@@ -128,16 +124,6 @@ def _bits(b: np.ndarray) -> np.ndarray:
 def _per_group(a: np.ndarray, groups: int) -> np.ndarray:
     """(n, 1) per-block value -> (n, groups)."""
     return np.broadcast_to(a, (a.shape[0], groups))
-
-
-@functools.cache
-def _grid(cls: type) -> np.ndarray:
-    """An IQ codebook of gguf-py as small integers (entries, width) int16."""
-    cls.init_grid()
-    grid = np.asarray(cls.grid).reshape(cls.grid_shape)
-    out = np.rint(grid).astype(np.int16)
-    assert (out == grid).all()
-    return out
 
 
 @functools.cache
@@ -172,7 +158,7 @@ def _q2_k(b: np.ndarray) -> list[Converted]:
     # the other, coded 1 there. The float32 sum rounds the same two exact terms once.
     # With the smaller m as base every zero has the right sign too (see the module notes).
     n = b.shape[0]
-    sc, qs, d, dmin = b[:, :16], b[:, 16:80], _half(b[:, 80:82]), _half(b[:, 82:84])
+    sc, qs, d, dmin = b[:, :16], b[:, 16:80], _f16(b[:, 80:82]), _f16(b[:, 82:84])
     scale, m = sc & 0x0F, sc >> 4  # (n, 16)
     codes0 = (scale[..., None] * _q2_k_q(qs)).reshape(n, QK_K)
     groups = QK_K // 32
@@ -191,7 +177,7 @@ def _q3_k(b: np.ndarray) -> list[Converted]:
     # of 32 the common scale is d and sc_j*q lies in [-124, 128]: one 8-bit part, code
     # sc_j*q + 124, bias -124*d. d*code <= 19 significant bits, exact.
     n = b.shape[0]
-    hmask, qs, sc, d = b[:, :32], b[:, 32:96], b[:, 96:108], _half(b[:, 108:110])
+    hmask, qs, sc, d = b[:, :32], b[:, 32:96], b[:, 96:108], _f16(b[:, 108:110])
     lsc = (sc[:, :8].reshape(n, 1, 8) >> np.array([0, 4], np.uint8).reshape(1, 2, 1)).reshape(n, 16)
     hsc = (sc[:, 8:].reshape(n, 1, 4) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 4, 1)).reshape(n, 16)
     scale = ((lsc & 0x0F) | ((hsc & 0x03) << 4)).astype(np.int16) - 32  # (n, 16)
@@ -208,7 +194,7 @@ def _q6_k(b: np.ndarray) -> list[Converted]:
     # k holds the sub-blocks 2g+k (scale d*sc, bias -32*scale) and code 32 on the others,
     # which is exactly 0. (d*sc) * q <= 24 significant bits, exact.
     n = b.shape[0]
-    ql, qh, sc, d = b[:, :128], b[:, 128:192], b[:, 192:208], _half(b[:, 208:210])
+    ql, qh, sc, d = b[:, :128], b[:, 128:192], b[:, 192:208], _f16(b[:, 208:210])
     s = d * sc.view(np.int8).astype(_F32)  # (n, 16), exact
     lo = (ql.reshape(n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0x0F
     hi = (qh.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 0x03
@@ -233,7 +219,7 @@ def _ternary(digits: np.ndarray, d: np.ndarray) -> list[Converted]:
 def _tq1_0(b: np.ndarray) -> list[Converted]:
     # dequantize_row_tq1_0: base-3 digits as ((q * 3^i mod 256) * 3) >> 8, values 0..2.
     n = b.shape[0]
-    qs, qh, d = b[:, :48], b[:, 48:52], _half(b[:, 52:54])
+    qs, qh, d = b[:, :48], b[:, 48:52], _f16(b[:, 52:54])
     pow3 = np.array([1, 3, 9, 27, 81], np.uint8)
     q0 = (qs[:, :32].reshape(n, 1, 32) * pow3.reshape(1, 5, 1)).reshape(n, 160)
     q1 = (qs[:, 32:].reshape(n, 1, 16) * pow3.reshape(1, 5, 1)).reshape(n, 80)
@@ -246,7 +232,7 @@ def _tq1_0(b: np.ndarray) -> list[Converted]:
 def _tq2_0(b: np.ndarray) -> list[Converted]:
     # dequantize_row_tq2_0: 2-bit q in 0..3, y = d * (q - 1).
     n = b.shape[0]
-    qs, d = b[:, :64], _half(b[:, 64:66])
+    qs, d = b[:, :64], _f16(b[:, 64:66])
     q = (qs.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 3
     return _ternary(q.reshape(n, QK_K), d)
 
@@ -279,33 +265,33 @@ def _iq2_two_parts(v: np.ndarray, db: np.ndarray) -> list[Converted]:
 def _iq2_xxs(b: np.ndarray) -> list[Converted]:
     # dequantize_row_iq2_xxs: per 32, 4 grid bytes + uint32 (4x7 sign indices | 4-bit scale).
     n = b.shape[0]
-    d = _half(b[:, :2])
+    d = _f16(b[:, :2])
     q = b[:, 2:66].reshape(n, 8, 8)
     aux = _u32(q[:, :, 4:]).reshape(n, 8)
     db = _iq2_db(d, aux >> 28)  # (n, 8)
     signs = _ksign_bits()[(aux[..., None] >> np.array([0, 7, 14, 21], np.uint32)) & 0x7F]  # (n, 8, 4, 8)
-    grid = _grid(gq.IQ2_XXS)[q[:, :, :4]]  # (n, 8, 4, 8)
+    grid = codebook(gq.IQ2_XXS)[q[:, :, :4]]  # (n, 8, 4, 8)
     return _iq2_one_part((grid * signs).reshape(n, QK_K), db)
 
 
 def _iq2_xs(b: np.ndarray) -> list[Converted]:
     # dequantize_row_iq2_xs: uint16 (9-bit grid index | 7-bit sign index) per 8, 4-bit scale per 16.
     n = b.shape[0]
-    d, qs, sc = _half(b[:, :2]), _u16(b[:, 2:66]), b[:, 66:74]
+    d, qs, sc = _f16(b[:, :2]), _u16(b[:, 2:66]), b[:, 66:74]
     ls = np.stack([sc & 0x0F, sc >> 4], axis=-1).reshape(n, 16)
     signs = _ksign_bits()[qs >> 9]  # (n, 32, 8)
-    grid = _grid(gq.IQ2_XS)[qs & 511]  # (n, 32, 8)
+    grid = codebook(gq.IQ2_XS)[qs & 511]  # (n, 32, 8)
     return _iq2_two_parts((grid * signs).reshape(n, QK_K), _iq2_db(d, ls))
 
 
 def _iq2_s(b: np.ndarray) -> list[Converted]:
     # dequantize_row_iq2_s: 10-bit grid index (qs | 2 bits of qh) per 8, explicit sign bits.
     n = b.shape[0]
-    d, qs, sgn, qh, sc = _half(b[:, :2]), b[:, 2:34], b[:, 34:66], b[:, 66:74], b[:, 74:82]
+    d, qs, sgn, qh, sc = _f16(b[:, :2]), b[:, 2:34], b[:, 34:66], b[:, 66:74], b[:, 74:82]
     ls = np.stack([sc & 0x0F, sc >> 4], axis=-1).reshape(n, 16)
     high = (qh.reshape(n, 8, 1) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4)) & 3
     idx = qs.astype(np.uint16) | (high.reshape(n, 32).astype(np.uint16) << 8)
-    grid = _grid(gq.IQ2_S)[idx].reshape(n, QK_K)
+    grid = codebook(gq.IQ2_S)[idx].reshape(n, QK_K)
     return _iq2_two_parts(grid * _signed_bits(sgn), _iq2_db(d, ls))
 
 
@@ -314,10 +300,10 @@ def _iq3_xxs(b: np.ndarray) -> list[Converted]:
     # values {4, 12, ..., 52, 62} are even: y = (2 db) * (grid/2 * sign), grid/2 * sign in
     # [-31, 31] -> 6-bit code + 31, scale 2 db, bias -31 * (2 db).
     n = b.shape[0]
-    d, qs, aux = _half(b[:, :2]), b[:, 2:66], _u32(b[:, 66:98])
+    d, qs, aux = _f16(b[:, :2]), b[:, 2:66], _u32(b[:, 66:98])
     db = d * (_F32(0.5) + (aux >> 28).astype(_F32)) * _F32(0.5)  # (n, 8)
     signs = _ksign_bits()[(aux[..., None] >> np.array([0, 7, 14, 21], np.uint32)) & 0x7F]  # (n, 8, 4, 8)
-    half_grid = _grid(gq.IQ3_XXS)[qs] >> 1  # (n, 64, 4)
+    half_grid = codebook(gq.IQ3_XXS)[qs] >> 1  # (n, 64, 4)
     v = half_grid.reshape(n, 8, 4, 8) * signs
     scale = db * _F32(2)
     return [((v + 31).reshape(n, QK_K).astype(np.uint8), scale, scale * _F32(-31))]
@@ -327,11 +313,11 @@ def _iq3_s(b: np.ndarray) -> list[Converted]:
     # dequantize_row_iq3_s: y = db * grid * sign, db = d * (1 + 2 ls) per 32, grid values odd
     # 1..15: grid*sign = 2k + 1 with k in [-8, 7] -> 4-bit code k + 8, scale 2 db, bias -15 db.
     n = b.shape[0]
-    d, qs, qh, sgn, sc = _half(b[:, :2]), b[:, 2:66], b[:, 66:74], b[:, 74:106], b[:, 106:110]
+    d, qs, qh, sgn, sc = _f16(b[:, :2]), b[:, 2:66], b[:, 66:74], b[:, 74:106], b[:, 106:110]
     ls = np.stack([sc & 0x0F, sc >> 4], axis=-1).reshape(n, 8)
     db = d * (1 + 2 * ls).astype(_F32)  # (n, 8), exact
     idx = qs.astype(np.uint16) | (_bits(qh).astype(np.uint16) << 8)  # (n, 64)
-    v = _grid(gq.IQ3_S)[idx].reshape(n, QK_K) * _signed_bits(sgn)
+    v = codebook(gq.IQ3_S)[idx].reshape(n, QK_K) * _signed_bits(sgn)
     return [(((v + 15) >> 1).astype(np.uint8), db * _F32(2), db * _F32(-15))]
 
 
@@ -339,12 +325,12 @@ def _iq1_s(b: np.ndarray) -> list[Converted]:
     # dequantize_row_iq1_s: y = dl * (grid + delta), grid in {-1, 0, 1}, dl = d * (2 ls + 1) and
     # delta = +-1/8 per 32: 2-bit code grid + 1, scale dl, bias dl * (delta - 1).
     n = b.shape[0]
-    d, qs, qh = _half(b[:, :2]), b[:, 2:34], _u16(b[:, 34:50])
+    d, qs, qh = _f16(b[:, :2]), b[:, 2:34], _u16(b[:, 34:50])
     dl = d * (2 * ((qh >> 12) & 7) + 1).astype(_F32)  # (n, 8), exact
     bias = dl * np.where((qh & 0x8000) == 0, _F32(-0.875), _F32(-1.125))
     high = (qh[..., None] >> np.array([0, 3, 6, 9], np.uint16)) & 7  # (n, 8, 4)
     idx = qs.astype(np.uint16) | (high.reshape(n, 32) << 8)
-    codes = (_grid(gq.IQ1_S)[idx] + 1).reshape(n, QK_K).astype(np.uint8)
+    codes = (codebook(gq.IQ1_S)[idx] + 1).reshape(n, QK_K).astype(np.uint8)
     return [(codes, dl, bias)]
 
 
@@ -359,7 +345,7 @@ def _iq1_m(b: np.ndarray) -> list[Converted]:
     ls = ((sc[..., None] >> np.array([0, 3, 6, 9], np.uint16)) & 7).reshape(n, 16)
     nib = np.stack([qh & 0x0F, qh >> 4], axis=-1).reshape(n, 32)  # per 8: 3 index bits | delta bit
     idx = qs.astype(np.uint16) | ((nib & 7).astype(np.uint16) << 8)
-    eighths = 8 * _grid(gq.IQ1_M)[idx] + np.where(nib & 8, -1, 1).astype(np.int16)[..., None]  # (n, 32, 8)
+    eighths = 8 * codebook(gq.IQ1_M)[idx] + np.where(nib & 8, -1, 1).astype(np.int16)[..., None]  # (n, 32, 8)
     p = (2 * ls.astype(np.int16) + 1).reshape(n, 16, 1) * eighths.reshape(n, 16, 16)
     codes = ((p + 135) >> 1).reshape(n, QK_K).astype(np.uint8)
     groups = QK_K // 32
@@ -375,13 +361,13 @@ def _iq4(idx: np.ndarray, dl: np.ndarray) -> list[Converted]:
 def _iq4_nl(b: np.ndarray) -> list[Converted]:
     # dequantize_row_iq4_nl: low nibbles are elements 0..15, high nibbles 16..31.
     qs = b[:, 2:]
-    return _iq4(np.concatenate([qs & 0x0F, qs >> 4], axis=-1), _half(b[:, :2]))
+    return _iq4(np.concatenate([qs & 0x0F, qs >> 4], axis=-1), _f16(b[:, :2]))
 
 
 def _iq4_xs(b: np.ndarray) -> list[Converted]:
     # dequantize_row_iq4_xs: 6-bit sub-block scale ls - 32 per 32, dl = d * (ls - 32) exact.
     n = b.shape[0]
-    d, sh, sl, qs = _half(b[:, :2]), _u16(b[:, 2:4]), b[:, 4:8], b[:, 8:136]
+    d, sh, sl, qs = _f16(b[:, :2]), _u16(b[:, 2:4]), b[:, 4:8], b[:, 8:136]
     low = np.stack([sl & 0x0F, sl >> 4], axis=-1).reshape(n, 8)
     high = ((sh >> np.arange(0, 16, 2, dtype=np.uint16)) & 3).astype(np.uint8)  # (n, 8)
     dl = d * ((low | (high << 4)).astype(np.int16) - 32).astype(_F32)

@@ -15,7 +15,7 @@
 //   QK_T, BYTES_T                       elements and bytes per block
 //   QFN void dq8_T(QDEV const uint8_t* block, int j, QDEV const uint8_t* table, QTHR float* v)
 // which writes elements 8j .. 8j+7 of the block to v[0..7]. `table` holds the type's
-// codebook bytes (IQ grids, sign masks, non-linear values) as built by tables.py from
+// codebook bytes (IQ grids, sign masks, non-linear values) as built by source.py from
 // gguf-py's own tables; types without a codebook ignore it.
 //
 // Exactness: every product below has at most 24 significant bits (fp16 scale x small
