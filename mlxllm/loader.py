@@ -14,10 +14,12 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+from gguf import GGMLQuantizationType
 from mlx.utils import tree_flatten
 
 from .gguf import GGUFError, GGUFFile
 from .layers import QuantizedEmbedding, QuantizedLinear
+from .kernels import cpu as cpu_kernels
 from .kernels.widen import widen
 from .quant import QuantizedTensor, layout_of, to_mlx
 from .registry import Arch, get_arch
@@ -69,14 +71,19 @@ DENSE_RAM_FRACTION = 0.5
 def dense_by_default(gf: GGUFFile) -> bool:
     """Whether to widen quantized weights to float32 at load time.
 
-    On MLX's CPU backend a float32 matmul goes to BLAS while `quantized_matmul` has no
-    optimized kernel: measured on 2 cores with OpenBLAS, 2.3x slower for one token and
-    30-60x slower for a 64-token prompt. So on the CPU the weights are widened whenever
-    the float32 model fits in half of the machine's memory; on a GPU, and for models too
-    big to widen, they stay in their quantized layouts.
+    On MLX's CPU backend `quantized_matmul` has no optimized kernel (2.3x slower than a
+    float32 BLAS matvec for one token, 30-60x slower for a 64-token prompt, 2 cores with
+    OpenBLAS). With mlxllm's CPU kernels the quantized layouts are the faster ones (decode
+    reads 4-8x fewer bytes; prefill dequantizes for BLAS) and use a fraction of the memory,
+    so weights stay quantized, except for the FP4 types those kernels do not read. Without
+    the kernels the weights are widened whenever the float32 model fits in half of the
+    machine's memory. On a GPU they always stay quantized.
     """
     if mx.default_device() != mx.cpu:
         return False
+    if cpu_kernels.active() is not None:
+        return any(layout_of(t.qtype).kind == "mxfp4" or t.qtype == GGMLQuantizationType.NVFP4
+                   for t in gf.tensors.values())
     fp32_bytes = 4 * sum(t.n_elements for t in gf.tensors.values())
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

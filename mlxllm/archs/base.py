@@ -6,6 +6,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from .. import kernels
 from ..gguf import GGUFFile
 
 
@@ -17,6 +18,16 @@ def require(gf: GGUFFile, key: str) -> Any:
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None) -> mx.array:
-    """(B, H, L, D) queries against (B, H_kv, T, D) keys/values; grouped-query heads are
-    handled by MLX's fused kernel without repeating K/V."""
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    """(B, H, L, D) queries against (B, H_kv, T, D) keys/values; grouped-query heads share
+    their key/value head without copies. mask: None, "causal", or bool (L, T) / broadcastable."""
+    return kernels.attention(q, k, v, scale, mask)
+
+
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up: the Llama feed-forward gate."""
+    return kernels.gated(gate, up, "silu")
+
+
+def geglu(gate: mx.array, up: mx.array) -> mx.array:
+    """gelu(gate) * up with ggml's tanh-approximated GELU: the Gemma feed-forward gate."""
+    return kernels.gated(gate, up, "gelu_tanh")

@@ -21,7 +21,7 @@ import mlx.nn as nn
 from ..cache import KVCache, RotatingKVCache, window_mask
 from ..gguf import GGUFFile
 from ..registry import Arch
-from .base import require
+from .base import attention, geglu, require
 
 SWA_ROPE_BASE = 10000.0  # llama.cpp rope_freq_base_train_swa for gemma3; not in the GGUF
 SWA_PATTERN = 6  # llama.cpp set_swa_pattern(6): five sliding layers, then one global
@@ -152,14 +152,14 @@ class Block(nn.Module):
         if a.attn_softcap:
             out = softcapped_attention(q, k, v, a.attn_scale, a.attn_softcap, mask)
         else:
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=a.attn_scale, mask=mask)
+            out = attention(q, k, v, a.attn_scale, mask)
         return self.attn_output(out.transpose(0, 2, 1, 3).reshape(B, L, -1))  # (B, L, H*D)
 
     def __call__(self, x, mask, cache):
         h = x + self.post_attention_norm(self.attention(self.attn_norm(x), mask, cache))
         y = self.ffn_norm(h)
         # LLM_FFN_GELU + LLM_FFN_PAR: ggml_gelu is the tanh approximation
-        y = self.ffn_down(nn.gelu_approx(self.ffn_gate(y)) * self.ffn_up(y))
+        y = self.ffn_down(geglu(self.ffn_gate(y), self.ffn_up(y)))
         return h + self.post_ffw_norm(y)
 
 

@@ -16,7 +16,7 @@ import mlx.nn as nn
 from ..cache import KVCache
 from ..gguf import GGUFFile
 from ..registry import Arch
-from .base import attention, require
+from .base import attention, require, swiglu
 
 
 @dataclass
@@ -99,7 +99,7 @@ class Block(nn.Module):
     def __call__(self, x, mask, cache, rope_freqs):
         h = x + self.attention(self.attn_norm(x), mask, cache, rope_freqs)
         y = self.ffn_norm(h)
-        return h + self.ffn_down(nn.silu(self.ffn_gate(y)) * self.ffn_up(y))
+        return h + self.ffn_down(swiglu(self.ffn_gate(y), self.ffn_up(y)))
 
 
 class Model(nn.Module):

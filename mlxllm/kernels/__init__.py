@@ -1,12 +1,17 @@
-"""Matrix products over GGUF weights: the one dispatch between architectures and kernels.
+"""Matrix products over GGUF weights, attention and the feed-forward gates: the one
+dispatch between architectures and kernels.
 
-Architectures call `matmul(x, w)` / `embed(ids, w)` with a `QuantizedTensor`; this module
-picks how. Layouts MLX holds natively go to MLX's own `quantized_matmul`. The packed GGUF
-types go, on a GPU, to our kernels (gpu.py through metal.py or cuda.py): the fused
-dequantize-and-multiply for up to 8 activation rows (decode), and dequantize-then-GEMM in
-row tiles above that (prefill); on the CPU, where MLX runs no custom kernels, to the pure-MLX
-reference dequantizer (reference.py) and a dense matmul, unless the loader gave them their
-exact image in native layouts (widen.py, the CPU default): then `quantized_matmul` per part.
+Architectures call `matmul(x, w)` / `embed(ids, w)` with a `QuantizedTensor`, and
+`attention` / `gated` for the rest; this module picks how.
+- The CPU (MLX's CPU backend) with our compiled kernels (cpu/): affine layouts — the
+  native types and the widened packed ones (widen.py) — go to our matvec for a few rows
+  (decode) and to our dequantize + BLAS for more (prefill); softmax and gates to ours.
+- A GPU: layouts MLX holds natively go to MLX's own `quantized_matmul`; the packed GGUF
+  types to our kernels (gpu.py through metal.py or cuda.py): the fused
+  dequantize-and-multiply for up to 8 activation rows, dequantize-then-GEMM in row tiles
+  above that.
+- Otherwise (the CPU without our kernels) MLX's own ops, with the pure-MLX reference
+  dequantizer (reference.py) for packed types.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import functools
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
+import mlx.nn as nn
 
-from . import reference, widen
+from . import cpu, reference, widen
 from .gpu import MAX_BATCH, GpuKernels
+from .widen import Part
 
 if TYPE_CHECKING:
     from ..quant import QuantizedTensor
@@ -29,6 +36,10 @@ GROUP = 32
 # dequantizing the weight once and handing the product to BLAS is ~7x faster at 64 rows
 # (measured, 4096x4096, 2 cores); for a single row quantized_matmul still wins.
 CPU_DEQUANTIZE_ROWS = 8
+
+# With our CPU kernels: up to this many activation rows, the matvec reading the quantized
+# weight beats dequantizing it for BLAS (measured on 2 cores: see scripts/bench_kernels.py).
+CPU_MATVEC_ROWS = 16
 
 
 # Prefill on a GPU dequantizes a packed weight this many output rows at a time, so the
@@ -65,8 +76,33 @@ def _dequantize_packed(w: QuantizedTensor, data: mx.array, shape: tuple[int, ...
     return reference.dequantize(w.qtype, data, shape)
 
 
+def _cpu_affine_parts(w: QuantizedTensor) -> list[Part] | None:
+    """W as the affine parts our CPU kernels read (group 32, float32 scales and biases),
+    when the kernels are active and W has that form; else None."""
+    if cpu.active() is None:
+        return None
+    if w.mode == "widened":
+        parts = w.parts
+    elif w.mode == "affine":
+        parts = [Part(w.weight, w.scales, w.biases, w.bits, GROUP, "affine")]
+    else:
+        return None
+    ok = all(p.mode == "affine" and p.group_size == GROUP and p.scales.dtype == mx.float32 for p in parts)
+    return parts if ok else None
+
+
+def _sum(arrays) -> mx.array:
+    out = None
+    for a in arrays:
+        out = a if out is None else out + a
+    return out
+
+
 def dequantize(w: QuantizedTensor, dtype: mx.Dtype = mx.float32) -> mx.array:
     """The whole weight as floats, (out, in)."""
+    parts = _cpu_affine_parts(w)
+    if parts is not None:
+        return _sum(cpu.KERNELS.affine_dequantize(p.weight, p.scales, p.biases, p.bits) for p in parts).astype(dtype)
     if w.mode == "packed":
         return _dequantize_packed(w, w.weight, w.shape).astype(dtype)
     if w.mode == "widened":
@@ -94,15 +130,47 @@ def _packed_matmul(x: mx.array, w: QuantizedTensor) -> mx.array:
 
 def matmul(x: mx.array, w: QuantizedTensor) -> mx.array:
     """x (..., in) @ W.T for W of shape (out, in) -> (..., out)."""
+    rows = x.size // x.shape[-1]
+    parts = _cpu_affine_parts(w)
+    if parts is not None:
+        if rows <= CPU_MATVEC_ROWS:
+            return _sum(cpu.KERNELS.affine_matvec(x, p.weight, p.scales, p.biases, p.bits)
+                        for p in parts).astype(x.dtype)
+        return x @ dequantize(w, x.dtype).T
     if w.mode == "packed":
         return _packed_matmul(x, w)
-    rows = x.size // x.shape[-1]
     if rows >= CPU_DEQUANTIZE_ROWS and mx.default_device() == mx.cpu:
         return x @ dequantize(w, x.dtype).T
     if w.mode == "widened":
         return widen.matmul(x, w.parts)
     return mx.quantized_matmul(x, w.weight, w.scales, w.biases, transpose=True,
                                group_size=GROUP, bits=w.bits, mode=w.mode)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None) -> mx.array:
+    """softmax(scale * q @ k.T + mask) @ v for q (B, H, L, D) against k, v (B, H_kv, T, D),
+    H a multiple of H_kv (grouped-query heads share a key/value head, never copied).
+    mask: None, "causal" (the L queries are the last L of the T positions) or a bool
+    array (L, T), true where a query sees a key."""
+    kernels = cpu.active()
+    if kernels is None or (isinstance(mask, mx.array) and mask.shape != (q.shape[2], k.shape[2])):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    B, H, L, D = q.shape
+    H_kv, T = k.shape[1], k.shape[2]
+    # Stack each key/value head's query heads as rows: one BLAS product per kv head.
+    qg = q.reshape(B, H_kv, (H // H_kv) * L, D)
+    scores = qg @ k.swapaxes(-1, -2)  # (B, H_kv, rep * L, T)
+    p = kernels.masked_softmax(scores, scale, L, isinstance(mask, str), mask if isinstance(mask, mx.array) else None)
+    return (p @ v).reshape(B, H, L, v.shape[-1]).astype(q.dtype)
+
+
+def gated(gate: mx.array, up: mx.array, activation: str) -> mx.array:
+    """activation(gate) * up, activation "silu" (SwiGLU) or "gelu_tanh" (GeGLU, ggml_gelu)."""
+    kernels = cpu.active()
+    if kernels is not None:
+        return kernels.gated_activation(gate, up, activation).astype(gate.dtype)
+    act = nn.silu if activation == "silu" else nn.gelu_approx
+    return act(gate) * up
 
 
 def embed(ids: mx.array, w: QuantizedTensor) -> mx.array:

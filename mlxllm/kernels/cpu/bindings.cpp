@@ -1,0 +1,26 @@
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+
+#include "ops.h"
+#include "pool.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+NB_MODULE(_cpu, m) {
+  m.doc() = "mlxllm's CPU kernels as MLX primitives (see mlxllm/kernels/cpu/).";
+  m.def("affine_matvec", &mlxllm_cpu::affine_matvec, "x"_a, "w"_a, "scales"_a, "biases"_a, "bits"_a,
+        nb::kw_only(), "stream"_a = nb::none());
+  m.def("affine_dequantize", &mlxllm_cpu::affine_dequantize, "w"_a, "scales"_a, "biases"_a, "bits"_a,
+        nb::kw_only(), "stream"_a = nb::none());
+  m.def("masked_softmax", &mlxllm_cpu::masked_softmax, "scores"_a, "scale"_a, "queries"_a, "causal"_a,
+        "mask"_a = nb::none(), nb::kw_only(), "stream"_a = nb::none());
+  m.def("gated_activation", &mlxllm_cpu::gated_activation, "gate"_a, "up"_a, "kind"_a, nb::kw_only(),
+        "stream"_a = nb::none());
+  // The MLX this was compiled against: its C++ ABI is the only one this module works with.
+  m.attr("mlx_version") = MLXLLM_MLX_VERSION;
+  m.def("num_threads", &mlxllm_cpu::num_threads);
+  m.def("set_num_threads", &mlxllm_cpu::set_num_threads, "n"_a);
+}

@@ -1,0 +1,110 @@
+// mlxllm's CPU kernels as MLX primitives: lazy, scheduled on MLX's CPU stream like MLX's
+// own ops, so they mix freely with them in one graph. See affine.cpp and activation.cpp.
+#pragma once
+
+#include <optional>
+#include <string>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+namespace mlxllm_cpu {
+
+namespace mx = mlx::core;
+
+// x (..., in) @ W.T for W in MLX's affine layout with group size 32 and float32 scales
+// and biases: w (out, in * bits / 32) uint32, scales/biases (out, in / 32).
+mx::array affine_matvec(const mx::array& x, const mx::array& w, const mx::array& scales,
+                        const mx::array& biases, int bits, mx::StreamOrDevice s = {});
+
+// The same W as float32 (out, in).
+mx::array affine_dequantize(const mx::array& w, const mx::array& scales, const mx::array& biases,
+                            int bits, mx::StreamOrDevice s = {});
+
+// softmax(scale * scores) over the last axis (scale > 0). scores (..., R, T) holds R / queries
+// groups of `queries` rows each, row r being query r % queries (grouped-query heads
+// stacked). causal: query i sees keys [0, T - queries + i]; mask: bool (queries, T), true
+// where a query sees a key. Masked entries are exactly 0; a row that sees nothing is 0.
+mx::array masked_softmax(const mx::array& scores, float scale, int queries, bool causal,
+                         const std::optional<mx::array>& mask, mx::StreamOrDevice s = {});
+
+// act(gate) * up, act "silu" or "gelu_tanh".
+mx::array gated_activation(const mx::array& gate, const mx::array& up, const std::string& kind,
+                           mx::StreamOrDevice s = {});
+
+class CpuPrimitive : public mx::UnaryPrimitive {
+ public:
+  using mx::UnaryPrimitive::UnaryPrimitive;
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error(std::string("[") + name() + "] has no GPU implementation");
+  }
+};
+
+class AffineMatvec : public CpuPrimitive {
+ public:
+  AffineMatvec(mx::Stream s, int bits) : CpuPrimitive(s), bits_(bits) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  const char* name() const override { return "AffineMatvec"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return bits_ == static_cast<const AffineMatvec&>(other).bits_;
+  }
+
+ private:
+  int bits_;
+};
+
+class AffineDequantize : public CpuPrimitive {
+ public:
+  AffineDequantize(mx::Stream s, int bits) : CpuPrimitive(s), bits_(bits) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  const char* name() const override { return "AffineDequantize"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return bits_ == static_cast<const AffineDequantize&>(other).bits_;
+  }
+
+ private:
+  int bits_;
+};
+
+class MaskedSoftmax : public CpuPrimitive {
+ public:
+  MaskedSoftmax(mx::Stream s, float scale, int queries, bool causal)
+      : CpuPrimitive(s), scale_(scale), queries_(queries), causal_(causal) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+  const char* name() const override { return "MaskedSoftmax"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const MaskedSoftmax&>(other);
+    return scale_ == o.scale_ && queries_ == o.queries_ && causal_ == o.causal_;
+  }
+
+ private:
+  float scale_;
+  int queries_;
+  bool causal_;
+};
+
+class GatedActivation : public CpuPrimitive {
+ public:
+  enum Kind { SILU, GELU_TANH };
+  GatedActivation(mx::Stream s, int kind) : CpuPrimitive(s), kind_(kind) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+  const char* name() const override { return "GatedActivation"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return kind_ == static_cast<const GatedActivation&>(other).kind_;
+  }
+
+ private:
+  int kind_;
+};
+
+} // namespace mlxllm_cpu

@@ -1,0 +1,83 @@
+// 8-lane float helpers on GCC/Clang vector extensions.
+//
+// The lanes are spelled out as vector types because GCC does not SLP-vectorize the
+// equivalent float[8] loops (it emitted one scalar int->float conversion per code); the
+// extensions lower to whatever the target offers (one ymm register with AVX2, two xmm
+// with SSE2, NEON pairs on arm64).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace mlxllm_cpu {
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+
+template <typename V>
+inline V load(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V>
+inline void store(void* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+inline f32x8 splat(float x) {
+  return f32x8{} + x;
+}
+
+inline float hsum(f32x8 v) {
+  float r = 0.f;
+  for (int j = 0; j < 8; ++j) {
+    r += v[j];
+  }
+  return r;
+}
+
+inline float hmax(f32x8 v) {
+  float r = v[0];
+  for (int j = 1; j < 8; ++j) {
+    r = v[j] > r ? v[j] : r;
+  }
+  return r;
+}
+
+inline f32x8 vmax(f32x8 a, f32x8 b) {
+  return a > b ? a : b;
+}
+
+inline f32x8 vmin(f32x8 a, f32x8 b) {
+  return a < b ? a : b;
+}
+
+// e^x, within 2 ulp of expf over the float range (Cephes' range reduction to
+// [-ln2/2, ln2/2] and degree-6 polynomial; 2^n built in the exponent bits). Inputs below
+// -87.3 give ~1e-38 instead of a denormal or zero: irrelevant to the softmax and gates
+// this serves, whose masked entries never reach it.
+inline f32x8 vexp(f32x8 x) {
+  x = vmin(vmax(x, splat(-87.3f)), splat(88.37f));
+  const f32x8 fx = x * 1.44269504088896341f + 0.5f;
+  i32x8 n = __builtin_convertvector(fx, i32x8); // truncates toward zero
+  n += (__builtin_convertvector(n, f32x8) > fx); // -1 where that rounded up: floor
+  const f32x8 nf = __builtin_convertvector(n, f32x8);
+  f32x8 r = x - nf * 0.693359375f;
+  r = r - nf * -2.12194440e-4f;
+  f32x8 p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.f;
+  const i32x8 pow2n = (n + 127) << 23;
+  f32x8 scale;
+  std::memcpy(&scale, &pow2n, sizeof(scale));
+  return p * scale;
+}
+
+} // namespace mlxllm_cpu
