@@ -92,10 +92,12 @@ class RotatingKVCache:
         slots = mx.arange(self.offset - n, self.offset) % self.max_size
         return n, self.keys[..., slots, :], self.values[..., slots, :]
 
-    def make_mask(self, L: int) -> mx.array | None:
+    def make_mask(self, L: int) -> mx.array | str | None:
         if L == 1:
             return None  # every stored key is within the window of the one query
         n = min(self.offset, self.max_size - 1)
+        if n + L <= self.max_size:
+            return "causal"  # no query reaches past the window: a plain causal mask
         return window_mask(self.offset, L, self.offset - n, n + L, self.max_size)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:

@@ -23,6 +23,13 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
     return kernels.attention(q, k, v, scale, mask)
 
 
+def rope(x: mx.array, dims: int, *, traditional: bool, base: float | None, scale: float,
+         offset, freqs: mx.array | None = None) -> mx.array:
+    """Rotary embedding of x (B, L, H, D), before the heads move to axis 1; the
+    parameters are mx.fast.rope's."""
+    return kernels.rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offset, freqs=freqs)
+
+
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     """silu(gate) * up: the Llama feed-forward gate."""
     return kernels.gated(gate, up, "silu")

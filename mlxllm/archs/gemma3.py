@@ -21,7 +21,7 @@ import mlx.nn as nn
 from ..cache import KVCache, RotatingKVCache, window_mask
 from ..gguf import GGUFFile
 from ..registry import Arch
-from .base import attention, geglu, require
+from .base import attention, geglu, require, rope
 
 SWA_ROPE_BASE = 10000.0  # llama.cpp rope_freq_base_train_swa for gemma3; not in the GGUF
 SWA_PATTERN = 6  # llama.cpp set_swa_pattern(6): five sliding layers, then one global
@@ -143,10 +143,10 @@ class Block(nn.Module):
         q = self.attn_q_norm(self.attn_q(x).reshape(B, L, a.n_heads, a.head_dim))
         k = self.attn_k_norm(self.attn_k(x).reshape(B, L, a.n_kv_heads, a.head_dim))
         v = self.attn_v(x).reshape(B, L, a.n_kv_heads, a.head_dim)
+        rot = dict(traditional=False, base=self.rope_base, scale=self.rope_scale,
+                   offset=cache.offset if cache is not None else 0)
+        q, k = rope(q, a.head_dim, **rot), rope(k, a.head_dim, **rot)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, L, D)
-        offset = cache.offset if cache is not None else 0
-        q = mx.fast.rope(q, a.head_dim, traditional=False, base=self.rope_base, scale=self.rope_scale, offset=offset)
-        k = mx.fast.rope(k, a.head_dim, traditional=False, base=self.rope_base, scale=self.rope_scale, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         if a.attn_softcap:

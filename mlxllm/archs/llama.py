@@ -16,7 +16,7 @@ import mlx.nn as nn
 from ..cache import KVCache
 from ..gguf import GGUFFile
 from ..registry import Arch
-from .base import attention, require, swiglu
+from .base import attention, require, rope, swiglu
 
 
 @dataclass
@@ -83,14 +83,14 @@ class Block(nn.Module):
     def attention(self, x: mx.array, mask, cache: KVCache | None, rope_freqs: mx.array | None) -> mx.array:
         a = self.args
         B, L, _ = x.shape
-        # (B, L, H*D) -> (B, H, L, D)
-        q = self.attn_q(x).reshape(B, L, a.n_heads, a.head_dim).transpose(0, 2, 1, 3)
-        k = self.attn_k(x).reshape(B, L, a.n_kv_heads, a.head_dim).transpose(0, 2, 1, 3)
+        # (B, L, H*D) -> (B, L, H, D), rotated, -> (B, H, L, D)
+        q = self.attn_q(x).reshape(B, L, a.n_heads, a.head_dim)
+        k = self.attn_k(x).reshape(B, L, a.n_kv_heads, a.head_dim)
         v = self.attn_v(x).reshape(B, L, a.n_kv_heads, a.head_dim).transpose(0, 2, 1, 3)
-        offset = cache.offset if cache is not None else 0
-        base = None if rope_freqs is not None else a.rope_base
-        q = mx.fast.rope(q, a.rope_dims, traditional=True, base=base, scale=a.rope_scale, offset=offset, freqs=rope_freqs)
-        k = mx.fast.rope(k, a.rope_dims, traditional=True, base=base, scale=a.rope_scale, offset=offset, freqs=rope_freqs)
+        rot = dict(traditional=True, base=None if rope_freqs is not None else a.rope_base, scale=a.rope_scale,
+                   offset=cache.offset if cache is not None else 0, freqs=rope_freqs)
+        q = rope(q, a.rope_dims, **rot).transpose(0, 2, 1, 3)
+        k = rope(k, a.rope_dims, **rot).transpose(0, 2, 1, 3)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         out = attention(q, k, v, a.head_dim ** -0.5, mask)

@@ -147,6 +147,11 @@ def matmul(x: mx.array, w: QuantizedTensor) -> mx.array:
                                group_size=GROUP, bits=w.bits, mode=w.mode)
 
 
+# Causal attention over this many queries or more is computed in blocks of queries, each
+# against only the keys it can see: 4 blocks do 5/8 of the score and value products.
+CAUSAL_BLOCK_QUERIES = 128
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None) -> mx.array:
     """softmax(scale * q @ k.T + mask) @ v for q (B, H, L, D) against k, v (B, H_kv, T, D),
     H a multiple of H_kv (grouped-query heads share a key/value head, never copied).
@@ -157,11 +162,56 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     B, H, L, D = q.shape
     H_kv, T = k.shape[1], k.shape[2]
-    # Stack each key/value head's query heads as rows: one BLAS product per kv head.
-    qg = q.reshape(B, H_kv, (H // H_kv) * L, D)
-    scores = qg @ k.swapaxes(-1, -2)  # (B, H_kv, rep * L, T)
-    p = kernels.masked_softmax(scores, scale, L, isinstance(mask, str), mask if isinstance(mask, mx.array) else None)
-    return (p @ v).reshape(B, H, L, v.shape[-1]).astype(q.dtype)
+    rep = H // H_kv
+    # Each key/value head's query heads stacked as rows: one BLAS product per kv head.
+    q = q.reshape(B, H_kv, rep, L, D)
+
+    def block(start: int, end: int, keys: int) -> mx.array:
+        """Queries [start, end) against the first `keys` keys -> (B, H_kv, rep, end - start, Dv)."""
+        n = end - start
+        scores = q[:, :, :, start:end].reshape(B, H_kv, rep * n, D) @ k[:, :, :keys].swapaxes(-1, -2)
+        keep = mask[start:end, :keys] if isinstance(mask, mx.array) else None
+        p = kernels.masked_softmax(scores, scale, n, isinstance(mask, str), keep)
+        return (p @ v[:, :, :keys]).reshape(B, H_kv, rep, n, v.shape[-1])
+
+    if mask == "causal" and L >= 2 * CAUSAL_BLOCK_QUERIES:
+        step = -(-L // 4)
+        # Query i is position T - L + i: it sees keys up to there.
+        out = mx.concatenate([block(s, min(L, s + step), T - L + min(L, s + step)) for s in range(0, L, step)], axis=3)
+    else:
+        out = block(0, L, T)
+    return out.reshape(B, H, L, v.shape[-1]).astype(q.dtype)
+
+
+# Rotation tables by (L, offset, dims, base, scale, freqs): the layers of one forward pass
+# share them. Entries keep their freqs array alive, so its id cannot be reused meanwhile.
+_ROPE_TABLES: dict[tuple, tuple[mx.array | None, mx.array, mx.array]] = {}
+
+
+def _rope_tables(L: int, offset: int, dims: int, base: float | None, scale: float,
+                 freqs: mx.array | None) -> tuple[mx.array, mx.array]:
+    key = (L, offset, dims, base, scale, None if freqs is None else id(freqs))
+    if key not in _ROPE_TABLES:
+        if len(_ROPE_TABLES) >= 32:
+            _ROPE_TABLES.clear()
+        inv = 1.0 / freqs if freqs is not None else base ** (-mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+        theta = (mx.arange(offset, offset + L, dtype=mx.float32) * scale)[:, None] * inv[None, :]
+        _ROPE_TABLES[key] = (freqs, mx.cos(theta), mx.sin(theta))
+    _, cos, sin = _ROPE_TABLES[key]
+    return cos, sin
+
+
+def rope(x: mx.array, dims: int, *, traditional: bool, base: float | None, scale: float,
+         offset: int | mx.array, freqs: mx.array | None = None) -> mx.array:
+    """Rotary embedding of x (B, L, H, D) at positions offset + l, with mx.fast.rope's
+    parameters (freqs: per-pair wavelengths instead of base). Returns (B, L, H, D)."""
+    kernels = cpu.active()
+    if kernels is None or not isinstance(offset, int):
+        y = mx.fast.rope(x.swapaxes(1, 2), dims, traditional=traditional, base=base, scale=scale,
+                         offset=offset, freqs=freqs)
+        return y.swapaxes(1, 2)
+    cos, sin = _rope_tables(x.shape[1], offset, dims, base, scale, freqs)
+    return kernels.rope(x, cos, sin, traditional).astype(x.dtype)
 
 
 def gated(gate: mx.array, up: mx.array, activation: str) -> mx.array:

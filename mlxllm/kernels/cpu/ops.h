@@ -34,6 +34,12 @@ mx::array masked_softmax(const mx::array& scores, float scale, int queries, bool
 mx::array gated_activation(const mx::array& gate, const mx::array& up, const std::string& kind,
                            mx::StreamOrDevice s = {});
 
+// Rotary embedding of x (B, L, H, D) at positions whose angles are given: cos/sin
+// (L, dims / 2), pair i of position l rotated by the angle whose cos is cos[l, i]. Pairs
+// are (i, i + dims/2), or (2i, 2i + 1) when traditional; dims <= D, the rest pass through.
+mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin, bool traditional,
+               mx::StreamOrDevice s = {});
+
 class CpuPrimitive : public mx::UnaryPrimitive {
  public:
   using mx::UnaryPrimitive::UnaryPrimitive;
@@ -105,6 +111,22 @@ class GatedActivation : public CpuPrimitive {
 
  private:
   int kind_;
+};
+
+class Rope : public CpuPrimitive {
+ public:
+  Rope(mx::Stream s, bool traditional) : CpuPrimitive(s), traditional_(traditional) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+  const char* name() const override { return "Rope"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return traditional_ == static_cast<const Rope&>(other).traditional_;
+  }
+
+ private:
+  bool traditional_;
 };
 
 } // namespace mlxllm_cpu

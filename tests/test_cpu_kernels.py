@@ -1,0 +1,144 @@
+"""mlxllm's compiled CPU kernels (mlxllm/kernels/cpu) against MLX's own ops as the oracle:
+mx.dequantize for the affine layout (bit for bit), the float32 matmul over it, mx.softmax,
+nn.silu / nn.gelu_approx, and mx.fast.scaled_dot_product_attention."""
+
+from __future__ import annotations
+
+import platform
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from mlxllm import kernels
+from mlxllm.kernels import cpu
+
+K = cpu.KERNELS
+needs_kernels = pytest.mark.skipif(K is None, reason=f"CPU kernels unavailable: {cpu.UNAVAILABLE}")
+
+MLX_BITS = (1, 2, 3, 4, 5, 6, 8)
+
+
+def test_kernels_are_built_where_they_can_run():
+    """The install builds them on Linux/macOS: a silent fallback would only show as speed."""
+    if platform.machine() == "x86_64" and not all(f in cpu._cpu_flags() for f in cpu.X86_64_V3_FLAGS):
+        pytest.skip("this CPU predates x86-64-v3")
+    assert K is not None, cpu.UNAVAILABLE
+    assert K.mlx_version == mx.__version__
+    assert K.num_threads() >= 1
+
+
+def _quantized(rows: int, cols: int, bits: int, seed: int):
+    w = mx.random.normal((rows, cols), key=mx.random.key(seed))
+    wq, scales, biases = mx.quantize(w, group_size=32, bits=bits)
+    return wq, scales, biases, mx.dequantize(wq, scales, biases, group_size=32, bits=bits)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", MLX_BITS)
+@pytest.mark.parametrize("shape", [(37, 96), (64, 576), (300, 640), (5, 2080)])
+def test_affine_dequantize_is_mlx_bit_for_bit(bits, shape):
+    wq, scales, biases, ref = _quantized(*shape, bits, seed=bits)
+    out = K.affine_dequantize(wq, scales, biases, bits)
+    assert out.shape == ref.shape and out.dtype == mx.float32
+    assert mx.array_equal(out, ref).item()
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", MLX_BITS)
+@pytest.mark.parametrize("shape", [(37, 96), (64, 576), (300, 640), (5, 2080)])
+@pytest.mark.parametrize("batch", [(1,), (3,), (9,), (2, 3)])
+def test_affine_matvec_matches_float_matmul(bits, shape, batch):
+    """Every lane arrangement (bits 1/2/4/8 word lanes, 3/5/6 byte runs), rows that end in a
+    partial superblock (96, 2080), 1-9 activation rows and leading batch dims."""
+    wq, scales, biases, ref = _quantized(*shape, bits, seed=10 + bits)
+    x = mx.random.normal((*batch, shape[1]), key=mx.random.key(len(batch) + bits))
+    y = K.affine_matvec(x, wq, scales, biases, bits)
+    want = x @ ref.T
+    assert y.shape == want.shape
+    bound = (mx.abs(x) @ mx.abs(ref).T).max().item()
+    assert mx.abs(y - want).max().item() <= 1e-5 * bound
+
+
+@needs_kernels
+def test_affine_bad_layouts_are_one_line_errors():
+    wq, scales, biases, _ = _quantized(8, 64, 4, seed=0)
+    with pytest.raises(ValueError, match="bits must be"):
+        K.affine_matvec(mx.zeros((1, 64)), wq, scales, biases, 7)
+    with pytest.raises(ValueError, match="last dimension"):
+        K.affine_matvec(mx.zeros((1, 32)), wq, scales, biases, 4)
+    with pytest.raises(ValueError, match="scales and biases"):
+        K.affine_dequantize(wq, scales.astype(mx.float16), biases, 4)
+
+
+def _reference_softmax(s, scale, queries, keep):
+    """keep: (queries, T) bool or None; rows are query r % queries."""
+    s = s * scale
+    if keep is not None:
+        rows = s.shape[-2]
+        s = mx.where(mx.tile(keep, (rows // queries, 1)), s, -mx.inf)
+    p = mx.softmax(s, axis=-1, precise=True)
+    return mx.where(mx.isnan(p), 0.0, p)  # a row that sees nothing: zeros
+
+
+@needs_kernels
+@pytest.mark.parametrize("T", [1, 7, 8, 33, 520])
+def test_masked_softmax(T):
+    queries = min(T, 5)
+    s = 4 * mx.random.normal((2, 3 * queries, T), key=mx.random.key(T))
+    got = K.masked_softmax(s, 0.3, queries, False)
+    assert mx.allclose(got, _reference_softmax(s, 0.3, queries, None), atol=1e-6).item()
+    causal = mx.arange(T)[None, :] <= (T - queries + mx.arange(queries))[:, None]
+    got = K.masked_softmax(s, 0.3, queries, True)
+    assert mx.allclose(got, _reference_softmax(s, 0.3, queries, causal), atol=1e-6).item()
+    keep = mx.random.uniform(shape=(queries, T), key=mx.random.key(99)) > 0.4
+    keep[0] = False  # a query that sees nothing
+    got = K.masked_softmax(s, 0.3, queries, False, keep)
+    assert mx.allclose(got, _reference_softmax(s, 0.3, queries, keep), atol=1e-6).item()
+    assert (got[:, 0::queries] == 0).all().item()
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind,act", [("silu", nn.silu), ("gelu_tanh", nn.gelu_approx)])
+@pytest.mark.parametrize("shape", [(1, 1, 7), (3, 511, 1536)])
+def test_gated_activation(kind, act, shape):
+    gate = 6 * mx.random.normal(shape, key=mx.random.key(1))
+    up = mx.random.normal(shape, key=mx.random.key(2))
+    got, want = K.gated_activation(gate, up, kind), act(gate) * up
+    assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item()
+    with pytest.raises(ValueError, match="kind"):
+        K.gated_activation(gate, up, "relu")
+
+
+@needs_kernels
+@pytest.mark.parametrize("H,H_kv,L,T,mask", [(9, 3, 1, 40, None), (9, 3, 17, 17, "causal"), (4, 1, 6, 30, "causal"),
+                                             (4, 1, 12, 20, "window"), (2, 2, 5, 5, None),
+                                             (4, 1, 300, 300, "causal"), (9, 3, 257, 400, "causal")])
+def test_attention_dispatch_matches_mlx_sdpa(H, H_kv, L, T, mask):
+    D = 64
+    q = mx.random.normal((1, H, L, D), key=mx.random.key(3))
+    k = mx.random.normal((1, H_kv, T, D), key=mx.random.key(4))
+    v = mx.random.normal((1, H_kv, T, D), key=mx.random.key(5))
+    if mask == "window":  # a sliding window of 6 over the last L of T positions
+        qpos, kpos = mx.arange(T - L, T)[:, None], mx.arange(T)[None, :]
+        mask = (kpos <= qpos) & (qpos - kpos < 6)
+    got = kernels.attention(q, k, v, D ** -0.5, mask)
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=D ** -0.5, mask=mask)
+    assert got.shape == want.shape
+    assert mx.allclose(got, want, atol=2e-5).item()
+
+
+@needs_kernels
+@pytest.mark.parametrize("traditional", [True, False])
+@pytest.mark.parametrize("D,dims,offset,scale,with_freqs", [(64, 64, 0, 1.0, False), (256, 256, 700, 0.125, False),
+                                                            (128, 96, 3, 1.0, False), (64, 64, 5000, 1.0, True)])
+def test_rope_dispatch_matches_mlx_rope(traditional, D, dims, offset, scale, with_freqs):
+    x = mx.random.normal((2, 9, 3, D), key=mx.random.key(D + offset))  # (B, L, H, D)
+    freqs = 10000.0 ** (mx.arange(0, dims, 2) / dims) * mx.linspace(1, 8, dims // 2) if with_freqs else None
+    base = None if with_freqs else 10000.0
+    got = kernels.rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offset, freqs=freqs)
+    want = mx.fast.rope(x.swapaxes(1, 2), dims, traditional=traditional, base=base, scale=scale, offset=offset,
+                        freqs=freqs).swapaxes(1, 2)
+    assert got.shape == x.shape
+    # Angles are float32 either way; at position ~5000 one ulp of the angle is ~5e-4 rad.
+    assert mx.allclose(got, want, atol=2e-3 if offset > 1000 else 1e-4).item()
