@@ -142,3 +142,12 @@ def test_rope_dispatch_matches_mlx_rope(traditional, D, dims, offset, scale, wit
     assert got.shape == x.shape
     # Angles are float32 either way; at position ~5000 one ulp of the angle is ~5e-4 rad.
     assert mx.allclose(got, want, atol=2e-3 if offset > 1000 else 1e-4).item()
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1, 1, 576), (2, 511, 640), (3, 4, 256), (5, 13)])
+def test_rms_norm_dispatch_matches_mlx(shape):
+    x = 3 * mx.random.normal(shape, key=mx.random.key(7))
+    w = mx.random.normal(shape[-1:], key=mx.random.key(8))
+    got, want = kernels.rms_norm(x, w, 1e-6), mx.fast.rms_norm(x, w, 1e-6)
+    assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item()

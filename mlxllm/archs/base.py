@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from .. import kernels
 from ..gguf import GGUFFile
@@ -15,6 +16,13 @@ def require(gf: GGUFFile, key: str) -> Any:
     if key not in gf.metadata:
         raise KeyError(f"{gf.metadata.architecture}.{key} is missing")
     return gf.metadata[key]
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same parameter, `weight`) through the kernel dispatch."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None) -> mx.array:

@@ -21,7 +21,7 @@ import mlx.nn as nn
 from ..cache import KVCache, RotatingKVCache, window_mask
 from ..gguf import GGUFFile
 from ..registry import Arch
-from .base import attention, geglu, require, rope
+from .base import RMSNorm, attention, geglu, require, rope
 
 SWA_ROPE_BASE = 10000.0  # llama.cpp rope_freq_base_train_swa for gemma3; not in the GGUF
 SWA_PATTERN = 6  # llama.cpp set_swa_pattern(6): five sliding layers, then one global
@@ -122,19 +122,19 @@ class Block(nn.Module):
         self.rope_base = SWA_ROPE_BASE if sliding else args.rope_base
         self.rope_scale = 1.0 if sliding else args.rope_scale
         d, hd = args.dim, args.head_dim
-        self.attn_norm = nn.RMSNorm(d, eps=args.norm_eps)
+        self.attn_norm = RMSNorm(d, eps=args.norm_eps)
         self.attn_q = nn.Linear(d, args.n_heads * hd, bias=False)
         self.attn_k = nn.Linear(d, args.n_kv_heads * hd, bias=False)
         self.attn_v = nn.Linear(d, args.n_kv_heads * hd, bias=False)
-        self.attn_q_norm = nn.RMSNorm(hd, eps=args.norm_eps)
-        self.attn_k_norm = nn.RMSNorm(hd, eps=args.norm_eps)
+        self.attn_q_norm = RMSNorm(hd, eps=args.norm_eps)
+        self.attn_k_norm = RMSNorm(hd, eps=args.norm_eps)
         self.attn_output = nn.Linear(args.n_heads * hd, d, bias=False)
-        self.post_attention_norm = nn.RMSNorm(d, eps=args.norm_eps)
-        self.ffn_norm = nn.RMSNorm(d, eps=args.norm_eps)
+        self.post_attention_norm = RMSNorm(d, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(d, eps=args.norm_eps)
         self.ffn_gate = nn.Linear(d, args.ffn_dim, bias=False)
         self.ffn_up = nn.Linear(d, args.ffn_dim, bias=False)
         self.ffn_down = nn.Linear(args.ffn_dim, d, bias=False)
-        self.post_ffw_norm = nn.RMSNorm(d, eps=args.norm_eps)
+        self.post_ffw_norm = RMSNorm(d, eps=args.norm_eps)
 
     def attention(self, x: mx.array, mask, cache) -> mx.array:
         a = self.args
@@ -169,7 +169,7 @@ class Model(nn.Module):
         self.args = args
         self.token_embd = nn.Embedding(args.vocab_size, args.dim)
         self.blk = [Block(args, s) for s in args.sliding]
-        self.output_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.output_norm = RMSNorm(args.dim, eps=args.norm_eps)
         if not args.tied_embeddings:
             self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
 

@@ -16,7 +16,7 @@ import mlx.nn as nn
 from ..cache import KVCache
 from ..gguf import GGUFFile
 from ..registry import Arch
-from .base import attention, require, rope, swiglu
+from .base import RMSNorm, attention, require, rope, swiglu
 
 
 @dataclass
@@ -70,12 +70,12 @@ class Block(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.attn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.attn_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.attn_q = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.attn_k = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.attn_v = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.attn_output = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_gate = nn.Linear(args.dim, args.ffn_dim, bias=False)
         self.ffn_up = nn.Linear(args.dim, args.ffn_dim, bias=False)
         self.ffn_down = nn.Linear(args.ffn_dim, args.dim, bias=False)
@@ -108,7 +108,7 @@ class Model(nn.Module):
         self.args = args
         self.token_embd = nn.Embedding(args.vocab_size, args.dim)
         self.blk = [Block(args) for _ in range(args.n_layers)]
-        self.output_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.output_norm = RMSNorm(args.dim, eps=args.norm_eps)
         if not args.tied_embeddings:
             self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.rope_freqs:

@@ -214,6 +214,14 @@ def rope(x: mx.array, dims: int, *, traditional: bool, base: float | None, scale
     return kernels.rope(x, cos, sin, traditional).astype(x.dtype)
 
 
+def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    """mx.fast.rms_norm, on all CPU threads when our kernels run."""
+    kernels = cpu.active()
+    if kernels is None:
+        return mx.fast.rms_norm(x, weight, eps)
+    return kernels.rms_norm(x, weight, eps).astype(x.dtype)
+
+
 def gated(gate: mx.array, up: mx.array, activation: str) -> mx.array:
     """activation(gate) * up, activation "silu" (SwiGLU) or "gelu_tanh" (GeGLU, ggml_gelu)."""
     kernels = cpu.active()

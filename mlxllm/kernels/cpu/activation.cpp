@@ -1,8 +1,9 @@
-// Softmax over attention scores and gated activations, vectorized and threaded.
+// Softmax over attention scores, gated activations and RMSNorm, vectorized and threaded.
 //
 // MLX's CPU backend computes exp at ~12 ns per element on one thread: for a 512-token
 // prompt the softmax inside scaled_dot_product_attention and the feed-forward gates cost
-// more than every matmul of the model together. These do the same math with vexp.
+// more than every matmul of the model together. These do the same math with vexp; RMSNorm
+// is here because MLX runs it on one thread (0.44 ms for 511 x 640, ~7% of a Gemma prefill).
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -219,6 +220,54 @@ void GatedActivation::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
             gate_rows(gp + start, up + start, op + start, count, silu);
           } else {
             gate_rows(gp + start, up + start, op + start, count, gelu_tanh);
+          }
+        });
+      });
+}
+
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) {
+    throw std::invalid_argument("[rms_norm] runs on the CPU only");
+  }
+  if (x.ndim() < 1 || weight.ndim() != 1 || weight.shape(0) != x.shape(-1)) {
+    throw std::invalid_argument("[rms_norm] weight must be (D,) for x (..., D)");
+  }
+  std::vector<mx::array> inputs = {mx::contiguous(mx::astype(x, mx::float32, stream), false, stream),
+                                   mx::contiguous(mx::astype(weight, mx::float32, stream), false, stream)};
+  return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(stream, eps), std::move(inputs));
+}
+
+void RmsNorm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  register_inputs(stream(), inputs, out);
+  const int D = inputs[0].shape(-1);
+  mx::cpu::get_command_encoder(stream()).dispatch(
+      [xp = inputs[0].data<float>(), wp = inputs[1].data<float>(), op = out.data<float>(), D,
+       rows = static_cast<long>(out.size() / D), eps = eps_]() {
+        const int chunks = chunks_for(rows, static_cast<long>(D) * 8);
+        const long per = (rows + chunks - 1) / chunks;
+        parallel_for(chunks, [&](int c) {
+          for (long r = c * per; r < std::min(rows, (c + 1) * per); ++r) {
+            const float* x = xp + r * D;
+            float* y = op + r * D;
+            int j = 0;
+            f32x8 ss8 = {};
+            for (; j + 8 <= D; j += 8) {
+              const f32x8 v = load<f32x8>(x + j);
+              ss8 += v * v;
+            }
+            float ss = hsum(ss8);
+            for (; j < D; ++j) {
+              ss += x[j] * x[j];
+            }
+            const float inv = 1.f / std::sqrt(ss / D + eps);
+            for (j = 0; j + 8 <= D; j += 8) {
+              store(y + j, load<f32x8>(wp + j) * (load<f32x8>(x + j) * inv));
+            }
+            for (; j < D; ++j) {
+              y[j] = wp[j] * (x[j] * inv);
+            }
           }
         });
       });

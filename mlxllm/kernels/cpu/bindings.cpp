@@ -19,6 +19,7 @@ NB_MODULE(_cpu, m) {
         "mask"_a = nb::none(), nb::kw_only(), "stream"_a = nb::none());
   m.def("gated_activation", &mlxllm_cpu::gated_activation, "gate"_a, "up"_a, "kind"_a, nb::kw_only(),
         "stream"_a = nb::none());
+  m.def("rms_norm", &mlxllm_cpu::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("rope", &mlxllm_cpu::rope, "x"_a, "cos"_a, "sin"_a, "traditional"_a, nb::kw_only(),
         "stream"_a = nb::none());
   // The MLX this was compiled against: its C++ ABI is the only one this module works with.

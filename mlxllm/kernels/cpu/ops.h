@@ -40,6 +40,9 @@ mx::array gated_activation(const mx::array& gate, const mx::array& up, const std
 mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin, bool traditional,
                mx::StreamOrDevice s = {});
 
+// weight * x / sqrt(mean(x^2) + eps) over the last axis (mx.fast.rms_norm).
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s = {});
+
 class CpuPrimitive : public mx::UnaryPrimitive {
  public:
   using mx::UnaryPrimitive::UnaryPrimitive;
@@ -127,6 +130,22 @@ class Rope : public CpuPrimitive {
 
  private:
   bool traditional_;
+};
+
+class RmsNorm : public CpuPrimitive {
+ public:
+  RmsNorm(mx::Stream s, float eps) : CpuPrimitive(s), eps_(eps) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+  const char* name() const override { return "RmsNorm"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const RmsNorm&>(other).eps_;
+  }
+
+ private:
+  float eps_;
 };
 
 } // namespace mlxllm_cpu
