@@ -20,9 +20,7 @@ loaded: str | None = None  # the library in use, for `mlxllm bench` / `--verbose
 
 def _candidates() -> list[str]:
     found = []
-    mkl = Path(sys.prefix) / "lib" / "libmkl_rt.so.2"  # `pip install mkl`
-    if mkl.exists():
-        found.append(str(mkl))
+    found += sorted(str(p) for p in (Path(sys.prefix) / "lib").glob("libmkl_rt.so.*"))  # `pip install mkl`
     for name in ("openblas", "mkl_rt", "blis"):  # Debian: apt-get install libopenblas0-pthread
         path = ctypes.util.find_library(name)
         if path:

@@ -41,6 +41,14 @@ def main() -> None:
     """Run GGUF models on MLX."""
 
 
+def _cpu_kernels_state() -> str:
+    from .kernels import cpu
+
+    if cpu.active() is not None:
+        return f"CPU kernels on {cpu.KERNELS.num_threads()} threads"
+    return "CPU kernels off" + (f": {cpu.UNAVAILABLE}" if cpu.UNAVAILABLE else " (not the CPU)")
+
+
 def _human(n: float, unit: str = "") -> str:
     for prefix in ("", "K", "M", "G", "T"):
         if abs(n) < 1000:
@@ -135,7 +143,7 @@ def run(model: str, prompt: str | None, max_tokens: int, system: str | None, raw
     net, tokenizer = load(model)
     if verbose:
         stats = net.load_stats
-        click.echo(f"loaded {model} in {stats.seconds:.2f} s ({stats.nbytes / 1e6:.0f} MB of weights; BLAS: {_blas.loaded or 'reference'})", err=True)
+        click.echo(f"loaded {model} in {stats.seconds:.2f} s ({stats.nbytes / 1e6:.0f} MB of weights; BLAS: {_blas.loaded or 'reference'}; {_cpu_kernels_state()})", err=True)
     if prompt is None and piped is None:
         _chat(net, tokenizer, params, max_tokens, system, verbose)
         return
@@ -202,12 +210,13 @@ def bench(model: str, n_prompt: int, n_gen: int, repetitions: int, as_json: bool
     net, tokenizer = load(model, dense={"auto": None, "dense": True, "quantized": False}[layout])
     results = run_bench(net, tokenizer, n_prompt, n_gen, repetitions)
     info = {"model": model, "layout": layout, "load_s": net.load_stats.seconds, "weights_mb": net.load_stats.nbytes / 1e6,
-            "peak_memory_gb": mx.get_peak_memory() / 1e9, "blas": _blas.loaded, "tokens_per_s": results}
+            "peak_memory_gb": mx.get_peak_memory() / 1e9, "blas": _blas.loaded,
+            "cpu_kernels": _cpu_kernels_state(), "tokens_per_s": results}
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
     click.echo(f"model {model}: load {info['load_s']:.2f} s, weights {info['weights_mb']:.0f} MB, "
-               f"peak memory {info['peak_memory_gb']:.2f} GB, BLAS {info['blas'] or 'reference'}")
+               f"peak memory {info['peak_memory_gb']:.2f} GB, BLAS {info['blas'] or 'reference'}, {info['cpu_kernels']}")
     click.echo(f"{'test':<8}{'tokens/s':>12}{'+/-':>10}")
     for name, r in results.items():
         click.echo(f"{name:<8}{r['mean']:>12.2f}{r['stdev']:>10.2f}")
