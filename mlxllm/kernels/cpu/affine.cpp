@@ -1,17 +1,17 @@
 // MLX's affine quantized layout on the CPU: w = scale * q + bias per group of 32
-// weights along a row, q packed LSB-first at `bits` bits each (1..8), scales and biases
-// float32. This is what mlxllm's loader makes of Q4_0/Q4_1/Q4_K/Q5_*/Q8_0 and of every
-// widened packed type; MLX's own CPU quantized_matmul reads it at ~1 Gweight/s, compute
-// bound, and its dequantize at 0.1-0.75 Gweight/s.
+// weights along a row, q packed LSB-first at `bits` bits each (1-6 or 8, as MLX allows),
+// scales and biases float32. This is what mlxllm's loader makes of Q4_0/Q4_1/Q4_K/Q5_*/Q8_0
+// and of every widened packed type; MLX's own CPU quantized_matmul reads it at
+// ~1 Gweight/s, compute bound, and its dequantize at 0.1-0.75 Gweight/s.
 //
 // matvec: y = x @ W.T for a few rows of x (decode). x is rearranged once per call so that
 // the codes of 8 lanes of packed data line up with 8 contiguous x values:
 //  - bits 1, 2, 4, 8: lane l is 32-bit word l of an 8-word "superblock", code n of the
 //    lane is (word >> bits*n) & mask: one shift for all lanes, no shuffles.
-//  - bits 3, 5, 6, 7: lane l is the l-th run of 8 codes (bits bytes); its codes 0-3 come
+//  - bits 3, 5, 6: lane l is the l-th run of 8 codes (bits bytes); its codes 0-3 come
 //    from the 32-bit word at that byte, codes 4-7 from the word half a run later.
-// Bits 7 works the same way but MLX has no such layout. Partial dot products are scaled once per superblock; the bias term is
-// sum_g bias[g] * (sum of x over group g), from per-group sums of x made with the rearrangement.
+// Partial dot products are scaled once per superblock; the bias term is
+// sum_g bias[g] * (sum of x over group g), from per-group sums of x.
 #include <algorithm>
 #include <stdexcept>
 #include <vector>
@@ -90,7 +90,7 @@ void matvec_rows(const MatvecArgs& a, int b0, int r0, int r1) {
   using P = Packing<BITS>;
   const int full = a.I / P::kCodes; // whole superblocks per row
   const bool partial = a.I % P::kCodes != 0;
-  // Bits 3/5/6/7 read 32-bit words up to 2 bytes past a superblock: a row's last one
+  // Bits 3/5/6 read 32-bit words up to 2 bytes past a superblock: a row's last one
   // goes through a padded copy so the final row never reads past the buffer.
   const int direct = (P::kWordLanes || partial) ? full : full - 1;
   const float* xp = a.xp + static_cast<long>(b0) * a.Ip;
@@ -157,7 +157,6 @@ RowsFn rows_fn(int bits, int nb) {
     case 4: return rows_fn<4>(nb);
     case 5: return rows_fn<5>(nb);
     case 6: return rows_fn<6>(nb);
-    case 7: return rows_fn<7>(nb);
     default: return rows_fn<8>(nb);
   }
 }
@@ -250,7 +249,7 @@ void dequantize(const uint8_t* w, const float* scales, const float* biases, floa
   using Fn = void (*)(const uint8_t*, const float*, const float*, float*, int, int, int);
   static constexpr Fn fns[] = {nullptr, dequantize_rows<1>, dequantize_rows<2>, dequantize_rows<3>,
                                dequantize_rows<4>, dequantize_rows<5>, dequantize_rows<6>,
-                               dequantize_rows<7>, dequantize_rows<8>};
+                               nullptr, dequantize_rows<8>};
   const int chunks = chunks_for(O, static_cast<long>(I) * 4);
   const int rows_per_chunk = (O + chunks - 1) / chunks;
   parallel_for(chunks, [&](int c) {

@@ -27,8 +27,9 @@ inline void store(void* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
+// Not `f32x8{} + x`: 0 + -0 is +0, and dequantizing must keep the sign of a zero bias.
 inline f32x8 splat(float x) {
-  return f32x8{} + x;
+  return f32x8{x, x, x, x, x, x, x, x};
 }
 
 inline float hsum(f32x8 v) {
