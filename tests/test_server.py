@@ -276,8 +276,8 @@ def test_concurrent_clients_each_get_their_own_answer(ol, server):
 def test_disconnect_frees_the_slot(server):
     body = {"model": MODEL, "prompt": "Write a very long story.", "options": {"num_predict": 2000}}
     with httpx.stream("POST", server.url + "/api/generate", json=body, timeout=60) as r:
-        first = next(r.iter_lines())
-        assert json.loads(first)["done"] is False
+        lines = r.iter_lines()  # kept: a dropped line iterator closes the stream (a disconnect)
+        assert json.loads(next(lines))["done"] is False
         assert httpx.get(server.url + "/health").json()["active"] == 1
     # The connection is closed mid-stream: the job must stop and give its slot back.
     deadline = time.time() + 10
