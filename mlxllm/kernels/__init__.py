@@ -37,8 +37,9 @@ GROUP = 32
 # (measured, 4096x4096, 2 cores); for a single row quantized_matmul still wins.
 CPU_DEQUANTIZE_ROWS = 8
 
-# With our CPU kernels: up to this many activation rows, the matvec reading the quantized
-# weight beats dequantizing it for BLAS (measured on 2 cores: see scripts/bench_kernels.py).
+# With our CPU kernels: up to this many activation rows (decode, batched decode in the
+# server) the matvec reads the quantized weight, 4 rows per pass over it; more rows
+# (prefill) dequantize it for one BLAS GEMM. Not tuned: the crossover was not measured.
 CPU_MATVEC_ROWS = 16
 
 
@@ -147,9 +148,10 @@ def matmul(x: mx.array, w: QuantizedTensor) -> mx.array:
                                group_size=GROUP, bits=w.bits, mode=w.mode)
 
 
-# Causal attention over this many queries or more is computed in blocks of queries, each
-# against only the keys it can see: 4 blocks do 5/8 of the score and value products.
-CAUSAL_BLOCK_QUERIES = 128
+# Causal attention over at least this many queries runs in CAUSAL_BLOCKS blocks of queries,
+# each against only the keys it can see: 4 blocks do 5/8 of the score and value products.
+CAUSAL_BLOCKED_QUERIES = 256
+CAUSAL_BLOCKS = 4
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None) -> mx.array:
@@ -174,8 +176,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
         p = kernels.masked_softmax(scores, scale, n, isinstance(mask, str), keep)
         return (p @ v[:, :, :keys]).reshape(B, H_kv, rep, n, v.shape[-1])
 
-    if mask == "causal" and L >= 2 * CAUSAL_BLOCK_QUERIES:
-        step = -(-L // 4)
+    if mask == "causal" and L >= CAUSAL_BLOCKED_QUERIES:
+        step = -(-L // CAUSAL_BLOCKS)
         # Query i is position T - L + i: it sees keys up to there.
         out = mx.concatenate([block(s, min(L, s + step), T - L + min(L, s + step)) for s in range(0, L, step)], axis=3)
     else:
