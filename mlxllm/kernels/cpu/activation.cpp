@@ -118,23 +118,11 @@ inline f32x8 gelu_tanh(f32x8 x) {
   return x / (1.f + vexp(-2.f * u));
 }
 
-template <typename A>
-void register_inputs(mx::Stream stream, const std::vector<mx::array>& inputs, A& out) {
-  auto& enc = mx::cpu::get_command_encoder(stream);
-  for (const auto& a : inputs) {
-    enc.set_input_array(a);
-  }
-  enc.set_output_array(out);
-}
-
 } // namespace
 
 mx::array masked_softmax(const mx::array& scores, float scale, int queries, bool causal,
                          const std::optional<mx::array>& mask, mx::StreamOrDevice s) {
-  auto stream = mx::to_stream(s);
-  if (stream.device != mx::Device::cpu) {
-    throw std::invalid_argument("[masked_softmax] runs on the CPU only");
-  }
+  auto stream = cpu_stream(s, "masked_softmax");
   if (scores.ndim() < 2 || queries < 1 || scores.shape(-2) % queries) {
     throw std::invalid_argument("[masked_softmax] scores must be (..., rows, keys) with rows a multiple of queries");
   }
@@ -142,12 +130,12 @@ mx::array masked_softmax(const mx::array& scores, float scale, int queries, bool
   if (causal && queries > T) {
     throw std::invalid_argument("[masked_softmax] a causal mask needs at least as many keys as queries");
   }
-  std::vector<mx::array> inputs = {mx::contiguous(mx::astype(scores, mx::float32, stream), false, stream)};
+  std::vector<mx::array> inputs = {contiguous_as(scores, mx::float32, stream)};
   if (mask) {
     if (causal || mask->ndim() != 2 || mask->shape(0) != queries || mask->shape(1) != T) {
       throw std::invalid_argument("[masked_softmax] mask must be (queries, keys) and excludes causal");
     }
-    inputs.push_back(mx::contiguous(mx::astype(*mask, mx::bool_, stream), false, stream));
+    inputs.push_back(contiguous_as(*mask, mx::bool_, stream));
   }
   return mx::array(scores.shape(), mx::float32, std::make_shared<MaskedSoftmax>(stream, scale, queries, causal),
                    std::move(inputs));
@@ -155,18 +143,14 @@ mx::array masked_softmax(const mx::array& scores, float scale, int queries, bool
 
 void MaskedSoftmax::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const auto& scores = inputs[0];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  register_inputs(stream(), inputs, out);
   const int T = scores.shape(-1);
   const long rows = static_cast<long>(scores.size() / T);
   const bool* keep = inputs.size() > 1 ? inputs[1].data<bool>() : nullptr;
-  mx::cpu::get_command_encoder(stream()).dispatch(
+  begin_eval(stream(), inputs, out).dispatch(
       [sp = scores.data<float>(), op = out.data<float>(), keep, T, rows, scale = scale_, L = queries_,
        causal = causal_]() {
-        const int chunks = chunks_for(rows, static_cast<long>(T) * 4);
-        const long per = (rows + chunks - 1) / chunks;
-        parallel_for(chunks, [&](int c) {
-          for (long r = c * per; r < std::min(rows, (c + 1) * per); ++r) {
+        parallel_ranges(rows, static_cast<long>(T) * 4, [&](long begin, long end) {
+          for (long r = begin; r < end; ++r) {
             const int i = static_cast<int>(r % L); // the query this row belongs to
             if (keep) {
               softmax_masked(sp + r * T, keep + static_cast<long>(i) * T, op + r * T, T, scale);
@@ -181,10 +165,7 @@ void MaskedSoftmax::eval_cpu(const std::vector<mx::array>& inputs, mx::array& ou
 
 mx::array gated_activation(const mx::array& gate, const mx::array& up, const std::string& kind,
                            mx::StreamOrDevice s) {
-  auto stream = mx::to_stream(s);
-  if (stream.device != mx::Device::cpu) {
-    throw std::invalid_argument("[gated_activation] runs on the CPU only");
-  }
+  auto stream = cpu_stream(s, "gated_activation");
   if (gate.shape() != up.shape()) {
     throw std::invalid_argument("[gated_activation] gate and up must have one shape");
   }
@@ -196,26 +177,17 @@ mx::array gated_activation(const mx::array& gate, const mx::array& up, const std
   } else {
     throw std::invalid_argument("[gated_activation] kind must be 'silu' or 'gelu_tanh'");
   }
-  std::vector<mx::array> inputs = {mx::contiguous(mx::astype(gate, mx::float32, stream), false, stream),
-                                   mx::contiguous(mx::astype(up, mx::float32, stream), false, stream)};
+  std::vector<mx::array> inputs = {contiguous_as(gate, mx::float32, stream), contiguous_as(up, mx::float32, stream)};
   return mx::array(gate.shape(), mx::float32, std::make_shared<GatedActivation>(stream, which), std::move(inputs));
 }
 
 void GatedActivation::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  register_inputs(stream(), inputs, out);
-  mx::cpu::get_command_encoder(stream()).dispatch(
+  begin_eval(stream(), inputs, out).dispatch(
       [gp = inputs[0].data<float>(), up = inputs[1].data<float>(), op = out.data<float>(),
        n = static_cast<long>(out.size()), kind = kind_]() {
         constexpr long kBlock = 4096; // elements per unit of work
-        const long units = (n + kBlock - 1) / kBlock;
-        parallel_for(chunks_for(units, kBlock * 12), [&, units](int c) {
-          const int chunks = chunks_for(units, kBlock * 12);
-          const long per = (units + chunks - 1) / chunks * kBlock;
-          const long start = c * per, count = std::min(n, start + per) - start;
-          if (count <= 0) {
-            return;
-          }
+        parallel_ranges((n + kBlock - 1) / kBlock, kBlock * 12, [&](long begin, long end) {
+          const long start = begin * kBlock, count = std::min(n, end * kBlock) - start;
           if (kind == SILU) {
             gate_rows(gp + start, up + start, op + start, count, silu);
           } else {
@@ -226,29 +198,21 @@ void GatedActivation::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
 }
 
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s) {
-  auto stream = mx::to_stream(s);
-  if (stream.device != mx::Device::cpu) {
-    throw std::invalid_argument("[rms_norm] runs on the CPU only");
-  }
+  auto stream = cpu_stream(s, "rms_norm");
   if (x.ndim() < 1 || weight.ndim() != 1 || weight.shape(0) != x.shape(-1)) {
     throw std::invalid_argument("[rms_norm] weight must be (D,) for x (..., D)");
   }
-  std::vector<mx::array> inputs = {mx::contiguous(mx::astype(x, mx::float32, stream), false, stream),
-                                   mx::contiguous(mx::astype(weight, mx::float32, stream), false, stream)};
+  std::vector<mx::array> inputs = {contiguous_as(x, mx::float32, stream), contiguous_as(weight, mx::float32, stream)};
   return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(stream, eps), std::move(inputs));
 }
 
 void RmsNorm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  register_inputs(stream(), inputs, out);
   const int D = inputs[0].shape(-1);
-  mx::cpu::get_command_encoder(stream()).dispatch(
+  begin_eval(stream(), inputs, out).dispatch(
       [xp = inputs[0].data<float>(), wp = inputs[1].data<float>(), op = out.data<float>(), D,
        rows = static_cast<long>(out.size() / D), eps = eps_]() {
-        const int chunks = chunks_for(rows, static_cast<long>(D) * 8);
-        const long per = (rows + chunks - 1) / chunks;
-        parallel_for(chunks, [&](int c) {
-          for (long r = c * per; r < std::min(rows, (c + 1) * per); ++r) {
+        parallel_ranges(rows, static_cast<long>(D) * 8, [&](long begin, long end) {
+          for (long r = begin; r < end; ++r) {
             const float* x = xp + r * D;
             float* y = op + r * D;
             int j = 0;

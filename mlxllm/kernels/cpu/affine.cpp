@@ -190,13 +190,10 @@ void matvec(const float* x, const uint8_t* w, const float* scales, const float* 
     }
   }
   const MatvecArgs a{xp.data(), xs.data(), w, scales, biases, y, I, Ip, O, G, static_cast<long>(I) * bits / 8};
-  const int chunks = chunks_for(O, a.row_bytes * B);
-  const int rows_per_chunk = (O + chunks - 1) / chunks;
-  parallel_for(chunks, [&](int c) {
-    const int r0 = c * rows_per_chunk, r1 = std::min(O, r0 + rows_per_chunk);
+  parallel_ranges(O, a.row_bytes * B, [&](long r0, long r1) {
     for (int b0 = 0; b0 < B; b0 += MAX_ROWS_PER_PASS) {
       const int nb = std::min(MAX_ROWS_PER_PASS, B - b0);
-      rows_fn(bits, nb)(a, b0, r0, r1);
+      rows_fn(bits, nb)(a, b0, static_cast<int>(r0), static_cast<int>(r1));
     }
   });
 }
@@ -250,11 +247,8 @@ void dequantize(const uint8_t* w, const float* scales, const float* biases, floa
   static constexpr Fn fns[] = {nullptr, dequantize_rows<1>, dequantize_rows<2>, dequantize_rows<3>,
                                dequantize_rows<4>, dequantize_rows<5>, dequantize_rows<6>,
                                nullptr, dequantize_rows<8>};
-  const int chunks = chunks_for(O, static_cast<long>(I) * 4);
-  const int rows_per_chunk = (O + chunks - 1) / chunks;
-  parallel_for(chunks, [&](int c) {
-    const int r0 = c * rows_per_chunk;
-    fns[bits](w, scales, biases, out, I, r0, std::min(O, r0 + rows_per_chunk));
+  parallel_ranges(O, static_cast<long>(I) * 4, [&](long r0, long r1) {
+    fns[bits](w, scales, biases, out, I, static_cast<int>(r0), static_cast<int>(r1));
   });
 }
 
@@ -277,14 +271,6 @@ void check_layout(const mx::array& w, const mx::array& scales, const mx::array& 
   }
 }
 
-mx::Stream cpu_stream(mx::StreamOrDevice s, const char* op) {
-  auto stream = mx::to_stream(s);
-  if (stream.device != mx::Device::cpu) {
-    throw std::invalid_argument(std::string("[") + op + "] runs on the CPU only");
-  }
-  return stream;
-}
-
 } // namespace
 
 mx::array affine_matvec(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
@@ -297,23 +283,16 @@ mx::array affine_matvec(const mx::array& x, const mx::array& w, const mx::array&
   auto stream = cpu_stream(s, "affine_matvec");
   auto shape = x.shape();
   shape.back() = w.shape(0);
-  std::vector<mx::array> inputs = {mx::contiguous(mx::astype(x, mx::float32, stream), false, stream),
-                                   mx::contiguous(w, false, stream), mx::contiguous(scales, false, stream),
-                                   mx::contiguous(biases, false, stream)};
+  std::vector<mx::array> inputs = {contiguous_as(x, mx::float32, stream), contiguous_as(w, mx::uint32, stream),
+                                   contiguous_as(scales, mx::float32, stream), contiguous_as(biases, mx::float32, stream)};
   return mx::array(std::move(shape), mx::float32, std::make_shared<AffineMatvec>(stream, bits), std::move(inputs));
 }
 
 void AffineMatvec::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const auto &x = inputs[0], &w = inputs[1], &sc = inputs[2], &bi = inputs[3];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
   const int I = x.shape(-1), O = w.shape(0);
   const int B = static_cast<int>(x.size() / I);
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (const auto& a : inputs) {
-    enc.set_input_array(a);
-  }
-  enc.set_output_array(out);
-  enc.dispatch([xp = x.data<float>(), wp = reinterpret_cast<const uint8_t*>(w.data<uint32_t>()),
+  begin_eval(stream(), inputs, out).dispatch([xp = x.data<float>(), wp = reinterpret_cast<const uint8_t*>(w.data<uint32_t>()),
                 sp = sc.data<float>(), bp = bi.data<float>(), yp = out.data<float>(), B, I, O, bits = bits_]() {
     matvec(xp, wp, sp, bp, yp, B, I, O, bits);
   });
@@ -330,20 +309,14 @@ mx::array affine_dequantize(const mx::array& w, const mx::array& scales, const m
   check_layout(w, scales, biases, bits, "affine_dequantize");
   auto stream = cpu_stream(s, "affine_dequantize");
   mx::Shape shape = {w.shape(0), w.shape(1) * 32 / bits};
-  std::vector<mx::array> inputs = {mx::contiguous(w, false, stream), mx::contiguous(scales, false, stream),
-                                   mx::contiguous(biases, false, stream)};
+  std::vector<mx::array> inputs = {contiguous_as(w, mx::uint32, stream), contiguous_as(scales, mx::float32, stream),
+                                   contiguous_as(biases, mx::float32, stream)};
   return mx::array(std::move(shape), mx::float32, std::make_shared<AffineDequantize>(stream, bits), std::move(inputs));
 }
 
 void AffineDequantize::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const auto &w = inputs[0], &sc = inputs[1], &bi = inputs[2];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (const auto& a : inputs) {
-    enc.set_input_array(a);
-  }
-  enc.set_output_array(out);
-  enc.dispatch([wp = reinterpret_cast<const uint8_t*>(w.data<uint32_t>()), sp = sc.data<float>(),
+  begin_eval(stream(), inputs, out).dispatch([wp = reinterpret_cast<const uint8_t*>(w.data<uint32_t>()), sp = sc.data<float>(),
                 bp = bi.data<float>(), op = out.data<float>(), I = out.shape(1), O = out.shape(0), bits = bits_]() {
     dequantize(wp, sp, bp, op, I, O, bits);
   });

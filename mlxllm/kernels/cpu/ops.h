@@ -43,11 +43,44 @@ mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin, b
 // weight * x / sqrt(mean(x^2) + eps) over the last axis (mx.fast.rms_norm).
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s = {});
 
+// What every op here does on the way in and every eval_cpu on the way out.
+
+// The op's stream, which must be the CPU's.
+inline mx::Stream cpu_stream(mx::StreamOrDevice s, const char* op) {
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) {
+    throw std::invalid_argument(std::string("[") + op + "] runs on the CPU only");
+  }
+  return stream;
+}
+
+// a as a row-contiguous array of `dtype`: the layout the kernels index (no copy when it
+// already is one).
+inline mx::array contiguous_as(const mx::array& a, mx::Dtype dtype, mx::Stream s) {
+  return mx::contiguous(mx::astype(a, dtype, s), false, s);
+}
+
+// Allocates out and registers the arrays with the stream's encoder; dispatch the kernel
+// on the encoder returned.
+inline mx::cpu::CommandEncoder& begin_eval(mx::Stream s, const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(s);
+  for (const auto& a : inputs) {
+    enc.set_input_array(a);
+  }
+  enc.set_output_array(out);
+  return enc;
+}
+
 class CpuPrimitive : public mx::UnaryPrimitive {
  public:
   using mx::UnaryPrimitive::UnaryPrimitive;
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
     throw std::runtime_error(std::string("[") + name() + "] has no GPU implementation");
+  }
+  // The output has the first input's shape unless a primitive says otherwise.
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
   }
 };
 
@@ -84,9 +117,6 @@ class MaskedSoftmax : public CpuPrimitive {
   MaskedSoftmax(mx::Stream s, float scale, int queries, bool causal)
       : CpuPrimitive(s), scale_(scale), queries_(queries), causal_(causal) {}
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {inputs[0].shape()};
-  }
   const char* name() const override { return "MaskedSoftmax"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const MaskedSoftmax&>(other);
@@ -104,9 +134,6 @@ class GatedActivation : public CpuPrimitive {
   enum Kind { SILU, GELU_TANH };
   GatedActivation(mx::Stream s, int kind) : CpuPrimitive(s), kind_(kind) {}
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {inputs[0].shape()};
-  }
   const char* name() const override { return "GatedActivation"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     return kind_ == static_cast<const GatedActivation&>(other).kind_;
@@ -120,9 +147,6 @@ class Rope : public CpuPrimitive {
  public:
   Rope(mx::Stream s, bool traditional) : CpuPrimitive(s), traditional_(traditional) {}
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {inputs[0].shape()};
-  }
   const char* name() const override { return "Rope"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     return traditional_ == static_cast<const Rope&>(other).traditional_;
@@ -136,9 +160,6 @@ class RmsNorm : public CpuPrimitive {
  public:
   RmsNorm(mx::Stream s, float eps) : CpuPrimitive(s), eps_(eps) {}
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {inputs[0].shape()};
-  }
   const char* name() const override { return "RmsNorm"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     return eps_ == static_cast<const RmsNorm&>(other).eps_;

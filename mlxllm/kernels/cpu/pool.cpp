@@ -149,10 +149,26 @@ Pool& pool() {
   return *p;
 }
 
+int chunks_for(long units, long unit_cost) {
+  constexpr long kMinParallelBytes = 64 << 10;
+  if (units <= 1 || units * unit_cost < kMinParallelBytes || pool().size() == 1) {
+    return 1;
+  }
+  return static_cast<int>(std::min<long>(units, 4L * pool().size()));
+}
+
 } // namespace
 
-void parallel_for(int nchunks, const std::function<void(int)>& fn) {
-  pool().run(nchunks, fn);
+void parallel_ranges(long units, long unit_cost, const std::function<void(long, long)>& fn) {
+  const int chunks = chunks_for(units, unit_cost);
+  const long per = (units + chunks - 1) / chunks;
+  const std::function<void(int)> chunk = [&](int c) {
+    const long begin = c * per, end = std::min(units, begin + per);
+    if (begin < end) {
+      fn(begin, end);
+    }
+  };
+  pool().run(chunks, chunk);
 }
 
 int num_threads() {
@@ -161,14 +177,6 @@ int num_threads() {
 
 void set_num_threads(int n) {
   pool().resize(n);
-}
-
-int chunks_for(long units, long unit_cost) {
-  constexpr long kMinParallelBytes = 64 << 10;
-  if (units <= 1 || units * unit_cost < kMinParallelBytes || num_threads() == 1) {
-    return 1;
-  }
-  return static_cast<int>(std::min<long>(units, 4L * num_threads()));
 }
 
 } // namespace mlxllm_cpu

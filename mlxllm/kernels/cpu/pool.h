@@ -11,17 +11,15 @@
 
 namespace mlxllm_cpu {
 
-// Runs fn(chunk) for chunk in [0, nchunks) on the calling thread and the pool's workers;
-// returns when all are done. fn must not call parallel_for itself.
-void parallel_for(int nchunks, const std::function<void(int)>& fn);
+// Runs fn(begin, end) over consecutive ranges covering [0, units) on the calling thread
+// and the pool's workers; returns when all are done. The job is one range when all
+// `units` (~`unit_cost` bytes of work each) are too little to be worth a hand-off, else
+// ~4 ranges per thread. fn must not call parallel_ranges itself.
+void parallel_ranges(long units, long unit_cost, const std::function<void(long, long)>& fn);
 
-// Threads a parallel_for uses (the caller included); MLXLLM_CPU_THREADS sets the
+// Threads a parallel_ranges uses (the caller included); MLXLLM_CPU_THREADS sets the
 // default, else the machine's hardware threads.
 int num_threads();
 void set_num_threads(int n);
-
-// Chunks for `units` independent units of work costing ~`unit_cost` bytes each: one
-// chunk when the whole job is too small to be worth a hand-off, else ~4 per thread.
-int chunks_for(long units, long unit_cost);
 
 } // namespace mlxllm_cpu

@@ -38,35 +38,23 @@ void rotate(const float* x, const float* c, const float* s, float* out, int D, i
 
 mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin, bool traditional,
                mx::StreamOrDevice s) {
-  auto stream = mx::to_stream(s);
-  if (stream.device != mx::Device::cpu) {
-    throw std::invalid_argument("[rope] runs on the CPU only");
-  }
+  auto stream = cpu_stream(s, "rope");
   if (x.ndim() != 4 || cos.ndim() != 2 || cos.shape() != sin.shape() || cos.shape(0) != x.shape(1) ||
       2 * cos.shape(1) > x.shape(3)) {
     throw std::invalid_argument("[rope] x must be (B, L, H, D) and cos/sin (L, dims / 2) with dims <= D");
   }
-  std::vector<mx::array> inputs = {mx::contiguous(mx::astype(x, mx::float32, stream), false, stream),
-                                   mx::contiguous(mx::astype(cos, mx::float32, stream), false, stream),
-                                   mx::contiguous(mx::astype(sin, mx::float32, stream), false, stream)};
+  std::vector<mx::array> inputs = {contiguous_as(x, mx::float32, stream), contiguous_as(cos, mx::float32, stream),
+                                   contiguous_as(sin, mx::float32, stream)};
   return mx::array(x.shape(), mx::float32, std::make_shared<Rope>(stream, traditional), std::move(inputs));
 }
 
 void Rope::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const auto &x = inputs[0], &c = inputs[1], &s = inputs[2];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (const auto& a : inputs) {
-    enc.set_input_array(a);
-  }
-  enc.set_output_array(out);
-  enc.dispatch([xp = x.data<float>(), cp = c.data<float>(), sp = s.data<float>(), op = out.data<float>(),
+  begin_eval(stream(), inputs, out).dispatch([xp = x.data<float>(), cp = c.data<float>(), sp = s.data<float>(), op = out.data<float>(),
                 rows = x.shape(0) * x.shape(1), L = x.shape(1), H = x.shape(2), D = x.shape(3),
                 half = c.shape(1), traditional = traditional_]() {
-    const int chunks = chunks_for(rows, static_cast<long>(H) * D * 4);
-    const long per = (rows + chunks - 1) / chunks;
-    parallel_for(chunks, [&](int chunk) {
-      for (long r = chunk * per; r < std::min<long>(rows, (chunk + 1) * per); ++r) {
+    parallel_ranges(rows, static_cast<long>(H) * D * 4, [&](long begin, long end) {
+      for (long r = begin; r < end; ++r) {
         const long l = r % L; // the position's row of the tables
         for (int h = 0; h < H; ++h) {
           const long at = (r * H + h) * D;
