@@ -92,18 +92,12 @@ def _cpu_affine_parts(w: QuantizedTensor) -> list[Part] | None:
     return parts if ok else None
 
 
-def _sum(arrays) -> mx.array:
-    out = None
-    for a in arrays:
-        out = a if out is None else out + a
-    return out
-
-
 def dequantize(w: QuantizedTensor, dtype: mx.Dtype = mx.float32) -> mx.array:
     """The whole weight as floats, (out, in)."""
     parts = _cpu_affine_parts(w)
     if parts is not None:
-        return _sum(cpu.KERNELS.affine_dequantize(p.weight, p.scales, p.biases, p.bits) for p in parts).astype(dtype)
+        return widen.sum_in_order(cpu.KERNELS.affine_dequantize(p.weight, p.scales, p.biases, p.bits)
+                                  for p in parts).astype(dtype)
     if w.mode == "packed":
         return _dequantize_packed(w, w.weight, w.shape).astype(dtype)
     if w.mode == "widened":
@@ -135,7 +129,7 @@ def matmul(x: mx.array, w: QuantizedTensor) -> mx.array:
     parts = _cpu_affine_parts(w)
     if parts is not None:
         if rows <= CPU_MATVEC_ROWS:
-            return _sum(cpu.KERNELS.affine_matvec(x, p.weight, p.scales, p.biases, p.bits)
+            return widen.sum_in_order(cpu.KERNELS.affine_matvec(x, p.weight, p.scales, p.biases, p.bits)
                         for p in parts).astype(x.dtype)
         return x @ dequantize(w, x.dtype).T
     if w.mode == "packed":

@@ -43,7 +43,7 @@ are exact including every zero's sign.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -484,21 +484,21 @@ def widen(qtype: T, raw: np.ndarray, shape: tuple[int, ...]) -> list[Part]:
             for nat, a in zip(natives, arrays)]
 
 
+def sum_in_order(arrays: Iterable[mx.array]) -> mx.array:
+    """a0 + a1 + ...: per-part results add in part order, as the exactness argument assumes."""
+    out = None
+    for a in arrays:
+        out = a if out is None else out + a
+    return out
+
+
 def dequantize(parts: list[Part]) -> mx.array:
     """The widened weight as float32 (rows, cols): the sum of the parts in order."""
-    out = None
-    for p in parts:
-        w = mx.dequantize(p.weight, p.scales, p.biases, group_size=p.group_size, bits=p.bits,
-                          mode=p.mode, dtype=mx.float32)
-        out = w if out is None else out + w
-    return out
+    return sum_in_order(mx.dequantize(p.weight, p.scales, p.biases, group_size=p.group_size, bits=p.bits,
+                                      mode=p.mode, dtype=mx.float32) for p in parts)
 
 
 def matmul(x: mx.array, parts: list[Part]) -> mx.array:
     """x (..., in) @ W.T for the widened W (out, in): one quantized_matmul per part."""
-    out = None
-    for p in parts:
-        y = mx.quantized_matmul(x, p.weight, p.scales, p.biases, transpose=True,
-                                group_size=p.group_size, bits=p.bits, mode=p.mode)
-        out = y if out is None else out + y
-    return out
+    return sum_in_order(mx.quantized_matmul(x, p.weight, p.scales, p.biases, transpose=True,
+                                            group_size=p.group_size, bits=p.bits, mode=p.mode) for p in parts)
