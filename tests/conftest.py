@@ -21,9 +21,9 @@ def pytest_terminal_summary(terminalreporter):
     tr = terminalreporter
     if _FIDELITY_REPORT:
         tr.section("teacher-forced agreement with llama.cpp")
-        tr.write_line(f"{'model':<14}{'positions':>10}  {'argmax agrees':<16}max |logit diff| (top-8)")
+        tr.write_line(f"{'model':<18}{'positions':>10}  {'argmax agrees':<16}max |logit diff| (top-8)")
         for name, n, agree, diff in _FIDELITY_REPORT:
-            tr.write_line(f"{name:<14}{n:>10}  {agree:<16}{diff}")
+            tr.write_line(f"{name:<18}{n:>10}  {agree:<16}{diff}")
     if not _QUANT_REPORT:
         return
     tr.section("quant types vs gguf.quants.dequantize")
