@@ -153,3 +153,42 @@ def test_rms_norm_dispatch_matches_mlx(shape):
     w = mx.random.normal(shape[-1:], key=mx.random.key(8))
     got, want = kernels.rms_norm(x, w, 1e-6), mx.fast.rms_norm(x, w, 1e-6)
     assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item()
+
+
+def _views(a: mx.array) -> dict[str, mx.array]:
+    """a as the strided views a graph hands the kernels: transposed twice (same values,
+    column-major strides), a slice with a step, and broadcast from one row."""
+    swapped = mx.contiguous(a.swapaxes(0, -1)).swapaxes(0, -1) if a.ndim > 1 else a
+    doubled = mx.repeat(a, 2, axis=-1)[..., ::2]
+    return {"transposed": swapped, "strided": doubled, "broadcast": mx.broadcast_to(a[:1], a.shape)}
+
+
+@needs_kernels
+@pytest.mark.parametrize("view", ["transposed", "strided", "broadcast"])
+def test_strided_inputs_are_read_in_place_of_copies(view):
+    """Inputs that are not row-contiguous are gathered inside the kernels' eval (no
+    mx.contiguous node in the graph): every kernel, every input, against the same call on
+    row-contiguous copies."""
+    def same(f, *args):
+        views = [_views(a)[view] for a in args]
+        dense = [mx.contiguous(a) for a in views]  # row-contiguous copies of the same values
+        for i in range(len(args)):
+            mixed = [views[j] if j == i else dense[j] for j in range(len(args))]
+            assert mx.array_equal(f(*mixed), f(*dense)).item(), (view, i)
+
+    wq, scales, biases, _ = _quantized(64, 96, 4, seed=3)
+    x = mx.random.normal((4, 96), key=mx.random.key(11))
+    same(lambda x: K.affine_matvec(x, wq, scales, biases, 4), x)
+    same(lambda s, b: K.affine_dequantize(wq, s, b, 4), scales, biases)
+    same(lambda s, b: K.affine_matvec(x, wq, s, b, 4), scales, biases)
+    s = mx.random.normal((6, 40), key=mx.random.key(12))
+    keep = mx.random.uniform(shape=(6, 40), key=mx.random.key(13)) > 0.3
+    same(lambda s: K.masked_softmax(s, 0.5, 3, True), s)
+    same(lambda s, k: K.masked_softmax(s, 0.5, 6, False, k), s, keep)
+    g, u = mx.random.normal((5, 64), key=mx.random.key(14)), mx.random.normal((5, 64), key=mx.random.key(15))
+    same(lambda g, u: K.gated_activation(g, u, "silu"), g, u)
+    w = mx.random.normal((64,), key=mx.random.key(16))
+    same(lambda x: K.rms_norm(x, w, 1e-6), g)
+    xr = mx.random.normal((2, 5, 3, 16), key=mx.random.key(17))
+    cos, sin = mx.cos(mx.random.normal((5, 8))), mx.sin(mx.random.normal((5, 8)))
+    same(lambda x, c, s: K.rope(x, c, s, False), xr, cos, sin)

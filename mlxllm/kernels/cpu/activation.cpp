@@ -130,23 +130,24 @@ mx::array masked_softmax(const mx::array& scores, float scale, int queries, bool
   if (causal && queries > T) {
     throw std::invalid_argument("[masked_softmax] a causal mask needs at least as many keys as queries");
   }
-  std::vector<mx::array> inputs = {contiguous_as(scores, mx::float32, stream)};
+  std::vector<mx::array> inputs = {mx::astype(scores, mx::float32, stream)};
   if (mask) {
     if (causal || mask->ndim() != 2 || mask->shape(0) != queries || mask->shape(1) != T) {
       throw std::invalid_argument("[masked_softmax] mask must be (queries, keys) and excludes causal");
     }
-    inputs.push_back(contiguous_as(*mask, mx::bool_, stream));
+    inputs.push_back(mx::astype(*mask, mx::bool_, stream));
   }
   return mx::array(scores.shape(), mx::float32, std::make_shared<MaskedSoftmax>(stream, scale, queries, causal),
                    std::move(inputs));
 }
 
 void MaskedSoftmax::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  const auto& scores = inputs[0];
+  auto e = begin_eval(stream(), inputs, out);
+  const auto& scores = e.inputs[0];
   const int T = scores.shape(-1);
   const long rows = static_cast<long>(scores.size() / T);
-  const bool* keep = inputs.size() > 1 ? inputs[1].data<bool>() : nullptr;
-  begin_eval(stream(), inputs, out).dispatch(
+  const bool* keep = e.inputs.size() > 1 ? e.inputs[1].data<bool>() : nullptr;
+  e.encoder.dispatch(
       [sp = scores.data<float>(), op = out.data<float>(), keep, T, rows, scale = scale_, L = queries_,
        causal = causal_]() {
         parallel_ranges(rows, static_cast<long>(T) * 4, [&](long begin, long end) {
@@ -177,13 +178,14 @@ mx::array gated_activation(const mx::array& gate, const mx::array& up, const std
   } else {
     throw std::invalid_argument("[gated_activation] kind must be 'silu' or 'gelu_tanh'");
   }
-  std::vector<mx::array> inputs = {contiguous_as(gate, mx::float32, stream), contiguous_as(up, mx::float32, stream)};
+  std::vector<mx::array> inputs = {mx::astype(gate, mx::float32, stream), mx::astype(up, mx::float32, stream)};
   return mx::array(gate.shape(), mx::float32, std::make_shared<GatedActivation>(stream, which), std::move(inputs));
 }
 
 void GatedActivation::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  begin_eval(stream(), inputs, out).dispatch(
-      [gp = inputs[0].data<float>(), up = inputs[1].data<float>(), op = out.data<float>(),
+  auto e = begin_eval(stream(), inputs, out);
+  e.encoder.dispatch(
+      [gp = e.inputs[0].data<float>(), up = e.inputs[1].data<float>(), op = out.data<float>(),
        n = static_cast<long>(out.size()), kind = kind_]() {
         constexpr long kBlock = 4096; // elements per unit of work
         parallel_ranges((n + kBlock - 1) / kBlock, kBlock * 12, [&](long begin, long end) {
@@ -202,14 +204,15 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::S
   if (x.ndim() < 1 || weight.ndim() != 1 || weight.shape(0) != x.shape(-1)) {
     throw std::invalid_argument("[rms_norm] weight must be (D,) for x (..., D)");
   }
-  std::vector<mx::array> inputs = {contiguous_as(x, mx::float32, stream), contiguous_as(weight, mx::float32, stream)};
+  std::vector<mx::array> inputs = {mx::astype(x, mx::float32, stream), mx::astype(weight, mx::float32, stream)};
   return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(stream, eps), std::move(inputs));
 }
 
 void RmsNorm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const int D = inputs[0].shape(-1);
-  begin_eval(stream(), inputs, out).dispatch(
-      [xp = inputs[0].data<float>(), wp = inputs[1].data<float>(), op = out.data<float>(), D,
+  auto e = begin_eval(stream(), inputs, out);
+  e.encoder.dispatch(
+      [xp = e.inputs[0].data<float>(), wp = e.inputs[1].data<float>(), op = out.data<float>(), D,
        rows = static_cast<long>(out.size() / D), eps = eps_]() {
         parallel_ranges(rows, static_cast<long>(D) * 8, [&](long begin, long end) {
           for (long r = begin; r < end; ++r) {

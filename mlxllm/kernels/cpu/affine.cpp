@@ -283,16 +283,17 @@ mx::array affine_matvec(const mx::array& x, const mx::array& w, const mx::array&
   auto stream = cpu_stream(s, "affine_matvec");
   auto shape = x.shape();
   shape.back() = w.shape(0);
-  std::vector<mx::array> inputs = {contiguous_as(x, mx::float32, stream), contiguous_as(w, mx::uint32, stream),
-                                   contiguous_as(scales, mx::float32, stream), contiguous_as(biases, mx::float32, stream)};
+  std::vector<mx::array> inputs = {mx::astype(x, mx::float32, stream), mx::astype(w, mx::uint32, stream),
+                                   mx::astype(scales, mx::float32, stream), mx::astype(biases, mx::float32, stream)};
   return mx::array(std::move(shape), mx::float32, std::make_shared<AffineMatvec>(stream, bits), std::move(inputs));
 }
 
 void AffineMatvec::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  const auto &x = inputs[0], &w = inputs[1], &sc = inputs[2], &bi = inputs[3];
+  auto e = begin_eval(stream(), inputs, out);
+  const auto &x = e.inputs[0], &w = e.inputs[1], &sc = e.inputs[2], &bi = e.inputs[3];
   const int I = x.shape(-1), O = w.shape(0);
   const int B = static_cast<int>(x.size() / I);
-  begin_eval(stream(), inputs, out).dispatch([xp = x.data<float>(), wp = reinterpret_cast<const uint8_t*>(w.data<uint32_t>()),
+  e.encoder.dispatch([xp = x.data<float>(), wp = reinterpret_cast<const uint8_t*>(w.data<uint32_t>()),
                 sp = sc.data<float>(), bp = bi.data<float>(), yp = out.data<float>(), B, I, O, bits = bits_]() {
     matvec(xp, wp, sp, bp, yp, B, I, O, bits);
   });
@@ -309,14 +310,15 @@ mx::array affine_dequantize(const mx::array& w, const mx::array& scales, const m
   check_layout(w, scales, biases, bits, "affine_dequantize");
   auto stream = cpu_stream(s, "affine_dequantize");
   mx::Shape shape = {w.shape(0), w.shape(1) * 32 / bits};
-  std::vector<mx::array> inputs = {contiguous_as(w, mx::uint32, stream), contiguous_as(scales, mx::float32, stream),
-                                   contiguous_as(biases, mx::float32, stream)};
+  std::vector<mx::array> inputs = {mx::astype(w, mx::uint32, stream), mx::astype(scales, mx::float32, stream),
+                                   mx::astype(biases, mx::float32, stream)};
   return mx::array(std::move(shape), mx::float32, std::make_shared<AffineDequantize>(stream, bits), std::move(inputs));
 }
 
 void AffineDequantize::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  const auto &w = inputs[0], &sc = inputs[1], &bi = inputs[2];
-  begin_eval(stream(), inputs, out).dispatch([wp = reinterpret_cast<const uint8_t*>(w.data<uint32_t>()), sp = sc.data<float>(),
+  auto e = begin_eval(stream(), inputs, out);
+  const auto &w = e.inputs[0], &sc = e.inputs[1], &bi = e.inputs[2];
+  e.encoder.dispatch([wp = reinterpret_cast<const uint8_t*>(w.data<uint32_t>()), sp = sc.data<float>(),
                 bp = bi.data<float>(), op = out.data<float>(), I = out.shape(1), O = out.shape(0), bits = bits_]() {
     dequantize(wp, sp, bp, op, I, O, bits);
   });

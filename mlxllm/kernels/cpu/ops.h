@@ -2,8 +2,10 @@
 // own ops, so they mix freely with them in one graph. See affine.cpp and activation.cpp.
 #pragma once
 
+#include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -54,22 +56,75 @@ inline mx::Stream cpu_stream(mx::StreamOrDevice s, const char* op) {
   return stream;
 }
 
-// a as a row-contiguous array of `dtype`: the layout the kernels index (no copy when it
-// already is one).
-inline mx::array contiguous_as(const mx::array& a, mx::Dtype dtype, mx::Stream s) {
-  return mx::contiguous(mx::astype(a, dtype, s), false, s);
+// x's elements in row-major order into dst, for x a strided view (any strides, broadcast
+// included).
+template <typename T>
+void gather_rows(const mx::array& x, T* dst) {
+  const int nd = x.ndim();
+  const T* src = x.data<T>();
+  if (x.size() == 0) {
+    return;
+  }
+  if (nd == 0) {
+    dst[0] = src[0];
+    return;
+  }
+  const auto& shape = x.shape();
+  const auto& strides = x.strides();
+  const int64_t inner = shape[nd - 1], step = strides[nd - 1];
+  std::vector<int64_t> index(nd, 0);
+  int64_t at = 0; // src offset of the current row
+  for (size_t done = 0; done < x.size(); done += inner) {
+    for (int64_t j = 0; j < inner; ++j) {
+      dst[done + j] = src[at + j * step];
+    }
+    for (int d = nd - 2; d >= 0; --d) { // the next row: an odometer over the outer dimensions
+      at += strides[d];
+      if (++index[d] < shape[d]) {
+        break;
+      }
+      at -= strides[d] * shape[d];
+      index[d] = 0;
+    }
+  }
 }
 
-// Allocates out and registers the arrays with the stream's encoder; dispatch the kernel
-// on the encoder returned.
-inline mx::cpu::CommandEncoder& begin_eval(mx::Stream s, const std::vector<mx::array>& inputs, mx::array& out) {
+// Each primitive's eval_cpu starts here: out allocated, the arrays registered with the
+// stream's encoder, and the inputs returned as the kernels read them, row-contiguous. An
+// input that is a strided view (a transpose, a slice, a broadcast) is gathered into a
+// temporary by a task queued ahead of the kernel's, since its data is ready only when the
+// stream gets there. Doing this here rather than with mx::contiguous when the graph is built
+// saves a graph node per input: they were over half of a decode step's nodes.
+struct Eval {
+  mx::cpu::CommandEncoder& encoder;
+  std::vector<mx::array> inputs;
+};
+
+inline Eval begin_eval(mx::Stream s, const std::vector<mx::array>& inputs, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
   auto& enc = mx::cpu::get_command_encoder(s);
+  std::vector<mx::array> rows;
+  rows.reserve(inputs.size());
   for (const auto& a : inputs) {
     enc.set_input_array(a);
+    if (a.flags().row_contiguous) {
+      rows.push_back(a);
+      continue;
+    }
+    mx::array copy(a.shape(), a.dtype(), nullptr, {});
+    copy.set_data(mx::allocator::malloc(copy.nbytes()));
+    enc.add_temporary(copy);
+    if (a.itemsize() == 4) {
+      enc.dispatch([a, dst = copy.data<uint32_t>()]() { gather_rows(a, dst); });
+    } else if (a.itemsize() == 1) {
+      enc.dispatch([a, dst = copy.data<uint8_t>()]() { gather_rows(a, dst); });
+    } else {
+      throw std::invalid_argument("[mlxllm_cpu] inputs must have 4- or 1-byte elements");
+    }
+    rows.push_back(std::move(copy));
   }
   enc.set_output_array(out);
-  return enc;
+  return {enc, std::move(rows)};
 }
 
 class CpuPrimitive : public mx::UnaryPrimitive {

@@ -43,14 +43,15 @@ mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin, b
       2 * cos.shape(1) > x.shape(3)) {
     throw std::invalid_argument("[rope] x must be (B, L, H, D) and cos/sin (L, dims / 2) with dims <= D");
   }
-  std::vector<mx::array> inputs = {contiguous_as(x, mx::float32, stream), contiguous_as(cos, mx::float32, stream),
-                                   contiguous_as(sin, mx::float32, stream)};
+  std::vector<mx::array> inputs = {mx::astype(x, mx::float32, stream), mx::astype(cos, mx::float32, stream),
+                                   mx::astype(sin, mx::float32, stream)};
   return mx::array(x.shape(), mx::float32, std::make_shared<Rope>(stream, traditional), std::move(inputs));
 }
 
 void Rope::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  const auto &x = inputs[0], &c = inputs[1], &s = inputs[2];
-  begin_eval(stream(), inputs, out).dispatch([xp = x.data<float>(), cp = c.data<float>(), sp = s.data<float>(), op = out.data<float>(),
+  auto e = begin_eval(stream(), inputs, out);
+  const auto &x = e.inputs[0], &c = e.inputs[1], &s = e.inputs[2];
+  e.encoder.dispatch([xp = x.data<float>(), cp = c.data<float>(), sp = s.data<float>(), op = out.data<float>(),
                 rows = x.shape(0) * x.shape(1), L = x.shape(1), H = x.shape(2), D = x.shape(3),
                 half = c.shape(1), traditional = traditional_]() {
     parallel_ranges(rows, static_cast<long>(H) * D * 4, [&](long begin, long end) {
