@@ -110,13 +110,52 @@ def quantize(src: Path, dst: Path, ftype: int) -> str | None:
     return None if rc == 0 and dst.exists() else f"llama_model_quantize returned {rc}"
 
 
-def llamacpp_greedy(path: Path, **llama_options) -> tuple[list[list[int]], list[np.ndarray]]:
+def llamacpp_tools(out: Path) -> Path:
+    """The folder holding llama-imatrix and llama-quantize, built from the llama.cpp inside
+    the installed llama-cpp-python's source package."""
+    bin_dir = out / "llama.cpp-build" / "bin"
+    if (bin_dir / "llama-imatrix").exists() and (bin_dir / "llama-quantize").exists():
+        return bin_dir
+    version = importlib.metadata.version("llama-cpp-python")
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                    f"llama-cpp-python=={version}", "-d", str(out)], check=True)
+    root = f"llama_cpp_python-{version}/vendor/llama.cpp"
+    with tarfile.open(out / f"llama_cpp_python-{version}.tar.gz") as tar:
+        tar.extractall(out, members=[m for m in tar.getmembers() if m.name.startswith(root)], filter="data")
+    cmake = shutil.which("cmake") or "cmake"
+    build = out / "llama.cpp-build"
+    subprocess.run([cmake, "-S", str(out / root), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
+                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([cmake, "--build", str(build), "--target", "llama-imatrix", "llama-quantize", "-j", "2"],
+                   check=True, stdout=subprocess.DEVNULL)
+    return bin_dir
+
+
+def importance_matrix(f32: Path, out: Path) -> Path:
+    """llama-imatrix's importance matrix of the F32 model over a fixed calibration text."""
+    imatrix = out / "imatrix.gguf"
+    if not imatrix.exists():
+        text = out / "calibration.txt"
+        text.write_text(inspect.getsource(argparse))
+        subprocess.run([str(llamacpp_tools(out) / "llama-imatrix"), "-m", str(f32), "-f", str(text), "-o", str(imatrix),
+                        "-c", "256", "-t", "2", "--chunks", "32"], check=True, capture_output=True)
+    return imatrix
+
+
+def quantize_with_imatrix(f32: Path, dst: Path, name: str, out: Path) -> str | None:
+    """llama-quantize with the importance matrix; None on success, else why it failed."""
+    done = subprocess.run([str(llamacpp_tools(out) / "llama-quantize"), "--imatrix", str(importance_matrix(f32, out)),
+                           str(f32), str(dst), name, "2"], capture_output=True, text=True)
+    return None if done.returncode == 0 and dst.exists() else f"llama-quantize: {done.stderr.strip().splitlines()[-1:]}"
+
+
+def llamacpp_greedy(path: Path) -> tuple[list[list[int]], list[np.ndarray]]:
     """llama.cpp's greedy continuation of each prompt on `path`, and its argmax at every
     position of that sequence."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False,
-                          **llama_options)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
     sequences, argmax = [], []
     for prompt in PROMPTS:
         llm.reset()
