@@ -5,7 +5,7 @@ Two oracles per file. Against llama.cpp running a float32 copy of the file (its 
 dequantization, no activation rounding on either side) our argmax must agree almost
 everywhere: that checks our dequantization and compute. Against llama.cpp on the quantized
 file itself, agreement is bounded by llama.cpp's 8-bit activation rounding, so ours must be
-within a point of llama.cpp's agreement with itself under a float32 KV cache (the script's
+within two points of llama.cpp's agreement with itself under a float32 KV cache (the script's
 docstring says why).
 """
 
@@ -51,4 +51,4 @@ def test_agrees_with_llama_cpp(name, f32_model, fidelity_report):
         dst, sequences, type_k=quant_matrix.F32, type_v=quant_matrix.F32), argmax)
     fidelity_report.append((f"smollm2/{name}", sum(map(len, argmax)), f"{ours:.2%}",
                             f"(llama.cpp vs itself {itself:.2%}; vs its float32 copy {exact:.2%})"))
-    assert ours >= itself - 0.01, f"{name}: {ours:.2%} against llama.cpp, which agrees with itself at {itself:.2%}"
+    assert ours >= itself - 0.02, f"{name}: {ours:.2%} against llama.cpp, which agrees with itself at {itself:.2%}"
