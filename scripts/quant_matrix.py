@@ -150,12 +150,18 @@ def quantize_with_imatrix(f32: Path, dst: Path, name: str, out: Path) -> str | N
     return None if done.returncode == 0 and dst.exists() else f"llama-quantize: {done.stderr.strip().splitlines()[-1:]}"
 
 
+def open_llama(path: Path, **llama_options):
+    """llama.cpp on `path`, keeping the logits of every position."""
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False,
+                           **llama_options)
+
+
 def llamacpp_greedy(path: Path) -> tuple[list[list[int]], list[np.ndarray]]:
     """llama.cpp's greedy continuation of each prompt on `path`, and its argmax at every
     position of that sequence."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
+    llm = open_llama(path)
     sequences, argmax = [], []
     for prompt in PROMPTS:
         llm.reset()
@@ -165,32 +171,24 @@ def llamacpp_greedy(path: Path) -> tuple[list[list[int]], list[np.ndarray]]:
             llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
         sequences.append(list(llm.eval_tokens))
         argmax.append(np.asarray(llm.scores[: llm.n_tokens]).argmax(-1))
-    del llm
     return sequences, argmax
 
 
 def llamacpp_teacher_forced(path: Path, sequences: list[list[int]], **llama_options) -> list[np.ndarray]:
     """llama.cpp's argmax at every position of each given sequence."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False,
-                          **llama_options)
+    llm = open_llama(path, **llama_options)
     argmax = []
     for tokens in sequences:
         llm.reset()
         llm.eval(tokens)
         argmax.append(np.asarray(llm.scores[: llm.n_tokens]).argmax(-1))
-    del llm
     return argmax
 
 
-def mlxllm_teacher_forced(path: Path, sequences: list[list[int]], dense: bool | None) -> list[np.ndarray]:
-    """mlxllm's argmax at every position of each given sequence (dense: as load_model's)."""
+def mlxllm_teacher_forced(model, sequences: list[list[int]]) -> list[np.ndarray]:
+    """mlxllm's argmax at every position of each given sequence."""
     import mlx.core as mx
 
-    from mlxllm.loader import load_model
-
-    model, _, _, _ = load_model(str(path), dense=dense)
     return [np.array(mx.argmax(model(mx.array([tokens]))[0], axis=-1)) for tokens in sequences]
 
 
@@ -201,6 +199,7 @@ def share(ours: list[np.ndarray], theirs: list[np.ndarray]) -> float:
 
 def main() -> None:
     from mlxllm.gguf import GGUFFile
+    from mlxllm.loader import load_model
     from mlxllm.models import resolve
 
     ap = argparse.ArgumentParser()
@@ -232,15 +231,16 @@ def main() -> None:
             results[name] = {"error": error}
             print(f"{name:<11}{'-':>8}  {error}")
             continue
+        model, *_ = load_model(str(dst), dense=dense)
         sequences, argmax = llamacpp_greedy(dst)
-        r = {"agreement": share(mlxllm_teacher_forced(dst, sequences, dense), argmax),
+        r = {"agreement": share(mlxllm_teacher_forced(model, sequences), argmax),
              "llamacpp_f32_kv": share(llamacpp_teacher_forced(dst, sequences, type_k=F32, type_v=F32), argmax),
              "positions": sum(len(a) for a in argmax)}
         f32_copy = out / f"{dst.stem}-as-f32.gguf"
         if not f32_copy.exists():
             quantize(dst, f32_copy, 0)
         f32_sequences, f32_argmax = llamacpp_greedy(f32_copy)
-        r["agreement_vs_f32_copy"] = share(mlxllm_teacher_forced(dst, f32_sequences, dense), f32_argmax)
+        r["agreement_vs_f32_copy"] = share(mlxllm_teacher_forced(model, f32_sequences), f32_argmax)
         f32_copy.unlink()
         r["types"] = dict(Counter(t.qtype.name for t in GGUFFile(str(dst)).tensors.values()).most_common())
         r["seconds"] = round(time.perf_counter() - start, 1)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from mlxllm.loader import load_model
 from mlxllm.models import resolve
 
 SCRIPT = Path(__file__).parent.parent / "scripts" / "quant_matrix.py"
@@ -41,12 +42,13 @@ def test_agrees_with_llama_cpp(name, f32_model, fidelity_report):
     copy = dst.with_name(f"{dst.stem}-as-f32.gguf")
     assert quant_matrix.quantize(dst, copy, 0) is None
 
+    model, *_ = load_model(str(dst))
     sequences, argmax = quant_matrix.llamacpp_greedy(copy)
-    exact = quant_matrix.share(quant_matrix.mlxllm_teacher_forced(dst, sequences, None), argmax)
+    exact = quant_matrix.share(quant_matrix.mlxllm_teacher_forced(model, sequences), argmax)
     assert exact >= 0.99, f"{name}: {exact:.2%} against llama.cpp on the float32 copy"
 
     sequences, argmax = quant_matrix.llamacpp_greedy(dst)
-    ours = quant_matrix.share(quant_matrix.mlxllm_teacher_forced(dst, sequences, None), argmax)
+    ours = quant_matrix.share(quant_matrix.mlxllm_teacher_forced(model, sequences), argmax)
     itself = quant_matrix.share(quant_matrix.llamacpp_teacher_forced(
         dst, sequences, type_k=quant_matrix.F32, type_v=quant_matrix.F32), argmax)
     fidelity_report.append((f"smollm2/{name}", sum(map(len, argmax)), f"{ours:.2%}",

@@ -130,7 +130,7 @@ def matmul(x: mx.array, w: QuantizedTensor) -> mx.array:
     if parts is not None:
         if rows <= CPU_MATVEC_ROWS:
             return widen.sum_in_order(cpu.KERNELS.affine_matvec(x, p.weight, p.scales, p.biases, p.bits)
-                        for p in parts).astype(x.dtype)
+                                      for p in parts).astype(x.dtype)
         return x @ dequantize(w, x.dtype).T
     if w.mode == "packed":
         return _packed_matmul(x, w)
