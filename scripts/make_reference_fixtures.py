@@ -57,25 +57,45 @@ def long_prompt() -> str:
     return "\n\n".join(text) + "\n\nIn summary, the history of computing shows that"
 
 
-def reference(path: str, prompt: str) -> dict:
+def prompts() -> list[str]:
+    """The prompts of every fixture, the long one last."""
+    return PROMPTS + [long_prompt()]
+
+
+def open_llama(path, **llama_options):
+    """llama.cpp on `path`, keeping the logits of every position, with room for the long prompt."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=path, n_ctx=4096, n_batch=512, n_threads=2, logits_all=True,
-                          verbose=False)
-    ids = llm.tokenize(prompt.encode(), add_bos=llm.metadata.get("tokenizer.ggml.add_bos_token", "true") != "false")
-    llm.eval(ids)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=4096, n_batch=512, n_threads=2, logits_all=True,
+                           verbose=False, **llama_options)
+
+
+def prompt_ids(llm, prompt: str) -> list[int]:
+    """llama.cpp's tokens for `prompt`, with BOS where the file asks for it."""
+    return llm.tokenize(prompt.encode(), add_bos=llm.metadata.get("tokenizer.ggml.add_bos_token", "true") != "false")
+
+
+def greedy(llm, prompt: str) -> tuple[list[int], np.ndarray]:
+    """llama.cpp's tokens for `prompt` plus its greedy continuation (up to CONTINUATION tokens,
+    ending at EOS), and its logits at every position of that sequence."""
+    llm.reset()
+    llm.eval(prompt_ids(llm, prompt))
     for _ in range(CONTINUATION):
         nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         if nxt == llm.token_eos():
             break
         llm.eval([nxt])
     tokens = list(llm.eval_tokens)
-    scores = np.asarray(llm.scores[: len(tokens)], dtype=np.float32)  # (n, vocab)
+    return tokens, np.array(llm.scores[: len(tokens)], dtype=np.float32)  # (n, vocab), a copy: llm.scores is reused
+
+
+def reference(llm, prompt: str) -> dict:
+    tokens, scores = greedy(llm, prompt)
     top = np.argsort(-scores, axis=-1)[:, :TOP]
     return {
         "prompt": prompt,
         "tokens": tokens,
-        "n_prompt": len(ids),
+        "n_prompt": len(prompt_ids(llm, prompt)),
         "argmax": scores.argmax(-1).tolist(),
         "top_ids": top.tolist(),
         "top_logits": np.take_along_axis(scores, top, -1).round(4).tolist(),
@@ -90,7 +110,8 @@ def main(names: list[str]) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for name in names:
         path = resolve(name)
-        cases = [reference(path, p) for p in PROMPTS + [long_prompt()]]
+        llm = open_llama(path)
+        cases = [reference(llm, p) for p in prompts()]
         doc = {"model": name, "llama_cpp_python": llama_cpp.__version__, "cases": cases}
         target = OUT / f"{name.replace(':', '-')}.json"
         target.write_text(json.dumps(doc, separators=(",", ":")))

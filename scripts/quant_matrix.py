@@ -2,8 +2,9 @@
 
 1. Widen SmolLM2-135M-Instruct (Q4_1) to an all-F32 GGUF (gguf-py writer, same metadata).
 2. Have llama.cpp (`llama_model_quantize`) write every file type it can from it.
-3. For each file: llama.cpp's greedy continuation of a few prompts, then teacher-forced
-   argmax agreement of mlxllm with llama.cpp at every position, and the tensor types the
+3. For each file: llama.cpp's greedy continuation of the fidelity fixtures' prompts (eight,
+   one past 1500 tokens: scripts/make_reference_fixtures.py), then teacher-forced argmax
+   agreement of mlxllm with llama.cpp at every position, and the tensor types the
    file holds (llama.cpp mixes types where row sizes force it).
 4. llama.cpp's own noise floor (column "llama/KV32"): the agreement of llama.cpp with
    itself when only its KV cache changes from float16 to float32. llama.cpp's CPU matmuls
@@ -17,8 +18,9 @@
    in mlxllm was tried: it moved our logits as far again, in an uncorrelated direction, and a
    1e-6 change of the embeddings moved them by 0.18 too; it was dropped.)
 5. The same as 3 against llama.cpp running a float32 copy of that file (its own
-   dequantization, `llama_model_quantize` with ftype F32, so no activation rounding on either
-   side): this isolates our dequantization and compute from llama.cpp's activation rounding.
+   dequantization, `llama_model_quantize` with ftype F32) with a float32 KV cache: float32
+   from end to end on both sides, so this isolates our dequantization and compute from
+   llama.cpp's roundings. It also gives the largest logit difference ("max|dlogit|").
 
     python scripts/quant_matrix.py [--out DIR] [--types Q4_0,Q6_K,...] [--json results.json]
                                    [--layout default|dense|quantized]
@@ -47,17 +49,10 @@ from pathlib import Path
 
 import numpy as np
 
-PROMPTS = [
-    "The capital of France is",
-    "def add(a, b):\n    return",
-    "Once upon a time, there was a little robot who",
-    "<|im_start|>user\nName three primary colors.<|im_end|>\n<|im_start|>assistant\n",
-    "The three laws of motion formulated by Isaac Newton state that",
-    "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n",
-    "import os\n\nfor name in os.listdir('.'):\n",
-    "Water boils at 100 degrees Celsius at sea level because",
-]
-CONTINUATION = 48
+# The same measurement as the fidelity fixtures: their prompts (the long one past 1500 tokens)
+# and their greedy continuation, through the same llama.cpp settings.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_reference_fixtures import greedy, open_llama, prompts  # noqa: E402
 
 # llama.h LLAMA_FTYPE_MOSTLY_* values
 FTYPES = {
@@ -68,7 +63,7 @@ FTYPES = {
     "BF16": 32, "TQ1_0": 36, "TQ2_0": 37, "MXFP4_MOE": 38,
 }
 
-F32 = 0  # GGML_TYPE_F32, for llama.cpp's type_k / type_v
+KV32 = {"type_k": 0, "type_v": 0}  # llama.cpp's KV cache in GGML_TYPE_F32 rather than its default F16
 
 # llama.cpp refuses these without an importance matrix.
 NEEDS_IMATRIX = {"IQ2_XXS", "IQ2_XS", "Q2_K_S", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"}
@@ -150,28 +145,16 @@ def quantize_with_imatrix(f32: Path, dst: Path, name: str, out: Path) -> str | N
     return None if done.returncode == 0 and dst.exists() else f"llama-quantize: {done.stderr.strip().splitlines()[-1:]}"
 
 
-def open_llama(path: Path, **llama_options):
-    """llama.cpp on `path`, keeping the logits of every position."""
-    import llama_cpp
-
-    return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False,
-                           **llama_options)
-
-
-def llamacpp_greedy(path: Path) -> tuple[list[list[int]], list[np.ndarray]]:
-    """llama.cpp's greedy continuation of each prompt on `path`, and its argmax at every
+def llamacpp_greedy(path: Path, **llama_options) -> tuple[list[list[int]], list[np.ndarray]]:
+    """llama.cpp's greedy continuation of each prompt on `path`, and its logits at every
     position of that sequence."""
-    llm = open_llama(path)
-    sequences, argmax = [], []
-    for prompt in PROMPTS:
-        llm.reset()
-        ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
-        llm.eval(ids)
-        for _ in range(CONTINUATION):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-        sequences.append(list(llm.eval_tokens))
-        argmax.append(np.asarray(llm.scores[: llm.n_tokens]).argmax(-1))
-    return sequences, argmax
+    llm = open_llama(path, **llama_options)
+    sequences, logits = [], []
+    for prompt in prompts():
+        tokens, scores = greedy(llm, prompt)
+        sequences.append(tokens)
+        logits.append(scores)
+    return sequences, logits
 
 
 def llamacpp_teacher_forced(path: Path, sequences: list[list[int]], **llama_options) -> list[np.ndarray]:
@@ -185,15 +168,33 @@ def llamacpp_teacher_forced(path: Path, sequences: list[list[int]], **llama_opti
     return argmax
 
 
-def mlxllm_teacher_forced(model, sequences: list[list[int]]) -> list[np.ndarray]:
-    """mlxllm's argmax at every position of each given sequence."""
+CHUNK = 256  # positions per forward, through the KV cache as generation runs a prompt
+
+
+def mlxllm_logits(model, tokens: list[int]) -> np.ndarray:
+    """mlxllm's logits at every position of `tokens`, (positions, vocab)."""
     import mlx.core as mx
 
-    return [np.array(mx.argmax(model(mx.array([tokens]))[0], axis=-1)) for tokens in sequences]
+    cache = model.make_cache()
+    return np.concatenate([np.array(model(mx.array([tokens[i:i + CHUNK]]), cache=cache)[0])
+                           for i in range(0, len(tokens), CHUNK)])
+
+
+def compare(model, sequences: list[list[int]], logits: list[np.ndarray]) -> tuple[float, float]:
+    """The share of positions where mlxllm's argmax is llama.cpp's, and the largest
+    difference between the two sides' logits."""
+    same = total = 0
+    worst = 0.0
+    for tokens, theirs in zip(sequences, logits):
+        ours = mlxllm_logits(model, tokens)
+        same += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
+        total += len(tokens)
+        worst = max(worst, float(np.abs(ours - theirs).max()))
+    return same / total, worst
 
 
 def share(ours: list[np.ndarray], theirs: list[np.ndarray]) -> float:
-    """The fraction of positions where two argmax sequences agree."""
+    """The share of positions where two argmax sequences agree."""
     return float(np.mean(np.concatenate([a == b for a, b in zip(ours, theirs)])))
 
 
@@ -217,7 +218,7 @@ def main() -> None:
     if not f32.exists():
         write_f32(resolve("smollm2:135m"), f32)
     results = {}
-    print(f"{'file type':<11}{'agree':>8}{'llama/KV32':>12}{'vs f32':>8}  tensor types")
+    print(f"{'file type':<11}{'agree':>8}{'llama/KV32':>12}{'vs f32':>8}{'max|dlogit|':>12}  tensor types")
     for name in args.types.split(","):
         dst = out / f"smollm2-135m-{name.lower()}.gguf"
         start = time.perf_counter()
@@ -232,21 +233,23 @@ def main() -> None:
             print(f"{name:<11}{'-':>8}  {error}")
             continue
         model, *_ = load_model(str(dst), dense=dense)
-        sequences, argmax = llamacpp_greedy(dst)
-        r = {"agreement": share(mlxllm_teacher_forced(model, sequences), argmax),
-             "llamacpp_f32_kv": share(llamacpp_teacher_forced(dst, sequences, type_k=F32, type_v=F32), argmax),
-             "positions": sum(len(a) for a in argmax)}
+        sequences, logits = llamacpp_greedy(dst)
+        agreement, _ = compare(model, sequences, logits)
+        itself = share(llamacpp_teacher_forced(dst, sequences, **KV32), [x.argmax(-1) for x in logits])
+        del logits
         f32_copy = out / f"{dst.stem}-as-f32.gguf"
         if not f32_copy.exists():
             quantize(dst, f32_copy, 0)
-        f32_sequences, f32_argmax = llamacpp_greedy(f32_copy)
-        r["agreement_vs_f32_copy"] = share(mlxllm_teacher_forced(model, f32_sequences), f32_argmax)
+        exact, worst = compare(model, *llamacpp_greedy(f32_copy, **KV32))
         f32_copy.unlink()
+        r = {"agreement": agreement, "llamacpp_f32_kv": itself, "agreement_vs_f32_copy": exact,
+             "max_logit_diff_vs_f32_copy": worst, "positions": sum(map(len, sequences))}
         r["types"] = dict(Counter(t.qtype.name for t in GGUFFile(str(dst)).tensors.values()).most_common())
         r["seconds"] = round(time.perf_counter() - start, 1)
         results[name] = r
         types = ", ".join(f"{k} x{v}" for k, v in r["types"].items())
-        print(f"{name:<11}{r['agreement']:>8.2%}{r['llamacpp_f32_kv']:>12.2%}{r['agreement_vs_f32_copy']:>8.2%}  {types}",
+        print(f"{name:<11}{r['agreement']:>8.2%}{r['llamacpp_f32_kv']:>12.2%}{r['agreement_vs_f32_copy']:>8.2%}"
+              f"{r['max_logit_diff_vs_f32_copy']:>12.4f}  {types}",
               flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -1,12 +1,13 @@
 """A slice of scripts/quant_matrix.py in CI: SmolLM2 re-quantized by llama.cpp into types
 the two real models do not hold, each run end to end against llama.cpp on the same file.
 
-Two oracles per file. Against llama.cpp running a float32 copy of the file (its own
-dequantization, no activation rounding on either side) our argmax must agree almost
-everywhere: that checks our dequantization and compute. Against llama.cpp on the quantized
-file itself, agreement is bounded by llama.cpp's 8-bit activation rounding, so ours must be
-within two points of llama.cpp's agreement with itself under a float32 KV cache (the script's
-docstring says why).
+The measurement is the fidelity test's: llama.cpp's greedy continuation of the fixture
+prompts (one past 1500 tokens), then our argmax at every position against llama.cpp's.
+Two oracles per file:
+- llama.cpp on the file itself, as users run it: agreement at least 95%;
+- llama.cpp on a float32 copy of the file (its own dequantization) with a float32 KV cache:
+  float32 on both sides, so agreement almost everywhere and logits within a few thousandths.
+  This checks our dequantization and compute apart from llama.cpp's 8-bit activation rounding.
 """
 
 import importlib.util
@@ -22,9 +23,9 @@ spec = importlib.util.spec_from_file_location("quant_matrix", SCRIPT)
 quant_matrix = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(quant_matrix)
 
-# Three file types whose main types the real models leave out (about a minute each): Q2_K
-# (with Q3_K; widened into 6-bit + 1-bit parts), IQ3_S (a sign-and-grid i-quant) and IQ4_XS
-# (a non-linear codebook). The script runs every type.
+# Three file types whose main types the real models leave out (about a minute and a half
+# each): Q2_K (with Q3_K; widened into 6-bit + 1-bit parts), IQ3_S (a sign-and-grid i-quant)
+# and IQ4_XS (a non-linear codebook). The script runs every type.
 TYPES = ["Q2_K", "IQ3_S", "IQ4_XS"]
 
 
@@ -41,16 +42,13 @@ def test_agrees_with_llama_cpp(name, f32_model, fidelity_report):
     assert quant_matrix.quantize(f32_model, dst, quant_matrix.FTYPES[name]) is None
     copy = dst.with_name(f"{dst.stem}-as-f32.gguf")
     assert quant_matrix.quantize(dst, copy, 0) is None
-
     model, *_ = load_model(str(dst))
-    sequences, argmax = quant_matrix.llamacpp_greedy(copy)
-    exact = quant_matrix.share(quant_matrix.mlxllm_teacher_forced(model, sequences), argmax)
-    assert exact >= 0.99, f"{name}: {exact:.2%} against llama.cpp on the float32 copy"
 
-    sequences, argmax = quant_matrix.llamacpp_greedy(dst)
-    ours = quant_matrix.share(quant_matrix.mlxllm_teacher_forced(model, sequences), argmax)
-    itself = quant_matrix.share(quant_matrix.llamacpp_teacher_forced(
-        dst, sequences, type_k=quant_matrix.F32, type_v=quant_matrix.F32), argmax)
-    fidelity_report.append((f"smollm2/{name}", sum(map(len, argmax)), f"{ours:.2%}",
-                            f"(llama.cpp vs itself {itself:.2%}; vs its float32 copy {exact:.2%})"))
-    assert ours >= itself - 0.02, f"{name}: {ours:.2%} against llama.cpp, which agrees with itself at {itself:.2%}"
+    exact, worst = quant_matrix.compare(model, *quant_matrix.llamacpp_greedy(copy, **quant_matrix.KV32))
+    assert exact >= 0.99 and worst < 0.01, f"{name}: {exact:.2%}, logits within {worst:.4f} of llama.cpp in float32"
+
+    sequences, logits = quant_matrix.llamacpp_greedy(dst)
+    ours, _ = quant_matrix.compare(model, sequences, logits)
+    fidelity_report.append((f"smollm2/{name}", sum(map(len, sequences)), f"{ours:.2%}",
+                            f"(float32 copy: {exact:.2%}, {worst:.4f} max)"))
+    assert ours >= 0.95, f"{name}: argmax agrees with llama.cpp at {ours:.2%} of positions"
