@@ -8,6 +8,9 @@ to `mlxllm.kernels`, which picks the kernel.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -76,3 +79,69 @@ class QuantizedEmbedding(_Quantized):
     def as_linear(self, x: mx.array) -> mx.array:
         """Tied output projection: x @ E.T."""
         return kernels.matmul(x, self)
+
+
+@dataclass(eq=False)
+class StackedRows:
+    """Projections of one input whose weights `stack_projections` stacked by rows: `layer`
+    computes them all in one product, whose last axis splits at `splits`. The members are
+    known by identity (`ids`), so that holding them here makes no reference cycle."""
+
+    layer: QuantizedLinear
+    splits: list[int]
+    ids: tuple[int, ...]
+
+
+def stack_projections(module: nn.Module, names: Sequence[str]) -> None:
+    """Stack by rows the weights of `module`'s projections `names` (which read the same
+    input), each run of neighbours that share a layout (`kernels.stacking_layout`), so
+    `project` computes a run as one product: one pass over the weights and one kernel
+    dispatch instead of one each, which counts for small decode matrices (SmolLM2's 192-row
+    k and v). A file may give v another type than q and k; then q and k stack alone. Each
+    member's arrays become row views of the stacked ones, so the weights are still held once."""
+    runs: list[tuple[tuple | None, list[QuantizedLinear]]] = []
+    for m in (getattr(module, name) for name in names):
+        layout = kernels.stacking_layout(m) if isinstance(m, QuantizedLinear) and "bias" not in m else None
+        if layout is not None and runs and runs[-1][0] == layout:
+            runs[-1][1].append(m)
+        else:
+            runs.append((layout, [m]))
+    for layout, members in runs:
+        if layout is not None and len(members) > 1:
+            _stack(members)
+
+
+def _stack(members: list[QuantizedLinear]) -> None:
+    parts = kernels.stack_rows(members)
+    rows = [m.rows for m in members]
+    stacked = QuantizedTensor(members[0].qtype, (sum(rows), members[0].cols), None, parts=parts)
+    group = StackedRows(QuantizedLinear(stacked), [sum(rows[:i + 1]) for i in range(len(rows) - 1)],
+                        tuple(map(id, members)))
+    start = 0
+    for m, n in zip(members, rows):
+        views = [{k: a[start:start + n] for k, a in (("weight", p.weight), ("scales", p.scales),
+                                                     ("biases", p.biases)) if a is not None} for p in parts]
+        if "part_arrays" in m:
+            m.part_arrays = views
+        else:
+            for key, view in views[0].items():
+                setattr(m, key, view)
+        m.stacked = group
+        start += n
+    mx.eval(group.layer.parameters(), [m.parameters() for m in members])
+
+
+def project(x: mx.array, linears: Sequence[nn.Module]) -> list[mx.array]:
+    """[l(x) for l in linears], each stacked run (`stack_projections`) as one product."""
+    out: list[mx.array] = []
+    i = 0
+    while i < len(linears):
+        group = getattr(linears[i], "stacked", None)
+        n = len(group.ids) if group is not None else 1
+        if group is not None and group.ids == tuple(map(id, linears[i:i + n])):
+            out += mx.split(group.layer(x), group.splits, axis=-1)
+        else:
+            out.append(linears[i](x))
+            n = 1
+        i += n
+    return out

@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType
 from mlx.utils import tree_flatten
 
 from .gguf import GGUFError, GGUFFile
-from .layers import QuantizedEmbedding, QuantizedLinear
+from .layers import QuantizedEmbedding, QuantizedLinear, stack_projections
 from .kernels import cpu as cpu_kernels
 from .kernels.widen import widen
 from .quant import QuantizedTensor, layout_of, to_mlx
@@ -160,6 +160,9 @@ def load_model(path: str, dtype: mx.Dtype = mx.float32, dense: bool | None = Non
                 mx.eval(value)
             _set(model, name, value)
         nbytes += value.nbytes
+    for _, module in model.named_modules():
+        for names in getattr(module, "SHARED_INPUT_PROJECTIONS", ()):
+            stack_projections(module, names)
     model.eval()
     return model, gf, arch, LoadStats(time.perf_counter() - start, nbytes)
 

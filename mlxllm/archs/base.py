@@ -7,7 +7,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import kernels
+from .. import kernels, layers
 from ..gguf import GGUFFile
 
 
@@ -46,3 +46,10 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
 def geglu(gate: mx.array, up: mx.array) -> mx.array:
     """gelu(gate) * up with ggml's tanh-approximated GELU: the Gemma feed-forward gate."""
     return kernels.gated(gate, up, "gelu_tanh")
+
+
+def project(x: mx.array, *linears: nn.Module) -> list[mx.array]:
+    """x through several projections of that same x (q/k/v, gate/up). Where a block lists
+    them in its `SHARED_INPUT_PROJECTIONS`, the loader stacks their weights and this is
+    one product."""
+    return layers.project(x, linears)

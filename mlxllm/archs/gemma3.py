@@ -21,7 +21,7 @@ import mlx.nn as nn
 from ..cache import KVCache, RotatingKVCache, window_mask
 from ..gguf import GGUFFile
 from ..registry import Arch
-from .base import RMSNorm, attention, geglu, require, rope
+from .base import RMSNorm, attention, geglu, project, require, rope
 
 SWA_ROPE_BASE = 10000.0  # llama.cpp rope_freq_base_train_swa for gemma3; not in the GGUF
 SWA_PATTERN = 6  # llama.cpp set_swa_pattern(6): five sliding layers, then one global
@@ -115,6 +115,8 @@ def softcapped_attention(q, k, v, scale: float, cap: float, mask) -> mx.array:
 class Block(nn.Module):
     """One decoder layer; projections and norms sit directly on the block, as in GGUF."""
 
+    SHARED_INPUT_PROJECTIONS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
+
     def __init__(self, args: ModelArgs, sliding: bool):
         super().__init__()
         self.args = args
@@ -140,9 +142,10 @@ class Block(nn.Module):
         a = self.args
         B, L, _ = x.shape
         # (B, L, H*D) -> (B, L, H, D): q/k norms act per head, before RoPE
-        q = self.attn_q_norm(self.attn_q(x).reshape(B, L, a.n_heads, a.head_dim))
-        k = self.attn_k_norm(self.attn_k(x).reshape(B, L, a.n_kv_heads, a.head_dim))
-        v = self.attn_v(x).reshape(B, L, a.n_kv_heads, a.head_dim)
+        q, k, v = project(x, self.attn_q, self.attn_k, self.attn_v)
+        q = self.attn_q_norm(q.reshape(B, L, a.n_heads, a.head_dim))
+        k = self.attn_k_norm(k.reshape(B, L, a.n_kv_heads, a.head_dim))
+        v = v.reshape(B, L, a.n_kv_heads, a.head_dim)
         rot = dict(traditional=False, base=self.rope_base, scale=self.rope_scale,
                    offset=cache.offset if cache is not None else 0)
         q, k = rope(q, a.head_dim, **rot), rope(k, a.head_dim, **rot)
@@ -159,7 +162,7 @@ class Block(nn.Module):
         h = x + self.post_attention_norm(self.attention(self.attn_norm(x), mask, cache))
         y = self.ffn_norm(h)
         # LLM_FFN_GELU + LLM_FFN_PAR: ggml_gelu is the tanh approximation
-        y = self.ffn_down(geglu(self.ffn_gate(y), self.ffn_up(y)))
+        y = self.ffn_down(geglu(*project(y, self.ffn_gate, self.ffn_up)))
         return h + self.post_ffw_norm(y)
 
 

@@ -16,7 +16,7 @@ import mlx.nn as nn
 from ..cache import KVCache
 from ..gguf import GGUFFile
 from ..registry import Arch
-from .base import RMSNorm, attention, require, rope, swiglu
+from .base import RMSNorm, attention, project, require, rope, swiglu
 
 
 @dataclass
@@ -67,6 +67,8 @@ class ModelArgs:
 class Block(nn.Module):
     """One decoder layer; attention projections sit directly on the block, as in GGUF."""
 
+    SHARED_INPUT_PROJECTIONS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -84,9 +86,10 @@ class Block(nn.Module):
         a = self.args
         B, L, _ = x.shape
         # (B, L, H*D) -> (B, L, H, D), rotated, -> (B, H, L, D)
-        q = self.attn_q(x).reshape(B, L, a.n_heads, a.head_dim)
-        k = self.attn_k(x).reshape(B, L, a.n_kv_heads, a.head_dim)
-        v = self.attn_v(x).reshape(B, L, a.n_kv_heads, a.head_dim).transpose(0, 2, 1, 3)
+        q, k, v = project(x, self.attn_q, self.attn_k, self.attn_v)
+        q = q.reshape(B, L, a.n_heads, a.head_dim)
+        k = k.reshape(B, L, a.n_kv_heads, a.head_dim)
+        v = v.reshape(B, L, a.n_kv_heads, a.head_dim).transpose(0, 2, 1, 3)
         rot = dict(traditional=True, base=None if rope_freqs is not None else a.rope_base, scale=a.rope_scale,
                    offset=cache.offset if cache is not None else 0, freqs=rope_freqs)
         q = rope(q, a.rope_dims, **rot).transpose(0, 2, 1, 3)
@@ -99,7 +102,7 @@ class Block(nn.Module):
     def __call__(self, x, mask, cache, rope_freqs):
         h = x + self.attention(self.attn_norm(x), mask, cache, rope_freqs)
         y = self.ffn_norm(h)
-        return h + self.ffn_down(swiglu(self.ffn_gate(y), self.ffn_up(y)))
+        return h + self.ffn_down(swiglu(*project(y, self.ffn_gate, self.ffn_up)))
 
 
 class Model(nn.Module):

@@ -80,16 +80,40 @@ def _dequantize_packed(w: QuantizedTensor, data: mx.array, shape: tuple[int, ...
 def _cpu_affine_parts(w: QuantizedTensor) -> list[Part] | None:
     """W as the affine parts our CPU kernels read (group 32, float32 scales and biases),
     when the kernels are active and W has that form; else None."""
-    if cpu.active() is None:
-        return None
-    if w.mode == "widened":
-        parts = w.parts
-    elif w.mode == "affine":
-        parts = [Part(w.weight, w.scales, w.biases, w.bits, GROUP, "affine")]
-    else:
+    parts = _affine_parts(w) if cpu.active() is not None else None
+    if parts is None:
         return None
     ok = all(p.mode == "affine" and p.group_size == GROUP and p.scales.dtype == mx.float32 for p in parts)
     return parts if ok else None
+
+
+def _affine_parts(w: QuantizedTensor) -> list[Part] | None:
+    """W as MLX affine-or-native parts (one for a native layout, several for a widened one)."""
+    if w.mode == "widened":
+        return w.parts
+    if w.mode == "affine":
+        return [Part(w.weight, w.scales, w.biases, w.bits, GROUP, "affine")]
+    return None
+
+
+def stacking_layout(w: QuantizedTensor) -> tuple | None:
+    """What weights must share to be stacked by rows into one weight (`stack_rows`): the
+    column count and, part for part, bits, group, mode, scale dtype and whether there are
+    biases. None for a layout that does not stack (the packed GGUF types)."""
+    parts = _affine_parts(w)
+    if parts is None:
+        return None
+    return (w.shape[1], *((p.bits, p.group_size, p.mode, p.scales.dtype, p.biases is None) for p in parts))
+
+
+def stack_rows(ws: list[QuantizedTensor]) -> list[Part]:
+    """W0, W1, ... (one `stacking_layout`) stacked by rows, as the parts of one weight: one
+    product then reads them all in one pass."""
+    parts = [_affine_parts(w) for w in ws]
+    return [Part(mx.concatenate([ps[i].weight for ps in parts]), mx.concatenate([ps[i].scales for ps in parts]),
+                 None if parts[0][i].biases is None else mx.concatenate([ps[i].biases for ps in parts]),
+                 *parts[0][i][3:])
+            for i in range(len(parts[0]))]
 
 
 def dequantize(w: QuantizedTensor, dtype: mx.Dtype = mx.float32) -> mx.array:
