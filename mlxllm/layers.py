@@ -132,7 +132,10 @@ def _stack(members: list[QuantizedLinear]) -> None:
 
 
 def project(x: mx.array, linears: Sequence[nn.Module]) -> list[mx.array]:
-    """[l(x) for l in linears], each stacked run (`stack_projections`) as one product."""
+    """[l(x) for l in linears], each stacked run (`stack_projections`) as one product when x
+    has few rows (decode: `kernels.STACKED_MAX_ROWS`)."""
+    if x.size // x.shape[-1] > kernels.STACKED_MAX_ROWS:
+        return [linear(x) for linear in linears]
     out: list[mx.array] = []
     i = 0
     while i < len(linears):

@@ -10,7 +10,7 @@ import mlx.nn as nn
 import pytest
 from gguf.constants import GGMLQuantizationType as T
 
-from mlxllm import layers
+from mlxllm import kernels, layers
 from mlxllm.layers import QuantizedLinear, project, stack_projections
 from mlxllm.loader import load_model
 from mlxllm.models import resolve
@@ -31,7 +31,7 @@ class Block(nn.Module):
         self.v = QuantizedLinear(affine(32, 64, v_bits, T.Q4_1 if v_bits == 4 else T.Q8_0))
 
 
-@pytest.mark.parametrize("rows", [1, 3, 40])  # decode, batched decode, prefill
+@pytest.mark.parametrize("rows", [1, 3, 40])  # decode, batched decode, a prompt
 @pytest.mark.parametrize("v_bits", [4, 8])
 def test_stacked_products_equal_separate_ones(rows, v_bits):
     block = Block(v_bits)
@@ -41,7 +41,11 @@ def test_stacked_products_equal_separate_ones(rows, v_bits):
     assert hasattr(block.q, "stacked") and hasattr(block.k, "stacked")
     # v in another layout than q and k: q and k stack alone, v stays apart
     assert hasattr(block.v, "stacked") == (v_bits == 4)
+    group, calls = block.q.stacked, []
+    product = group.layer
+    group.layer = lambda a: calls.append(a.shape) or product(a)
     stacked = project(x, (block.q, block.k, block.v))
+    assert bool(calls) == (rows <= kernels.STACKED_MAX_ROWS)  # decode: one product; a prompt: one each
     for ours, ref in zip(stacked, separate, strict=True):
         assert ours.shape == ref.shape
         assert mx.allclose(ours, ref, rtol=1e-5, atol=1e-5).item()
