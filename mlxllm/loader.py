@@ -163,6 +163,9 @@ def load_model(path: str, dtype: mx.Dtype = mx.float32, dense: bool | None = Non
     for _, module in model.named_modules():
         for names in getattr(module, "SHARED_INPUT_PROJECTIONS", ()):
             stack_projections(module, names)
+            # The members' own buffers are free now: hand them back before the next stack,
+            # so loading peaks one stack above the weights, not a stacked copy of them all.
+            mx.clear_cache()
     model.eval()
     return model, gf, arch, LoadStats(time.perf_counter() - start, nbytes)
 
