@@ -140,11 +140,10 @@ def project(x: mx.array, linears: Sequence[nn.Module]) -> list[mx.array]:
     i = 0
     while i < len(linears):
         group = getattr(linears[i], "stacked", None)
-        n = len(group.ids) if group is not None else 1
-        if group is not None and group.ids == tuple(map(id, linears[i:i + n])):
+        if group is not None and group.ids == tuple(map(id, linears[i:i + len(group.ids)])):
             out += mx.split(group.layer(x), group.splits, axis=-1)
+            i += len(group.ids)
         else:
             out.append(linears[i](x))
-            n = 1
-        i += n
+            i += 1
     return out
