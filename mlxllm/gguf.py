@@ -67,13 +67,17 @@ class TensorInfo:
 
 class Metadata(Mapping[str, Any]):
     """GGUF key/values; a key not found as written is looked up under the architecture
-    prefix, so `meta.get("rope.freq_base", 1e4)` reads `llama.rope.freq_base`."""
+    prefix, so `meta.get("rope.freq_base", 1e4)` reads `llama.rope.freq_base`. gguf-py's
+    key names (`gguf.Keys.Rope.FREQ_BASE`, "{arch}.rope.freq_base") are filled in with the
+    file's architecture."""
 
     def __init__(self, values: dict[str, Any]):
         self._values = values
         self.architecture: str | None = values.get("general.architecture")
 
     def __getitem__(self, key: str) -> Any:
+        if "{arch}" in key and self.architecture is not None:
+            key = key.replace("{arch}", self.architecture)
         if key in self._values:
             return self._values[key]
         if self.architecture is not None:

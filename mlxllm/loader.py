@@ -127,7 +127,7 @@ def load_model(path: str, dtype: mx.Dtype = mx.float32, dense: bool | None = Non
     gf = GGUFFile(path)
     arch = get_arch(gf.architecture)
     try:
-        args = arch.args.from_gguf(gf)
+        args = arch.hparams(gf)
     except (KeyError, TypeError, ValueError) as e:
         raise LoadError(f"{path}: metadata for {arch.name!r} is incomplete or invalid: {e}") from None
     model = arch.model(args)

@@ -6,7 +6,8 @@ group `mlxllm.archs` whose name is the GGUF `general.architecture` it serves:
     [project.entry-points."mlxllm.archs"]
     llama = "mlxllm.archs.llama"
 
-The module exports `ARCH = Arch(...)`. Modules are imported only when their architecture is
+The module exports `ARCH = Arch(...)`, or `ARCHS = (Arch(...), ...)` when one module serves
+several GGUF names (one entry point per name). Modules are imported only when their architecture is
 asked for, so start-up stays fast; one that fails to import is reported and the rest keep
 working; two distributions claiming one name is an error that names both.
 """
@@ -31,7 +32,8 @@ HOW_TO_ADD = (f"an architecture is added by a package that registers a module ex
 class Arch:
     """One architecture: the runtime (args + model) and the converter, in one record.
 
-    args:   a class with `from_gguf(metadata) -> args` (metadata: `mlxllm.gguf.Metadata`).
+    args:   `args(gguf_file) -> hyperparameters`, or a class with `from_gguf(gguf_file)`
+            (`mlxllm.gguf.GGUFFile`: `.metadata`, `.tensors`).
     model:  `model(args)` -> an `mlx.nn.Module` whose parameter names are GGUF tensor names,
             called as `model(tokens[B, L], cache=None) -> logits[B, L, vocab]`.
     hf_architectures: Hugging Face `architectures` entries the converter accepts.
@@ -45,6 +47,10 @@ class Arch:
     hf_architectures: tuple[str, ...] = ()
     convert: Callable[..., Any] | None = None
     description: str = ""
+
+    def hparams(self, gf: Any) -> Any:
+        """The model's hyperparameters read from an open GGUF file."""
+        return self.args.from_gguf(gf) if hasattr(self.args, "from_gguf") else self.args(gf)
 
 
 class ArchError(LookupError):
@@ -101,11 +107,13 @@ class Registry:
             return None
         try:
             obj = entry._entry_points[0].load()
-            arch = getattr(obj, "ARCH", obj)
-            if not isinstance(arch, Arch):
-                raise TypeError(f"{entry.targets[0]} exports no ARCH = Arch(...)")
-            if arch.name != entry.name:
-                raise TypeError(f"{entry.targets[0]} declares ARCH.name={arch.name!r} but is registered as {entry.name!r}")
+            records = getattr(obj, "ARCHS", None) or (getattr(obj, "ARCH", obj),)
+            if not all(isinstance(a, Arch) for a in records):
+                raise TypeError(f"{entry.targets[0]} exports no ARCH = Arch(...) or ARCHS = (Arch(...), ...)")
+            arch = next((a for a in records if a.name == entry.name), None)
+            if arch is None:
+                declared = ", ".join(repr(a.name) for a in records)
+                raise TypeError(f"{entry.targets[0]} declares {declared} but is registered as {entry.name!r}")
         except Exception as e:  # a broken plugin must not take the others down
             entry.error = f"plugin {entry.targets[0]!r} from {entry.distribution} failed to load: {type(e).__name__}: {e}"
             log.warning(entry.error)

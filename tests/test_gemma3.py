@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlxllm.archs.gemma3 import softcapped_attention
+from mlxllm import kernels
 from mlxllm.cache import KVCache, RotatingKVCache, window_mask
 from mlxllm.models import ModelNotFound, resolve
 
@@ -200,10 +200,11 @@ def _compare(ours, ref, label):
 def test_args_from_real_file(model):
     a = model.args
     assert (a.n_layers, a.dim, a.n_heads, a.n_kv_heads, a.head_dim) == (18, 640, 4, 1, 256)
-    assert a.sliding_window == 512 and a.rope_base == 1e6 and a.attn_scale == 256 ** -0.5
+    assert a.sliding_window == 512 and a.rope.base == 1e6 and a.attn_scale == 256 ** -0.5
+    assert a.swa_rope.base == 10000.0 and not a.rope.traditional
     # llama.cpp's pattern of 6: layers 5, 11, 17 are global
     assert [i for i, s in enumerate(a.sliding) if not s] == [5, 11, 17]
-    assert a.tied_embeddings and not a.final_softcap and not a.attn_softcap
+    assert "output" not in model and not a.final_softcap and not a.attn_softcap
 
 
 @pytest.mark.parametrize("text", SHORT_PROMPTS + ["LONG"], ids=["capital", "code", "story", "long"])
@@ -305,9 +306,9 @@ def test_softcapped_attention():
     for mask in ("causal", window, None):
         # a cap far above every score changes nothing
         ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
-        assert mx.allclose(softcapped_attention(q, k, v, 0.3, 1e4, mask), ref, atol=1e-4)
+        assert mx.allclose(kernels.attention(q, k, v, 0.3, mask, softcap=1e4), ref, atol=1e-4)
     # a small cap: scores squashed before the softmax, by hand with repeated kv heads
     kr, vr = mx.repeat(k, 2, axis=1), mx.repeat(v, 2, axis=1)
     s = 2.0 * mx.tanh((q * 0.3) @ kr.swapaxes(-1, -2) / 2.0)
     ref = mx.softmax(mx.where(window, s, -mx.inf), axis=-1) @ vr
-    assert mx.allclose(softcapped_attention(q, k, v, 0.3, 2.0, window), ref, atol=1e-5)
+    assert mx.allclose(kernels.attention(q, k, v, 0.3, window, softcap=2.0), ref, atol=1e-5)

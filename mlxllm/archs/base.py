@@ -1,55 +1,87 @@
-"""Pieces shared by architecture modules: metadata reading helpers and attention."""
+"""What architecture modules share: reading the hyperparameters every decoder has
+(llama.cpp's llama_model::load_hparams common part) into `nn.DecoderArgs`."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import mlx.core as mx
-import mlx.nn as nn
+from gguf import Keys
 
-from .. import kernels, layers
 from ..gguf import GGUFFile
+from ..nn import DecoderArgs, RopeArgs
 
 
 def require(gf: GGUFFile, key: str) -> Any:
-    """A metadata value the architecture cannot run without (arch prefix implied)."""
+    """A metadata value the architecture cannot run without (gguf.Keys name or arch-relative)."""
     if key not in gf.metadata:
-        raise KeyError(f"{gf.metadata.architecture}.{key} is missing")
+        raise KeyError(f"{key.replace('{arch}', gf.metadata.architecture or '?')} is missing")
     return gf.metadata[key]
 
 
-class RMSNorm(nn.RMSNorm):
-    """nn.RMSNorm (same parameter, `weight`) through the kernel dispatch."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return kernels.rms_norm(x, self.weight, self.eps)
+def per_layer(value: Any, n_layers: int) -> Any:
+    """A per-layer array from the file as a tuple (a scalar stays a scalar)."""
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None) -> mx.array:
-    """(B, H, L, D) queries against (B, H_kv, T, D) keys/values; grouped-query heads share
-    their key/value head without copies. mask: None, "causal", or bool (L, T) / broadcastable."""
-    return kernels.attention(q, k, v, scale, mask)
+def decoder_args(gf: GGUFFile, *, norm: str = "rms", rope: str | None = "norm", **overrides: Any) -> DecoderArgs:
+    """The common hyperparameters of a decoder file, then the architecture's `overrides`.
+
+    norm: "rms" (eps from attention.layer_norm_rms_epsilon) or "layer"
+    (attention.layer_norm_epsilon). rope: llama.cpp's rope type for the architecture,
+    "norm" (adjacent pairs), "neox" (halves) or None, over rope.dimension_count entries.
+    """
+    m = gf.metadata
+    dim = require(gf, Keys.LLM.EMBEDDING_LENGTH)
+    n_layers = require(gf, Keys.LLM.BLOCK_COUNT)
+    n_heads = per_layer(require(gf, Keys.Attention.HEAD_COUNT), n_layers)
+    if isinstance(n_heads, tuple):  # uniform in every dense file we read: one count
+        if len(set(n_heads)) != 1:
+            raise ValueError("per-layer query head counts that differ are not supported")
+        n_heads = n_heads[0]
+    head_dim = m.get(Keys.Attention.KEY_LENGTH, dim // n_heads)
+    eps_key = Keys.Attention.LAYERNORM_RMS_EPS if norm == "rms" else Keys.Attention.LAYERNORM_EPS
+    kw: dict[str, Any] = dict(
+        vocab_size=gf.tensors["token_embd.weight"].shape[0],
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=per_layer(m.get(Keys.Attention.HEAD_COUNT_KV, n_heads), n_layers),
+        head_dim=head_dim,
+        head_dim_v=m.get(Keys.Attention.VALUE_LENGTH, head_dim),
+        norm=norm,
+        norm_eps=m.get(eps_key, 1e-5),
+        tensors={name: tuple(t.shape) for name, t in gf.tensors.items()},
+        attn_softcap=m.get(Keys.LLM.ATTN_LOGIT_SOFTCAPPING, 0.0),
+        final_softcap=m.get(Keys.LLM.FINAL_LOGIT_SOFTCAPPING, 0.0),
+        context_length=m.get(Keys.LLM.CONTEXT_LENGTH, 4096),
+    )
+    if rope is not None:
+        dims = m.get(Keys.Rope.DIMENSION_COUNT, head_dim)
+        kw["rope"] = RopeArgs.from_gguf(m, dims, traditional=rope == "norm")
+        for factors in ("rope_freqs",):
+            if f"{factors}.weight" in gf.tensors:
+                kw["rope_factors"] = factors
+    kw.update(overrides)
+    return DecoderArgs(**kw)
 
 
-def rope(x: mx.array, dims: int, *, traditional: bool, base: float | None, scale: float,
-         offset, freqs: mx.array | None = None) -> mx.array:
-    """Rotary embedding of x (B, L, H, D), before the heads move to axis 1; the
-    parameters are mx.fast.rope's."""
-    return kernels.rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offset, freqs=freqs)
+def sliding_pattern(n_layers: int, period: int, dense_first: bool = False) -> tuple[bool, ...]:
+    """llama_hparams::set_swa_pattern(period, dense_first): every period-th layer attends to
+    the whole history, the others slide (period 0: all slide). dense_first puts the full
+    layer first in each period instead of last."""
+    if period == 0:
+        return (True,) * n_layers
+    if dense_first:
+        return tuple(i % period != 0 for i in range(n_layers))
+    return tuple(i % period < period - 1 for i in range(n_layers))
 
 
-def swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    """silu(gate) * up: the Llama feed-forward gate."""
-    return kernels.gated(gate, up, "silu")
-
-
-def geglu(gate: mx.array, up: mx.array) -> mx.array:
-    """gelu(gate) * up with ggml's tanh-approximated GELU: the Gemma feed-forward gate."""
-    return kernels.gated(gate, up, "gelu_tanh")
-
-
-def project(x: mx.array, *linears: nn.Module) -> list[mx.array]:
-    """x through several projections of that same x (q/k/v, gate/up). Where a block lists
-    them in its `SHARED_INPUT_PROJECTIONS`, the loader stacks their weights and this is
-    one product."""
-    return layers.project(x, linears)
+def file_sliding_pattern(gf: GGUFFile, n_layers: int, default_period: int) -> tuple[bool, ...]:
+    """The sliding layers as the file states them (attention.sliding_window_pattern: a
+    period, or one bool per layer), else the architecture's fixed period."""
+    pattern = gf.metadata.get(Keys.Attention.SLIDING_WINDOW_PATTERN, default_period)
+    if isinstance(pattern, (list, tuple)):
+        if len(pattern) != n_layers:
+            raise ValueError(f"sliding_window_pattern has {len(pattern)} entries for {n_layers} layers")
+        return tuple(bool(p) for p in pattern)
+    return sliding_pattern(n_layers, int(pattern))

@@ -179,26 +179,39 @@ CAUSAL_BLOCKED_QUERIES = 256
 CAUSAL_BLOCKS = 4
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None) -> mx.array:
-    """softmax(scale * q @ k.T + mask) @ v for q (B, H, L, D) against k, v (B, H_kv, T, D),
-    H a multiple of H_kv (grouped-query heads share a key/value head, never copied).
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None,
+              softcap: float = 0.0, bias: mx.array | None = None) -> mx.array:
+    """softmax(scores + bias + mask) @ v for q (B, H, L, D) against k, v (B, H_kv, T, D), H a
+    multiple of H_kv (grouped-query heads share a key/value head, never copied).
+    scores = scale * q @ k.T, squashed to cap * tanh(scores / cap) when softcap is set
+    (Gemma 2, llama.cpp's attn_soft_cap). bias: additive scores (H, L, T), e.g. ALiBi.
     mask: None, "causal" (the L queries are the last L of the T positions) or a bool
-    array (L, T), true where a query sees a key."""
+    array (L, T) or broadcastable to (B, H, L, T), true where a query sees a key."""
     kernels = cpu.active()
-    if kernels is None or (isinstance(mask, mx.array) and mask.shape != (q.shape[2], k.shape[2])):
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     B, H, L, D = q.shape
     H_kv, T = k.shape[1], k.shape[2]
     rep = H // H_kv
+    plain_mask = not isinstance(mask, mx.array) or mask.shape == (L, T)
+    if kernels is None or not plain_mask:
+        if not softcap and bias is None:
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        return _attention_reference(q, k, v, scale, mask, softcap, bias)
     # Each key/value head's query heads stacked as rows: one BLAS product per kv head.
     q = q.reshape(B, H_kv, rep, L, D)
+    if bias is not None:
+        bias = bias.reshape(H_kv, rep, L, T)
 
     def block(start: int, end: int, keys: int) -> mx.array:
         """Queries [start, end) against the first `keys` keys -> (B, H_kv, rep, end - start, Dv)."""
         n = end - start
         scores = q[:, :, :, start:end].reshape(B, H_kv, rep * n, D) @ k[:, :, :keys].swapaxes(-1, -2)
+        softmax_scale = scale
+        if softcap:  # the kernel's softmax then takes the squashed scores as they are
+            scores, softmax_scale = softcap * mx.tanh(scores * (scale / softcap)), 1.0
+        if bias is not None:
+            scores = scores + (bias[:, :, start:end, :keys] / softmax_scale).reshape(H_kv, rep * n, keys)
         keep = mask[start:end, :keys] if isinstance(mask, mx.array) else None
-        p = kernels.masked_softmax(scores, scale, n, isinstance(mask, str), keep)
+        p = kernels.masked_softmax(scores, softmax_scale, n, isinstance(mask, str), keep)
         return (p @ v[:, :, :keys]).reshape(B, H_kv, rep, n, v.shape[-1])
 
     if mask == "causal" and L >= CAUSAL_BLOCKED_QUERIES:
@@ -210,34 +223,59 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
     return out.reshape(B, H, L, v.shape[-1]).astype(q.dtype)
 
 
-# Rotation tables by (L, offset, dims, base, scale, freqs): the layers of one forward pass
-# share them. Entries keep their freqs array alive, so its id cannot be reused meanwhile.
+def _attention_reference(q, k, v, scale: float, mask, softcap: float, bias: mx.array | None) -> mx.array:
+    """`attention` in plain MLX ops, for softcap or bias where the CPU kernels do not run."""
+    B, H, L, D = q.shape
+    H_kv, T = k.shape[1], k.shape[2]
+    qg = q.reshape(B, H_kv, H // H_kv, L, D)  # (B, H_kv, rep, L, D): heads share a kv head
+    s = (qg * scale) @ k[:, :, None].swapaxes(-1, -2)  # (B, H_kv, rep, L, T)
+    if softcap:
+        s = softcap * mx.tanh(s / softcap)
+    s = s.reshape(B, H, L, T)
+    if bias is not None:
+        s = s + bias
+    if isinstance(mask, str):
+        mask = mx.arange(T)[None] <= mx.arange(T - L, T)[:, None]
+    if mask is not None:
+        s = mx.where(mask, s, -mx.inf)
+    p = mx.softmax(s.astype(mx.float32), axis=-1, precise=True).reshape(B, H_kv, H // H_kv, L, T)
+    return (p.astype(v.dtype) @ v[:, :, None]).reshape(B, H, L, -1)
+
+
+# Rotation tables by (L, offset, dims, base, scale, freqs, mscale): the layers of one forward
+# pass share them. Entries keep their freqs array alive, so its id cannot be reused meanwhile.
 _ROPE_TABLES: dict[tuple, tuple[mx.array | None, mx.array, mx.array]] = {}
 
 
 def _rope_tables(L: int, offset: int, dims: int, base: float | None, scale: float,
-                 freqs: mx.array | None) -> tuple[mx.array, mx.array]:
-    key = (L, offset, dims, base, scale, None if freqs is None else id(freqs))
+                 freqs: mx.array | None, mscale: float) -> tuple[mx.array, mx.array]:
+    key = (L, offset, dims, base, scale, None if freqs is None else id(freqs), mscale)
     if key not in _ROPE_TABLES:
         if len(_ROPE_TABLES) >= 32:
             _ROPE_TABLES.clear()
         inv = 1.0 / freqs if freqs is not None else base ** (-mx.arange(0, dims, 2, dtype=mx.float32) / dims)
         theta = (mx.arange(offset, offset + L, dtype=mx.float32) * scale)[:, None] * inv[None, :]
-        _ROPE_TABLES[key] = (freqs, mx.cos(theta), mx.sin(theta))
+        cos, sin = mx.cos(theta), mx.sin(theta)
+        if mscale != 1.0:  # ggml rope_yarn scales cos and sin: the rotated entries grow
+            cos, sin = cos * mscale, sin * mscale
+        _ROPE_TABLES[key] = (freqs, cos, sin)
     _, cos, sin = _ROPE_TABLES[key]
     return cos, sin
 
 
 def rope(x: mx.array, dims: int, *, traditional: bool, base: float | None, scale: float,
-         offset: int | mx.array, freqs: mx.array | None = None) -> mx.array:
+         offset: int | mx.array, freqs: mx.array | None = None, mscale: float = 1.0) -> mx.array:
     """Rotary embedding of x (B, L, H, D) at positions offset + l, with mx.fast.rope's
-    parameters (freqs: per-pair wavelengths instead of base). Returns (B, L, H, D)."""
+    parameters (freqs: per-pair wavelengths instead of base), the first `dims` entries of
+    each head multiplied by mscale (YaRN). Returns (B, L, H, D)."""
     kernels = cpu.active()
     if kernels is None or not isinstance(offset, int):
         y = mx.fast.rope(x.swapaxes(1, 2), dims, traditional=traditional, base=base, scale=scale,
-                         offset=offset, freqs=freqs)
-        return y.swapaxes(1, 2)
-    cos, sin = _rope_tables(x.shape[1], offset, dims, base, scale, freqs)
+                         offset=offset, freqs=freqs).swapaxes(1, 2)
+        if mscale != 1.0:
+            y = mx.concatenate([y[..., :dims] * mscale, y[..., dims:]], axis=-1)
+        return y
+    cos, sin = _rope_tables(x.shape[1], offset, dims, base, scale, freqs, mscale)
     return kernels.rope(x, cos, sin, traditional).astype(x.dtype)
 
 

@@ -1,0 +1,57 @@
+"""Feed-forward activations as llama.cpp's build_ffn applies them.
+
+ggml_gelu is GELU's tanh approximation (LLM_FFN_GELU); GELU with erf is LLM_FFN_GELU_ERF;
+relu² is LLM_FFN_RELU_SQR; xIELU (Apertus) has per-layer constants from the file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .. import kernels
+
+# Gates the CPU kernels fuse (activation(gate) * up in one multi-threaded pass).
+KERNEL_GATES = ("silu", "gelu_tanh")
+
+
+@dataclass(frozen=True)
+class XIELU:
+    """xIELU's constants for one layer (llama.cpp ggml_xielu, Apertus): already the
+    softplus-ed alphas, as the converter stores them."""
+
+    alpha_n: float
+    alpha_p: float
+    beta: float
+    eps: float
+
+    def __call__(self, x: mx.array) -> mx.array:
+        positive = self.alpha_p * x * x + self.beta * x
+        negative = (mx.expm1(mx.minimum(x, self.eps)) - x) * self.alpha_n + self.beta * x
+        return mx.where(x > 0, positive, negative)
+
+
+def activate(x: mx.array, kind: str | XIELU) -> mx.array:
+    if isinstance(kind, XIELU):
+        return kind(x)
+    if kind == "silu":
+        return nn.silu(x)
+    if kind == "gelu_tanh":
+        return nn.gelu_approx(x)
+    if kind == "gelu_erf":
+        return nn.gelu(x)
+    if kind == "relu2":
+        return mx.square(nn.relu(x))
+    if kind == "relu":
+        return nn.relu(x)
+    raise ValueError(f"unknown activation {kind!r}")
+
+
+def gate(g: mx.array, up: mx.array, kind: str | XIELU) -> mx.array:
+    """activation(g) * up (LLM_FFN_PAR)."""
+    if kind in KERNEL_GATES:
+        return kernels.gated(g, up, kind)
+    return activate(g, kind) * up
+
+

@@ -1,0 +1,696 @@
+"""Regenerate tests/fixtures/archs/: tiny random-weight GGUF files, one per architecture.
+
+Each fixture is made the way real GGUF files are made:
+
+1. ``transformers`` builds a tiny model from its config class (no download), with random
+   weights redrawn so that logits are far from zero (matrices N(0, 1/fan_in), embeddings and
+   the output head N(0, 4/hidden), 1-D parameters = their init value + N(0, 0.1)); fixed seed
+   per architecture. It is saved with ``save_pretrained`` together with a tiny tokenizer
+   trained locally (byte-level BPE with ``tokenizers``, or a SentencePiece model where the
+   arch's converter insists on ``tokenizer.model``).
+2. llama.cpp's own ``convert_hf_to_gguf.py`` (vendored in llama-cpp-python's source tree)
+   converts it to ``<name>.f32.gguf``. The converter's pre-tokenizer hash check does not
+   know our tokenizer, so ``get_vocab_base_pre`` is patched to return ``"gpt-2"``.
+3. llama.cpp's quantizer (``llama_cpp.llama_model_quantize``, LLAMA_FTYPE_MOSTLY_Q8_0)
+   makes ``<name>.q8_0.gguf`` from the F32 file.
+4. Both files are loaded in llama-cpp-python (F32 KV cache); 40 token ids are evaluated and
+   the logits are checked (finite, not degenerate) and compared with transformers' logits
+   for the same ids on the same HF model. ``manifest.json`` records per fixture the source,
+   the HF class, its config, the token ids, logits statistics and the llama.cpp-vs-HF
+   max|diff|/std.
+
+Usage (needs torch, transformers, tokenizers, sentencepiece, llama-cpp-python, gguf; CI does
+not run this, it only reads the committed files):
+
+    python scripts/make_arch_fixtures.py            # every fixture
+    python scripts/make_arch_fixtures.py llama qwen3
+    python scripts/make_arch_fixtures.py --list
+
+Environment: LLAMACPP_SRC points at the llama.cpp source tree holding
+convert_hf_to_gguf.py (default: the vendored copy in /work/llamacpp-src).
+The trained tokenizers are cached in tests/fixtures/archs/_tokenizer/ so that
+regeneration is reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "tests" / "fixtures" / "archs"
+TOKDIR = OUT / "_tokenizer"
+MANIFEST = OUT / "manifest.json"
+LLAMACPP = Path(os.environ.get(
+    "LLAMACPP_SRC", "/work/llamacpp-src/llama_cpp_python-0.3.36/vendor/llama.cpp"))
+
+HIDDEN = 64
+HEADS = 4
+HEAD_DIM = 16
+KV_HEADS = 2
+INTER = 128
+N_LAYERS = 2
+MAX_POS = 2048
+SWA = 16
+LEARNED_POS = 256  # n_positions where positions are a learned table (gpt2, starcoder)
+N_EVAL = 40
+VOCAB = 384  # both tokenizers are trained to exactly this size
+PRE = "gpt-2"  # tokenizer.ggml.pre written for our BPE tokenizer
+
+BPE_SPECIALS = ["<|endoftext|>", "<s>", "</s>", "<unk>", "<pad>",
+                "<|user|>", "<|assistant|>", "<|im_start|>", "<|im_end|>"]
+BOS_ID, EOS_ID, UNK_ID, PAD_ID = 1, 2, 3, 4  # ids in the BPE tokenizer
+SPM_BOS, SPM_EOS, SPM_UNK = 1, 2, 0
+
+
+# --------------------------------------------------------------------------------------
+# tokenizers
+
+
+def _training_text() -> list[str]:
+    """ASCII lines from a fixed set of stdlib sources (only used when no cached tokenizer)."""
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    lines: list[str] = []
+    for name in ["textwrap", "string", "json/decoder", "json/encoder", "argparse", "shlex",
+                 "difflib", "fractions", "calendar", "pprint", "heapq", "bisect", "random",
+                 "statistics", "dataclasses", "functools", "inspect", "typing"]:
+        p = stdlib / f"{name}.py"
+        if not p.exists():
+            continue
+        for line in p.read_text(encoding="utf-8", errors="ignore").splitlines():
+            line = line.strip()
+            if line and line.isascii():
+                lines.append(line)
+    return lines
+
+
+def ensure_tokenizers() -> None:
+    TOKDIR.mkdir(parents=True, exist_ok=True)
+    bpe = TOKDIR / "tokenizer.json"
+    spm = TOKDIR / "tokenizer.model"
+    if bpe.exists() and spm.exists():
+        return
+    lines = _training_text()
+    if not bpe.exists():
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=VOCAB, special_tokens=BPE_SPECIALS, show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(lines, trainer)
+        assert tok.get_vocab_size() == VOCAB, tok.get_vocab_size()
+        tok.save(str(bpe))
+    if not spm.exists():
+        import io
+
+        import sentencepiece as spmlib
+
+        buf = io.BytesIO()
+        spmlib.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=buf, vocab_size=VOCAB,
+            model_type="bpe", byte_fallback=True, character_coverage=1.0,
+            unk_id=SPM_UNK, bos_id=SPM_BOS, eos_id=SPM_EOS, pad_id=-1,
+            normalization_rule_name="identity", num_threads=1, minloglevel=2)
+        spm.write_bytes(buf.getvalue())
+
+
+def write_tokenizer(d: Path, kind: str) -> dict:
+    """Copy the cached tokenizer into HF dir d; returns the token ids of bos/eos/pad."""
+    if kind == "bpe":
+        shutil.copy(TOKDIR / "tokenizer.json", d / "tokenizer.json")
+        cfg = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+            "model_max_length": MAX_POS, "clean_up_tokenization_spaces": False,
+        }
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
+        return {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
+    if kind == "spm":
+        shutil.copy(TOKDIR / "tokenizer.model", d / "tokenizer.model")
+        cfg = {
+            "tokenizer_class": "LlamaTokenizer",
+            "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "model_max_length": MAX_POS, "add_bos_token": True, "add_eos_token": False,
+        }
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
+        return {"bos_token_id": SPM_BOS, "eos_token_id": SPM_EOS, "pad_token_id": None}
+    raise ValueError(kind)
+
+
+# --------------------------------------------------------------------------------------
+# architecture table
+
+def _base(**kw) -> dict:
+    d = dict(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=N_LAYERS,
+             num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+             head_dim=HEAD_DIM, max_position_embeddings=MAX_POS, vocab_size=VOCAB,
+             tie_word_embeddings=False)
+    d.update(kw)
+    return d
+
+
+# name -> spec. spec keys:
+#   cfg: transformers config class; model: transformers model class; kw: config kwargs
+#   tok: "bpe" | "spm"; arch: expected general.architecture; merge: keys merged into
+#   config.json after save_pretrained (legacy keys transformers 5 no longer writes);
+#   notes: free text; sliding_window: recorded in the manifest
+ARCHS: dict[str, dict] = {}
+
+
+def arch(name: str, **spec) -> None:
+    spec.setdefault("arch", name)
+    spec.setdefault("tok", "bpe")
+    spec.setdefault("merge", {})
+    spec.setdefault("notes", "")
+    ARCHS[name] = spec
+
+
+arch("llama", cfg="LlamaConfig", model="LlamaForCausalLM",
+     kw=_base(rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+     notes="plain Llama, GQA 4q/2kv, untied output")
+arch("llama-tied", arch="llama", cfg="LlamaConfig", model="LlamaForCausalLM",
+     kw=_base(rms_norm_eps=1e-5, tie_word_embeddings=True,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+     notes="tie_word_embeddings: no output.weight in the GGUF")
+arch("llama-rope3", arch="llama", cfg="LlamaConfig", model="LlamaForCausalLM",
+     kw=_base(rms_norm_eps=1e-5,
+              max_position_embeddings=32768,
+              rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 8192}),
+     notes="rope_scaling llama3 -> rope_freqs tensor (all three regimes: 1, smooth, factor)")
+
+
+
+def _rope(theta: float = 10000.0, **kw) -> dict:
+    return {"rope_type": "default", "rope_theta": theta, **kw}
+
+
+arch("qwen2", cfg="Qwen2Config", model="Qwen2ForCausalLM",
+     kw=_base(rms_norm_eps=1e-6, tie_word_embeddings=True, rope_parameters=_rope(1e6)),
+     notes="q/k/v biases, tied embeddings (as Qwen2 0.5B)")
+arch("qwen3", cfg="Qwen3Config", model="Qwen3ForCausalLM",
+     kw=_base(rms_norm_eps=1e-6, tie_word_embeddings=True, rope_parameters=_rope(1e6)),
+     notes="per-head q/k RMSNorm, tied embeddings (as Qwen3 0.6B)")
+arch("mistral3", cfg="Ministral3Config", model="Ministral3ForCausalLM",
+     kw=_base(rms_norm_eps=1e-5, sliding_window=None,
+              rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 128.0,
+                               "original_max_position_embeddings": 16, "beta_fast": 32.0,
+                               "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                               "llama_4_scaling_beta": 0.1}),
+     notes="Ministral 3 text model: YaRN rope + llama-4 attention temperature scaling; "
+           "original_max_position_embeddings=16 so that the temperature scale (floor(pos/16)) "
+           "changes inside a 40-token test")
+arch("phi2", cfg="PhiConfig", model="PhiForCausalLM",
+     kw=dict(hidden_size=HIDDEN, intermediate_size=4 * HIDDEN, num_hidden_layers=N_LAYERS,
+             num_attention_heads=HEADS, num_key_value_heads=HEADS, vocab_size=VOCAB,
+             max_position_embeddings=MAX_POS, hidden_act="gelu_new", layer_norm_eps=1e-5,
+             qk_layernorm=False, tie_word_embeddings=False,
+             rope_parameters=_rope(partial_rotary_factor=0.5)),
+     notes="parallel attn+MLP sharing one LayerNorm, partial rotary 0.5 (n_rot 8), biases "
+           "everywhere incl. lm_head; converter hardcodes n_ff = 4*n_embd, so intermediate=256")
+arch("phi3", cfg="Phi3Config", model="Phi3ForCausalLM", tok="spm",
+     kw=_base(rms_norm_eps=1e-5, sliding_window=None, pad_token_id=None,
+              rope_parameters=_rope()),
+     notes="fused qkv_proj and gate_up_proj; SentencePiece vocab. sliding_window=None: "
+           "llama.cpp disables Phi-3 SWA (phi3.cpp), so HF is built without it to compare")
+arch("gemma", cfg="GemmaConfig", model="GemmaForCausalLM", tok="spm",
+     kw=_base(num_key_value_heads=1, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+              tie_word_embeddings=True, rope_parameters=_rope()),
+     notes="MQA (1 kv head, as gemma-2b), embeddings scaled by sqrt(n_embd), (1+w) RMSNorm "
+           "(converter stores w+1), GeGLU tanh")
+arch("gemma2", cfg="Gemma2Config", model="Gemma2ForCausalLM", tok="spm", sliding_window=SWA,
+     kw=_base(rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+              tie_word_embeddings=True, sliding_window=SWA, query_pre_attn_scalar=HEAD_DIM,
+              attn_logit_softcapping=8.0, final_logit_softcapping=6.0,
+              rope_parameters=_rope()),
+     notes="alternating sliding (even layers, window 16) / global attention (llama.cpp "
+           "hardcodes pattern 2), pre+post norms, attention and final logit soft-capping "
+           "(8 and 6, smaller than Gemma 2's 50/30 so that they bite)")
+arch("gpt2", cfg="GPT2Config", model="GPT2LMHeadModel",
+     kw=dict(n_embd=HIDDEN, n_layer=N_LAYERS, n_head=HEADS, n_positions=LEARNED_POS,
+             n_inner=None, vocab_size=VOCAB, activation_function="gelu_new",
+             layer_norm_epsilon=1e-5, tie_word_embeddings=True),
+     merge={"n_ctx": LEARNED_POS},
+     notes="learned absolute positions (n_positions 256 to keep the file small), Conv1D weights (transposed by the converter), fused "
+           "qkv with biases; n_ff = 4*n_embd")
+arch("falcon", cfg="FalconConfig", model="FalconForCausalLM",
+     kw=dict(hidden_size=HIDDEN, num_hidden_layers=N_LAYERS, num_attention_heads=HEADS,
+             num_kv_heads=1, multi_query=True, new_decoder_architecture=False,
+             parallel_attn=True, bias=False, alibi=False, vocab_size=VOCAB,
+             max_position_embeddings=MAX_POS, layer_norm_epsilon=1e-5,
+             tie_word_embeddings=True, rope_parameters=_rope()),
+     notes="Falcon-7B style: multi-query, parallel attn+MLP off one LayerNorm, no biases, "
+           "rotary; n_ff = 4*n_embd; GELU exact in HF vs tanh in ggml")
+arch("starcoder", cfg="GPTBigCodeConfig", model="GPTBigCodeForCausalLM",
+     kw=dict(n_embd=HIDDEN, n_layer=N_LAYERS, n_head=HEADS, n_positions=LEARNED_POS,
+             n_inner=4 * HIDDEN, multi_query=True, activation_function="gelu_pytorch_tanh",
+             layer_norm_epsilon=1e-5, vocab_size=VOCAB, tie_word_embeddings=True),
+     notes="GPTBigCode: multi-query, learned positions (n_positions 256 to keep the file small), fused qkv with biases; n_ff = 4*n_embd")
+arch("starcoder2", cfg="Starcoder2Config", model="Starcoder2ForCausalLM",
+     kw=_base(use_bias=True, norm_epsilon=1e-5, hidden_act="gelu_pytorch_tanh",
+              sliding_window=None, tie_word_embeddings=True, rope_parameters=_rope(1e5)),
+     notes="LayerNorm with bias, biases on all projections, plain GELU MLP. sliding_window=None:"
+           " llama.cpp's starcoder2 has no SWA (real models: 4096)")
+arch("stablelm", cfg="StableLmConfig", model="StableLmForCausalLM",
+     kw=_base(num_key_value_heads=HEADS, layer_norm_eps=1e-5, use_qkv_bias=True,
+              qk_layernorm=False, use_parallel_residual=False,
+              rope_parameters=_rope(partial_rotary_factor=0.25)),
+     notes="StableLM 2: LayerNorm with bias, q/k/v biases, partial rotary 0.25 (n_rot 4), "
+           "sequential residual")
+arch("gptneox", cfg="GPTNeoXConfig", model="GPTNeoXForCausalLM",
+     kw=dict(hidden_size=HIDDEN, num_hidden_layers=N_LAYERS, num_attention_heads=HEADS,
+             intermediate_size=4 * HIDDEN, hidden_act="gelu", layer_norm_eps=1e-5,
+             use_parallel_residual=True, vocab_size=VOCAB, max_position_embeddings=MAX_POS,
+             tie_word_embeddings=False, rope_parameters=_rope(partial_rotary_factor=0.25)),
+     merge={"rotary_pct": 0.25},
+     notes="Pythia style: parallel residual, rotary_pct 0.25 (n_rot 4), interleaved per-head "
+           "fused qkv (converter regroups), exact GELU in HF vs tanh in ggml")
+arch("olmo", cfg="OlmoConfig", model="OlmoForCausalLM",
+     kw=_base(num_key_value_heads=HEADS, clip_qkv=3.0, rope_parameters=_rope()),
+     notes="non-parametric LayerNorm (no norm tensors at all), clip_qkv=3 (real OLMo 1.7: 8; "
+           "smaller so the clamp bites)")
+arch("olmo2", cfg="Olmo2Config", model="Olmo2ForCausalLM",
+     kw=_base(num_key_value_heads=HEADS, rms_norm_eps=1e-6, rope_parameters=_rope(500000.0)),
+     notes="post-norms only (attn/ffn output norms), q/k RMSNorm over the whole projection")
+arch("olmo3", arch="olmo2", cfg="Olmo3Config", model="Olmo3ForCausalLM", sliding_window=SWA,
+     kw=_base(num_hidden_layers=4, num_key_value_heads=HEADS, rms_norm_eps=1e-6,
+              sliding_window=SWA, rope_parameters=_rope(500000.0)),
+     notes="OLMo 3 has no GGUF arch of its own: general.architecture=olmo2 plus "
+           "sliding_window and a per-layer sliding_window_pattern array (3 sliding, 1 full)")
+arch("granite", cfg="GraniteConfig", model="GraniteForCausalLM",
+     kw=_base(rms_norm_eps=1e-5, tie_word_embeddings=True, embedding_multiplier=4.0,
+              residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=0.5,
+              rope_parameters=_rope()),
+     notes="Granite 3 multipliers: embedding 4, residual 0.5, attention 0.1 (replaces "
+           "1/sqrt(head_dim)), logits divided by 0.5")
+arch("command-r", cfg="CohereConfig", model="CohereForCausalLM",
+     kw=_base(layer_norm_eps=1e-5, use_qk_norm=False, logit_scale=0.75,
+              tie_word_embeddings=True, rope_parameters=_rope()),
+     notes="Cohere: LayerNorm without bias, parallel attn+MLP, interleaved (GPT-J) rotary, "
+           "logit_scale 0.75")
+arch("cohere2", cfg="Cohere2Config", model="Cohere2ForCausalLM", sliding_window=SWA,
+     kw=_base(num_hidden_layers=4, layer_norm_eps=1e-5, logit_scale=0.75, sliding_window=SWA,
+              tie_word_embeddings=True, rope_parameters=_rope()),
+     merge={"rotary_pct": 1.0},
+     notes="Command R7B: layers 0-2 sliding (window 16) with rope, layer 3 global without rope "
+           "(llama.cpp hardcodes pattern 4)")
+arch("smollm3", cfg="SmolLM3Config", model="SmolLM3ForCausalLM",
+     kw=_base(num_hidden_layers=4, rms_norm_eps=1e-6, tie_word_embeddings=True,
+              no_rope_layer_interval=4, rope_parameters=_rope(2e6)),
+     notes="NoPE every 4th layer (layer 3; llama.cpp hardcodes step 4)")
+arch("glm4", cfg="Glm4Config", model="Glm4ForCausalLM",
+     kw=_base(rms_norm_eps=1e-5, attention_bias=True, eos_token_id=EOS_ID,
+              rope_parameters=_rope(partial_rotary_factor=0.5)),
+     notes="GLM-4-0414: q/k/v biases, post-attn and post-mlp norms, fused gate_up, partial "
+           "interleaved rotary 0.5")
+arch("chatglm", cfg="GlmConfig", model="GlmForCausalLM",
+     kw=_base(rms_norm_eps=1e-5, attention_bias=True, eos_token_id=EOS_ID,
+              rope_parameters=_rope(partial_rotary_factor=0.5)),
+     notes="transformers' native GlmForCausalLM (GLM-4-9b-hf), which llama.cpp's converter "
+           "maps to the chatglm arch")
+arch("bloom", cfg="BloomConfig", model="BloomForCausalLM",
+     kw=dict(hidden_size=HIDDEN, n_layer=N_LAYERS, n_head=HEADS, vocab_size=VOCAB,
+             layer_norm_epsilon=1e-5, tie_word_embeddings=True),
+     merge={"seq_length": MAX_POS},
+     notes="ALiBi, embedding LayerNorm, per-head interleaved fused qkv (converter regroups), "
+           "n_ff = 4*n_embd")
+arch("mpt", cfg="MptConfig", model="MptForCausalLM", hf_arch="MPTForCausalLM",
+     kw=dict(d_model=HIDDEN, n_heads=HEADS, n_layers=N_LAYERS, expansion_ratio=4,
+             max_seq_len=MAX_POS, vocab_size=VOCAB, no_bias=True, layer_norm_epsilon=1e-5,
+             attn_config={"alibi": True, "alibi_bias_max": 8, "clip_qkv": None},
+             tie_word_embeddings=True),
+     notes="config.json says MPTForCausalLM as the real (remote-code) checkpoints do; the "
+           "converter does not register transformers' MptForCausalLM spelling. MPT-7B style: ALiBi (max bias 8), no biases, LayerNorm without bias, fused qkv")
+arch("exaone4", cfg="Exaone4Config", model="Exaone4ForCausalLM",
+     kw=_base(rms_norm_eps=1e-5, sliding_window=None, sliding_window_pattern=None,
+              layer_types=["full_attention"] * N_LAYERS, rope_parameters=_rope(1e6)),
+     notes="EXAONE 4.0 1.2B style: post-norms, q/k RMSNorm, all layers global with rope. "
+           "llama.cpp (exaone4.cpp) turns on its SWA (pattern 4, global layers NoPE) only when "
+           "n_layer == 64 (the 32B); any other depth runs every layer as global+rope, so a "
+           "tiny SWA variant cannot match HF and is not produced")
+arch("ernie4_5", cfg="Ernie4_5Config", model="Ernie4_5ForCausalLM", tok="spm",
+     kw=_base(rms_norm_eps=1e-5, use_bias=False, tie_word_embeddings=True,
+              rope_parameters=_rope(500000.0)),
+     notes="ERNIE 4.5 0.3B style: tied embeddings, interleaved rotary")
+arch("seed_oss", cfg="SeedOssConfig", model="SeedOssForCausalLM",
+     kw=_base(rms_norm_eps=1e-6, attention_bias=True, attention_out_bias=False,
+              rope_parameters=_rope(1e7)),
+     notes="q/k/v biases, no o_proj bias")
+arch("apertus", cfg="ApertusConfig", model="ApertusForCausalLM",
+     kw=_base(rms_norm_eps=1e-5, hidden_act="xielu", max_position_embeddings=32768,
+              rope_parameters={"rope_type": "llama3", "rope_theta": 12000000.0, "factor": 8.0,
+                               "original_max_position_embeddings": 8192,
+                               "low_freq_factor": 1.0, "high_freq_factor": 4.0}),
+     notes="xIELU MLP (no gate), q/k RMSNorm, llama3 rope scaling")
+arch("arcee", cfg="ArceeConfig", model="ArceeForCausalLM",
+     kw=_base(rms_norm_eps=1e-5, hidden_act="relu2", rope_parameters=_rope()),
+     notes="AFM: ReLU^2 MLP without gate")
+arch("hunyuan-dense", cfg="HunYuanDenseV1Config", model="HunYuanDenseV1ForCausalLM",
+     kw=_base(rms_norm_eps=1e-5, tie_word_embeddings=True, eod_token_id=EOS_ID,
+              rope_parameters=_rope()),
+     notes="q/k RMSNorm applied after rope; plain rope (real models: dynamic NTK alpha)")
+arch("nemotron", cfg="NemotronConfig", model="NemotronForCausalLM", tok="spm",
+     kw=_base(norm_eps=1e-5, hidden_act="relu2",
+              rope_parameters=_rope(partial_rotary_factor=0.5)),
+     notes="LayerNorm1p (converter stores w+1), ReLU^2 MLP without gate, partial rotary 0.5")
+
+def _internlm2_checkpoint(model, config: dict, d: Path) -> dict:
+    """Rewrite the saved Llama checkpoint in d as an InternLM2 (remote-code) checkpoint.
+
+    transformers has no InternLM2 class (the real models ship modeling_internlm2.py); its math
+    is Llama's, with q/k/v fused per kv group: wqkv rows = for each kv group g, its q heads,
+    then k head g, then v head g (the layout llama.cpp's converter un-groups)."""
+    import torch
+    from safetensors.torch import save_file
+
+    c = model.config
+    n_head, n_kv, hd, E = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
+    qpk = n_head // n_kv
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    out = {"model.tok_embeddings.weight": sd["model.embed_tokens.weight"],
+           "model.norm.weight": sd["model.norm.weight"],
+           "output.weight": sd["lm_head.weight"]}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        q = sd[p + "self_attn.q_proj.weight"].reshape(n_kv, qpk, hd, E)
+        k = sd[p + "self_attn.k_proj.weight"].reshape(n_kv, 1, hd, E)
+        v = sd[p + "self_attn.v_proj.weight"].reshape(n_kv, 1, hd, E)
+        out[p + "attention.wqkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, E).contiguous()
+        out[p + "attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
+        out[p + "attention_norm.weight"] = sd[p + "input_layernorm.weight"]
+        out[p + "ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+        out[p + "feed_forward.w1.weight"] = sd[p + "mlp.gate_proj.weight"]
+        out[p + "feed_forward.w3.weight"] = sd[p + "mlp.up_proj.weight"]
+        out[p + "feed_forward.w2.weight"] = sd[p + "mlp.down_proj.weight"]
+    for f in d.glob("*.safetensors"):
+        f.unlink()
+    save_file(out, str(d / "model.safetensors"), metadata={"format": "pt"})
+    rope = config.get("rope_parameters") or {}
+    new = {
+        "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2",
+        "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
+                     "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
+        "bias": False, "hidden_act": "silu", "hidden_size": E,
+        "intermediate_size": c.intermediate_size, "initializer_range": 0.02,
+        "max_position_embeddings": c.max_position_embeddings,
+        "num_attention_heads": n_head, "num_hidden_layers": c.num_hidden_layers,
+        "num_key_value_heads": n_kv, "rms_norm_eps": c.rms_norm_eps, "rope_scaling": None,
+        "rope_theta": rope.get("rope_theta", 10000.0), "tie_word_embeddings": False,
+        "vocab_size": c.vocab_size, "bos_token_id": config.get("bos_token_id"),
+        "eos_token_id": config.get("eos_token_id"), "pad_token_id": config.get("pad_token_id"),
+        "torch_dtype": "float32", "use_cache": True,
+    }
+    (d / "config.json").write_text(json.dumps(new, indent=1))
+    return new
+
+
+arch("internlm2", cfg="LlamaConfig", model="LlamaForCausalLM", hf_arch="InternLM2ForCausalLM",
+     tok="spm", rewrite=_internlm2_checkpoint,
+     kw=_base(rms_norm_eps=1e-5, rope_parameters=_rope(1e6)),
+     notes="InternLM2 is remote code (no transformers class). The checkpoint is written in "
+           "InternLM2's own layout (tok_embeddings, per-kv-group fused attention.wqkv, "
+           "feed_forward.w1/w2/w3, output) from a transformers LlamaForCausalLM (same math) "
+           "and converted by convert_hf_to_gguf.py's InternLM2Model; the reference logits "
+           "are that LlamaForCausalLM's")
+
+# --------------------------------------------------------------------------------------
+# weights
+
+
+def redraw(model, seed: int) -> None:
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    hidden = model.config.get_text_config().hidden_size
+    emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    out = model.get_output_embeddings()
+    if out is not None:
+        emb.add(id(out.weight))
+    fan_in_first = set()  # GPT-2 style Conv1D stores (in, out)
+    try:
+        from transformers.pytorch_utils import Conv1D
+        fan_in_first = {id(m.weight) for m in model.modules() if isinstance(m, Conv1D)}
+    except ImportError:
+        pass
+    with torch.no_grad():
+        for _name, p in model.named_parameters():  # tied parameters appear once
+            if id(p) in emb:
+                p.copy_(torch.randn(p.shape, generator=g) * (2.0 / math.sqrt(hidden)))
+            elif p.ndim >= 2:
+                fan_in = p.shape[0] if id(p) in fan_in_first else math.prod(p.shape[1:])
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+            else:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def build_hf(name: str, spec: dict, d: Path, seed: int):
+    import torch
+    import transformers
+
+    tok_ids = write_tokenizer(d, spec["tok"])
+    kw = dict(spec["kw"])
+    for k, v in tok_ids.items():
+        kw.setdefault(k, v)
+    cfg = getattr(transformers, spec["cfg"])(**kw)
+    torch.manual_seed(seed)
+    model_cls = getattr(transformers, spec["model"])
+    model = model_cls(cfg).float().eval()
+    redraw(model, seed)
+    model.save_pretrained(d, safe_serialization=True)
+    cfg_path = d / "config.json"
+    config = json.loads(cfg_path.read_text())
+    config.update(spec["merge"])
+    config["architectures"] = [spec.get("hf_arch", spec["model"])]
+    cfg_path.write_text(json.dumps(config, indent=1))
+    if spec.get("rewrite"):
+        config = spec["rewrite"](model, config, d)
+    return model, config
+
+
+def hf_logits(model, ids: list[int]):
+    import torch
+
+    model.config._attn_implementation = "eager"
+    for m in model.modules():
+        if hasattr(m, "config") and hasattr(m.config, "_attn_implementation"):
+            m.config._attn_implementation = "eager"
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), use_cache=False)
+    return out.logits[0].float().numpy()
+
+
+# --------------------------------------------------------------------------------------
+# llama.cpp: converter, quantizer, evaluation
+
+
+def convert(hf_dir: Path, out: Path) -> None:
+    cmd = [sys.executable, __file__, "--_convert", str(hf_dir), str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0 or not out.exists():
+        raise RuntimeError(f"convert_hf_to_gguf failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
+
+
+def _convert_main(hf_dir: str, out: str) -> None:
+    """In a child process: llama.cpp's converter with the pre-tokenizer check patched."""
+    sys.path.insert(0, str(LLAMACPP / "gguf-py"))
+    sys.path.insert(0, str(LLAMACPP))
+    import conversion.base as base
+
+    base.TextModel.get_vocab_base_pre = lambda self, tokenizer: PRE
+
+    # transformers 5's AutoConfig drops legacy keys some converters still read (e.g.
+    # GPT-NeoX rotary_pct): put back whatever config.json has that the loaded dict lacks.
+    orig_load = base.ModelBase.load_hparams
+
+    def load_hparams(dir_model, is_mistral_format):
+        config = orig_load(dir_model, is_mistral_format)
+        raw_path = Path(dir_model) / "config.json"
+        if not is_mistral_format and raw_path.is_file():
+            for k, v in json.loads(raw_path.read_text()).items():
+                config.setdefault(k, v)
+        return config
+
+    base.ModelBase.load_hparams = staticmethod(load_hparams)
+    import convert_hf_to_gguf
+
+    sys.argv = ["convert_hf_to_gguf.py", hf_dir, "--outfile", out, "--outtype", "f32"]
+    convert_hf_to_gguf.main()
+
+
+def quantize_q8(src: Path, dst: Path) -> None:
+    cmd = [sys.executable, __file__, "--_quantize", str(src), str(dst)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0 or not dst.exists():
+        raise RuntimeError(f"llama_model_quantize failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+
+
+def _quantize_main(src: str, dst: str) -> None:
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.nthread = 4
+    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize rc={rc}")
+
+
+def llama_logits(path: Path, ids: list[int]):
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=256, logits_all=True, type_k=0, type_v=0,
+                verbose=False, n_threads=4, seed=0)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def gguf_summary(path: Path) -> dict:
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
+    types = sorted({t.tensor_type.name for t in r.tensors})
+    return {"architecture": arch, "n_tensors": len(r.tensors), "tensor_types": types,
+            "tensors": [t.name for t in r.tensors]}
+
+
+# --------------------------------------------------------------------------------------
+# driver
+
+
+def load_manifest() -> dict:
+    if MANIFEST.exists():
+        return json.loads(MANIFEST.read_text())
+    return {}
+
+
+def save_manifest(m: dict) -> None:
+    MANIFEST.write_text(json.dumps(dict(sorted(m.items())), indent=1) + "\n")
+
+
+def eval_ids(seed: int) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(VOCAB) for _ in range(N_EVAL)]
+
+
+def make(name: str, manifest: dict) -> None:
+    import numpy as np
+
+    spec = ARCHS[name]
+    seed = spec.get("seed", hash_name(name))
+    f32 = OUT / f"{name}.f32.gguf"
+    q8 = OUT / f"{name}.q8_0.gguf"
+    entry: dict = {"arch": spec["arch"], "hf_class": spec.get("hf_arch", spec["model"]),
+                   "notes": spec["notes"], "seed": seed}
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix=f"fx-{name}-") as td:
+        d = Path(td) / "hf"
+        d.mkdir()
+        model, config = build_hf(name, spec, d, seed)
+        entry["config"] = {k: v for k, v in config.items() if k not in (
+            "transformers_version", "id2label", "label2id", "output_hidden_states",
+            "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "problem_type",
+            "output_attentions", "_name_or_path")}
+        entry["source"] = f"convert_hf_to_gguf.py {entry['hf_class']}"
+        convert(d, f32)
+        quantize_q8(f32, q8)
+        ids = eval_ids(seed)
+        hf = hf_logits(model, ids)
+    summ = gguf_summary(f32)
+    if summ["architecture"] != spec["arch"]:
+        raise RuntimeError(f"general.architecture={summ['architecture']} != {spec['arch']}")
+    lf = llama_logits(f32, ids)
+    lq = llama_logits(q8, ids)
+    for tag, x in (("f32", lf), ("q8_0", lq)):
+        if not np.isfinite(x).all():
+            raise RuntimeError(f"{tag} logits not finite")
+    std = float(hf.std())
+    entry.update({
+        "sliding_window": spec.get("sliding_window"),
+        "gguf_arch": summ["architecture"],
+        "tensors": summ["tensors"],
+        "eval_ids": ids,
+        "llama_f32_logits_std": round(float(lf.std()), 4),
+        "llama_q8_0_logits_std": round(float(lq.std()), 4),
+        "hf_logits_std": round(std, 4),
+        "f32_vs_hf_maxdiff_over_std": float(f"{np.abs(lf - hf).max() / std:.3g}"),
+        "q8_0_vs_hf_maxdiff_over_std": float(f"{np.abs(lq - hf).max() / std:.3g}"),
+        "f32_vs_hf_argmax_agree": float(np.mean(lf.argmax(-1) == hf.argmax(-1))),
+        "files": {"f32": f32.name, "f32_bytes": f32.stat().st_size,
+                  "q8_0": q8.name, "q8_0_bytes": q8.stat().st_size},
+        "q8_0_tensor_types": gguf_summary(q8)["tensor_types"],
+    })
+    if lf.std() <= 1.0:
+        entry["warning"] = f"llama.cpp f32 logits std {lf.std():.3f} <= 1"
+    manifest[name] = entry
+    print(f"[{name}] ok {time.time() - t0:.1f}s std={lf.std():.3f} "
+          f"f32/hf={entry['f32_vs_hf_maxdiff_over_std']} q8/hf={entry['q8_0_vs_hf_maxdiff_over_std']} "
+          f"f32={f32.stat().st_size}B", flush=True)
+
+
+def hash_name(name: str) -> int:
+    import zlib
+
+    return zlib.crc32(name.encode()) % 100000
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--_convert"]:
+        _convert_main(argv[1], argv[2])
+        return 0
+    if argv[:1] == ["--_quantize"]:
+        _quantize_main(argv[1], argv[2])
+        return 0
+    if argv[:1] == ["--list"]:
+        print("\n".join(ARCHS))
+        return 0
+    names = argv or list(ARCHS)
+    unknown = [n for n in names if n not in ARCHS]
+    if unknown:
+        print(f"unknown: {unknown}; known: {list(ARCHS)}")
+        return 2
+    OUT.mkdir(parents=True, exist_ok=True)
+    ensure_tokenizers()
+    manifest = load_manifest()
+    failed = []
+    for name in names:
+        try:
+            make(name, manifest)
+        except Exception as e:  # record and move on
+            traceback.print_exc()
+            failed.append(name)
+            manifest[name] = {"arch": ARCHS[name]["arch"], "hf_class": ARCHS[name].get("hf_arch", ARCHS[name]["model"]),
+                              "source": None, "error": f"{type(e).__name__}: {str(e)[-1500:]}",
+                              "notes": ARCHS[name]["notes"]}
+            for suffix in (".f32.gguf", ".q8_0.gguf"):
+                (OUT / f"{name}{suffix}").unlink(missing_ok=True)
+        save_manifest(manifest)
+    print(f"done; failed: {failed}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
