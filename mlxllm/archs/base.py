@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from gguf import Keys
 
 from ..gguf import GGUFFile
@@ -18,17 +19,27 @@ def require(gf: GGUFFile, key: str) -> Any:
     return gf.metadata[key]
 
 
+def is_array(value: Any) -> bool:
+    """Whether a metadata value is a GGUF array (read as a list or a numpy array)."""
+    return isinstance(value, (list, tuple, np.ndarray))
+
+
 def per_layer(value: Any, n_layers: int) -> Any:
     """A per-layer array from the file as a tuple (a scalar stays a scalar)."""
-    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else value
+    return tuple(int(v) for v in value) if is_array(value) else value
 
 
-def decoder_args(gf: GGUFFile, *, norm: str = "rms", rope: str | None = "norm", **overrides: Any) -> DecoderArgs:
+def decoder_args(gf: GGUFFile, *, norm: str = "rms", rope: str | None = "norm", rope_options: dict | None = None,
+                 **overrides: Any) -> DecoderArgs:
     """The common hyperparameters of a decoder file, then the architecture's `overrides`.
 
     norm: "rms" (eps from attention.layer_norm_rms_epsilon) or "layer"
     (attention.layer_norm_epsilon). rope: llama.cpp's rope type for the architecture,
-    "norm" (adjacent pairs), "neox" (halves) or None, over rope.dimension_count entries.
+    "norm" (adjacent pairs), "neox" (halves) or None, over rope.dimension_count entries;
+    rope_options: `RopeArgs.from_gguf`'s, for the keys only some architectures read.
+    Frequency factors: rope_freqs (Llama 3.1) where the file has it, else LongRoPE's short
+    factors: llama.cpp takes the long ones only for a context past the original one, and
+    mlxllm runs at the original context (as Ollama's default 4096 does for Phi-3).
     """
     m = gf.metadata
     dim = require(gf, Keys.LLM.EMBEDDING_LENGTH)
@@ -57,10 +68,11 @@ def decoder_args(gf: GGUFFile, *, norm: str = "rms", rope: str | None = "norm", 
     )
     if rope is not None:
         dims = m.get(Keys.Rope.DIMENSION_COUNT, head_dim)
-        kw["rope"] = RopeArgs.from_gguf(m, dims, traditional=rope == "norm")
-        for factors in ("rope_freqs",):
+        kw["rope"] = RopeArgs.from_gguf(m, dims, traditional=rope == "norm", **(rope_options or {}))
+        for factors in ("rope_freqs", "rope_factors_short"):
             if f"{factors}.weight" in gf.tensors:
                 kw["rope_factors"] = factors
+                break
     kw.update(overrides)
     return DecoderArgs(**kw)
 
@@ -80,7 +92,7 @@ def file_sliding_pattern(gf: GGUFFile, n_layers: int, default_period: int) -> tu
     """The sliding layers as the file states them (attention.sliding_window_pattern: a
     period, or one bool per layer), else the architecture's fixed period."""
     pattern = gf.metadata.get(Keys.Attention.SLIDING_WINDOW_PATTERN, default_period)
-    if isinstance(pattern, (list, tuple)):
+    if is_array(pattern):
         if len(pattern) != n_layers:
             raise ValueError(f"sliding_window_pattern has {len(pattern)} entries for {n_layers} layers")
         return tuple(bool(p) for p in pattern)

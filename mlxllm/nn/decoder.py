@@ -33,6 +33,10 @@ from .norm import norm
 from .rope import Rope, RopeArgs
 
 
+# Per-pair rotation frequency divisors a file may hold (llama3's rope_freqs, Phi-3's LongRoPE).
+ROPE_FACTOR_TENSORS = ("rope_freqs", "rope_factors_long", "rope_factors_short")
+
+
 @dataclass
 class DecoderArgs:
     vocab_size: int
@@ -61,6 +65,8 @@ class DecoderArgs:
     clamp_qkv: float = 0.0  # clip q, k and v to [-c, c] (llama.cpp clamp_kqv)
     alibi_max_bias: float = 0.0  # ALiBi slopes (Bloom, MPT)
     parallel: bool = False
+    ffn_input_norm: str = "ffn_norm"  # the FFN's pre-norm tensor (Seed-OSS: post_attention_norm)
+    attn_temperature: tuple[float, int] | None = None  # (scale, floor): Llama-4-style query scaling
     embed_scale: float = 1.0  # multiplies token embeddings (Gemma sqrt(dim), Granite)
     residual_scale: float = 1.0  # multiplies each branch before it is added (Granite)
     logit_scale: float = 1.0  # multiplies the logits (Command-R; Granite's 1 / logit_scale)
@@ -114,7 +120,7 @@ class Block(nn.Module):
             return norm(kind or a.norm, dims, a.norm_eps, args.tensors, f"blk.{i}.{leaf}")
 
         self.attn_norm = norm_if("attn_norm", d)
-        self.attn_norm_2 = norm_if("attn_norm_2", d)  # Falcon 40B's FFN norm in a parallel layer
+        self.attn_norm_2 = norm_if("attn_norm_2", d)  # Falcon 40B: the attention's own norm
         if has("attn_qkv.weight"):
             self.attn_qkv = linear("attn_qkv", d, q_out + kv_out + v_out)
             self.split = (q_out, q_out + kv_out)
@@ -134,7 +140,8 @@ class Block(nn.Module):
                 self.qk_norm_full_width = shape[-1] != a.head_dim
         self.attn_output = linear("attn_output", a.n_heads * self.head_dim_v, d)
         self.post_attention_norm = norm_if("post_attention_norm", d)
-        self.ffn_norm = norm_if("ffn_norm", d)
+        if a.ffn_input_norm != "post_attention_norm":
+            self.ffn_norm = norm_if(a.ffn_input_norm, d)
         ff = args.tensors[f"blk.{i}.ffn_down.weight"][-1]
         if a.gated and has("ffn_gate.weight"):
             self.ffn_gate = linear("ffn_gate", d, ff)
@@ -178,6 +185,11 @@ class Block(nn.Module):
             q, k = self.rope(q, offset, factors), self.rope(k, offset, factors)
         if qk_norm and a.qk_norm_after_rope:
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
+        if a.attn_temperature is not None:  # llm_graph_input_attn_temp: 1 + scale * ln(floor(p / floor) + 1)
+            scale, floor = a.attn_temperature
+            offset = cache.offset if cache is not None else 0
+            positions = mx.arange(L) + (offset[:, None] if isinstance(offset, mx.array) else offset)
+            q = q * (1 + scale * mx.log(mx.floor(positions / floor) + 1)).reshape(-1, L, 1, 1).astype(q.dtype)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, L, D)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
@@ -202,15 +214,16 @@ class Block(nn.Module):
     def __call__(self, x: mx.array, mask, cache, factors: mx.array | None) -> mx.array:
         rs = self.args.residual_scale
         attn_in = self.attn_norm(x) if self.attn_norm is not None else x
-        a = self.attention(attn_in, mask, cache, factors)
-        if self.post_attention_norm is not None:
+        # Falcon 40B: attention reads attn_norm_2, the parallel FFN attn_norm
+        a = self.attention(self.attn_norm_2(x) if self.attn_norm_2 is not None else attn_in, mask, cache, factors)
+        if self.post_attention_norm is not None and self.args.ffn_input_norm != "post_attention_norm":
             a = self.post_attention_norm(a)
         if self.args.parallel:
-            ffn_norm = self.attn_norm_2 if self.attn_norm_2 is not None else self.ffn_norm
-            f = self.feed_forward(ffn_norm(x) if ffn_norm is not None else attn_in)
+            f = self.feed_forward(self.ffn_norm(x) if self.ffn_norm is not None else attn_in)
             return x + (a + f) * rs if rs != 1.0 else x + a + f
         h = x + a * rs if rs != 1.0 else x + a
-        f = self.feed_forward(self.ffn_norm(h) if self.ffn_norm is not None else h)
+        ffn_norm = self.post_attention_norm if self.args.ffn_input_norm == "post_attention_norm" else self.ffn_norm
+        f = self.feed_forward(ffn_norm(h) if ffn_norm is not None else h)
         if self.post_ffw_norm is not None:
             f = self.post_ffw_norm(f)
         return h + f * rs if rs != 1.0 else h + f
@@ -229,8 +242,9 @@ class Decoder(nn.Module):
             self.token_embd_norm = norm(args.norm, args.dim, args.norm_eps, args.tensors, "token_embd_norm")
         if args.has("position_embd.weight"):  # learned absolute positions (GPT-2, StarCoder)
             self.position_embd = nn.Embedding(*args.tensors["position_embd.weight"])
-        if args.rope_factors is not None:
-            setattr(self, args.rope_factors, {"weight": mx.ones(args.tensors[f"{args.rope_factors}.weight"])})
+        for factors in ROPE_FACTOR_TENSORS:  # every one the file has; args.rope_factors is the one used
+            if args.has(f"{factors}.weight"):
+                setattr(self, factors, {"weight": mx.ones(args.tensors[f"{factors}.weight"])})
         self.blk = [self.block(args, i) for i in range(args.n_layers)]
         self.output_norm = norm(args.norm, args.dim, args.norm_eps, args.tensors, "output_norm") \
             if args.has("output_norm.weight") or not args.parametric_norms else None

@@ -5,6 +5,7 @@ relu² is LLM_FFN_RELU_SQR; xIELU (Apertus) has per-layer constants from the fil
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -16,10 +17,14 @@ from .. import kernels
 KERNEL_GATES = ("silu", "gelu_tanh")
 
 
+def _softplus(x: float) -> float:
+    return x if x > 20 else math.log1p(math.exp(x))
+
+
 @dataclass(frozen=True)
 class XIELU:
-    """xIELU's constants for one layer (llama.cpp ggml_xielu, Apertus): already the
-    softplus-ed alphas, as the converter stores them."""
+    """xIELU for one layer (Apertus; llama.cpp ggml_xielu), from the raw trained parameters
+    the converter stores: alpha_p = softplus(raw alpha_p), alpha_n = beta + softplus(raw alpha_n)."""
 
     alpha_n: float
     alpha_p: float
@@ -27,8 +32,9 @@ class XIELU:
     eps: float
 
     def __call__(self, x: mx.array) -> mx.array:
-        positive = self.alpha_p * x * x + self.beta * x
-        negative = (mx.expm1(mx.minimum(x, self.eps)) - x) * self.alpha_n + self.beta * x
+        a_p, a_n = _softplus(self.alpha_p), self.beta + _softplus(self.alpha_n)
+        positive = a_p * x * x + self.beta * x
+        negative = (mx.expm1(mx.minimum(x, self.eps)) - x) * a_n + self.beta * x
         return mx.where(x > 0, positive, negative)
 
 

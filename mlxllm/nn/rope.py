@@ -36,28 +36,41 @@ class RopeArgs:
     base: float
     freq_scale: float = 1.0  # ggml freq_scale: 1 / the linear or YaRN factor
     yarn: Yarn | None = None
-    attn_factor: float = 1.0  # ggml attn_factor: multiplies the rotated entries' cos/sin
+    attn_factor: float = 1.0  # multiplies the rotated entries' cos/sin (the net YaRN mscale)
     factors: str | None = None  # GGUF tensor of per-pair frequency divisors, on the model
 
     @classmethod
-    def from_gguf(cls, meta, dims: int, traditional: bool, base: float | None = None) -> RopeArgs:
-        """The rope the file describes: rope.freq_base and rope.scaling.* (linear, yarn;
-        "llama3" and "longrope" files carry their factors as tensors)."""
+    def from_gguf(cls, meta, dims: int, traditional: bool, base: float | None = None,
+                  yarn_betas: bool = False, yarn_log_mul: bool = False) -> RopeArgs:
+        """The rope the file describes, as llama_context sets it up: rope.freq_base and
+        rope.scaling.* (linear, yarn; "llama3" and "longrope" files carry their factors as
+        tensors). yarn_betas / yarn_log_mul: the architecture reads those keys (mistral3)."""
         base = meta.get(Keys.Rope.FREQ_BASE, 10000.0) if base is None else base
-        kind = meta.get(Keys.Rope.SCALING_TYPE, "linear" if Keys.Rope.SCALING_FACTOR in meta else "none")
+        kind = meta.get(Keys.Rope.SCALING_TYPE, "linear")  # llama.cpp's default type
         factor = meta.get(Keys.Rope.SCALING_FACTOR, 1.0) or 1.0
-        if kind in ("none", "llama3", "longrope") or factor == 1.0:
-            return cls(dims, traditional, base)
+        attn_factor = meta.get(Keys.Rope.SCALING_ATTN_FACTOR, 1.0)  # hparams.rope_attn_factor
+        if kind in ("none", "llama3", "longrope") or (kind == "linear" and factor == 1.0):
+            return cls(dims, traditional, base, attn_factor=attn_factor)
         if kind == "linear":
-            return cls(dims, traditional, base, freq_scale=1.0 / factor)
+            return cls(dims, traditional, base, freq_scale=1.0 / factor, attn_factor=attn_factor)
         if kind == "yarn":
-            yarn = Yarn(orig_ctx=meta.get(Keys.Rope.SCALING_ORIG_CTX_LEN, meta.get(Keys.LLM.CONTEXT_LENGTH, 4096)),
-                        beta_fast=meta.get(Keys.Rope.SCALING_YARN_BETA_FAST, 32.0),
-                        beta_slow=meta.get(Keys.Rope.SCALING_YARN_BETA_SLOW, 1.0),
-                        ext_factor=meta.get(Keys.Rope.SCALING_YARN_EXT_FACTOR, 1.0))
-            return cls(dims, traditional, base, freq_scale=1.0 / factor, yarn=yarn,
-                       attn_factor=meta.get(Keys.Rope.SCALING_ATTN_FACTOR, 1.0))
+            yarn = Yarn(orig_ctx=meta.get(Keys.Rope.SCALING_ORIG_CTX_LEN, meta.get(Keys.LLM.CONTEXT_LENGTH, 4096)))
+            if yarn_betas:
+                yarn = Yarn(yarn.orig_ctx, meta.get(Keys.Rope.SCALING_YARN_BETA_FAST, 32.0),
+                            meta.get(Keys.Rope.SCALING_YARN_BETA_SLOW, 1.0))
+            # llama_context: the cos/sin multiplier is get_mscale(factor, 1), divided by
+            # get_mscale(factor, log_mul) where the architecture reads a log multiplier.
+            mscale = _mscale(factor, 1.0)
+            log_mul = meta.get(Keys.Rope.SCALING_YARN_LOG_MUL, 0.0) if yarn_log_mul else 0.0
+            if log_mul:
+                mscale /= _mscale(factor, log_mul)
+            return cls(dims, traditional, base, freq_scale=1.0 / factor, yarn=yarn, attn_factor=mscale * attn_factor)
         raise ValueError(f"rope scaling {kind!r} is not supported")
+
+
+def _mscale(scale: float, m: float) -> float:
+    """llama_context's get_mscale: YaRN's attention magnitude for a context `scale`."""
+    return 1.0 if scale <= 1.0 else 1.0 + 0.1 * m * math.log(scale)
 
 
 def yarn_corr_dims(dims: int, orig_ctx: int, base: float, beta_fast: float, beta_slow: float) -> tuple[float, float]:
@@ -95,7 +108,6 @@ class Rope:
                 low, high = yarn_corr_dims(a.dims, a.yarn.orig_ctx, a.base, a.yarn.beta_fast, a.yarn.beta_slow)
                 ramp = (1 - mx.clip((i - low) / max(0.001, high - low), 0, 1)) * a.yarn.ext_factor
                 inv = inv * (a.freq_scale * (1 - ramp) + ramp)
-                mscale *= 1.0 + 0.1 * math.log(1.0 / a.freq_scale)
             else:
                 inv = inv * a.freq_scale
             freqs = 1.0 / inv

@@ -1,0 +1,38 @@
+"""Qwen 2 and 3, and the decoders shaped like them: NEOX RoPE, RMSNorm, SwiGLU
+(src/models/qwen2.cpp, qwen3.cpp, seed-oss.cpp, hunyuan-dense.cpp)."""
+
+from __future__ import annotations
+
+from ..gguf import GGUFFile
+from ..nn import Decoder, DecoderArgs
+from ..registry import Arch
+from .base import decoder_args
+
+
+def qwen(gf: GGUFFile) -> DecoderArgs:
+    """Qwen 2 (q/k/v biases, optional output bias) and Qwen 3 (per-head q/k norms): what
+    differs is which tensors the file holds."""
+    return decoder_args(gf, rope="neox")
+
+
+def seed_oss(gf: GGUFFile) -> DecoderArgs:
+    # The file has no ffn_norm: HF's post_attention_layernorm (the FFN's pre-norm) is stored
+    # as post_attention_norm.
+    return decoder_args(gf, rope="neox", ffn_input_norm="post_attention_norm")
+
+
+def hunyuan_dense(gf: GGUFFile) -> DecoderArgs:
+    # q/k norms act on rotated heads; NTK-alpha is baked into rope.freq_base by the converter
+    return decoder_args(gf, rope="neox", qk_norm_after_rope=True)
+
+
+ARCHS = (
+    Arch(name="qwen2", args=qwen, model=Decoder, hf_architectures=("Qwen2ForCausalLM",),
+         description="Qwen 2 / 2.5 dense"),
+    Arch(name="qwen3", args=qwen, model=Decoder, hf_architectures=("Qwen3ForCausalLM",),
+         description="Qwen 3 dense"),
+    Arch(name="seed_oss", args=seed_oss, model=Decoder, hf_architectures=("SeedOssForCausalLM",),
+         description="ByteDance Seed-OSS"),
+    Arch(name="hunyuan-dense", args=hunyuan_dense, model=Decoder, hf_architectures=("HunYuanDenseV1ForCausalLM",),
+         description="Tencent Hunyuan dense"),
+)
