@@ -1,0 +1,100 @@
+"""Every architecture against llama.cpp on tiny files made by llama.cpp's own converter.
+
+tests/fixtures/archs holds, per architecture, an F32 GGUF that convert_hf_to_gguf.py wrote
+from a tiny random Hugging Face checkpoint, and its Q8_0 copy from llama.cpp's quantizer
+(scripts/make_arch_fixtures.py regenerates them). Both programs read the same file and the
+same token ids (48: past every fixture's 16-token sliding window); llama.cpp runs with an
+F32 KV cache.
+"""
+
+from __future__ import annotations
+
+import mlxllm  # noqa: F401  (first: puts an optimized BLAS under mlx.core)
+import numpy as np
+import pytest
+from gguf import MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES
+from mlx.utils import tree_flatten
+
+from arch_reference import (FIXTURES, MANIFEST, llama_cpp, llama_cpp_greedy, llama_cpp_logits, mlxllm_greedy,
+                            mlxllm_logits, token_ids)
+from mlxllm.loader import load_model
+from mlxllm.registry import REGISTRY
+
+NAMES = sorted(MANIFEST)
+F32_TOLERANCE = 5e-3  # max |Δlogit| as a fraction of the logits' std
+# Q8_0: llama.cpp rounds activations to 8 bits before each product with a Q8_0 weight (we
+# multiply in float32), measured 0.03-0.17 of the std and 92-100% argmax agreement.
+Q8_TOLERANCE = 0.3
+Q8_AGREEMENT = 0.85
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """Per (fixture, type): llama.cpp and mlxllm on the same file, loaded once."""
+    cache = {}
+
+    def get(name: str, kind: str):
+        if (name, kind) not in cache:
+            path = FIXTURES / f"{name}.{kind}.gguf"
+            cache.clear()  # one pair at a time keeps the peak small
+            cache[(name, kind)] = (llama_cpp(path), load_model(str(path))[0])
+        return cache[(name, kind)]
+    return get
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_f32_logits_match_llama_cpp(name, runs, fidelity_report):
+    llm, model = runs(name, "f32")
+    ids = token_ids(name)
+    ref = llama_cpp_logits(llm, ids)
+    std = ref.std()
+    for chunk in (0, 7):  # the whole prompt at once, and through the KV cache in pieces
+        ours = mlxllm_logits(model, ids, chunk)
+        diff = np.abs(ours - ref).max() / std
+        assert (ours.argmax(-1) == ref.argmax(-1)).all(), f"{name}: argmax differs (chunk {chunk})"
+        assert diff <= F32_TOLERANCE, f"{name}: max |Δlogit| = {diff:.2e} × std (chunk {chunk})"
+    fidelity_report.append((f"{name} F32", len(ids), "100.00%", f"{diff:.1e}×std"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_f32_greedy_continuation_matches_llama_cpp(name, runs):
+    llm, model = runs(name, "f32")
+    ids = token_ids(name, 24)
+    assert mlxllm_greedy(model, ids) == llama_cpp_greedy(llm, ids)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_q8_0_logits_near_llama_cpp(name, runs, fidelity_report):
+    llm, model = runs(name, "q8_0")
+    ids = token_ids(name)
+    ref = llama_cpp_logits(llm, ids)
+    ours = mlxllm_logits(model, ids)
+    diff = np.abs(ours - ref).max() / ref.std()
+    agree = (ours.argmax(-1) == ref.argmax(-1)).mean()
+    assert diff <= Q8_TOLERANCE and agree >= Q8_AGREEMENT, f"{name} Q8_0: {diff:.3f} × std, argmax {agree:.1%}"
+    fidelity_report.append((f"{name} Q8_0", len(ids), f"{agree:.2%}", f"{diff:.1e}×std"))
+
+
+def _leaf(template: str) -> str:
+    return template.replace("blk.{bid}.", "blk.N.")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_parameter_names_are_gguf_py_names(name):
+    """Every parameter of the model is a tensor name gguf-py lists for its architecture."""
+    path = FIXTURES / f"{name}.f32.gguf"
+    model, gf, arch, _ = load_model(str(path))
+    gguf_arch = next(a for a, n in MODEL_ARCH_NAMES.items() if n == gf.architecture)
+    allowed = {_leaf(TENSOR_NAMES[t]) for t in MODEL_TENSORS[gguf_arch]}
+    for param, _ in tree_flatten(model.parameters()):
+        base = param.rsplit(".", 1)[0]
+        parts = base.split(".")
+        if parts[0] == "blk":
+            base = ".".join(["blk", "N", *parts[2:]])
+        assert base in allowed, f"{name}: {param} is not in gguf-py's MODEL_TENSORS[{gguf_arch.name}]"
+
+
+def test_every_fixture_architecture_is_registered():
+    registered = {e.name for e in REGISTRY.all()}
+    assert {MANIFEST[n]["gguf_arch"] for n in NAMES} <= registered
+    assert len(registered) >= 33
