@@ -1,0 +1,41 @@
+"""The README's architecture table: every fixture in tests/fixtures/archs run by llama.cpp
+(F32 KV cache) and mlxllm on the same file and token ids (tests/arch_reference.py).
+
+    python scripts/arch_table.py            # markdown rows on stdout
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import mlxllm  # noqa: E402,F401  (first: an optimized BLAS under mlx.core)
+import numpy as np  # noqa: E402
+from arch_reference import FIXTURES, MANIFEST, llama_cpp, llama_cpp_logits, mlxllm_logits, token_ids  # noqa: E402
+
+from mlxllm.loader import load_model  # noqa: E402
+
+
+def compare(name: str, kind: str) -> tuple[float, float]:
+    """(max |Δlogit| / std, argmax agreement) on the fixture's ids."""
+    path = FIXTURES / f"{name}.{kind}.gguf"
+    ids = token_ids(name)
+    ref = llama_cpp_logits(llama_cpp(path), ids)
+    ours = mlxllm_logits(load_model(str(path))[0], ids)
+    return float(np.abs(ours - ref).max() / ref.std()), float((ours.argmax(-1) == ref.argmax(-1)).mean())
+
+
+def main() -> None:
+    print("| fixture | GGUF arch | made from | F32 max \\|Δ\\|/std | F32 argmax | Q8_0 max \\|Δ\\|/std | Q8_0 argmax |")
+    print("|---|---|---|---|---|---|---|")
+    for name in sorted(MANIFEST):
+        entry = MANIFEST[name]
+        f32, q8 = compare(name, "f32"), compare(name, "q8_0")
+        print(f"| {name} | `{entry['gguf_arch']}` | {entry['hf_class']} | {f32[0]:.1e} | {f32[1]:.0%} | "
+              f"{q8[0]:.2f} | {q8[1]:.0%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
