@@ -168,3 +168,27 @@ def test_third_party_plugin_is_discovered_listed_instantiated_and_removed(instal
     reg = Registry()
     with pytest.raises(ArchError, match="unknown architecture 'tinylm'"):
         reg.get("tinylm")
+
+
+MULTI_SOURCE = """
+    from mlxllm import Arch
+    def hparams(gf): return None
+    ARCHS = (Arch(name="fam-a", args=hparams, model=object), Arch(name="fam-b", args=hparams, model=object))
+"""
+
+
+def test_one_module_serves_several_names_and_a_missing_one_is_reported(tmp_path, monkeypatch):
+    fake_distribution(tmp_path, "pkg-fam", "1.0", {"fam-a": "fam", "fam-b": "fam", "fam-c": "fam"},
+                      {"fam": MULTI_SOURCE})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = Registry()
+    assert reg.get("fam-a").name == "fam-a" and reg.get("fam-b").name == "fam-b"
+    with pytest.raises(ArchError) as e:
+        reg.get("fam-c")
+    assert "declares 'fam-a', 'fam-b' but is registered as 'fam-c'" in str(e.value)
+
+
+def test_builtin_families_share_modules():
+    reg = Registry()
+    assert reg.entries["qwen2"].targets == reg.entries["qwen3"].targets == ["mlxllm.archs.qwen"]
+    assert reg.get("olmo2").hf_architectures == ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
