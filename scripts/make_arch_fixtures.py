@@ -427,6 +427,151 @@ arch("internlm2", cfg="LlamaConfig", model="LlamaForCausalLM", hf_arch="InternLM
            "and converted by convert_hf_to_gguf.py's InternLM2Model; the reference logits "
            "are that LlamaForCausalLM's")
 
+
+# --------------------------------------------------------------------------------------
+# variants of the archs above that exercise code paths the base fixtures miss
+
+_ROPE_DIMS = HEAD_DIM  # phi3-longrope: full rotary, rope_dims/2 = 8 factors each
+arch("phi3-longrope", arch="phi3", cfg="Phi3Config", model="Phi3ForCausalLM", tok="spm",
+     kw=_base(rms_norm_eps=1e-5, sliding_window=None, pad_token_id=None,
+              max_position_embeddings=8192, original_max_position_embeddings=2048,
+              rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                               "original_max_position_embeddings": 2048,
+                               "short_factor": [1.0 + 2.0 * i / (_ROPE_DIMS // 2 - 1)
+                                                for i in range(_ROPE_DIMS // 2)],
+                               "long_factor": [2.0 + 6.0 * i / (_ROPE_DIMS // 2 - 1)
+                                               for i in range(_ROPE_DIMS // 2)]}),
+     notes="Phi-3 LongRoPE: rope_factors_short (1..3) / rope_factors_long (2..8) tensors, "
+           "original ctx 2048, ctx 8192 -> rope.scaling.attn_factor sqrt(1+ln4/ln2048). "
+           "llama.cpp picks the SHORT factors when n_ctx <= 2048 (the test's n_ctx 256); HF "
+           "picks short for sequences shorter than 2048, so both use short_factor. No 'factor' "
+           "key and original_max_position_embeddings also passed top-level: Phi3Config otherwise "
+           "overrides the rope_parameters value with its default 4096")
+arch("falcon-40b", arch="falcon", cfg="FalconConfig", model="FalconForCausalLM",
+     kw=dict(hidden_size=HIDDEN, num_hidden_layers=N_LAYERS, num_attention_heads=HEADS,
+             num_kv_heads=KV_HEADS, multi_query=False, new_decoder_architecture=True,
+             parallel_attn=True, bias=False, alibi=False, vocab_size=VOCAB,
+             max_position_embeddings=MAX_POS, layer_norm_epsilon=1e-5,
+             tie_word_embeddings=True, rope_parameters=_rope()),
+     notes="Falcon-40B style (new_decoder_architecture): two LayerNorms per block (ln_attn "
+           "-> attn_norm_2 feeding attention, ln_mlp -> attn_norm feeding the MLP), GQA 4q/2kv "
+           "with fused per-group qkv (converter regroups), parallel attn+MLP, no biases; "
+           "GELU exact in HF vs tanh in ggml")
+arch("stablelm-12b", arch="stablelm", cfg="StableLmConfig", model="StableLmForCausalLM",
+     kw=_base(layer_norm_eps=1e-5, use_qkv_bias=False, qk_layernorm=True,
+              use_parallel_residual=True,
+              rope_parameters=_rope(partial_rotary_factor=0.25)),
+     notes="StableLM 2 12B style: per-head q/k LayerNorm (no bias; distinct weights per head, "
+           "converter stacks them into attn_q_norm [16,4] / attn_k_norm [16,2]), GQA 4q/2kv, "
+           "parallel residual (no post_attention_layernorm -> no ffn_norm), no qkv bias, "
+           "partial rotary 0.25")
+arch("qwen2-yarn", arch="qwen2", cfg="Qwen2Config", model="Qwen2ForCausalLM",
+     kw=_base(rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=64,
+              rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                               "original_max_position_embeddings": 16}),
+     notes="Qwen2 with YaRN factor 4 over original ctx 16 (max_position_embeddings 64): "
+           "rope.scaling.type yarn, factor 4, original_context_length 16; the ramp between "
+           "beta_fast 32 / beta_slow 1 and the mscale 0.1*ln(4)+1 both matter within 40 tokens")
+arch("gptneox-seq", arch="gptneox", cfg="GPTNeoXConfig", model="GPTNeoXForCausalLM",
+     kw=dict(hidden_size=HIDDEN, num_hidden_layers=N_LAYERS, num_attention_heads=HEADS,
+             intermediate_size=4 * HIDDEN, hidden_act="gelu", layer_norm_eps=1e-5,
+             use_parallel_residual=False, vocab_size=VOCAB, max_position_embeddings=MAX_POS,
+             tie_word_embeddings=False, rope_parameters=_rope(partial_rotary_factor=0.25)),
+     merge={"rotary_pct": 0.25},
+     notes="GPT-NeoX with use_parallel_residual=False (sequential: x += attn(ln1(x)); "
+           "x += mlp(ln2(x))), otherwise as gptneox")
+
+
+MPT_POS_CTX = 256   # learned position table size (max_seq_len)
+MPT_CLIP = 2.0
+# qk_ln is NOT used: the converter writes attn_q_norm/attn_k_norm and llama.cpp loads them,
+# but mpt.cpp then does ggml_reshape_2d on the Q/K views of the fused qkv (build_qkv returns
+# non-contiguous views for wqkv, and MPT requires wqkv) -> GGML_ASSERT(ggml_is_contiguous(a))
+# aborts the process on the first eval (mpt.cpp carries "FIXME test-llama-archs crashes if
+# q_norm is created"). Set True to reproduce.
+MPT_QK_LN = False
+
+
+def _mpt_pos_checkpoint(model, config: dict, d: Path) -> dict:
+    """Turn the saved (ALiBi-only) transformers MPT checkpoint into an MPT remote-code
+    checkpoint with learned positions (transformer.wpe), clip_qkv and (if MPT_QK_LN) qk_ln
+    (attn.q_ln / attn.k_ln, LayerNorm over the whole projection, no bias).
+
+    transformers' MptForCausalLM has no learned positions, no qk_ln and always applies ALiBi,
+    so the reference logits come from _mpt_pos_reference (a direct torch forward of the
+    remote-code math) instead of the transformers model."""
+    import torch
+    from safetensors.torch import save_file
+
+    c = model.config
+    E = c.d_model
+    g = torch.Generator().manual_seed(12345)
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()
+          if k != "lm_head.weight"}  # tied
+    sd["transformer.wpe.weight"] = torch.randn(MPT_POS_CTX, E, generator=g) * (2.0 / math.sqrt(E))
+    for i in range(c.n_layers if MPT_QK_LN else 0):
+        for nm in ("q_ln", "k_ln"):
+            sd[f"transformer.blocks.{i}.attn.{nm}.weight"] = 1.0 + 0.3 * torch.randn(E, generator=g)
+    for f in d.glob("*.safetensors"):
+        f.unlink()
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    config = dict(config)
+    config["max_seq_len"] = MPT_POS_CTX
+    config["learned_pos_emb"] = True
+    config["attn_config"] = dict(config.get("attn_config") or {}, alibi=False, qk_ln=MPT_QK_LN,
+                                 clip_qkv=MPT_CLIP)
+    (d / "config.json").write_text(json.dumps(config, indent=1))
+    model._mpt_pos_sd = sd
+    return config
+
+
+def _mpt_pos_reference(model, ids: list[int]):
+    """MPT forward (remote-code math): wte+wpe, pre-LN blocks (LayerNorm without bias),
+    fused Wqkv clamped to +-clip_qkv, [q_ln/k_ln over the whole projection,] causal softmax
+    attention scaled 1/sqrt(head_dim), no ALiBi, exact-GELU MLP, tied output head."""
+    import torch
+    import torch.nn.functional as F
+
+    sd, c = model._mpt_pos_sd, model.config
+    E, H = c.d_model, c.n_heads
+    hd = E // H
+    eps = c.layer_norm_epsilon
+    T = len(ids)
+    ln = lambda x, w: F.layer_norm(x, (E,), w, None, eps)  # noqa: E731
+    with torch.no_grad():
+        x = sd["transformer.wte.weight"][ids] + sd["transformer.wpe.weight"][:T]
+        mask = torch.full((T, T), float("-inf")).triu(1)
+        for i in range(c.n_layers):
+            p = f"transformer.blocks.{i}."
+            h = ln(x, sd[p + "norm_1.weight"])
+            qkv = (h @ sd[p + "attn.Wqkv.weight"].T).clamp(-MPT_CLIP, MPT_CLIP)
+            q, k, v = qkv.split(E, dim=-1)
+            if MPT_QK_LN:
+                q = ln(q, sd[p + "attn.q_ln.weight"])
+                k = ln(k, sd[p + "attn.k_ln.weight"])
+            q, k, v = (t.reshape(T, H, hd).transpose(0, 1) for t in (q, k, v))
+            a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd) + mask, dim=-1) @ v
+            x = x + a.transpose(0, 1).reshape(T, E) @ sd[p + "attn.out_proj.weight"].T
+            h = ln(x, sd[p + "norm_2.weight"])
+            x = x + F.gelu(h @ sd[p + "ffn.up_proj.weight"].T) @ sd[p + "ffn.down_proj.weight"].T
+        x = ln(x, sd["transformer.norm_f.weight"])
+        return (x @ sd["transformer.wte.weight"].T).float().numpy()
+
+
+arch("mpt-pos", arch="mpt", cfg="MptConfig", model="MptForCausalLM", hf_arch="MPTForCausalLM",
+     rewrite=_mpt_pos_checkpoint, reference=_mpt_pos_reference,
+     kw=dict(d_model=HIDDEN, n_heads=HEADS, n_layers=N_LAYERS, expansion_ratio=4,
+             max_seq_len=MPT_POS_CTX, vocab_size=VOCAB, no_bias=True, layer_norm_epsilon=1e-5,
+             attn_config={"alibi": True, "alibi_bias_max": 8, "clip_qkv": None},
+             tie_word_embeddings=True),
+     notes="MPT with learned absolute positions (transformer.wpe, max_seq_len 256) instead of "
+           "ALiBi (max_alibi_bias 0) and clip_qkv 2 (clamp of the fused qkv). qk_ln is left "
+           "out: llama.cpp's mpt.cpp aborts (GGML_ASSERT ggml_is_contiguous in ggml_reshape_2d "
+           "of the fused-qkv Q/K views) when attn_q_norm is present. transformers' "
+           "MptForCausalLM implements neither learned positions nor no-ALiBi, so the checkpoint is "
+           "written in the remote-code layout and the reference logits come from a direct "
+           "torch forward of that math (_mpt_pos_reference), not from transformers")
+
 # --------------------------------------------------------------------------------------
 # weights
 
@@ -526,10 +671,39 @@ def _convert_main(hf_dir: str, out: str) -> None:
         return config
 
     base.ModelBase.load_hparams = staticmethod(load_hparams)
+    _patch_stablelm_qk_norm()
     import convert_hf_to_gguf
 
     sys.argv = ["convert_hf_to_gguf.py", hf_dir, "--outfile", out, "--outtype", "f32"]
     convert_hf_to_gguf.main()
+
+
+def _patch_stablelm_qk_norm() -> None:
+    """StableLMModel.modify_tensors (conversion/stablelm.py) is a generator but does
+    ``return self._stack_qk_norm(...)`` for the per-head q/k LayerNorms (StableLM 2 12B,
+    qk_layernorm=True): the returned generator is never run, so the stacked
+    attn_q_norm / attn_k_norm tensors are never written and prepare_tensors raises
+    "Unprocessed norms". Same logic with ``yield from``."""
+    import conversion.stablelm as slm
+
+    orig = slm.StableLMModel.modify_tensors
+
+    def modify_tensors(self, data_torch, name, bid):
+        for kind, n_key, attr in (("q_layernorm", "num_attention_heads", "_q_norms"),
+                                  ("k_layernorm", "num_key_value_heads", "_k_norms")):
+            if f"{kind}.norms" in name:
+                assert bid is not None
+                if getattr(self, attr) is None:
+                    setattr(self, attr, [{} for _ in range(self.block_count)])
+                norms = getattr(self, attr)[bid]
+                norms[name] = data_torch
+                n = self.hparams[n_key]
+                if len(norms) >= n:
+                    yield from self._stack_qk_norm(bid, n, norms, kind)
+                return
+        yield from orig(self, data_torch, name, bid)
+
+    slm.StableLMModel.modify_tensors = modify_tensors
 
 
 def quantize_q8(src: Path, dst: Path) -> None:
@@ -615,10 +789,12 @@ def make(name: str, manifest: dict) -> None:
             "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "problem_type",
             "output_attentions", "_name_or_path")}
         entry["source"] = f"convert_hf_to_gguf.py {entry['hf_class']}"
+        if spec.get("reference"):
+            entry["reference"] = f"{spec['reference'].__name__} (torch, not transformers)"
         convert(d, f32)
         quantize_q8(f32, q8)
         ids = eval_ids(seed)
-        hf = hf_logits(model, ids)
+        hf = (spec["reference"] if spec.get("reference") else hf_logits)(model, ids)
     summ = gguf_summary(f32)
     if summ["architecture"] != spec["arch"]:
         raise RuntimeError(f"general.architecture={summ['architecture']} != {spec['arch']}")

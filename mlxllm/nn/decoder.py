@@ -114,10 +114,11 @@ class Block(nn.Module):
         def linear(leaf: str, fan_in: int, fan_out: int) -> nn.Linear:
             return nn.Linear(fan_in, fan_out, bias=has(f"{leaf}.bias"))
 
-        def norm_if(leaf: str, dims: int, kind: str | None = None) -> nn.Module | None:
+        def norm_if(leaf: str, dims: int) -> nn.Module | None:
+            """The norm where the file has it (always, for OLMo's parameterless pre-norms)."""
             if not has(f"{leaf}.weight") and (a.parametric_norms or leaf not in ("attn_norm", "ffn_norm")):
                 return None
-            return norm(kind or a.norm, dims, a.norm_eps, args.tensors, f"blk.{i}.{leaf}")
+            return norm(a.norm, dims, a.norm_eps, args.tensors, f"blk.{i}.{leaf}")
 
         self.attn_norm = norm_if("attn_norm", d)
         self.attn_norm_2 = norm_if("attn_norm_2", d)  # Falcon 40B: the attention's own norm
@@ -140,8 +141,8 @@ class Block(nn.Module):
                 self.qk_norm_full_width = shape[-1] != a.head_dim
         self.attn_output = linear("attn_output", a.n_heads * self.head_dim_v, d)
         self.post_attention_norm = norm_if("post_attention_norm", d)
-        if a.ffn_input_norm != "post_attention_norm":
-            self.ffn_norm = norm_if(a.ffn_input_norm, d)
+        # Seed-OSS keeps the FFN's pre-norm under post_attention_norm: then that is its role
+        self.ffn_norm = norm_if(a.ffn_input_norm, d) if a.ffn_input_norm != "post_attention_norm" else None
         ff = args.tensors[f"blk.{i}.ffn_down.weight"][-1]
         if a.gated and has("ffn_gate.weight"):
             self.ffn_gate = linear("ffn_gate", d, ff)
