@@ -23,7 +23,8 @@ class _Quantized(nn.Module):
     def __init__(self, w: QuantizedTensor):
         super().__init__()
         self.qtype = w.qtype
-        self.rows, self.cols = w.shape  # (out, in) / (vocab, dim)
+        self.experts = w.shape[0] if len(w.shape) == 3 else None  # (experts, out, in): SwitchLinear's twin
+        self.rows, self.cols = w.shape[-2:]  # (out, in) / (vocab, dim)
         if w.weight is not None:
             self.weight = w.weight
         if w.scales is not None:
@@ -46,8 +47,8 @@ class _Quantized(nn.Module):
                 for a, layout in zip(self.part_arrays, self.part_layouts)]
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return (self.rows, self.cols)
+    def shape(self) -> tuple[int, ...]:
+        return (self.rows, self.cols) if self.experts is None else (self.experts, self.rows, self.cols)
 
     @property
     def mode(self) -> str:
@@ -70,6 +71,13 @@ class QuantizedLinear(_Quantized):
     def __call__(self, x: mx.array) -> mx.array:
         y = kernels.matmul(x, self)
         return y + self.bias if "bias" in self else y
+
+
+class QuantizedSwitchLinear(_Quantized):
+    """Experts' weights (experts, out, in) in a quantized layout: `nn.moe.SwitchLinear`'s twin."""
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        return kernels.gather_matmul(x, self, indices)
 
 
 class QuantizedEmbedding(_Quantized):

@@ -18,7 +18,8 @@ from gguf import GGMLQuantizationType
 from mlx.utils import tree_flatten
 
 from .gguf import GGUFError, GGUFFile
-from .layers import QuantizedEmbedding, QuantizedLinear, stack_projections
+from .layers import QuantizedEmbedding, QuantizedLinear, QuantizedSwitchLinear, stack_projections
+from .nn.moe import SwitchLinear
 from .kernels import cpu as cpu_kernels
 from .kernels.widen import widen
 from .quant import QuantizedTensor, layout_of, to_mlx
@@ -93,6 +94,18 @@ def dense_by_default(gf: GGUFFile) -> bool:
     return fp32_bytes <= DENSE_RAM_FRACTION * ram
 
 
+def by_expert(w: QuantizedTensor) -> QuantizedTensor:
+    """A 3-D tensor's quantized arrays, converted row by row as (experts * out, ...), as
+    (experts, out, ...): the layout gather_qmm reads."""
+    E, out = w.shape[0], w.shape[1]
+
+    def split(a: mx.array | None) -> mx.array | None:
+        return None if a is None else a.reshape(E, out, -1)
+    parts = [p._replace(weight=split(p.weight), scales=split(p.scales), biases=split(p.biases)) for p in w.parts] \
+        if w.parts else None
+    return QuantizedTensor(w.qtype, w.shape, split(w.weight), split(w.scales), split(w.biases), parts=parts)
+
+
 def _walk(model: nn.Module, path: list[str]) -> tuple[object, str | int]:
     """The container holding `path[-1]` and the key into it."""
     node: object = model
@@ -150,9 +163,12 @@ def load_model(path: str, dtype: mx.Dtype = mx.float32, dense: bool | None = Non
         if isinstance(value, QuantizedTensor):
             owner_path, leaf = name.rsplit(".", 1)
             owner = _get(model, owner_path)
-            if leaf != "weight" or not isinstance(owner, (nn.Linear, nn.Embedding)):
+            if leaf != "weight" or not isinstance(owner, (nn.Linear, nn.Embedding, SwitchLinear)):
                 raise LoadError(f"{path}: tensor {name!r} is {value.qtype.name}, but {arch.name} needs it as floats")
-            layer = QuantizedEmbedding(value) if isinstance(owner, nn.Embedding) else QuantizedLinear(value)
+            if isinstance(owner, SwitchLinear):
+                layer = QuantizedSwitchLinear(by_expert(value))
+            else:
+                layer = QuantizedEmbedding(value) if isinstance(owner, nn.Embedding) else QuantizedLinear(value)
             _set(model, owner_path, layer)
         else:
             if value.dtype != dtype:

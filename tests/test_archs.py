@@ -23,9 +23,12 @@ from mlxllm.registry import REGISTRY
 NAMES = sorted(MANIFEST)
 F32_TOLERANCE = 5e-3  # max |Δlogit| as a fraction of the logits' std
 # Q8_0: llama.cpp rounds activations to 8 bits before each product with a Q8_0 weight (we
-# multiply in float32), measured 0.03-0.17 of the std and 92-100% argmax agreement.
-Q8_TOLERANCE = 0.3
+# multiply in float32): measured mean |Δlogit| 0.01-0.04 of the std, 92-100% argmax
+# agreement. The largest differences (up to one std) come from a router whose top-k that
+# rounding flips, in the MoE fixtures.
+Q8_MEAN_TOLERANCE = 0.08
 Q8_AGREEMENT = 0.85
+MOE = [n for n in NAMES if any(".ffn_gate_inp." in t for t in MANIFEST[n]["tensors"])]
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +72,22 @@ def test_q8_0_logits_near_llama_cpp(name, runs, fidelity_report):
     ids = token_ids(name)
     ref = llama_cpp_logits(llm, ids)
     ours = mlxllm_logits(model, ids)
-    diff = np.abs(ours - ref).max() / ref.std()
+    diff = np.abs(ours - ref) / ref.std()
     agree = (ours.argmax(-1) == ref.argmax(-1)).mean()
-    assert diff <= Q8_TOLERANCE and agree >= Q8_AGREEMENT, f"{name} Q8_0: {diff:.3f} × std, argmax {agree:.1%}"
-    fidelity_report.append((f"{name} Q8_0", len(ids), f"{agree:.2%}", f"{diff:.1e}×std"))
+    assert diff.mean() <= Q8_MEAN_TOLERANCE and agree >= Q8_AGREEMENT, \
+        f"{name} Q8_0: mean {diff.mean():.3f} × std, argmax {agree:.1%}"
+    fidelity_report.append((f"{name} Q8_0", len(ids), f"{agree:.2%}", f"{diff.max():.1e}×std"))
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_quantized_experts_equal_their_float_image(name):
+    """Experts kept in Q8_0 (gather_qmm over the chosen experts' rows) compute what the same
+    weights widened to float32 compute."""
+    path = str(FIXTURES / f"{name}.q8_0.gguf")
+    ids = token_ids(name)
+    quantized = mlxllm_logits(load_model(path, dense=False)[0], ids)
+    dense = mlxllm_logits(load_model(path, dense=True)[0], ids)
+    assert np.abs(quantized - dense).max() <= 1e-4 * dense.std()
 
 
 def _leaf(template: str) -> str:

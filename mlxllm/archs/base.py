@@ -10,6 +10,7 @@ from gguf import Keys
 
 from ..gguf import GGUFFile
 from ..nn import DecoderArgs, RopeArgs
+from ..nn.moe import MoEArgs
 
 
 def require(gf: GGUFFile, key: str) -> Any:
@@ -30,13 +31,15 @@ def per_layer(value: Any, n_layers: int) -> Any:
 
 
 def decoder_args(gf: GGUFFile, *, norm: str = "rms", rope: str | None = "norm", rope_options: dict | None = None,
-                 **overrides: Any) -> DecoderArgs:
+                 moe: dict | None = None, **overrides: Any) -> DecoderArgs:
     """The common hyperparameters of a decoder file, then the architecture's `overrides`.
 
     norm: "rms" (eps from attention.layer_norm_rms_epsilon) or "layer"
     (attention.layer_norm_epsilon). rope: llama.cpp's rope type for the architecture,
     "norm" (adjacent pairs), "neox" (halves) or None, over rope.dimension_count entries;
     rope_options: `RopeArgs.from_gguf`'s, for the keys only some architectures read.
+    moe: `MoEArgs` fields the architecture fixes (gating, normalize, scale), for a file with
+    experts (expert_count > 0); counts and groups come from the file.
     Frequency factors: rope_freqs (Llama 3.1) where the file has it, else LongRoPE's short
     factors: llama.cpp takes the long ones only for a context past the original one, and
     mlxllm runs at the original context (as Ollama's default 4096 does for Phi-3).
@@ -73,6 +76,17 @@ def decoder_args(gf: GGUFFile, *, norm: str = "rms", rope: str | None = "norm", 
             if f"{factors}.weight" in gf.tensors:
                 kw["rope_factors"] = factors
                 break
+    n_experts = m.get(Keys.LLM.EXPERT_COUNT, 0)
+    if n_experts:
+        used = per_layer(require(gf, Keys.LLM.EXPERT_USED_COUNT), n_layers)
+        if isinstance(used, tuple):
+            if len(set(used)) != 1:
+                raise ValueError("per-layer expert_used_count values that differ are not supported")
+            used = used[0]
+        if not 0 < used <= n_experts:
+            raise ValueError(f"expert_used_count {used} is not in 1..{n_experts}")
+        kw["moe"] = MoEArgs(n_experts=n_experts, n_used=used, n_groups=m.get(Keys.LLM.EXPERT_GROUP_COUNT, 0),
+                            n_group_used=m.get(Keys.LLM.EXPERT_GROUP_USED_COUNT, 0), **(moe or {}))
     kw.update(overrides)
     return DecoderArgs(**kw)
 

@@ -22,7 +22,8 @@ SMOLLM3_NOPE_PERIOD = 4  # llama.cpp n_no_rope_layer_step: every 4th layer has n
 
 
 def llama(gf: GGUFFile) -> DecoderArgs:
-    return decoder_args(gf, rope="norm")
+    """Dense, or Mixtral-style experts: softmax over all, the top k renormalized."""
+    return decoder_args(gf, rope="norm", moe=dict(normalize=True))
 
 
 def mistral3(gf: GGUFFile) -> DecoderArgs:
@@ -47,16 +48,17 @@ def arcee(gf: GGUFFile) -> DecoderArgs:
 
 
 def granite(gf: GGUFFile) -> DecoderArgs:
-    """Llama with multipliers on the embeddings, each residual branch, attention and logits."""
+    """Llama with multipliers on the embeddings, each residual branch, attention and logits;
+    Granite MoE adds renormalized top-k experts and, in the shared variant, a shared expert."""
     m = gf.metadata
     args = decoder_args(
-        gf, rope="norm",
+        gf, rope="norm", moe=dict(normalize=True),
         embed_scale=m.get(Keys.LLM.EMBEDDING_SCALE, 0.0) or 1.0,
         residual_scale=m.get(Keys.LLM.RESIDUAL_SCALE, 0.0) or 1.0,
         attn_scale=m.get(Keys.Attention.SCALE, 0.0) or None,
         logit_scale=1.0 / require(gf, Keys.LLM.LOGIT_SCALE),  # llama.cpp divides by it
     )
-    if not m.get(Keys.Rope.SCALING_FINETUNED, True):  # granite: rope off altogether
+    if gf.architecture == "granite" and not m.get(Keys.Rope.SCALING_FINETUNED, True):  # rope off altogether
         args = dataclasses.replace(args, rope=None)
     return args
 
@@ -81,8 +83,9 @@ def ernie4_5(gf: GGUFFile) -> DecoderArgs:
 
 
 ARCHS = (
-    Arch(name="llama", args=llama, model=Decoder, hf_architectures=("LlamaForCausalLM", "MistralForCausalLM"),
-         description="Llama 2/3/3.1, Mistral-style and SmolLM2 decoders"),
+    Arch(name="llama", args=llama, model=Decoder,
+         hf_architectures=("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM"),
+         description="Llama 2/3/3.1, Mistral-style, SmolLM2 decoders, Mixtral experts"),
     Arch(name="mistral3", args=mistral3, model=Decoder,
          hf_architectures=("Mistral3ForConditionalGeneration", "Ministral3ForCausalLM"),
          description="Ministral 3 / Mistral Small 3.x text decoders (YaRN, query temperature)"),
@@ -94,6 +97,9 @@ ARCHS = (
          description="Arcee AFM: Llama with a plain ReLU² FFN"),
     Arch(name="granite", args=granite, model=Decoder, hf_architectures=("GraniteForCausalLM",),
          description="IBM Granite 3 dense: Llama with embedding/residual/attention/logit multipliers"),
+    Arch(name="granitemoe", args=granite, model=Decoder,
+         hf_architectures=("GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM"),
+         description="IBM Granite 3 MoE (and its shared-expert variant)"),
     Arch(name="apertus", args=apertus, model=Decoder, hf_architectures=("ApertusForCausalLM",),
          description="Apertus: q/k norms and an xIELU FFN"),
     Arch(name="ernie4_5", args=ernie4_5, model=Decoder, hf_architectures=("Ernie4_5ForCausalLM",),

@@ -33,8 +33,14 @@ def olmo2(gf: GGUFFile) -> DecoderArgs:
                                swa_rope=RopeArgs(args.rope.dims, traditional=False, base=args.rope.base))
 
 
+def olmoe(gf: GGUFFile) -> DecoderArgs:
+    """q/k RMSNorms across all heads, every layer experts (softmax weights as they are)."""
+    return decoder_args(gf, rope="neox", moe=dict(normalize=False))
+
+
 ARCHS = (
     Arch(name="olmo", args=olmo, model=Decoder, hf_architectures=("OlmoForCausalLM",), description="OLMo 1"),
     Arch(name="olmo2", args=olmo2, model=Decoder, hf_architectures=("Olmo2ForCausalLM", "Olmo3ForCausalLM"),
          description="OLMo 2 and OLMo 3 (sliding windows)"),
+    Arch(name="olmoe", args=olmoe, model=Decoder, hf_architectures=("OlmoeForCausalLM",), description="OLMoE"),
 )

@@ -20,8 +20,16 @@ def phi3(gf: GGUFFile) -> DecoderArgs:
     return decoder_args(gf, rope="neox")
 
 
+def phimoe(gf: GGUFFile) -> DecoderArgs:
+    """Phi-3 attention with biases, RMSNorms with a bias (what llama.cpp computes; HF uses
+    LayerNorm), renormalized softmax top-2 experts (HF's sparsemixer weights differ)."""
+    return decoder_args(gf, rope="neox", moe=dict(normalize=True))
+
+
 ARCHS = (
     Arch(name="phi2", args=phi2, model=Decoder, hf_architectures=("PhiForCausalLM",), description="Phi-2"),
     Arch(name="phi3", args=phi3, model=Decoder, hf_architectures=("Phi3ForCausalLM",),
          description="Phi-3 / Phi-4 mini, LongRoPE"),
+    Arch(name="phimoe", args=phimoe, model=Decoder, hf_architectures=("PhiMoEForCausalLM",),
+         description="Phi-3.5 MoE"),
 )

@@ -15,6 +15,16 @@ def qwen(gf: GGUFFile) -> DecoderArgs:
     return decoder_args(gf, rope="neox")
 
 
+def qwen2moe(gf: GGUFFile) -> DecoderArgs:
+    """Experts weighted by their softmax probabilities as they are (llama.cpp never
+    renormalizes them here), plus a shared expert behind a sigmoid gate."""
+    return decoder_args(gf, rope="neox", moe=dict(normalize=False))
+
+
+def qwen3moe(gf: GGUFFile) -> DecoderArgs:
+    return decoder_args(gf, rope="neox", moe=dict(normalize=True))
+
+
 def seed_oss(gf: GGUFFile) -> DecoderArgs:
     # The file has no ffn_norm: HF's post_attention_layernorm (the FFN's pre-norm) is stored
     # as post_attention_norm.
@@ -31,6 +41,10 @@ ARCHS = (
          description="Qwen 2 / 2.5 dense"),
     Arch(name="qwen3", args=qwen, model=Decoder, hf_architectures=("Qwen3ForCausalLM",),
          description="Qwen 3 dense"),
+    Arch(name="qwen2moe", args=qwen2moe, model=Decoder, hf_architectures=("Qwen2MoeForCausalLM",),
+         description="Qwen 1.5 / 2 MoE (shared expert)"),
+    Arch(name="qwen3moe", args=qwen3moe, model=Decoder, hf_architectures=("Qwen3MoeForCausalLM",),
+         description="Qwen 3 MoE (30B-A3B, 235B-A22B, Coder)"),
     Arch(name="seed_oss", args=seed_oss, model=Decoder, hf_architectures=("SeedOssForCausalLM",),
          description="ByteDance Seed-OSS"),
     Arch(name="hunyuan-dense", args=hunyuan_dense, model=Decoder, hf_architectures=("HunYuanDenseV1ForCausalLM",),

@@ -173,6 +173,28 @@ def matmul(x: mx.array, w: QuantizedTensor) -> mx.array:
                                group_size=GROUP, bits=w.bits, mode=w.mode)
 
 
+def gather_matmul(x: mx.array, w: mx.array | QuantizedTensor, indices: mx.array) -> mx.array:
+    """x (N, in) @ W[e].T for each expert e in indices (N, k), W of shape (experts, out, in)
+    as floats or a quantized layout -> (N, k, out). Only the chosen experts' rows are read."""
+    xe = x[:, None, None, :]  # (N, 1, 1, in): one row, broadcast over the k choices
+    if isinstance(w, mx.array):
+        return mx.gather_mm(xe, w.swapaxes(-1, -2), rhs_indices=indices).squeeze(-2)
+    parts = _affine_parts(w)
+    if parts is not None:
+        return widen.sum_in_order(
+            mx.gather_qmm(xe, p.weight, p.scales, p.biases, rhs_indices=indices, transpose=True,
+                          group_size=p.group_size, bits=p.bits, mode=p.mode).squeeze(-2)
+            for p in parts).astype(x.dtype)
+    if w.mode == "mxfp4":
+        return mx.gather_qmm(xe, w.weight, w.scales, None, rhs_indices=indices, transpose=True,
+                             group_size=GROUP, bits=w.bits, mode=w.mode).squeeze(-2)
+    # packed GGUF blocks (a GPU): the chosen experts' blocks, dequantized
+    E, out_features, in_features = w.shape
+    rows = w.weight[indices]  # (N, k, out, bytes)
+    dense = _dequantize_packed(w, rows.reshape(-1, rows.shape[-1]), (*indices.shape, out_features, in_features))
+    return (x[:, None, None, :] @ dense.astype(x.dtype).swapaxes(-1, -2)).squeeze(-2)
+
+
 # Causal attention over at least this many queries runs in CAUSAL_BLOCKS blocks of queries,
 # each against only the keys it can see: 4 blocks do 5/8 of the score and value products.
 CAUSAL_BLOCKED_QUERIES = 256

@@ -29,6 +29,7 @@ import numpy as np
 from .. import kernels, layers
 from ..cache import KVCache, RotatingKVCache
 from .ffn import XIELU, activate, gate
+from .moe import MoEArgs, SwitchLinear, experts
 from .norm import norm
 from .rope import Rope, RopeArgs
 
@@ -67,6 +68,7 @@ class DecoderArgs:
     parallel: bool = False
     ffn_input_norm: str = "ffn_norm"  # the FFN's pre-norm tensor (Seed-OSS: post_attention_norm)
     attn_temperature: tuple[float, int] | None = None  # (scale, floor): Llama-4-style query scaling
+    moe: MoEArgs | None = None  # routing of the layers whose file has experts (ffn_gate_inp)
     embed_scale: float = 1.0  # multiplies token embeddings (Gemma sqrt(dim), Granite)
     residual_scale: float = 1.0  # multiplies each branch before it is added (Granite)
     logit_scale: float = 1.0  # multiplies the logits (Command-R; Granite's 1 / logit_scale)
@@ -112,7 +114,7 @@ class Block(nn.Module):
         v_out = self.n_kv_heads * self.head_dim_v
 
         def linear(leaf: str, fan_in: int, fan_out: int) -> nn.Linear:
-            return nn.Linear(fan_in, fan_out, bias=has(f"{leaf}.bias"))
+            return self._linear(args, i, leaf, fan_in, fan_out)
 
         def norm_if(leaf: str, dims: int) -> nn.Module | None:
             """The norm where the file has it (always, for OLMo's parameterless pre-norms)."""
@@ -143,16 +145,51 @@ class Block(nn.Module):
         self.post_attention_norm = norm_if("post_attention_norm", d)
         # Seed-OSS keeps the FFN's pre-norm under post_attention_norm: then that is its role
         self.ffn_norm = norm_if(a.ffn_input_norm, d) if a.ffn_input_norm != "post_attention_norm" else None
+        self.moe = a.moe if has("ffn_gate_inp.weight") else None
+        if self.moe is not None:
+            self._init_experts(args, i)
+        else:
+            self._init_ffn(args, i)
+        self.post_ffw_norm = norm_if("post_ffw_norm", d)
+        # Slopes as numpy, not a parameter: the file has no such tensor.
+        self.alibi = np.array(alibi_slopes(a.n_heads, a.alibi_max_bias)) if a.alibi_max_bias else None
+
+    def _linear(self, args: DecoderArgs, i: int, leaf: str, fan_in: int, fan_out: int) -> nn.Linear:
+        return nn.Linear(fan_in, fan_out, bias=args.has(f"blk.{i}.{leaf}.bias"))
+
+    def _init_ffn(self, args: DecoderArgs, i: int) -> None:
+        a, d = args, args.dim
+
+        def linear(leaf: str, fan_in: int, fan_out: int) -> nn.Linear:
+            return self._linear(args, i, leaf, fan_in, fan_out)
+
         ff = args.tensors[f"blk.{i}.ffn_down.weight"][-1]
-        if a.gated and has("ffn_gate.weight"):
+        if a.gated and args.has(f"blk.{i}.ffn_gate.weight"):
             self.ffn_gate = linear("ffn_gate", d, ff)
             self.ffn_up = linear("ffn_up", d, ff)
         else:  # plain, or gate and up fused in ffn_up (Phi-3, ChatGLM): gate first
             self.ffn_up = linear("ffn_up", d, 2 * ff if a.gated else ff)
         self.ffn_down = linear("ffn_down", ff, d)
-        self.post_ffw_norm = norm_if("post_ffw_norm", d)
-        # Slopes as numpy, not a parameter: the file has no such tensor.
-        self.alibi = np.array(alibi_slopes(a.n_heads, a.alibi_max_bias)) if a.alibi_max_bias else None
+
+    def _init_experts(self, args: DecoderArgs, i: int) -> None:
+        """Router, the experts as 3-D tensors, and a shared expert where the file has one."""
+        d, t = args.dim, args.tensors
+        has = lambda leaf: args.has(f"blk.{i}.{leaf}")  # noqa: E731
+        E, ff, _ = t[f"blk.{i}.ffn_up_exps.weight"]
+        self.ffn_gate_inp = self._linear(args, i, "ffn_gate_inp", d, E)
+        if has("ffn_gate_exps.weight"):
+            self.ffn_gate_exps = SwitchLinear(E, d, ff)
+        self.ffn_up_exps = SwitchLinear(E, d, ff)
+        self.ffn_down_exps = SwitchLinear(E, ff, d)
+        if has("exp_probs_b.bias"):
+            self.exp_probs_b = {"bias": mx.zeros((E,))}
+        if has("ffn_up_shexp.weight"):
+            shared = t[f"blk.{i}.ffn_up_shexp.weight"][0]
+            self.ffn_gate_shexp = self._linear(args, i, "ffn_gate_shexp", d, shared)
+            self.ffn_up_shexp = self._linear(args, i, "ffn_up_shexp", d, shared)
+            self.ffn_down_shexp = self._linear(args, i, "ffn_down_shexp", shared, d)
+        if has("ffn_gate_inp_shexp.weight"):  # Qwen2-MoE: a sigmoid gate on the shared expert
+            self.ffn_gate_inp_shexp = {"weight": mx.zeros(t[f"blk.{i}.ffn_gate_inp_shexp.weight"])}
 
     @property
     def SHARED_INPUT_PROJECTIONS(self) -> tuple[tuple[str, ...], ...]:  # noqa: N802 (the loader's name)
@@ -204,6 +241,8 @@ class Block(nn.Module):
         return self.attn_output(out.transpose(0, 2, 1, 3).reshape(B, L, -1))  # (B, L, H*Dv)
 
     def feed_forward(self, x: mx.array) -> mx.array:
+        if self.moe is not None:
+            return self.mixture(x)
         if "ffn_gate" in self:
             g, u = layers.project(x, (self.ffn_gate, self.ffn_up))
             return self.ffn_down(gate(g, u, self.activation))
@@ -211,6 +250,17 @@ class Block(nn.Module):
             g, u = mx.split(self.ffn_up(x), 2, axis=-1)
             return self.ffn_down(gate(g, u, self.activation))
         return self.ffn_down(activate(self.ffn_up(x), self.activation))
+
+    def mixture(self, x: mx.array) -> mx.array:
+        """Routed experts plus the shared expert (llama.cpp: moe + shexp, in that order)."""
+        out = experts(self, x, self.moe)
+        if "ffn_up_shexp" in self:
+            g, u = layers.project(x, (self.ffn_gate_shexp, self.ffn_up_shexp))
+            shared = self.ffn_down_shexp(gate(g, u, "silu"))
+            if "ffn_gate_inp_shexp" in self:
+                shared = shared * mx.sigmoid(x @ self.ffn_gate_inp_shexp["weight"].reshape(-1, 1))
+            out = out + shared
+        return out
 
     def __call__(self, x: mx.array, mask, cache, factors: mx.array | None) -> mx.array:
         rs = self.args.residual_scale

@@ -20,15 +20,19 @@ def _normalize(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight (nn.RMSNorm's parameter), through the kernel dispatch."""
+    """x / rms(x) * weight (nn.RMSNorm's parameter), + bias where the file has one (PhiMoE),
+    through the kernel dispatch."""
 
-    def __init__(self, dims: int, eps: float = 1e-5):
+    def __init__(self, dims: int, eps: float = 1e-5, bias: bool = False):
         super().__init__()
         self.weight = mx.ones((dims,))
+        if bias:
+            self.bias = mx.zeros((dims,))
         self.eps = eps
 
     def __call__(self, x: mx.array) -> mx.array:
-        return _normalize(x, self.weight, self.eps)
+        y = _normalize(x, self.weight, self.eps)
+        return y + self.bias if "bias" in self else y
 
 
 class LayerNorm(nn.Module):
@@ -55,7 +59,7 @@ def norm(kind: str, dims: int, eps: float, has: set[str] | frozenset[str], prefi
     """The norm `kind` ("rms" or "layer") over `dims`, with the parameters `prefix`.weight /
     `prefix`.bias that the file `has` (an RMSNorm always has its weight)."""
     if kind == "rms":
-        return RMSNorm(dims, eps)
+        return RMSNorm(dims, eps, bias=f"{prefix}.bias" in has)
     if kind == "layer":
         return LayerNorm(dims, eps, weight=f"{prefix}.weight" in has, bias=f"{prefix}.bias" in has)
     raise ValueError(f"unknown norm kind {kind!r}")
