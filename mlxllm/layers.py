@@ -77,7 +77,8 @@ class QuantizedSwitchLinear(_Quantized):
     """Experts' weights (experts, out, in) in a quantized layout: `nn.moe.SwitchLinear`'s twin."""
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        return kernels.gather_matmul(x, self, indices)
+        y = kernels.gather_matmul(x, self, indices)
+        return y + self.bias[indices] if "bias" in self else y
 
 
 class QuantizedEmbedding(_Quantized):

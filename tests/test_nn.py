@@ -63,3 +63,21 @@ def test_attention_bias_and_softcap_match_plain_math(mask):
     # the plain-MLX path a GPU, or a CPU without mlxllm's kernels, takes
     mask_array = window_mask(4, 6, 0, 10, 11) if mask == "causal" else m
     assert mx.allclose(kernels._attention_reference(q, k, v, 0.3, mask_array, 1.5, bias), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask", ["causal", "window"])
+def test_attention_sinks_take_probability_unscaled(mask):
+    """gpt-oss's sinks: one more logit per head in the softmax, not scaled, attending to nothing."""
+    mx.random.seed(4)
+    q = mx.random.normal((1, 4, 6, 8))
+    k, v = mx.random.normal((1, 2, 10, 8)), mx.random.normal((1, 2, 10, 8))
+    sinks = mx.array([0.5, -1.0, 2.0, 0.0])
+    m = window_mask(4, 6, 0, 10, 3) if mask == "window" else mask
+    keep = window_mask(4, 6, 0, 10, 11) if mask == "causal" else m
+    kr, vr = mx.repeat(k, 2, axis=1), mx.repeat(v, 2, axis=1)
+    s = mx.where(keep, (q * 0.3) @ kr.swapaxes(-1, -2), -mx.inf)
+    e = mx.exp(s - s.max(-1, keepdims=True))
+    sink = mx.exp(sinks.reshape(1, 4, 1, 1) - s.max(-1, keepdims=True))
+    ref = (e / (e.sum(-1, keepdims=True) + sink)) @ vr
+    assert mx.allclose(kernels.attention(q, k, v, 0.3, m, sinks=sinks), ref, atol=1e-5)
+    assert mx.allclose(kernels._attention_reference(q, k, v, 0.3, keep, 0.0, None, sinks), ref, atol=1e-5)

@@ -202,11 +202,13 @@ CAUSAL_BLOCKS = 4
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None,
-              softcap: float = 0.0, bias: mx.array | None = None) -> mx.array:
+              softcap: float = 0.0, bias: mx.array | None = None, sinks: mx.array | None = None) -> mx.array:
     """softmax(scores + bias + mask) @ v for q (B, H, L, D) against k, v (B, H_kv, T, D), H a
     multiple of H_kv (grouped-query heads share a key/value head, never copied).
     scores = scale * q @ k.T, squashed to cap * tanh(scores / cap) when softcap is set
     (Gemma 2, llama.cpp's attn_soft_cap). bias: additive scores (H, L, T), e.g. ALiBi.
+    sinks: one logit per head (H,) that joins every softmax unscaled and attends to nothing
+    (gpt-oss): it only takes probability away from the keys.
     mask: None, "causal" (the L queries are the last L of the T positions) or a bool
     array (L, T) or broadcastable to (B, H, L, T), true where a query sees a key."""
     kernels = cpu.active()
@@ -215,13 +217,15 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
     rep = H // H_kv
     plain_mask = not isinstance(mask, mx.array) or mask.shape == (L, T)
     if kernels is None or not plain_mask:
-        if not softcap and bias is None:
+        if not softcap and bias is None and sinks is None:
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-        return _attention_reference(q, k, v, scale, mask, softcap, bias)
+        return _attention_reference(q, k, v, scale, mask, softcap, bias, sinks)
     # Each key/value head's query heads stacked as rows: one BLAS product per kv head.
     q = q.reshape(B, H_kv, rep, L, D)
     if bias is not None:
         bias = bias.reshape(H_kv, rep, L, T)
+    if sinks is not None:
+        sinks = sinks.astype(mx.float32).reshape(H_kv, rep, 1, 1)
 
     def block(start: int, end: int, keys: int) -> mx.array:
         """Queries [start, end) against the first `keys` keys -> (B, H_kv, rep, end - start, Dv)."""
@@ -233,7 +237,14 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
         if bias is not None:
             scores = scores + (bias[:, :, start:end, :keys] / softmax_scale).reshape(H_kv, rep * n, keys)
         keep = mask[start:end, :keys] if isinstance(mask, mx.array) else None
+        if sinks is not None:  # the sink as key column 0: visible to every query, causal alignment kept
+            column = mx.broadcast_to(sinks / softmax_scale, (B, H_kv, rep, n, 1)).reshape(B, H_kv, rep * n, 1)
+            scores = mx.concatenate([column.astype(scores.dtype), scores], axis=-1)
+            if keep is not None:
+                keep = mx.concatenate([mx.ones((n, 1), mx.bool_), keep], axis=-1)
         p = kernels.masked_softmax(scores, softmax_scale, n, isinstance(mask, str), keep)
+        if sinks is not None:
+            p = p[..., 1:]
         return (p @ v[:, :, :keys]).reshape(B, H_kv, rep, n, v.shape[-1])
 
     if mask == "causal" and L >= CAUSAL_BLOCKED_QUERIES:
@@ -245,7 +256,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
     return out.reshape(B, H, L, v.shape[-1]).astype(q.dtype)
 
 
-def _attention_reference(q, k, v, scale: float, mask, softcap: float, bias: mx.array | None) -> mx.array:
+def _attention_reference(q, k, v, scale: float, mask, softcap: float, bias: mx.array | None,
+                         sinks: mx.array | None = None) -> mx.array:
     """`attention` in plain MLX ops, for softcap or bias where the CPU kernels do not run."""
     B, H, L, D = q.shape
     H_kv, T = k.shape[1], k.shape[2]
@@ -260,7 +272,13 @@ def _attention_reference(q, k, v, scale: float, mask, softcap: float, bias: mx.a
         mask = mx.arange(T)[None] <= mx.arange(T - L, T)[:, None]
     if mask is not None:
         s = mx.where(mask, s, -mx.inf)
-    p = mx.softmax(s.astype(mx.float32), axis=-1, precise=True).reshape(B, H_kv, H // H_kv, L, T)
+    s = s.astype(mx.float32)
+    if sinks is not None:
+        s = mx.concatenate([mx.broadcast_to(sinks.astype(mx.float32).reshape(1, H, 1, 1), (B, H, L, 1)), s], axis=-1)
+    p = mx.softmax(s, axis=-1, precise=True)
+    if sinks is not None:
+        p = p[..., 1:]
+    p = p.reshape(B, H_kv, H // H_kv, L, T)
     return (p.astype(v.dtype) @ v[:, :, None]).reshape(B, H, L, -1)
 
 

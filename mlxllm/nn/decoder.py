@@ -142,6 +142,8 @@ class Block(nn.Module):
                     getattr(self, leaf).weight = mx.ones(shape)
                 self.qk_norm_full_width = shape[-1] != a.head_dim
         self.attn_output = linear("attn_output", a.n_heads * self.head_dim_v, d)
+        if has("attn_sinks.weight"):  # gpt-oss: a per-head logit in every softmax
+            self.attn_sinks = {"weight": mx.zeros((a.n_heads,))}
         self.post_attention_norm = norm_if("post_attention_norm", d)
         # Seed-OSS keeps the FFN's pre-norm under post_attention_norm: then that is its role
         self.ffn_norm = norm_if(a.ffn_input_norm, d) if a.ffn_input_norm != "post_attention_norm" else None
@@ -178,9 +180,9 @@ class Block(nn.Module):
         E, ff, _ = t[f"blk.{i}.ffn_up_exps.weight"]
         self.ffn_gate_inp = self._linear(args, i, "ffn_gate_inp", d, E)
         if has("ffn_gate_exps.weight"):
-            self.ffn_gate_exps = SwitchLinear(E, d, ff)
-        self.ffn_up_exps = SwitchLinear(E, d, ff)
-        self.ffn_down_exps = SwitchLinear(E, ff, d)
+            self.ffn_gate_exps = SwitchLinear(E, d, ff, bias=has("ffn_gate_exps.bias"))
+        self.ffn_up_exps = SwitchLinear(E, d, ff, bias=has("ffn_up_exps.bias"))
+        self.ffn_down_exps = SwitchLinear(E, ff, d, bias=has("ffn_down_exps.bias"))
         if has("exp_probs_b.bias"):
             self.exp_probs_b = {"bias": mx.zeros((E,))}
         if has("ffn_up_shexp.weight"):
@@ -237,7 +239,8 @@ class Block(nn.Module):
             distance = mx.arange(T)[None, :] - mx.arange(T - L, T)[:, None]  # (L, T)
             bias = mx.array(self.alibi)[:, None, None] * distance.astype(mx.float32)  # (H, L, T)
         scale = a.attn_scale if a.attn_scale is not None else a.head_dim ** -0.5
-        out = kernels.attention(q, k, v, scale, mask, softcap=a.attn_softcap, bias=bias)
+        sinks = self.attn_sinks["weight"] if "attn_sinks" in self else None
+        out = kernels.attention(q, k, v, scale, mask, softcap=a.attn_softcap, bias=bias, sinks=sinks)
         return self.attn_output(out.transpose(0, 2, 1, 3).reshape(B, L, -1))  # (B, L, H*Dv)
 
     def feed_forward(self, x: mx.array) -> mx.array:

@@ -54,10 +54,17 @@ def activate(x: mx.array, kind: str | XIELU) -> mx.array:
     raise ValueError(f"unknown activation {kind!r}")
 
 
+# gpt-oss's clamped SwiGLU (llama.cpp swiglu_oai, constants fixed in build_moe_ffn)
+OAI_ALPHA, OAI_LIMIT = 1.702, 7.0
+
+
 def gate(g: mx.array, up: mx.array, kind: str | XIELU) -> mx.array:
     """activation(g) * up (LLM_FFN_PAR)."""
     if kind in KERNEL_GATES:
         return kernels.gated(g, up, kind)
+    if kind == "swiglu_oai":  # the gate clamped from above only, up both ways, then + 1
+        g = mx.minimum(g, OAI_LIMIT)
+        return g * mx.sigmoid(OAI_ALPHA * g) * (mx.clip(up, -OAI_LIMIT, OAI_LIMIT) + 1)
     return activate(g, kind) * up
 
 

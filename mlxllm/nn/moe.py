@@ -42,13 +42,16 @@ class MoEArgs:
 class SwitchLinear(nn.Module):
     """Experts' weights of one projection, (experts, out, in): y[t, j] = W[e[t, j]] @ x[t]."""
 
-    def __init__(self, n_experts: int, fan_in: int, fan_out: int):
+    def __init__(self, n_experts: int, fan_in: int, fan_out: int, bias: bool = False):
         super().__init__()
         self.weight = mx.zeros((n_experts, fan_out, fan_in))
+        if bias:  # one row per expert (gpt-oss)
+            self.bias = mx.zeros((n_experts, fan_out))
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         """x (N, D), indices (N, k) -> (N, k, out)."""
-        return kernels.gather_matmul(x, self.weight, indices)
+        y = kernels.gather_matmul(x, self.weight, indices)
+        return y + self.bias[indices] if "bias" in self else y
 
 
 def route(logits: mx.array, args: MoEArgs, selection_bias: mx.array | None) -> tuple[mx.array, mx.array]:
