@@ -110,11 +110,6 @@ class Block(nn.Module):
         rope_args = args.swa_rope if self.sliding and args.swa_rope is not None else args.rope
         self.rope = Rope(rope_args) if rotates else None
         self.activation = args.layer_list(args.activation, "activation")[i]
-        q_out, kv_out = a.n_heads * a.head_dim, self.n_kv_heads * a.head_dim
-        v_out = self.n_kv_heads * self.head_dim_v
-
-        def linear(leaf: str, fan_in: int, fan_out: int) -> nn.Linear:
-            return self._linear(args, i, leaf, fan_in, fan_out)
 
         def norm_if(leaf: str, dims: int) -> nn.Module | None:
             """The norm where the file has it (always, for OLMo's parameterless pre-norms)."""
@@ -124,6 +119,29 @@ class Block(nn.Module):
 
         self.attn_norm = norm_if("attn_norm", d)
         self.attn_norm_2 = norm_if("attn_norm_2", d)  # Falcon 40B: the attention's own norm
+        self._init_attention(args, i)
+        self.post_attention_norm = norm_if("post_attention_norm", d)
+        # Seed-OSS keeps the FFN's pre-norm under post_attention_norm: then that is its role
+        self.ffn_norm = norm_if(a.ffn_input_norm, d) if a.ffn_input_norm != "post_attention_norm" else None
+        self.moe = a.moe if has("ffn_gate_inp.weight") else None
+        if self.moe is not None:
+            self._init_experts(args, i)
+        else:
+            self._init_ffn(args, i)
+        self.post_ffw_norm = norm_if("post_ffw_norm", d)
+        # Slopes as numpy, not a parameter: the file has no such tensor.
+        self.alibi = np.array(alibi_slopes(a.n_heads, a.alibi_max_bias)) if a.alibi_max_bias else None
+
+    def _init_attention(self, args: DecoderArgs, i: int) -> None:
+        """Projections (split or fused qkv), q/k norms, output, sinks: as the file has them."""
+        a, d = args, args.dim
+        has = lambda leaf: args.has(f"blk.{i}.{leaf}")  # noqa: E731
+        q_out, kv_out = a.n_heads * a.head_dim, self.n_kv_heads * a.head_dim
+        v_out = self.n_kv_heads * self.head_dim_v
+
+        def linear(leaf: str, fan_in: int, fan_out: int) -> nn.Linear:
+            return self._linear(args, i, leaf, fan_in, fan_out)
+
         if has("attn_qkv.weight"):
             self.attn_qkv = linear("attn_qkv", d, q_out + kv_out + v_out)
             self.split = (q_out, q_out + kv_out)
@@ -144,17 +162,6 @@ class Block(nn.Module):
         self.attn_output = linear("attn_output", a.n_heads * self.head_dim_v, d)
         if has("attn_sinks.weight"):  # gpt-oss: a per-head logit in every softmax
             self.attn_sinks = {"weight": mx.zeros((a.n_heads,))}
-        self.post_attention_norm = norm_if("post_attention_norm", d)
-        # Seed-OSS keeps the FFN's pre-norm under post_attention_norm: then that is its role
-        self.ffn_norm = norm_if(a.ffn_input_norm, d) if a.ffn_input_norm != "post_attention_norm" else None
-        self.moe = a.moe if has("ffn_gate_inp.weight") else None
-        if self.moe is not None:
-            self._init_experts(args, i)
-        else:
-            self._init_ffn(args, i)
-        self.post_ffw_norm = norm_if("post_ffw_norm", d)
-        # Slopes as numpy, not a parameter: the file has no such tensor.
-        self.alibi = np.array(alibi_slopes(a.n_heads, a.alibi_max_bias)) if a.alibi_max_bias else None
 
     def _linear(self, args: DecoderArgs, i: int, leaf: str, fan_in: int, fan_out: int) -> nn.Linear:
         return nn.Linear(fan_in, fan_out, bias=args.has(f"blk.{i}.{leaf}.bias"))

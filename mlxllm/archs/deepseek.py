@@ -1,0 +1,45 @@
+"""DeepSeek V2 / V2-Lite / V3 / R1 and the files llama.cpp runs as `deepseek2` (Kimi K2,
+GLM-4.7-Flash): multi-head latent attention, leading dense layers, routed and shared
+experts (src/models/deepseek2.cpp)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from gguf import Keys
+
+from ..gguf import GGUFFile
+from ..nn import DecoderArgs
+from ..nn.mla import MLADecoder
+from ..registry import Arch
+from .base import decoder_args, require
+
+GATING = {0: "softmax", 1: "softmax", 2: "sigmoid", 3: "softmax_weight"}  # expert_gating_func (0: unset)
+
+
+def deepseek2(gf: GGUFFile) -> DecoderArgs:
+    m = gf.metadata
+    gating = m.get(Keys.LLM.EXPERT_GATING_FUNC, 0)
+    if gating not in GATING:
+        raise ValueError(f"expert_gating_func {gating} is not supported")
+    args = decoder_args(gf, rope="norm", moe=dict(
+        gating=GATING[gating], normalize=bool(m.get(Keys.LLM.EXPERT_WEIGHTS_NORM, False)),
+        scale=m.get(Keys.LLM.EXPERT_WEIGHTS_SCALE, 0.0) or 1.0))
+    k_mla = m.get(Keys.Attention.KEY_LENGTH_MLA, require(gf, Keys.Attention.KEY_LENGTH))
+    # llama.cpp: kq_scale = mscale^2 / sqrt(key_length_mla), mscale = YaRN's
+    # 1 + 0.1 * mscale_all_dim * ln(factor) (the file stores 0.1 * mscale_all_dim); the
+    # rotation itself is then multiplied by rope.scaling.attn_factor only.
+    rope = args.rope
+    mscale = rope.attn_factor
+    if rope.yarn is not None:
+        log_mul = m.get(Keys.Rope.SCALING_YARN_LOG_MUL, 0.0) / 0.1
+        mscale = m.get(Keys.Rope.SCALING_ATTN_FACTOR, 1.0)
+        rope = dataclasses.replace(rope, attn_factor=mscale)
+        mscale *= 1 + 0.1 * log_mul * math.log(1 / rope.freq_scale)
+    return dataclasses.replace(args, rope=rope, attn_scale=mscale ** 2 / math.sqrt(k_mla))
+
+
+ARCH = Arch(name="deepseek2", args=deepseek2, model=MLADecoder,
+            hf_architectures=("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"),
+            description="DeepSeek V2/V3/R1, Kimi K2: latent attention, routed + shared experts")
