@@ -573,10 +573,131 @@ arch("mpt-pos", arch="mpt", cfg="MptConfig", model="MptForCausalLM", hf_arch="MP
            "torch forward of that math (_mpt_pos_reference), not from transformers")
 
 # --------------------------------------------------------------------------------------
+# mixture-of-experts fixtures. Expert width MOE_INTER (a multiple of 32 for Q8_0), 4 experts,
+# top-2. The router is redrawn N(0, 1/fan_in) * ROUTER_SCALE so that routing is decisive (the
+# manifest's router_min_gap is the smallest margin, over tokens and MoE layers, between the
+# last selected and the first rejected expert score as HF computes it: a near-tie there would
+# let rounding pick a different expert in llama.cpp). Expert tensors (3-D, one slice per
+# expert) are drawn N(0, 1/fan_in) with fan_in = the input width of one expert matrix.
+
+N_EXPERTS = 4
+TOP_K = 2
+MOE_INTER = 64
+ROUTER_SCALE = 3.0
+# Seed search: starting at the name's crc, the first seed (of MOE_SEED_TRIES) whose HF routing
+# on its eval ids has router_min_gap >= the threshold is used (deterministic). Softmax gating:
+# margin in logit units (router logits have std ~3); deepseek: in group-score units (sums of
+# two sigmoids). The thresholds keep routing identical under Q8_0 / half-precision activations.
+MOE_MIN_GAP = {"softmax": 0.1, "deepseek": 0.12}
+MOE_SEED_TRIES = 60
+
+
+def _moe(**kw) -> dict:
+    d = _base(intermediate_size=MOE_INTER)
+    d.update(kw)
+    return d
+
+
+def _deepseek_tweak(model, seed: int) -> None:
+    """DeepSeek-V3's e_score_correction_bias (a buffer, zero at init): nonzero, so that the
+    selection-only bias (llama.cpp exp_probs_b) is exercised."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+
+
+arch("mixtral", arch="llama", cfg="MixtralConfig", model="MixtralForCausalLM", moe="softmax",
+     kw=_moe(rms_norm_eps=1e-5, num_local_experts=N_EXPERTS, num_experts_per_tok=TOP_K,
+             sliding_window=None, rope_parameters=_rope(1e6)),
+     notes="Mixtral: general.architecture llama with expert tensors (ffn_gate_inp, 3-D "
+           "ffn_gate_exps/ffn_up_exps/ffn_down_exps); softmax over all experts, top-2, "
+           "renormalised (llama.cpp hard-codes norm_w=true = HF Mixtral)")
+arch("qwen2moe", cfg="Qwen2MoeConfig", model="Qwen2MoeForCausalLM", moe="softmax",
+     kw=_moe(rms_norm_eps=1e-6, num_experts=N_EXPERTS, num_experts_per_tok=TOP_K,
+             moe_intermediate_size=MOE_INTER, shared_expert_intermediate_size=2 * MOE_INTER,
+             intermediate_size=2 * MOE_INTER, norm_topk_prob=False, decoder_sparse_step=1,
+             mlp_only_layers=[], rope_parameters=_rope(1e6)),
+     notes="Qwen1.5/Qwen2 MoE: q/k/v biases, 4 experts top-2 with raw (not renormalised) "
+           "softmax weights (norm_topk_prob False as the released models; llama.cpp hard-codes "
+           "norm_w=false), shared expert of width 128 gated by sigmoid(shared_expert_gate . x) "
+           "(ffn_gate_inp_shexp). llama.cpp ignores HF norm_topk_prob / decoder_sparse_step / "
+           "mlp_only_layers: a True / dense-layer config would NOT match")
+arch("qwen3moe", cfg="Qwen3MoeConfig", model="Qwen3MoeForCausalLM", moe="softmax",
+     kw=_moe(rms_norm_eps=1e-6, num_experts=N_EXPERTS, num_experts_per_tok=TOP_K,
+             moe_intermediate_size=MOE_INTER, norm_topk_prob=True, decoder_sparse_step=1,
+             mlp_only_layers=[], rope_parameters=_rope(1e6)),
+     notes="Qwen3 MoE: per-head q/k RMSNorm, 4 experts top-2 renormalised (norm_topk_prob "
+           "True; llama.cpp hard-codes norm_w=true), no shared expert, untied output")
+arch("olmoe", cfg="OlmoeConfig", model="OlmoeForCausalLM", moe="softmax",
+     kw=_moe(num_key_value_heads=HEADS, rms_norm_eps=1e-5, num_experts=N_EXPERTS,
+             num_experts_per_tok=TOP_K, norm_topk_prob=False, clip_qkv=None,
+             rope_parameters=_rope()),
+     notes="OLMoE: q/k RMSNorm over the full projection width (attn_q_norm/attn_k_norm "
+           "[64]), 4 experts top-2, raw softmax weights (norm_topk_prob False; llama.cpp "
+           "hard-codes false). MHA (4 kv heads) as the real OLMoE: llama.cpp's olmoe loader "
+           "creates attn_k_norm as {n_embd}, so a GQA OLMoE (k_norm width 32) does not load. "
+           "rms eps 1e-5 because the converter hard-codes it")
+arch("granitemoe", cfg="GraniteMoeConfig", model="GraniteMoeForCausalLM", moe="softmax",
+     kw=_moe(rms_norm_eps=1e-5, tie_word_embeddings=True, num_local_experts=N_EXPERTS,
+             num_experts_per_tok=TOP_K, embedding_multiplier=4.0, residual_multiplier=0.5,
+             attention_multiplier=0.1, logits_scaling=0.5, rope_parameters=_rope()),
+     notes="Granite 3 MoE: multipliers embedding 4, residual 0.5, attention 0.1, logits / 0.5; "
+           "HF fused block_sparse_moe.input_linear [E, 2*64, 64] split by the converter into "
+           "ffn_gate_exps|ffn_up_exps; router top-2 then softmax over the 2 logits (= softmax + "
+           "renormalise, llama.cpp norm_w=true)")
+arch("granitemoeshared", arch="granitemoe", cfg="GraniteMoeSharedConfig",
+     model="GraniteMoeSharedForCausalLM", moe="softmax",
+     kw=_moe(rms_norm_eps=1e-5, tie_word_embeddings=True, num_local_experts=N_EXPERTS,
+             num_experts_per_tok=TOP_K, shared_intermediate_size=2 * MOE_INTER,
+             embedding_multiplier=4.0, residual_multiplier=0.5, attention_multiplier=0.1,
+             logits_scaling=0.5, rope_parameters=_rope()),
+     notes="GraniteMoeShared: as granitemoe plus an ungated shared SwiGLU expert of width 128 "
+           "(shared_mlp.input_linear split into ffn_gate_shexp|ffn_up_shexp, "
+           "expert_shared_feed_forward_length 128); GGUF arch granitemoe")
+arch("deepseek2", cfg="DeepseekV3Config", model="DeepseekV3ForCausalLM", moe="deepseek",
+     tweak=_deepseek_tweak, merge={"scoring_func": "sigmoid", "topk_method": "noaux_tc"},
+     kw={k: v for k, v in _base(num_hidden_layers=3, num_key_value_heads=HEADS,
+              intermediate_size=2 * MOE_INTER, moe_intermediate_size=MOE_INTER,
+              rms_norm_eps=1e-6, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8,
+              qk_nope_head_dim=16, v_head_dim=16, first_k_dense_replace=1,
+              n_routed_experts=N_EXPERTS, n_shared_experts=1, n_group=2, topk_group=1,
+              num_experts_per_tok=TOP_K, routed_scaling_factor=2.5, norm_topk_prob=True,
+              num_nextn_predict_layers=0, rope_interleave=True, rope_parameters=_rope()).items()
+         if k != "head_dim"},  # DeepseekV3Config derives head_dim (= qk_rope_head_dim)
+     notes="DeepSeek-V3 (DeepseekV3ForCausalLM -> GGUF deepseek2): MLA with q_lora_rank 32, "
+           "kv_lora_rank 32, qk_rope 8 / qk_nope 16 / v 16 (kq scale 1/sqrt(24); converter "
+           "splits kv_b_proj into attn_k_b/attn_v_b, head_count_kv 1), interleaved rope on raw "
+           "weights (llama.cpp NORM rope); layer 0 dense (first_k_dense_replace 1, width 128), "
+           "layers 1-2 MoE: sigmoid scores, e_score_correction_bias (random N(0,0.1), "
+           "selection only -> exp_probs_b.bias), 2 groups of 2 with topk_group 1 (group score "
+           "= sum of top-2), top-2, renormalised, x routed_scaling_factor 2.5, one shared "
+           "expert (width 64). scoring_func/topk_method written to config.json (transformers "
+           "hard-codes sigmoid; the converter needs scoring_func to write expert_gating_func "
+           "sigmoid, else llama.cpp would use softmax)")
+arch("gpt-oss", cfg="GptOssConfig", model="GptOssForCausalLM", moe="softmax",
+     sliding_window=SWA, experts_in_out=True,
+     kw=_base(rms_norm_eps=1e-5, num_local_experts=N_EXPERTS, num_experts_per_tok=TOP_K,
+              sliding_window=SWA, layer_types=["sliding_attention", "full_attention"],
+              attention_bias=True, rope_parameters=_rope(150000.0)),
+     notes="gpt-oss: even layers sliding (window 16), odd full (layer_types), per-head "
+           "attention sinks (attn_sinks), q/k/v/o biases, router with bias, top-2 then softmax "
+           "over the 2 selected logits, expert biases, clamped SwiGLU (alpha 1.702, limit 7) "
+           "with (up+1); HF gate_up_proj [E, in, 2*ff] interleaved gate/up, de-interleaved by "
+           "the converter. Plain rope (theta 150000) instead of the real YaRN factor 32: "
+           "llama.cpp ignores YaRN truncate=false (real gpt-oss config) so YaRN would differ")
+
+# --------------------------------------------------------------------------------------
 # weights
 
 
-def redraw(model, seed: int) -> None:
+def redraw(model, seed: int, moe: bool = False, experts_in_out: bool = False) -> None:
+    """moe: 3-D expert tensors get fan_in = one expert's input width (last axis, or
+    axis 1 when experts_in_out, gpt-oss's [E, in, out]); router weights are
+    additionally multiplied by ROUTER_SCALE. Dense models: unchanged draws."""
     import torch
     from torch import nn
 
@@ -596,11 +717,57 @@ def redraw(model, seed: int) -> None:
         for _name, p in model.named_parameters():  # tied parameters appear once
             if id(p) in emb:
                 p.copy_(torch.randn(p.shape, generator=g) * (2.0 / math.sqrt(hidden)))
+            elif moe and p.ndim == 3 and ".experts." in _name:
+                fan_in = p.shape[1] if experts_in_out else p.shape[2]
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
             elif p.ndim >= 2:
                 fan_in = p.shape[0] if id(p) in fan_in_first else math.prod(p.shape[1:])
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+                w = torch.randn(p.shape, generator=g) / math.sqrt(fan_in)
+                p.copy_(w * ROUTER_SCALE if moe and _is_router(_name) else w)
             else:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+ROUTER_SUFFIXES = (".mlp.gate.weight", ".block_sparse_moe.router.weight", ".mlp.router.weight")
+
+
+def _is_router(name: str) -> bool:
+    return name.endswith(ROUTER_SUFFIXES)
+
+
+def install_router_probe(model, kind: str):
+    """Forward pre-hooks on the router modules; returns (handles, gaps). gaps collects per
+    MoE layer the smallest margin over tokens between the TOP_K-th and the next expert score
+    (softmax gating: raw logits (+bias); deepseek: between the kept and the dropped group
+    score, the group score being the sum of the group's top-2 sigmoid(logit)+bias)."""
+    import torch
+
+    mods = dict(model.named_modules())
+    handles, gaps = [], []
+    for pname, w in model.named_parameters():
+        if not _is_router(pname):
+            continue
+        mod = mods[pname.rsplit(".", 1)[0]]
+
+        def hook(m, args, w=w, mod=mod):
+            x = args[0].reshape(-1, w.shape[-1]).float()
+            logits = x @ w.float().T
+            b = getattr(mod, "bias", None)
+            if isinstance(b, torch.Tensor):
+                logits = logits + b.float()
+            if kind == "deepseek":
+                sc = logits.sigmoid() + mod.e_score_correction_bias.float()
+                n_group = mod.num_group
+                gs = sc.view(sc.shape[0], n_group, -1).topk(2, dim=-1)[0].sum(-1)
+                top = gs.sort(dim=-1, descending=True)[0]
+                k = mod.topk_group
+            else:
+                top = logits.sort(dim=-1, descending=True)[0]
+                k = TOP_K
+            gaps.append(float((top[:, k - 1] - top[:, k]).min()))
+
+        handles.append(mod.register_forward_pre_hook(hook))
+    return handles, gaps
 
 
 def build_hf(name: str, spec: dict, d: Path, seed: int):
@@ -615,7 +782,9 @@ def build_hf(name: str, spec: dict, d: Path, seed: int):
     torch.manual_seed(seed)
     model_cls = getattr(transformers, spec["model"])
     model = model_cls(cfg).float().eval()
-    redraw(model, seed)
+    redraw(model, seed, moe=bool(spec.get("moe")), experts_in_out=spec.get("experts_in_out", False))
+    if spec.get("tweak"):
+        spec["tweak"](model, seed)
     model.save_pretrained(d, safe_serialization=True)
     cfg_path = d / "config.json"
     config = json.loads(cfg_path.read_text())
@@ -770,11 +939,51 @@ def eval_ids(seed: int) -> list[int]:
     return [rng.randrange(VOCAB) for _ in range(N_EVAL)]
 
 
+def router_gap(name: str, spec: dict, seed: int) -> float:
+    """HF-only: build the model for this seed (no save) and return its router_min_gap."""
+    import torch
+    import transformers
+
+    kw = dict(spec["kw"])
+    for k, v in {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}.items():
+        kw.setdefault(k, v)
+    cfg = getattr(transformers, spec["cfg"])(**kw)
+    torch.manual_seed(seed)
+    model = getattr(transformers, spec["model"])(cfg).float().eval()
+    redraw(model, seed, moe=True, experts_in_out=spec.get("experts_in_out", False))
+    if spec.get("tweak"):
+        spec["tweak"](model, seed)
+    handles, gaps = install_router_probe(model, spec["moe"])
+    hf_logits(model, eval_ids(seed))
+    for h in handles:
+        h.remove()
+    return min(gaps)
+
+
+def pick_moe_seed(name: str, spec: dict) -> tuple[int, int]:
+    """(seed, tries): first seed from hash_name(name) on with a decisive routing."""
+    base = hash_name(name)
+    best = (-1.0, base)
+    for i in range(MOE_SEED_TRIES):
+        g = router_gap(name, spec, base + i)
+        if g >= MOE_MIN_GAP[spec["moe"]]:
+            return base + i, i + 1
+        best = max(best, (g, base + i))
+    print(f"[{name}] no seed with router gap >= {MOE_MIN_GAP[spec['moe']]}; best {best}")
+    return best[1], MOE_SEED_TRIES
+
+
 def make(name: str, manifest: dict) -> None:
     import numpy as np
 
     spec = ARCHS[name]
-    seed = spec.get("seed", hash_name(name))
+    seed_tries = None
+    if "seed" in spec:
+        seed = spec["seed"]
+    elif spec.get("moe"):
+        seed, seed_tries = pick_moe_seed(name, spec)
+    else:
+        seed = hash_name(name)
     f32 = OUT / f"{name}.f32.gguf"
     q8 = OUT / f"{name}.q8_0.gguf"
     entry: dict = {"arch": spec["arch"], "hf_class": spec.get("hf_arch", spec["model"]),
@@ -794,7 +1003,18 @@ def make(name: str, manifest: dict) -> None:
         convert(d, f32)
         quantize_q8(f32, q8)
         ids = eval_ids(seed)
+        probe = install_router_probe(model, spec["moe"]) if spec.get("moe") else ([], [])
         hf = (spec["reference"] if spec.get("reference") else hf_logits)(model, ids)
+        for h in probe[0]:
+            h.remove()
+        if spec.get("moe"):
+            if not probe[1]:
+                raise RuntimeError("router probe saw no router call")
+            entry["router_min_gap"] = float(f"{min(probe[1]):.3g}")
+            entry["router_gap_threshold"] = MOE_MIN_GAP[spec["moe"]]
+            entry["seed_tries"] = seed_tries
+            entry["n_experts"] = N_EXPERTS
+            entry["n_experts_used"] = TOP_K
     summ = gguf_summary(f32)
     if summ["architecture"] != spec["arch"]:
         raise RuntimeError(f"general.architecture={summ['architecture']} != {spec['arch']}")
