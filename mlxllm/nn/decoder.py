@@ -101,8 +101,8 @@ class Block(nn.Module):
     def __init__(self, args: DecoderArgs, i: int):
         super().__init__()
         self.args = args
-        a, d = args, args.dim
-        has = lambda leaf: args.has(f"blk.{i}.{leaf}")  # noqa: E731
+        self.index = i
+        a, d, has = args, args.dim, self._has
         self.n_kv_heads = args.layer_list(args.n_kv_heads, "head_count_kv")[i]
         self.head_dim_v = args.head_dim_v or args.head_dim
         self.sliding = bool(args.sliding and args.sliding[i])
@@ -134,14 +134,9 @@ class Block(nn.Module):
 
     def _init_attention(self, args: DecoderArgs, i: int) -> None:
         """Projections (split or fused qkv), q/k norms, output, sinks: as the file has them."""
-        a, d = args, args.dim
-        has = lambda leaf: args.has(f"blk.{i}.{leaf}")  # noqa: E731
+        a, d, has, linear = args, args.dim, self._has, self._linear
         q_out, kv_out = a.n_heads * a.head_dim, self.n_kv_heads * a.head_dim
         v_out = self.n_kv_heads * self.head_dim_v
-
-        def linear(leaf: str, fan_in: int, fan_out: int) -> nn.Linear:
-            return self._linear(args, i, leaf, fan_in, fan_out)
-
         if has("attn_qkv.weight"):
             self.attn_qkv = linear("attn_qkv", d, q_out + kv_out + v_out)
             self.split = (q_out, q_out + kv_out)
@@ -163,17 +158,18 @@ class Block(nn.Module):
         if has("attn_sinks.weight"):  # gpt-oss: a per-head logit in every softmax
             self.attn_sinks = {"weight": mx.zeros((a.n_heads,))}
 
-    def _linear(self, args: DecoderArgs, i: int, leaf: str, fan_in: int, fan_out: int) -> nn.Linear:
-        return nn.Linear(fan_in, fan_out, bias=args.has(f"blk.{i}.{leaf}.bias"))
+    def _has(self, leaf: str) -> bool:
+        """Whether the file holds this layer's tensor `leaf` (e.g. "attn_q.bias")."""
+        return self.args.has(f"blk.{self.index}.{leaf}")
+
+    def _linear(self, leaf: str, fan_in: int, fan_out: int) -> nn.Linear:
+        return nn.Linear(fan_in, fan_out, bias=self._has(f"{leaf}.bias"))
 
     def _init_ffn(self, args: DecoderArgs, i: int) -> None:
-        a, d = args, args.dim
-
-        def linear(leaf: str, fan_in: int, fan_out: int) -> nn.Linear:
-            return self._linear(args, i, leaf, fan_in, fan_out)
-
+        """A dense FFN: gated (separate or fused gate+up) or plain."""
+        a, d, linear = args, args.dim, self._linear
         ff = args.tensors[f"blk.{i}.ffn_down.weight"][-1]
-        if a.gated and args.has(f"blk.{i}.ffn_gate.weight"):
+        if a.gated and self._has("ffn_gate.weight"):
             self.ffn_gate = linear("ffn_gate", d, ff)
             self.ffn_up = linear("ffn_up", d, ff)
         else:  # plain, or gate and up fused in ffn_up (Phi-3, ChatGLM): gate first
@@ -182,10 +178,9 @@ class Block(nn.Module):
 
     def _init_experts(self, args: DecoderArgs, i: int) -> None:
         """Router, the experts as 3-D tensors, and a shared expert where the file has one."""
-        d, t = args.dim, args.tensors
-        has = lambda leaf: args.has(f"blk.{i}.{leaf}")  # noqa: E731
+        d, t, has = args.dim, args.tensors, self._has
         E, ff, _ = t[f"blk.{i}.ffn_up_exps.weight"]
-        self.ffn_gate_inp = self._linear(args, i, "ffn_gate_inp", d, E)
+        self.ffn_gate_inp = self._linear("ffn_gate_inp", d, E)
         if has("ffn_gate_exps.weight"):
             self.ffn_gate_exps = SwitchLinear(E, d, ff, bias=has("ffn_gate_exps.bias"))
         self.ffn_up_exps = SwitchLinear(E, d, ff, bias=has("ffn_up_exps.bias"))
@@ -194,9 +189,9 @@ class Block(nn.Module):
             self.exp_probs_b = {"bias": mx.zeros((E,))}
         if has("ffn_up_shexp.weight"):
             shared = t[f"blk.{i}.ffn_up_shexp.weight"][0]
-            self.ffn_gate_shexp = self._linear(args, i, "ffn_gate_shexp", d, shared)
-            self.ffn_up_shexp = self._linear(args, i, "ffn_up_shexp", d, shared)
-            self.ffn_down_shexp = self._linear(args, i, "ffn_down_shexp", shared, d)
+            self.ffn_gate_shexp = self._linear("ffn_gate_shexp", d, shared)
+            self.ffn_up_shexp = self._linear("ffn_up_shexp", d, shared)
+            self.ffn_down_shexp = self._linear("ffn_down_shexp", shared, d)
         if has("ffn_gate_inp_shexp.weight"):  # Qwen2-MoE: a sigmoid gate on the shared expert
             self.ffn_gate_inp_shexp = {"weight": mx.zeros(t[f"blk.{i}.ffn_gate_inp_shexp.weight"])}
 
@@ -207,6 +202,8 @@ class Block(nn.Module):
             groups.append(("attn_q", "attn_k", "attn_v"))
         if "ffn_gate" in self:
             groups.append(("ffn_gate", "ffn_up"))
+        if "ffn_gate_shexp" in self:
+            groups.append(("ffn_gate_shexp", "ffn_up_shexp"))
         return tuple(groups)
 
     def attention(self, x: mx.array, mask, cache, factors: mx.array | None) -> mx.array:
