@@ -113,3 +113,16 @@ def test_every_fixture_architecture_is_registered():
     registered = {e.name for e in REGISTRY.all()}
     assert {MANIFEST[n]["gguf_arch"] for n in NAMES} <= registered
     assert len(registered) >= 33
+
+
+def test_latent_attention_caches_only_the_latent():
+    """deepseek2's cache holds kv_lora_rank + rope dims per token and layer, not full keys
+    and values per head (what makes MLA's long contexts cheap)."""
+    import mlx.core as mx
+    model, gf, *_ = load_model(str(FIXTURES / "deepseek2.f32.gguf"))
+    cache = model.make_cache()
+    model(mx.array([token_ids("deepseek2", 20)]), cache=cache)
+    m = gf.metadata
+    per_token = (m["attention.kv_lora_rank"] + m["rope.dimension_count"]) * 4  # float32
+    held = sum(k.nbytes + v.nbytes for k, v in (c.state for c in cache))
+    assert held == 20 * per_token * len(cache)

@@ -2,7 +2,8 @@
 it from the converter's split of kv_b_proj into attn_k_b / attn_v_b.
 
 Per token, the keys and values of every head come from one compressed vector c (kv_lora_rank
-wide) and one shared rotary key k_pe; the cache holds only [c | k_pe] and c. Each head's
+wide) and one shared rotary key k_pe; the cache holds only [c | k_pe]
+(kv_lora_rank + rope dims per token and layer), the values being its first kv_lora entries. Each head's
 query is absorbed into the latent space, q_abs[h] = W_kb[h]^T q_nope[h], so attention runs
 as a single-kv-head attention over [c | k_pe], and each head's output o[h] (a latent vector)
 is expanded by W_vb[h]:
@@ -65,9 +66,9 @@ class MLABlock(Block):
         q_abs = self.attn_k_b(q_nope.reshape(B * L * H, self.d_nope), heads).reshape(B, L, H, self.kv_lora)
         queries = mx.concatenate([q_abs, q_pe], axis=-1).transpose(0, 2, 1, 3)  # (B, H, L, kv_lora + d_rope)
         keys = mx.concatenate([c[:, :, None], k_pe], axis=-1).transpose(0, 2, 1, 3)  # (B, 1, L, kv_lora + d_rope)
-        values = c[:, None]  # (B, 1, L, kv_lora)
-        if cache is not None:
-            keys, values = cache.update_and_fetch(keys, values)
+        if cache is not None:  # the cache holds [c | k_pe] only: the values are its first kv_lora entries
+            keys, _ = cache.update_and_fetch(keys, keys[..., :0])
+        values = keys[..., :self.kv_lora]  # (B, 1, T, kv_lora)
         o = kernels.attention(queries, keys, values, a.attn_scale, mask)  # (B, H, L, kv_lora)
         o = o.transpose(0, 2, 1, 3).reshape(B * L * H, self.kv_lora)
         out = self.attn_v_b(o, heads).reshape(B, L, H * self.d_v)
