@@ -59,10 +59,10 @@ def load_tensor(gf: GGUFFile, name: str, dense: bool = False) -> mx.array | Quan
     return value
 
 
-def load_tensors(gf: GGUFFile, dense: bool = False) -> dict[str, mx.array | QuantizedTensor]:
-    """Every tensor of the file in its MLX layout (see `mlxllm.quant`), converted in file
-    order so the mapped pages behind each can be dropped as it is done."""
-    order = sorted(gf.tensors, key=lambda name: gf.tensors[name].offset)
+def load_tensors(gf: GGUFFile, dense: bool = False, skip: set[str] = frozenset()) -> dict[str, mx.array | QuantizedTensor]:
+    """Every tensor of the file but `skip` in its MLX layout (see `mlxllm.quant`), converted
+    in file order so the mapped pages behind each can be dropped as it is done."""
+    order = sorted((n for n in gf.tensors if n not in skip), key=lambda name: gf.tensors[name].offset)
     return {name: load_tensor(gf, name, dense) for name in order}
 
 
@@ -145,14 +145,16 @@ def load_model(path: str, dtype: mx.Dtype = mx.float32, dense: bool | None = Non
         raise LoadError(f"{path}: metadata for {arch.name!r} is incomplete or invalid: {e}") from None
     model = arch.model(args)
     expected = dict(tree_flatten(model.parameters()))
-    unexpected = sorted(set(gf.tensors) - set(expected))
+    # tensors the model declares it does not use (llama.cpp's TENSOR_SKIP: MTP layers)
+    ignored = set(getattr(model, "ignored_tensors", ()))
+    unexpected = sorted(set(gf.tensors) - set(expected) - ignored)
     missing = sorted(set(expected) - set(gf.tensors))
     if unexpected or missing:
         raise LoadError(f"{path}: tensors do not match architecture {arch.name!r}: "
                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}")
     nbytes = 0
-    values = load_tensors(gf, dense_by_default(gf) if dense is None else dense)
+    values = load_tensors(gf, dense_by_default(gf) if dense is None else dense, skip=ignored)
     # Quantized weights first: they replace their owning module, then float params follow
     # (a bias set afterwards lands on the replacement).
     for name in sorted(values, key=lambda n: not isinstance(values[n], QuantizedTensor)):

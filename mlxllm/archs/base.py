@@ -91,6 +91,25 @@ def decoder_args(gf: GGUFFile, *, norm: str = "rms", rope: str | None = "norm", 
     return DecoderArgs(**kw)
 
 
+# expert_gating_func values (llama.cpp LLAMA_EXPERT_GATING_FUNC_TYPE)
+EXPERT_GATING = {1: "softmax", 2: "sigmoid", 3: "softmax_weight"}
+
+
+def routing_from_file(gf: GGUFFile, default_gating: str | None) -> dict[str, Any]:
+    """`MoEArgs` fields for the architectures whose routing the file states (DeepSeek V3
+    style): gating (expert_gating_func; 0 or absent means `default_gating`, and None means
+    the file must say), normalization and scale."""
+    m = gf.metadata
+    code = m.get(Keys.LLM.EXPERT_GATING_FUNC, 0)
+    if code == 0 and default_gating is None:
+        raise ValueError("expert_gating_func is missing")
+    if code and code not in EXPERT_GATING:
+        raise ValueError(f"expert_gating_func {code} is not supported")
+    return dict(gating=EXPERT_GATING.get(code, default_gating),
+                normalize=bool(m.get(Keys.LLM.EXPERT_WEIGHTS_NORM, False)),
+                scale=m.get(Keys.LLM.EXPERT_WEIGHTS_SCALE, 0.0) or 1.0)
+
+
 def sliding_pattern(n_layers: int, period: int, dense_first: bool = False) -> tuple[bool, ...]:
     """llama_hparams::set_swa_pattern(period, dense_first): every period-th layer attends to
     the whole history, the others slide (period 0: all slide). dense_first puts the full

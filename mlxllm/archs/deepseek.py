@@ -13,19 +13,12 @@ from ..gguf import GGUFFile
 from ..nn import DecoderArgs
 from ..nn.mla import MLADecoder
 from ..registry import Arch
-from .base import decoder_args, require
-
-GATING = {0: "softmax", 1: "softmax", 2: "sigmoid", 3: "softmax_weight"}  # expert_gating_func (0: unset)
-
+from .base import decoder_args, require, routing_from_file
 
 def deepseek2(gf: GGUFFile) -> DecoderArgs:
     m = gf.metadata
-    gating = m.get(Keys.LLM.EXPERT_GATING_FUNC, 0)
-    if gating not in GATING:
-        raise ValueError(f"expert_gating_func {gating} is not supported")
-    args = decoder_args(gf, rope="norm", moe=dict(
-        gating=GATING[gating], normalize=bool(m.get(Keys.LLM.EXPERT_WEIGHTS_NORM, False)),
-        scale=m.get(Keys.LLM.EXPERT_WEIGHTS_SCALE, 0.0) or 1.0))
+    # llama.cpp's default without a gating key is softmax (V2), except GLM-4.7-Flash's sigmoid
+    args = decoder_args(gf, rope="norm", moe=routing_from_file(gf, "softmax"))
     k_mla = m.get(Keys.Attention.KEY_LENGTH_MLA, require(gf, Keys.Attention.KEY_LENGTH))
     # llama.cpp: kq_scale = mscale^2 / sqrt(key_length_mla), mscale = YaRN's
     # 1 + 0.1 * mscale_all_dim * ln(factor) (the file stores 0.1 * mscale_all_dim); the

@@ -16,7 +16,7 @@ from gguf import Keys
 from ..gguf import GGUFFile
 from ..nn import XIELU, Decoder, DecoderArgs
 from ..registry import Arch
-from .base import decoder_args, is_array, require
+from .base import decoder_args, is_array, require, routing_from_file
 
 SMOLLM3_NOPE_PERIOD = 4  # llama.cpp n_no_rope_layer_step: every 4th layer has no RoPE
 
@@ -82,6 +82,20 @@ def ernie4_5(gf: GGUFFile) -> DecoderArgs:
     return decoder_args(gf, rope="norm")
 
 
+def ernie4_5_moe(gf: GGUFFile) -> DecoderArgs:
+    """ERNIE 4.5 MoE: leading dense layers, softmax routing with an optional selection
+    bias, normalized, plus a shared expert where the file has one."""
+    step = require(gf, Keys.LLM.INTERLEAVE_MOE_LAYER_STEP)
+    if step != 1:  # llama.cpp's loader makes every layer past the dense ones MoE: so must the file
+        raise ValueError(f"interleave_moe_layer_step {step} is not supported (llama.cpp runs 1)")
+    return decoder_args(gf, rope="norm", moe=dict(normalize=True))
+
+
+def bailingmoe(gf: GGUFFile) -> DecoderArgs:
+    """Ling (v1): softmax routing, normalization and scale as the file says, shared experts."""
+    return decoder_args(gf, rope="norm", moe=dict(routing_from_file(gf, "softmax"), gating="softmax"))
+
+
 ARCHS = (
     Arch(name="llama", args=llama, model=Decoder,
          hf_architectures=("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM"),
@@ -104,4 +118,8 @@ ARCHS = (
          description="Apertus: q/k norms and an xIELU FFN"),
     Arch(name="ernie4_5", args=ernie4_5, model=Decoder, hf_architectures=("Ernie4_5ForCausalLM",),
          description="Baidu ERNIE 4.5 dense"),
+    Arch(name="ernie4_5-moe", args=ernie4_5_moe, model=Decoder, hf_architectures=("Ernie4_5_MoeForCausalLM",),
+         description="Baidu ERNIE 4.5 MoE (21B-A3B, 300B-A47B)"),
+    Arch(name="bailingmoe", args=bailingmoe, model=Decoder, hf_architectures=("BailingMoeForCausalLM",),
+         description="inclusionAI Ling (v1) MoE"),
 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..gguf import GGUFFile
 from ..nn import Decoder, DecoderArgs
 from ..registry import Arch
-from .base import decoder_args
+from .base import decoder_args, routing_from_file
 
 
 def qwen(gf: GGUFFile) -> DecoderArgs:
@@ -36,6 +36,16 @@ def hunyuan_dense(gf: GGUFFile) -> DecoderArgs:
     return decoder_args(gf, rope="neox", qk_norm_after_rope=True)
 
 
+def hunyuan_moe(gf: GGUFFile) -> DecoderArgs:
+    return decoder_args(gf, rope="neox", qk_norm_after_rope=True, moe=dict(normalize=True))
+
+
+def dots1(gf: GGUFFile) -> DecoderArgs:
+    """Qwen 3 attention, leading dense layers, DeepSeek-V3-style routing (the file must
+    name its gating: llama.cpp has no default) plus shared experts."""
+    return decoder_args(gf, rope="neox", moe=routing_from_file(gf, None))
+
+
 ARCHS = (
     Arch(name="qwen2", args=qwen, model=Decoder, hf_architectures=("Qwen2ForCausalLM",),
          description="Qwen 2 / 2.5 dense"),
@@ -49,4 +59,8 @@ ARCHS = (
          description="ByteDance Seed-OSS"),
     Arch(name="hunyuan-dense", args=hunyuan_dense, model=Decoder, hf_architectures=("HunYuanDenseV1ForCausalLM",),
          description="Tencent Hunyuan dense"),
+    Arch(name="hunyuan-moe", args=hunyuan_moe, model=Decoder, hf_architectures=("HunYuanMoEV1ForCausalLM",),
+         description="Tencent Hunyuan-A13B"),
+    Arch(name="dots1", args=dots1, model=Decoder, hf_architectures=("Dots1ForCausalLM",),
+         description="rednote dots.llm1"),
 )

@@ -69,6 +69,7 @@ class DecoderArgs:
     ffn_input_norm: str = "ffn_norm"  # the FFN's pre-norm tensor (Seed-OSS: post_attention_norm)
     attn_temperature: tuple[float, int] | None = None  # (scale, floor): Llama-4-style query scaling
     moe: MoEArgs | None = None  # routing of the layers whose file has experts (ffn_gate_inp)
+    extra_layers: int = 0  # trailing blocks in the file the forward pass skips (MTP / NextN layers)
     embed_scale: float = 1.0  # multiplies token embeddings (Gemma sqrt(dim), Granite)
     residual_scale: float = 1.0  # multiplies each branch before it is added (Granite)
     logit_scale: float = 1.0  # multiplies the logits (Command-R; Granite's 1 / logit_scale)
@@ -304,6 +305,10 @@ class Decoder(nn.Module):
             if args.has(f"{factors}.weight"):
                 setattr(self, factors, {"weight": mx.ones(args.tensors[f"{factors}.weight"])})
         self.blk = [self.block(args, i) for i in range(args.n_layers)]
+        # llama.cpp loads multi-token-prediction layers past n_layers but never runs them
+        self.ignored_tensors = frozenset(
+            name for name in args.tensors
+            if name.startswith("blk.") and args.n_layers <= int(name.split(".")[1]) < args.n_layers + args.extra_layers)
         self.output_norm = norm(args.norm, args.dim, args.norm_eps, args.tensors, "output_norm") \
             if args.has("output_norm.weight") or not args.parametric_norms else None
         if args.has("output.weight"):
