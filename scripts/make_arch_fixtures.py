@@ -689,6 +689,25 @@ arch("gpt-oss", cfg="GptOssConfig", model="GptOssForCausalLM", moe="softmax",
            "with (up+1); HF gate_up_proj [E, in, 2*ff] interleaved gate/up, de-interleaved by "
            "the converter. Plain rope (theta 150000) instead of the real YaRN factor 32: "
            "llama.cpp ignores YaRN truncate=false (real gpt-oss config) so YaRN would differ")
+arch("phimoe", cfg="PhimoeConfig", model="PhimoeForCausalLM", hf_arch="PhiMoEForCausalLM",
+     tok="spm", moe="softmax",
+     kw=_moe(rms_norm_eps=1e-5, num_local_experts=N_EXPERTS, num_experts_per_tok=TOP_K,
+             attention_bias=True, lm_head_bias=True, sliding_window=None, pad_token_id=None,
+             input_jitter_noise=0.0,
+             rope_parameters=_rope(1e4, original_max_position_embeddings=MAX_POS)),
+     notes="Phi-3.5-MoE style: config.json says PhiMoEForCausalLM (the converter does not "
+           "register transformers' PhimoeForCausalLM spelling); q/k/v/o biases, lm_head bias, "
+           "LayerNorm with bias, 4 experts top-2, SentencePiece vocab (Phi3MiniModel.set_vocab), "
+           "plain rope (original_max_position_embeddings in rope_parameters because the Phi-3 "
+           "converter reads it). NOT expected to match transformers: llama.cpp's phimoe.cpp "
+           "computes the norms as RMSNorm + bias (HF: LayerNorm) and weights the top-2 experts "
+           "by renormalised softmax (HF: sparsemixer); the measured difference is recorded in "
+           "f32_vs_hf_* and is a known llama.cpp/HF discrepancy, not a converter bug. Measured "
+           "at generation (seed 98432): f32 vs HF max|diff|/std 3.42, argmax agree 0.125; with "
+           "the HF model patched to RMSNorm+bias norms and softmax-renormalised top-2 weights "
+           "(llama.cpp's math) it is 3.7e-06 / 1.0, so those two account for all of it "
+           "(either patch alone: 2.37 / 3.66). router_min_gap is measured on HF (LayerNorm) "
+           "router inputs")
 
 # --------------------------------------------------------------------------------------
 # weights
