@@ -588,7 +588,11 @@ ROUTER_SCALE = 3.0
 # on its eval ids has router_min_gap >= the threshold is used (deterministic). Softmax gating:
 # margin in logit units (router logits have std ~3); deepseek: in group-score units (sums of
 # two sigmoids). The thresholds keep routing identical under Q8_0 / half-precision activations.
-MOE_MIN_GAP = {"softmax": 0.1, "deepseek": 0.12}
+MOE_MIN_GAP = {"softmax": 0.1, "deepseek": 0.12,
+               # sigmoid(logit)+bias units (~0.1 logit at the steepest slope)
+               "sigmoid": 0.025,
+               # softmax-probability(+bias) units (ERNIE selects on probs + bias)
+               "ernie": 0.02}
 MOE_SEED_TRIES = 60
 
 
@@ -679,7 +683,7 @@ arch("deepseek2", cfg="DeepseekV3Config", model="DeepseekV3ForCausalLM", moe="de
            "hard-codes sigmoid; the converter needs scoring_func to write expert_gating_func "
            "sigmoid, else llama.cpp would use softmax)")
 arch("gpt-oss", cfg="GptOssConfig", model="GptOssForCausalLM", moe="softmax",
-     sliding_window=SWA, experts_in_out=True,
+     sliding_window=SWA, experts_in_out=True, extra_quants=["mxfp4_moe"],
      kw=_base(rms_norm_eps=1e-5, num_local_experts=N_EXPERTS, num_experts_per_tok=TOP_K,
               sliding_window=SWA, layer_types=["sliding_attention", "full_attention"],
               attention_bias=True, rope_parameters=_rope(150000.0)),
@@ -688,7 +692,10 @@ arch("gpt-oss", cfg="GptOssConfig", model="GptOssForCausalLM", moe="softmax",
            "over the 2 selected logits, expert biases, clamped SwiGLU (alpha 1.702, limit 7) "
            "with (up+1); HF gate_up_proj [E, in, 2*ff] interleaved gate/up, de-interleaved by "
            "the converter. Plain rope (theta 150000) instead of the real YaRN factor 32: "
-           "llama.cpp ignores YaRN truncate=false (real gpt-oss config) so YaRN would differ")
+           "llama.cpp ignores YaRN truncate=false (real gpt-oss config) so YaRN would differ. "
+           "Extra file gpt-oss.mxfp4_moe.gguf: llama.cpp's quantizer with "
+           "LLAMA_FTYPE_MOSTLY_MXFP4_MOE from the F32 file (expert tensors MXFP4, the rest as "
+           "that ftype leaves them); extra_quants lists it, mxfp4_moe_* fields hold its stats")
 arch("phimoe", cfg="PhimoeConfig", model="PhimoeForCausalLM", hf_arch="PhiMoEForCausalLM",
      tok="spm", moe="softmax",
      kw=_moe(rms_norm_eps=1e-5, num_local_experts=N_EXPERTS, num_experts_per_tok=TOP_K,
@@ -708,6 +715,233 @@ arch("phimoe", cfg="PhimoeConfig", model="PhimoeForCausalLM", hf_arch="PhiMoEFor
            "(llama.cpp's math) it is 3.7e-06 / 1.0, so those two account for all of it "
            "(either patch alone: 2.37 / 3.66). router_min_gap is measured on HF (LayerNorm) "
            "router inputs")
+
+
+
+# --- more MoE fixtures (GLM-4.5, ERNIE 4.5 MoE, Hunyuan-A13B, dots.llm1, Ling v1) -------------
+
+def _ernie_moe_tweak(model, seed: int) -> None:
+    """ERNIE 4.5 MoE's mlp.moe_statics.e_score_correction_bias ([1, E] parameter, zero at
+    init) redrawn N(0, 0.1) so that the selection-only bias (exp_probs_b) is exercised."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, b in model.named_parameters():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+
+
+def _gguf_kv(path: Path, key: str):
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    f = r.fields.get(key)
+    if f is None:
+        return None
+    v = f.parts[f.data[0]]
+    return v.tolist()[0] if hasattr(v, "tolist") else v
+
+
+def _glm4moe_mtp_checkpoint(model, config: dict, d: Path) -> dict:
+    """Append one GLM-4.5 style MTP (nextn) block to the saved checkpoint, as the released
+    GLM-4.5 checkpoints have it: model.layers.{L}.* = a full MoE decoder block (random, same
+    shapes as layer L-1) plus eh_proj [E, 2E], enorm, hnorm, shared_head.norm. transformers'
+    Glm4MoeForCausalLM never builds it (num_nextn_predict_layers is ignored), so it does not
+    affect the reference logits; llama.cpp loads it as blk.{L} and skips it in the main graph."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    files = sorted(d.glob("*.safetensors"))
+    assert len(files) == 1, files
+    sd = load_file(str(files[0]))
+    L = config["num_hidden_layers"]
+    E = config["hidden_size"]
+    g = torch.Generator().manual_seed(4242)
+    src = f"model.layers.{L - 1}."
+    for k in [k for k in sd if k.startswith(src)]:
+        v = sd[k]
+        nk = f"model.layers.{L}." + k[len(src):]
+        if k.endswith("e_score_correction_bias"):
+            sd[nk] = torch.randn(v.shape, generator=g) * 0.1
+        elif v.ndim >= 2:
+            sd[nk] = torch.randn(v.shape, generator=g) / math.sqrt(v.shape[-1])
+        else:
+            sd[nk] = v + torch.randn(v.shape, generator=g) * 0.1
+    p = f"model.layers.{L}."
+    sd[p + "eh_proj.weight"] = torch.randn(E, 2 * E, generator=g) / math.sqrt(2 * E)
+    for nm in ("enorm", "hnorm", "shared_head.norm"):
+        sd[p + nm + ".weight"] = 1.0 + 0.1 * torch.randn(E, generator=g)
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    files[0].unlink()
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return config
+
+
+def _glm4moe_post(entry: dict, f32: Path) -> None:
+    L = entry["config"]["num_hidden_layers"]
+    kept = f"blk.{L}.nextn.eh_proj.weight" in entry["tensors"]
+    entry["mtp_block_kept"] = kept
+    entry["gguf_block_count"] = _gguf_kv(f32, "glm4moe.block_count")
+    entry["gguf_nextn_predict_layers"] = _gguf_kv(f32, "glm4moe.nextn_predict_layers")
+
+
+arch("glm4moe", cfg="Glm4MoeConfig", model="Glm4MoeForCausalLM", moe="sigmoid",
+     tweak=_deepseek_tweak, rewrite=_glm4moe_mtp_checkpoint, post=_glm4moe_post,
+     kw=_moe(num_hidden_layers=3, rms_norm_eps=1e-5, intermediate_size=2 * MOE_INTER,
+             moe_intermediate_size=MOE_INTER, attention_bias=True, use_qk_norm=True,
+             n_routed_experts=N_EXPERTS, num_experts_per_tok=TOP_K, n_shared_experts=1,
+             n_group=1, topk_group=1, first_k_dense_replace=1, norm_topk_prob=True,
+             routed_scaling_factor=2.5, num_nextn_predict_layers=1, eos_token_id=EOS_ID,
+             rope_parameters=_rope(1e6, partial_rotary_factor=0.5)),
+     notes="GLM-4.5 (Glm4MoeForCausalLM -> GGUF glm4moe): q/k/v biases, per-head q/k RMSNorm "
+           "(use_qk_norm) before rope, partial NEOX rotary 0.5 (n_rot 8 of head_dim 16); layer 0 "
+           "dense (first_k_dense_replace 1, width 128), layers 1-2 MoE: sigmoid scores, "
+           "e_score_correction_bias random N(0,0.1) (selection only -> exp_probs_b.bias), "
+           "n_group 1 / topk_group 1 (no grouping), top-2, renormalised, x routed_scaling_factor "
+           "2.5, one shared expert (width 64). num_nextn_predict_layers 1: the checkpoint gets a "
+           "GLM-style MTP block model.layers.3.* (full MoE block + eh_proj/enorm/hnorm/"
+           "shared_head.norm, random; transformers ignores it) and mtp_block_kept records "
+           "whether the converter wrote it as blk.3 (block_count 4, nextn_predict_layers 1; "
+           "llama.cpp's main graph runs only n_layer = 3). Converter vocab: _set_vocab_glm "
+           "patched to skip GLM's own special tokens ([gMASK], <|observation|>) that our "
+           "tokenizer lacks. router_min_gap in sigmoid(+bias) units")
+arch("ernie4_5-moe", cfg="Ernie4_5_MoeConfig", model="Ernie4_5_MoeForCausalLM", tok="spm",
+     moe="ernie", tweak=_ernie_moe_tweak, seed_tries=400,
+     kw=_moe(num_hidden_layers=3, rms_norm_eps=1e-5, use_bias=False, tie_word_embeddings=True,
+             intermediate_size=2 * MOE_INTER, moe_intermediate_size=MOE_INTER,
+             moe_num_experts=N_EXPERTS, moe_k=TOP_K, moe_num_shared_experts=1,
+             moe_layer_start_index=1, moe_layer_end_index=2, moe_layer_interval=1,
+             rope_parameters=_rope(500000.0)),
+     notes="ERNIE 4.5 MoE (21B-A3B style): tied embeddings, interleaved rotary on raw weights "
+           "(llama.cpp NORM rope), layer 0 dense (moe_layer_start_index 1, width 128), layers "
+           "1-2 MoE (moe_layer_interval 1): softmax probs, top-2 selected on probs + "
+           "moe_statics.e_score_correction_bias (random N(0,0.1), selection only -> "
+           "exp_probs_b.bias), weights = unbiased probs renormalised; one shared expert of width "
+           "64. intermediate_size 128 with 2 kv heads because the converter writes "
+           "expert_shared_feed_forward_length = intermediate_size // num_key_value_heads (= 64 = "
+           "HF moe_intermediate_size * moe_num_shared_experts). router_min_gap in "
+           "probability(+bias) units")
+HY_HEAD_DIM = 128  # the converter's dynamic-alpha branch asserts head_dim 128
+arch("hunyuan-moe", cfg="HunYuanMoEV1Config", model="HunYuanMoEV1ForCausalLM", moe="softmax",
+     merge={"moe_intermediate_size": [MOE_INTER] * N_LAYERS, "moe_topk": [TOP_K] * N_LAYERS,
+            "num_shared_expert": [1] * N_LAYERS},
+     kw=_moe(hidden_size=HY_HEAD_DIM, num_attention_heads=1, num_key_value_heads=1,
+             head_dim=HY_HEAD_DIM, rms_norm_eps=1e-5, tie_word_embeddings=True,
+             num_experts=N_EXPERTS, moe_topk=TOP_K, use_qk_norm=True, eod_token_id=EOS_ID,
+             max_position_embeddings=32768,
+             rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 1000.0,
+                              "factor": 1.0}),
+     notes="Hunyuan-A13B style (HunYuanMoEV1ForCausalLM -> GGUF hunyuan-moe): per-head q/k "
+           "RMSNorm applied AFTER rope, 4 experts top-2 softmax renormalised, ungated shared MLP "
+           "(mlp.shared_mlp, width = intermediate_size 64; experts also use intermediate_size, "
+           "as in HF), router mlp.gate.wg, tied embeddings. Real NTK-alpha rope (rope_type "
+           "dynamic, alpha 1000, theta 1e4): the converter folds it into a fixed freq_base "
+           "theta*alpha^(hd/(hd-2)) and asserts alpha 1000, theta 1e4, hidden_size/heads == 128 "
+           "and max_position_embeddings 32768|262144, so this fixture departs from hidden 64: "
+           "hidden 128 with ONE 128-wide head (1 kv head); transformers computes the same "
+           "'ntk_alpha' frequencies. config.json gets the per-layer lists moe_intermediate_size "
+           "/ moe_topk / num_shared_expert the converter reads. Converter vocab: "
+           "HunYuanMoEModel.set_vocab (tiktoken-only, forces bos 127959) replaced by the dense "
+           "HunYuanModel.set_vocab tokenizer.json path")
+arch("dots1", cfg="Dots1Config", model="Dots1ForCausalLM", moe="deepseek",
+     tweak=_deepseek_tweak, seed_tries=400, merge={"scoring_func": "sigmoid"},
+     kw=_moe(num_hidden_layers=3, num_key_value_heads=HEADS, rms_norm_eps=1e-6,
+             intermediate_size=2 * MOE_INTER, moe_intermediate_size=MOE_INTER,
+             n_routed_experts=N_EXPERTS, num_experts_per_tok=TOP_K, n_shared_experts=1,
+             n_group=2, topk_group=1, first_k_dense_replace=1, norm_topk_prob=True,
+             routed_scaling_factor=2.5, sliding_window=None, rope_parameters=_rope(1e6)),
+     notes="dots.llm1 (Dots1ForCausalLM -> GGUF dots1): qwen3-style attention (per-head q/k "
+           "RMSNorm before NEOX rope), MHA (llama.cpp's dots1 loader sizes K/V as n_head*hd); "
+           "layer 0 dense (first_k_dense_replace 1, width 128), layers 1-2 MoE with DeepSeek-V3 "
+           "routing: sigmoid scores, e_score_correction_bias random N(0,0.1) (selection only), "
+           "2 groups of 2 with topk_group 1, top-2, renormalised, x routed_scaling_factor 2.5, "
+           "one shared expert (width 64). scoring_func sigmoid written into config.json: "
+           "llama.cpp's dots1 has no default gating func, the converter writes "
+           "expert_gating_func from it")
+
+def _bailingmoe_checkpoint(model, config: dict, d: Path) -> dict:
+    """Rewrite the saved GraniteMoeShared checkpoint in d as a Ling v1 (BailingMoeForCausalLM,
+    remote code) checkpoint. transformers has no BailingMoe class; with all Granite multipliers
+    neutral (embedding/residual/logits 1, attention_multiplier 1/sqrt(head_dim)) GraniteMoeShared
+    is the same math: RMSNorm pre-norm blocks, half-split rope, softmax router top-2
+    renormalised, ungated SwiGLU shared expert added to the routed sum. Layout written:
+    model.word_embeddings, attention.query_key_value (rows [q | k | v]), attention.dense,
+    mlp.gate, mlp.experts.{e}.{gate,up,down}_proj, mlp.shared_experts.{gate,up,down}_proj,
+    model.norm, lm_head."""
+    from safetensors.torch import save_file
+
+    c = model.config
+    ff, ffs = c.intermediate_size, c.shared_intermediate_size
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    out = {"model.word_embeddings.weight": sd["model.embed_tokens.weight"],
+           "model.norm.weight": sd["model.norm.weight"],
+           "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = sd[p + "input_layernorm.weight"]
+        out[p + "post_attention_layernorm.weight"] = sd[p + "post_attention_layernorm.weight"]
+        out[p + "attention.query_key_value.weight"] = torch_cat(
+            [sd[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
+        out[p + "attention.dense.weight"] = sd[p + "self_attn.o_proj.weight"]
+        out[p + "mlp.gate.weight"] = sd[p + "block_sparse_moe.router.weight"]
+        gu, dn = sd[p + "block_sparse_moe.experts.gate_up_proj"], sd[p + "block_sparse_moe.experts.down_proj"]
+        for e in range(c.num_local_experts):
+            q = p + f"mlp.experts.{e}."
+            out[q + "gate_proj.weight"] = gu[e, :ff].contiguous()
+            out[q + "up_proj.weight"] = gu[e, ff:].contiguous()
+            out[q + "down_proj.weight"] = dn[e].contiguous()
+        sh = sd[p + "shared_mlp.input_linear.weight"]
+        out[p + "mlp.shared_experts.gate_proj.weight"] = sh[:ffs].contiguous()
+        out[p + "mlp.shared_experts.up_proj.weight"] = sh[ffs:].contiguous()
+        out[p + "mlp.shared_experts.down_proj.weight"] = sd[p + "shared_mlp.output_linear.weight"]
+    for f in d.glob("*.safetensors"):
+        f.unlink()
+    save_file(out, str(d / "model.safetensors"), metadata={"format": "pt"})
+    rope = config.get("rope_parameters") or {}
+    new = {
+        "architectures": ["BailingMoeForCausalLM"], "model_type": "bailing_moe",
+        "auto_map": {"AutoConfig": "configuration_bailing_moe.BailingMoeConfig",
+                     "AutoModelForCausalLM": "modeling_bailing_moe.BailingMoeForCausalLM"},
+        "hidden_act": "silu", "hidden_size": c.hidden_size, "intermediate_size": ff,
+        "moe_intermediate_size": ff, "num_experts": c.num_local_experts,
+        "num_experts_per_tok": c.num_experts_per_tok, "num_shared_experts": ffs // ff,
+        "norm_topk_prob": True, "first_k_dense_replace": 0, "norm_head": False,
+        "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.hidden_size // c.num_attention_heads,
+        "num_hidden_layers": c.num_hidden_layers, "max_position_embeddings": c.max_position_embeddings,
+        "rms_norm_eps": c.rms_norm_eps, "rope_theta": rope.get("rope_theta", 10000.0),
+        "rope_scaling": None, "use_qkv_bias": False, "use_bias": False,
+        "tie_word_embeddings": False, "vocab_size": c.vocab_size,
+        "bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id"),
+        "pad_token_id": config.get("pad_token_id"), "torch_dtype": "float32", "use_cache": True,
+    }
+    (d / "config.json").write_text(json.dumps(new, indent=1))
+    return new
+
+
+def torch_cat(ts):
+    import torch
+
+    return torch.cat(ts, dim=0).contiguous()
+
+
+arch("bailingmoe", cfg="GraniteMoeSharedConfig", model="GraniteMoeSharedForCausalLM",
+     hf_arch="BailingMoeForCausalLM", moe="softmax", rewrite=_bailingmoe_checkpoint,
+     kw=_moe(rms_norm_eps=1e-6, num_local_experts=N_EXPERTS, num_experts_per_tok=TOP_K,
+             shared_intermediate_size=MOE_INTER, embedding_multiplier=1.0,
+             residual_multiplier=1.0, attention_multiplier=1.0 / math.sqrt(HEAD_DIM),
+             logits_scaling=1.0, rope_parameters=_rope(600000.0)),
+     notes="Ling-lite v1 style (BailingMoeForCausalLM, remote code -> GGUF bailingmoe). "
+           "transformers has no BailingMoe class, so the checkpoint is written in Ling's own "
+           "layout (model.word_embeddings, fused attention.query_key_value [q|k|v], "
+           "attention.dense, mlp.gate, per-expert mlp.experts.N.*, mlp.shared_experts.*) from a "
+           "transformers GraniteMoeSharedForCausalLM with neutral multipliers (embedding, "
+           "residual, logits 1; attention 1/sqrt(16)) which is the same math; the reference "
+           "logits are that model's. converter splits qkv and permutes q/k for llama.cpp's NORM "
+           "rope; 4 experts top-2 softmax renormalised (norm_topk_prob True), one ungated "
+           "shared expert (width 64), every layer MoE (first_k_dense_replace 0), norm_head False")
+
 
 # --------------------------------------------------------------------------------------
 # weights
@@ -747,7 +981,8 @@ def redraw(model, seed: int, moe: bool = False, experts_in_out: bool = False) ->
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-ROUTER_SUFFIXES = (".mlp.gate.weight", ".block_sparse_moe.router.weight", ".mlp.router.weight")
+ROUTER_SUFFIXES = (".mlp.gate.weight", ".block_sparse_moe.router.weight", ".mlp.router.weight",
+                   ".mlp.gate.wg.weight")  # last: HunYuan MoE
 
 
 def _is_router(name: str) -> bool:
@@ -774,7 +1009,15 @@ def install_router_probe(model, kind: str):
             b = getattr(mod, "bias", None)
             if isinstance(b, torch.Tensor):
                 logits = logits + b.float()
-            if kind == "deepseek":
+            if kind == "sigmoid":  # sigmoid + selection bias, no grouping (n_group 1)
+                sc = logits.sigmoid() + mod.e_score_correction_bias.float()
+                top = sc.sort(dim=-1, descending=True)[0]
+                k = TOP_K
+            elif kind == "ernie":  # softmax probs + moe_statics bias select; margin in prob units
+                sc = logits.softmax(-1) + mod.moe_statics.e_score_correction_bias.float().reshape(-1)
+                top = sc.sort(dim=-1, descending=True)[0]
+                k = TOP_K
+            elif kind == "deepseek":
                 sc = logits.sigmoid() + mod.e_score_correction_bias.float()
                 n_group = mod.num_group
                 gs = sc.view(sc.shape[0], n_group, -1).topk(2, dim=-1)[0].sum(-1)
@@ -860,10 +1103,47 @@ def _convert_main(hf_dir: str, out: str) -> None:
 
     base.ModelBase.load_hparams = staticmethod(load_hparams)
     _patch_stablelm_qk_norm()
+    _patch_glm_vocab(base)
+    _patch_hunyuan_moe_vocab()
     import convert_hf_to_gguf
 
     sys.argv = ["convert_hf_to_gguf.py", hf_dir, "--outfile", out, "--outtype", "f32"]
     convert_hf_to_gguf.main()
+
+
+def _patch_glm_vocab(base) -> None:
+    """TextModel._set_vocab_glm (GLM-4.5 MoE) looks up GLM's own added tokens ([gMASK],
+    <|user|>, <|endoftext|>, <|observation|>) as bos/eot/unk/eom; our tokenizer lacks some of
+    them. Same code, tokens that are absent are simply not set."""
+    import gguf
+
+    def _set_vocab_glm(self):
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(self.dir_model)
+        special_vocab = gguf.SpecialVocab(self.dir_model, load_merges=True)
+        tokens, toktypes, tokpre = self.get_vocab_base()
+        self.gguf_writer.add_tokenizer_model("gpt2")
+        self.gguf_writer.add_tokenizer_pre(tokpre)
+        self.gguf_writer.add_token_list(tokens)
+        self.gguf_writer.add_token_types(toktypes)
+        added = tokenizer.get_added_vocab()
+        for typ, tok in (("bos", "[gMASK]"), ("eot", "<|user|>"), ("unk", "<|endoftext|>"),
+                         ("eom", "<|observation|>")):
+            if tok in added:
+                special_vocab._set_special_token(typ, added[tok])
+        special_vocab.add_to_gguf(self.gguf_writer)
+
+    base.TextModel._set_vocab_glm = _set_vocab_glm
+
+
+def _patch_hunyuan_moe_vocab() -> None:
+    """HunYuanMoEModel.set_vocab (conversion/hunyuan.py) only handles Hunyuan-A13B's tiktoken
+    tokenizer (tokenizer.mergeable_ranks) and then forces bos id 127959; our checkpoint has a
+    tokenizer.json. Use the dense HunYuanModel.set_vocab instead, whose tokenizer.json branch
+    is the generic gpt2-style BPE path (same as the hunyuan-dense fixture)."""
+    import conversion.hunyuan as hy
+
+    hy.HunYuanMoEModel.set_vocab = hy.HunYuanModel.set_vocab
 
 
 def _patch_stablelm_qk_norm() -> None:
@@ -894,20 +1174,21 @@ def _patch_stablelm_qk_norm() -> None:
     slm.StableLMModel.modify_tensors = modify_tensors
 
 
-def quantize_q8(src: Path, dst: Path) -> None:
-    cmd = [sys.executable, __file__, "--_quantize", str(src), str(dst)]
+def quantize_q8(src: Path, dst: Path, ftype: str = "Q8_0") -> None:
+    """llama_model_quantize with LLAMA_FTYPE_MOSTLY_<ftype> (default Q8_0)."""
+    cmd = [sys.executable, __file__, "--_quantize", str(src), str(dst), ftype]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0 or not dst.exists():
         raise RuntimeError(f"llama_model_quantize failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
 
 
-def _quantize_main(src: str, dst: str) -> None:
+def _quantize_main(src: str, dst: str, ftype: str = "Q8_0") -> None:
     import ctypes
 
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.nthread = 4
     rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
     if rc != 0:
@@ -983,13 +1264,14 @@ def pick_moe_seed(name: str, spec: dict) -> tuple[int, int]:
     """(seed, tries): first seed from hash_name(name) on with a decisive routing."""
     base = hash_name(name)
     best = (-1.0, base)
-    for i in range(MOE_SEED_TRIES):
+    tries = spec.get("seed_tries", MOE_SEED_TRIES)
+    for i in range(tries):
         g = router_gap(name, spec, base + i)
         if g >= MOE_MIN_GAP[spec["moe"]]:
             return base + i, i + 1
         best = max(best, (g, base + i))
     print(f"[{name}] no seed with router gap >= {MOE_MIN_GAP[spec['moe']]}; best {best}")
-    return best[1], MOE_SEED_TRIES
+    return best[1], tries
 
 
 def make(name: str, manifest: dict) -> None:
@@ -1021,6 +1303,9 @@ def make(name: str, manifest: dict) -> None:
             entry["reference"] = f"{spec['reference'].__name__} (torch, not transformers)"
         convert(d, f32)
         quantize_q8(f32, q8)
+        extra = {q: OUT / f"{name}.{q}.gguf" for q in spec.get("extra_quants", [])}
+        for q, path in extra.items():
+            quantize_q8(f32, path, q.upper())
         ids = eval_ids(seed)
         probe = install_router_probe(model, spec["moe"]) if spec.get("moe") else ([], [])
         hf = (spec["reference"] if spec.get("reference") else hf_logits)(model, ids)
@@ -1058,6 +1343,20 @@ def make(name: str, manifest: dict) -> None:
                   "q8_0": q8.name, "q8_0_bytes": q8.stat().st_size},
         "q8_0_tensor_types": gguf_summary(q8)["tensor_types"],
     })
+    if extra:
+        entry["extra_quants"] = list(extra)
+    for q, path in extra.items():
+        lx = llama_logits(path, ids)
+        if not np.isfinite(lx).all():
+            raise RuntimeError(f"{q} logits not finite")
+        entry[f"llama_{q}_logits_std"] = round(float(lx.std()), 4)
+        entry[f"{q}_vs_hf_maxdiff_over_std"] = float(f"{np.abs(lx - hf).max() / std:.3g}")
+        entry[f"{q}_vs_hf_argmax_agree"] = float(np.mean(lx.argmax(-1) == hf.argmax(-1)))
+        entry["files"][q] = path.name
+        entry["files"][f"{q}_bytes"] = path.stat().st_size
+        entry[f"{q}_tensor_types"] = gguf_summary(path)["tensor_types"]
+    if spec.get("post"):
+        spec["post"](entry, f32)
     if lf.std() <= 1.0:
         entry["warning"] = f"llama.cpp f32 logits std {lf.std():.3f} <= 1"
     manifest[name] = entry
@@ -1077,7 +1376,7 @@ def main(argv: list[str]) -> int:
         _convert_main(argv[1], argv[2])
         return 0
     if argv[:1] == ["--_quantize"]:
-        _quantize_main(argv[1], argv[2])
+        _quantize_main(*argv[1:4])
         return 0
     if argv[:1] == ["--list"]:
         print("\n".join(ARCHS))
@@ -1100,7 +1399,8 @@ def main(argv: list[str]) -> int:
             manifest[name] = {"arch": ARCHS[name]["arch"], "hf_class": ARCHS[name].get("hf_arch", ARCHS[name]["model"]),
                               "source": None, "error": f"{type(e).__name__}: {str(e)[-1500:]}",
                               "notes": ARCHS[name]["notes"]}
-            for suffix in (".f32.gguf", ".q8_0.gguf"):
+            for suffix in (".f32.gguf", ".q8_0.gguf",
+                           *(f".{q}.gguf" for q in ARCHS[name].get("extra_quants", []))):
                 (OUT / f"{name}{suffix}").unlink(missing_ok=True)
         save_manifest(manifest)
     print(f"done; failed: {failed}")

@@ -126,3 +126,20 @@ def test_latent_attention_caches_only_the_latent():
     per_token = (m["attention.kv_lora_rank"] + m["rope.dimension_count"]) * 4  # float32
     held = sum(k.nbytes + v.nbytes for k, v in (c.state for c in cache))
     assert held == 20 * per_token * len(cache)
+
+
+EXTRA = [(n, q) for n in NAMES for q in MANIFEST[n].get("extra_quants", ())]
+
+
+@pytest.mark.parametrize(("name", "quant"), EXTRA, ids=[f"{n}-{q}" for n, q in EXTRA])
+def test_other_quantizations_near_llama_cpp(name, quant):
+    """Further types llama.cpp's quantizer wrote (gpt-oss's experts in MXFP4): near
+    llama.cpp, and the kept layout equal to its float32 image."""
+    path = FIXTURES / f"{name}.{quant}.gguf"
+    ids = token_ids(name)
+    ref = llama_cpp_logits(llama_cpp(path), ids)
+    kept = mlxllm_logits(load_model(str(path), dense=False)[0], ids)
+    diff = np.abs(kept - ref) / ref.std()
+    assert diff.mean() <= Q8_MEAN_TOLERANCE and (kept.argmax(-1) == ref.argmax(-1)).mean() >= Q8_AGREEMENT
+    dense = mlxllm_logits(load_model(str(path), dense=True)[0], ids)
+    assert np.abs(kept - dense).max() <= 1e-4 * dense.std()

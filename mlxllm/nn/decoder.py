@@ -186,8 +186,8 @@ class Block(nn.Module):
             self.ffn_gate_exps = SwitchLinear(E, d, ff, bias=has("ffn_gate_exps.bias"))
         self.ffn_up_exps = SwitchLinear(E, d, ff, bias=has("ffn_up_exps.bias"))
         self.ffn_down_exps = SwitchLinear(E, ff, d, bias=has("ffn_down_exps.bias"))
-        if has("exp_probs_b.bias"):
-            self.exp_probs_b = {"bias": mx.zeros((E,))}
+        if has("exp_probs_b.bias"):  # (E,), or (1, E) as ERNIE's converter writes it
+            self.exp_probs_b = {"bias": mx.zeros(t[f"blk.{i}.exp_probs_b.bias"])}
         if has("ffn_up_shexp.weight"):
             shared = t[f"blk.{i}.ffn_up_shexp.weight"][0]
             self.ffn_gate_shexp = self._linear("ffn_gate_shexp", d, shared)
@@ -321,7 +321,7 @@ class Decoder(nn.Module):
     def make_cache(self) -> list[KVCache | RotatingKVCache]:
         return [RotatingKVCache(self.args.sliding_window) if b.sliding else KVCache() for b in self.blk]
 
-    def embed(self, tokens: mx.array, cache: list | None) -> mx.array:
+    def input_embeddings(self, tokens: mx.array, cache: list | None) -> mx.array:
         h = self.token_embd(tokens)
         if self.args.embed_scale != 1.0:
             h = h * self.args.embed_scale
@@ -357,7 +357,7 @@ class Decoder(nn.Module):
         return logits
 
     def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
-        h = self.embed(tokens, cache)
+        h = self.input_embeddings(tokens, cache)
         caches = cache if cache else [None] * len(self.blk)
         factors = self[self.args.rope_factors]["weight"] if self.args.rope_factors else None
         for block, c, mask in zip(self.blk, caches, self.masks(tokens.shape[1], caches)):

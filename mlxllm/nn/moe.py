@@ -90,7 +90,7 @@ def experts(block: nn.Module, x: mx.array, args: MoEArgs) -> mx.array:
     """The routed experts of `block` (ffn_gate_inp, ffn_{gate,up,down}_exps) on x (B, L, D)."""
     B, L, D = x.shape
     flat = x.reshape(-1, D)  # (N, D)
-    bias = block["exp_probs_b"]["bias"] if "exp_probs_b" in block else None
+    bias = block["exp_probs_b"]["bias"].reshape(-1) if "exp_probs_b" in block else None
     chosen, weights = route(block.ffn_gate_inp(flat), args, bias)
     up = block.ffn_up_exps(flat, chosen)  # (N, k, ff)
     h = gate(block.ffn_gate_exps(flat, chosen), up, args.activation) if "ffn_gate_exps" in block \
