@@ -682,6 +682,14 @@ arch("deepseek2", cfg="DeepseekV3Config", model="DeepseekV3ForCausalLM", moe="de
            "expert (width 64). scoring_func/topk_method written to config.json (transformers "
            "hard-codes sigmoid; the converter needs scoring_func to write expert_gating_func "
            "sigmoid, else llama.cpp would use softmax)")
+# No deepseek2-lite fixture (DeepSeek-V2-Lite style, DeepseekV2ForCausalLM, q_lora_rank None ->
+# attn_q instead of attn_q_a/attn_q_b). The converter writes attention.q_lora_rank only when
+# q_lora_rank is set, and llama.cpp's deepseek2 loader (src/models/deepseek2.cpp) requires that
+# key unless n_layer is 26 or 27 (or 48 with a 128256 vocab), its "lite" check. A 3-layer file
+# fails in the quantizer with "key not found in model: deepseek2.attention.q_lora_rank". A
+# 26-layer file (hidden 64, 4 experts) loads and matches HF, but it is 8.27 MB F32 / 2.30 MB
+# Q8_0, too big for a fixture. Writing q_lora_rank 0 from a converter patch would make a 3-layer
+# file load (~1.0 MB F32), but a real converter never writes that key, so it is not done here.
 arch("gpt-oss", cfg="GptOssConfig", model="GptOssForCausalLM", moe="softmax",
      sliding_window=SWA, experts_in_out=True, extra_quants=["mxfp4_moe"],
      kw=_base(rms_norm_eps=1e-5, num_local_experts=N_EXPERTS, num_experts_per_tok=TOP_K,
