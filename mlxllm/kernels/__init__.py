@@ -298,7 +298,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
 
 def _attention_reference(q, k, v, scale: float, mask, softcap: float, bias: mx.array | None,
                          sinks: mx.array | None = None) -> mx.array:
-    """`attention` in plain MLX ops, for softcap or bias where the CPU kernels do not run."""
+    """`attention` in plain MLX ops, for softcap, bias or sinks where the CPU kernels do not run."""
     B, H, L, D = q.shape
     H_kv, T = k.shape[1], k.shape[2]
     qg = q.reshape(B, H_kv, H // H_kv, L, D)  # (B, H_kv, rep, L, D): heads share a kv head
