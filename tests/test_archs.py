@@ -9,6 +9,8 @@ F32 KV cache.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlxllm  # noqa: F401  (first: puts an optimized BLAS under mlx.core)
 import numpy as np
 import pytest
@@ -145,3 +147,38 @@ def test_other_quantizations_near_llama_cpp(name, quant):
     assert diff.mean() <= Q8_MEAN_TOLERANCE and (kept.argmax(-1) == ref.argmax(-1)).mean() >= Q8_AGREEMENT
     dense = mlxllm_logits(load_model(str(path), dense=True)[0], ids)
     assert np.abs(kept - dense).max() <= 1e-4 * dense.std()
+
+
+def _with_metadata(src: Path, out: Path, changes: dict) -> Path:
+    """A copy of a fixture with some metadata values replaced (gguf-py reads and writes it)."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(out, reader.fields["general.architecture"].contents())
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        value = changes.get(field.name, field.contents())
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, value, field.types[0], sub_type=sub)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data), raw_shape=[int(x) for x in reversed(t.shape)],
+                          raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("qwen3.attention.head_count", 0, "must be positive"),
+    ("qwen3.block_count", 10 ** 9, "does not match the 2 blocks"),
+    ("qwen3.attention.head_count_kv", 3, "must divide head_count"),
+])
+def test_absurd_metadata_is_a_clear_error(tmp_path, key, value, message):
+    from mlxllm.loader import LoadError
+
+    path = _with_metadata(FIXTURES / "qwen3.f32.gguf", tmp_path / "bad.gguf", {key: value})
+    with pytest.raises(LoadError, match=message):
+        load_model(str(path))

@@ -52,6 +52,16 @@ def decoder_args(gf: GGUFFile, *, norm: str = "rms", rope: str | None = "norm", 
         if len(set(n_heads)) != 1:
             raise ValueError("per-layer query head counts that differ are not supported")
         n_heads = n_heads[0]
+    n_kv = per_layer(m.get(Keys.Attention.HEAD_COUNT_KV, n_heads), n_layers)
+    blocks = {name.split(".")[1] for name in gf.tensors if name.startswith("blk.")}
+    # Absurd metadata is refused here, before any layer is built (a huge block_count would
+    # otherwise allocate modules for blocks the file does not hold).
+    if not (isinstance(dim, int) and dim > 0 and isinstance(n_heads, int) and n_heads > 0):
+        raise ValueError(f"embedding_length {dim!r} and head_count {n_heads!r} must be positive integers")
+    if not isinstance(n_layers, int) or not 0 < n_layers <= len(blocks):
+        raise ValueError(f"block_count {n_layers!r} does not match the {len(blocks)} blocks the file holds")
+    if any(not isinstance(h, int) or h <= 0 or n_heads % h for h in (n_kv if isinstance(n_kv, tuple) else (n_kv,))):
+        raise ValueError(f"head_count_kv {n_kv!r} must divide head_count {n_heads}")
     head_dim = m.get(Keys.Attention.KEY_LENGTH, dim // n_heads)
     eps_key = Keys.Attention.LAYERNORM_RMS_EPS if norm == "rms" else Keys.Attention.LAYERNORM_EPS
     kw: dict[str, Any] = dict(
@@ -59,7 +69,7 @@ def decoder_args(gf: GGUFFile, *, norm: str = "rms", rope: str | None = "norm", 
         dim=dim,
         n_layers=n_layers,
         n_heads=n_heads,
-        n_kv_heads=per_layer(m.get(Keys.Attention.HEAD_COUNT_KV, n_heads), n_layers),
+        n_kv_heads=n_kv,
         head_dim=head_dim,
         head_dim_v=m.get(Keys.Attention.VALUE_LENGTH, head_dim),
         norm=norm,
