@@ -1236,8 +1236,14 @@ def load_manifest() -> dict:
     return {}
 
 
-def save_manifest(m: dict) -> None:
-    MANIFEST.write_text(json.dumps(dict(sorted(m.items())), indent=1) + "\n")
+def save_manifest(m: dict, name: str) -> None:
+    """Writes `name`'s entry into the manifest on disk, re-read first: runs for different
+    fixtures may overlap, and each keeps the others' entries."""
+    on_disk = load_manifest()
+    on_disk[name] = m[name]
+    tmp = MANIFEST.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(dict(sorted(on_disk.items())), indent=1) + "\n")
+    tmp.replace(MANIFEST)
 
 
 def eval_ids(seed: int) -> list[int]:
@@ -1410,7 +1416,7 @@ def main(argv: list[str]) -> int:
             for suffix in (".f32.gguf", ".q8_0.gguf",
                            *(f".{q}.gguf" for q in ARCHS[name].get("extra_quants", []))):
                 (OUT / f"{name}{suffix}").unlink(missing_ok=True)
-        save_manifest(manifest)
+        save_manifest(manifest, name)
     print(f"done; failed: {failed}")
     return 1 if failed else 0
 
