@@ -63,6 +63,38 @@ def test_affine_matvec_matches_float_matmul(bits, shape, batch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("bits", MLX_BITS)
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_affine_gather_matvec_matches_each_experts_matmul(bits, rows):
+    """Each row's chosen experts read in place from the stacked (experts, out, in) weight:
+    the float product with that expert, rows repeating an expert included."""
+    experts, out, inn, k = 5, 40, 96, 3
+    wq, scales, biases, ref = _quantized(experts * out, inn, bits, seed=20 + bits)
+    wq, scales, biases = (a.reshape(experts, out, -1) for a in (wq, scales, biases))
+    ref = ref.reshape(experts, out, inn)
+    x = mx.random.normal((rows, inn), key=mx.random.key(bits))
+    indices = mx.random.randint(0, experts, (rows, k), key=mx.random.key(rows))
+    indices[0] = mx.array([4, 0, 4])[:k]
+    y = K.affine_gather_matvec(x, wq, scales, biases, indices, bits)
+    want = mx.stack([mx.stack([x[n] @ ref[e].T for e in indices[n].tolist()]) for n in range(rows)])
+    assert y.shape == (rows, k, out)
+    bound = (mx.abs(x) @ mx.abs(ref.reshape(-1, inn)).T).max().item()
+    assert mx.abs(y - want).max().item() <= 1e-5 * bound
+
+
+@needs_kernels
+def test_affine_gather_matvec_index_past_the_experts_is_nan():
+    wq, scales, biases, _ = _quantized(2 * 8, 64, 4, seed=0)
+    wq, scales, biases = (a.reshape(2, 8, -1) for a in (wq, scales, biases))
+    y = K.affine_gather_matvec(mx.ones((1, 64)), wq, scales, biases, mx.array([[1, 7]]), 4)
+    assert not mx.isnan(y[0, 0]).any().item() and mx.isnan(y[0, 1]).all().item()
+    with pytest.raises(ValueError, match="3-D"):
+        K.affine_gather_matvec(mx.ones((1, 64)), wq[0], scales[0], biases[0], mx.array([[0]]), 4)
+    with pytest.raises(ValueError, match="indices"):
+        K.affine_gather_matvec(mx.ones((1, 64)), wq, scales, biases, mx.array([[0.5]]), 4)
+
+
+@needs_kernels
 def test_affine_bad_layouts_are_one_line_errors():
     wq, scales, biases, _ = _quantized(8, 64, 4, seed=0)
     with pytest.raises(ValueError, match="bits must be"):

@@ -193,7 +193,7 @@ def gather_matmul(x: mx.array, w: mx.array | QuantizedTensor, indices: mx.array)
         return mx.gather_qmm(xe, w.weight, w.scales, None, rhs_indices=indices, transpose=True,
                              group_size=GROUP, bits=w.bits, mode=w.mode).squeeze(-2)
     # packed GGUF blocks (a GPU): the chosen experts' blocks, dequantized
-    E, out_features, in_features = w.shape
+    out_features, in_features = w.shape[1:]
     rows = w.weight[indices]  # (N, k, out, bytes)
     dense = _dequantize_packed(w, rows.reshape(-1, rows.shape[-1]), (*indices.shape, out_features, in_features))
     return (x[:, None, None, :] @ dense.astype(x.dtype).swapaxes(-1, -2)).squeeze(-2)
@@ -202,24 +202,14 @@ def gather_matmul(x: mx.array, w: mx.array | QuantizedTensor, indices: mx.array)
 def _gather_matmul_cpu(x: mx.array, parts: list[Part], indices: mx.array) -> mx.array:
     """`gather_matmul` on the CPU kernels (MLX's CPU gather_qmm reads ~0.5 GB/s).
 
-    Few rows (decode): per row, its k experts' rows taken into one (k * out, in) weight for
-    one matvec (measured 4.4x MLX's gather_qmm at 8 of 64 experts, 768 x 2048, 4-bit).
+    Few rows (decode): one matvec over every row's chosen experts, read in place.
     More rows (prefill): rows grouped by expert, each chosen expert dequantized once for one
     BLAS product; grouping reads the router's choices on the host."""
     N, k = indices.shape
-    E, out_features = parts[0].weight.shape[:2]
+    out_features = parts[0].weight.shape[1]
     if N <= CPU_MATVEC_ROWS:
-        rows = []
-        for n in range(N):
-            chosen = indices[n]
-            y = widen.sum_in_order(
-                cpu.KERNELS.affine_matvec(x[n:n + 1], p.weight[chosen].reshape(k * out_features, -1),
-                                          p.scales[chosen].reshape(k * out_features, -1),
-                                          None if p.biases is None else p.biases[chosen].reshape(k * out_features, -1),
-                                          p.bits)
-                for p in parts)
-            rows.append(y.reshape(1, k, out_features))
-        return mx.concatenate(rows).astype(x.dtype)
+        return widen.sum_in_order(cpu.KERNELS.affine_gather_matvec(x, p.weight, p.scales, p.biases, indices, p.bits)
+                                  for p in parts).astype(x.dtype)
     flat = np.array(indices).reshape(-1)  # (N * k,) expert of each (row, slot)
     order = np.argsort(flat, kind="stable")
     starts = np.flatnonzero(np.diff(flat[order])) + 1

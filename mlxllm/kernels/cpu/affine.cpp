@@ -13,6 +13,7 @@
 // Partial dot products are scaled once per superblock; the bias term is
 // sum_g bias[g] * (sum of x over group g), from per-group sums of x.
 #include <algorithm>
+#include <limits>
 #include <stdexcept>
 #include <vector>
 
@@ -169,31 +170,74 @@ int codes_per_lane(int bits) {
 // passes over rows that are then in cache.
 constexpr int MAX_ROWS_PER_PASS = 4;
 
-void matvec(const float* x, const uint8_t* w, const float* scales, const float* biases, float* y,
-            int B, int I, int O, int bits) {
-  const int N = codes_per_lane(bits), SB = 8 * N, G = I / GROUP;
-  const int Ip = (I + SB - 1) / SB * SB;
-  std::vector<float> xp(static_cast<size_t>(B) * Ip, 0.f), xs(static_cast<size_t>(B) * G);
-  for (int b = 0; b < B; ++b) {
-    const float* xb = x + static_cast<long>(b) * I;
-    float* pb = xp.data() + static_cast<long>(b) * Ip;
-    for (int i = 0; i < I; ++i) { // code i sits in lane (i % SB) / N as its code (i % N)
-      const int k = i / SB, l = (i % SB) / N, n = i % N;
-      pb[k * SB + n * 8 + l] = xb[i];
-    }
-    for (int g = 0; g < G; ++g) {
-      float s = 0.f;
-      for (int j = 0; j < GROUP; ++j) {
-        s += xb[g * GROUP + j];
+// x rearranged for the superblock lanes (xp, B x Ip, zero padded) and its per-group sums
+// (xs, B x G): computed once per call, read for every weight row.
+struct PreparedX {
+  std::vector<float> xp, xs;
+  int Ip, G;
+
+  PreparedX(const float* x, int B, int I, int bits) {
+    const int N = codes_per_lane(bits), SB = 8 * N;
+    G = I / GROUP;
+    Ip = (I + SB - 1) / SB * SB;
+    xp.assign(static_cast<size_t>(B) * Ip, 0.f);
+    xs.resize(static_cast<size_t>(B) * G);
+    for (int b = 0; b < B; ++b) {
+      const float* xb = x + static_cast<long>(b) * I;
+      float* pb = xp.data() + static_cast<long>(b) * Ip;
+      for (int i = 0; i < I; ++i) { // code i sits in lane (i % SB) / N as its code (i % N)
+        const int k = i / SB, l = (i % SB) / N, n = i % N;
+        pb[k * SB + n * 8 + l] = xb[i];
       }
-      xs[static_cast<long>(b) * G + g] = s;
+      for (int g = 0; g < G; ++g) {
+        float s = 0.f;
+        for (int j = 0; j < GROUP; ++j) {
+          s += xb[g * GROUP + j];
+        }
+        xs[static_cast<long>(b) * G + g] = s;
+      }
     }
   }
-  const MatvecArgs a{xp.data(), xs.data(), w, scales, biases, y, I, Ip, O, G, static_cast<long>(I) * bits / 8};
+};
+
+void matvec(const float* x, const uint8_t* w, const float* scales, const float* biases, float* y,
+            int B, int I, int O, int bits) {
+  const PreparedX px(x, B, I, bits);
+  const MatvecArgs a{px.xp.data(), px.xs.data(), w, scales, biases, y, I, px.Ip, O, px.G,
+                     static_cast<long>(I) * bits / 8};
   parallel_ranges(O, a.row_bytes * B, [&](long r0, long r1) {
     for (int b0 = 0; b0 < B; b0 += MAX_ROWS_PER_PASS) {
       const int nb = std::min(MAX_ROWS_PER_PASS, B - b0);
       rows_fn(bits, nb)(a, b0, static_cast<int>(r0), static_cast<int>(r1));
+    }
+  });
+}
+
+// y[n, j] = x[n] @ W[e].T for e = indices[n, j]: experts read where they lie in the stacked
+// weight (E, O, in), only the chosen ones. The output rows of all (n, j) form one range that
+// the threads split, so a decode step's k experts keep every thread busy.
+void gather_matvec(const float* x, const uint8_t* w, const float* scales, const float* biases,
+                   const uint32_t* indices, float* y, int N, int k, int I, int O, int E, int bits) {
+  const PreparedX px(x, N, I, bits);
+  const long row_bytes = static_cast<long>(I) * bits / 8;
+  const RowsFn rows = rows_fn(bits, 1);
+  parallel_ranges(static_cast<long>(N) * k * O, row_bytes, [&](long r0, long r1) {
+    for (long u = r0; u < r1;) {
+      const long slot = u / O; // (n, j) = (slot / k, slot % k)
+      const int o0 = static_cast<int>(u % O);
+      const int o1 = static_cast<int>(std::min<long>(O, o0 + (r1 - u)));
+      const long n = slot / k;
+      const uint32_t e = indices[slot];
+      float* out = y + slot * O;
+      if (e >= static_cast<uint32_t>(E)) { // no such expert: a visible NaN, never a stray read
+        std::fill(out + o0, out + o1, std::numeric_limits<float>::quiet_NaN());
+      } else {
+        const long at = static_cast<long>(e) * O;
+        const MatvecArgs a{px.xp.data() + n * px.Ip, px.xs.data() + n * px.G, w + at * row_bytes,
+                           scales + at * px.G, biases + at * px.G, out, I, px.Ip, O, px.G, row_bytes};
+        rows(a, 0, o0, o1);
+      }
+      u += o1 - o0;
     }
   });
 }
@@ -252,21 +296,28 @@ void dequantize(const uint8_t* w, const float* scales, const float* biases, floa
   });
 }
 
-void check_layout(const mx::array& w, const mx::array& scales, const mx::array& biases, int bits, const char* op) {
+// W's layout checked: `ndim` 2 (out, ...) or 3 (experts, out, ...), scales and biases
+// float32 with W's leading dimensions and one entry per 32-weight group.
+void check_layout(const mx::array& w, const mx::array& scales, const mx::array& biases, int bits, const char* op,
+                  int ndim = 2) {
   const std::string where = std::string("[") + op + "] ";
   if (bits < 1 || bits > 8 || bits == 7) {
     throw std::invalid_argument(where + "bits must be 1-6 or 8, as in MLX");
   }
-  if (w.ndim() != 2 || w.dtype() != mx::uint32) {
-    throw std::invalid_argument(where + "w must be a 2-D uint32 array");
+  if (w.ndim() != ndim || w.dtype() != mx::uint32) {
+    throw std::invalid_argument(where + "w must be a " + std::to_string(ndim) + "-D uint32 array");
   }
-  const int I = w.shape(1) * 32 / bits;
-  if (w.shape(1) * 32 % bits || I % GROUP) {
+  const int I = w.shape(-1) * 32 / bits;
+  if (w.shape(-1) * 32 % bits || I % GROUP) {
     throw std::invalid_argument(where + "rows must hold a whole number of 32-weight groups");
   }
   for (const auto* a : {&scales, &biases}) {
-    if (a->dtype() != mx::float32 || a->ndim() != 2 || a->shape(0) != w.shape(0) || a->shape(1) != I / GROUP) {
-      throw std::invalid_argument(where + "scales and biases must be float32 (rows, in/32)");
+    bool ok = a->dtype() == mx::float32 && a->ndim() == ndim && a->shape(-1) == I / GROUP;
+    for (int d = 0; ok && d < ndim - 1; ++d) {
+      ok = a->shape(d) == w.shape(d);
+    }
+    if (!ok) {
+      throw std::invalid_argument(where + "scales and biases must be float32 (..., rows, in/32) beside w");
     }
   }
 }
@@ -303,6 +354,39 @@ std::vector<mx::Shape> AffineMatvec::output_shapes(const std::vector<mx::array>&
   auto shape = inputs[0].shape();
   shape.back() = inputs[1].shape(0);
   return {shape};
+}
+
+mx::array affine_gather_matvec(const mx::array& x, const mx::array& w, const mx::array& scales,
+                               const mx::array& biases, const mx::array& indices, int bits, mx::StreamOrDevice s) {
+  const char* op = "affine_gather_matvec";
+  check_layout(w, scales, biases, bits, op, 3);
+  const int O = w.shape(1);
+  const int I = w.shape(2) * 32 / bits;
+  if (x.ndim() != 2 || x.shape(1) != I) {
+    throw std::invalid_argument("[affine_gather_matvec] x must be (rows, " + std::to_string(I) + ")");
+  }
+  if (indices.ndim() != 2 || indices.shape(0) != x.shape(0) || !mx::issubdtype(indices.dtype(), mx::integer)) {
+    throw std::invalid_argument("[affine_gather_matvec] indices must be integers (rows, k)");
+  }
+  auto stream = cpu_stream(s, op);
+  mx::Shape shape = {x.shape(0), indices.shape(1), O};
+  std::vector<mx::array> inputs = {mx::astype(x, mx::float32, stream), w, scales, biases,
+                                   mx::astype(indices, mx::uint32, stream)};
+  return mx::array(std::move(shape), mx::float32, std::make_shared<AffineGatherMatvec>(stream, bits),
+                   std::move(inputs));
+}
+
+void AffineGatherMatvec::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  auto e = begin_eval(stream(), inputs, out);
+  const auto &x = e.inputs[0], &w = e.inputs[1], &sc = e.inputs[2], &bi = e.inputs[3], &idx = e.inputs[4];
+  e.encoder.dispatch([xp = x.data<float>(), wp = reinterpret_cast<const uint8_t*>(w.data<uint32_t>()),
+                      sp = sc.data<float>(), bp = bi.data<float>(), ip = idx.data<uint32_t>(), yp = out.data<float>(),
+                      N = x.shape(0), k = idx.shape(1), I = x.shape(1), O = w.shape(1), E = w.shape(0),
+                      bits = bits_]() { gather_matvec(xp, wp, sp, bp, ip, yp, N, k, I, O, E, bits); });
+}
+
+std::vector<mx::Shape> AffineGatherMatvec::output_shapes(const std::vector<mx::array>& inputs) {
+  return {{inputs[0].shape(0), inputs[4].shape(1), inputs[1].shape(1)}};
 }
 
 mx::array affine_dequantize(const mx::array& w, const mx::array& scales, const mx::array& biases, int bits,

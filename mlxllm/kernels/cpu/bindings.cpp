@@ -13,6 +13,8 @@ NB_MODULE(_cpu, m) {
   m.doc() = "mlxllm's CPU kernels as MLX primitives (see mlxllm/kernels/cpu/).";
   m.def("affine_matvec", &mlxllm_cpu::affine_matvec, "x"_a, "w"_a, "scales"_a, "biases"_a, "bits"_a,
         nb::kw_only(), "stream"_a = nb::none());
+  m.def("affine_gather_matvec", &mlxllm_cpu::affine_gather_matvec, "x"_a, "w"_a, "scales"_a, "biases"_a,
+        "indices"_a, "bits"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("affine_dequantize", &mlxllm_cpu::affine_dequantize, "w"_a, "scales"_a, "biases"_a, "bits"_a,
         nb::kw_only(), "stream"_a = nb::none());
   m.def("masked_softmax", &mlxllm_cpu::masked_softmax, "scores"_a, "scale"_a, "queries"_a, "causal"_a,

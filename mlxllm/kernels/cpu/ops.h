@@ -21,6 +21,13 @@ namespace mx = mlx::core;
 mx::array affine_matvec(const mx::array& x, const mx::array& w, const mx::array& scales,
                         const mx::array& biases, int bits, mx::StreamOrDevice s = {});
 
+// x (N, in) @ W[e].T for each expert e = indices[n, j] -> (N, k, out), W stacked as
+// (experts, out, in) in the same layout: w (E, out, in * bits / 32), scales/biases
+// (E, out, in / 32). Reads only the chosen experts' rows; an index past the experts gives NaN.
+mx::array affine_gather_matvec(const mx::array& x, const mx::array& w, const mx::array& scales,
+                               const mx::array& biases, const mx::array& indices, int bits,
+                               mx::StreamOrDevice s = {});
+
 // The same W as float32 (out, in).
 mx::array affine_dequantize(const mx::array& w, const mx::array& scales, const mx::array& biases,
                             int bits, mx::StreamOrDevice s = {});
@@ -147,6 +154,20 @@ class AffineMatvec : public CpuPrimitive {
   const char* name() const override { return "AffineMatvec"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     return bits_ == static_cast<const AffineMatvec&>(other).bits_;
+  }
+
+ private:
+  int bits_;
+};
+
+class AffineGatherMatvec : public CpuPrimitive {
+ public:
+  AffineGatherMatvec(mx::Stream s, int bits) : CpuPrimitive(s), bits_(bits) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  const char* name() const override { return "AffineGatherMatvec"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return bits_ == static_cast<const AffineGatherMatvec&>(other).bits_;
   }
 
  private:
