@@ -682,24 +682,14 @@ arch("deepseek2", cfg="DeepseekV3Config", model="DeepseekV3ForCausalLM", moe="de
            "expert (width 64). scoring_func/topk_method written to config.json (transformers "
            "hard-codes sigmoid; the converter needs scoring_func to write expert_gating_func "
            "sigmoid, else llama.cpp would use softmax)")
-LITE_LAYERS = 26  # llama.cpp's deepseek2 "lite" check: q_lora_rank may be absent only at 26/27 layers
-LITE_DIM = 32
-arch("deepseek2-lite", arch="deepseek2", cfg="DeepseekV2Config", model="DeepseekV2ForCausalLM",
-     moe="softmax",
-     kw={k: v for k, v in _base(hidden_size=LITE_DIM, num_hidden_layers=LITE_LAYERS,
-              num_key_value_heads=HEADS, intermediate_size=LITE_DIM, moe_intermediate_size=LITE_DIM,
-              rms_norm_eps=1e-6, q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8,
-              qk_nope_head_dim=16, v_head_dim=16, first_k_dense_replace=LITE_LAYERS - 2,
-              n_routed_experts=N_EXPERTS, n_shared_experts=1, num_experts_per_tok=TOP_K,
-              topk_method="greedy", routed_scaling_factor=1.0, norm_topk_prob=False,
-              rope_parameters=_rope()).items() if k != "head_dim"},
-     notes="DeepSeek-V2-Lite style (DeepseekV2ForCausalLM -> GGUF deepseek2): no query "
-           "compression (q_lora_rank None -> attn_q, no attention.q_lora_rank key), which "
-           "llama.cpp accepts only for its 'lite' layer counts (26/27, src/models/deepseek2.cpp), "
-           "hence 26 layers; width 32 and 24 dense leading layers (FFN width 32) keep the file "
-           "about 1 MB. MLA kv_lora 32, qk_rope 8 / qk_nope 16 / v 16; layers 24-25 MoE as V2: "
-           "softmax over 4 experts (no expert_gating_func key: llama.cpp's default softmax), "
-           "greedy top-2, not renormalised, scale 1, one shared expert")
+# No deepseek2-lite fixture (DeepSeek-V2-Lite style, DeepseekV2ForCausalLM, q_lora_rank None ->
+# attn_q instead of attn_q_a/attn_q_b). The converter writes attention.q_lora_rank only when
+# q_lora_rank is set, and llama.cpp's deepseek2 loader (src/models/deepseek2.cpp) requires that
+# key unless n_layer is 26 or 27 (or 48 with a 128256 vocab), its "lite" check. A 3-layer file
+# fails in the quantizer with "key not found in model: deepseek2.attention.q_lora_rank". A
+# 26-layer file (hidden 64, 4 experts) loads and matches HF, but it is 8.27 MB F32 / 2.30 MB
+# Q8_0, too big for a fixture. Writing q_lora_rank 0 from a converter patch would make a 3-layer
+# file load (~1.0 MB F32), but a real converter never writes that key, so it is not done here.
 arch("gpt-oss", cfg="GptOssConfig", model="GptOssForCausalLM", moe="softmax",
      sliding_window=SWA, experts_in_out=True, extra_quants=["mxfp4_moe"],
      kw=_base(rms_norm_eps=1e-5, num_local_experts=N_EXPERTS, num_experts_per_tok=TOP_K,
@@ -959,6 +949,27 @@ arch("bailingmoe", cfg="GraniteMoeSharedConfig", model="GraniteMoeSharedForCausa
            "logits are that model's. converter splits qkv and permutes q/k for llama.cpp's NORM "
            "rope; 4 experts top-2 softmax renormalised (norm_topk_prob True), one ungated "
            "shared expert (width 64), every layer MoE (first_k_dense_replace 0), norm_head False")
+
+
+# --- a MoE fixture wide enough for k-quants -------------------------------------------------
+# K-quant blocks hold 256 values of a row, so in the 64-wide fixtures llama.cpp's Q4_K_M falls
+# back to 32-block types. Here every matrix row is 256 wide (hidden 256, 4 heads of 64, expert
+# width 256): llama.cpp's Q4_K_M writes its own mix (Q4_K experts, Q6_K ffn_down_exps in the
+# layer use_more_bits picks, Q6_K output). Only that file is committed (keep): the F32 / Q8_0
+# files would be 8.5 MB / 2.3 MB, and the 64-wide fixtures already cover those layouts.
+WIDE = 256
+
+arch("qwen3moe-wide", arch="qwen3moe", cfg="Qwen3MoeConfig", model="Qwen3MoeForCausalLM",
+     moe="softmax", extra_quants=["q4_k_m"], keep=["q4_k_m"],
+     kw=_base(hidden_size=WIDE, head_dim=WIDE // HEADS, intermediate_size=WIDE, rms_norm_eps=1e-6,
+              num_experts=N_EXPERTS, num_experts_per_tok=TOP_K, moe_intermediate_size=WIDE,
+              norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+              rope_parameters=_rope(1e6)),
+     notes="qwen3moe at width 256 (hidden 256, 4 heads x 64 / 2 kv heads, 4 experts of width "
+           "256, top-2 renormalised, 2 layers) so that llama.cpp's Q4_K_M keeps k-quants: "
+           "q4_k_m_tensor_types lists what it wrote. Only qwen3moe-wide.q4_k_m.gguf is "
+           "committed (files_kept); the F32 and Q8_0 files are made and checked against HF "
+           "as for every fixture, then dropped")
 
 
 # --------------------------------------------------------------------------------------
@@ -1309,8 +1320,18 @@ def make(name: str, manifest: dict) -> None:
         seed, seed_tries = pick_moe_seed(name, spec)
     else:
         seed = hash_name(name)
-    f32 = OUT / f"{name}.f32.gguf"
-    q8 = OUT / f"{name}.q8_0.gguf"
+    # keep: the file kinds committed; the others are made and checked in a scratch folder
+    keep = spec.get("keep")
+    scratch = Path(tempfile.mkdtemp(prefix=f"fx-{name}-dropped-")) if keep else OUT
+    if keep:
+        import atexit
+        atexit.register(shutil.rmtree, scratch, True)
+
+    def place(kind: str) -> Path:
+        return (OUT if not keep or kind in keep else scratch) / f"{name}.{kind}.gguf"
+
+    f32 = place("f32")
+    q8 = place("q8_0")
     entry: dict = {"arch": spec["arch"], "hf_class": spec.get("hf_arch", spec["model"]),
                    "notes": spec["notes"], "seed": seed}
     t0 = time.time()
@@ -1327,7 +1348,7 @@ def make(name: str, manifest: dict) -> None:
             entry["reference"] = f"{spec['reference'].__name__} (torch, not transformers)"
         convert(d, f32)
         quantize_q8(f32, q8)
-        extra = {q: OUT / f"{name}.{q}.gguf" for q in spec.get("extra_quants", [])}
+        extra = {q: place(q) for q in spec.get("extra_quants", [])}
         for q, path in extra.items():
             quantize_q8(f32, path, q.upper())
         ids = eval_ids(seed)
@@ -1381,6 +1402,9 @@ def make(name: str, manifest: dict) -> None:
         entry[f"{q}_tensor_types"] = gguf_summary(path)["tensor_types"]
     if spec.get("post"):
         spec["post"](entry, f32)
+    if keep:
+        entry["files_kept"] = list(keep)
+        entry["files"] = {k: v for k, v in entry["files"].items() if k.removesuffix("_bytes") in keep}
     if lf.std() <= 1.0:
         entry["warning"] = f"llama.cpp f32 logits std {lf.std():.3f} <= 1"
     manifest[name] = entry
