@@ -682,14 +682,24 @@ arch("deepseek2", cfg="DeepseekV3Config", model="DeepseekV3ForCausalLM", moe="de
            "expert (width 64). scoring_func/topk_method written to config.json (transformers "
            "hard-codes sigmoid; the converter needs scoring_func to write expert_gating_func "
            "sigmoid, else llama.cpp would use softmax)")
-# No deepseek2-lite fixture (DeepSeek-V2-Lite style, DeepseekV2ForCausalLM, q_lora_rank None ->
-# attn_q instead of attn_q_a/attn_q_b). The converter writes attention.q_lora_rank only when
-# q_lora_rank is set, and llama.cpp's deepseek2 loader (src/models/deepseek2.cpp) requires that
-# key unless n_layer is 26 or 27 (or 48 with a 128256 vocab), its "lite" check. A 3-layer file
-# fails in the quantizer with "key not found in model: deepseek2.attention.q_lora_rank". A
-# 26-layer file (hidden 64, 4 experts) loads and matches HF, but it is 8.27 MB F32 / 2.30 MB
-# Q8_0, too big for a fixture. Writing q_lora_rank 0 from a converter patch would make a 3-layer
-# file load (~1.0 MB F32), but a real converter never writes that key, so it is not done here.
+LITE_LAYERS = 26  # llama.cpp's deepseek2 "lite" check: q_lora_rank may be absent only at 26/27 layers
+LITE_DIM = 32
+arch("deepseek2-lite", arch="deepseek2", cfg="DeepseekV2Config", model="DeepseekV2ForCausalLM",
+     moe="softmax",
+     kw={k: v for k, v in _base(hidden_size=LITE_DIM, num_hidden_layers=LITE_LAYERS,
+              num_key_value_heads=HEADS, intermediate_size=LITE_DIM, moe_intermediate_size=LITE_DIM,
+              rms_norm_eps=1e-6, q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8,
+              qk_nope_head_dim=16, v_head_dim=16, first_k_dense_replace=LITE_LAYERS - 2,
+              n_routed_experts=N_EXPERTS, n_shared_experts=1, num_experts_per_tok=TOP_K,
+              topk_method="greedy", routed_scaling_factor=1.0, norm_topk_prob=False,
+              rope_parameters=_rope()).items() if k != "head_dim"},
+     notes="DeepSeek-V2-Lite style (DeepseekV2ForCausalLM -> GGUF deepseek2): no query "
+           "compression (q_lora_rank None -> attn_q, no attention.q_lora_rank key), which "
+           "llama.cpp accepts only for its 'lite' layer counts (26/27, src/models/deepseek2.cpp), "
+           "hence 26 layers; width 32 and 24 dense leading layers (FFN width 32) keep the file "
+           "about 1 MB. MLA kv_lora 32, qk_rope 8 / qk_nope 16 / v 16; layers 24-25 MoE as V2: "
+           "softmax over 4 experts (no expert_gating_func key: llama.cpp's default softmax), "
+           "greedy top-2, not renormalised, scale 1, one shared expert")
 arch("gpt-oss", cfg="GptOssConfig", model="GptOssForCausalLM", moe="softmax",
      sliding_window=SWA, experts_in_out=True, extra_quants=["mxfp4_moe"],
      kw=_base(rms_norm_eps=1e-5, num_local_experts=N_EXPERTS, num_experts_per_tok=TOP_K,
