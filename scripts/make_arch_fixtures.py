@@ -592,7 +592,9 @@ MOE_MIN_GAP = {"softmax": 0.1, "deepseek": 0.12,
                # sigmoid(logit)+bias units (~0.1 logit at the steepest slope)
                "sigmoid": 0.025,
                # softmax-probability(+bias) units (ERNIE selects on probs + bias)
-               "ernie": 0.02}
+               "ernie": 0.02,
+               # MiniMax-M2: sigmoid + the bias its router is called with; Llama 4: top-1 on logits
+               "minimax": 0.025, "top1": 0.1}
 MOE_SEED_TRIES = 60
 
 
@@ -734,6 +736,25 @@ arch("phimoe", cfg="PhimoeConfig", model="PhimoeForCausalLM", hf_arch="PhiMoEFor
            "(either patch alone: 2.37 / 3.66). router_min_gap is measured on HF (LayerNorm) "
            "router inputs")
 
+
+
+# --- DBRX, MiniMax-M2, Llama 4 -------------------------------------------------------------
+DBRX_CLIP = 2.0  # clip_qkv (DBRX: 8); small so that the clamp bites
+
+arch("dbrx", cfg="DbrxConfig", model="DbrxForCausalLM", moe="softmax",
+     kw=dict(d_model=HIDDEN, n_heads=HEADS, n_layers=N_LAYERS, max_seq_len=MAX_POS, vocab_size=VOCAB,
+             tie_word_embeddings=False, rope_parameters=_rope(500000.0),
+             attn_config=dict(kv_n_heads=KV_HEADS, clip_qkv=DBRX_CLIP, rope_theta=500000.0),
+             ffn_config=dict(ffn_hidden_size=MOE_INTER, moe_num_experts=N_EXPERTS, moe_top_k=TOP_K,
+                             moe_normalize_expert_weights=1.0)),
+     notes="DBRX: fused Wqkv clamped to +-clip_qkv (2; real DBRX 8) before the split, GQA 4q/2kv, "
+           "NEOX rope, LayerNorms without bias (norm_1 -> attn_norm, norm_2 -> attn_output_norm "
+           "as the FFN's pre-norm), 4 experts top-2 softmax renormalised "
+           "(moe_normalize_expert_weights 1 = sum; llama.cpp hard-codes norm_w=true); HF keeps "
+           "each projection's experts fused 2-D [E*ff, d] (w1, v1, w2), which the converter "
+           "views as 3-D (w2 transposed per expert). rope_theta is set twice: transformers' rotary "
+           "reads rope_parameters, the converter attn_config.rope_theta")
+# --- end DBRX, MiniMax-M2, Llama 4 ---------------------------------------------------------
 
 
 # --- more MoE fixtures (GLM-4.5, ERNIE 4.5 MoE, Hunyuan-A13B, dots.llm1, Ling v1) -------------
@@ -1021,6 +1042,7 @@ def redraw(model, seed: int, moe: bool = False, experts_in_out: bool = False) ->
 
 
 ROUTER_SUFFIXES = (".mlp.gate.weight", ".block_sparse_moe.router.weight", ".mlp.router.weight",
+                   ".ffn.router.layer.weight", ".feed_forward.router.weight",  # DBRX, Llama 4
                    ".mlp.gate.wg.weight")  # last: HunYuan MoE
 
 
@@ -1056,6 +1078,13 @@ def install_router_probe(model, kind: str):
                 sc = logits.softmax(-1) + mod.moe_statics.e_score_correction_bias.float().reshape(-1)
                 top = sc.sort(dim=-1, descending=True)[0]
                 k = TOP_K
+            elif kind == "minimax":  # the selection bias is the router call's second argument
+                sc = logits.sigmoid() + args[1].float()
+                top = sc.sort(dim=-1, descending=True)[0]
+                k = TOP_K
+            elif kind == "top1":  # Llama 4: the best logit alone is chosen
+                top = logits.sort(dim=-1, descending=True)[0]
+                k = 1
             elif kind == "deepseek":
                 sc = logits.sigmoid() + mod.e_score_correction_bias.float()
                 n_group = mod.num_group

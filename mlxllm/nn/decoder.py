@@ -66,7 +66,7 @@ class DecoderArgs:
     clamp_qkv: float = 0.0  # clip q, k and v to [-c, c] (llama.cpp clamp_kqv)
     alibi_max_bias: float = 0.0  # ALiBi slopes (Bloom, MPT)
     parallel: bool = False
-    ffn_input_norm: str = "ffn_norm"  # the FFN's pre-norm tensor (Seed-OSS: post_attention_norm)
+    ffn_input_norm: str = "ffn_norm"  # the FFN's pre-norm tensor (Seed-OSS: post_attention_norm; DBRX: attn_output_norm)
     attn_temperature: tuple[float, int] | None = None  # (scale, floor): Llama-4-style query scaling
     moe: MoEArgs | None = None  # routing of the layers whose file has experts (ffn_gate_inp)
     extra_layers: int = 0  # trailing blocks in the file the forward pass skips (MTP / NextN layers)
@@ -123,7 +123,9 @@ class Block(nn.Module):
         self._init_attention(args, i)
         self.post_attention_norm = norm_if("post_attention_norm", d)
         # Seed-OSS keeps the FFN's pre-norm under post_attention_norm: then that is its role
-        self.ffn_norm = norm_if(a.ffn_input_norm, d) if a.ffn_input_norm != "post_attention_norm" else None
+        self.ffn_norm = norm_if(a.ffn_input_norm, d) if a.ffn_input_norm == "ffn_norm" else None
+        if a.ffn_input_norm not in ("ffn_norm", "post_attention_norm"):  # DBRX: attn_output_norm
+            setattr(self, a.ffn_input_norm, norm_if(a.ffn_input_norm, d))
         self.moe = a.moe if has("ffn_gate_inp.weight") else None
         if self.moe is not None:
             self._init_experts(args, i)
@@ -281,7 +283,7 @@ class Block(nn.Module):
             f = self.feed_forward(self.ffn_norm(x) if self.ffn_norm is not None else attn_in)
             return x + (a + f) * rs if rs != 1.0 else x + a + f
         h = x + a * rs if rs != 1.0 else x + a
-        ffn_norm = self.post_attention_norm if self.args.ffn_input_norm == "post_attention_norm" else self.ffn_norm
+        ffn_norm = self.ffn_norm if self.args.ffn_input_norm == "ffn_norm" else self[self.args.ffn_input_norm]
         f = self.feed_forward(ffn_norm(h) if ffn_norm is not None else h)
         if self.post_ffw_norm is not None:
             f = self.post_ffw_norm(f)
