@@ -24,6 +24,7 @@ from typing import Any
 GROUP = "mlxllm.archs"
 log = logging.getLogger(__name__)
 
+KINDS = ("decoder", "encoder")
 HOW_TO_ADD = (f"an architecture is added by a package that registers a module exporting "
               f"`ARCH = mlxllm.Arch(...)` under the entry-point group {GROUP!r} (see README, 'Plugins')")
 
@@ -38,6 +39,9 @@ class Arch:
             called as `model(tokens[B, L], cache=None) -> logits[B, L, vocab]`.
     hf_architectures: Hugging Face `architectures` entries the converter accepts.
     convert: optional Hugging Face -> GGUF hook, `convert(hf_dir, writer)`.
+    kind:   "decoder" (a language model: `model(tokens, cache) -> logits`) or "encoder" (an
+            embedding model: `model(tokens[B, L], lengths=None) -> hidden states[B, L, D]`
+            after the final norm, bidirectional, no cache; `mlxllm.embed` pools them).
     """
 
     name: str
@@ -47,6 +51,11 @@ class Arch:
     hf_architectures: tuple[str, ...] = ()
     convert: Callable[..., Any] | None = None
     description: str = ""
+    kind: str = "decoder"  # KINDS
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"Arch {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
 
     def hparams(self, gf: Any) -> Any:
         """The model's hyperparameters read from an open GGUF file."""

@@ -147,6 +147,8 @@ def write_tokenizer(d: Path, kind: str) -> dict:
         }
         (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
         return {"bos_token_id": SPM_BOS, "eos_token_id": SPM_EOS, "pad_token_id": None}
+    if kind == "wpm":
+        return _write_wordpiece(d)
     raise ValueError(kind)
 
 
@@ -1004,6 +1006,175 @@ arch("qwen3moe-wide", arch="qwen3moe", cfg="Qwen3MoeConfig", model="Qwen3MoeForC
 
 
 # --------------------------------------------------------------------------------------
+# encoders (BERT and its descendants): the converter writes them like the decoders above, but
+# llama.cpp runs them with embeddings on, so each fixture records llama.cpp's per-token hidden
+# states (pooling none) instead of logits, and its manifest entry says "kind": "encoder"
+# (tests/test_archs.py leaves those to tests/test_encoders.py).
+
+WPM_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WPM_PAD, WPM_CLS, WPM_SEP = 0, 2, 3
+ENC_POS = 512  # learned position table of the BERT fixtures (BERT's own default)
+ENC_N_EVAL = 40
+
+
+def ensure_wordpiece() -> None:
+    """A WordPiece tokenizer (lowercasing BERT normalizer) trained to VOCAB tokens, cached
+    as tokenizer.json + vocab.txt: the BERT converters read the vocabulary through
+    transformers' BertTokenizer."""
+    wp = TOKDIR / "wordpiece.json"
+    if wp.exists():
+        return
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=WPM_SPECIALS, show_progress=False)
+    tok.train_from_iterator(_training_text(), trainer)
+    assert tok.get_vocab_size() == VOCAB, tok.get_vocab_size()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", WPM_CLS), ("[SEP]", WPM_SEP)])
+    tok.save(str(wp))
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    (TOKDIR / "vocab.txt").write_text("".join(f"{t}\n" for t, _ in vocab))
+
+
+def _write_wordpiece(d: Path) -> dict:
+    ensure_wordpiece()
+    shutil.copy(TOKDIR / "wordpiece.json", d / "tokenizer.json")
+    shutil.copy(TOKDIR / "vocab.txt", d / "vocab.txt")
+    cfg = {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "unk_token": "[UNK]",
+           "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]",
+           "model_max_length": ENC_POS}
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
+    return {"pad_token_id": WPM_PAD}
+
+
+POOLING_MODES = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token",
+                 "last": "pooling_mode_lasttoken"}
+
+
+def _write_pooling(d: Path, pooling: str | None, dim: int) -> None:
+    """sentence-transformers' modules.json + 1_Pooling/config.json: where the converter
+    reads the pooling type it writes (`_try_set_pooling_type`)."""
+    if pooling is None:
+        return
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (d / "modules.json").write_text(json.dumps(modules, indent=1))
+    (d / "1_Pooling").mkdir()
+    cfg = {"word_embedding_dimension": dim, **{mode: name == pooling for name, mode in POOLING_MODES.items()}}
+    (d / "1_Pooling" / "config.json").write_text(json.dumps(cfg, indent=1))
+
+
+def encoder(name: str, **spec) -> None:
+    spec.setdefault("tok", "wpm")
+    spec["encoder"] = True
+    arch(name, **spec)
+
+
+def _bert_kw(**kw) -> dict:
+    d = dict(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=N_LAYERS,
+             num_attention_heads=HEADS, max_position_embeddings=ENC_POS, vocab_size=VOCAB,
+             type_vocab_size=2, layer_norm_eps=1e-12)
+    d.update(kw)
+    return d
+
+
+encoder("bert", cfg="BertConfig", model="BertModel", pooling="mean", kw=_bert_kw(),
+        notes="BERT (all-MiniLM style): learned positions, token types (row 0 used), post-norm "
+              "layers, GELU FFN with biases, WordPiece vocabulary; mean pooling from modules.json")
+encoder("bert-cls", arch="bert", cfg="BertConfig", model="BertModel", pooling="cls", kw=_bert_kw(),
+        notes="BERT with CLS pooling (bge style)")
+encoder("distilbert", arch="bert", cfg="DistilBertConfig", model="DistilBertModel", pooling="cls",
+        kw=dict(dim=HIDDEN, hidden_dim=INTER, n_layers=N_LAYERS, n_heads=HEADS,
+                max_position_embeddings=ENC_POS, vocab_size=VOCAB),
+        notes="DistilBERT -> GGUF bert: no token-type table, layer norm eps fixed at 1e-12 by the "
+              "converter; CLS pooling")
+encoder("roberta", arch="bert", cfg="RobertaConfig", model="RobertaModel", tok="bpe", pooling="mean",
+        kw=_bert_kw(type_vocab_size=1, layer_norm_eps=1e-5),
+        notes="RoBERTa -> GGUF bert: byte-level BPE vocabulary (gpt2 tokenizer model), the "
+              "position table cut by pad_token_id + 1 rows (HF counts positions from there)")
+
+
+def _hf_hidden(model, ids: list[int]):
+    import torch
+
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        out = model(torch.tensor([ids]))
+    return out.last_hidden_state[0].float().numpy()
+
+
+def llama_hidden(path: Path, ids: list[int]):
+    """llama.cpp's per-token hidden states (embeddings on, pooling none) for one sequence."""
+    import llama_cpp
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE,
+                n_ctx=ENC_POS, n_batch=ENC_POS, n_ubatch=ENC_POS, verbose=False, n_threads=4, seed=0)
+    try:
+        llm._batch.reset()
+        llm._batch.add_sequence(ids, 0, True)
+        llm._ctx.decode(llm._batch)
+        n = llm.n_embd()
+        ptr = llama_cpp.llama_get_embeddings(llm._ctx.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(len(ids) * n,)).reshape(len(ids), n).copy()
+    finally:
+        llm.close()
+
+
+def make_encoder(name: str, manifest: dict) -> None:
+    import numpy as np
+
+    spec = ARCHS[name]
+    seed = spec.get("seed", hash_name(name))
+    f32, q8 = OUT / f"{name}.f32.gguf", OUT / f"{name}.q8_0.gguf"
+    entry: dict = {"kind": "encoder", "arch": spec["arch"], "hf_class": spec.get("hf_arch", spec["model"]),
+                   "notes": spec["notes"], "seed": seed, "pooling": spec.get("pooling")}
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix=f"fx-{name}-") as td:
+        d = Path(td) / "hf"
+        d.mkdir()
+        model, config = build_hf(name, spec, d, seed)
+        _write_pooling(d, spec.get("pooling"), model.config.get_text_config().hidden_size)
+        entry["config"] = {k: v for k, v in config.items() if k not in (
+            "transformers_version", "id2label", "label2id", "_name_or_path")}
+        entry["source"] = f"convert_hf_to_gguf.py {entry['hf_class']}"
+        convert(d, f32)
+        quantize_q8(f32, q8)
+        rng = __import__("random").Random(seed)
+        ids = [rng.randrange(len(WPM_SPECIALS), VOCAB) for _ in range(ENC_N_EVAL)]
+        hf = (spec.get("reference") or _hf_hidden)(model, ids)
+    summ = gguf_summary(f32)
+    if summ["architecture"] != spec["arch"]:
+        raise RuntimeError(f"general.architecture={summ['architecture']} != {spec['arch']}")
+    lf, lq = llama_hidden(f32, ids), llama_hidden(q8, ids)
+    for tag, x in (("f32", lf), ("q8_0", lq)):
+        if not np.isfinite(x).all() or x.std() < 0.1:
+            raise RuntimeError(f"{tag} hidden states degenerate (std {x.std():.3g})")
+    std = float(hf.std())
+    entry.update({
+        "gguf_arch": summ["architecture"], "tensors": summ["tensors"], "eval_ids": ids,
+        "pooling_type_key": _gguf_kv(f32, f"{spec['arch']}.pooling_type"),
+        "llama_f32_hidden_std": round(float(lf.std()), 4),
+        "hf_hidden_std": round(std, 4),
+        "f32_vs_hf_maxdiff_over_std": float(f"{np.abs(lf - hf).max() / std:.3g}"),
+        "q8_0_vs_hf_maxdiff_over_std": float(f"{np.abs(lq - hf).max() / std:.3g}"),
+        "files": {"f32": f32.name, "f32_bytes": f32.stat().st_size,
+                  "q8_0": q8.name, "q8_0_bytes": q8.stat().st_size},
+        "q8_0_tensor_types": gguf_summary(q8)["tensor_types"],
+    })
+    manifest[name] = entry
+    print(f"[{name}] ok {time.time() - t0:.1f}s std={lf.std():.3f} f32/hf={entry['f32_vs_hf_maxdiff_over_std']} "
+          f"q8/hf={entry['q8_0_vs_hf_maxdiff_over_std']} f32={f32.stat().st_size}B", flush=True)
+
+
+
+# --------------------------------------------------------------------------------------
 # weights
 
 
@@ -1352,6 +1523,8 @@ def make(name: str, manifest: dict) -> None:
     import numpy as np
 
     spec = ARCHS[name]
+    if spec.get("encoder"):
+        return make_encoder(name, manifest)
     seed_tries = None
     if "seed" in spec:
         seed = spec["seed"]

@@ -1,0 +1,95 @@
+"""Encoders: BERT (and the DistilBERT and RoBERTa files the converter writes as bert),
+nomic-bert, jina-bert-v2, ModernBERT and EuroBERT (src/models/bert.cpp, modern-bert.cpp,
+eurobert.cpp). Their model returns per-token hidden states, not logits (`Arch.kind`).
+
+- bert: learned positions, token types, post-norm layers, GELU FFN, biases throughout.
+- nomic-bert: bert's layers with NEOX RoPE instead of a position table, fused qkv, SwiGLU.
+- jina-bert-v2: bert's layers with symmetric ALiBi (max bias 8, fixed in llama.cpp), optional
+  q/k LayerNorms, a GELU-gated FFN (gate and up apart, or fused in ffn_up) and an optional
+  second norm after attention.
+- modern-bert: pre-norm LayerNorms without biases (none before layer 0's attention), fused
+  qkv, NEOX RoPE, GeGLU (or SwiGLU per hidden_act), every third layer global and the others
+  in a symmetric sliding window with their own rope base.
+- eurobert: a Llama-shaped pre-norm RMSNorm stack with bidirectional attention.
+"""
+
+from __future__ import annotations
+
+from gguf import Keys
+
+from ..gguf import GGUFFile
+from ..nn import RopeArgs
+from ..nn.encoder import POOLING, Encoder, EncoderArgs
+from ..registry import Arch
+from .base import decoder_args, is_array, sliding_pattern
+
+JINA_ALIBI_MAX_BIAS = 8.0  # llama.cpp jina-bert-v2 load_arch_hparams; the file has no key for it
+MODERN_BERT_SWA_PERIOD = 3  # load_swa_pattern(3, dense_first): layers 0, 3, 6... are global
+SWA_ROPE_BASE = 10000.0  # llama_hparams.rope_freq_base_train_swa when the file has no key
+# hidden_act values llama.cpp's llm_ffn_op_type_from_string maps to a SiLU gate; others GELU
+SILU_ACTS = ("silu", "swiglu", "swish")
+
+
+def _pooling(gf: GGUFFile) -> str:
+    code = gf.metadata.get(Keys.LLM.POOLING_TYPE, 0)
+    if not 0 <= code < len(POOLING):
+        raise ValueError(f"pooling_type {code} is not supported")
+    return POOLING[code]
+
+
+def _encoder(gf: GGUFFile, post_norm: bool, **kw) -> EncoderArgs:
+    return EncoderArgs.extend(decoder_args(gf, **kw), post_norm=post_norm, pooling=_pooling(gf))
+
+
+def bert(gf: GGUFFile) -> EncoderArgs:
+    return _encoder(gf, True, norm="layer", rope=None, gated=False, activation="gelu_tanh")
+
+
+def nomic_bert(gf: GGUFFile) -> EncoderArgs:
+    if any(".ffn_gate_inp." in name for name in gf.tensors):
+        raise ValueError("nomic-bert with experts (nomic-bert-moe) is not supported")
+    return _encoder(gf, True, norm="layer", rope="neox", activation="silu")
+
+
+def jina_bert_v2(gf: GGUFFile) -> EncoderArgs:
+    t = gf.tensors
+    ff = t["blk.0.ffn_down.weight"].shape[-1]
+    # llama.cpp: GELU(gate) * up with a separate gate or with both fused in ffn_up, else plain GELU
+    gated = "blk.0.ffn_gate.weight" in t or t["blk.0.ffn_up.weight"].shape[0] == 2 * ff
+    return _encoder(gf, True, norm="layer", rope=None, gated=gated, activation="gelu_tanh",
+                    alibi_max_bias=JINA_ALIBI_MAX_BIAS)
+
+
+def modern_bert(gf: GGUFFile) -> EncoderArgs:
+    m = gf.metadata
+    act = "silu" if m.get(Keys.LLM.HIDDEN_ACT, "gelu") in SILU_ACTS else "gelu_tanh"
+    args = _encoder(gf, False, norm="layer", rope="neox", activation=act)
+    window = m.get(Keys.Attention.SLIDING_WINDOW, 0)
+    if window <= 0:
+        return args
+    pattern = m.get(Keys.Attention.SLIDING_WINDOW_PATTERN, MODERN_BERT_SWA_PERIOD)
+    sliding = tuple(bool(p) for p in pattern) if is_array(pattern) else \
+        sliding_pattern(args.n_layers, int(pattern), dense_first=True)
+    if len(sliding) != args.n_layers:
+        raise ValueError(f"sliding_window_pattern has {len(sliding)} entries for {args.n_layers} layers")
+    args.sliding_window, args.sliding = window, sliding
+    args.swa_rope = RopeArgs(args.rope.dims, traditional=False, base=m.get(Keys.Rope.FREQ_BASE_SWA, SWA_ROPE_BASE))
+    return args
+
+
+def eurobert(gf: GGUFFile) -> EncoderArgs:
+    return _encoder(gf, False, norm="rms", rope="neox")
+
+
+def _arch(name: str, args, hf: tuple[str, ...], description: str) -> Arch:
+    return Arch(name=name, args=args, model=Encoder, kind="encoder", hf_architectures=hf, description=description)
+
+
+ARCHS = (
+    _arch("bert", bert, ("BertModel", "DistilBertModel", "RobertaModel"),
+          "BERT, DistilBERT, RoBERTa encoders (MiniLM, bge, e5)"),
+    _arch("nomic-bert", nomic_bert, ("NomicBertModel",), "nomic-embed-text v1 / v1.5"),
+    _arch("jina-bert-v2", jina_bert_v2, ("JinaBertModel",), "jina-embeddings-v2 (ALiBi)"),
+    _arch("modern-bert", modern_bert, ("ModernBertModel",), "ModernBERT (granite-embedding, gte-modernbert)"),
+    _arch("eurobert", eurobert, ("EuroBertModel",), "EuroBERT"),
+)

@@ -1,0 +1,123 @@
+"""Bidirectional encoders (BERT and its descendants) from the decoder's pieces, the way
+llama.cpp's src/models/bert.cpp, modern-bert.cpp and eurobert.cpp compose them.
+
+An encoder is a `Decoder` whose attention sees every token of its sequence (no mask, no
+cache) and which stops at the hidden states: `model(tokens[B, L]) -> hidden[B, L, D]` after
+the final norm; pooling and normalization sit on top (mlxllm/embed.py). What it adds:
+
+- token types: the file's `token_types` table, row 0 added to every token (llama.cpp feeds
+  every token as "sentence A"); learned absolute positions come from `position_embd` as
+  in GPT-2, rotary ones from the blocks' rope;
+- post-norm layers (BERT, nomic-bert, jina-bert-v2): each residual sum is normalized,
+  h = attn_output_norm(x + attn(x)); out = layer_output_norm(h + ffn(h)); pre-norm encoders
+  (ModernBERT, EuroBERT) use the decoder's own `Block`;
+- symmetric sliding windows (ModernBERT's local layers): a query sees keys within
+  window // 2 positions either side (llama.cpp LLAMA_SWA_TYPE_SYMMETRIC);
+- padding: `lengths` (B,) masks the keys past each row's length, so rows of different
+  lengths run as one batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import mlx.core as mx
+import mlx.nn as nn
+from gguf import MODEL_TENSOR, TENSOR_NAMES
+
+from .decoder import Block, Decoder, DecoderArgs
+from .norm import norm
+
+POOLING = ("none", "mean", "cls", "last", "rank")  # llama.cpp LLAMA_POOLING_TYPE_* by value
+
+
+def _leaf(tensor: MODEL_TENSOR) -> str:
+    """A per-layer tensor's name without its "blk.{bid}." prefix."""
+    return TENSOR_NAMES[tensor].removeprefix("blk.{bid}.")
+
+
+ATTN_OUT_NORM = _leaf(MODEL_TENSOR.ATTN_OUT_NORM)
+LAYER_OUT_NORM = _leaf(MODEL_TENSOR.LAYER_OUT_NORM)
+TOKEN_TYPES = TENSOR_NAMES[MODEL_TENSOR.TOKEN_TYPES]
+POSITION_EMBD = TENSOR_NAMES[MODEL_TENSOR.POS_EMBD]
+
+
+@dataclass
+class EncoderArgs(DecoderArgs):
+    post_norm: bool = False  # BERT-style layers: norms after each residual sum
+    pooling: str = "none"  # the file's pooling_type (POOLING); the embed module applies it
+
+    @classmethod
+    def extend(cls, args: DecoderArgs, **kw) -> EncoderArgs:
+        """An encoder's arguments from a decoder's (`archs.base.decoder_args`) plus `kw`."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(DecoderArgs)}, **kw)
+
+
+class PostNormBlock(Block):
+    """A BERT layer: attention and FFN each added to their input, then normalized."""
+
+    def __init__(self, args: EncoderArgs, i: int):
+        super().__init__(args, i)
+        for leaf in (ATTN_OUT_NORM, LAYER_OUT_NORM):
+            setattr(self, leaf, norm(args.norm, args.dim, args.norm_eps, args.tensors, f"blk.{i}.{leaf}"))
+
+    def __call__(self, x: mx.array, mask, cache, factors: mx.array | None) -> mx.array:
+        h = self[ATTN_OUT_NORM](x + self.attention(x, mask, None, factors))
+        if self.attn_norm_2 is not None:  # jina-bert-v2: the layer input added and normalized again
+            h = self.attn_norm_2(h + x)
+        return self[LAYER_OUT_NORM](h + self.feed_forward(h))
+
+
+class Encoder(Decoder):
+    """Embeddings (+ token type 0, + learned positions), bidirectional blocks, final norm:
+    `model(tokens[B, L], lengths=None) -> hidden states[B, L, D]`."""
+
+    def __init__(self, args: EncoderArgs):
+        super().__init__(args)
+        shape = args.tensors.get(f"{TOKEN_TYPES}.weight")
+        if shape is not None:  # one row is written as a vector (the quantizer drops the unit axis)
+            setattr(self, TOKEN_TYPES, nn.Embedding(*shape) if len(shape) == 2 else {"weight": mx.zeros(shape)})
+
+    def block(self, args: EncoderArgs, i: int) -> Block:
+        return PostNormBlock(args, i) if args.post_norm else Block(args, i)
+
+    def make_cache(self) -> list:
+        raise TypeError("an encoder attends in both directions and keeps no cache; call it on whole sequences")
+
+    def input_embeddings(self, tokens: mx.array, cache: list | None = None) -> mx.array:
+        h = self.token_embd(tokens)
+        if self.args.embed_scale != 1.0:
+            h = h * self.args.embed_scale
+        if TOKEN_TYPES in self:
+            types = self[TOKEN_TYPES]
+            h = h + (types(mx.zeros((1,), mx.int32)) if isinstance(types, nn.Module) else types["weight"])
+        if POSITION_EMBD in self:
+            h = h + self[POSITION_EMBD](mx.arange(tokens.shape[1]))
+        if "token_embd_norm" in self:
+            h = self.token_embd_norm(h)
+        return h
+
+    def attention_masks(self, L: int, lengths: mx.array | None) -> list[mx.array | None]:
+        """Per block: None (every key), the symmetric window (L, L) of a sliding block, and
+        with `lengths` each row's real keys only (B, 1, L, L)."""
+        keys = None if lengths is None else (mx.arange(L)[None, :] < lengths[:, None])[:, None, None, :]
+        window = None
+        if any(b.sliding for b in self.blk):
+            distance = mx.abs(mx.arange(L)[None, :] - mx.arange(L)[:, None])
+            window = distance <= self.args.sliding_window // 2
+        masks = []
+        for b in self.blk:
+            m = window if b.sliding else None
+            if keys is not None:
+                m = keys if m is None else keys & m
+            masks.append(m)
+        return masks
+
+    def __call__(self, tokens: mx.array, cache: list | None = None, lengths: mx.array | None = None) -> mx.array:
+        if cache:
+            raise TypeError("an encoder keeps no cache: call it on whole sequences")
+        h = self.input_embeddings(tokens)
+        factors = self[self.args.rope_factors]["weight"] if self.args.rope_factors else None
+        for block, mask in zip(self.blk, self.attention_masks(tokens.shape[1], lengths)):
+            h = block(h, mask, None, factors)
+        return self.output_norm(h) if self.output_norm is not None else h
