@@ -666,6 +666,7 @@ arch("granitemoeshared", arch="granitemoe", cfg="GraniteMoeSharedConfig",
      notes="GraniteMoeShared: as granitemoe plus an ungated shared SwiGLU expert of width 128 "
            "(shared_mlp.input_linear split into ffn_gate_shexp|ffn_up_shexp, "
            "expert_shared_feed_forward_length 128); GGUF arch granitemoe")
+ARCH_SEED_DEEPSEEK2 = 4535  # what pick_moe_seed finds for deepseek2; deepseek2-kvb reuses it
 arch("deepseek2", cfg="DeepseekV3Config", model="DeepseekV3ForCausalLM", moe="deepseek",
      tweak=_deepseek_tweak, merge={"scoring_func": "sigmoid", "topk_method": "noaux_tc"},
      kw={k: v for k, v in _base(num_hidden_layers=3, num_key_value_heads=HEADS,
@@ -686,6 +687,71 @@ arch("deepseek2", cfg="DeepseekV3Config", model="DeepseekV3ForCausalLM", moe="de
            "expert (width 64). scoring_func/topk_method written to config.json (transformers "
            "hard-codes sigmoid; the converter needs scoring_func to write expert_gating_func "
            "sigmoid, else llama.cpp would use softmax)")
+def _deepseek2_legacy_kv_b(path: Path) -> None:
+    """Rewrite a deepseek2 GGUF from today's converter into the layout converters wrote before
+    llama.cpp's MLA support (its PR 12801, April 2025), in place: one attn_kv_b per layer, HF's
+    kv_b_proj unchanged ((heads * (qk_nope + v), kv_lora), each head's k_nope rows then its v
+    rows), where today's converter writes attn_k_b = k rows transposed per head and attn_v_b =
+    v rows; key_length qk_nope + qk_rope, value_length v and head_count_kv = head_count (the
+    config's num_key_value_heads) where today's say kv_lora + qk_rope, kv_lora and 1; no
+    key_length_mla / value_length_mla (llama.cpp runs a file without them through its
+    non-absorbed path). Everything else is copied as it is."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(path)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    meta = {f.name: f.contents() for f in reader.fields.values()}
+
+    def key(template: str) -> str:
+        return template.format(arch=arch)
+
+    n_head = meta[key(gguf.Keys.Attention.HEAD_COUNT)]
+    k_mla, v_mla = meta[key(gguf.Keys.Attention.KEY_LENGTH_MLA)], meta[key(gguf.Keys.Attention.VALUE_LENGTH_MLA)]
+    changes = {key(gguf.Keys.Attention.HEAD_COUNT_KV): n_head, key(gguf.Keys.Attention.KEY_LENGTH): k_mla,
+               key(gguf.Keys.Attention.VALUE_LENGTH): v_mla}
+    drop = {key(gguf.Keys.Attention.KEY_LENGTH_MLA), key(gguf.Keys.Attention.VALUE_LENGTH_MLA)}
+    k_b, v_b, kv_b = (gguf.TENSOR_NAMES[t] for t in (gguf.MODEL_TENSOR.ATTN_K_B, gguf.MODEL_TENSOR.ATTN_V_B,
+                                                     gguf.MODEL_TENSOR.ATTN_KV_B))
+    by_name = {t.name: t for t in reader.tensors}
+    out = path.with_suffix(".legacy.tmp")
+    writer = gguf.GGUFWriter(out, arch)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE or field.name in drop:
+            continue
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, changes.get(field.name, field.contents()), field.types[0], sub_type=sub)
+    for t in reader.tensors:
+        data, raw_dtype = np.array(t.data), t.tensor_type
+        bid = t.name.split(".")[1] if t.name.startswith("blk.") else None
+        if bid is not None and t.name == k_b.format(bid=bid) + ".weight":
+            k = data  # (heads, kv_lora, qk_nope): per head W_k^T
+            v = np.array(by_name[v_b.format(bid=bid) + ".weight"].data)  # (heads, v, kv_lora)
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32 and k.shape[0] == n_head
+            data = np.concatenate([k.transpose(0, 2, 1), v], axis=1).reshape(-1, k.shape[1])
+            writer.add_tensor(kv_b.format(bid=bid) + ".weight", np.ascontiguousarray(data))
+            continue
+        if bid is not None and t.name == v_b.format(bid=bid) + ".weight":
+            continue
+        writer.add_tensor(t.name, data, raw_shape=[int(x) for x in reversed(t.shape)], raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    out.replace(path)
+
+
+arch("deepseek2-kvb", **{k: v for k, v in ARCHS["deepseek2"].items() if k != "notes"},
+     seed=ARCH_SEED_DEEPSEEK2, gguf_rewrite=_deepseek2_legacy_kv_b,
+     notes="the deepseek2 fixture's model (same checkpoint and seed) in the layout of GGUFs "
+           "converted before llama.cpp's MLA support: one attn_kv_b per layer (HF kv_b_proj "
+           "as is) instead of attn_k_b/attn_v_b, key_length 24 / value_length 16 / "
+           "head_count_kv 4, no *_mla keys (_deepseek2_legacy_kv_b rewrites the converter's "
+           "F32 file with gguf-py before quantizing). llama.cpp runs it without absorption "
+           "(per-head K/V cache); mlxllm splits attn_kv_b into the absorbed form before its "
+           "first forward pass (nn/mla.py), keeping the latent-only cache")
+
+
 LITE_LAYERS = 26  # llama.cpp's deepseek2 "lite" check: q_lora_rank may be absent only at 26/27 layers
 LITE_DIM = 32
 arch("deepseek2-lite", arch="deepseek2", cfg="DeepseekV2Config", model="DeepseekV2ForCausalLM",
@@ -1559,6 +1625,8 @@ def make(name: str, manifest: dict) -> None:
         if spec.get("reference"):
             entry["reference"] = f"{spec['reference'].__name__} (torch, not transformers)"
         convert(d, f32)
+        if spec.get("gguf_rewrite"):  # a layout older converters wrote, made from this one's file
+            spec["gguf_rewrite"](f32)
         quantize_q8(f32, q8)
         extra = {q: place(q) for q in spec.get("extra_quants", [])}
         for q, path in extra.items():
