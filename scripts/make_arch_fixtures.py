@@ -1163,6 +1163,25 @@ encoder("roberta", arch="bert", cfg="RobertaConfig", model="RobertaModel", tok="
         kw=_bert_kw(type_vocab_size=1, layer_norm_eps=1e-5),
         notes="RoBERTa -> GGUF bert: byte-level BPE vocabulary (gpt2 tokenizer model), the "
               "position table cut by pad_token_id + 1 rows (HF counts positions from there)")
+MODERN_BERT_LAYERS = 4  # global, local, local, global: both kinds of layer
+MODERN_BERT_WINDOW = 16  # local_attention: +-8 tokens, inside the 40 evaluated
+encoder("modern-bert", cfg="ModernBertConfig", model="ModernBertModel", tok="bpe", pooling="mean",
+        kw=dict(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=MODERN_BERT_LAYERS,
+                num_attention_heads=HEADS, max_position_embeddings=ENC_POS, vocab_size=VOCAB,
+                local_attention=MODERN_BERT_WINDOW, global_attn_every_n_layers=3,
+                layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+                rope_parameters={"full_attention": _rope(160000.0), "sliding_attention": _rope(10000.0)},
+                cls_token_id=BOS_ID, sep_token_id=EOS_ID),
+        merge={"global_attn_every_n_layers": 3, "layer_norm_eps": 1e-5},
+        notes="ModernBERT (layer_norm_eps merged into config.json: the converter does not read "
+              "ModernBERT's norm_eps, and llama.cpp requires the key): pre-norm LayerNorms without bias (layer 0 has no attention norm), fused "
+              "qkv, GeGLU, every third layer global (rope theta 160000) and the others in a "
+              "symmetric 16-token window (rope theta 10000); byte-level BPE vocabulary; mean pooling")
+encoder("eurobert", cfg="EuroBertConfig", model="EuroBertModel", tok="bpe", pooling="last",
+        kw=_base(rms_norm_eps=1e-5, rope_parameters=_rope(), classifier_pooling="mean"),
+        notes="EuroBERT: Llama-shaped pre-norm RMSNorm stack, GQA 4q/2kv, NEOX rope, SwiGLU, "
+              "bidirectional attention; last-token pooling. classifier_pooling 'mean' (EuroBERT's "
+              "default 'late' is one the converter refuses); it only concerns a classifier head")
 
 
 def _hf_hidden(model, ids: list[int]):

@@ -26,10 +26,10 @@ ENCODERS = sorted(n for n in MANIFEST if MANIFEST[n].get("kind") == "encoder")
 # measured max |Δ| 0.7-1.0e-3 of the hidden states' std.
 F32_TOLERANCE = 5e-3
 # Q8_0: llama.cpp rounds activations to 8 bits before each product with a Q8_0 weight (we
-# multiply in float32); measured on the BERT fixtures max |Δ| 0.029-0.036 and mean 0.006 of
-# the std.
-Q8_MAX_TOLERANCE = 0.1
-Q8_MEAN_TOLERANCE = 0.015
+# multiply in float32); measured max |Δ| 0.029-0.087 and mean 0.006-0.016 of the std (BERT
+# lowest, EuroBERT highest).
+Q8_MAX_TOLERANCE = 0.15
+Q8_MEAN_TOLERANCE = 0.03
 TEXTS = ["Hello world.", "The quick brown fox jumps over the lazy dog, twice!",
          "def f(x): return x * 2", "a", "Embeddings of many texts run as one batch."]
 N_CTX = 512
@@ -80,7 +80,7 @@ def models():
 
 
 def test_encoder_fixtures_exist():
-    assert {"bert", "distilbert", "roberta"} <= set(ENCODERS)
+    assert {"bert", "distilbert", "roberta", "modern-bert", "eurobert"} <= set(ENCODERS)
 
 
 @pytest.mark.parametrize("name", ENCODERS)

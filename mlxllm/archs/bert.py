@@ -28,6 +28,9 @@ MODERN_BERT_SWA_PERIOD = 3  # load_swa_pattern(3, dense_first): layers 0, 3, 6..
 SWA_ROPE_BASE = 10000.0  # llama_hparams.rope_freq_base_train_swa when the file has no key
 # hidden_act values llama.cpp's llm_ffn_op_type_from_string maps to a SiLU gate; others GELU
 SILU_ACTS = ("silu", "swiglu", "swish")
+# ModernBERT's FFN activation key: gguf-py names it Keys.LLM.HIDDEN_ACT from the version
+# vendored with llama.cpp 0.3.36 on; the installed gguf-py may predate it.
+HIDDEN_ACT = getattr(Keys.LLM, "HIDDEN_ACT", "{arch}.hidden_activation")
 
 
 def _pooling(gf: GGUFFile) -> str:
@@ -62,7 +65,7 @@ def jina_bert_v2(gf: GGUFFile) -> EncoderArgs:
 
 def modern_bert(gf: GGUFFile) -> EncoderArgs:
     m = gf.metadata
-    act = "silu" if m.get(Keys.LLM.HIDDEN_ACT, "gelu") in SILU_ACTS else "gelu_tanh"
+    act = "silu" if m.get(HIDDEN_ACT, "gelu") in SILU_ACTS else "gelu_tanh"
     args = _encoder(gf, False, norm="layer", rope="neox", activation=act)
     window = m.get(Keys.Attention.SLIDING_WINDOW, 0)
     if window <= 0:
