@@ -822,6 +822,36 @@ arch("dbrx", cfg="DbrxConfig", model="DbrxForCausalLM", moe="softmax",
            "each projection's experts fused 2-D [E*ff, d] (w1, v1, w2), which the converter "
            "views as 3-D (w2 transposed per expert). rope_theta is set twice: transformers' rotary "
            "reads rope_parameters, the converter attn_config.rope_theta")
+arch("minimax-m2", cfg="MiniMaxM2Config", model="MiniMaxM2ForCausalLM", moe="minimax", seed_tries=400,
+     tweak=_deepseek_tweak, merge={"scoring_func": "sigmoid", "rotary_dim": HEAD_DIM // 2},
+     kw=_moe(rms_norm_eps=1e-6, num_local_experts=N_EXPERTS, num_experts_per_tok=TOP_K,
+             rope_parameters=_rope(5e6, partial_rotary_factor=0.5)),
+     notes="MiniMax-M2: q/k RMSNorm over all heads' width (q_norm [64], k_norm [32]) before the "
+           "head split, partial NEOX rotary (rotary_dim 8 of head_dim 16), 4 experts top-2 chosen "
+           "on sigmoid(logit) + e_score_correction_bias (buffer, random N(0,0.1) -> "
+           "exp_probs_b.bias, selection only), weights the unbiased sigmoids renormalised. "
+           "transformers saves the original block_sparse_moe.experts.N.w1/w2/w3 layout the "
+           "converter merges. config.json gets scoring_func sigmoid (the converter writes "
+           "expert_gating_func from it; llama.cpp has no default) and rotary_dim (the converter "
+           "reads it; transformers keeps partial_rotary_factor). router_min_gap in "
+           "sigmoid(+bias) units")
+LLAMA4_CHUNK = 8192  # llama.cpp fixes Llama 4's attention chunk and temperature floor at 8192
+arch("llama4", cfg="Llama4TextConfig", model="Llama4ForCausalLM", moe="top1", experts_in_out=True,
+     kw=_moe(num_hidden_layers=4, rms_norm_eps=1e-5, intermediate_size_mlp=INTER,
+             num_local_experts=N_EXPERTS, num_experts_per_tok=1, interleave_moe_layer_step=2,
+             use_qk_norm=True, attention_chunk_size=LLAMA4_CHUNK, attn_temperature_tuning=True,
+             floor_scale=LLAMA4_CHUNK, attn_scale=0.1, no_rope_layer_interval=4,
+             rope_parameters=_rope(500000.0)),
+     notes="Llama 4 text model (Llama4ForCausalLM -> GGUF llama4): 4 layers; layers 0-2 chunked "
+           "attention with interleaved rope (no converter permutation: HF's complex rotary pairs "
+           "adjacent entries) and a weightless L2 (RMS) norm of rotated q/k (use_qk_norm), layer 3 "
+           "full attention without rope and with the attention temperature (1 + 0.1 ln(floor((p + "
+           "1) / 8192) + 1)); dense SwiGLU layers 0 and 2 (intermediate_size_mlp 128), MoE layers "
+           "1 and 3 (interleave_moe_layer_step 2): 4 experts of width 64, top-1 chosen on the router "
+           "logits, sigmoid of the chosen logit multiplying the expert's INPUT, plus an always-on "
+           "shared expert (width 64). Chunk 8192 and temperature floor 8192 because llama.cpp fixes "
+           "both: neither bites in the 40-token comparison with HF (tests/test_llama4_long.py runs "
+           "llama.cpp past position 8192 on this file). router_min_gap in logit units, top-1")
 # --- end DBRX, MiniMax-M2, Llama 4 ---------------------------------------------------------
 
 
