@@ -4,6 +4,7 @@ count (the machine's cores); both measure the llama-bench way: pp = one prompt o
 tokens, tg = single-token steps from a one-token context, repeated.
 
     python scripts/bench_vs_llamacpp.py smollm2:135m gemma3:270m [-r 3]
+    python scripts/bench_vs_llamacpp.py /work/models/qwen3moe-bench.q4_k_m.gguf   # any GGUF path
 """
 
 from __future__ import annotations
@@ -62,13 +63,14 @@ def main() -> None:
     ap.add_argument("-r", "--repetitions", type=int, default=3)
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
-    print(f"{'model':<14}{'test':<7}{'llama.cpp':>11}{'mlxllm':>10}{'ratio':>8}   (tokens/s, mean of {args.repetitions})")
+    width = max(14, *(len(os.path.basename(n)) + 1 for n in args.models))
+    print(f"{'model':<{width}}{'test':<7}{'llama.cpp':>11}{'mlxllm':>10}{'ratio':>8}   (tokens/s, mean of {args.repetitions})")
     for name in args.models:
         theirs = bench_llama_cpp(resolve(name), args.repetitions, args.threads)
         ours = bench_mlxllm(name, args.repetitions)
         for test, label in (("pp", f"pp{N_PROMPT}"), ("tg", f"tg{N_GEN}")):
             t, o = statistics.mean(theirs[test]), statistics.mean(ours[test])
-            print(f"{name:<14}{label:<7}{t:>11.1f}{o:>10.1f}{o / t:>8.2f}", flush=True)
+            print(f"{os.path.basename(name):<{width}}{label:<7}{t:>11.1f}{o:>10.1f}{o / t:>8.2f}", flush=True)
 
 
 if __name__ == "__main__":

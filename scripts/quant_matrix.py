@@ -23,7 +23,14 @@
    llama.cpp's roundings. It also gives the largest logit difference ("max|dlogit|").
 
     python scripts/quant_matrix.py [--out DIR] [--types Q4_0,Q6_K,...] [--json results.json]
-                                   [--layout default|dense|quantized]
+                                   [--layout default|dense|quantized] [--model NAME_OR_PATH]
+
+--model runs the same method on another GGUF (default smollm2:135m), widened to F32 the same
+way; e.g. the 256-wide MoE fixture (tests/fixtures/archs/qwen3moe-wide.q4_k_m.gguf, whose
+rows are long enough for k-quant and i-quant experts). A prompt longer than MAX_PROMPT_TOKENS
+in the model's tokenizer (a 384-token vocabulary makes ~6700 tokens of the long one) is cut to
+about LONG_PROMPT_TOKENS, SmolLM2's length of it. For a MoE file the results also list the
+types of the expert tensors ("expert_types").
 
 The types llama.cpp writes only with an importance matrix (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS,
 IQ2_S, IQ2_M, Q2_K_S) cannot go through llama-cpp-python, whose API takes the matrix as a C++
@@ -52,7 +59,7 @@ import numpy as np
 # The same measurement as the fidelity fixtures: their prompts (the long one past 1500 tokens)
 # and their greedy continuation, through the same llama.cpp settings.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_reference_fixtures import greedy, open_llama, prompts  # noqa: E402
+from make_reference_fixtures import greedy, open_llama, prompt_ids, prompts  # noqa: E402
 
 # llama.h LLAMA_FTYPE_MOSTLY_* values
 FTYPES = {
@@ -145,12 +152,25 @@ def quantize_with_imatrix(f32: Path, dst: Path, name: str, out: Path) -> str | N
     return None if done.returncode == 0 and dst.exists() else f"llama-quantize: {done.stderr.strip().splitlines()[-1:]}"
 
 
+MAX_PROMPT_TOKENS, LONG_PROMPT_TOKENS = 3000, 2500
+
+
+def fitted_prompts(llm) -> list[str]:
+    """The fixture prompts, each longer than MAX_PROMPT_TOKENS in `llm`'s tokenizer cut to the
+    characters that make about LONG_PROMPT_TOKENS (SmolLM2's prompts are left as they are)."""
+    out = []
+    for prompt in prompts():
+        n = len(prompt_ids(llm, prompt))
+        out.append(prompt if n <= MAX_PROMPT_TOKENS else prompt[: len(prompt) * LONG_PROMPT_TOKENS // n])
+    return out
+
+
 def llamacpp_greedy(path: Path, **llama_options) -> tuple[list[list[int]], list[np.ndarray]]:
     """llama.cpp's greedy continuation of each prompt on `path`, and its logits at every
     position of that sequence."""
     llm = open_llama(path, **llama_options)
     sequences, logits = [], []
-    for prompt in prompts():
+    for prompt in fitted_prompts(llm):
         tokens, scores = greedy(llm, prompt)
         sequences.append(tokens)
         logits.append(scores)
@@ -207,6 +227,7 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/mlxllm-quant-matrix")
     ap.add_argument("--types", default=",".join(FTYPES))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--model", default="smollm2:135m", help="the GGUF (name or path) to widen to F32 and re-quantize")
     ap.add_argument("--layout", choices=["default", "dense", "quantized"], default="default",
                     help="weights as float32 (dense), in their quantized layouts (quantized: the "
                          "packed types as their exact widened image on the CPU), or the device default")
@@ -214,13 +235,14 @@ def main() -> None:
     dense = {"default": None, "dense": True, "quantized": False}[args.layout]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    f32 = out / "smollm2-135m-f32.gguf"
+    stem = "smollm2-135m" if args.model == "smollm2:135m" else Path(args.model).name.split(".")[0]
+    f32 = out / f"{stem}-f32.gguf"
     if not f32.exists():
-        write_f32(resolve("smollm2:135m"), f32)
+        write_f32(resolve(args.model), f32)
     results = {}
     print(f"{'file type':<11}{'agree':>8}{'llama/KV32':>12}{'vs f32':>8}{'max|dlogit|':>12}  tensor types")
     for name in args.types.split(","):
-        dst = out / f"smollm2-135m-{name.lower()}.gguf"
+        dst = out / f"{stem}-{name.lower()}.gguf"
         start = time.perf_counter()
         if dst.exists():
             error = None
@@ -244,7 +266,11 @@ def main() -> None:
         f32_copy.unlink()
         r = {"agreement": agreement, "llamacpp_f32_kv": itself, "agreement_vs_f32_copy": exact,
              "max_logit_diff_vs_f32_copy": worst, "positions": sum(map(len, sequences))}
-        r["types"] = dict(Counter(t.qtype.name for t in GGUFFile(str(dst)).tensors.values()).most_common())
+        tensors = GGUFFile(str(dst)).tensors
+        r["types"] = dict(Counter(t.qtype.name for t in tensors.values()).most_common())
+        experts = Counter(t.qtype.name for n, t in tensors.items() if "_exps." in n)
+        if experts:
+            r["expert_types"] = dict(experts.most_common())
         r["seconds"] = round(time.perf_counter() - start, 1)
         results[name] = r
         types = ", ".join(f"{k} x{v}" for k, v in r["types"].items())
