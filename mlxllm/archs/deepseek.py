@@ -1,6 +1,13 @@
 """DeepSeek V2 / V2-Lite / V3 / R1 and the files llama.cpp runs as `deepseek2` (Kimi K2,
 GLM-4.7-Flash): multi-head latent attention, leading dense layers, routed and shared
-experts (src/models/deepseek2.cpp)."""
+experts (src/models/deepseek2.cpp).
+
+The layouts the attention block reads (nn/mla.py): query through q-LoRA (attn_q_a,
+attn_q_a_norm, attn_q_b) or directly (attn_q: V2-Lite; llama.cpp itself accepts a file
+without attention.q_lora_rank only at 26 or 27 layers, mlxllm goes by the tensors); keys and
+values from today's split attn_k_b / attn_v_b, or from one attn_kv_b in files converted
+before llama.cpp's MLA support (key_length then is qk_nope + qk_rope and no *_mla keys exist,
+so the scale below comes out the same)."""
 
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ from ..nn import DecoderArgs
 from ..nn.mla import MLADecoder
 from ..registry import Arch
 from .base import decoder_args, require, routing_from_file
+
 
 def deepseek2(gf: GGUFFile) -> DecoderArgs:
     m = gf.metadata

@@ -83,24 +83,28 @@ class MLABlock(Block):
         """Replace a legacy attn_kv_b by the absorbed per-head attn_k_b (W_k[h]^T) and
         attn_v_b (W_v[h]), in the dtype of the other float parameters. The loader fills
         parameters by the file's tensor names and has no step after that, so the first
-        forward pass calls this. The float image of the weight is read back by multiplying
-        the identity (exact for every layout: one nonzero term per output); the per-head
-        matrices stay floats, as a transposed quantized block layout does not exist."""
+        forward pass calls this (a second caller racing it finds the work done or redoes the
+        same). The float image of the weight is read back by multiplying the identity (exact
+        for every layout: one nonzero term per output); the per-head matrices stay floats,
+        as the transposed W_k[h]^T has no quantized layout in the file to keep."""
+        kv_b = self.get("attn_kv_b")
+        if kv_b is None:
+            return
         H, nope, dv, r = self.args.n_heads, self.d_nope, self.d_v, self.kv_lora
         dtype = self.attn_kv_a_norm.weight.dtype
-        w = self.attn_kv_b(mx.eye(r, dtype=mx.float32)).T.reshape(H, nope + dv, r)  # (heads, rows, kv_lora)
-        self.attn_k_b = SwitchLinear(H, nope, r)
-        self.attn_k_b.weight = w[:, :nope].transpose(0, 2, 1).astype(dtype)  # (heads, kv_lora, d_nope)
-        self.attn_v_b = SwitchLinear(H, r, dv)
-        self.attn_v_b.weight = w[:, nope:].astype(dtype)  # (heads, d_v, kv_lora)
-        del self.attn_kv_b
-        mx.eval(self.attn_k_b.parameters(), self.attn_v_b.parameters())
+        w = kv_b(mx.eye(r, dtype=mx.float32)).T.reshape(H, nope + dv, r)  # (heads, rows, kv_lora)
+        k_b, v_b = SwitchLinear(H, nope, r), SwitchLinear(H, r, dv)
+        k_b.weight = w[:, :nope].transpose(0, 2, 1).astype(dtype)  # (heads, kv_lora, d_nope)
+        v_b.weight = w[:, nope:].astype(dtype)  # (heads, d_v, kv_lora)
+        mx.eval(k_b.parameters(), v_b.parameters())
+        self.attn_k_b, self.attn_v_b = k_b, v_b
+        self.pop("attn_kv_b", None)
 
     def attention(self, x: mx.array, mask, cache, factors: mx.array | None) -> mx.array:
         a = self.args
         B, L, _ = x.shape
         H = a.n_heads
-        if "attn_kv_b" in self:
+        if "attn_k_b" not in self:  # a legacy attn_kv_b file's first call
             self.absorb_kv_b()
         if "attn_q_a" in self:
             q_a, ckv = layers.project(x, (self.attn_q_a, self.attn_kv_a_mqa))
