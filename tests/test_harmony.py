@@ -171,3 +171,21 @@ def test_template_rejections_are_chat_template_errors(messages, message):
         render_chat_template(TEMPLATE, messages, add_generation_prompt=True)
     with pytest.raises(jinja2.TemplateError, match=message):
         transformers_render(messages, add_generation_prompt=True)
+
+
+def test_a_gpt_oss_file_with_the_template_renders_it():
+    """Through the tokenizer of a gpt-oss GGUF (the gpt-oss fixture's metadata with this
+    template as tokenizer.chat_template, as real gpt-oss files carry it)."""
+    from gguf import Keys
+
+    from mlxllm.gguf import GGUFFile
+    from mlxllm.tokenizer import Tokenizer
+
+    meta = dict(GGUFFile(str(Path(__file__).parent / "fixtures" / "archs" / "gpt-oss.f32.gguf")).metadata)
+    meta[Keys.Tokenizer.CHAT_TEMPLATE] = TEMPLATE
+    tokenizer = Tokenizer.from_metadata(meta)
+    messages, ctx = CASES["tool_call_and_result"]
+    ctx = {k: v for k, v in ctx.items() if k != "add_generation_prompt"}
+    ours, _ = on_one_day(lambda: tokenizer.apply_chat_template(copy.deepcopy(messages), **ctx))
+    reference, _ = on_one_day(lambda: transformers_render(messages, add_generation_prompt=True, **ctx))
+    assert ours == reference
