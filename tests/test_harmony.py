@@ -90,6 +90,17 @@ CASES = {
           "tool_calls": [{"function": {"name": "get_time", "arguments": {}}}]},
          {"role": "tool", "content": "12:00"}],
         {"add_generation_prompt": True, "tools": [CLOCK]}),
+    "non_ascii_tool_traffic": (  # tojson keeps non-ASCII text as it is, in both renderers
+        [{"role": "user", "content": "Wetter in Zürich?"},
+         {"role": "assistant", "tool_calls": [{"function": {"name": "get_weather",
+                                                             "arguments": {"location": "Zürich"}}}]},
+         {"role": "tool", "content": '{"temp": "20 °C", "ciel": "dégagé ☀"}'}],
+        {"add_generation_prompt": True, "tools": [WEATHER]}),
+    "arguments_as_a_json_string": (  # as OpenAI's API sends them: the template encodes the string
+        [{"role": "user", "content": "Time?"},
+         {"role": "assistant", "tool_calls": [{"function": {"name": "get_time", "arguments": "{}"}}]},
+         {"role": "tool", "content": "12:00"}],
+        {"add_generation_prompt": True, "tools": [CLOCK]}),
     "builtin_tools_and_identity": (
         [{"role": "user", "content": "Search the web for MLX."}],
         {"add_generation_prompt": True, "builtin_tools": ["browser", "python"],
