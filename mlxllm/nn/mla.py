@@ -20,9 +20,9 @@ Files converted before llama.cpp's MLA support (its PR 12801, April 2025) hold o
 `attn_kv_b` (heads * (d_nope + d_v), kv_lora) instead, each head's rows [W_k[h]; W_v[h]] as
 Hugging Face's kv_b_proj, with key_length = d_nope + d_rope, value_length = d_v, as many kv
 heads as query heads and no *_mla keys. llama.cpp runs those without absorption: it expands
-every cached latent into per-head keys and values and caches those (heads * (d_k + d_v)
+each token's latent into per-head keys and values and caches those (heads * (d_k + d_v)
 per token). Here such a file runs through the same absorbed block: attn_kv_b is split into
-the per-head W_k[h]^T and W_v[h] once, before the first forward pass (`absorb_kv_b`), so the
+the per-head W_k[h]^T and W_v[h] once, on the first forward pass (`absorb_kv_b`), so the
 cache still holds only [c | k_pe] and there is one attention path to keep right. The two
 are the same sums in another order: q_nope[h] . (W_k[h] c) = (W_k[h]^T q_nope[h]) . c, and
 W_v[h] (sum_t p_t c_t) = sum_t p_t (W_v[h] c_t).
