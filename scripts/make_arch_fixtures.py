@@ -1214,6 +1214,168 @@ encoder("eurobert", cfg="EuroBertConfig", model="EuroBertModel", tok="bpe", pool
               "default 'late' is one the converter refuses); it only concerns a classifier head")
 
 
+# nomic-bert and jina-bert-v2 ship their modeling code with the checkpoint (remote code):
+# transformers has no class for them. The checkpoint is written in their own layout with
+# random weights drawn as `redraw` draws them, and the reference is a few lines of torch over
+# the same tensors (post-norm BERT layers with rotary positions or symmetric ALiBi).
+NOMIC_ROPE_BASE = 1000.0
+JINA_ALIBI_MAX_BIAS = 8.0  # jina-bert-v2's ALiBi slopes: 2^(-8 (h + 1) / heads)
+
+
+def _draw_tensors(shapes: dict[str, tuple[int, ...]], seed: int) -> dict:
+    """`redraw`'s distribution by name: embeddings N(0, 4/hidden), matrices N(0, 1/fan_in),
+    LayerNorm weights 1 + N(0, 0.01), biases N(0, 0.01)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in shapes.items():
+        if "embeddings" in name:
+            out[name] = torch.randn(shape, generator=g) * (2.0 / math.sqrt(HIDDEN))
+        elif len(shape) == 2:
+            out[name] = torch.randn(shape, generator=g) / math.sqrt(shape[1])
+        elif name.endswith("weight"):
+            out[name] = 1 + torch.randn(shape, generator=g) * 0.1
+        else:
+            out[name] = torch.randn(shape, generator=g) * 0.1
+    return out
+
+
+def _save_custom(model, d: Path, config: dict, shapes: dict, seed: int) -> dict:
+    from safetensors.torch import save_file
+
+    tensors = _draw_tensors(shapes, seed)
+    for f in d.glob("*.safetensors"):
+        f.unlink()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(config, indent=1))
+    model.custom_tensors = tensors  # the reference reads them
+    return config
+
+
+def _nomic_checkpoint(model, config: dict, d: Path) -> dict:
+    D, F = HIDDEN, INTER
+    shapes = {"embeddings.word_embeddings.weight": (VOCAB, D), "embeddings.token_type_embeddings.weight": (2, D),
+              "emb_ln.weight": (D,), "emb_ln.bias": (D,)}
+    for i in range(N_LAYERS):
+        p = f"encoder.layers.{i}."
+        shapes.update({p + "attn.Wqkv.weight": (3 * D, D), p + "attn.out_proj.weight": (D, D),
+                       p + "norm1.weight": (D,), p + "norm1.bias": (D,),
+                       p + "mlp.fc11.weight": (F, D), p + "mlp.fc12.weight": (F, D), p + "mlp.fc2.weight": (D, F),
+                       p + "norm2.weight": (D,), p + "norm2.bias": (D,)})
+    cfg = {"architectures": ["NomicBertModel"], "model_type": "nomic_bert", "n_embd": D, "n_head": HEADS,
+           "n_layer": N_LAYERS, "n_inner": F, "n_positions": 8192, "max_trained_positions": 2048,
+           "activation_function": "swiglu", "causal": False, "qkv_proj_bias": False, "mlp_fc1_bias": False,
+           "mlp_fc2_bias": False, "prenorm": False, "rotary_emb_fraction": 1.0, "rotary_emb_interleaved": False,
+           "rotary_emb_scale_base": None, "rotary_emb_base": NOMIC_ROPE_BASE, "layer_norm_epsilon": 1e-12,
+           "type_vocab_size": 2, "vocab_size": VOCAB, "pad_token_id": WPM_PAD,
+           # transformers 5's AutoConfig answers an unknown model_type with its generic
+           # defaults (hidden_size 768, 12 layers), which the converter reads before n_embd:
+           # the standard names are written too, with the same values
+           "hidden_size": D, "num_hidden_layers": N_LAYERS, "num_attention_heads": HEADS, "intermediate_size": F}
+    return _save_custom(model, d, cfg, shapes, hash_name("nomic-bert"))
+
+
+def _jina_checkpoint(model, config: dict, d: Path) -> dict:
+    D, F = HIDDEN, INTER
+    shapes = {"embeddings.word_embeddings.weight": (VOCAB, D), "embeddings.token_type_embeddings.weight": (2, D),
+              "embeddings.LayerNorm.weight": (D,), "embeddings.LayerNorm.bias": (D,)}
+    for i in range(N_LAYERS):
+        p = f"encoder.layer.{i}."
+        for proj in ("query", "key", "value"):
+            shapes.update({f"{p}attention.self.{proj}.weight": (D, D), f"{p}attention.self.{proj}.bias": (D,)})
+        shapes.update({p + "attention.output.dense.weight": (D, D), p + "attention.output.dense.bias": (D,),
+                       p + "attention.output.LayerNorm.weight": (D,), p + "attention.output.LayerNorm.bias": (D,),
+                       p + "mlp.gated_layers.weight": (2 * F, D), p + "mlp.wo.weight": (D, F), p + "mlp.wo.bias": (D,),
+                       p + "mlp.layernorm.weight": (D,), p + "mlp.layernorm.bias": (D,)})
+    cfg = {"architectures": ["JinaBertModel"], "model_type": "bert", "hidden_size": D, "num_attention_heads": HEADS,
+           "num_hidden_layers": N_LAYERS, "intermediate_size": F, "max_position_embeddings": ENC_POS,
+           "position_embedding_type": "alibi", "hidden_act": "gelu", "feed_forward_type": "geglu",
+           "layer_norm_eps": 1e-12, "type_vocab_size": 2, "vocab_size": VOCAB, "pad_token_id": WPM_PAD}
+    return _save_custom(model, d, cfg, shapes, hash_name("jina-bert-v2"))
+
+
+def _attend(q, k, v, bias=None):
+    """Bidirectional attention of (L, H, Dh) heads; bias (H, L, L) added to the scores."""
+    import torch
+
+    scores = torch.einsum("lhd,mhd->hlm", q, k) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        scores = scores + bias
+    return torch.einsum("hlm,mhd->lhd", scores.softmax(-1), v).reshape(q.shape[0], -1)
+
+
+def _ln(x, t, name, eps=1e-12):
+    import torch
+
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), t[name + ".weight"], t[name + ".bias"], eps)
+
+
+def _nomic_reference(model, ids: list[int]):
+    """nomic-bert's forward pass: NEOX rotary positions, SwiGLU (silu(fc12) * fc11), post-norm."""
+    import torch
+
+    t, L, Dh = model.custom_tensors, len(ids), HIDDEN // HEADS
+    half = Dh // 2
+    inv = NOMIC_ROPE_BASE ** (-torch.arange(half, dtype=torch.float64) * 2 / Dh)
+    angle = (torch.arange(L, dtype=torch.float64)[:, None] * inv[None]).float()[:, None, :]
+
+    def rope(x):  # (L, H, Dh): halves rotate together
+        a, b = x[..., :half], x[..., half:]
+        return torch.cat([a * angle.cos() - b * angle.sin(), a * angle.sin() + b * angle.cos()], -1)
+
+    with torch.no_grad():
+        x = t["embeddings.word_embeddings.weight"][ids] + t["embeddings.token_type_embeddings.weight"][0]
+        x = _ln(x, t, "emb_ln")
+        for i in range(N_LAYERS):
+            p = f"encoder.layers.{i}."
+            q, k, v = (x @ t[p + "attn.Wqkv.weight"].T).reshape(L, 3, HEADS, Dh).unbind(1)
+            h = _ln(x + _attend(rope(q), rope(k), v) @ t[p + "attn.out_proj.weight"].T, t, p + "norm1")
+            f = (torch.nn.functional.silu(h @ t[p + "mlp.fc12.weight"].T) * (h @ t[p + "mlp.fc11.weight"].T))
+            x = _ln(h + f @ t[p + "mlp.fc2.weight"].T, t, p + "norm2")
+    return x.numpy()
+
+
+def _jina_reference(model, ids: list[int]):
+    """jina-bert-v2's forward pass: symmetric ALiBi, GeGLU (gelu(first half) * second half of
+    gated_layers), post-norm."""
+    import torch
+
+    t, L, Dh = model.custom_tensors, len(ids), HIDDEN // HEADS
+    slopes = torch.tensor([2.0 ** (-JINA_ALIBI_MAX_BIAS * (h + 1) / HEADS) for h in range(HEADS)])
+    distance = (torch.arange(L)[None, :] - torch.arange(L)[:, None]).abs().float()
+    bias = -slopes[:, None, None] * distance[None]
+
+    def linear(x, name):
+        return x @ t[name + ".weight"].T + t[name + ".bias"]
+
+    with torch.no_grad():
+        x = t["embeddings.word_embeddings.weight"][ids] + t["embeddings.token_type_embeddings.weight"][0]
+        x = _ln(x, t, "embeddings.LayerNorm")
+        for i in range(N_LAYERS):
+            p = f"encoder.layer.{i}."
+            q, k, v = (linear(x, f"{p}attention.self.{n}").reshape(L, HEADS, Dh) for n in ("query", "key", "value"))
+            h = _ln(x + linear(_attend(q, k, v, bias), p + "attention.output.dense"), t, p + "attention.output.LayerNorm")
+            gate, up = (h @ t[p + "mlp.gated_layers.weight"].T).chunk(2, dim=-1)
+            x = _ln(h + linear(torch.nn.functional.gelu(gate) * up, p + "mlp.wo"), t, p + "mlp.layernorm")
+    return x.numpy()
+
+
+encoder("nomic-bert", cfg="BertConfig", model="BertModel", hf_arch="NomicBertModel", pooling="mean",
+        kw=_bert_kw(), rewrite=_nomic_checkpoint, reference=_nomic_reference,
+        notes="nomic-embed-text v1.5 layout (NomicBertModel, remote code -> GGUF nomic-bert): "
+              "embeddings + token types + emb_ln, fused Wqkv without biases, NEOX rotary (base 1000), "
+              "post-norm layers, SwiGLU (fc11 up, fc12 gate); checkpoint written in that layout with "
+              "random weights, reference in torch (the BertModel built first is only a placeholder); "
+              "n_positions 8192 / max_trained 2048 as the converter requires; mean pooling")
+encoder("jina-bert-v2", cfg="BertConfig", model="BertModel", hf_arch="JinaBertModel", pooling="mean",
+        kw=_bert_kw(), rewrite=_jina_checkpoint, reference=_jina_reference,
+        notes="jina-embeddings-v2-base-en layout (JinaBertModel, remote code -> GGUF jina-bert-v2): "
+              "no position table, symmetric ALiBi (slopes 2^(-8(h+1)/H)), q/k/v with biases, "
+              "post-norm layers, GeGLU through the fused mlp.gated_layers (gate first); checkpoint "
+              "written in that layout with random weights, reference in torch; mean pooling")
+
+
 def _hf_hidden(model, ids: list[int]):
     import torch
 

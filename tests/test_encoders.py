@@ -80,7 +80,7 @@ def models():
 
 
 def test_encoder_fixtures_exist():
-    assert {"bert", "distilbert", "roberta", "modern-bert", "eurobert"} <= set(ENCODERS)
+    assert {"bert", "distilbert", "roberta", "nomic-bert", "jina-bert-v2", "modern-bert", "eurobert"} <= set(ENCODERS)
 
 
 @pytest.mark.parametrize("name", ENCODERS)

@@ -241,10 +241,12 @@ class Block(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         bias = None
-        if self.alibi is not None:  # slope * (key - query): softmax sees only the key term
+        if self.alibi is not None:
+            # -slope * |key - query|, llama.cpp's ALiBi mask: under a causal mask it is
+            # slope * (key - query); an encoder's keys after the query lose alike
             T = k.shape[2]
-            distance = mx.arange(T)[None, :] - mx.arange(T - L, T)[:, None]  # (L, T)
-            bias = mx.array(self.alibi)[:, None, None] * distance.astype(mx.float32)  # (H, L, T)
+            distance = mx.abs(mx.arange(T)[None, :] - mx.arange(T - L, T)[:, None])  # (L, T)
+            bias = -mx.array(self.alibi)[:, None, None] * distance.astype(mx.float32)  # (H, L, T)
         scale = a.attn_scale if a.attn_scale is not None else a.head_dim ** -0.5
         sinks = self.attn_sinks["weight"] if "attn_sinks" in self else None
         out = kernels.attention(q, k, v, scale, mask, softcap=a.attn_softcap, bias=bias, sinks=sinks)
