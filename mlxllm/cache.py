@@ -1,4 +1,7 @@
-"""Key/value caches for autoregressive decoding: full history, and a rotating window.
+"""Key/value caches for autoregressive decoding: full history and a rotating window for one
+sequence (the kinds a model declares in `make_cache()`), their batched form for many
+sequences of different lengths (`BatchKVCache`, what the generation loop runs), and the
+prefix cache that reuses finished sequences' caches.
 
 Every cache has `offset` (positions seen so far, the RoPE offset of the next token),
 `update_and_fetch(keys, values) -> (keys, values)` for the attention to use, `state`, and
@@ -9,6 +12,7 @@ called before it (a model builds one mask per kind of layer, not one per layer).
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 
 class KVCache:
@@ -141,3 +145,209 @@ class RotatingKVCache:
             return None
         n = self._filled
         return self.keys[..., :n, :], self.values[..., :n, :]
+
+
+# ---------------------------------------------------------------------------- batched rows
+
+class BatchKVCache:
+    """Keys and values of B sequences, (B, n_kv_heads, S, head_dim), each left-padded to
+    the longest: row b holds its newest positions at slots pad[b]..size-1, in order.
+
+    `offset` is each row's RoPE position (an int while all rows have seen the same
+    number), `make_mask(L)` hides the padding and, with `window`, the keys a sliding
+    window no longer sees. With a window, keys no future query can see (more than
+    window - 1 positions back) are dropped whenever the storage grows, so memory stays at
+    the window plus one growth step, in a batch too. Slot distances are position
+    distances within a row, which is all causal, windowed and ALiBi masks need.
+
+    One row without a window grows, stores and returns exactly what `KVCache` does, so a
+    lone request computes what it would alone.
+    """
+
+    step = 256
+
+    def __init__(self, window: int | None = None) -> None:
+        self.window = window
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.pad: list[int] = []
+        self.lengths: list[int] = []  # positions each row has seen
+        self.size = 0  # filled slots, the same for every row
+
+    @property
+    def offset(self) -> int | mx.array:
+        if not self.lengths:
+            return 0
+        if len(set(self.lengths)) == 1:
+            return self.lengths[0]
+        return mx.array(self.lengths)  # (B,): mx.fast.rope takes one per row
+
+    def make_mask(self, L: int) -> mx.array | str | None:
+        T = self.size + L
+        windowed = self.window is not None and T > self.window
+        if not any(self.pad) and not windowed:
+            return "causal" if L > 1 else None
+        q = mx.arange(self.size, T)[:, None]  # (L, 1) query slots
+        k = mx.arange(T)[None]  # (1, T) key slots
+        mask = k <= q
+        if windowed:
+            mask = mask & (q - k < self.window)
+        if any(self.pad):
+            real = k[None] >= mx.array(self.pad)[:, None, None]  # (B, 1, T)
+            mask = (mask[None] & real)[:, None]  # (B, 1, L, T), broadcast over heads
+        return mask
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        B, H, L, D = keys.shape
+        if not self.lengths:
+            self.pad, self.lengths = [0] * B, [0] * B
+        prev = self.size
+        if self.keys is None or prev + L > self.keys.shape[2]:
+            # Growing copies the storage anyway: slots no upcoming query can see go first.
+            drop = max(0, prev - (self.window - 1)) if self.window is not None else 0
+            grow = (L + self.step - 1) // self.step * self.step
+            new_k = mx.zeros((B, H, grow, D), keys.dtype)
+            new_v = mx.zeros((B, H, grow, values.shape[3]), values.dtype)
+            if self.keys is None:
+                self.keys, self.values = new_k, new_v
+            else:
+                self.keys = mx.concatenate([self.keys[..., drop:prev, :], new_k], axis=2)
+                self.values = mx.concatenate([self.values[..., drop:prev, :], new_v], axis=2)
+            self.pad = [max(0, p - drop) for p in self.pad]
+            prev -= drop
+        self.size = prev + L
+        self.lengths = [n + L for n in self.lengths]
+        self.keys[..., prev:self.size, :] = keys
+        self.values[..., prev:self.size, :] = values
+        return self.keys[..., :self.size, :], self.values[..., :self.size, :]
+
+    @property
+    def state(self) -> tuple[mx.array, mx.array] | None:
+        if self.keys is None:
+            return None
+        return self.keys[..., :self.size, :], self.values[..., :self.size, :]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    def row_state(self, b: int, length: int) -> tuple[mx.array, mx.array, int]:
+        """Row b's stored positions among its first `length`, copied out of the batch:
+        (keys (1, H, n, D), values, the first position held)."""
+        first = self.lengths[b] - (self.size - self.pad[b])
+        end = self.pad[b] + length - first
+        return (mx.contiguous(self.keys[b:b + 1, :, self.pad[b]:end, :]),
+                mx.contiguous(self.values[b:b + 1, :, self.pad[b]:end, :]), first)
+
+    @classmethod
+    def from_state(cls, state: tuple[mx.array, mx.array, int], n: int, window: int | None) -> BatchKVCache | None:
+        """One row at position n from a stored `row_state`, or None when the state lacks
+        positions that queries from n on can see."""
+        keys, values, first = state
+        need = 0 if window is None else max(0, n - (window - 1))
+        if first > need or n > first + keys.shape[2]:
+            return None
+        cache = cls(window)
+        cache.keys, cache.values = keys[..., need - first:n - first, :], values[..., need - first:n - first, :]
+        cache.pad, cache.lengths, cache.size = [0], [n], n - need
+        return cache
+
+    def extend(self, other: BatchKVCache) -> None:
+        """Append other's rows; the shorter side is padded on the left."""
+        if self.keys is None:
+            self.keys, self.values, self.size = other.keys, other.values, other.size
+            self.pad, self.lengths = list(other.pad), list(other.lengths)
+            return
+        n = max(self.size, other.size)
+
+        def left_pad(x: mx.array, size: int) -> mx.array:
+            x = x[..., :size, :]
+            return mx.pad(x, ((0, 0), (0, 0), (n - size, 0), (0, 0))) if n > size else x
+
+        self.keys = mx.concatenate([left_pad(self.keys, self.size), left_pad(other.keys, other.size)])
+        self.values = mx.concatenate([left_pad(self.values, self.size), left_pad(other.values, other.size)])
+        self.pad = [p + n - self.size for p in self.pad] + [p + n - other.size for p in other.pad]
+        self.lengths = self.lengths + other.lengths
+        self.size = n
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Drop every row not listed, then the padding all remaining rows share."""
+        if not rows:
+            self.keys = self.values = None
+            self.pad, self.lengths, self.size = [], [], 0
+            return
+        index = mx.array(rows)
+        self.keys, self.values = self.keys[index], self.values[index]
+        self.pad = [self.pad[i] for i in rows]
+        self.lengths = [self.lengths[i] for i in rows]
+        trim = min(self.pad)
+        if trim:
+            self.keys = self.keys[..., trim:self.size, :]
+            self.values = self.values[..., trim:self.size, :]
+            self.pad = [p - trim for p in self.pad]
+            self.size -= trim
+
+
+def batch_window(kind) -> int | None | bool:
+    """The batched form of a cache kind a model declares in `make_cache()`: its sliding
+    window (None: full history), or False for a kind the batch has no form of."""
+    if type(kind) is KVCache:
+        return None
+    if type(kind) is RotatingKVCache:
+        return kind.max_size
+    return False
+
+
+class PrefixCache:
+    """The caches of finished sequences, reused by any new prompt that starts with the
+    same tokens (a chat's next turn, a shared system prompt). Least recently used entries
+    go first once the stored bytes pass the budget.
+
+    Sliding-window layers keep only their window (plus up to one growth step), so an entry
+    serves a new prompt only where it diverges within that margin of the entry's end: a
+    chat's next turn does; an early fork of a long conversation starts fresh."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self._entries: list[tuple[np.ndarray, list, int]] = []  # (ids, per-layer row_state, bytes), LRU order
+
+    @staticmethod
+    def _shared(a: np.ndarray, b: np.ndarray) -> int:
+        n = min(a.size, b.size)
+        differ = np.flatnonzero(a[:n] != b[:n])
+        return int(differ[0]) if differ.size else n
+
+    def lookup(self, ids: list[int], limit: int) -> tuple[int, list | None]:
+        """(n, per-layer states): the longest stored prefix of ids, at most limit tokens."""
+        want = np.asarray(ids)
+        best, best_n = -1, 0
+        for i, (key, _, _) in enumerate(self._entries):
+            n = self._shared(key, want)
+            if n > best_n:
+                best, best_n = i, n
+        n = min(best_n, limit)
+        if n <= 0:
+            return 0, None
+        entry = self._entries.pop(best)
+        self._entries.append(entry)
+        return n, entry[1]
+
+    def store(self, ids: list[int], states: list) -> None:
+        key = np.asarray(ids)
+        for i, (other, _, _) in enumerate(self._entries):
+            if other.size >= key.size and self._shared(other, key) == key.size:
+                self._entries.append(self._entries.pop(i))  # already covered by a longer one
+                return
+        # Entries this one extends are redundant: every prefix of theirs is one of its.
+        self._entries = [e for e in self._entries if not (e[0].size <= key.size and self._shared(e[0], key) == e[0].size)]
+        mx.eval([s[:2] for s in states])
+        nbytes = sum(k.nbytes + v.nbytes for k, v, _ in states)
+        self._entries.append((key, states, nbytes))
+        while len(self._entries) > 1 and sum(e[2] for e in self._entries) > self.budget:
+            self._entries.pop(0)
+        if self._entries and self._entries[-1][2] > self.budget:
+            self._entries.pop()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e[2] for e in self._entries)

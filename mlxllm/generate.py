@@ -1,92 +1,43 @@
-"""The one generation loop: `generate_step` yields tokens, `stream_generate` turns them
-into text pieces and stats; the CLI, the server and `generate()` all consume it."""
+"""The one generation loop, for the CLI, Python and the server alike.
+
+`BatchGenerator` decodes many sequences together: requests join and leave between steps;
+prompts are prefilled one chunk per step, round robin, so a long prompt delays the others
+by at most a chunk; every row has its own sampler, penalties, grammar, stop strings and
+limits; and the next step's forward pass is queued (`mx.async_eval`) before the tokens of
+the current one are read, so the model computes while Python detokenizes. One place
+chooses a token (`_Row.choose`), one place turns tokens into text and cuts it at stop
+strings (`TextStream`).
+
+`stream_generate` / `generate` run it with one request; the server feeds it requests
+from many clients (`mlxllm.server`).
+"""
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from .cache import BatchKVCache, PrefixCache, batch_window
 from .sample import SamplingParams, make_logits_processors, make_sampler
 
 PREFILL_STEP = 512  # prompt tokens per forward pass while filling the cache
 
 
 def prefill(model: nn.Module, tokens: mx.array, cache: list, step: int = PREFILL_STEP) -> mx.array:
-    """Run the prompt through the model in chunks; return the last position's logits (1, V)."""
+    """Run a prompt through the model in chunks; return the last position's logits (1, V)."""
     n = tokens.shape[0]
     for start in range(0, n - 1, step):
         end = min(start + step, n - 1)
         model(tokens[None, start:end], cache=cache)
         mx.eval([c.state for c in cache if c is not None and c.state is not None])
     return model(tokens[None, n - 1:], cache=cache)[:, -1, :]
-
-
-def generate_step(model: nn.Module, prompt: Sequence[int], params: SamplingParams | None = None,
-                  max_tokens: int = 256, cache: list | None = None) -> Iterator[int]:
-    """Yield generated token ids, one at a time, until max_tokens (the caller stops earlier
-    on EOS or a stop string simply by closing the generator)."""
-    params = params or SamplingParams()
-    sampler = make_sampler(params)
-    cache = cache if cache is not None else model.make_cache()
-    history = mx.array(list(prompt), mx.int32)
-    if history.size == 0:
-        raise ValueError("the prompt is empty: at least one token (e.g. BOS) is needed")
-    logits = prefill(model, history, cache)
-    processors = make_logits_processors(params, logits.shape[-1])
-
-    def next_token(logits: mx.array, history: mx.array) -> mx.array:
-        for process in processors:
-            logits = process(history, logits[0])[None]
-        return sampler(logits)
-
-    token = next_token(logits, history)
-    mx.async_eval(token)
-    try:
-        for n in range(max_tokens):
-            # Build step n+1's graph before waiting on token n: the CPU/GPU computes while
-            # Python yields and detokenizes.
-            if n + 1 < max_tokens:
-                if processors:
-                    history = mx.concatenate([history, token])
-                next_logits = model(token[None], cache=cache)[:, -1, :]
-                upcoming = next_token(next_logits, history)
-                mx.async_eval(upcoming)
-            yield int(token.item())
-            if n + 1 < max_tokens:
-                token = upcoming
-    finally:
-        # A caller that stops early leaves one step in flight; let it finish, or an
-        # interpreter exiting right after aborts on MLX's still-running stream thread.
-        mx.synchronize()
-
-
-@dataclass
-class Response:
-    """One streamed piece: new text (possibly empty) and the running stats."""
-
-    text: str
-    token: int | None
-    prompt_tokens: int
-    prompt_tps: float
-    generation_tokens: int
-    generation_tps: float
-    peak_memory_gb: float
-    finish_reason: str | None = None  # "stop" (EOS or stop string) | "length" | None
-
-
-def _find_stop(text: str, stops: Sequence[str]) -> int:
-    """Index of the earliest stop string in text, or -1."""
-    return min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters could still grow into a stop string: those wait."""
-    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1)
-                if text.endswith(s[:k])), default=0)
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
@@ -99,54 +50,451 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return ids
 
 
+# ---------------------------------------------------------------------------- text
+
+def _find_stop(text: str, stops: Sequence[str]) -> int:
+    """Index of the earliest stop string in text, or -1."""
+    return min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters could still grow into a stop string: those wait."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1)
+                if text.endswith(s[:k])), default=0)
+
+
+class TextStream:
+    """Token ids -> text pieces with stop strings removed: text that could still grow into
+    a stop string is held back until it cannot, so a stop string is never emitted, even
+    when it arrives split across tokens."""
+
+    def __init__(self, tokenizer, stop: Sequence[str]) -> None:
+        self._detok = tokenizer.detokenizer()
+        self._stop = [s for s in stop if s]
+        self._pending = ""
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """(text ready to send, whether a stop string ended the output)."""
+        self._pending += self._detok.add(token)
+        cut = _find_stop(self._pending, self._stop)
+        if cut >= 0:
+            return self._pending[:cut], True
+        ready = len(self._pending) - _held_back(self._pending, self._stop)
+        text, self._pending = self._pending[:ready], self._pending[ready:]
+        return text, False
+
+    def flush(self) -> tuple[str, bool]:
+        """The rest, once nothing more will arrive."""
+        self._pending += self._detok.flush()
+        cut = _find_stop(self._pending, self._stop)
+        text = self._pending[:cut] if cut >= 0 else self._pending
+        self._pending = ""
+        return text, cut >= 0
+
+
+# ---------------------------------------------------------------------------- requests and events
+
+@dataclass
+class GenerationRequest:
+    """What to generate. constraint: a grammar (`mlxllm.constrain.Constraint`: `mask(V)`,
+    `advance(token)`, `complete`) every token must keep to."""
+
+    prompt: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int = 256
+    stop: Sequence[str] = ()
+    constraint: Any = None
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose cache came from the prefix cache
+    generation_tokens: int
+    prompt_ns: int  # from the first prefill chunk to the first token
+    eval_ns: int  # from the first token to the last
+    context: list[int]  # prompt + generated ids, the final EOS left out (Ollama's `context`)
+
+
+@dataclass
+class Event:
+    """What one step did for one request: new text (possibly empty), the token it came
+    from, and on the last event the finish reason ("stop", "length" or "error", with the
+    message in `error`) and the statistics."""
+
+    uid: int
+    text: str
+    token: int | None
+    finish_reason: str | None = None
+    stats: GenerationStats | None = None
+    error: str | None = None
+
+
+class _Row:
+    """One request inside the generator: its sampler, penalties, grammar, text and counts."""
+
+    def __init__(self, uid: int, request: GenerationRequest, tokenizer) -> None:
+        self.uid, self.request = uid, request
+        params = request.params
+        self.sampler = make_sampler(params)
+        self.processors = make_logits_processors(params)
+        self.greedy = params.temperature == 0 and not self.processors and request.constraint is None
+        # What the penalties see: the prompt and every fed token, appended lazily at launch.
+        self.recent = mx.array(request.prompt, mx.int32) if self.processors else None
+        self.text = TextStream(tokenizer, request.stop) if tokenizer is not None else None
+        self.eos = tokenizer.eos_ids if tokenizer is not None else frozenset()
+        self.history = list(request.prompt)  # prompt + accepted tokens
+        self.generated = 0
+        self.cached = 0
+        self.position = 0  # prompt tokens in the cache so far
+        self.caches: list | None = None  # its own caches while prefilling, or when not batched
+        self.started = 0.0
+        self.decode_start = 0.0
+        self.prompt_ns = 0
+        self.finish: str | None = None
+        self.cancelled = False
+
+    @property
+    def last(self) -> int:
+        return self.history[-1]
+
+    @property
+    def fed(self) -> list[int]:
+        """The tokens in the cache once the last sampled one is fed: all but it."""
+        return self.history[:-1]
+
+    def feed(self, token: mx.array) -> None:
+        """Token (1,) goes into the model: the penalties see it from the next choice on."""
+        if self.processors:
+            n = self.request.params.repeat_last_n
+            self.recent = mx.concatenate([self.recent, token.astype(mx.int32)])
+            if n > 0:
+                self.recent = self.recent[-n:]
+
+    def choose(self, logits: mx.array) -> mx.array:
+        """The next token (1,) from last-position logits (1, V)."""
+        for process in self.processors:
+            logits = process(self.recent, logits[0])[None]
+        constraint = self.request.constraint
+        if constraint is not None:
+            allowed = constraint.mask(logits.shape[-1])
+            logits = mx.where(allowed, logits, mx.array(-mx.inf, logits.dtype))
+        return self.sampler(logits)
+
+    def accept(self, token: int) -> Event:
+        request = self.request
+        if self.generated == 0:
+            self.prompt_ns = int((time.perf_counter() - self.started) * 1e9)
+            self.decode_start = time.perf_counter()
+        self.generated += 1
+        self.history.append(token)
+        if token in self.eos:
+            return self._end(token, "", "stop")
+        if request.constraint is not None:
+            request.constraint.advance(token)
+        text, stopped = self.text.add(token) if self.text is not None else ("", False)
+        if stopped:
+            return self._end(token, text, "stop", flush=False)
+        if request.constraint is not None and request.constraint.complete:
+            return self._end(token, text, "stop")
+        if self.generated >= request.max_tokens:
+            return self._end(token, text, "length")
+        return Event(self.uid, text, token)
+
+    def _end(self, token: int | None, text: str, reason: str, flush: bool = True) -> Event:
+        if flush and self.text is not None:
+            rest, stopped = self.text.flush()
+            text += rest
+            reason = "stop" if stopped else reason
+        self.finish = reason
+        context = self.history[:-1] if self.history[-1] in self.eos else list(self.history)
+        stats = GenerationStats(len(self.request.prompt), self.cached, self.generated, self.prompt_ns,
+                                int((time.perf_counter() - self.decode_start) * 1e9), context)
+        return Event(self.uid, text, token, reason, stats)
+
+    def fail(self, message: str) -> Event:
+        self.finish = "error"
+        return Event(self.uid, "", None, "error", None, message)
+
+
+@dataclass
+class _Launch:
+    """A decode step in flight: the rows it ran, in batch order, and their sampled tokens."""
+
+    rows: list[_Row]
+    tokens: mx.array  # (B,), not yet read
+
+
+# ---------------------------------------------------------------------------- the loop
+
+class BatchGenerator:
+    """Decodes up to `max_batch` requests together; `step()` advances every one of them.
+    Without a tokenizer, events carry tokens only (no text, no EOS: only max_tokens ends).
+
+    Each step prefills one chunk (`prefill_step` tokens) of one admitted prompt, round
+    robin, and then decodes one token for every row in the batch. A model's rows share one
+    forward pass when it is `batchable` (it builds attention masks with `cache.make_mask`)
+    and declares cache kinds that have a batched form (`mlxllm.cache.batch_window`);
+    otherwise each row runs its own forward on the model's own caches, interleaved. With
+    `prefix_cache_bytes`, finished rows' caches serve later prompts that share a prefix.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, max_batch: int = 16, prefill_step: int = PREFILL_STEP,
+                 prefix_cache_bytes: int = 0) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.prefill_step = max_batch, prefill_step
+        windows = [batch_window(kind) for kind in model.make_cache()]
+        self.batched = getattr(model, "batchable", False) and all(w is not False for w in windows)
+        self.windows = windows if self.batched else None
+        self.prefixes = PrefixCache(prefix_cache_bytes) if self.batched and prefix_cache_bytes > 0 else None
+        self.waiting: deque[_Row] = deque()  # not yet admitted: the batch is full
+        self.prefilling: deque[_Row] = deque()  # admitted, prompt partly in the cache
+        self.rows: list[_Row] = []  # decoding, in the batch caches' row order
+        self._caches: list[BatchKVCache] | None = None
+        self._launched: _Launch | None = None
+        self._uids = itertools.count()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows or self.prefilling or self.waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self.rows) + len(self.prefilling)
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    def insert(self, request: GenerationRequest) -> int:
+        """Queue a request; its events carry the returned uid."""
+        if not request.prompt:
+            raise ValueError("the prompt is empty: at least one token (e.g. BOS) is needed")
+        row = _Row(next(self._uids), request, self.tokenizer)
+        self.waiting.append(row)
+        return row.uid
+
+    def cancel(self, uid: int) -> None:
+        """Stop a request; its row is freed at the next step, no event follows."""
+        for row in itertools.chain(self.waiting, self.prefilling, self.rows):
+            if row.uid == uid:
+                row.cancelled = True
+
+    def step(self) -> list[Event]:
+        """One prefill chunk and one token for every decoding row; the events they made."""
+        events: list[Event] = []
+        self._reap()
+        while self.waiting and self.active < self.max_batch:
+            self.prefilling.append(self.waiting.popleft())
+        if self.prefilling:
+            self._prefill_chunk(self.prefilling[0], events)
+        if self.rows:
+            self._decode(events)
+        return events
+
+    def fail_all(self, message: str) -> list[Event]:
+        """End every request with an error (the model is going away, or a step failed)."""
+        events = [row.fail(message) for row in itertools.chain(self.waiting, self.prefilling, self.rows)
+                  if row.finish is None]
+        self.waiting.clear()
+        self.prefilling.clear()
+        self.rows, self._caches, self._launched = [], None, None
+        return events
+
+    # -- prefill
+
+    def _start_caches(self, row: _Row) -> list:
+        """Fresh caches for a prompt, primed with the longest stored prefix of it (all but
+        the last token at most: its logits are needed)."""
+        prompt = row.request.prompt
+        if self.prefixes is not None:
+            n, states = self.prefixes.lookup(prompt, limit=len(prompt) - 1)
+            if n:
+                caches = [BatchKVCache.from_state(s, n, w) for s, w in zip(states, self.windows)]
+                if all(c is not None for c in caches):
+                    row.cached = row.position = n
+                    return caches
+        if self.batched:
+            return [BatchKVCache(w) for w in self.windows]
+        return self.model.make_cache()
+
+    def _prefill_chunk(self, row: _Row, events: list[Event]) -> None:
+        if row.caches is None:
+            row.started = time.perf_counter()
+            row.caches = self._start_caches(row)
+        prompt = row.request.prompt
+        chunk = mx.array(prompt[row.position:row.position + self.prefill_step], mx.int32)
+        row.position += chunk.size
+        try:
+            logits = self.model(chunk[None], cache=row.caches)[:, -1, :]
+            if row.position < len(prompt):  # more to come: the next prompt takes a turn first
+                mx.eval([c.state for c in row.caches if c.state is not None])
+                self.prefilling.rotate(-1)
+                return
+            token = row.choose(logits)
+            mx.eval(token)
+            event = row.accept(int(token.item()))
+        except Exception as e:  # noqa: BLE001  (a bad prompt must not take the others down)
+            self.prefilling.popleft()
+            events.append(row.fail(f"generation failed: {type(e).__name__}: {e}"))
+            return
+        self.prefilling.popleft()
+        events.append(event)
+        if row.finish:
+            self._store(row, row.caches, 0)
+            return
+        if self.batched:
+            if self._caches is None:
+                self._caches = row.caches
+            else:
+                for mine, theirs in zip(self._caches, row.caches):
+                    mine.extend(theirs)
+            row.caches = None
+        self.rows.append(row)
+
+    # -- decode
+
+    def _pipelined(self) -> bool:
+        """Whether the next step may be queued before this one's tokens are read: not when
+        a grammar needs this token to mask the next."""
+        return all(r.request.constraint is None for r in self.rows)
+
+    def _decode(self, events: list[Event]) -> None:
+        current = self._launched or self._launch(mx.array([r.last for r in self.rows], mx.int32))
+        self._launched = None
+        if self._pipelined():
+            self._launched = self._launch(self._feed(current))
+        tokens = current.tokens.tolist()
+        for row, token in zip(current.rows, tokens):
+            if row.finish is None and not row.cancelled:
+                events.append(row.accept(token))
+        done = [i for i, r in enumerate(self.rows) if r.finish]
+        if done:
+            self._remove(done, store=True)
+
+    def _feed(self, current: _Launch) -> mx.array:
+        """The tokens (B,) the rows feed next: the launched step's, still unread, and for
+        rows that joined since, their first token."""
+        index = {id(r): i for i, r in enumerate(current.rows)}
+        at = [index.get(id(r)) for r in self.rows]
+        if at == list(range(len(current.rows))):
+            return current.tokens
+        return mx.concatenate([current.tokens[i:i + 1] if i is not None else mx.array([r.last], mx.int32)
+                               for i, r in zip(at, self.rows)])
+
+    def _launch(self, tokens: mx.array) -> _Launch:
+        """One forward pass over every row's next token, and the tokens they choose."""
+        rows = list(self.rows)
+        tokens = tokens.astype(mx.int32)
+        if self.batched:
+            logits = self.model(tokens[:, None], cache=self._caches)[:, -1, :]  # (B, V)
+        else:
+            logits = mx.concatenate([self.model(tokens[i:i + 1, None], cache=r.caches)[:, -1, :]
+                                     for i, r in enumerate(rows)])
+        for i, row in enumerate(rows):
+            row.feed(tokens[i:i + 1])
+        if all(r.greedy for r in rows):
+            picks = mx.argmax(logits, axis=-1)
+        else:
+            picks = mx.concatenate([r.choose(logits[i:i + 1]) for i, r in enumerate(rows)])
+        mx.async_eval(picks)
+        return _Launch(rows, picks)
+
+    # -- rows leaving
+
+    def _reap(self) -> None:
+        """Forget cancelled requests; their slots are free for the next."""
+        self.waiting = deque(r for r in self.waiting if not r.cancelled)
+        self.prefilling = deque(r for r in self.prefilling if not r.cancelled)
+        gone = [i for i, r in enumerate(self.rows) if r.cancelled]
+        if gone:
+            self._remove(gone, store=False)
+
+    def _store(self, row: _Row, caches: list, b: int) -> None:
+        if self.prefixes is None or row.finish == "error":
+            return
+        self.prefixes.store(row.fed, [c.row_state(b, len(row.fed)) for c in caches])
+
+    def _remove(self, indices: list[int], store: bool) -> None:
+        for i in indices if store else ():
+            row = self.rows[i]
+            self._store(row, self._caches if self.batched else row.caches, i if self.batched else 0)
+        drop = set(indices)
+        keep = [i for i in range(len(self.rows)) if i not in drop]
+        if self.batched:
+            for c in self._caches:
+                c.keep_rows(keep)
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self._caches, self._launched = None, None
+
+
+# ---------------------------------------------------------------------------- one sequence
+
+@dataclass
+class Response:
+    """One streamed piece: new text (possibly empty) and the running stats."""
+
+    text: str
+    token: int | None
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory_gb: float
+    finish_reason: str | None = None  # "stop" (EOS, stop string, grammar complete) | "length" | None
+
+
 def stream_generate(model: nn.Module, tokenizer, prompt: str | Sequence[int],
                     params: SamplingParams | None = None, max_tokens: int = 256,
-                    stop: Sequence[str] = (), cache: list | None = None) -> Iterator[Response]:
+                    stop: Sequence[str] = (), constraint: Any = None) -> Iterator[Response]:
     """Generate from a prompt (text, encoded with the tokenizer's BOS rules and special
     tokens parsed, or token ids) and yield text pieces as they complete, ending with a
-    piece that carries finish_reason. Stop strings are never emitted, even when they
-    arrive split across tokens."""
+    piece that carries finish_reason: the generation loop with one request."""
     ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
-    stop = [s for s in stop if s]
-    detok = tokenizer.detokenizer()
+    generator = BatchGenerator(model, tokenizer, max_batch=1)
+    generator.insert(GenerationRequest(ids, params or SamplingParams(), max_tokens, stop, constraint))
     mx.reset_peak_memory()
     start = time.perf_counter()
     prompt_tps = gen_start = 0.0
-    pending = ""  # decoded text not yet emitted: it may be the start of a stop string
     n_generated = 0
-    last_token = None
-    finish = "length"
+    try:
+        while generator.busy:
+            for event in generator.step():
+                if event.error is not None:
+                    raise RuntimeError(event.error)
+                if event.token is not None:
+                    if n_generated == 0:
+                        gen_start = time.perf_counter()
+                        prompt_tps = len(ids) / (gen_start - start)
+                    n_generated += 1
+                if not event.text and event.finish_reason is None:
+                    continue
+                elapsed = time.perf_counter() - gen_start if gen_start else 0.0
+                tps = (n_generated - 1) / elapsed if n_generated > 1 and elapsed > 0 else 0.0
+                yield Response(event.text, event.token, len(ids), prompt_tps, n_generated, tps,
+                               mx.get_peak_memory() / 1e9, event.finish_reason)
+    finally:
+        # A caller that stops early leaves one step in flight; let it finish, or an
+        # interpreter exiting right after aborts on MLX's still-running stream thread.
+        mx.synchronize()
 
-    def response(text: str, reason: str | None) -> Response:
-        elapsed = time.perf_counter() - gen_start if gen_start else 0.0
-        tps = (n_generated - 1) / elapsed if n_generated > 1 and elapsed > 0 else 0.0
-        return Response(text, last_token, len(ids), prompt_tps, n_generated, tps,
-                        mx.get_peak_memory() / 1e9, reason)
 
-    for token in generate_step(model, ids, params, max_tokens, cache):
-        if n_generated == 0:
-            gen_start = time.perf_counter()
-            prompt_tps = len(ids) / (gen_start - start)
-        n_generated += 1
-        last_token = token
-        if token in tokenizer.eos_ids:
-            finish = "stop"
-            break
-        pending += detok.add(token)
-        cut = _find_stop(pending, stop)
-        if cut >= 0:
-            yield response(pending[:cut], "stop")
-            return
-        ready = len(pending) - _held_back(pending, stop)
-        if ready:
-            yield response(pending[:ready], None)
-            pending = pending[ready:]
-    # Nothing more will arrive: held-back text and the detokenizer's rest are output.
-    pending += detok.flush()
-    cut = _find_stop(pending, stop)
-    if cut >= 0:
-        pending, finish = pending[:cut], "stop"
-    yield response(pending, finish)
+def generate_step(model: nn.Module, prompt: Sequence[int], params: SamplingParams | None = None,
+                  max_tokens: int = 256) -> Iterator[int]:
+    """The generated token ids alone, until max_tokens (EOS is not special here: the
+    caller stops where it wants by closing the generator)."""
+    generator = BatchGenerator(model, None, max_batch=1)
+    generator.insert(GenerationRequest(list(prompt), params or SamplingParams(), max_tokens))
+    try:
+        while generator.busy:
+            for event in generator.step():
+                if event.error is not None:
+                    raise RuntimeError(event.error)
+                if event.token is not None:
+                    yield event.token
+    finally:
+        mx.synchronize()
 
 
 def generate(model: nn.Module, tokenizer, prompt: str | Sequence[int], max_tokens: int = 256,

@@ -96,7 +96,7 @@ def make_sampler(params: SamplingParams) -> Sampler:
     return sample
 
 
-def make_logits_processors(params: SamplingParams, vocab_size: int) -> list[LogitsProcessor]:
+def make_logits_processors(params: SamplingParams) -> list[LogitsProcessor]:
     """llama.cpp's penalties over the last `repeat_last_n` tokens (-1: all, 0: none):
     repeat (divide positive logits, multiply negative ones), frequency (minus count times
     the penalty) and presence (minus the penalty once)."""
@@ -108,7 +108,7 @@ def make_logits_processors(params: SamplingParams, vocab_size: int) -> list[Logi
         recent = tokens if params.repeat_last_n < 0 else tokens[-params.repeat_last_n:]
         if recent.size == 0:
             return logits
-        counts = mx.zeros((vocab_size,), mx.float32).at[recent].add(1.0)  # (V,)
+        counts = mx.zeros(logits.shape[-1:], mx.float32).at[recent].add(1.0)  # (V,)
         seen = counts > 0
         penalized = mx.where(logits > 0, logits / params.repeat_penalty, logits * params.repeat_penalty)
         logits = mx.where(seen, penalized, logits)

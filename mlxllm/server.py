@@ -1,20 +1,17 @@
-"""`mlxllm serve`: Ollama's and OpenAI's HTTP APIs over aiohttp, on the generation pieces
-the CLI uses (`prefill`, the samplers and logits processors, the stop-string rules).
+"""`mlxllm serve`: Ollama's and OpenAI's HTTP APIs over aiohttp, on the generation loop
+the CLI uses (`mlxllm.generate.BatchGenerator`).
 
 Top to bottom:
-- routes (`/api/*` Ollama, `/v1/*` OpenAI) validate a request, build its prompt and hand a
-  `Job` to the model's engine, then turn the engine's events into that API's shapes;
+- `Engine` feeds one loaded model's jobs to its generation loop and hands each job its
+  events; the `Worker` thread, the only one that runs MLX, ticks every engine: a prompt
+  chunk and one token for every active job per tick (continuous batching, see
+  `mlxllm.generate`);
 - `ModelPool` loads models by name or path on demand and unloads each after keep_alive;
-- `Engine` is one thread per loaded model, the only thread that touches it. Each iteration
-  it admits one waiting job (prefill, reusing the KV of a shared prompt prefix) and then
-  decodes one token for every active job: continuous batching, one forward pass over all
-  of them, when the architecture builds its attention mask with `cache.make_mask` (see
-  `mlxllm.cache`); otherwise one forward per job, interleaved, so every client still streams;
-- `BatchKVCache` holds rows of different lengths, left-padded, and makes their masks.
+- routes (`/api/*` Ollama, `/v1/*` OpenAI) validate a request, build its prompt and hand a
+  `Job` to the model's engine, then turn the engine's events into that API's shapes.
 Events flow back to the handlers through asyncio queues (`loop.call_soon_threadsafe`); a
 handler whose client went away sets its job's cancel flag, which the engine checks between
-tokens, freeing the slot.
-"""
+steps, freeing the slot."""
 
 from __future__ import annotations
 
@@ -30,7 +27,6 @@ import signal
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -41,12 +37,11 @@ import numpy as np
 from aiohttp import web
 
 from . import __version__
-from .cache import KVCache, RotatingKVCache
 from .chat_template import ChatTemplateError, render_chat_template
 from .constrain import ANY_OBJECT, Constraint, GrammarError, vocabulary_for
-from .generate import _find_stop, _held_back, prefill
+from .generate import BatchGenerator, GenerationRequest, encode_prompt
 from .models import ModelNotFound, available, resolve
-from .sample import SamplingParams, make_logits_processors, make_sampler
+from .sample import SamplingParams
 
 log = logging.getLogger("mlxllm.server")
 
@@ -55,187 +50,6 @@ DEFAULT_KEEP_ALIVE = 300.0  # seconds a model stays loaded after its last reques
 DEFAULT_PARALLEL = 16  # jobs decoded together per model; more wait their turn
 MAX_STOPS = 16
 FINGERPRINT = f"fp_mlxllm_{__version__}"
-
-
-# ---------------------------------------------------------------------------- KV cache rows
-
-class BatchKVCache:
-    """Keys and values of B sequences, (B, n_kv_heads, T, head_dim), each left-padded to
-    the longest: row b holds its positions at slots pad[b]..size-1.
-
-    `offset` is each row's RoPE position (an int while no row is padded), `make_mask(L)`
-    hides the padding and, with `window`, the keys a sliding window no longer sees (the
-    whole history is kept: rows join and leave at any length). One row without padding
-    grows, stores and returns exactly what `mlxllm.cache.KVCache` does, so a lone request
-    computes what `generate_step` computes.
-    """
-
-    step = 256
-
-    def __init__(self, window: int | None = None) -> None:
-        self.window = window
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
-        self.pad: list[int] = []
-        self.size = 0  # filled slots, the same for every row
-        self.masks_made = 0  # the engine's probe: does the model ask its cache for masks?
-
-    @classmethod
-    def from_state(cls, keys: mx.array, values: mx.array, n: int, window: int | None) -> BatchKVCache:
-        """One row holding the first n positions of a stored (1, H, T, D) state."""
-        cache = cls(window)
-        cache.keys, cache.values = keys[..., :n, :], values[..., :n, :]
-        cache.pad, cache.size = [0], n
-        return cache
-
-    @property
-    def offset(self) -> int | mx.array:
-        if not any(self.pad):
-            return self.size
-        return mx.array([self.size - p for p in self.pad])  # (B,): mx.fast.rope takes one per row
-
-    def make_mask(self, L: int) -> mx.array | str | None:
-        self.masks_made += 1
-        T = self.size + L
-        windowed = self.window is not None and T > self.window
-        if not any(self.pad) and not windowed:
-            return "causal" if L > 1 else None
-        q = mx.arange(self.size, T)[:, None]  # (L, 1) query slots
-        k = mx.arange(T)[None]  # (1, T) key slots
-        mask = k <= q
-        if windowed:  # slots and positions differ by a per-row constant: same distances
-            mask = mask & (q - k < self.window)
-        if any(self.pad):
-            real = k[None] >= mx.array(self.pad)[:, None, None]  # (B, 1, T)
-            mask = (mask[None] & real)[:, None]  # (B, 1, L, T), broadcast over heads
-        return mask
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        B, H, L, D = keys.shape
-        if not self.pad:
-            self.pad = [0] * B
-        prev = self.size
-        if self.keys is None or prev + L > self.keys.shape[2]:
-            grow = (L + self.step - 1) // self.step * self.step
-            new_k = mx.zeros((B, H, grow, D), keys.dtype)
-            new_v = mx.zeros((B, H, grow, values.shape[3]), values.dtype)
-            if self.keys is None:
-                self.keys, self.values = new_k, new_v
-            else:
-                self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
-                self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
-        self.size += L
-        self.keys[..., prev:self.size, :] = keys
-        self.values[..., prev:self.size, :] = values
-        return self.keys[..., :self.size, :], self.values[..., :self.size, :]
-
-    @property
-    def state(self) -> tuple[mx.array, mx.array] | None:
-        if self.keys is None:
-            return None
-        return self.keys[..., :self.size, :], self.values[..., :self.size, :]
-
-    def row(self, b: int) -> tuple[mx.array, mx.array]:
-        """Row b's positions, (1, H, n, D), copied out of the batch's storage."""
-        p = self.pad[b]
-        return (mx.contiguous(self.keys[b:b + 1, :, p:self.size, :]),
-                mx.contiguous(self.values[b:b + 1, :, p:self.size, :]))
-
-    def extend(self, other: BatchKVCache) -> None:
-        """Append other's rows; the shorter side is padded on the left."""
-        if self.keys is None:
-            self.keys, self.values, self.pad, self.size = other.keys, other.values, list(other.pad), other.size
-            return
-        n = max(self.size, other.size)
-
-        def left_pad(x: mx.array, size: int) -> mx.array:
-            x = x[..., :size, :]
-            return mx.pad(x, ((0, 0), (0, 0), (n - size, 0), (0, 0))) if n > size else x
-
-        self.keys = mx.concatenate([left_pad(self.keys, self.size), left_pad(other.keys, other.size)])
-        self.values = mx.concatenate([left_pad(self.values, self.size), left_pad(other.values, other.size)])
-        self.pad = [p + n - self.size for p in self.pad] + [p + n - other.size for p in other.pad]
-        self.size = n
-
-    def keep_rows(self, rows: list[int]) -> None:
-        """Drop every row not listed, then the padding all remaining rows share."""
-        if not rows:
-            self.keys = self.values = None
-            self.pad, self.size = [], 0
-            return
-        index = mx.array(rows)
-        self.keys, self.values = self.keys[index], self.values[index]
-        self.pad = [self.pad[i] for i in rows]
-        trim = min(self.pad)
-        if trim:
-            self.keys = self.keys[..., trim:self.size, :]
-            self.values = self.values[..., trim:self.size, :]
-            self.pad = [p - trim for p in self.pad]
-            self.size -= trim
-
-
-def probe_layout(model) -> tuple[list[int | None] | None, bool]:
-    """(the sliding window of each layer's cache, or None when the model uses caches this
-    server cannot stand in for; whether the model builds its masks with `cache.make_mask`,
-    which rows of different lengths in one batch need)."""
-    own = model.make_cache()
-    if not own or not all(type(c) in (KVCache, RotatingKVCache) for c in own):
-        return None, False
-    windows = [c.max_size if isinstance(c, RotatingKVCache) else None for c in own]
-    probe = [BatchKVCache(w) for w in windows]
-    model(mx.array([[0]], mx.int32), cache=probe)  # builds a graph, evaluates nothing
-    return windows, any(c.masks_made for c in probe)
-
-
-class PrefixCache:
-    """The KV of finished sequences, reused by any new prompt that starts with the same
-    tokens (a chat's next turn, a shared system prompt). Least recently used entries go
-    first once the stored bytes pass the budget."""
-
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget = budget_bytes
-        self._entries: list[tuple[np.ndarray, list[tuple[mx.array, mx.array]], int]] = []  # LRU order
-
-    @staticmethod
-    def _shared(a: np.ndarray, b: np.ndarray) -> int:
-        n = min(a.size, b.size)
-        differ = np.flatnonzero(a[:n] != b[:n])
-        return int(differ[0]) if differ.size else n
-
-    def lookup(self, ids: list[int], limit: int) -> tuple[int, list[tuple[mx.array, mx.array]] | None]:
-        """(n, state): the longest stored prefix of ids, at most limit tokens."""
-        want = np.asarray(ids)
-        best, best_n = -1, 0
-        for i, (key, _, _) in enumerate(self._entries):
-            n = self._shared(key, want)
-            if n > best_n:
-                best, best_n = i, n
-        n = min(best_n, limit)
-        if n <= 0:
-            return 0, None
-        entry = self._entries.pop(best)
-        self._entries.append(entry)
-        return n, entry[1]
-
-    def store(self, ids: list[int], state: list[tuple[mx.array, mx.array]]) -> None:
-        key = np.asarray(ids)
-        for i, (other, _, _) in enumerate(self._entries):
-            if other.size >= key.size and self._shared(other, key) == key.size:
-                self._entries.append(self._entries.pop(i))  # already covered by a longer one
-                return
-        # Entries this one extends are redundant: every prefix of theirs is one of its.
-        self._entries = [e for e in self._entries if not (e[0].size <= key.size and self._shared(e[0], key) == e[0].size)]
-        mx.eval(state)
-        nbytes = sum(k.nbytes + v.nbytes for k, v in state)
-        self._entries.append((key, state, nbytes))
-        while len(self._entries) > 1 and sum(e[2] for e in self._entries) > self.budget:
-            self._entries.pop(0)
-        if self._entries and self._entries[-1][2] > self.budget:
-            self._entries.pop()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(e[2] for e in self._entries)
 
 
 # ---------------------------------------------------------------------------- the engine
@@ -250,256 +64,92 @@ class Job:
     stop: list[str]
     emit: Callable[[tuple[str, Any]], None]  # called from the engine thread
     constraint: Constraint | None = None
-    cancelled: bool = False  # set by the request handler; checked between tokens
-
-
-class _TextStream:
-    """Token ids -> text pieces with stop strings removed, by `stream_generate`'s rules:
-    text that could still grow into a stop string is held back until it cannot."""
-
-    def __init__(self, tokenizer, stop: list[str]) -> None:
-        self._detok = tokenizer.detokenizer()
-        self._stop = [s for s in stop if s]
-        self._pending = ""
-
-    def add(self, token: int) -> tuple[str, bool]:
-        """(text ready to send, whether a stop string ended the output)."""
-        self._pending += self._detok.add(token)
-        cut = _find_stop(self._pending, self._stop)
-        if cut >= 0:
-            return self._pending[:cut], True
-        ready = len(self._pending) - _held_back(self._pending, self._stop)
-        text, self._pending = self._pending[:ready], self._pending[ready:]
-        return text, False
-
-    def flush(self) -> tuple[str, bool]:
-        self._pending += self._detok.flush()
-        cut = _find_stop(self._pending, self._stop)
-        text = self._pending[:cut] if cut >= 0 else self._pending
-        self._pending = ""
-        return text, cut >= 0
-
-
-class Slot:
-    """An admitted job: its sampler, penalties, grammar, text stream and statistics."""
-
-    def __init__(self, job: Job, tokenizer, vocab_size: int) -> None:
-        self.job = job
-        self.sampler = make_sampler(job.params)
-        self.processors = make_logits_processors(job.params, vocab_size)
-        self.eos = tokenizer.eos_ids
-        self.text = _TextStream(tokenizer, job.stop)
-        self.history = list(job.prompt)  # prompt + accepted tokens: what the penalties see
-        self.generated = 0
-        self.cached = 0  # prompt tokens whose KV came from the prefix cache
-        self.caches: list | None = None  # this job's own caches when not batched
-        self.started = time.perf_counter()  # admission: prefill time counts from here
-        self.decode_start = self.started
-        self.prompt_ns = 0
-        self.finish: str | None = None
-
-    @property
-    def last(self) -> int:
-        return self.history[-1]
-
-    def choose(self, logits: mx.array) -> mx.array:
-        """The next token (1,) from last-position logits (1, V), as `generate_step` does."""
-        if self.processors:
-            n = self.job.params.repeat_last_n
-            recent = mx.array(self.history if n < 0 else self.history[-n:], mx.int32)
-            for process in self.processors:
-                logits = process(recent, logits[0])[None]
-        if self.job.constraint is not None:
-            allowed = self.job.constraint.mask(logits.shape[-1])
-            logits = mx.where(allowed, logits, mx.array(-mx.inf, logits.dtype))
-        return self.sampler(logits)
-
-    def accept(self, token: int) -> None:
-        job = self.job
-        if self.generated == 0:
-            self.prompt_ns = int((time.perf_counter() - self.started) * 1e9)
-            self.decode_start = time.perf_counter()
-        self.generated += 1
-        self.history.append(token)
-        if token in self.eos:
-            self._end("stop")
-            return
-        if job.constraint is not None:
-            job.constraint.advance(token)
-        text, stopped = self.text.add(token)
-        if text:
-            job.emit(("text", text))
-        if stopped:
-            self._end("stop", flush=False)
-        elif job.constraint is not None and job.constraint.complete:
-            self._end("stop")
-        elif self.generated >= job.max_tokens:
-            self._end("length")
-
-    def _end(self, reason: str, flush: bool = True) -> None:
-        if flush:
-            text, stopped = self.text.flush()
-            reason = "stop" if stopped else reason
-            if text:
-                self.job.emit(("text", text))
-        self.finish = reason
-        ids = self.history[:-1] if self.history[-1] in self.eos else self.history
-        self.job.emit(("done", {
-            "finish_reason": reason,
-            "prompt_tokens": len(self.job.prompt),
-            "cached_tokens": self.cached,
-            "completion_tokens": self.generated,
-            "prompt_ns": self.prompt_ns,
-            "eval_ns": int((time.perf_counter() - self.decode_start) * 1e9),
-            "context": ids,
-        }))
-
-    @property
-    def fed(self) -> list[int]:
-        """The tokens whose KV is in the cache: all but the last sampled one."""
-        return self.history[:-1]
+    cancelled: bool = False  # set by the request handler; checked between steps
 
 
 class Engine:
-    """One loaded model's jobs: admits them, prefills them, and decodes a token for every
-    active one per `tick()` (batched when the model allows, see `probe_layout`). Touched
-    only from the worker thread."""
+    """One loaded model's jobs on the generation loop (`mlxllm.generate.BatchGenerator`):
+    each `tick()` admits waiting jobs, prefills one chunk of a prompt and decodes a token
+    for every active job, then hands each job its events. Touched only from the worker
+    thread."""
 
     def __init__(self, model, tokenizer, name: str = "", parallel: int = DEFAULT_PARALLEL,
                  prefix_cache_bytes: int = 512 << 20) -> None:
-        self.model, self.tokenizer, self.name = model, tokenizer, name
-        self.parallel = parallel
-        self.windows, asks_mask = probe_layout(model)
-        # Our caches stand in for the model's when they can apply its masks: always for
-        # plain full-history models, and for sliding windows when the model asks for masks.
-        self.own_cache = self.windows is not None and (asks_mask or not any(self.windows))
-        self.batched = self.own_cache and asks_mask
-        self.prefixes = PrefixCache(prefix_cache_bytes) if self.own_cache and prefix_cache_bytes > 0 else None
-        self.slots: list[Slot] = []
-        self.waiting: deque[Job] = deque()
-        self._admitting = 0  # a job between the waiting line and the slots (for `active`)
-        self._caches: list[BatchKVCache] | None = None  # every slot's row, when batched
+        self.name = name
+        self.generator = BatchGenerator(model, tokenizer, parallel, prefix_cache_bytes=prefix_cache_bytes)
+        self.jobs: dict[int, Job] = {}
+
+    @property
+    def batched(self) -> bool:
+        return self.generator.batched
+
+    @property
+    def prefixes(self):
+        return self.generator.prefixes
 
     @property
     def busy(self) -> bool:
-        return bool(self.slots or self.waiting)
+        return self.generator.busy
 
     @property
     def active(self) -> int:  # read from the event loop: a snapshot is all it needs
-        return len(self.slots) + self._admitting
+        return self.generator.active
 
     @property
     def queued(self) -> int:
-        return len(self.waiting)
+        return self.generator.queued
 
-    def tick(self) -> None:
-        """Admit at most one waiting job, then one token for every active one: a long
-        prompt delays the others' next token by one prefill, never more."""
+    def submit(self, job: Job) -> None:
         try:
-            self._reap()
-            if self.waiting and len(self.slots) < self.parallel:
-                self._admitting = 1
-                try:
-                    self._admit(self.waiting.popleft())
-                finally:
-                    self._admitting = 0
-            if self.slots:
-                self._step()
-        except Exception as e:  # a bug or an MLX error: fail these jobs, keep serving
-            log.exception("engine %s: step failed", self.name)
-            self.fail_all(f"generation failed: {type(e).__name__}: {e}")
-
-    def _reap(self) -> None:
-        """Forget jobs whose clients went away; their slots are free for the next."""
-        if any(j.cancelled for j in self.waiting):
-            self.waiting = deque(j for j in self.waiting if not j.cancelled)
-        gone = [i for i, s in enumerate(self.slots) if s.job.cancelled]
-        if gone:
-            log.info("%s: %d cancelled job(s) freed their slots", self.name, len(gone))
-            self._remove(gone, store=False)
-
-    def _start_caches(self, ids: list[int]) -> tuple[list, int]:
-        """Fresh caches for a prompt, primed with the longest stored prefix of it (all but
-        the last token at most: its logits are needed)."""
-        if self.prefixes is not None:
-            n, state = self.prefixes.lookup(ids, limit=len(ids) - 1)
-            if n:
-                return [BatchKVCache.from_state(k, v, n, w) for (k, v), w in zip(state, self.windows)], n
-        if self.own_cache:
-            return [BatchKVCache(w) for w in self.windows], 0
-        return self.model.make_cache(), 0
-
-    def _admit(self, job: Job) -> None:
-        slot = Slot(job, self.tokenizer, self.tokenizer.vocab_size)
-        try:
-            caches, reused = self._start_caches(job.prompt)
-            logits = prefill(self.model, mx.array(job.prompt[reused:], mx.int32), caches)
-            token = slot.choose(logits)
-            mx.eval(token)
-            slot.cached = reused
-            slot.accept(int(token.item()))
-        except Exception as e:
-            log.exception("engine %s: prefill failed", self.name)
+            uid = self.generator.insert(GenerationRequest(job.prompt, job.params, job.max_tokens, job.stop,
+                                                          job.constraint))
+        except Exception as e:  # noqa: BLE001  (this job's fault: it alone fails)
             job.emit(("error", f"generation failed: {type(e).__name__}: {e}"))
             return
-        if slot.finish:
-            self._store(slot, caches, 0)
+        self.jobs[uid] = job
+
+    def tick(self) -> None:
+        """One step of the loop: a prompt chunk, one token for every active job."""
+        gone = [uid for uid, job in self.jobs.items() if job.cancelled]
+        for uid in gone:  # their clients went away: the slots are free for the next
+            self.generator.cancel(uid)
+            del self.jobs[uid]
+        if gone:
+            log.info("%s: %d cancelled job(s) freed their slots", self.name, len(gone))
+        try:
+            events = self.generator.step()
+        except Exception as e:  # a bug or an MLX error: fail these jobs, keep serving
+            log.exception("engine %s: step failed", self.name)
+            events = self.generator.fail_all(f"generation failed: {type(e).__name__}: {e}")
+        for event in events:
+            self._deliver(event)
+
+    def _deliver(self, event) -> None:
+        job = self.jobs.get(event.uid)
+        if job is None:
             return
-        if self.batched:
-            if self._caches is None:
-                self._caches = caches
-            else:
-                for mine, theirs in zip(self._caches, caches):
-                    mine.extend(theirs)
-        else:
-            slot.caches = caches
-        self.slots.append(slot)
-
-    def _step(self) -> None:
-        """One token for every active slot."""
-        if self.batched:
-            tokens = mx.array([[s.last] for s in self.slots], mx.int32)  # (B, 1)
-            logits = self.model(tokens, cache=self._caches)[:, -1, :]  # (B, V)
-            picks = [s.choose(logits[i:i + 1]) for i, s in enumerate(self.slots)]
-        else:
-            picks = [s.choose(self.model(mx.array([[s.last]], mx.int32), cache=s.caches)[:, -1, :])
-                     for s in self.slots]
-        mx.eval(picks)
-        for slot, pick in zip(self.slots, picks):
-            try:
-                slot.accept(int(pick.item()))
-            except GrammarError as e:  # cannot happen with the mask applied; never silently
-                slot.job.emit(("error", str(e)))
-                slot.finish = "error"
-        done = [i for i, s in enumerate(self.slots) if s.finish]
-        if done:
-            self._remove(done, store=True)
-
-    def _store(self, slot: Slot, caches: list, row: int) -> None:
-        if self.prefixes is None or slot.finish == "error":
+        if event.error is not None:
+            del self.jobs[event.uid]
+            job.emit(("error", event.error))
             return
-        state = [c.row(row) for c in caches]
-        if state and state[0][0].shape[2] == len(slot.fed):
-            self.prefixes.store(slot.fed, state)
-
-    def _remove(self, rows: list[int], store: bool) -> None:
-        for i in rows if store else ():
-            slot = self.slots[i]
-            self._store(slot, self._caches if self.batched else slot.caches, i if self.batched else 0)
-        drop = set(rows)
-        keep = [i for i in range(len(self.slots)) if i not in drop]
-        if self.batched:
-            for c in self._caches:
-                c.keep_rows(keep)
-            if not keep:
-                self._caches = None
-        self.slots = [self.slots[i] for i in keep]
+        if event.text:
+            job.emit(("text", event.text))
+        if event.finish_reason is not None:
+            del self.jobs[event.uid]
+            stats = event.stats
+            job.emit(("done", {
+                "finish_reason": event.finish_reason,
+                "prompt_tokens": stats.prompt_tokens,
+                "cached_tokens": stats.cached_tokens,
+                "completion_tokens": stats.generation_tokens,
+                "prompt_ns": stats.prompt_ns,
+                "eval_ns": stats.eval_ns,
+                "context": stats.context,
+            }))
 
     def fail_all(self, message: str) -> None:
-        for job in [s.job for s in self.slots] + list(self.waiting):
-            job.emit(("error", message))
-        self.slots, self._caches = [], None
-        self.waiting.clear()
+        for event in self.generator.fail_all(message):
+            self._deliver(event)
 
 
 class Worker:
@@ -560,7 +210,7 @@ class Worker:
         if item[0] == "job":
             _, engine, job = item
             if engine in self.engines:
-                engine.waiting.append(job)
+                engine.submit(job)
             else:
                 job.emit(("error", "the model was unloaded"))
             return
@@ -839,11 +489,6 @@ def render(tokenizer, messages: list[dict], template: str | None) -> str:
                                     eos_token=special_text(tokenizer, tokenizer.eos_id))
     except ChatTemplateError as e:
         raise ApiError(400, str(e), "template") from None
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    """Prompt text -> ids exactly as `stream_generate` encodes a text prompt."""
-    return tokenizer.encode(text, parse_special=True)
 
 
 # ---------------------------------------------------------------------------- one generation
@@ -1135,7 +780,7 @@ async def api_generate(request: web.Request) -> web.StreamResponse:
         else:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
             text = render(tokenizer, messages, template)
-        return list(context) + encode(tokenizer, text)
+        return list(context) + encode_prompt(tokenizer, text)
 
     req = ollama_request(body, model, build)
     if not prompt and not context:
@@ -1174,7 +819,7 @@ async def api_chat(request: web.Request) -> web.StreamResponse:
     messages = ollama_messages(body)
     template = field_of(body, "template", "string")
     stream = field_of(body, "stream", "bool", True)
-    req = ollama_request(body, model, lambda tokenizer: encode(tokenizer, render(tokenizer, messages, template)))
+    req = ollama_request(body, model, lambda tokenizer: encode_prompt(tokenizer, render(tokenizer, messages, template)))
     if not messages:
         return await ollama_load_only(request, body, model, {"message": {"role": "assistant", "content": ""}})
 
@@ -1471,7 +1116,7 @@ async def v1_chat_completions(request: web.Request) -> web.StreamResponse:
     body = await json_body(request)
     model = model_of(body)
     messages = openai_messages(body)
-    req = openai_common(body, model, lambda tokenizer: encode(tokenizer, render(tokenizer, messages, None)), None)
+    req = openai_common(body, model, lambda tokenizer: encode_prompt(tokenizer, render(tokenizer, messages, None)), None)
     return await openai_respond(request, body, req, "chat")
 
 
@@ -1498,7 +1143,7 @@ async def v1_completions(request: web.Request) -> web.StreamResponse:
 
     def build(tokenizer) -> list[int]:
         if isinstance(prompt, str):
-            return encode(tokenizer, prompt)
+            return encode_prompt(tokenizer, prompt)
         if max(prompt) >= tokenizer.vocab_size:
             raise ApiError(400, "prompt holds a token id outside the vocabulary", "prompt")
         return list(prompt)

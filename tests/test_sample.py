@@ -42,7 +42,7 @@ def test_greedy_and_seeded_draws():
 
 def test_penalties_match_llama_cpp():
     params = SamplingParams(repeat_penalty=2.0, repeat_last_n=3, presence_penalty=0.5, frequency_penalty=0.25)
-    (penalize,) = make_logits_processors(params, 5)
+    (penalize,) = make_logits_processors(params)
     history = mx.array([4, 0, 0, 3])  # last 3: 0, 0, 3
     out = np.array(penalize(history, LOGITS[0]))
     # token 0: 2.0/2 - 2*0.25 - 0.5 = 0.0 ; token 3: 0.0*2 - 0.25 - 0.5 = -0.75 ; token 4 is out of the window
@@ -50,7 +50,7 @@ def test_penalties_match_llama_cpp():
 
 
 def test_no_penalties_no_processors():
-    assert make_logits_processors(SamplingParams(repeat_penalty=1.0), 5) == []
+    assert make_logits_processors(SamplingParams(repeat_penalty=1.0)) == []
 
 
 @pytest.mark.parametrize("field,value", [("temperature", -0.1), ("top_p", 1.5), ("min_p", -1), ("repeat_penalty", 0)])
