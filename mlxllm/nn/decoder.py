@@ -30,7 +30,7 @@ from .. import kernels, layers
 from ..cache import KVCache, RotatingKVCache
 from .ffn import XIELU, activate, gate
 from .moe import MoEArgs, SwitchLinear, experts
-from .norm import norm
+from .norm import norm, unit_rms_norm
 from .rope import Rope, RopeArgs
 
 
@@ -68,6 +68,9 @@ class DecoderArgs:
     parallel: bool = False
     ffn_input_norm: str = "ffn_norm"  # the FFN's pre-norm tensor (Seed-OSS: post_attention_norm; DBRX: attn_output_norm)
     attn_temperature: tuple[float, int] | None = None  # (scale, floor): Llama-4-style query scaling
+    attn_temperature_offset: float = 0.0  # added to the position before the floor division (Llama 4: 1)
+    attn_temperature_layers: tuple[bool, ...] | None = None  # the layers it scales (Llama 4: NoPE ones); None: all
+    qk_unit_norm: bool = False  # rotating layers: weightless RMSNorm of rotated q and k (Llama 4's L2 norm)
     moe: MoEArgs | None = None  # routing of the layers whose file has experts (ffn_gate_inp)
     extra_layers: int = 0  # trailing blocks in the file the forward pass skips (MTP / NextN layers)
     embed_scale: float = 1.0  # multiplies token embeddings (Gemma sqrt(dim), Granite)
@@ -232,10 +235,14 @@ class Block(nn.Module):
             q, k = self.rope(q, offset, factors), self.rope(k, offset, factors)
         if qk_norm and a.qk_norm_after_rope:
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
-        if a.attn_temperature is not None:  # llm_graph_input_attn_temp: 1 + scale * ln(floor(p / floor) + 1)
+        if a.qk_unit_norm and self.rope is not None:
+            q, k = unit_rms_norm(q, a.norm_eps), unit_rms_norm(k, a.norm_eps)
+        if a.attn_temperature is not None and (a.attn_temperature_layers is None or a.attn_temperature_layers[self.index]):
+            # llm_graph_input_attn_temp: 1 + scale * ln(floor((p + offset) / floor) + 1)
             scale, floor = a.attn_temperature
             offset = cache.offset if cache is not None else 0
             positions = mx.arange(L) + (offset[:, None] if isinstance(offset, mx.array) else offset)
+            positions = positions + a.attn_temperature_offset
             q = q * (1 + scale * mx.log(mx.floor(positions / floor) + 1)).reshape(-1, L, 1, 1).astype(q.dtype)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, L, D)
         if cache is not None:
@@ -296,6 +303,9 @@ class Decoder(nn.Module):
     """Embeddings, the blocks, the output head: `model(tokens[B, L], cache) -> logits`."""
 
     block = Block
+    # Rows of different lengths can share a forward pass: every mask comes from
+    # `cache.make_mask` and every position from `cache.offset` (mlxllm.generate).
+    batchable = True
 
     def __init__(self, args: DecoderArgs):
         super().__init__()
