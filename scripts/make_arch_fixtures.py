@@ -836,7 +836,14 @@ arch("minimax-m2", cfg="MiniMaxM2Config", model="MiniMaxM2ForCausalLM", moe="min
            "reads it; transformers keeps partial_rotary_factor). router_min_gap in "
            "sigmoid(+bias) units")
 LLAMA4_CHUNK = 8192  # llama.cpp fixes Llama 4's attention chunk and temperature floor at 8192
+
+
+def _llama4_post(entry: dict, f32: Path) -> None:
+    entry["n_experts_used"] = 1  # top-1, not the MoE fixtures' TOP_K
+
+
 arch("llama4", cfg="Llama4TextConfig", model="Llama4ForCausalLM", moe="top1", experts_in_out=True,
+     post=_llama4_post,
      kw=_moe(num_hidden_layers=4, rms_norm_eps=1e-5, intermediate_size_mlp=INTER,
              num_local_experts=N_EXPERTS, num_experts_per_tok=1, interleave_moe_layer_step=2,
              use_qk_norm=True, attention_chunk_size=LLAMA4_CHUNK, attn_temperature_tuning=True,

@@ -37,6 +37,8 @@ class MoEArgs:
     n_groups: int = 0  # expert groups (DeepSeek V3): only the best n_group_used groups are eligible
     n_group_used: int = 0
     activation: str = "silu"
+    select_logits: bool = False  # choose on the raw router logits (Llama 4), weigh by the gated probabilities
+    weight_input: bool = False  # the weight multiplies an expert's input, not its output (Llama 4)
 
 
 class SwitchLinear(nn.Module):
@@ -65,7 +67,9 @@ def route(logits: mx.array, args: MoEArgs, selection_bias: mx.array | None) -> t
         probs = logits
     else:
         raise ValueError(f"unknown expert gating {args.gating!r}")
-    scores = probs + selection_bias if selection_bias is not None else probs
+    scores = logits if args.select_logits else probs
+    if selection_bias is not None:
+        scores = scores + selection_bias
     if args.n_groups > 1:
         N, E = scores.shape
         grouped = scores.reshape(N, args.n_groups, E // args.n_groups)
@@ -90,13 +94,18 @@ def experts(block: nn.Module, x: mx.array, args: MoEArgs) -> mx.array:
     """The routed experts of `block` (ffn_gate_inp, ffn_{gate,up,down}_exps) on x (B, L, D)."""
     B, L, D = x.shape
     flat = x.reshape(-1, D)  # (N, D)
+    N = flat.shape[0]
     bias = block["exp_probs_b"]["bias"].reshape(-1) if "exp_probs_b" in block else None
     chosen, weights = route(block.ffn_gate_inp(flat), args, bias)
+    if args.weight_input:  # each chosen expert sees its own weighted copy of the row: (N * k, D)
+        flat = (flat[:, None, :] * weights[..., None].astype(flat.dtype)).reshape(-1, D)
+        chosen = chosen.reshape(-1, 1)
     up = block.ffn_up_exps(flat, chosen)  # (N, k, ff)
     h = gate(block.ffn_gate_exps(flat, chosen), up, args.activation) if "ffn_gate_exps" in block \
         else nn.silu(up)
-    y = block.ffn_down_exps(h.reshape(-1, h.shape[-1]), chosen.reshape(-1, 1)).reshape(*chosen.shape, D)
-    y = y * weights[..., None].astype(y.dtype)  # (N, k, D)
+    y = block.ffn_down_exps(h.reshape(-1, h.shape[-1]), chosen.reshape(-1, 1)).reshape(N, args.n_used, D)
+    if not args.weight_input:
+        y = y * weights[..., None].astype(y.dtype)  # (N, k, D)
     out = y[:, 0]
     for j in range(1, args.n_used):  # llama.cpp's order of addition
         out = out + y[:, j]

@@ -55,6 +55,12 @@ class LayerNorm(nn.Module):
         return y + self.bias if "bias" in self else y
 
 
+def unit_rms_norm(x: mx.array, eps: float) -> mx.array:
+    """x / rms(x) over the last axis, no weight (llama.cpp ggml_rms_norm alone: Llama 4's
+    "L2 norm" of queries and keys)."""
+    return _normalize(x, None, eps)
+
+
 def norm(kind: str, dims: int, eps: float, has: set[str] | frozenset[str], prefix: str) -> nn.Module:
     """The norm `kind` ("rms" or "layer") over `dims`, with the parameters `prefix`.weight /
     `prefix`.bias that the file `has` (an RMSNorm always has its weight)."""
