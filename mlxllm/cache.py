@@ -182,18 +182,26 @@ class BatchKVCache:
             return self.lengths[0]
         return mx.array(self.lengths)  # (B,): mx.fast.rope takes one per row
 
+    def _dropped(self, L: int) -> int:
+        """Slots the next update of L positions drops: growing copies the storage anyway,
+        so with a window the slots no upcoming query can see go then."""
+        grows = self.keys is None or self.size + L > self.keys.shape[2]
+        return max(0, self.size - (self.window - 1)) if grows and self.window is not None else 0
+
     def make_mask(self, L: int) -> mx.array | str | None:
-        T = self.size + L
+        drop = self._dropped(L)
+        size, pad = self.size - drop, [max(0, p - drop) for p in self.pad]
+        T = size + L
         windowed = self.window is not None and T > self.window
-        if not any(self.pad) and not windowed:
+        if not any(pad) and not windowed:
             return "causal" if L > 1 else None
-        q = mx.arange(self.size, T)[:, None]  # (L, 1) query slots
+        q = mx.arange(size, T)[:, None]  # (L, 1) query slots
         k = mx.arange(T)[None]  # (1, T) key slots
         mask = k <= q
         if windowed:
             mask = mask & (q - k < self.window)
-        if any(self.pad):
-            real = k[None] >= mx.array(self.pad)[:, None, None]  # (B, 1, T)
+        if any(pad):
+            real = k[None] >= mx.array(pad)[:, None, None]  # (B, 1, T)
             mask = (mask[None] & real)[:, None]  # (B, 1, L, T), broadcast over heads
         return mask
 
@@ -201,10 +209,9 @@ class BatchKVCache:
         B, H, L, D = keys.shape
         if not self.lengths:
             self.pad, self.lengths = [0] * B, [0] * B
+        drop = self._dropped(L)
         prev = self.size
         if self.keys is None or prev + L > self.keys.shape[2]:
-            # Growing copies the storage anyway: slots no upcoming query can see go first.
-            drop = max(0, prev - (self.window - 1)) if self.window is not None else 0
             grow = (L + self.step - 1) // self.step * self.step
             new_k = mx.zeros((B, H, grow, D), keys.dtype)
             new_v = mx.zeros((B, H, grow, values.shape[3]), values.dtype)

@@ -1,0 +1,174 @@
+"""The generation loop (`mlxllm.generate.BatchGenerator`) on tiny fixture models: rows in a
+batch produce what each produces alone, requests join and leave between steps, a long
+prompt does not hold up a short one, sliding-window memory stays at the window, and
+llama.cpp agrees with the batched caches past the window."""
+
+from __future__ import annotations
+
+import mlxllm  # noqa: F401  (first: puts an optimized BLAS under mlx.core)
+import pytest
+
+from arch_reference import FIXTURES, llama_cpp, llama_cpp_greedy, token_ids
+from mlxllm.cache import BatchKVCache
+from mlxllm.generate import BatchGenerator, GenerationRequest, generate_step
+from mlxllm.loader import load_model
+from mlxllm.sample import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, repeat_penalty=1.0)
+PENALIZED = SamplingParams(temperature=0.0, repeat_penalty=1.3, repeat_last_n=8)
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma2"])  # full attention; alternating 16-token windows
+def model(request):
+    return load_model(str(FIXTURES / f"{request.param}.f32.gguf"))[0]
+
+
+def alone(model, ids, params=GREEDY, n=12) -> list[int]:
+    return list(generate_step(model, ids, params, max_tokens=n))
+
+
+def run(generator: BatchGenerator, inserts: dict[int, list[GenerationRequest]]) -> tuple[dict, int]:
+    """Steps until idle, inserting requests at the given steps; (tokens by uid, steps)."""
+    out: dict[int, list[int]] = {}
+    step = 0
+    while generator.busy or any(s >= step for s in inserts):
+        for request in inserts.pop(step, []):
+            out[generator.insert(request)] = []
+        for event in generator.step():
+            assert event.error is None, event.error
+            if event.token is not None:
+                out[event.uid].append(event.token)
+        step += 1
+    return out, step
+
+
+def test_rows_joining_and_leaving_match_each_alone(model):
+    """Prompts of different lengths (left padding), rows joining while others decode,
+    rows leaving at different lengths, penalties on one row: each row's tokens are the
+    ones it gets alone."""
+    prompts = [token_ids("gemma2", n)[:n] for n in (5, 30, 17, 41)]
+    limits = [12, 7, 12, 9]
+    params = [GREEDY, GREEDY, PENALIZED, GREEDY]
+    requests = [GenerationRequest(p, s, m) for p, s, m in zip(prompts, params, limits)]
+    generator = BatchGenerator(model, None, max_batch=8, prefill_step=16)
+    assert generator.batched
+    out, _ = run(generator, {0: requests[:2], 3: [requests[2]], 9: [requests[3]]})
+    for uid, request in enumerate(requests):
+        assert out[uid] == alone(model, request.prompt, request.params, request.max_tokens), f"row {uid}"
+
+
+def test_unbatched_models_interleave_with_the_same_tokens(model, monkeypatch):
+    """A model that does not declare `batchable` runs one forward per row, on its own caches."""
+    monkeypatch.setattr(type(model), "batchable", False)
+    prompts = [token_ids("llama", n) for n in (6, 20)]
+    generator = BatchGenerator(model, None, max_batch=4)
+    assert not generator.batched
+    out, _ = run(generator, {0: [GenerationRequest(p, GREEDY, 8) for p in prompts]})
+    monkeypatch.undo()
+    assert [out[0], out[1]] == [alone(model, p, n=8) for p in prompts]
+
+
+def test_a_short_request_is_not_held_up_by_a_long_prompt(model):
+    """Prefill goes one chunk per step, round robin: a 2-token request sent after a long
+    prompt has started finishes within a few steps, long before that prompt is in."""
+    generator = BatchGenerator(model, None, max_batch=4, prefill_step=32)
+    long_prompt = token_ids("llama", 400)
+    short = GenerationRequest(token_ids("gemma2", 6), GREEDY, 2)
+    finished_at: dict[int, int] = {}
+    step = 0
+    long_uid = generator.insert(GenerationRequest(long_prompt, GREEDY, 2))
+    while generator.busy:
+        if step == 1:
+            short_uid = generator.insert(short)
+        for event in generator.step():
+            if event.finish_reason:
+                finished_at[event.uid] = step
+        step += 1
+    assert finished_at[short_uid] <= 3
+    assert finished_at[long_uid] >= 400 // 128  # its chunks shrink while the other waits
+
+
+def test_cancelled_rows_leave_and_the_rest_go_on(model):
+    generator = BatchGenerator(model, None, max_batch=4)
+    ids = [token_ids("llama", 9), token_ids("gemma2", 13)]
+    keep, drop = (generator.insert(GenerationRequest(p, GREEDY, 10)) for p in ids)
+    tokens = {keep: [], drop: []}
+    for step in range(30):
+        if step == 3:
+            generator.cancel(drop)
+        for event in generator.step():
+            tokens[event.uid].append(event.token)
+        if not generator.busy:
+            break
+    assert tokens[keep] == alone(model, ids[0], n=10)
+    assert 0 < len(tokens[drop]) < 10 and not generator.rows
+
+
+def test_sliding_layers_hold_only_their_window(monkeypatch):
+    """Gemma 2's 16-token sliding layers, storage growing 16 slots at a time: after 200
+    generated tokens they hold at most window - 1 + 16 + 1 slots while the full layers
+    hold everything, and the tokens equal llama.cpp's greedy continuation on the file."""
+    monkeypatch.setattr(BatchKVCache, "step", 16)
+    path = FIXTURES / "gemma2.f32.gguf"
+    model = load_model(str(path))[0]
+    ids = token_ids("gemma2")
+    generator = BatchGenerator(model, None, max_batch=2)
+    generator.insert(GenerationRequest(ids, GREEDY, 200))
+    sizes, tokens = [], []
+    while generator.busy:
+        tokens += [e.token for e in generator.step()]
+        if generator._caches is not None:
+            sizes.append([c.keys.shape[2] for c in generator._caches])
+    windows = generator.windows
+    sliding = [max(s[i] for s in sizes) for i, w in enumerate(windows) if w]
+    full = [max(s[i] for s in sizes) for i, w in enumerate(windows) if not w]
+    assert sliding and full
+    assert max(sliding) <= 16 - 1 + 16 + 1 < min(full)
+    assert tokens == llama_cpp_greedy(llama_cpp(path), ids, 200)
+
+
+def test_prefix_cache_reuse_equals_a_fresh_run(model):
+    """A finished row's cache serves the next prompt that extends it (a chat's next
+    turn), on full and sliding layers; the tokens equal a fresh run's."""
+    generator = BatchGenerator(model, None, max_batch=2, prefix_cache_bytes=64 << 20)
+    first = token_ids("llama", 40)
+    out, _ = run(generator, {0: [GenerationRequest(first, GREEDY, 6)]})
+    follow = first + out[0] + token_ids("gemma2", 7)
+    uid = generator.insert(GenerationRequest(follow, GREEDY, 6))
+    tokens, reused = [], None
+    while generator.busy:
+        for event in generator.step():
+            tokens.append(event.token)
+            if event.stats is not None:
+                reused = event.stats.cached_tokens
+    assert reused == len(first) + len(out[0]) - 1 and uid == 1
+    assert tokens == alone(model, follow, n=6)
+
+
+class FailingGrammar:
+    """A constraint whose mask fails: the row it belongs to ends in an error event."""
+
+    complete = False
+
+    def mask(self, vocab_size):
+        raise RuntimeError("grammar engine failed")
+
+    def advance(self, token):
+        pass
+
+
+def test_errors_are_events_not_exceptions(model):
+    generator = BatchGenerator(model, None)
+    with pytest.raises(ValueError, match="empty"):
+        generator.insert(GenerationRequest([], GREEDY, 4))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generator.insert(GenerationRequest([1, 2, model.args.vocab_size], GREEDY, 4))
+    ok = generator.insert(GenerationRequest(token_ids("llama", 5), GREEDY, 4))
+    bad = generator.insert(GenerationRequest(token_ids("llama", 7), GREEDY, 4, constraint=FailingGrammar()))
+    events = []
+    while generator.busy:
+        events += generator.step()
+    failed = [e for e in events if e.uid == bad]
+    assert len(failed) == 1 and failed[0].finish_reason == "error" and "grammar engine failed" in failed[0].error
+    assert [e.token for e in events if e.uid == ok] == alone(model, token_ids("llama", 5), n=4)
+    assert all(e.error is None for e in events if e.uid == ok)
