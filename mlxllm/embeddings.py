@@ -7,10 +7,12 @@ The hidden states come from an encoder (`Arch.kind == "encoder"`: `model(tokens,
 returns them after its final norm) or from a plain decoder stack (its blocks and final
 norm, the output projection left out, as llama.cpp's t_embd). Pooling is llama.cpp's
 (LLAMA_POOLING_TYPE, read from the file's `pooling_type`): mean over a text's tokens, cls
-(its first token), last (its last token), or none (one vector per token). A file that names
-no pooling (most decoders) is pooled by mean. Rank (a classifier head on top) is not
-supported. Normalization is L2, as llama.cpp's embd_normalize default and Ollama's
-/api/embed do; `normalize=False` keeps the raw pooled vectors.
+(its first token), last (its last token), none (one vector per token), or rank (a
+cross-encoder's classifier head: one score per label for each input, never normalized; the
+input is the query and document already joined, as the caller formats them). A file that
+names no pooling (most decoders) is pooled by mean. Normalization is L2, as llama.cpp's
+embd_normalize default and Ollama's /api/embed do; `normalize=False` keeps the raw pooled
+vectors.
 
 Texts run in batches of similar length, padded on the right: an encoder masks the padding
 keys (`lengths`), a decoder's causal mask already keeps real tokens from seeing it.
@@ -25,8 +27,9 @@ import mlx.nn as nn
 
 from .nn.decoder import Decoder
 from .nn.encoder import Encoder
+from .nn.pooling import l2_normalize, pool
 
-POOLINGS = ("mean", "cls", "last", "none")
+POOLINGS = ("mean", "cls", "last", "none", "rank")
 DEFAULT_POOLING = "mean"  # where the file names none
 BATCH_TOKENS = 8192  # padded tokens per forward pass
 
@@ -34,8 +37,6 @@ BATCH_TOKENS = 8192  # padded tokens per forward pass
 def pooling_of(model: nn.Module) -> str:
     """The pooling the model's file asks for (mean where it names none)."""
     kind = getattr(model.args, "pooling", "none")
-    if kind == "rank":
-        raise ValueError("rank pooling (a classifier head) is not supported")
     return DEFAULT_POOLING if kind == "none" else kind
 
 
@@ -53,23 +54,6 @@ def hidden_states(model: nn.Module, tokens: mx.array, lengths: mx.array | None =
             h = block(h, mask, None, factors)
         return model.output_norm(h) if model.output_norm is not None else h
     raise TypeError(f"{type(model).__name__} gives no hidden states to embed")
-
-
-def pool(hidden: mx.array, lengths: mx.array, kind: str) -> mx.array:
-    """(B, L, D) hidden states of rows `lengths` long -> (B, D)."""
-    if kind == "mean":
-        keep = (mx.arange(hidden.shape[1])[None, :] < lengths[:, None]).astype(hidden.dtype)
-        return (hidden * keep[:, :, None]).sum(axis=1) / lengths[:, None].astype(hidden.dtype)
-    if kind == "cls":
-        return hidden[:, 0]
-    if kind == "last":
-        return mx.take_along_axis(hidden, (lengths - 1).reshape(-1, 1, 1), axis=1)[:, 0]
-    raise ValueError(f"unknown pooling {kind!r} (one of {POOLINGS})")
-
-
-def l2_normalize(x: mx.array) -> mx.array:
-    norm = mx.sqrt((x * x).sum(axis=-1, keepdims=True))
-    return x / mx.maximum(norm, 1e-12)  # a zero vector stays zero
 
 
 def tokenize(tokenizer, texts: Sequence[str], limit: int, truncate: bool = True) -> list[list[int]]:
@@ -96,6 +80,8 @@ def embed_tokens(model: nn.Module, token_lists: Sequence[Sequence[int]], pooling
     kind = pooling or pooling_of(model)
     if kind not in POOLINGS:
         raise ValueError(f"unknown pooling {kind!r} (one of {POOLINGS})")
+    if kind == "rank" and not hasattr(model, "rank"):
+        raise ValueError(f"{type(model).__name__} has no classifier head to rank with")
     order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
     results: list = [None] * len(token_lists)
     start = 0
@@ -115,8 +101,11 @@ def embed_tokens(model: nn.Module, token_lists: Sequence[Sequence[int]], pooling
             for j, i in enumerate(order[start:end]):
                 results[i] = h[j, : len(rows[j])].tolist()
         else:
-            v = pool(h, lengths, kind)
-            v = l2_normalize(v) if normalize else v
+            if kind == "rank":  # scores, not directions: never normalized
+                v = model.rank(h, lengths)
+            else:
+                v = pool(h, lengths, kind)
+                v = l2_normalize(v) if normalize else v
             mx.eval(v)
             for j, i in enumerate(order[start:end]):
                 results[i] = v[j].tolist()

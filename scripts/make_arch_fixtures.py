@@ -1200,6 +1200,26 @@ encoder("roberta", arch="bert", cfg="RobertaConfig", model="RobertaModel", tok="
         kw=_bert_kw(type_vocab_size=1, layer_norm_eps=1e-5),
         notes="RoBERTa -> GGUF bert: byte-level BPE vocabulary (gpt2 tokenizer model), the "
               "position table cut by pad_token_id + 1 rows (HF counts positions from there)")
+
+
+def _base_model_hidden(model, ids: list[int]):
+    """The encoder under a task head (…ForSequenceClassification): its last hidden states."""
+    return _hf_hidden(model.base_model, ids)
+
+
+encoder("roberta-rerank", arch="bert", cfg="RobertaConfig", model="RobertaForSequenceClassification", tok="bpe",
+        pooling=None, kw=_bert_kw(type_vocab_size=1, layer_norm_eps=1e-5, num_labels=1),
+        reference=_base_model_hidden,
+        notes="a RoBERTa cross-encoder (bge-reranker style, RobertaForSequenceClassification with one "
+              "label): classifier.dense -> cls, classifier.out_proj -> cls.output, "
+              "classifier.output_labels written; the file names no pooling, llama.cpp ranks with "
+              "pooling_type rank forced (tanh(cls(h[CLS])) then cls.output)")
+encoder("bert-classifier", arch="bert", cfg="BertConfig", model="BertForSequenceClassification",
+        pooling=None, reference=_base_model_hidden,
+        kw=_bert_kw(num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1}),
+        notes="BertForSequenceClassification with two named labels: classifier -> cls.output, a direct "
+              "projection of h[CLS] (the converter drops BERT's pooler, so llama.cpp's scores are not "
+              "HF's logits, by llama.cpp's design); no cls tensor; rank pooling forced")
 MODERN_BERT_LAYERS = 4  # global, local, local, global: both kinds of layer
 MODERN_BERT_WINDOW = 16  # local_attention: +-8 tokens, inside the 40 evaluated
 encoder("modern-bert", cfg="ModernBertConfig", model="ModernBertModel", tok="bpe", pooling="mean",

@@ -12,13 +12,13 @@ import mlxllm  # noqa: F401  (first: puts an optimized BLAS under mlx.core)
 import mlx.core as mx
 import numpy as np
 import pytest
-from gguf import MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES
+from gguf import MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES, Keys
 from mlx.utils import tree_flatten
 
 from arch_reference import FIXTURES, MANIFEST
-from mlxllm.embeddings import embed, embed_tokens
+from mlxllm.embeddings import embed, embed_tokens, pooling_of
 from mlxllm.loader import load
-from mlxllm.nn.encoder import POOLING
+from mlxllm.nn.pooling import POOLING
 from mlxllm.registry import get_arch
 
 ENCODERS = sorted(n for n in MANIFEST if MANIFEST[n].get("kind") == "encoder")
@@ -81,6 +81,7 @@ def models():
 
 def test_encoder_fixtures_exist():
     assert {"bert", "distilbert", "roberta", "nomic-bert", "jina-bert-v2", "modern-bert", "eurobert"} <= set(ENCODERS)
+    assert {"roberta-rerank", "bert-classifier"} <= set(RANKERS)
 
 
 @pytest.mark.parametrize("name", ENCODERS)
@@ -110,8 +111,8 @@ def test_pooled_embeddings_match_llama_cpp(name, models):
     as separate sequences); the tokens too."""
     path = FIXTURES / f"{name}.f32.gguf"
     model, tokenizer = models(name)
-    assert model.args.pooling == MANIFEST[name]["pooling"]
-    ref, ref_tokens = llama_pooled(path, TEXTS)
+    assert model.args.pooling == (MANIFEST[name]["pooling"] or "none")
+    ref, ref_tokens = llama_pooled(path, TEXTS, POOLING.index(pooling_of(model)))  # none: mean
     assert [tokenizer.encode(t) for t in TEXTS] == ref_tokens
     ours = np.array(embed(model, tokenizer, TEXTS, normalize=False))
     assert np.abs(ours - ref).max() <= F32_TOLERANCE * ref.std()
@@ -119,6 +120,31 @@ def test_pooled_embeddings_match_llama_cpp(name, models):
     assert np.allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
     cosine = (unit * ref).sum(1) / np.linalg.norm(ref, axis=1)
     assert cosine.min() >= 0.99999, cosine
+
+
+RANKERS = [n for n in ENCODERS if any(t.startswith("cls.") for t in MANIFEST[n]["tensors"])]
+# Scores of about 0.3: F32 measured max |Δ| 4e-4 (ggml's fp16 GELU table again), Q8_0 0.008.
+RANK_TOLERANCE = {"f32": 2e-3, "q8_0": 0.03}
+
+
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+@pytest.mark.parametrize("name", RANKERS)
+def test_rank_scores_match_llama_cpp(name, kind, models):
+    """A cross-encoder's classifier head (llama.cpp's rank pooling, forced as llama-server's
+    --reranking forces it): dense + tanh where the file has cls, then cls.output."""
+    path = FIXTURES / f"{name}.{kind}.gguf"
+    model, tokenizer = models(name, kind)
+    labels = len(model.gguf.metadata[Keys.Classifier.OUTPUT_LABELS])
+    ref, _ = llama_pooled(path, TEXTS, POOLING.index("rank"))
+    ours = np.array(embed(model, tokenizer, TEXTS, pooling="rank"))
+    assert ours.shape == (len(TEXTS), labels)
+    assert np.abs(ours - ref[:, :labels]).max() <= RANK_TOLERANCE[kind]
+
+
+def test_rank_needs_a_classifier(models):
+    model, tokenizer = models("bert")
+    with pytest.raises(ValueError, match="classifier"):
+        embed(model, tokenizer, TEXTS, pooling="rank")
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls", "last"])

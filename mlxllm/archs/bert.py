@@ -19,7 +19,8 @@ from gguf import Keys
 
 from ..gguf import GGUFFile
 from ..nn import RopeArgs
-from ..nn.encoder import POOLING, Encoder, EncoderArgs
+from ..nn.encoder import Encoder, EncoderArgs
+from ..nn.pooling import POOLING
 from ..registry import Arch
 from .base import decoder_args, is_array, sliding_pattern
 
@@ -31,17 +32,24 @@ SILU_ACTS = ("silu", "swiglu", "swish")
 # ModernBERT's FFN activation key: gguf-py names it Keys.LLM.HIDDEN_ACT from the version
 # vendored with llama.cpp 0.3.36 on; the installed gguf-py may predate it.
 HIDDEN_ACT = getattr(Keys.LLM, "HIDDEN_ACT", "{arch}.hidden_activation")
+# What a classifier head reads (llama.cpp pooling_type_cls), same story
+CLASSIFIER_POOLING = getattr(Keys.Classifier, "POOLING_TYPE", "{arch}.classifier.pooling_type")
 
 
-def _pooling(gf: GGUFFile) -> str:
-    code = gf.metadata.get(Keys.LLM.POOLING_TYPE, 0)
+def _pooling(gf: GGUFFile, key: str, default: int = 0) -> str:
+    code = gf.metadata.get(key, default)
     if not 0 <= code < len(POOLING):
-        raise ValueError(f"pooling_type {code} is not supported")
+        raise ValueError(f"{key.replace('{arch}.', '')} {code} is not supported")
     return POOLING[code]
 
 
-def _encoder(gf: GGUFFile, post_norm: bool, **kw) -> EncoderArgs:
-    return EncoderArgs.extend(decoder_args(gf, **kw), post_norm=post_norm, pooling=_pooling(gf))
+def _encoder(gf: GGUFFile, post_norm: bool, classifier_pooling: str = "cls", **kw) -> EncoderArgs:
+    """The decoder's hyperparameters plus the pooling the file names and what its classifier
+    head (if any) reads: the mean where the file says so, else the first token."""
+    if _pooling(gf, CLASSIFIER_POOLING, POOLING.index(classifier_pooling)) == "mean":
+        classifier_pooling = "mean"
+    return EncoderArgs.extend(decoder_args(gf, **kw), post_norm=post_norm, pooling=_pooling(gf, Keys.LLM.POOLING_TYPE),
+                              classifier_pooling=classifier_pooling)
 
 
 def bert(gf: GGUFFile) -> EncoderArgs:
@@ -66,7 +74,10 @@ def jina_bert_v2(gf: GGUFFile) -> EncoderArgs:
 def modern_bert(gf: GGUFFile) -> EncoderArgs:
     m = gf.metadata
     act = "silu" if m.get(HIDDEN_ACT, "gelu") in SILU_ACTS else "gelu_tanh"
-    args = _encoder(gf, False, norm="layer", rope="neox", activation=act)
+    # a classifier head pools by mean where the file names no pooling for it (llama.cpp), and
+    # takes GELU after its dense layer
+    args = _encoder(gf, False, classifier_pooling="mean", norm="layer", rope="neox", activation=act)
+    args.classifier_activation = "gelu_tanh"
     window = m.get(Keys.Attention.SLIDING_WINDOW, 0)
     if window <= 0:
         return args

@@ -14,7 +14,9 @@ the final norm; pooling and normalization sit on top (mlxllm/embed.py). What it 
 - symmetric sliding windows (ModernBERT's local layers): a query sees keys within
   window // 2 positions either side (llama.cpp LLAMA_SWA_TYPE_SYMMETRIC);
 - padding: `lengths` (B,) masks the keys past each row's length, so rows of different
-  lengths run as one batch.
+  lengths run as one batch;
+- a classifier head where the file has one (cross-encoders, rerankers): `rank(hidden,
+  lengths)` is llama.cpp's LLAMA_POOLING_TYPE_RANK, the scores of each row.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from gguf import MODEL_TENSOR, TENSOR_NAMES
 
 from .decoder import Block, Decoder, DecoderArgs
 from .norm import norm
+from .ffn import activate
+from .pooling import pool
 
-POOLING = ("none", "mean", "cls", "last", "rank")  # llama.cpp LLAMA_POOLING_TYPE_* by value
 
 
 def _leaf(tensor: MODEL_TENSOR) -> str:
@@ -40,17 +43,38 @@ ATTN_OUT_NORM = _leaf(MODEL_TENSOR.ATTN_OUT_NORM)
 LAYER_OUT_NORM = _leaf(MODEL_TENSOR.LAYER_OUT_NORM)
 TOKEN_TYPES = TENSOR_NAMES[MODEL_TENSOR.TOKEN_TYPES]
 POSITION_EMBD = TENSOR_NAMES[MODEL_TENSOR.POS_EMBD]
+CLS = TENSOR_NAMES[MODEL_TENSOR.CLS]  # the head's dense layer; its other parts hang off it
+CLS_OUT = TENSOR_NAMES[MODEL_TENSOR.CLS_OUT].removeprefix(f"{CLS}.")
+CLS_NORM = TENSOR_NAMES[MODEL_TENSOR.CLS_NORM].removeprefix(f"{CLS}.")
 
 
 @dataclass
 class EncoderArgs(DecoderArgs):
     post_norm: bool = False  # BERT-style layers: norms after each residual sum
-    pooling: str = "none"  # the file's pooling_type (POOLING); the embed module applies it
+    pooling: str = "none"  # the file's pooling_type (nn.pooling.POOLING); the embed module applies it
+    classifier_pooling: str = "cls"  # what the classifier head reads: "cls" or "mean" (rank pooling)
+    classifier_activation: str = "tanh"  # after the head's dense layer (ModernBERT: gelu_tanh)
 
     @classmethod
     def extend(cls, args: DecoderArgs, **kw) -> EncoderArgs:
         """An encoder's arguments from a decoder's (`archs.base.decoder_args`) plus `kw`."""
         return cls(**{f.name: getattr(args, f.name) for f in fields(DecoderArgs)}, **kw)
+
+
+class LabelProjection(nn.Linear):
+    """A classifier's scores, weight (labels, D), or (D,) for one label: files write a
+    one-row matrix as a vector (the quantizer drops the unit axis)."""
+
+    def __init__(self, shape: tuple[int, ...], bias: bool):
+        super().__init__(shape[-1], 1 if len(shape) == 1 else shape[0], bias=bias)
+        self.weight = mx.zeros(shape)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        w = self.weight.reshape(-1, x.shape[-1])
+        return x @ w.T + self.bias if "bias" in self else x @ w.T
+
+    def _extra_repr(self) -> str:
+        return f"weight={tuple(self.weight.shape)}, bias={'bias' in self}"
 
 
 class PostNormBlock(Block):
@@ -77,6 +101,50 @@ class Encoder(Decoder):
         shape = args.tensors.get(f"{TOKEN_TYPES}.weight")
         if shape is not None:  # one row is written as a vector (the quantizer drops the unit axis)
             setattr(self, TOKEN_TYPES, nn.Embedding(*shape) if len(shape) == 2 else {"weight": mx.zeros(shape)})
+
+        if args.has(f"{CLS}.weight") or args.has(f"{CLS}.{CLS_OUT}.weight"):
+            self._init_classifier(args)
+
+    def _init_classifier(self, args: EncoderArgs) -> None:
+        """llama.cpp's rank head, each part where the file has it: cls (dense), cls.norm,
+        cls.output (the scores; one label is written as a vector)."""
+        t = args.tensors
+        if args.has(f"{CLS}.weight"):
+            out, fan_in = t[f"{CLS}.weight"]
+            setattr(self, CLS, nn.Linear(fan_in, out, bias=args.has(f"{CLS}.bias")))
+        else:  # a direct projection (BertForSequenceClassification): the head holds only cls.output
+            setattr(self, CLS, nn.Module())
+        head = self[CLS]
+        if args.has(f"{CLS}.{CLS_NORM}.weight"):
+            setattr(head, CLS_NORM, norm("layer", t[f"{CLS}.{CLS_NORM}.weight"][0], args.norm_eps, t, f"{CLS}.{CLS_NORM}"))
+        if args.has(f"{CLS}.{CLS_OUT}.weight"):
+            shape = t[f"{CLS}.{CLS_OUT}.weight"]
+            setattr(head, CLS_OUT, LabelProjection(shape, bias=args.has(f"{CLS}.{CLS_OUT}.bias")))
+
+    def __setitem__(self, key: str, value) -> None:  # (attribute assignment lands here too)
+        # The loader swaps a layer whose weight is quantized for a QuantizedLinear: the
+        # classifier's parts that hang off its dense layer move to the swapped one.
+        old = self.get(key) if key == CLS else None
+        if isinstance(old, nn.Module) and isinstance(value, nn.Module) and value is not old:
+            for name in (CLS_OUT, CLS_NORM):
+                if name in old and name not in value:
+                    value[name] = old[name]
+        super().__setitem__(key, value)
+
+    def rank(self, hidden: mx.array, lengths: mx.array) -> mx.array:
+        """(B, L, D) hidden states -> (B, labels) classifier scores (llama.cpp's rank pooling)."""
+        if CLS not in self:
+            raise ValueError("the file has no classifier head (cls / cls.output) to rank with")
+        head = self[CLS]
+        x = pool(hidden, lengths, self.args.classifier_pooling)
+        if "weight" in head:
+            y, act = head(x), self.args.classifier_activation
+            x = mx.tanh(y) if act == "tanh" else activate(y, act)
+            if CLS_NORM in head:
+                x = head[CLS_NORM](x)
+        if CLS_OUT in head:
+            x = head[CLS_OUT](x).reshape(x.shape[0], -1)
+        return x
 
     def block(self, args: EncoderArgs, i: int) -> Block:
         return PostNormBlock(args, i) if args.post_norm else Block(args, i)
