@@ -1222,18 +1222,34 @@ encoder("bert-classifier", arch="bert", cfg="BertConfig", model="BertForSequence
               "HF's logits, by llama.cpp's design); no cls tensor; rank pooling forced")
 MODERN_BERT_LAYERS = 4  # global, local, local, global: both kinds of layer
 MODERN_BERT_WINDOW = 16  # local_attention: +-8 tokens, inside the 40 evaluated
-encoder("modern-bert", cfg="ModernBertConfig", model="ModernBertModel", tok="bpe", pooling="mean",
-        kw=dict(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=MODERN_BERT_LAYERS,
+
+
+def _modern_bert_kw(**kw) -> dict:
+    return dict(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=MODERN_BERT_LAYERS,
                 num_attention_heads=HEADS, max_position_embeddings=ENC_POS, vocab_size=VOCAB,
                 local_attention=MODERN_BERT_WINDOW, global_attn_every_n_layers=3,
                 layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
                 rope_parameters={"full_attention": _rope(160000.0), "sliding_attention": _rope(10000.0)},
-                cls_token_id=BOS_ID, sep_token_id=EOS_ID),
-        merge={"global_attn_every_n_layers": 3, "layer_norm_eps": 1e-5},
+                cls_token_id=BOS_ID, sep_token_id=EOS_ID, **kw)
+
+
+MODERN_BERT_MERGE = {"global_attn_every_n_layers": 3, "layer_norm_eps": 1e-5}
+encoder("modern-bert", cfg="ModernBertConfig", model="ModernBertModel", tok="bpe", pooling="mean",
+        kw=_modern_bert_kw(), merge=MODERN_BERT_MERGE,
         notes="ModernBERT (layer_norm_eps merged into config.json: the converter does not read "
               "ModernBERT's norm_eps, and llama.cpp requires the key): pre-norm LayerNorms without bias (layer 0 has no attention norm), fused "
               "qkv, GeGLU, every third layer global (rope theta 160000) and the others in a "
               "symmetric 16-token window (rope theta 10000); byte-level BPE vocabulary; mean pooling")
+encoder("modern-bert-silu", arch="modern-bert", cfg="ModernBertConfig", model="ModernBertModel", tok="bpe",
+        pooling="cls", kw=_modern_bert_kw(hidden_activation="silu"), merge=MODERN_BERT_MERGE,
+        notes="ModernBERT with hidden_activation silu (IBM granite-embedding r2 style): the converter "
+              "writes modern-bert.hidden_activation, llama.cpp gates with SiLU; CLS pooling")
+encoder("modern-bert-rerank", arch="modern-bert", cfg="ModernBertConfig", model="ModernBertForSequenceClassification",
+        tok="bpe", pooling=None, reference=_base_model_hidden, merge=MODERN_BERT_MERGE,
+        kw=_modern_bert_kw(num_labels=1, classifier_pooling="mean"),
+        notes="ModernBertForSequenceClassification, one label, classifier_pooling mean (gte-reranker-"
+              "modernbert style): head.dense -> cls, head.norm -> cls.norm, classifier -> cls.output; "
+              "llama.cpp's rank pooling: mean, dense, GELU, LayerNorm, output")
 encoder("eurobert", cfg="EuroBertConfig", model="EuroBertModel", tok="bpe", pooling="last",
         kw=_base(rms_norm_eps=1e-5, rope_parameters=_rope(), classifier_pooling="mean"),
         notes="EuroBERT: Llama-shaped pre-norm RMSNorm stack, GQA 4q/2kv, NEOX rope, SwiGLU, "

@@ -22,11 +22,12 @@ from mlxllm.nn.pooling import POOLING
 from mlxllm.registry import get_arch
 
 ENCODERS = sorted(n for n in MANIFEST if MANIFEST[n].get("kind") == "encoder")
-# F32: what is left is ggml's GELU, which looks its input up in an fp16 table (GGML_GELU_FP16);
-# measured max |Δ| 0.7-1.0e-3 of the hidden states' std.
+# F32: what is left is ggml's GELU, which looks its input up in an fp16 table (GGML_GELU_FP16):
+# measured max |Δ| 0.7-1.6e-3 of the hidden states' std with GELU, 2-3e-6 with SiLU only
+# (nomic-bert, eurobert, modern-bert-silu).
 F32_TOLERANCE = 5e-3
 # Q8_0: llama.cpp rounds activations to 8 bits before each product with a Q8_0 weight (we
-# multiply in float32); measured max |Δ| 0.029-0.087 and mean 0.006-0.016 of the std (BERT
+# multiply in float32); measured max |Δ| 0.028-0.087 and mean 0.005-0.015 of the std (BERT
 # lowest, EuroBERT highest).
 Q8_MAX_TOLERANCE = 0.15
 Q8_MEAN_TOLERANCE = 0.03
@@ -81,7 +82,7 @@ def models():
 
 def test_encoder_fixtures_exist():
     assert {"bert", "distilbert", "roberta", "nomic-bert", "jina-bert-v2", "modern-bert", "eurobert"} <= set(ENCODERS)
-    assert {"roberta-rerank", "bert-classifier"} <= set(RANKERS)
+    assert {"roberta-rerank", "bert-classifier", "modern-bert-rerank"} <= set(RANKERS)
 
 
 @pytest.mark.parametrize("name", ENCODERS)
@@ -123,8 +124,9 @@ def test_pooled_embeddings_match_llama_cpp(name, models):
 
 
 RANKERS = [n for n in ENCODERS if any(t.startswith("cls.") for t in MANIFEST[n]["tensors"])]
-# Scores of about 0.3: F32 measured max |Δ| 4e-4 (ggml's fp16 GELU table again), Q8_0 0.008.
-RANK_TOLERANCE = {"f32": 2e-3, "q8_0": 0.03}
+# As a fraction of the largest |score|: F32 measured max |Δ| 0.7-1.1e-3 (ggml's fp16 GELU table
+# again), Q8_0 0.007-0.046.
+RANK_TOLERANCE = {"f32": 5e-3, "q8_0": 0.1}
 
 
 @pytest.mark.parametrize("kind", ["f32", "q8_0"])
@@ -138,7 +140,8 @@ def test_rank_scores_match_llama_cpp(name, kind, models):
     ref, _ = llama_pooled(path, TEXTS, POOLING.index("rank"))
     ours = np.array(embed(model, tokenizer, TEXTS, pooling="rank"))
     assert ours.shape == (len(TEXTS), labels)
-    assert np.abs(ours - ref[:, :labels]).max() <= RANK_TOLERANCE[kind]
+    ref = ref[:, :labels]
+    assert np.abs(ours - ref).max() <= RANK_TOLERANCE[kind] * np.abs(ref).max()
 
 
 def test_rank_needs_a_classifier(models):
