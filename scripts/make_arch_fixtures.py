@@ -1319,8 +1319,15 @@ def _nomic_checkpoint(model, config: dict, d: Path) -> dict:
     return _save_custom(model, d, cfg, shapes, hash_name("nomic-bert"))
 
 
-def _jina_checkpoint(model, config: dict, d: Path) -> dict:
-    D, F = HIDDEN, INTER
+# jina-bert-v2's per-layer tensor names, and those of its v2-code layout
+JINA_LAYOUT = {"base": {"up": "mlp.gated_layers", "down": "mlp.wo", "out_norm": "mlp.layernorm"},
+               "code": {"up": "mlp.up_gated_layer", "down": "mlp.down_layer", "out_norm": "layer_norm_2",
+                        "norm_2": "layer_norm_1", "q_norm": "attention.self.layer_norm_q",
+                        "k_norm": "attention.self.layer_norm_k"}}
+
+
+def _jina_checkpoint(model, config: dict, d: Path, variant: str = "base") -> dict:
+    D, F, names = HIDDEN, INTER, JINA_LAYOUT[variant]
     shapes = {"embeddings.word_embeddings.weight": (VOCAB, D), "embeddings.token_type_embeddings.weight": (2, D),
               "embeddings.LayerNorm.weight": (D,), "embeddings.LayerNorm.bias": (D,)}
     for i in range(N_LAYERS):
@@ -1329,13 +1336,18 @@ def _jina_checkpoint(model, config: dict, d: Path) -> dict:
             shapes.update({f"{p}attention.self.{proj}.weight": (D, D), f"{p}attention.self.{proj}.bias": (D,)})
         shapes.update({p + "attention.output.dense.weight": (D, D), p + "attention.output.dense.bias": (D,),
                        p + "attention.output.LayerNorm.weight": (D,), p + "attention.output.LayerNorm.bias": (D,),
-                       p + "mlp.gated_layers.weight": (2 * F, D), p + "mlp.wo.weight": (D, F), p + "mlp.wo.bias": (D,),
-                       p + "mlp.layernorm.weight": (D,), p + "mlp.layernorm.bias": (D,)})
+                       p + names["up"] + ".weight": (2 * F, D), p + names["down"] + ".weight": (D, F),
+                       p + names["down"] + ".bias": (D,)})
+        for norm in ("out_norm", "norm_2", "q_norm", "k_norm"):
+            if norm in names:
+                shapes.update({p + names[norm] + ".weight": (D,), p + names[norm] + ".bias": (D,)})
+    if variant == "code":  # a reranker's one-score classifier (jina-reranker-v1 style): no cls.output
+        shapes.update({"classifier.weight": (1, D), "classifier.bias": (1,)})
     cfg = {"architectures": ["JinaBertModel"], "model_type": "bert", "hidden_size": D, "num_attention_heads": HEADS,
            "num_hidden_layers": N_LAYERS, "intermediate_size": F, "max_position_embeddings": ENC_POS,
            "position_embedding_type": "alibi", "hidden_act": "gelu", "feed_forward_type": "geglu",
            "layer_norm_eps": 1e-12, "type_vocab_size": 2, "vocab_size": VOCAB, "pad_token_id": WPM_PAD}
-    return _save_custom(model, d, cfg, shapes, hash_name("jina-bert-v2"))
+    return _save_custom(model, d, cfg, shapes, hash_name(f"jina-bert-v2-{variant}"))
 
 
 def _attend(q, k, v, bias=None):
@@ -1381,10 +1393,12 @@ def _nomic_reference(model, ids: list[int]):
 
 def _jina_reference(model, ids: list[int]):
     """jina-bert-v2's forward pass: symmetric ALiBi, GeGLU (gelu(first half) * second half of
-    gated_layers), post-norm."""
+    gated_layers), post-norm. The code layout adds full-width q/k LayerNorms and a second norm
+    after attention over the layer input added again (as llama.cpp's bert.cpp computes it)."""
     import torch
 
     t, L, Dh = model.custom_tensors, len(ids), HIDDEN // HEADS
+    names = JINA_LAYOUT["code" if "classifier.weight" in t else "base"]
     slopes = torch.tensor([2.0 ** (-JINA_ALIBI_MAX_BIAS * (h + 1) / HEADS) for h in range(HEADS)])
     distance = (torch.arange(L)[None, :] - torch.arange(L)[:, None]).abs().float()
     bias = -slopes[:, None, None] * distance[None]
@@ -1397,10 +1411,15 @@ def _jina_reference(model, ids: list[int]):
         x = _ln(x, t, "embeddings.LayerNorm")
         for i in range(N_LAYERS):
             p = f"encoder.layer.{i}."
-            q, k, v = (linear(x, f"{p}attention.self.{n}").reshape(L, HEADS, Dh) for n in ("query", "key", "value"))
+            q, k, v = (linear(x, f"{p}attention.self.{n}") for n in ("query", "key", "value"))
+            if "q_norm" in names:
+                q, k = _ln(q, t, p + names["q_norm"]), _ln(k, t, p + names["k_norm"])
+            q, k, v = (y.reshape(L, HEADS, Dh) for y in (q, k, v))
             h = _ln(x + linear(_attend(q, k, v, bias), p + "attention.output.dense"), t, p + "attention.output.LayerNorm")
-            gate, up = (h @ t[p + "mlp.gated_layers.weight"].T).chunk(2, dim=-1)
-            x = _ln(h + linear(torch.nn.functional.gelu(gate) * up, p + "mlp.wo"), t, p + "mlp.layernorm")
+            if "norm_2" in names:
+                h = _ln(h + x, t, p + names["norm_2"])
+            gate, up = (h @ t[p + names["up"] + ".weight"].T).chunk(2, dim=-1)
+            x = _ln(h + linear(torch.nn.functional.gelu(gate) * up, p + names["down"]), t, p + names["out_norm"])
     return x.numpy()
 
 
@@ -1417,6 +1436,14 @@ encoder("jina-bert-v2", cfg="BertConfig", model="BertModel", hf_arch="JinaBertMo
               "no position table, symmetric ALiBi (slopes 2^(-8(h+1)/H)), q/k/v with biases, "
               "post-norm layers, GeGLU through the fused mlp.gated_layers (gate first); checkpoint "
               "written in that layout with random weights, reference in torch; mean pooling")
+encoder("jina-bert-v2-code", arch="jina-bert-v2", cfg="BertConfig", model="BertModel", hf_arch="JinaBertModel",
+        pooling="mean", kw=_bert_kw(), reference=_jina_reference,
+        rewrite=lambda model, config, d: _jina_checkpoint(model, config, d, "code"),
+        notes="jina-bert-v2 in the v2-code layout (layer_norm_1 -> attn_norm_2, up_gated_layer, "
+              "down_layer, layer_norm_2) plus full-width q/k LayerNorms (layer_norm_q/k) and a "
+              "one-score classifier (classifier -> cls, no cls.output: jina-reranker-v1 style, "
+              "which llama.cpp's rank pooling follows with tanh); WordPiece vocabulary; the torch "
+              "reference follows llama.cpp's graph for the second norm")
 
 
 def _hf_hidden(model, ids: list[int]):

@@ -82,7 +82,7 @@ def models():
 
 def test_encoder_fixtures_exist():
     assert {"bert", "distilbert", "roberta", "nomic-bert", "jina-bert-v2", "modern-bert", "eurobert"} <= set(ENCODERS)
-    assert {"roberta-rerank", "bert-classifier", "modern-bert-rerank"} <= set(RANKERS)
+    assert {"roberta-rerank", "bert-classifier", "modern-bert-rerank", "jina-bert-v2-code"} <= set(RANKERS)
 
 
 @pytest.mark.parametrize("name", ENCODERS)
@@ -136,7 +136,7 @@ def test_rank_scores_match_llama_cpp(name, kind, models):
     --reranking forces it): dense + tanh where the file has cls, then cls.output."""
     path = FIXTURES / f"{name}.{kind}.gguf"
     model, tokenizer = models(name, kind)
-    labels = len(model.gguf.metadata[Keys.Classifier.OUTPUT_LABELS])
+    labels = len(model.gguf.metadata.get(Keys.Classifier.OUTPUT_LABELS, [None]))  # unnamed: one score
     ref, _ = llama_pooled(path, TEXTS, POOLING.index("rank"))
     ours = np.array(embed(model, tokenizer, TEXTS, pooling="rank"))
     assert ours.shape == (len(TEXTS), labels)

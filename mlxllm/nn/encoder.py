@@ -62,8 +62,8 @@ class EncoderArgs(DecoderArgs):
 
 
 class LabelProjection(nn.Linear):
-    """A classifier's scores, weight (labels, D), or (D,) for one label: files write a
-    one-row matrix as a vector (the quantizer drops the unit axis)."""
+    """A classifier's layer, weight (out, D), or (D,) for one output: files write a one-row
+    matrix as a vector (the quantizer drops the unit axis)."""
 
     def __init__(self, shape: tuple[int, ...], bias: bool):
         super().__init__(shape[-1], 1 if len(shape) == 1 else shape[0], bias=bias)
@@ -109,9 +109,8 @@ class Encoder(Decoder):
         """llama.cpp's rank head, each part where the file has it: cls (dense), cls.norm,
         cls.output (the scores; one label is written as a vector)."""
         t = args.tensors
-        if args.has(f"{CLS}.weight"):
-            out, fan_in = t[f"{CLS}.weight"]
-            setattr(self, CLS, nn.Linear(fan_in, out, bias=args.has(f"{CLS}.bias")))
+        if args.has(f"{CLS}.weight"):  # (D, D), or one score as (D,) (jina-reranker-v1)
+            setattr(self, CLS, LabelProjection(t[f"{CLS}.weight"], bias=args.has(f"{CLS}.bias")))
         else:  # a direct projection (BertForSequenceClassification): the head holds only cls.output
             setattr(self, CLS, nn.Module())
         head = self[CLS]
