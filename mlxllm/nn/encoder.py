@@ -28,10 +28,9 @@ import mlx.nn as nn
 from gguf import MODEL_TENSOR, TENSOR_NAMES
 
 from .decoder import Block, Decoder, DecoderArgs
-from .norm import norm
 from .ffn import activate
+from .norm import norm
 from .pooling import pool
-
 
 
 def _leaf(tensor: MODEL_TENSOR) -> str:
@@ -166,7 +165,7 @@ class Encoder(Decoder):
 
     def attention_masks(self, L: int, lengths: mx.array | None) -> list[mx.array | None]:
         """Per block: None (every key), the symmetric window (L, L) of a sliding block, and
-        with `lengths` each row's real keys only (B, 1, L, L)."""
+        with `lengths` each row's real keys only (B, 1, 1 or L, L)."""
         keys = None if lengths is None else (mx.arange(L)[None, :] < lengths[:, None])[:, None, None, :]
         window = None
         if any(b.sliding for b in self.blk):
