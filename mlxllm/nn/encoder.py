@@ -95,6 +95,8 @@ class Encoder(Decoder):
     """Embeddings (+ token type 0, + learned positions), bidirectional blocks, final norm:
     `model(tokens[B, L], lengths=None) -> hidden states[B, L, D]`."""
 
+    batchable = False  # not for the generation loop: no cache, no logits (it pads by `lengths`)
+
     def __init__(self, args: EncoderArgs):
         super().__init__(args)
         shape = args.tensors.get(f"{TOKEN_TYPES}.weight")
