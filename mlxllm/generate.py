@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -44,10 +45,32 @@ def prefill(model: nn.Module, tokens: mx.array, cache: list, step: int = PREFILL
     return model(tokens[None, n - 1:], cache=cache)[:, -1, :]
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
+class PromptTooLong(ValueError):
+    """A prompt text that cannot fit the context, found before tokenizing all of it."""
+
+
+_LONGEST_TOKEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> bytes
+
+
+def _longest_token_bytes(tokenizer) -> int:
+    if tokenizer not in _LONGEST_TOKEN:
+        _LONGEST_TOKEN[tokenizer] = max((len(tokenizer.token_to_bytes(i)) for i in range(tokenizer.vocab_size)),
+                                        default=1) or 1
+    return _LONGEST_TOKEN[tokenizer]
+
+
+def encode_prompt(tokenizer, text: str, limit: int | None = None) -> list[int]:
     """Prompt text -> ids with the special tokens it spells parsed. BOS is added per the
     file's metadata, except when the text already starts with it, as chat templates that
-    write `{{ bos_token }}` (Gemma's) do: one BOS, not two."""
+    write `{{ bos_token }}` (Gemma's) do: one BOS, not two.
+
+    limit: a context size. A text with more bytes than `limit` tokens of the vocabulary's
+    longest can hold is refused (PromptTooLong) before it is tokenized, which for a
+    megabyte takes seconds."""
+    if limit is not None and len(text) > limit:  # chars <= bytes: the byte count only past this
+        n_bytes = len(text.encode("utf-8", "replace"))
+        if n_bytes > limit * _longest_token_bytes(tokenizer):
+            raise PromptTooLong(f"the prompt is {n_bytes} bytes, more than {limit} tokens can spell")
     ids = tokenizer.encode(text, add_special=True, parse_special=True)
     if len(ids) > 1 and ids[0] == ids[1] == tokenizer.bos_id:
         del ids[0]

@@ -39,7 +39,7 @@ from aiohttp import web
 from . import __version__
 from .chat_template import ChatTemplateError, render_chat_template
 from .constrain import ANY_OBJECT, Constraint, GrammarError, vocabulary_for
-from .generate import BatchGenerator, GenerationRequest, encode_prompt
+from .generate import BatchGenerator, GenerationRequest, PromptTooLong, encode_prompt
 from .models import ModelNotFound, available, resolve
 from .sample import SamplingParams
 
@@ -498,7 +498,7 @@ class Request:
     """A generation request in API-neutral terms (the routes fill it in)."""
 
     model: str
-    build: Callable[[Any], list[int]]  # tokenizer -> prompt ids (runs in a worker thread)
+    build: Callable[[Any, int], list[int]]  # (tokenizer, context) -> prompt ids (runs in a worker thread)
     params: SamplingParams
     max_tokens: int | None  # None: until the context is full
     num_ctx: int | None
@@ -546,14 +546,17 @@ class Run:
 def _prepare(loaded: Loaded, request: Request) -> tuple[list[int], int, Constraint | None]:
     """(prompt ids, max tokens, constraint), in a worker thread: tokenizing and compiling
     a grammar can take a while."""
-    ids = request.build(loaded.tokenizer)
-    if not ids:
-        raise ApiError(400, "the prompt is empty", "prompt")
     limit = loaded.context_length
     if request.max_tokens is not None and request.max_tokens > limit:
         raise ApiError(400, f"the token limit {request.max_tokens} is more than {loaded.name}'s context "
                             f"length {limit}", "max_tokens")
     num_ctx = min(request.num_ctx or limit, limit)
+    try:
+        ids = request.build(loaded.tokenizer, num_ctx)
+    except PromptTooLong as e:
+        raise ApiError(400, f"{e}; the context holds {num_ctx}", "messages", "context_length_exceeded") from None
+    if not ids:
+        raise ApiError(400, "the prompt is empty", "prompt")
     if len(ids) >= num_ctx:
         raise ApiError(400, f"the prompt is {len(ids)} tokens; the context holds {num_ctx}", "messages",
                        "context_length_exceeded")
@@ -681,7 +684,7 @@ OLLAMA_OPTIONS = {"num_ctx": "int", "num_predict": "int", "temperature": "number
 SAMPLING_KEYS = set(SamplingParams.__dataclass_fields__)
 
 
-def ollama_request(body: dict, model: str, build: Callable[[Any], list[int]]) -> Request:
+def ollama_request(body: dict, model: str, build: Callable[[Any, int], list[int]]) -> Request:
     options = field_of(body, "options", "object", {})
     values = {k: field_of(options, k, kind, where="options.") for k, kind in OLLAMA_OPTIONS.items()}
     ignored = sorted(set(options) - set(OLLAMA_OPTIONS) - {"stop"})
@@ -772,7 +775,7 @@ async def api_generate(request: web.Request) -> web.StreamResponse:
     if field_of(body, "suffix", "string"):
         raise ApiError(400, f"{model!r} does not support insert (suffix)", "suffix")
 
-    def build(tokenizer) -> list[int]:
+    def build(tokenizer, limit: int) -> list[int]:
         if any(t >= tokenizer.vocab_size for t in context):
             raise ApiError(400, "context holds a token id outside the vocabulary", "context")
         if raw:
@@ -780,7 +783,7 @@ async def api_generate(request: web.Request) -> web.StreamResponse:
         else:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
             text = render(tokenizer, messages, template)
-        return list(context) + encode_prompt(tokenizer, text)
+        return list(context) + encode_prompt(tokenizer, text, limit)
 
     req = ollama_request(body, model, build)
     if not prompt and not context:
@@ -819,7 +822,7 @@ async def api_chat(request: web.Request) -> web.StreamResponse:
     messages = ollama_messages(body)
     template = field_of(body, "template", "string")
     stream = field_of(body, "stream", "bool", True)
-    req = ollama_request(body, model, lambda tokenizer: encode_prompt(tokenizer, render(tokenizer, messages, template)))
+    req = ollama_request(body, model, lambda tokenizer, limit: encode_prompt(tokenizer, render(tokenizer, messages, template), limit))
     if not messages:
         return await ollama_load_only(request, body, model, {"message": {"role": "assistant", "content": ""}})
 
@@ -974,7 +977,7 @@ async def api_embed(request: web.Request) -> web.Response:
 
 # ---------------------------------------------------------------------------- OpenAI API
 
-def openai_common(body: dict, model: str, build: Callable[[Any], list[int]], default_max: int | None) -> Request:
+def openai_common(body: dict, model: str, build: Callable[[Any, int], list[int]], default_max: int | None) -> Request:
     n = field_of(body, "n", "int", 1)
     if n != 1:
         raise ApiError(400, "n must be 1: mlxllm returns one choice per request", "n")
@@ -1116,7 +1119,7 @@ async def v1_chat_completions(request: web.Request) -> web.StreamResponse:
     body = await json_body(request)
     model = model_of(body)
     messages = openai_messages(body)
-    req = openai_common(body, model, lambda tokenizer: encode_prompt(tokenizer, render(tokenizer, messages, None)), None)
+    req = openai_common(body, model, lambda tokenizer, limit: encode_prompt(tokenizer, render(tokenizer, messages, None), limit), None)
     return await openai_respond(request, body, req, "chat")
 
 
@@ -1141,9 +1144,9 @@ async def v1_completions(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "best_of must be 1", "best_of")
     field_of(body, "echo", "bool")
 
-    def build(tokenizer) -> list[int]:
+    def build(tokenizer, limit: int) -> list[int]:
         if isinstance(prompt, str):
-            return encode_prompt(tokenizer, prompt)
+            return encode_prompt(tokenizer, prompt, limit)
         if max(prompt) >= tokenizer.vocab_size:
             raise ApiError(400, "prompt holds a token id outside the vocabulary", "prompt")
         return list(prompt)

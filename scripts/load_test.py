@@ -5,7 +5,10 @@ Starts the server on a free loopback port (or uses --url), then:
 2. one streaming client: its tokens/s;
 3. N concurrent streaming clients (OpenAI SSE): every response must be complete (a
    finish_reason, usage, `data: [DONE]`) and equal its reference answer; aggregate tokens/s;
-4. a client that disconnects mid-stream: seconds until /health shows its slot free.
+4. a client that disconnects mid-stream: seconds until /health shows its slot free;
+5. a long prompt (--long-prompt tokens, ~3,000) prefilling: a 2-token request sent while
+   it prefills, its seconds to the full answer; then a client that disconnects while its
+   long prompt prefills: seconds until its slot is free.
 
     python scripts/load_test.py                      # smollm2:135m, 16 clients, 48 tokens each
     python scripts/load_test.py --model gemma3:270m --clients 8 --raw
@@ -139,6 +142,55 @@ async def disconnect(session: aiohttp.ClientSession, url: str, args) -> float:
     return time.perf_counter() - closed
 
 
+def long_text(tokens: int) -> str:
+    """A prompt of about `tokens` tokens (~1.3 words per token in English-like text)."""
+    words = ("the quick brown fox jumps over a lazy dog while seven wizards quietly "
+             "hex jumbo crates near the old river bank").split()
+    return " ".join(words[i % len(words)] for i in range(int(tokens / 1.3)))
+
+
+async def short_during_long(session: aiohttp.ClientSession, url: str, args) -> tuple[float, float]:
+    """(seconds a 2-token request takes while a long prompt prefills, the long request's
+    own seconds)."""
+    request = body(args, long_text(args.long_prompt), False)
+    request["max_tokens"] = 2
+    long_start = time.perf_counter()
+    long_task = asyncio.create_task(session.post(url + route(args), json=request))
+    await asyncio.sleep(1.0)  # its prefill is under way
+    short = body(args, "What is 2+2?", False)
+    short["max_tokens"] = 2
+    start = time.perf_counter()
+    async with session.post(url + route(args), json=short) as r:
+        await r.json()
+    short_s = time.perf_counter() - start
+    response = await long_task
+    data = await response.json()
+    if response.status != 200:
+        raise RuntimeError(f"the long prompt failed: {data}")
+    return short_s, time.perf_counter() - long_start
+
+
+async def disconnect_in_prefill(session: aiohttp.ClientSession, url: str, args) -> float:
+    """Seconds from a client closing its connection during its long prompt's prefill to
+    its slot being free."""
+    request = body(args, long_text(args.long_prompt), True)
+    request["max_tokens"] = 2
+    task = asyncio.create_task(session.post(url + route(args), json=request))
+    deadline = time.perf_counter() + 30
+    while not await active_slots(session, url):  # wait until the engine has it
+        if time.perf_counter() > deadline:
+            raise RuntimeError("the long request never reached the engine")
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    task.cancel()  # closes the connection while the prompt is prefilling
+    closed = time.perf_counter()
+    while await active_slots(session, url):
+        if time.perf_counter() - closed > 60:
+            raise RuntimeError("the disconnected client's slot was not freed within 60 s")
+        await asyncio.sleep(0.05)
+    return time.perf_counter() - closed
+
+
 async def main(args) -> None:
     proc = log = None
     url = args.url
@@ -167,6 +219,8 @@ async def main(args) -> None:
             complete = sum(bool(r["done"] and r["finish"] and r["tokens"]) for r in results)
             correct = sum(r["text"] == reference[p] for r, p in zip(results, prompts)) if reference else None
             freed = await disconnect(session, url, args)
+            short_s, long_s = await short_during_long(session, url, args)
+            freed_in_prefill = await disconnect_in_prefill(session, url, args)
     finally:
         if proc is not None:
             proc.terminate()
@@ -187,6 +241,9 @@ async def main(args) -> None:
             if r["text"] != reference[p]:
                 print(f"  differs for {p!r}:\n    alone   : {reference[p]!r}\n    together: {r['text']!r}")
     print(f"disconnect         : slot free {freed:.2f} s after the client closed the stream")
+    print(f"long prompt        : a 2-token request answered in {short_s:.2f} s while a {args.long_prompt}-token "
+          f"prompt prefilled (that request took {long_s:.2f} s)")
+    print(f"disconnect, prefill: slot free {freed_in_prefill:.2f} s after the client closed during its prefill")
     if complete != args.clients or (correct is not None and correct != args.clients):
         sys.exit(1)
 
@@ -199,4 +256,5 @@ if __name__ == "__main__":
     parser.add_argument("--raw", action="store_true", help="/v1/completions with raw prompts (base models)")
     parser.add_argument("--url", help="an already running server (default: start one)")
     parser.add_argument("--no-verify", action="store_true", help="skip the reference answers")
+    parser.add_argument("--long-prompt", type=int, default=3000, help="tokens of the long prompt (step 5)")
     asyncio.run(main(parser.parse_args()))

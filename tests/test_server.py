@@ -394,6 +394,15 @@ def test_oversized_body(server):
     openai_error(post(server, OPENAI_CHAT, big), 413)
 
 
+def test_prompt_past_the_context_is_refused_before_tokenizing(server):
+    """900 KB of text cannot fit 8192 tokens of SmolLM2's longest (81 bytes): refused with
+    each API's context error from its length alone (the tokenizer takes seconds on it)."""
+    huge = "lorem ipsum " * 75_000
+    assert "bytes, more than 8192 tokens" in ollama_error(post(server, "/api/generate", {"model": MODEL, "prompt": huge}), 400)
+    error = openai_error(post(server, OPENAI_CHAT, {**CHAT, "messages": [{"role": "user", "content": huge}]}), 400)
+    assert error["code"] == "context_length_exceeded" and "more than 8192 tokens" in error["message"]
+
+
 def test_clients_raise_the_api_errors(ol, oa):
     with pytest.raises(ollama.ResponseError) as e:
         ol.chat("no-such-model:1b", messages=[{"role": "user", "content": "hi"}])
