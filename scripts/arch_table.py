@@ -1,5 +1,6 @@
-"""The README's architecture table: every fixture in tests/fixtures/archs run by llama.cpp
-(F32 KV cache) and mlxllm on the same file and token ids (tests/arch_reference.py).
+"""The README's architecture tables: every fixture in tests/fixtures/archs run by llama.cpp
+(F32 KV cache) and mlxllm on the same file and token ids (tests/arch_reference.py): logits
+for generative models, per-token hidden states (llama.cpp with pooling none) for encoders.
 
     python scripts/arch_table.py            # markdown rows on stdout
 """
@@ -27,14 +28,35 @@ def compare(name: str, kind: str) -> tuple[float, float]:
     return float(np.abs(ours - ref).max() / ref.std()), float((ours.argmax(-1) == ref.argmax(-1)).mean())
 
 
+def compare_hidden(name: str, kind: str) -> tuple[float, float]:
+    """Encoders: (max, mean) |Δ| / std of the hidden states on the fixture's ids."""
+    import mlx.core as mx
+    from test_encoders import llama_hidden
+
+    ids = MANIFEST[name]["eval_ids"]
+    path = FIXTURES / f"{name}.{kind}.gguf"
+    ref = llama_hidden(path, ids)
+    ours = np.array(load_model(str(path))[0](mx.array([ids]))[0])
+    return float(np.abs(ours - ref).max() / ref.std()), float(np.abs(ours - ref).mean() / ref.std())
+
+
 def main() -> None:
+    encoders = sorted(n for n in MANIFEST if MANIFEST[n].get("kind") == "encoder")
     print("| fixture | GGUF arch | made from | F32 max \\|Δ\\|/std | F32 argmax | Q8_0 max \\|Δ\\|/std | Q8_0 argmax |")
     print("|---|---|---|---|---|---|---|")
-    for name in sorted(MANIFEST):
+    for name in sorted(set(MANIFEST) - set(encoders)):
         entry = MANIFEST[name]
         f32, q8 = compare(name, "f32"), compare(name, "q8_0")
         print(f"| {name} | `{entry['gguf_arch']}` | {entry['hf_class']} | {f32[0]:.1e} | {f32[1]:.0%} | "
               f"{q8[0]:.2f} | {q8[1]:.0%} |", flush=True)
+    print()
+    print("| encoder fixture | GGUF arch | made from | F32 max \\|Δ\\|/std | Q8_0 max \\|Δ\\|/std | Q8_0 mean \\|Δ\\|/std |")
+    print("|---|---|---|---|---|---|")
+    for name in encoders:
+        entry = MANIFEST[name]
+        f32, q8 = compare_hidden(name, "f32"), compare_hidden(name, "q8_0")
+        print(f"| {name} | `{entry['gguf_arch']}` | {entry['hf_class']} | {f32[0]:.1e} | {q8[0]:.3f} | {q8[1]:.3f} |",
+              flush=True)
 
 
 if __name__ == "__main__":
