@@ -238,6 +238,12 @@ class BatchKVCache:
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
+    def trim(self, n: int) -> None:
+        """Forget every row's last n positions (draft tokens the model did not accept)."""
+        if n:
+            self.size -= n
+            self.lengths = [length - n for length in self.lengths]
+
     def row_state(self, b: int, length: int) -> tuple[mx.array, mx.array, int]:
         """Row b's stored positions among its first `length`, copied out of the batch:
         (keys (1, H, n, D), values, the first position held)."""

@@ -24,6 +24,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .cache import BatchKVCache, PrefixCache, batch_window
 from .sample import SamplingParams, make_logits_processors, make_sampler
@@ -180,6 +181,8 @@ class _Row:
         self.prompt_ns = 0
         self.finish: str | None = None
         self.cancelled = False
+        self.draft_caches: list | None = None  # the draft model's caches (speculative decoding)
+        self.draft_length = 0  # positions of the history in them
 
     @property
     def last(self) -> int:
@@ -244,6 +247,40 @@ class _Row:
         return Event(self.uid, "", None, "error", None, message)
 
 
+DRAFT_TOKENS = 4  # tokens drafted per speculative step
+
+
+@dataclass
+class Speculation:
+    """Speculative decoding's settings and counts: a draft model, or prompt lookup when
+    `model` is None; `accepted / drafted` is the acceptance rate."""
+
+    model: nn.Module | None
+    windows: list | None
+    tokens: int
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+def lookup_draft(history: list[int], k: int, longest: int = 3, shortest: int = 2) -> list[int]:
+    """Prompt lookup: the up to k tokens that followed the latest earlier occurrence of the
+    history's last n tokens, for the longest n (`longest` down to `shortest`) that occurs."""
+    ids = np.asarray(history)
+    for n in range(longest, shortest - 1, -1):
+        if ids.size <= n:
+            continue
+        windows = np.lib.stride_tricks.sliding_window_view(ids[:-1], n)  # every earlier n-gram
+        hits = np.flatnonzero((windows == ids[-n:]).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return [int(t) for t in ids[start:start + k]]
+    return []
+
+
 @dataclass
 class _Launch:
     """A decode step in flight: the rows it ran, in batch order, and their sampled tokens."""
@@ -268,7 +305,8 @@ class BatchGenerator:
     """
 
     def __init__(self, model: nn.Module, tokenizer, max_batch: int = 16, prefill_step: int = PREFILL_STEP,
-                 prefix_cache_bytes: int = 0) -> None:
+                 prefix_cache_bytes: int = 0, draft_model: nn.Module | None = None, prompt_lookup: bool = False,
+                 draft_tokens: int = DRAFT_TOKENS) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.prefill_step = max_batch, prefill_step
         # The embedding table's rows: an id past them would read outside it.
@@ -284,6 +322,27 @@ class BatchGenerator:
         self._caches: list[BatchKVCache] | None = None
         self._launched: _Launch | None = None
         self._uids = itertools.count()
+        self.speculation = self._speculation(draft_model, prompt_lookup, draft_tokens)
+
+    def _speculation(self, draft_model, prompt_lookup: bool, draft_tokens: int) -> Speculation | None:
+        if draft_model is None and not prompt_lookup:
+            return None
+        if draft_model is not None and prompt_lookup:
+            raise ValueError("choose a draft model or prompt lookup, not both")
+        if draft_tokens < 1:
+            raise ValueError("draft_tokens must be at least 1")
+        if not self.batched:
+            raise ValueError("speculative decoding needs a model whose caches can drop positions "
+                             "(attention caches; not recurrent state)")
+        windows = None
+        if draft_model is not None:
+            windows = [batch_window(kind) for kind in draft_model.make_cache()]
+            if not getattr(draft_model, "batchable", False) or any(w is False for w in windows):
+                raise ValueError("the draft model's caches cannot drop positions")
+            draft_vocab = getattr(getattr(draft_model, "args", None), "vocab_size", None)
+            if draft_vocab is not None and self.vocab_size is not None and draft_vocab > self.vocab_size:
+                raise ValueError(f"the draft model's vocabulary ({draft_vocab}) is not the model's ({self.vocab_size})")
+        return Speculation(draft_model, windows, draft_tokens)
 
     @property
     def busy(self) -> bool:
@@ -389,12 +448,21 @@ class BatchGenerator:
 
     # -- decode
 
+    def _speculates(self) -> bool:
+        """Whether this step drafts and verifies: one row, greedy, without a grammar."""
+        if self.speculation is None or len(self.rows) != 1:
+            return False
+        row = self.rows[0]
+        return row.request.params.temperature == 0 and row.request.constraint is None
+
     def _pipelined(self) -> bool:
         """Whether the next step may be queued before this one's tokens are read: not when
-        a grammar needs this token to mask the next."""
-        return all(r.request.constraint is None for r in self.rows)
+        a grammar needs this token to mask the next, nor when the next step speculates."""
+        return all(r.request.constraint is None for r in self.rows) and not self._speculates()
 
     def _decode(self, events: list[Event]) -> None:
+        if self._launched is None and self._speculates() and self._speculate(self.rows[0], events):
+            return
         current = self._launched or self._launch(mx.array([r.last for r in self.rows], mx.int32))
         self._launched = None
         if self._pipelined():
@@ -434,6 +502,71 @@ class BatchGenerator:
             picks = mx.concatenate([r.choose(logits[i:i + 1]) for i, r in enumerate(rows)])
         mx.async_eval(picks)
         return _Launch(rows, picks)
+
+    # -- speculative decoding
+
+    def _speculate(self, row: _Row, events: list[Event]) -> bool:
+        """Draft up to k tokens, verify them in one forward pass of the model and keep the
+        longest prefix it agrees with, plus its own next token: the greedy output is the
+        one plain decoding gives. False when there was nothing to draft."""
+        spec = self.speculation
+        k = min(spec.tokens, row.request.max_tokens - row.generated - 1)
+        if k < 1:
+            return False
+        drafts = self._draft_with_model(row, k) if spec.model is not None else lookup_draft(row.history, k)
+        if not drafts:
+            return False
+        fed = mx.array([row.last, *drafts], mx.int32)
+        logits = self.model(fed[None], cache=self._caches)[0]  # (n + 1, V): position i follows fed[:i + 1]
+        picks = []
+        for i in range(len(fed)):
+            recent = None if row.recent is None else mx.concatenate([row.recent, fed[:i + 1]])
+            scores = logits[i]
+            for process in row.processors:
+                scores = process(recent, scores)
+            picks.append(mx.argmax(scores))
+        targets = mx.stack(picks).tolist()
+        accepted = 0
+        while accepted < len(drafts) and drafts[accepted] == targets[accepted]:
+            accepted += 1
+        for c in self._caches:  # the rejected drafts leave the cache
+            c.trim(len(drafts) - accepted)
+        for token in fed[:accepted + 1]:
+            row.feed(token[None])
+        if spec.model is not None:
+            self._trim_draft(row, len(drafts), accepted)
+        spec.drafted += len(drafts)
+        spec.accepted += accepted
+        for token in [*drafts[:accepted], targets[accepted]]:
+            events.append(row.accept(token))
+            if row.finish:
+                self._remove([0], store=True)
+                break
+        return True
+
+    def _draft_with_model(self, row: _Row, k: int) -> list[int]:
+        """k greedy tokens from the draft model, which first catches up on the history."""
+        spec = self.speculation
+        if row.draft_caches is None:
+            row.draft_caches, row.draft_length = [BatchKVCache(w) for w in spec.windows], 0
+        behind = row.history[row.draft_length:-1]
+        for start in range(0, len(behind), self.prefill_step):
+            spec.model(mx.array([behind[start:start + self.prefill_step]], mx.int32), cache=row.draft_caches)
+            mx.eval([c.state for c in row.draft_caches])
+        token, drafts = row.last, []
+        for _ in range(k):
+            logits = spec.model(mx.array([[token]], mx.int32), cache=row.draft_caches)[0, -1]
+            token = int(mx.argmax(logits).item())
+            drafts.append(token)
+        row.draft_length = len(row.history) + k - 1  # it fed the history and all drafts but the last
+        return drafts
+
+    def _trim_draft(self, row: _Row, drafted: int, accepted: int) -> None:
+        """The draft caches keep what the model accepted: drafts past it leave."""
+        keep = min(accepted, drafted - 1)
+        for c in row.draft_caches:
+            c.trim(drafted - 1 - keep)
+        row.draft_length -= drafted - 1 - keep
 
     # -- rows leaving
 
@@ -478,16 +611,21 @@ class Response:
     generation_tps: float
     peak_memory_gb: float
     finish_reason: str | None = None  # "stop" (EOS, stop string, grammar complete) | "length" | None
+    draft_acceptance: float | None = None  # speculative decoding: drafted tokens the model accepted
 
 
 def stream_generate(model: nn.Module, tokenizer, prompt: str | Sequence[int],
                     params: SamplingParams | None = None, max_tokens: int = 256,
-                    stop: Sequence[str] = (), constraint: Any = None) -> Iterator[Response]:
+                    stop: Sequence[str] = (), constraint: Any = None, draft_model: nn.Module | None = None,
+                    prompt_lookup: bool = False, draft_tokens: int = DRAFT_TOKENS) -> Iterator[Response]:
     """Generate from a prompt (text, encoded with the tokenizer's BOS rules and special
     tokens parsed, or token ids) and yield text pieces as they complete, ending with a
-    piece that carries finish_reason: the generation loop with one request."""
+    piece that carries finish_reason: the generation loop with one request. A draft model
+    (same vocabulary) or prompt lookup speculates greedy decoding: same output, fewer
+    forward passes of the model when drafts are accepted."""
     ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
-    generator = BatchGenerator(model, tokenizer, max_batch=1)
+    generator = BatchGenerator(model, tokenizer, max_batch=1, draft_model=draft_model, prompt_lookup=prompt_lookup,
+                               draft_tokens=draft_tokens)
     generator.insert(GenerationRequest(ids, params or SamplingParams(), max_tokens, stop, constraint))
     mx.reset_peak_memory()
     start = time.perf_counter()
@@ -507,8 +645,10 @@ def stream_generate(model: nn.Module, tokenizer, prompt: str | Sequence[int],
                     continue
                 elapsed = time.perf_counter() - gen_start if gen_start else 0.0
                 tps = (n_generated - 1) / elapsed if n_generated > 1 and elapsed > 0 else 0.0
+                spec = generator.speculation
                 yield Response(event.text, event.token, len(ids), prompt_tps, n_generated, tps,
-                               mx.get_peak_memory() / 1e9, event.finish_reason)
+                               mx.get_peak_memory() / 1e9, event.finish_reason,
+                               spec.acceptance if spec is not None else None)
     finally:
         # A caller that stops early leaves one step in flight; let it finish, or an
         # interpreter exiting right after aborts on MLX's still-running stream thread.
