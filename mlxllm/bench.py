@@ -9,8 +9,12 @@ import time
 
 import mlx.core as mx
 
-from .generate import generate_step, prefill
+from .generate import BatchGenerator, GenerationRequest, generate_step, prefill
 from .sample import SamplingParams
+
+# A prompt whose answer repeats what it says, where drafting pays (prompt lookup, a draft model).
+SPECULATION_PROMPT = ("Repeat the following list exactly, then repeat it once more:\n"
+                      + "\n".join(f"{i}. item number {i} of the list" for i in range(1, 21)) + "\n")
 
 
 def bench(model, tokenizer, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3) -> dict[str, dict]:
@@ -38,3 +42,42 @@ def bench(model, tokenizer, n_prompt: int = 512, n_gen: int = 128, repetitions: 
         results[name] = {"mean": statistics.mean(runs), "stdev": statistics.stdev(runs) if len(runs) > 1 else 0.0,
                          "runs": runs}
     return results
+
+
+def bench_speculation(model, tokenizer, n_gen: int, repetitions: int, **speculation) -> dict[str, dict]:
+    """Greedy generation of n_gen tokens from one prompt, plain and speculative, in tokens/s
+    (prefill excluded): {"tg-plain": ..., "tg-spec": {..., "note": speed-up and acceptance}}."""
+    from .generate import encode_prompt
+
+    ids = encode_prompt(tokenizer, tokenizer.apply_chat_template(
+        [{"role": "user", "content": SPECULATION_PROMPT}], add_generation_prompt=True))
+    params = SamplingParams(temperature=0, repeat_penalty=1.0)
+
+    def tg(**kw) -> tuple[float, list[int], BatchGenerator]:
+        generator = BatchGenerator(model, None, max_batch=1, **kw)
+        generator.insert(GenerationRequest(ids, params, n_gen))
+        tokens, start = [], None
+        while generator.busy:
+            for event in generator.step():
+                tokens.append(event.token)
+                if start is None:
+                    start = time.perf_counter()  # the first token ends the prefill
+        return (len(tokens) - 1) / (time.perf_counter() - start), tokens, generator
+
+    tg(), tg(**speculation)  # warm-up
+    plain, spec = [], []
+    for _ in range(repetitions):  # interleaved: a busy machine slows both alike
+        plain.append(tg())
+        spec.append(tg(**speculation))
+    if any(s[1] != plain[0][1] for s in spec):
+        raise RuntimeError("speculative decoding changed the greedy output")
+    speedup = statistics.mean(s[0] for s in spec) / statistics.mean(p[0] for p in plain)
+    acceptance = spec[-1][2].speculation.acceptance
+
+    def summary(runs):
+        values = [r[0] for r in runs]
+        return {"mean": statistics.mean(values), "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "runs": values}
+
+    return {"tg-plain": summary(plain),
+            "tg-spec": {**summary(spec), "note": f"{speedup:.2f}x plain, {acceptance:.0%} of drafts accepted"}}

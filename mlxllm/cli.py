@@ -122,6 +122,25 @@ def sampling_options(f):
     return f
 
 
+def speculation_options(f):
+    """Speculative decoding flags `run`, `bench` and `serve` share."""
+    f = click.option("--draft-tokens", type=click.IntRange(min=1), default=4, show_default=True,
+                     help="Tokens drafted per step when speculating.")(f)
+    f = click.option("--prompt-lookup", is_flag=True,
+                     help="Speculate greedy decoding with drafts from the context's own n-grams.")(f)
+    f = click.option("--draft", "draft_name", default=None, metavar="MODEL",
+                     help="A small model with the same vocabulary that drafts tokens for greedy decoding.")(f)
+    return f
+
+
+def _speculation(draft_name: str | None, prompt_lookup: bool, draft_tokens: int) -> dict:
+    """stream_generate's / BatchGenerator's speculation keywords from the flags."""
+    if draft_name and prompt_lookup:
+        raise click.BadParameter("choose --draft or --prompt-lookup, not both")
+    return {"draft_model": load(draft_name)[0] if draft_name else None, "prompt_lookup": prompt_lookup,
+            "draft_tokens": draft_tokens}
+
+
 def _params(opts: dict) -> SamplingParams:
     params = SamplingParams(**{k: opts.pop(k) for k in list(opts) if k in SamplingParams.__dataclass_fields__})
     params.validate()
@@ -136,27 +155,31 @@ def _params(opts: dict) -> SamplingParams:
 @click.option("--system", default=None, help="System prompt for chat models.")
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
 @click.option("--verbose", is_flag=True, help="Print load and speed statistics to stderr.")
-def run(model: str, prompt: str | None, max_tokens: int, system: str | None, raw: bool, verbose: bool, **opts) -> None:
+@speculation_options
+def run(model: str, prompt: str | None, max_tokens: int, system: str | None, raw: bool, verbose: bool,
+        draft_name: str | None, prompt_lookup: bool, draft_tokens: int, **opts) -> None:
     """Generate from MODEL. Without PROMPT (and no piped input): an interactive chat."""
     params = _params(opts)
+    speculation = _speculation(draft_name, prompt_lookup, draft_tokens)
     piped = None if sys.stdin.isatty() else sys.stdin.read()
     net, tokenizer = load(model)
     if verbose:
         stats = net.load_stats
         click.echo(f"loaded {model} in {stats.seconds:.2f} s ({stats.nbytes / 1e6:.0f} MB of weights; BLAS: {_blas.loaded or 'reference'}; {_cpu_kernels_state()})", err=True)
     if prompt is None and piped is None:
-        _chat(net, tokenizer, params, max_tokens, system, verbose)
+        _chat(net, tokenizer, params, max_tokens, system, verbose, speculation)
         return
     text = "\n\n".join(p for p in (prompt, piped) if p)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     full = text if raw else tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    _stream(net, tokenizer, full, params, max_tokens, verbose)
+    _stream(net, tokenizer, full, params, max_tokens, verbose, speculation)
 
 
-def _stream(net, tokenizer, prompt: str, params: SamplingParams, max_tokens: int, verbose: bool) -> str:
+def _stream(net, tokenizer, prompt: str, params: SamplingParams, max_tokens: int, verbose: bool,
+            speculation: dict) -> str:
     out = []
     last = None
-    for r in stream_generate(net, tokenizer, prompt, params, max_tokens):
+    for r in stream_generate(net, tokenizer, prompt, params, max_tokens, **speculation):
         click.echo(r.text, nl=False)
         out.append(r.text)
         last = r
@@ -164,11 +187,13 @@ def _stream(net, tokenizer, prompt: str, params: SamplingParams, max_tokens: int
     if verbose and last is not None:
         click.echo(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s | "
                    f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s | "
-                   f"peak memory {last.peak_memory_gb:.2f} GB | finish: {last.finish_reason}", err=True)
+                   f"peak memory {last.peak_memory_gb:.2f} GB | finish: {last.finish_reason}"
+                   + (f" | drafts accepted {last.draft_acceptance:.0%}" if last.draft_acceptance is not None else ""),
+                   err=True)
     return "".join(out)
 
 
-def _chat(net, tokenizer, params, max_tokens, system, verbose) -> None:
+def _chat(net, tokenizer, params, max_tokens, system, verbose, speculation) -> None:
     messages = [{"role": "system", "content": system}] if system else []
     click.echo("Send a message (/bye to leave).", err=True)
     while True:
@@ -184,7 +209,7 @@ def _chat(net, tokenizer, params, max_tokens, system, verbose) -> None:
         messages.append({"role": "user", "content": line})
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         try:
-            answer = _stream(net, tokenizer, prompt, params, max_tokens, verbose)
+            answer = _stream(net, tokenizer, prompt, params, max_tokens, verbose, speculation)
         except KeyboardInterrupt:  # stop this answer, keep the conversation
             click.echo()
             messages.pop()
@@ -200,8 +225,11 @@ def _chat(net, tokenizer, params, max_tokens, system, verbose) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--layout", type=click.Choice(["auto", "dense", "quantized"]), default="auto", show_default=True,
               help="Weights as float32 (dense) or in their quantized layouts; auto: the device's default.")
-def bench(model: str, n_prompt: int, n_gen: int, repetitions: int, as_json: bool, layout: str) -> None:
-    """Prompt processing (pp) and generation (tg) speed, llama-bench style."""
+@speculation_options
+def bench(model: str, n_prompt: int, n_gen: int, repetitions: int, as_json: bool, layout: str,
+          draft_name: str | None, prompt_lookup: bool, draft_tokens: int) -> None:
+    """Prompt processing (pp) and generation (tg) speed, llama-bench style. With --draft or
+    --prompt-lookup, also greedy generation with and without speculation on one prompt."""
     import mlx.core as mx
 
     from .bench import bench as run_bench
@@ -209,6 +237,10 @@ def bench(model: str, n_prompt: int, n_gen: int, repetitions: int, as_json: bool
     mx.reset_peak_memory()
     net, tokenizer = load(model, dense={"auto": None, "dense": True, "quantized": False}[layout])
     results = run_bench(net, tokenizer, n_prompt, n_gen, repetitions)
+    speculation = _speculation(draft_name, prompt_lookup, draft_tokens)
+    if speculation["draft_model"] is not None or prompt_lookup:
+        from .bench import bench_speculation
+        results.update(bench_speculation(net, tokenizer, n_gen, repetitions, **speculation))
     info = {"model": model, "layout": layout, "load_s": net.load_stats.seconds, "weights_mb": net.load_stats.nbytes / 1e6,
             "peak_memory_gb": mx.get_peak_memory() / 1e9, "blas": _blas.loaded,
             "cpu_kernels": _cpu_kernels_state(), "tokens_per_s": results}
@@ -219,7 +251,8 @@ def bench(model: str, n_prompt: int, n_gen: int, repetitions: int, as_json: bool
                f"peak memory {info['peak_memory_gb']:.2f} GB, BLAS {info['blas'] or 'reference'}, {info['cpu_kernels']}")
     click.echo(f"{'test':<8}{'tokens/s':>12}{'+/-':>10}")
     for name, r in results.items():
-        click.echo(f"{name:<8}{r['mean']:>12.2f}{r['stdev']:>10.2f}")
+        extra = f"  ({r['note']})" if "note" in r else ""
+        click.echo(f"{name:<8}{r['mean']:>12.2f}{r['stdev']:>10.2f}{extra}")
 
 
 def _seconds(value: str) -> float | None:
@@ -246,10 +279,15 @@ def _seconds(value: str) -> float | None:
               help="Largest request body accepted (413 above it).")
 @click.option("--prefix-cache-mb", type=click.FloatRange(min=0), default=512.0, show_default=True,
               help="Memory per model for the KV of finished prompts, reused by requests sharing a prefix (0: off).")
+@speculation_options
 def serve(host: str, port: int, keep_alive: str, parallel: int, preload: tuple[str, ...], max_body_mb: float,
-          prefix_cache_mb: float) -> None:
-    """Serve the Ollama (/api) and OpenAI (/v1) APIs; models load on demand by name or path."""
+          prefix_cache_mb: float, draft_name: str | None, prompt_lookup: bool, draft_tokens: int) -> None:
+    """Serve the Ollama (/api) and OpenAI (/v1) APIs; models load on demand by name or path.
+    Speculation (--draft, --prompt-lookup) applies while one greedy request is decoding."""
     from .server import serve as run_server
 
+    if draft_name and prompt_lookup:
+        raise click.BadParameter("choose --draft or --prompt-lookup, not both")
     run_server(host, port, keep_alive=_seconds(keep_alive), parallel=parallel, preload=preload,
-               max_body=int(max_body_mb * (1 << 20)), prefix_cache_bytes=int(prefix_cache_mb * (1 << 20)))
+               max_body=int(max_body_mb * (1 << 20)), prefix_cache_bytes=int(prefix_cache_mb * (1 << 20)),
+               speculation={"draft": draft_name, "prompt_lookup": prompt_lookup, "draft_tokens": draft_tokens})

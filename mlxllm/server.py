@@ -8,7 +8,10 @@ Top to bottom:
   `mlxllm.generate`);
 - `ModelPool` loads models by name or path on demand and unloads each after keep_alive;
 - routes (`/api/*` Ollama, `/v1/*` OpenAI) validate a request, build its prompt and hand a
-  `Job` to the model's engine, then turn the engine's events into that API's shapes.
+  `Job` to the model's engine, then turn the engine's events into that API's shapes;
+- embedding routes (`/api/embed`, `/api/embeddings`, `/v1/embeddings`, `/v1/rerank`) run
+  `mlxllm.embeddings.embed_tokens` on the worker thread, many inputs per forward pass; an
+  encoder (`Arch.kind == "encoder"`) gets no engine and refuses the generation routes.
 Events flow back to the handlers through asyncio queues (`loop.call_soon_threadsafe`); a
 handler whose client went away sets its job's cancel flag, which the engine checks between
 steps, freeing the slot."""
@@ -16,6 +19,7 @@ steps, freeing the slot."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import hashlib
 import json
@@ -74,9 +78,10 @@ class Engine:
     thread."""
 
     def __init__(self, model, tokenizer, name: str = "", parallel: int = DEFAULT_PARALLEL,
-                 prefix_cache_bytes: int = 512 << 20) -> None:
+                 prefix_cache_bytes: int = 512 << 20, **speculation: Any) -> None:
         self.name = name
-        self.generator = BatchGenerator(model, tokenizer, parallel, prefix_cache_bytes=prefix_cache_bytes)
+        self.generator = BatchGenerator(model, tokenizer, parallel, prefix_cache_bytes=prefix_cache_bytes,
+                                        **speculation)
         self.jobs: dict[int, Job] = {}
 
     @property
@@ -230,7 +235,7 @@ class Loaded:
     path: str
     model: Any
     tokenizer: Any
-    engine: Engine
+    engine: Engine | None  # None: an encoder, which only embeds
     load_ns: int
     digest: str
     users: int = 0
@@ -277,10 +282,13 @@ class ModelPool:
     last request ends. All MLX work goes through the one `Worker` thread."""
 
     def __init__(self, keep_alive: float | None = DEFAULT_KEEP_ALIVE, parallel: int = DEFAULT_PARALLEL,
-                 prefix_cache_bytes: int = 512 << 20) -> None:
+                 prefix_cache_bytes: int = 512 << 20, speculation: dict | None = None) -> None:
         self.keep_alive = keep_alive
         self.parallel = parallel
         self.prefix_cache_bytes = prefix_cache_bytes
+        # {"draft": name or None, "prompt_lookup": bool, "draft_tokens": k}
+        self.speculation = speculation or {}
+        self._draft = None  # (path, model) of the draft model, loaded with the first model
         self.loaded: dict[str, Loaded] = {}
         self.worker = Worker()
         self._locks: dict[str, asyncio.Lock] = {}
@@ -291,18 +299,45 @@ class ModelPool:
 
         start = time.perf_counter()
         model, tokenizer = load(path)
-        engine = Engine(model, tokenizer, name, self.parallel, self.prefix_cache_bytes)
+        if arch_kind(path) == "encoder":  # no generation loop: its requests are embeddings
+            log.info("loaded %s (%s) in %.2f s; an embedding model", name, path, time.perf_counter() - start)
+            return Loaded(name, path, model, tokenizer, None, int((time.perf_counter() - start) * 1e9),
+                          file_digest(path))
+        engine = Engine(model, tokenizer, name, self.parallel, self.prefix_cache_bytes,
+                        **self._speculation_for(model, path))
         self.worker.engines.append(engine)
-        log.info("loaded %s (%s) in %.2f s; %s", name, path, time.perf_counter() - start,
-                 "continuous batching" if engine.batched else "one forward per request per step (the "
-                 "architecture does not build its masks with cache.make_mask, so rows cannot be padded)")
+        log.info("loaded %s (%s) in %.2f s; %s%s", name, path, time.perf_counter() - start,
+                 "continuous batching" if engine.batched else "one forward per request per step (its "
+                 "caches have no batched form)",
+                 "; speculative decoding" if engine.generator.speculation is not None else "")
         return Loaded(name, path, model, tokenizer, engine, int((time.perf_counter() - start) * 1e9), file_digest(path))
+
+    def _speculation_for(self, model, path: str) -> dict:  # on the worker thread
+        """BatchGenerator's speculation keywords for a model: prompt lookup, or the draft
+        model where its vocabulary is the model's (itself it does not draft for)."""
+        spec = self.speculation
+        if spec.get("prompt_lookup"):
+            return {"prompt_lookup": True, "draft_tokens": spec["draft_tokens"]}
+        if not spec.get("draft"):
+            return {}
+        from .loader import load
+
+        if self._draft is None:
+            draft_path = model_path(spec["draft"])
+            self._draft = (draft_path, load(draft_path)[0])
+        draft_path, draft = self._draft
+        if draft_path == path or draft.args.vocab_size != model.args.vocab_size:
+            log.info("%s: no speculative decoding (the draft model is this model or has another vocabulary)", path)
+            return {}
+        return {"draft_model": draft, "draft_tokens": spec["draft_tokens"]}
 
     def _unload(self, loaded: Loaded) -> None:  # on the worker thread
         engine = loaded.engine
-        engine.fail_all("the model was unloaded")
+        if engine is not None:
+            engine.fail_all("the model was unloaded")
         mx.synchronize()  # queued async_evals still reference the weights
-        self.worker.engines.remove(engine)
+        if engine is not None:
+            self.worker.engines.remove(engine)
         loaded.model = loaded.engine = loaded.vocabulary = None
         del engine
         gc.collect()
@@ -574,6 +609,7 @@ def _prepare(loaded: Loaded, request: Request) -> tuple[list[int], int, Constrai
 
 async def start(app: web.Application, request: Request) -> Run:
     """Load the model, build the prompt and submit the job; the caller must close() the Run."""
+    await refuse_embedding_model(request.model)
     pool: ModelPool = app["pool"]
     loaded, load_ns = await pool.acquire(request.model, request.keep_alive)
     run = Run(pool, loaded, load_ns, request)
@@ -756,6 +792,7 @@ async def ollama_load_only(request: web.Request, body: dict, model: str, shape: 
     if reason == "unload" and loaded is None:  # nothing to unload: do not load it first
         await asyncio.get_running_loop().run_in_executor(None, model_path, model)  # 404 if unknown
     else:
+        await refuse_embedding_model(model)
         loaded, _ = await pool.acquire(model, keep_alive)
         pool.release(loaded)
     return web.json_response({"model": model, "created_at": now_rfc3339(), **shape, "done": True, "done_reason": reason})
@@ -924,15 +961,12 @@ async def api_show(request: web.Request) -> web.Response:
         info = describe(path)
         meta = info["metadata"]
         template = meta.get("tokenizer.chat_template", "")
-        from .registry import get_arch
-
-        try:
-            embeds = hasattr(get_arch(info["architecture"]).model, "embed")
-        except Exception:
-            embeds = False
+        # Ollama's capabilities: an encoder embeds; a decoder completes (and embeds too,
+        # on /api/embed, as in Ollama, without saying so here)
+        capabilities = ["embedding"] if arch_kind(path) == "encoder" else ["completion"]
         return {"license": meta.get("general.license", ""), "modelfile": f"# Modelfile generated by mlxllm\nFROM {path}\n",
                 "parameters": "", "template": template, "details": details(info), "model_info": model_info(info),
-                "capabilities": ["completion"] + (["embedding"] if embeds else []),
+                "capabilities": capabilities,
                 "modified_at": info["modified_at"]}
 
     return web.json_response(await asyncio.get_running_loop().run_in_executor(None, collect))
@@ -961,18 +995,6 @@ async def api_ps(request: web.Request) -> web.Response:
 
 async def api_version(request: web.Request) -> web.Response:
     return web.json_response({"version": __version__})
-
-
-async def api_embed(request: web.Request) -> web.Response:
-    body = await json_body(request)
-    model = model_of(body)
-    inputs = body.get("input")
-    if not (isinstance(inputs, str) or (isinstance(inputs, list) and all(isinstance(s, str) for s in inputs))):
-        raise ApiError(400, "input must be a string or an array of strings", "input")
-    info = await asyncio.get_running_loop().run_in_executor(None, lambda: describe(model_path(model)))
-    # No architecture computes embeddings yet; Ollama answers a chat-only model the same way.
-    raise ApiError(400, f"{model!r} does not support embeddings (architecture {info['architecture']} "
-                        "has no embedding support in mlxllm yet)", "model")
 
 
 # ---------------------------------------------------------------------------- OpenAI API
@@ -1169,12 +1191,316 @@ async def v1_model(request: web.Request) -> web.Response:
     return web.json_response({"id": name, "object": "model", "created": int(os.stat(path).st_mtime), "owned_by": "mlxllm"})
 
 
+# ---------------------------------------------------------------------------- embeddings
+
+MAX_EMBED_INPUTS = 2048  # inputs per OpenAI embeddings request (OpenAI's own limit)
+
+
+def arch_kind(path: str) -> str:
+    """The file's architecture as the registry declares it: "decoder" or "encoder" (an
+    architecture the registry does not know counts as a decoder: loading says why)."""
+    from .registry import ArchError, get_arch
+
+    try:
+        return get_arch(describe(path)["architecture"]).kind
+    except ArchError:
+        return "decoder"
+
+
+async def refuse_embedding_model(name: str) -> None:
+    """Generation routes on an encoder: a 400 that says what the model is for."""
+    loop = asyncio.get_running_loop()
+    path = await loop.run_in_executor(None, model_path, name)
+    if await loop.run_in_executor(None, arch_kind, path) == "encoder":
+        raise ApiError(400, f"{name!r} is an embedding model: it does not generate text "
+                            "(use /api/embed or /v1/embeddings)", "model", "model_not_supported")
+
+
+def gives_hidden_states(model) -> bool:
+    """What `mlxllm.embeddings.hidden_states` can run: an encoder, or a decoder built on the
+    plain `Decoder` forward pass (blocks and final norm without the output projection)."""
+    from .nn.decoder import Decoder
+    from .nn.encoder import Encoder
+
+    return isinstance(model, Encoder) or (isinstance(model, Decoder) and type(model).__call__ is Decoder.__call__)
+
+
+def has_classifier(model) -> bool:
+    from .nn.encoder import CLS, Encoder
+
+    return isinstance(model, Encoder) and CLS in model
+
+
+def embedding_width(model) -> int:
+    """Floats per pooled vector: the hidden size."""
+    return int(model.args.dim)
+
+
+async def embed_on_worker(worker: Worker, model, token_lists: list[list[int]], pooling: str | None,
+                          normalize: bool) -> list[list[float]]:
+    """`mlxllm.embeddings.embed_tokens` on the worker thread, one call per forward pass's
+    worth of texts (sorted by length, about BATCH_TOKENS padded tokens each), so other
+    models' generation steps run between them and a client that leaves stops the rest."""
+    from .embeddings import BATCH_TOKENS, embed_tokens
+
+    order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+    out: list = [None] * len(token_lists)
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and len(token_lists[order[end]]) * (end - start + 1) <= BATCH_TOKENS:
+            end += 1
+        rows = order[start:end]
+        vectors = await worker.call(embed_tokens, model, [token_lists[i] for i in rows], pooling, normalize)
+        for i, vector in zip(rows, vectors):
+            out[i] = vector
+        start = end
+    return out
+
+
+def tokenize_texts(tokenizer, texts: list[str], limit: int, truncate: bool, param: str) -> list[list[int]]:
+    """Each text's tokens (with the file's special tokens); ApiError 400 for one with none,
+    or past `limit` tokens when not truncating."""
+    from .embeddings import tokenize
+
+    try:
+        return tokenize(tokenizer, texts, limit, truncate)
+    except ValueError as e:
+        code = "context_length_exceeded" if "past the context" in str(e) else None
+        raise ApiError(400, f"{param}: {e}", param, code) from None
+
+
+def check_token_lists(token_lists: list[list[int]], vocab_size: int, limit: int, param: str) -> None:
+    for i, ids in enumerate(token_lists):
+        if not ids:
+            raise ApiError(400, f"{param}[{i}] has no tokens", param)
+        if max(ids) >= vocab_size:
+            raise ApiError(400, f"{param}[{i}] holds a token id outside the vocabulary of {vocab_size}", param)
+        if len(ids) > limit:
+            raise ApiError(400, f"{param}[{i}] has {len(ids)} tokens, past the context of {limit}", param,
+                           "context_length_exceeded")
+
+
+@dataclass
+class Embedded:
+    vectors: list[list[float]]
+    tokens: int  # tokens evaluated, all inputs together
+    load_ns: int
+    total_ns: int
+
+
+async def run_embeddings(app: web.Application, name: str, inputs: list[str] | list[list[int]], *,
+                         keep_alive: float | None | str = "default", pooling: str | None = None,
+                         normalize: bool = True, truncate: bool = True, num_ctx: int | None = None,
+                         param: str = "input") -> Embedded:
+    """Load the model, tokenize the inputs (strings, or lists of token ids taken as they
+    are) and pool their hidden states on the worker thread, all inputs batched."""
+    started = time.perf_counter()
+    pool: ModelPool = app["pool"]
+    loaded, load_ns = await pool.acquire(name, keep_alive)
+    try:
+        model = loaded.model
+        if not gives_hidden_states(model):
+            raise ApiError(400, f"{name!r} does not support embeddings ({type(model).__name__} gives no hidden "
+                                "states)", "model")
+        if pooling == "rank" and not has_classifier(model):
+            raise ApiError(400, f"{name!r} has no classifier head to rerank with: it is not a reranker", "model")
+        limit = model.args.context_length
+        limit = min(num_ctx, limit) if num_ctx else limit
+        if inputs and isinstance(inputs[0], str):
+            token_lists = await asyncio.get_running_loop().run_in_executor(
+                None, tokenize_texts, loaded.tokenizer, inputs, limit, truncate, param)
+        else:
+            token_lists = [list(ids) for ids in inputs]
+            check_token_lists(token_lists, model.args.vocab_size, limit, param)
+        vectors = await embed_on_worker(pool.worker, model, token_lists, pooling, normalize) if token_lists else []
+    finally:
+        pool.release(loaded)
+    return Embedded(vectors, sum(map(len, token_lists)), load_ns, int((time.perf_counter() - started) * 1e9))
+
+
+def ollama_embed_options(body: dict) -> int | None:
+    """num_ctx from Ollama's options (the others are sampling options: nothing to embed)."""
+    options = field_of(body, "options", "object", {})
+    num_ctx = field_of(options, "num_ctx", "int", where="options.")
+    if num_ctx is not None and num_ctx < 1:
+        raise ApiError(400, "options.num_ctx must be positive", "num_ctx")
+    return num_ctx
+
+
+def shorten(vector: list[float], dimensions: int) -> list[float]:
+    """Ollama's `dimensions`: the first `dimensions` floats, L2-normalized again."""
+    head = np.asarray(vector[:dimensions], np.float32)
+    return (head / max(float(np.linalg.norm(head)), 1e-12)).tolist()
+
+
+async def api_embed(request: web.Request) -> web.Response:
+    """Ollama's /api/embed: L2-normalized vectors, one per input, the inputs batched; an
+    empty string (or no input) only loads the model, as in Ollama."""
+    body = await json_body(request)
+    model = model_of(body)
+    inputs = body.get("input")
+    if inputs is None or inputs == "":
+        texts = []
+    elif isinstance(inputs, str):
+        texts = [inputs]
+    elif isinstance(inputs, list) and all(isinstance(s, str) for s in inputs):
+        if not inputs:
+            raise ApiError(400, "input is an empty array: give a string or an array of strings", "input")
+        texts = inputs
+    else:
+        raise ApiError(400, "invalid input type: input must be a string or an array of strings", "input")
+    truncate = field_of(body, "truncate", "bool", True)
+    dimensions = field_of(body, "dimensions", "int")
+    if dimensions is not None and dimensions < 1:
+        raise ApiError(400, f"dimensions must be a positive integer, not {dimensions}", "dimensions")
+    num_ctx = ollama_embed_options(body)
+    done = await run_embeddings(request.app, model, texts, keep_alive=keep_alive_of(body), truncate=truncate,
+                                num_ctx=num_ctx)
+    vectors = done.vectors
+    if dimensions is not None:
+        vectors = [shorten(v, dimensions) if dimensions < len(v) else v for v in vectors]
+    return web.json_response({"model": model, "embeddings": vectors, "total_duration": done.total_ns,
+                              "load_duration": done.load_ns, "prompt_eval_count": done.tokens})
+
+
+async def api_embeddings(request: web.Request) -> web.Response:
+    """Ollama's legacy /api/embeddings: one prompt, its pooled vector as the model gives it
+    (not normalized, as in Ollama); an empty prompt only loads the model."""
+    body = await json_body(request)
+    model = model_of(body)
+    prompt = field_of(body, "prompt", "string", "")
+    num_ctx = ollama_embed_options(body)
+    done = await run_embeddings(request.app, model, [prompt] if prompt else [], keep_alive=keep_alive_of(body),
+                                normalize=False, num_ctx=num_ctx, param="prompt")
+    return web.json_response({"embedding": done.vectors[0] if done.vectors else []})
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+
+
+def openai_embedding_inputs(value: Any) -> list[str] | list[list[int]]:
+    """OpenAI's input: a string, an array of strings, an array of token ids, or an array of
+    such arrays; none of them empty, at most MAX_EMBED_INPUTS."""
+    if isinstance(value, str) or _is_token_ids(value):  # one input
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, "input must be a non-empty string, array of strings, array of token ids or array of "
+                            "token id arrays", "input")
+    if len(value) > MAX_EMBED_INPUTS:
+        raise ApiError(400, f"input has {len(value)} entries; at most {MAX_EMBED_INPUTS} are allowed", "input")
+    if all(isinstance(v, str) for v in value):
+        for i, v in enumerate(value):
+            if not v:
+                raise ApiError(400, f"input[{i}] is an empty string", "input")
+        return value
+    if all(_is_token_ids(v) for v in value):
+        return value
+    raise ApiError(400, "input must be a non-empty string, array of strings, array of token ids or array of "
+                        "token id arrays (each non-empty, not mixed)", "input")
+
+
+async def v1_embeddings(request: web.Request) -> web.Response:
+    """OpenAI's /v1/embeddings: L2-normalized vectors as floats or base64 (little-endian
+    float32), the inputs batched; a text past the context is refused, as OpenAI does."""
+    body = await json_body(request)
+    model = model_of(body)
+    inputs = openai_embedding_inputs(body.get("input"))
+    encoding = field_of(body, "encoding_format", "string", "float")
+    if encoding not in ("float", "base64"):
+        raise ApiError(400, f"encoding_format must be float or base64, not {encoding!r}", "encoding_format")
+    dimensions = field_of(body, "dimensions", "int")
+    if dimensions is not None and dimensions < 1:
+        raise ApiError(400, f"dimensions must be at least 1, not {dimensions}", "dimensions", "invalid_value")
+    field_of(body, "user", "string")
+    if dimensions is not None:
+        # Only a model trained for shorter vectors (Matryoshka) can give them, and a GGUF
+        # file does not say whether it was; its own width is the one size it can give.
+        loaded, _ = await request.app["pool"].acquire(model)
+        width = embedding_width(loaded.model)
+        request.app["pool"].release(loaded)
+        if dimensions != width:
+            raise ApiError(400, f"{model!r} does not support specifying dimensions: its vectors have {width}",
+                           "dimensions", "invalid_value")
+    done = await run_embeddings(request.app, model, inputs, truncate=False)
+
+    def encoded(vector: list[float]) -> list[float] | str:
+        if encoding == "float":
+            return vector
+        return base64.b64encode(np.asarray(vector, "<f4").tobytes()).decode("ascii")
+
+    return web.json_response({
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(done.vectors)],
+        "model": model,
+        "usage": {"prompt_tokens": done.tokens, "total_tokens": done.tokens},
+    })
+
+
+def rerank_tokens(tokenizer, template: str | None, query: str, document: str) -> list[int]:
+    """A query and a document as one cross-encoder input, as llama-server's
+    format_prompt_rerank joins them: the file's rerank template (tokenizer.chat_template.rerank)
+    with {query} and {document} filled in, else BOS? query EOS? SEP? document EOS? per the
+    vocabulary's add_bos / add_eos / add_sep (EOS falling back to SEP)."""
+    if template is not None:
+        text = template.replace("{query}", query).replace("{document}", document)
+        return tokenizer.encode(text, add_special=False, parse_special=True)
+    eos = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.sep_id
+    ids = [tokenizer.bos_id] if tokenizer.add_bos else []
+    ids += tokenizer.encode(query, add_special=False)
+    ids += [eos] if tokenizer.add_eos else []
+    ids += [tokenizer.sep_id] if tokenizer.add_sep else []
+    ids += tokenizer.encode(document, add_special=False)
+    ids += [eos] if tokenizer.add_eos else []
+    return ids
+
+
+RERANK_TEMPLATE = "tokenizer.chat_template.rerank"
+
+
+async def v1_rerank(request: web.Request) -> web.Response:
+    """llama-server's /v1/rerank: {query, documents, top_n} -> results {index,
+    relevance_score} best first; the score is the classifier's first output, as llama.cpp
+    reports it (a logit: no sigmoid). Only for files with a classifier head."""
+    body = await json_body(request)
+    model = model_of(body)
+    query = body.get("query")
+    if not isinstance(query, str):
+        raise ApiError(400, "query must be a string" if "query" in body else "query must be provided", "query")
+    documents = body.get("documents")
+    if not isinstance(documents, list) or not documents or not all(isinstance(d, str) for d in documents):
+        raise ApiError(400, "documents must be a non-empty array of strings", "documents")
+    top_n = field_of(body, "top_n", "int", len(documents))
+    if top_n < 0:
+        raise ApiError(400, f"top_n must not be negative, not {top_n}", "top_n")
+    pool: ModelPool = request.app["pool"]
+    loaded, _ = await pool.acquire(model, "default")
+    try:
+        template = loaded.model.gguf.metadata.get(RERANK_TEMPLATE)
+        token_lists = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: [rerank_tokens(loaded.tokenizer, template, query, d) for d in documents])
+        done = await run_embeddings(request.app, model, token_lists, pooling="rank", normalize=False,
+                                    param="documents")
+    finally:
+        pool.release(loaded)
+    scores = [v[0] for v in done.vectors]
+    order = sorted(range(len(documents)), key=lambda i: -scores[i])[:top_n]
+    return web.json_response({
+        "model": model, "object": "list", "usage": {"prompt_tokens": done.tokens, "total_tokens": done.tokens},
+        "results": [{"index": i, "relevance_score": scores[i]} for i in order],
+    })
+
+
 # ---------------------------------------------------------------------------- app and serve
 
 async def health(request: web.Request) -> web.Response:
     pool: ModelPool = request.app["pool"]
     models = [{"name": m.name, "active": m.engine.active, "queued": m.engine.queued, "batched": m.engine.batched,
                "prefix_cache_bytes": m.engine.prefixes.nbytes if m.engine.prefixes else 0}
+              if m.engine is not None else
+              {"name": m.name, "active": 0, "queued": 0, "batched": False, "prefix_cache_bytes": 0}
               for m in list(pool.loaded.values())]
     return web.json_response({"status": "ok", "version": __version__, "models": models,
                               "active": sum(m["active"] for m in models), "queued": sum(m["queued"] for m in models)})
@@ -1196,6 +1522,9 @@ def make_app(pool: ModelPool | None = None, max_body: int = 16 << 20) -> web.App
     app.router.add_get("/api/ps", api_ps)
     app.router.add_get("/api/version", api_version)
     app.router.add_post("/api/embed", api_embed)
+    app.router.add_post("/api/embeddings", api_embeddings)
+    app.router.add_post("/v1/embeddings", v1_embeddings)
+    app.router.add_post("/v1/rerank", v1_rerank)
     app.router.add_post("/v1/chat/completions", v1_chat_completions)
     app.router.add_post("/v1/completions", v1_completions)
     app.router.add_get("/v1/models", v1_models)
@@ -1240,8 +1569,8 @@ async def serve_async(host: str, port: int, preload: tuple[str, ...] = (), **poo
 
 def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, keep_alive: float | None = DEFAULT_KEEP_ALIVE,
           parallel: int = DEFAULT_PARALLEL, preload: tuple[str, ...] = (), max_body: int = 16 << 20,
-          prefix_cache_bytes: int = 512 << 20) -> None:
+          prefix_cache_bytes: int = 512 << 20, speculation: dict | None = None) -> None:
     """Run the server until SIGINT or SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve_async(host, port, preload, keep_alive=keep_alive, parallel=parallel,
-                            prefix_cache_bytes=prefix_cache_bytes, max_body=max_body))
+                            prefix_cache_bytes=prefix_cache_bytes, max_body=max_body, speculation=speculation))

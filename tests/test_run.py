@@ -39,6 +39,20 @@ def test_prompt_from_stdin_and_verbose_stats():
     assert "tokens/s" in r.stderr and "generation" in r.stderr
 
 
+def test_speculation_flags_keep_the_greedy_output():
+    """--prompt-lookup and --draft (the model drafting for itself here: every draft is
+    accepted) give plain greedy decoding's text; --verbose reports the acceptance."""
+    prompt = "Repeat exactly: red, green, blue, red, green, blue, red, green, blue"
+    plain = cli(prompt, *GREEDY, "--repeat-penalty", "1")
+    lookup = cli(prompt, *GREEDY, "--repeat-penalty", "1", "--prompt-lookup", "--verbose")
+    drafted = cli(prompt, *GREEDY, "--repeat-penalty", "1", "--draft", MODEL, "--draft-tokens", "3", "--verbose")
+    assert plain.returncode == lookup.returncode == drafted.returncode == 0, lookup.stderr + drafted.stderr
+    assert lookup.stdout == plain.stdout == drafted.stdout
+    assert "drafts accepted" in lookup.stderr and "drafts accepted 100%" in drafted.stderr
+    both = cli(prompt, "--prompt-lookup", "--draft", MODEL)
+    assert both.returncode != 0 and "not both" in both.stderr
+
+
 def test_raw_prompt_skips_the_template(smollm):
     model, tok = smollm
     r = cli("The capital of France is", "--raw", *GREEDY)
