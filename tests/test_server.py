@@ -460,6 +460,18 @@ def test_gemma3_batches_concurrent_requests(tmp_path):
             t.join(120)
         assert [together.get(i) for i in range(len(prompts))] == alone
         assert "continuous batching" in srv.log()
+        # One loop: greedy chat through both APIs equals generate() on the template's text,
+        # Gemma's `{{ bos_token }}`-writing template included (one BOS, not two).
+        from mlxllm import generate, load
+
+        model, tokenizer = load("gemma3:270m")
+        messages = [{"role": "user", "content": "Name the largest planet."}]
+        want = generate(model, tokenizer, tokenizer.apply_chat_template(messages, add_generation_prompt=True),
+                        max_tokens=12, temperature=0)
+        chat = client.chat.completions.create(model="gemma3:270m", messages=messages, temperature=0, max_tokens=12)
+        ollama_chat = ollama.Client(host=srv.url, timeout=120).chat(
+            "gemma3:270m", messages=messages, options={"temperature": 0, "num_predict": 12})
+        assert chat.choices[0].message.content == ollama_chat.message.content == want
     finally:
         srv.stop()
 
