@@ -17,8 +17,10 @@ SPECULATION_PROMPT = ("Repeat the following list exactly, then repeat it once mo
                       + "\n".join(f"{i}. item number {i} of the list" for i in range(1, 21)) + "\n")
 
 
-def bench(model, tokenizer, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3) -> dict[str, dict]:
-    """{"pp512": {"mean", "stdev", "runs"}, "tg128": {...}} after one warm-up of each."""
+def bench(model, tokenizer, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3,
+          kv_bits: int | None = None) -> dict[str, dict]:
+    """{"pp512": {"mean", "stdev", "runs"}, "tg128": {...}} after one warm-up of each;
+    kv_bits: tg with a quantized KV cache."""
     rng = random.Random(0)
 
     def pp() -> float:
@@ -28,7 +30,8 @@ def bench(model, tokenizer, n_prompt: int = 512, n_gen: int = 128, repetitions: 
         return n_prompt / (time.perf_counter() - start)
 
     def tg() -> float:
-        steps = generate_step(model, [tokenizer.bos_id or 0], SamplingParams(temperature=0), max_tokens=n_gen + 1)
+        steps = generate_step(model, [tokenizer.bos_id or 0], SamplingParams(temperature=0), max_tokens=n_gen + 1,
+                              kv_bits=kv_bits)
         next(steps)  # the first token comes from the one-token prefill
         start = time.perf_counter()
         for _ in steps:

@@ -160,16 +160,25 @@ class BatchKVCache:
     the window plus one growth step, in a batch too. Slot distances are position
     distances within a row, which is all causal, windowed and ALiBi masks need.
 
-    One row without a window grows, stores and returns exactly what `KVCache` does, so a
-    lone request computes what it would alone.
+    bits (8 or 4): keys and values are stored in MLX's affine layout, groups of 32 along
+    the head dimension with float32 scales and biases (1.25 / 0.75 bytes per element
+    instead of 4), and dequantized for each attention call. Head dimensions that are not
+    a multiple of 32 are stored as floats.
+
+    One row without a window or bits grows, stores and returns exactly what `KVCache`
+    does, so a lone request computes what it would alone.
     """
 
     step = 256
 
-    def __init__(self, window: int | None = None) -> None:
-        self.window = window
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+    def __init__(self, window: int | None = None, bits: int | None = None) -> None:
+        if bits not in (None, 4, 8):
+            raise ValueError(f"KV cache bits must be 8 or 4, not {bits}")
+        self.window, self.bits = window, bits
+        # Storage: keys and values as lists of arrays that share axes 0-2 (B, H, S): the
+        # floats alone, or the codes, scales and biases of the quantized layout.
+        self.keys: list[mx.array] | None = None
+        self.values: list[mx.array] | None = None
         self.pad: list[int] = []
         self.lengths: list[int] = []  # positions each row has seen
         self.size = 0  # filled slots, the same for every row
@@ -185,7 +194,7 @@ class BatchKVCache:
     def _dropped(self, L: int) -> int:
         """Slots the next update of L positions drops: growing copies the storage anyway,
         so with a window the slots no upcoming query can see go then."""
-        grows = self.keys is None or self.size + L > self.keys.shape[2]
+        grows = self.keys is None or self.size + L > self.keys[0].shape[2]
         return max(0, self.size - (self.window - 1)) if grows and self.window is not None else 0
 
     def make_mask(self, L: int) -> mx.array | str | None:
@@ -205,38 +214,73 @@ class BatchKVCache:
             mask = (mask[None] & real)[:, None]  # (B, 1, L, T), broadcast over heads
         return mask
 
+    # -- storage layout
+
+    def _quantized(self, x: mx.array) -> bool:
+        return self.bits is not None and x.shape[-1] > 0 and x.shape[-1] % 32 == 0
+
+    def _pack(self, x: mx.array) -> list[mx.array]:
+        if not self._quantized(x):
+            return [x]
+        codes, scales, biases = mx.quantize(x.astype(mx.float32), group_size=32, bits=self.bits)
+        return [codes, scales, biases]
+
+    def _unpack(self, parts: list[mx.array], end: int, dtype: mx.Dtype) -> mx.array:
+        """Slots [0, end) as floats (B, H, end, D)."""
+        if len(parts) == 1:
+            return parts[0][..., :end, :]
+        from . import kernels  # the multi-threaded dequantize on the CPU; MLX's elsewhere
+
+        codes, scales, biases = (p[..., :end, :] for p in parts)
+        B, H, T, W = codes.shape
+        kernel = kernels.cpu.active()
+        if kernel is not None:
+            flat = kernel.affine_dequantize(codes.reshape(-1, W), scales.reshape(-1, scales.shape[-1]),
+                                            biases.reshape(-1, biases.shape[-1]), self.bits)
+            return flat.reshape(B, H, T, -1).astype(dtype)
+        return mx.dequantize(codes, scales, biases, group_size=32, bits=self.bits).astype(dtype)
+
+    @staticmethod
+    def _each(parts: list[mx.array] | None, fn) -> list[mx.array] | None:
+        return None if parts is None else [fn(p) for p in parts]
+
+    # -- updates
+
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        B, H, L, D = keys.shape
+        B, H, L, _ = keys.shape
         if not self.lengths:
             self.pad, self.lengths = [0] * B, [0] * B
         drop = self._dropped(L)
+        new_keys, new_values = self._pack(keys), self._pack(values)
         prev = self.size
-        if self.keys is None or prev + L > self.keys.shape[2]:
+        if self.keys is None or prev + L > self.keys[0].shape[2]:
             grow = (L + self.step - 1) // self.step * self.step
-            new_k = mx.zeros((B, H, grow, D), keys.dtype)
-            new_v = mx.zeros((B, H, grow, values.shape[3]), values.dtype)
-            if self.keys is None:
-                self.keys, self.values = new_k, new_v
-            else:
-                self.keys = mx.concatenate([self.keys[..., drop:prev, :], new_k], axis=2)
-                self.values = mx.concatenate([self.values[..., drop:prev, :], new_v], axis=2)
+
+            def grown(old: list[mx.array] | None, new: list[mx.array]) -> list[mx.array]:
+                zeros = [mx.zeros((B, H, grow, n.shape[-1]), n.dtype) for n in new]
+                if old is None:
+                    return zeros
+                return [mx.concatenate([o[..., drop:prev, :], z], axis=2) for o, z in zip(old, zeros)]
+
+            self.keys, self.values = grown(self.keys, new_keys), grown(self.values, new_values)
             self.pad = [max(0, p - drop) for p in self.pad]
             prev -= drop
         self.size = prev + L
         self.lengths = [n + L for n in self.lengths]
-        self.keys[..., prev:self.size, :] = keys
-        self.values[..., prev:self.size, :] = values
-        return self.keys[..., :self.size, :], self.values[..., :self.size, :]
+        for store, new in zip(self.keys + self.values, new_keys + new_values):
+            store[..., prev:self.size, :] = new
+        return self._unpack(self.keys, self.size, keys.dtype), self._unpack(self.values, self.size, values.dtype)
 
     @property
-    def state(self) -> tuple[mx.array, mx.array] | None:
+    def state(self) -> list[mx.array] | None:
+        """The stored arrays (to evaluate them), filled slots only."""
         if self.keys is None:
             return None
-        return self.keys[..., :self.size, :], self.values[..., :self.size, :]
+        return [p[..., :self.size, :] for p in self.keys + self.values]
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        return 0 if self.keys is None else sum(p.nbytes for p in self.keys + self.values)
 
     def trim(self, n: int) -> None:
         """Forget every row's last n positions (draft tokens the model did not accept)."""
@@ -244,24 +288,31 @@ class BatchKVCache:
             self.size -= n
             self.lengths = [length - n for length in self.lengths]
 
-    def row_state(self, b: int, length: int) -> tuple[mx.array, mx.array, int]:
+    def row_state(self, b: int, length: int) -> tuple[list[mx.array], list[mx.array], int]:
         """Row b's stored positions among its first `length`, copied out of the batch:
-        (keys (1, H, n, D), values, the first position held)."""
+        (keys' arrays (1, H, n, ...), values' arrays, the first position held)."""
         first = self.lengths[b] - (self.size - self.pad[b])
         end = self.pad[b] + length - first
-        return (mx.contiguous(self.keys[b:b + 1, :, self.pad[b]:end, :]),
-                mx.contiguous(self.values[b:b + 1, :, self.pad[b]:end, :]), first)
+
+        def take(parts: list[mx.array]) -> list[mx.array]:
+            return [mx.contiguous(p[b:b + 1, :, self.pad[b]:end, :]) for p in parts]
+
+        return take(self.keys), take(self.values), first
 
     @classmethod
-    def from_state(cls, state: tuple[mx.array, mx.array, int], n: int, window: int | None) -> BatchKVCache | None:
+    def from_state(cls, state: tuple, n: int, window: int | None, bits: int | None = None) -> BatchKVCache | None:
         """One row at position n from a stored `row_state`, or None when the state lacks
-        positions that queries from n on can see."""
+        positions that queries from n on can see, or is stored in another layout."""
         keys, values, first = state
         need = 0 if window is None else max(0, n - (window - 1))
-        if first > need or n > first + keys.shape[2]:
+        if first > need or n > first + keys[0].shape[2]:
             return None
-        cache = cls(window)
-        cache.keys, cache.values = keys[..., need - first:n - first, :], values[..., need - first:n - first, :]
+        cache = cls(window, bits)
+        head_dim = keys[1].shape[-1] * 32 if len(keys) == 3 else keys[0].shape[-1]
+        if (len(keys) == 3) != cache._quantized(mx.zeros((head_dim,))):
+            return None
+        cache.keys = [p[..., need - first:n - first, :] for p in keys]
+        cache.values = [p[..., need - first:n - first, :] for p in values]
         cache.pad, cache.lengths, cache.size = [0], [n], n - need
         return cache
 
@@ -277,8 +328,10 @@ class BatchKVCache:
             x = x[..., :size, :]
             return mx.pad(x, ((0, 0), (0, 0), (n - size, 0), (0, 0))) if n > size else x
 
-        self.keys = mx.concatenate([left_pad(self.keys, self.size), left_pad(other.keys, other.size)])
-        self.values = mx.concatenate([left_pad(self.values, self.size), left_pad(other.values, other.size)])
+        self.keys = [mx.concatenate([left_pad(a, self.size), left_pad(b, other.size)])
+                     for a, b in zip(self.keys, other.keys)]
+        self.values = [mx.concatenate([left_pad(a, self.size), left_pad(b, other.size)])
+                       for a, b in zip(self.values, other.values)]
         self.pad = [p + n - self.size for p in self.pad] + [p + n - other.size for p in other.pad]
         self.lengths = self.lengths + other.lengths
         self.size = n
@@ -290,13 +343,13 @@ class BatchKVCache:
             self.pad, self.lengths, self.size = [], [], 0
             return
         index = mx.array(rows)
-        self.keys, self.values = self.keys[index], self.values[index]
+        self.keys, self.values = self._each(self.keys, lambda p: p[index]), self._each(self.values, lambda p: p[index])
         self.pad = [self.pad[i] for i in rows]
         self.lengths = [self.lengths[i] for i in rows]
         trim = min(self.pad)
         if trim:
-            self.keys = self.keys[..., trim:self.size, :]
-            self.values = self.values[..., trim:self.size, :]
+            self.keys = self._each(self.keys, lambda p: p[..., trim:self.size, :])
+            self.values = self._each(self.values, lambda p: p[..., trim:self.size, :])
             self.pad = [p - trim for p in self.pad]
             self.size -= trim
 
@@ -354,7 +407,7 @@ class PrefixCache:
         # Entries this one extends are redundant: every prefix of theirs is one of its.
         self._entries = [e for e in self._entries if not (e[0].size <= key.size and self._shared(e[0], key) == e[0].size)]
         mx.eval([s[:2] for s in states])
-        nbytes = sum(k.nbytes + v.nbytes for k, v, _ in states)
+        nbytes = sum(p.nbytes for keys, values, _ in states for p in keys + values)
         self._entries.append((key, states, nbytes))
         while len(self._entries) > 1 and sum(e[2] for e in self._entries) > self.budget:
             self._entries.pop(0)
@@ -364,3 +417,31 @@ class PrefixCache:
     @property
     def nbytes(self) -> int:
         return sum(e[2] for e in self._entries)
+
+
+# ---------------------------------------------------------------------------- recurrent state
+
+class RecurrentCache:
+    """What a recurrent layer (Mamba, Mamba-2, LFM2's short convolution) carries from one
+    forward pass to the next, in place of keys and values: the last kernel - 1 inputs of its
+    causal convolution, `conv` (B, kernel - 1, channels), and the scan's state, `ssm`
+    (B, heads, head_dim, d_state), which short-convolution layers have not. Its size does
+    not grow with the sequence; `offset` counts the positions seen.
+
+    The state of a position cannot be taken back (no `trim`), and rows of a batch must
+    start together, so the generation loop runs a model with these caches one row at a
+    time (`batch_window` gives False)."""
+
+    def __init__(self) -> None:
+        self.conv: mx.array | None = None
+        self.ssm: mx.array | None = None
+        self.offset = 0
+
+    @property
+    def state(self) -> tuple[mx.array, ...] | None:
+        arrays = tuple(a for a in (self.conv, self.ssm) if a is not None)
+        return arrays or None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.state or ())

@@ -250,6 +250,12 @@ class _Row:
 DRAFT_TOKENS = 4  # tokens drafted per speculative step
 
 
+def batch_forms(model: nn.Module) -> bool:
+    """Whether a model's rows can share a forward pass on `BatchKVCache`s: it builds masks
+    with `cache.make_mask` (`batchable`) and every cache kind it declares has a batched form."""
+    return getattr(model, "batchable", False) and all(batch_window(kind) is not False for kind in model.make_cache())
+
+
 @dataclass
 class Speculation:
     """Speculative decoding's settings and counts: a draft model, or prompt lookup when
@@ -302,19 +308,24 @@ class BatchGenerator:
     and declares cache kinds that have a batched form (`mlxllm.cache.batch_window`);
     otherwise each row runs its own forward on the model's own caches, interleaved. With
     `prefix_cache_bytes`, finished rows' caches serve later prompts that share a prefix.
+    kv_bits (8 or 4) stores keys and values quantized (see `BatchKVCache`). A draft model
+    or prompt lookup speculates one greedy row's decoding (`_speculate`).
     """
 
     def __init__(self, model: nn.Module, tokenizer, max_batch: int = 16, prefill_step: int = PREFILL_STEP,
                  prefix_cache_bytes: int = 0, draft_model: nn.Module | None = None, prompt_lookup: bool = False,
-                 draft_tokens: int = DRAFT_TOKENS) -> None:
+                 draft_tokens: int = DRAFT_TOKENS, kv_bits: int | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.prefill_step = max_batch, prefill_step
         # The embedding table's rows: an id past them would read outside it.
         self.vocab_size = getattr(getattr(model, "args", None), "vocab_size", None) or \
             getattr(tokenizer, "vocab_size", None)
         windows = [batch_window(kind) for kind in model.make_cache()]
-        self.batched = getattr(model, "batchable", False) and all(w is not False for w in windows)
+        self.batched = batch_forms(model)
         self.windows = windows if self.batched else None
+        if kv_bits is not None and not self.batched:
+            raise ValueError("a quantized KV cache needs a model whose caches have a batched form")
+        self.kv_bits = kv_bits
         self.prefixes = PrefixCache(prefix_cache_bytes) if self.batched and prefix_cache_bytes > 0 else None
         self.waiting: deque[_Row] = deque()  # not yet admitted: the batch is full
         self.prefilling: deque[_Row] = deque()  # admitted, prompt partly in the cache
@@ -402,12 +413,12 @@ class BatchGenerator:
         if self.prefixes is not None:
             n, states = self.prefixes.lookup(prompt, limit=len(prompt) - 1)
             if n:
-                caches = [BatchKVCache.from_state(s, n, w) for s, w in zip(states, self.windows)]
+                caches = [BatchKVCache.from_state(s, n, w, self.kv_bits) for s, w in zip(states, self.windows)]
                 if all(c is not None for c in caches):
                     row.cached = row.position = n
                     return caches
         if self.batched:
-            return [BatchKVCache(w) for w in self.windows]
+            return [BatchKVCache(w, self.kv_bits) for w in self.windows]
         return self.model.make_cache()
 
     def _prefill_chunk(self, row: _Row, events: list[Event]) -> None:
@@ -617,15 +628,17 @@ class Response:
 def stream_generate(model: nn.Module, tokenizer, prompt: str | Sequence[int],
                     params: SamplingParams | None = None, max_tokens: int = 256,
                     stop: Sequence[str] = (), constraint: Any = None, draft_model: nn.Module | None = None,
-                    prompt_lookup: bool = False, draft_tokens: int = DRAFT_TOKENS) -> Iterator[Response]:
+                    prompt_lookup: bool = False, draft_tokens: int = DRAFT_TOKENS,
+                    kv_bits: int | None = None) -> Iterator[Response]:
     """Generate from a prompt (text, encoded with the tokenizer's BOS rules and special
     tokens parsed, or token ids) and yield text pieces as they complete, ending with a
     piece that carries finish_reason: the generation loop with one request. A draft model
     (same vocabulary) or prompt lookup speculates greedy decoding: same output, fewer
-    forward passes of the model when drafts are accepted."""
+    forward passes of the model when drafts are accepted. kv_bits (8 or 4) quantizes the
+    KV cache."""
     ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
     generator = BatchGenerator(model, tokenizer, max_batch=1, draft_model=draft_model, prompt_lookup=prompt_lookup,
-                               draft_tokens=draft_tokens)
+                               draft_tokens=draft_tokens, kv_bits=kv_bits)
     generator.insert(GenerationRequest(ids, params or SamplingParams(), max_tokens, stop, constraint))
     mx.reset_peak_memory()
     start = time.perf_counter()
@@ -656,10 +669,10 @@ def stream_generate(model: nn.Module, tokenizer, prompt: str | Sequence[int],
 
 
 def generate_step(model: nn.Module, prompt: Sequence[int], params: SamplingParams | None = None,
-                  max_tokens: int = 256) -> Iterator[int]:
+                  max_tokens: int = 256, kv_bits: int | None = None) -> Iterator[int]:
     """The generated token ids alone, until max_tokens (EOS is not special here: the
     caller stops where it wants by closing the generator)."""
-    generator = BatchGenerator(model, None, max_batch=1)
+    generator = BatchGenerator(model, None, max_batch=1, kv_bits=kv_bits)
     generator.insert(GenerationRequest(list(prompt), params or SamplingParams(), max_tokens))
     try:
         while generator.busy:

@@ -6,6 +6,7 @@ llama.cpp agrees with the batched caches past the window."""
 from __future__ import annotations
 
 import mlxllm  # noqa: F401  (first: puts an optimized BLAS under mlx.core)
+import numpy as np
 import pytest
 
 from arch_reference import FIXTURES, llama_cpp, llama_cpp_greedy, token_ids
@@ -118,7 +119,7 @@ def test_sliding_layers_hold_only_their_window(monkeypatch):
     while generator.busy:
         tokens += [e.token for e in generator.step()]
         if generator._caches is not None:
-            sizes.append([c.keys.shape[2] for c in generator._caches])
+            sizes.append([c.keys[0].shape[2] for c in generator._caches])
     windows = generator.windows
     sliding = [max(s[i] for s in sizes) for i, w in enumerate(windows) if w]
     full = [max(s[i] for s in sizes) for i, w in enumerate(windows) if not w]
@@ -214,3 +215,52 @@ def test_lookup_draft_takes_the_latest_longest_match():
     assert lookup_draft([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 2) == [7, 8]  # the latest 3-gram match
     assert lookup_draft([5, 1, 2, 6, 4, 1, 2], 3) == [6, 4, 1]  # 2-gram when no 3-gram repeats
     assert lookup_draft([1, 2, 3, 4], 3) == []
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from mlxllm import load
+
+    return load("smollm2:135m")  # head_dim 64: its keys and values quantize
+
+
+def test_quantized_kv_cache_bytes_and_fidelity(smollm):
+    """kv_bits 8: 1.25 bytes per cached element instead of 4 (measured per token), and the
+    teacher-forced argmax of SmolLM2 over 512 positions agrees with the float cache at >= 95%
+    (measured 98.5% over 1024 positions; 4 bits: 81.5%, 5.3x less memory)."""
+    import mlx.core as mx
+
+    model, tokenizer = smollm
+    ids = tokenizer.encode(open(__file__).read()[:4000], add_special=True)[:512]
+
+    def run(bits):
+        caches = [BatchKVCache(None, bits) for _ in model.make_cache()]
+        logits = np.concatenate([np.array(model(mx.array([ids[s:s + 128]]), cache=caches)[0])
+                                 for s in range(0, len(ids), 128)])
+        return logits, sum(c.nbytes for c in caches) / caches[0].keys[0].shape[2]
+
+    (ref, float_bytes), (ours, kv8_bytes) = run(None), run(8)
+    assert float_bytes / kv8_bytes == pytest.approx(4 / 1.25)
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
+
+
+def test_quantized_kv_cache_in_a_batch_with_the_prefix_cache(smollm):
+    """Rows of different lengths with a quantized cache give what each gives alone with
+    it, and a follow-up prompt reuses a finished row's quantized cache."""
+    model, tokenizer = smollm
+    prompts = [tokenizer.encode(t, add_special=True) for t in ("The capital of France is", "1, 2, 3, 4, 5,")]
+
+    def lone(ids):
+        generator = BatchGenerator(model, None, max_batch=1, kv_bits=8)
+        return run(generator, {0: [GenerationRequest(ids, GREEDY, 10)]})[0][0]
+
+    generator = BatchGenerator(model, None, max_batch=4, kv_bits=8, prefix_cache_bytes=16 << 20)
+    out, _ = run(generator, {0: [GenerationRequest(prompts[0], GREEDY, 10)], 2: [GenerationRequest(prompts[1], GREEDY, 10)]})
+    assert [out[0], out[1]] == [lone(p) for p in prompts]
+    follow = prompts[0] + out[0] + tokenizer.encode(" And", add_special=False)
+    generator.insert(GenerationRequest(follow, GREEDY, 6))
+    events = []
+    while generator.busy:
+        events += generator.step()
+    assert events[-1].stats.cached_tokens == len(prompts[0]) + len(out[0]) - 1
+    assert [e.token for e in events] == lone(follow)[:6]
