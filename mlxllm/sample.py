@@ -29,7 +29,7 @@ class SamplingParams:
     repeat_last_n: int = 64
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    seed: int | None = None
+    seed: int | None = None  # None or negative (llama.cpp's and Ollama's -1): a random seed
 
     def validate(self) -> None:
         checks = [
@@ -39,6 +39,7 @@ class SamplingParams:
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.repeat_penalty > 0, "repeat_penalty must be > 0"),
             (self.repeat_last_n >= -1, "repeat_last_n must be >= -1"),
+            (self.seed is None or self.seed < 2 ** 64, "seed must be below 2**64 (negative: random)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -81,7 +82,8 @@ def make_sampler(params: SamplingParams) -> Sampler:
     """temperature 0 is greedy; otherwise filter, scale and draw with a seeded key."""
     if params.temperature == 0:
         return lambda logits: mx.argmax(logits, axis=-1)
-    key = [mx.random.key(params.seed) if params.seed is not None else None]
+    seeded = params.seed is not None and params.seed >= 0
+    key = [mx.random.key(params.seed) if seeded else None]
 
     def sample(logits: mx.array) -> mx.array:
         logits = logits.astype(mx.float32)

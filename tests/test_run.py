@@ -53,6 +53,11 @@ def test_speculation_flags_keep_the_greedy_output():
     assert both.returncode != 0 and "not both" in both.stderr
 
 
+def test_seed_minus_one_is_random_not_an_error():
+    r = cli("Say hi.", "--seed", "-1", "--max-tokens", "4")
+    assert r.returncode == 0 and r.stdout.strip() and "Traceback" not in r.stderr
+
+
 def test_raw_prompt_skips_the_template(smollm):
     model, tok = smollm
     r = cli("The capital of France is", "--raw", *GREEDY)

@@ -53,7 +53,17 @@ def test_no_penalties_no_processors():
     assert make_logits_processors(SamplingParams(repeat_penalty=1.0)) == []
 
 
-@pytest.mark.parametrize("field,value", [("temperature", -0.1), ("top_p", 1.5), ("min_p", -1), ("repeat_penalty", 0)])
+def test_negative_seed_is_random():
+    """-1 (llama.cpp's and Ollama's "random") draws unseeded: two samplers differ."""
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=-1)
+    params.validate()
+    logits = mx.zeros((1, 1000))
+    draws = [[make_sampler(params)(logits).item() for _ in range(20)] for _ in range(2)]
+    assert draws[0] != draws[1]
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -0.1), ("top_p", 1.5), ("min_p", -1), ("repeat_penalty", 0),
+                                         ("seed", 2 ** 64)])
 def test_invalid_params(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value}).validate()
