@@ -1108,6 +1108,75 @@ arch("qwen3moe-wide", arch="qwen3moe", cfg="Qwen3MoeConfig", model="Qwen3MoeForC
            "as for every fixture, then dropped")
 
 
+# --- recurrent state: Mamba, Falcon-Mamba, Mamba-2, LFM2, LFM2-MoE ---------------------------
+# Layers that carry a state instead of (or beside) a KV cache. d_inner = 2 * hidden (llama.cpp's
+# Mamba loader accepts no other expansion); Mamba's A_log is a matrix, so `redraw` gives it
+# N(0, 1/d_state) values: A = -exp(A_log) stays negative, the state decays.
+SSM_STATE = 16
+
+
+def _mamba_kw(**kw) -> dict:
+    d = dict(hidden_size=HIDDEN, state_size=SSM_STATE, num_hidden_layers=N_LAYERS, expand=2, conv_kernel=4,
+             time_step_rank=8, layer_norm_epsilon=1e-5, vocab_size=VOCAB, tie_word_embeddings=False,
+             use_conv_bias=True, use_bias=False)
+    d.update(kw)
+    return d
+
+
+arch("mamba", cfg="MambaConfig", model="MambaForCausalLM", kw=_mamba_kw(),
+     notes="Mamba 1: conv1d (kernel 4) + selective scan with per-channel A (d_inner 128, d_state 16, "
+           "dt_rank 8), untied output")
+arch("falcon-mamba", arch="mamba", cfg="FalconMambaConfig", model="FalconMambaForCausalLM",
+     kw=_mamba_kw(mixer_rms_eps=1e-5),
+     notes="Falcon-Mamba: Mamba 1 with weightless RMS norms on dt, B and C (ssm.dt_b_c_rms); "
+           "mixer_rms_eps = layer_norm_epsilon because llama.cpp uses the latter for them")
+arch("mamba2", cfg="Mamba2Config", model="Mamba2ForCausalLM",
+     kw=dict(hidden_size=HIDDEN, num_heads=8, head_dim=16, state_size=SSM_STATE, n_groups=2, expand=2,
+             conv_kernel=4, num_hidden_layers=N_LAYERS, layer_norm_epsilon=1e-5, vocab_size=VOCAB,
+             tie_word_embeddings=False, use_conv_bias=True, use_bias=False, chunk_size=16),
+     notes="Mamba 2: 8 heads x 16, scalar decay per head, B/C in 2 groups, gated grouped RMSNorm")
+
+LFM2_LAYERS = ["conv", "full_attention", "conv", "full_attention"]
+
+
+def _lfm2_kw(**kw) -> dict:
+    d = dict(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=len(LFM2_LAYERS),
+             num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=MAX_POS,
+             vocab_size=VOCAB, norm_eps=1e-5, conv_L_cache=3, conv_bias=False, layer_types=LFM2_LAYERS,
+             block_auto_adjust_ff_dim=False, tie_word_embeddings=True, rope_parameters=_rope(1e6))
+    d.update(kw)
+    return d
+
+
+def _lfm2moe_tweak(model, seed: int) -> None:
+    """The experts as `redraw(moe=True)` would draw them (fan_in = an expert's input width),
+    the router scaled, and a random selection bias (HF keeps expert_bias as a zero buffer)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".experts." in name and p.ndim == 3:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+            elif name.endswith(".feed_forward.gate.weight"):
+                p.mul_(ROUTER_SCALE)
+        for name, b in model.named_buffers():
+            if name.endswith(".expert_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+
+
+arch("lfm2", cfg="Lfm2Config", model="Lfm2ForCausalLM", kw=_lfm2_kw(),
+     notes="LFM2: short-conv layers (in_proj -> B*x -> causal conv, kernel 3 -> C*) and GQA attention "
+           "layers with q/k RMSNorm (conv, attn, conv, attn); the final norm is stored as token_embd_norm")
+arch("lfm2moe", cfg="Lfm2MoeConfig", model="Lfm2MoeForCausalLM", tweak=_lfm2moe_tweak,
+     kw=_lfm2_kw(moe_intermediate_size=MOE_INTER, num_dense_layers=1, num_experts=N_EXPERTS,
+                 num_experts_per_tok=TOP_K, use_expert_bias=True, norm_topk_prob=True,
+                 routed_scaling_factor=1.0),
+     notes="LFM2-MoE: LFM2 with a dense first layer, then 4 experts top-2 by sigmoid + selection "
+           "bias, renormalized")
+# --- end recurrent state ----------------------------------------------------------------------
+
+
 # --------------------------------------------------------------------------------------
 # encoders (BERT and its descendants): the converter writes them like the decoders above, but
 # llama.cpp runs them with embeddings on, so each fixture records llama.cpp's per-token hidden
