@@ -43,7 +43,7 @@ from aiohttp import web
 from . import __version__
 from .chat_template import ChatTemplateError, render_chat_template
 from .constrain import ANY_OBJECT, Constraint, GrammarError, vocabulary_for
-from .generate import BatchGenerator, GenerationRequest, PromptTooLong, encode_prompt
+from .generate import BatchGenerator, GenerationRequest, PromptTooLong, batch_forms, encode_prompt
 from .models import ModelNotFound, available, resolve
 from .sample import SamplingParams
 
@@ -282,8 +282,10 @@ class ModelPool:
     last request ends. All MLX work goes through the one `Worker` thread."""
 
     def __init__(self, keep_alive: float | None = DEFAULT_KEEP_ALIVE, parallel: int = DEFAULT_PARALLEL,
-                 prefix_cache_bytes: int = 512 << 20, speculation: dict | None = None) -> None:
+                 prefix_cache_bytes: int = 512 << 20, speculation: dict | None = None,
+                 kv_bits: int | None = None) -> None:
         self.keep_alive = keep_alive
+        self.kv_bits = kv_bits  # quantized KV caches (8 or 4 bits) for every model that has a batched form
         self.parallel = parallel
         self.prefix_cache_bytes = prefix_cache_bytes
         # {"draft": name or None, "prompt_lookup": bool, "draft_tokens": k}
@@ -304,7 +306,7 @@ class ModelPool:
             return Loaded(name, path, model, tokenizer, None, int((time.perf_counter() - start) * 1e9),
                           file_digest(path))
         engine = Engine(model, tokenizer, name, self.parallel, self.prefix_cache_bytes,
-                        **self._speculation_for(model, path))
+                        kv_bits=self.kv_bits if batch_forms(model) else None, **self._speculation_for(model, path))
         self.worker.engines.append(engine)
         log.info("loaded %s (%s) in %.2f s; %s%s", name, path, time.perf_counter() - start,
                  "continuous batching" if engine.batched else "one forward per request per step (its "
@@ -792,7 +794,8 @@ async def ollama_load_only(request: web.Request, body: dict, model: str, shape: 
     if reason == "unload" and loaded is None:  # nothing to unload: do not load it first
         await asyncio.get_running_loop().run_in_executor(None, model_path, model)  # 404 if unknown
     else:
-        await refuse_embedding_model(model)
+        if reason == "load":  # unloading needs no capability (Ollama checks after it too)
+            await refuse_embedding_model(model)
         loaded, _ = await pool.acquire(model, keep_alive)
         pool.release(loaded)
     return web.json_response({"model": model, "created_at": now_rfc3339(), **shape, "done": True, "done_reason": reason})
@@ -1569,8 +1572,9 @@ async def serve_async(host: str, port: int, preload: tuple[str, ...] = (), **poo
 
 def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, keep_alive: float | None = DEFAULT_KEEP_ALIVE,
           parallel: int = DEFAULT_PARALLEL, preload: tuple[str, ...] = (), max_body: int = 16 << 20,
-          prefix_cache_bytes: int = 512 << 20, speculation: dict | None = None) -> None:
+          prefix_cache_bytes: int = 512 << 20, speculation: dict | None = None, kv_bits: int | None = None) -> None:
     """Run the server until SIGINT or SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve_async(host, port, preload, keep_alive=keep_alive, parallel=parallel,
-                            prefix_cache_bytes=prefix_cache_bytes, max_body=max_body, speculation=speculation))
+                            prefix_cache_bytes=prefix_cache_bytes, max_body=max_body, speculation=speculation,
+                            kv_bits=kv_bits))
