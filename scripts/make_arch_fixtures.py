@@ -1174,6 +1174,40 @@ arch("lfm2moe", cfg="Lfm2MoeConfig", model="Lfm2MoeForCausalLM", tweak=_lfm2moe_
                  routed_scaling_factor=1.0),
      notes="LFM2-MoE: LFM2 with a dense first layer, then 4 experts top-2 by sigmoid + selection "
            "bias, renormalized")
+
+
+def _patch_granite_hybrid_layer_types() -> None:
+    """GraniteHybridModel.get_attn_layers (conversion/granite.py) looks for "attention" in
+    layer_types; transformers 5 names GraniteMoeHybrid's layers linear_attention (Mamba) and
+    full_attention, so every layer would convert as Mamba. Same code, both names."""
+    import conversion.granite as granite
+
+    orig = granite.GraniteHybridModel.get_attn_layers
+
+    def get_attn_layers(self):
+        if layer_types := self.hparams.get("layer_types"):
+            return [i for i, kind in enumerate(layer_types) if kind in ("attention", "full_attention")]
+        return orig(self)
+
+    granite.GraniteHybridModel.get_attn_layers = get_attn_layers
+
+
+HYBRID_LAYERS = ["mamba", "attention", "mamba", "attention"]
+
+
+def _granite_hybrid_kw(**kw) -> dict:
+    d = _base(num_hidden_layers=len(HYBRID_LAYERS), rms_norm_eps=1e-5, layer_types=HYBRID_LAYERS,
+              mamba_n_heads=8, mamba_d_head=16, mamba_d_state=SSM_STATE, mamba_n_groups=2, mamba_expand=2,
+              mamba_d_conv=4, num_local_experts=0, num_experts_per_tok=0, shared_intermediate_size=INTER,
+              embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.0)
+    d.update(kw)
+    return d
+
+
+arch("granitehybrid", cfg="GraniteMoeHybridConfig", model="GraniteMoeHybridForCausalLM", kw=_granite_hybrid_kw(),
+     notes="Granite 4.0-H dense: Mamba-2 layers (8 heads x 16, 2 groups) and GQA attention without "
+           "RoPE (mamba, attn, mamba, attn), Granite's multipliers (embedding 2, residual 0.5, "
+           "attention 0.2, logits 1/2), shared_mlp as the FFN")
 # --- end recurrent state ----------------------------------------------------------------------
 
 
@@ -1760,6 +1794,7 @@ def _convert_main(hf_dir: str, out: str) -> None:
     _patch_stablelm_qk_norm()
     _patch_glm_vocab(base)
     _patch_hunyuan_moe_vocab()
+    _patch_granite_hybrid_layer_types()
     import convert_hf_to_gguf
 
     sys.argv = ["convert_hf_to_gguf.py", hf_dir, "--outfile", out, "--outtype", "f32"]

@@ -46,9 +46,9 @@ class MambaArgs:
 class MambaBlock(nn.Module):
     def __init__(self, args: MambaArgs, i: int):
         super().__init__()
-        self.dim, self.ssm = args.dim, args.ssm
+        self.ssm = args.ssm
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
-        init_mamba(self, args.ssm, lambda leaf: f"blk.{i}.{leaf}" in args.tensors)
+        init_mamba(self, args.dim, args.ssm, lambda leaf: f"blk.{i}.{leaf}" in args.tensors)
 
     def __call__(self, x: mx.array, cache: RecurrentCache | None) -> mx.array:
         return x + mamba(self, self.attn_norm(x), cache, self.ssm)

@@ -107,9 +107,10 @@ def selective_scan(x: mx.array, dt: mx.array, A: mx.array, B: mx.array, C: mx.ar
     return mx.stack(ys, axis=1), h
 
 
-def init_mamba(block: nn.Module, args: SSMArgs, has) -> None:
-    """Set a Mamba mixer's tensors on `block` (has(leaf): whether the file holds blk.N.leaf)."""
-    d, a = block.dim, args
+def init_mamba(block: nn.Module, d: int, args: SSMArgs, has) -> None:
+    """Set the tensors of a Mamba mixer from and to width d on `block` (has(leaf): whether
+    the file holds blk.N.leaf)."""
+    a = args
     if a.version == 1:
         block.ssm_in = nn.Linear(d, 2 * a.d_inner, bias=has("ssm_in.bias"))
         block.ssm_x = nn.Linear(a.d_inner, a.dt_rank + 2 * a.d_state, bias=False)
