@@ -437,6 +437,10 @@ class RecurrentCache:
         self.ssm: mx.array | None = None
         self.offset = 0
 
+    def advance(self, n: int) -> None:
+        """n more positions went through the layer (its mixer calls this)."""
+        self.offset += n
+
     @property
     def state(self) -> tuple[mx.array, ...] | None:
         arrays = tuple(a for a in (self.conv, self.ssm) if a is not None)
@@ -445,3 +449,22 @@ class RecurrentCache:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.state or ())
+
+
+class KVRecurrentCache(KVCache):
+    """A layer that runs attention and a recurrent mixer side by side (Falcon-H1): keys and
+    values as `KVCache` keeps them, plus `RecurrentCache`'s conv and ssm state. `offset` is
+    the KV cache's, which the attention advances; the mixer's `advance` leaves it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv: mx.array | None = None
+        self.ssm: mx.array | None = None
+
+    def advance(self, n: int) -> None:
+        pass
+
+    @property
+    def state(self) -> tuple[mx.array, ...] | None:
+        arrays = (*(super().state or ()), *(a for a in (self.conv, self.ssm) if a is not None))
+        return arrays or None

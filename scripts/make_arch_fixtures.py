@@ -1208,6 +1208,16 @@ arch("granitehybrid", cfg="GraniteMoeHybridConfig", model="GraniteMoeHybridForCa
      notes="Granite 4.0-H dense: Mamba-2 layers (8 heads x 16, 2 groups) and GQA attention without "
            "RoPE (mamba, attn, mamba, attn), Granite's multipliers (embedding 2, residual 0.5, "
            "attention 0.2, logits 1/2), shared_mlp as the FFN")
+arch("falcon-h1", cfg="FalconH1Config", model="FalconH1ForCausalLM",
+     kw=_base(rms_norm_eps=1e-5, rope_parameters=_rope(1e4), mamba_d_ssm=96, mamba_n_heads=6, mamba_d_head=16,
+              mamba_n_groups=2, mamba_d_state=SSM_STATE, mamba_d_conv=4, mamba_rms_norm=True,
+              mamba_norm_before_gate=False, embedding_multiplier=1.5, lm_head_multiplier=0.8,
+              mlp_multipliers=[1.2, 0.7], key_multiplier=0.9, attention_in_multiplier=1.1,
+              attention_out_multiplier=0.8, ssm_in_multiplier=1.3, ssm_out_multiplier=0.7,
+              ssm_multipliers=[1.0, 0.9, 1.1, 1.2, 0.8]),
+     notes="Falcon-H1: attention (NEOX RoPE) and a Mamba-2 mixer (6 heads x 16 = d_ssm 96, not 2 x hidden; "
+           "2 groups; gated grouped RMSNorm after the gate) side by side on the same normed input in "
+           "every layer, then a SwiGLU FFN; the converter bakes the muP multipliers into the weights")
 # --- end recurrent state ----------------------------------------------------------------------
 
 

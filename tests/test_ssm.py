@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from arch_reference import FIXTURES, llama_cpp_greedy, token_ids
-from mlxllm.cache import RecurrentCache, batch_window
+from mlxllm.cache import KVRecurrentCache, RecurrentCache, batch_window
 from mlxllm.generate import BatchGenerator, GenerationRequest, generate_step
 from mlxllm.loader import load_model
 from mlxllm.sample import SamplingParams
 
-RECURRENT = ["mamba", "falcon-mamba", "mamba2", "lfm2", "lfm2moe", "granitehybrid"]
+RECURRENT = ["mamba", "falcon-mamba", "mamba2", "lfm2", "lfm2moe", "granitehybrid", "falcon-h1"]
 PROMPT, CONTINUATION = 100, 1000
 TOLERANCE = 5e-3  # max |Δlogit| / std, as tests/test_archs.py's F32 check
 GREEDY = SamplingParams(temperature=0.0, repeat_penalty=1.0)
@@ -49,7 +49,7 @@ def test_long_continuation_matches_llama_cpp(name):
     ref = llama_cpp_last_logits(path, ids)
     model = load_model(str(path))[0]
     cache = model.make_cache()
-    assert any(isinstance(c, RecurrentCache) for c in cache)
+    assert any(isinstance(c, (RecurrentCache, KVRecurrentCache)) for c in cache)
     model(mx.array([ids[:PROMPT]]), cache=cache)
     for token in ids[PROMPT:-1]:
         model(mx.array([[token]]), cache=cache)

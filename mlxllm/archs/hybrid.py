@@ -10,6 +10,10 @@ LLM_TENSOR_OUTPUT_NORM_LFM2) and acts after the last layer, not on the embedding
 Granite 4.0 hybrids and Bamba (src/models/granite-hybrid.cpp): Mamba-2 layers and attention
 (NORM RoPE only where rope.scaling.finetuned says so, Bamba), Granite's embedding, residual,
 attention and logit multipliers, a dense SwiGLU FFN or softmax top-k experts plus a shared one.
+
+Falcon-H1 (src/models/falcon-h1.cpp): every layer runs NEOX-RoPE attention and a Mamba-2 mixer
+on the same normed input and adds them, then a SwiGLU FFN; the converter bakes the muP
+multipliers into the weights.
 """
 
 from __future__ import annotations
@@ -84,6 +88,13 @@ def granite_hybrid(gf: GGUFFile) -> HybridArgs:
     return dataclasses.replace(args, ssm=ssm)
 
 
+def falcon_h1(gf: GGUFFile) -> HybridArgs:
+    args = decoder_args(gf, rope="neox")
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(DecoderArgs)}
+    return HybridArgs(**fields, mixers=("attention+mamba",) * args.n_layers,
+                      ssm=SSMArgs.from_metadata(gf.metadata, 2, args.norm_eps))
+
+
 ARCHS = (
     Arch(name="lfm2", args=lfm2, model=Lfm2, hf_architectures=("Lfm2ForCausalLM", "LFM2ForCausalLM"),
          description="Liquid LFM2 / LFM2.5 (short convolutions + attention)"),
@@ -92,4 +103,6 @@ ARCHS = (
     Arch(name="granitehybrid", args=granite_hybrid, model=HybridDecoder,
          hf_architectures=("GraniteMoeHybridForCausalLM", "BambaForCausalLM"),
          description="IBM Granite 4.0-H (Mamba-2 + attention, dense or MoE) and Bamba"),
+    Arch(name="falcon-h1", args=falcon_h1, model=HybridDecoder, hf_architectures=("FalconH1ForCausalLM",),
+         description="TII Falcon-H1 (attention and Mamba-2 side by side in every layer)"),
 )

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from ..cache import KVCache, RecurrentCache, RotatingKVCache
+from .. import kernels
+from ..cache import KVCache, KVRecurrentCache, RecurrentCache, RotatingKVCache
 from .decoder import Block, Decoder, DecoderArgs
 from .shortconv import ShortConv
 from .ssm import SSMArgs, init_mamba, mamba
 
-MIXERS = ("attention", "mamba", "shortconv")
+# "attention+mamba": both on the same input, their outputs added (Falcon-H1)
+MIXERS = ("attention", "mamba", "shortconv", "attention+mamba")
 
 
 @dataclass
@@ -29,26 +31,46 @@ class HybridArgs(DecoderArgs):
 
 
 class HybridBlock(Block):
-    """A decoder layer whose mixer is attention, Mamba or a short convolution; the rest
-    (norms, residual scale, FFN or experts) is `Block`'s."""
+    """A decoder layer whose mixer is attention, Mamba, a short convolution or attention and
+    Mamba side by side; the rest (norms, residual scale, FFN or experts) is `Block`'s."""
+
+    def __init__(self, args: HybridArgs, i: int):
+        super().__init__(args, i)
+        # Falcon-H1's FFN norm is stored without a .weight suffix (llama.cpp loads blk.N.ffn_norm)
+        self.bare_ffn_norm = self._has("ffn_norm")
+        if self.bare_ffn_norm:
+            self.ffn_norm = mx.ones((args.dim,))
 
     def _init_attention(self, args: HybridArgs, i: int) -> None:
         self.mixer = args.mixers[i]
-        if self.mixer == "attention":
-            super()._init_attention(args, i)
-        elif self.mixer == "mamba":
-            init_mamba(self, args.dim, args.ssm, self._has)
-        elif self.mixer == "shortconv":
-            self.shortconv = ShortConv(args.dim, args.conv_l_cache)
-        else:
+        if self.mixer not in MIXERS:
             raise ValueError(f"unknown mixer {self.mixer!r} (one of {MIXERS})")
+        if self.mixer.startswith("attention"):
+            super()._init_attention(args, i)
+        if self.mixer.endswith("mamba"):
+            init_mamba(self, args.dim, args.ssm, self._has)
+        if self.mixer == "shortconv":
+            self.shortconv = ShortConv(args.dim, args.conv_l_cache)
+
+    @property
+    def attends(self) -> bool:
+        return self.mixer.startswith("attention")
 
     def attention(self, x: mx.array, mask, cache, factors: mx.array | None) -> mx.array:
         if self.mixer == "mamba":
             return mamba(self, x, cache, self.args.ssm)
         if self.mixer == "shortconv":
             return self.shortconv(x, cache)
-        return super().attention(x, mask, cache, factors)
+        out = super().attention(x, mask, cache, factors)
+        if self.mixer == "attention+mamba":  # llama.cpp adds attn_out + ssm_out
+            out = out + mamba(self, x, cache, self.args.ssm)
+        return out
+
+    def __call__(self, x: mx.array, mask, cache, factors: mx.array | None) -> mx.array:
+        if not self.bare_ffn_norm:
+            return super().__call__(x, mask, cache, factors)
+        h = x + self.attention(self.attn_norm(x), mask, cache, factors)
+        return h + self.feed_forward(kernels.rms_norm(h, self.ffn_norm, self.args.norm_eps))
 
 
 class HybridDecoder(Decoder):
@@ -57,7 +79,9 @@ class HybridDecoder(Decoder):
 
     def make_cache(self) -> list:
         def kind(b: HybridBlock):
-            if b.mixer != "attention":
+            if b.mixer == "attention+mamba":
+                return KVRecurrentCache()
+            if not b.attends:
                 return RecurrentCache()
             return RotatingKVCache(self.args.sliding_window) if b.sliding else KVCache()
         return [kind(b) for b in self.blk]
@@ -66,7 +90,7 @@ class HybridDecoder(Decoder):
         """Decoder.masks over the attention layers; the others need none."""
         by_kind: dict[bool, object] = {}
         for b, c in zip(self.blk, caches):
-            if b.mixer == "attention" and b.sliding not in by_kind:
+            if b.attends and b.sliding not in by_kind:
                 probe = c if c is not None else RotatingKVCache(self.args.sliding_window) if b.sliding else KVCache()
                 by_kind[b.sliding] = probe.make_mask(L)
-        return [by_kind[b.sliding] if b.mixer == "attention" else None for b in self.blk]
+        return [by_kind[b.sliding] if b.attends else None for b in self.blk]

@@ -26,5 +26,5 @@ class ShortConv(nn.Module):
         y, state = causal_conv(b * x, self.conv["weight"], cache.conv if cache is not None else None)
         if cache is not None:
             cache.conv = state
-            cache.offset += x.shape[1]
+            cache.advance(x.shape[1])
         return self.out_proj(c * y)

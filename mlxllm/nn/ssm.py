@@ -170,5 +170,5 @@ def mamba(block: nn.Module, x: mx.array, cache, args: SSMArgs) -> mx.array:
         y = (unit_rms_norm(y.reshape(Bt, L, *w.shape), a.norm_eps) * w).reshape(Bt, L, a.d_inner)
     if cache is not None:
         cache.ssm = state
-        cache.offset += L
+        cache.advance(L)
     return block.ssm_out(y)
