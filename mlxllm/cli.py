@@ -106,6 +106,19 @@ def archs(as_json: bool) -> None:
         click.echo(f"{r['name']:<14}{r['distribution']:<24}{r['module']}{aliases}{status}")
 
 
+@main.command()
+@click.argument("hf_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--outfile", default=None, help="Output GGUF path (default: <HF_DIR>-<outtype>.gguf beside it).")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
+              help="Type of the weight matrices (norms, biases and routers stay F32).")
+def convert(hf_dir: str, outfile: str | None, outtype: str) -> None:
+    """Convert a Hugging Face safetensors checkpoint folder to GGUF."""
+    from .convert import convert as convert_checkpoint
+
+    out = convert_checkpoint(hf_dir, outfile, outtype=outtype, progress=sys.stderr.isatty())
+    click.echo(f"wrote {out} ({_human(out.stat().st_size, 'B')})")
+
+
 def sampling_options(f):
     """The sampler flags `run` shares with the server's options (llama.cpp's defaults)."""
     d = SamplingParams()

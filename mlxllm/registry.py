@@ -38,7 +38,11 @@ class Arch:
     model:  `model(args)` -> an `mlx.nn.Module` whose parameter names are GGUF tensor names,
             called as `model(tokens[B, L], cache=None) -> logits[B, L, vocab]`.
     hf_architectures: Hugging Face `architectures` entries the converter accepts.
-    convert: optional Hugging Face -> GGUF hook, `convert(hf_dir, writer)`.
+    convert: optional Hugging Face -> GGUF hook: a subclass of `mlxllm.convert.Converter`
+            (what this architecture's conversion does beyond the generic one; see
+            mlxllm/convert_hooks.py), which `mlxllm convert` instantiates as
+            `convert(hf_dir, config, arch_name)` for a checkpoint whose config.json
+            `architectures` is in hf_architectures.
     kind:   "decoder" (a language model: `model(tokens, cache) -> logits`) or "encoder" (an
             embedding model: `model(tokens[B, L], lengths=None) -> hidden states[B, L, D]`
             after the final norm, bidirectional, no cache; `mlxllm.embed` pools them).

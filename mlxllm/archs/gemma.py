@@ -14,6 +14,7 @@ import math
 
 from gguf import Keys
 
+from .. import convert_hooks
 from ..gguf import GGUFFile
 from ..nn import Decoder, DecoderArgs, RopeArgs
 from ..registry import Arch
@@ -58,10 +59,10 @@ def gemma3(gf: GGUFFile) -> DecoderArgs:
                                **_sliding(gf, args, GEMMA3_SWA_PERIOD, GEMMA3_SWA_ROPE_BASE))
 
 ARCHS = (
-    Arch(name="gemma", args=gemma, model=Decoder, hf_architectures=("GemmaForCausalLM",),
+    Arch(name="gemma", args=gemma, model=Decoder, hf_architectures=("GemmaForCausalLM",), convert=convert_hooks.Gemma,
          description="Gemma 1"),
-    Arch(name="gemma2", args=gemma2, model=Decoder, hf_architectures=("Gemma2ForCausalLM",),
+    Arch(name="gemma2", args=gemma2, model=Decoder, hf_architectures=("Gemma2ForCausalLM",), convert=convert_hooks.Gemma2,
          description="Gemma 2: sliding windows, soft-capped attention and logits"),
-    Arch(name="gemma3", args=gemma3, model=Decoder, hf_architectures=("Gemma3ForCausalLM",),
+    Arch(name="gemma3", args=gemma3, model=Decoder, hf_architectures=("Gemma3ForCausalLM",), convert=convert_hooks.Gemma3,
          description="Gemma 3 text decoders (270M to 27B), sliding-window attention"),
 )

@@ -13,6 +13,7 @@ import dataclasses
 
 from gguf import Keys
 
+from .. import convert_hooks
 from ..gguf import GGUFFile
 from ..nn import XIELU, Decoder, DecoderArgs
 from ..registry import Arch
@@ -97,7 +98,7 @@ def bailingmoe(gf: GGUFFile) -> DecoderArgs:
 
 
 ARCHS = (
-    Arch(name="llama", args=llama, model=Decoder,
+    Arch(name="llama", args=llama, model=Decoder, convert=convert_hooks.Llama,
          hf_architectures=("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM"),
          description="Llama 2/3/3.1, Mistral-style, SmolLM2 decoders, Mixtral experts"),
     Arch(name="mistral3", args=mistral3, model=Decoder,

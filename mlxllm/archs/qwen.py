@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from .. import convert_hooks
 from ..gguf import GGUFFile
 from ..nn import Decoder, DecoderArgs
 from ..registry import Arch
@@ -47,13 +48,15 @@ def dots1(gf: GGUFFile) -> DecoderArgs:
 
 
 ARCHS = (
-    Arch(name="qwen2", args=qwen, model=Decoder, hf_architectures=("Qwen2ForCausalLM",),
+    Arch(name="qwen2", args=qwen, model=Decoder, hf_architectures=("Qwen2ForCausalLM",), convert=convert_hooks.Qwen2,
          description="Qwen 2 / 2.5 dense"),
-    Arch(name="qwen3", args=qwen, model=Decoder, hf_architectures=("Qwen3ForCausalLM",),
+    Arch(name="qwen3", args=qwen, model=Decoder, hf_architectures=("Qwen3ForCausalLM",), convert=convert_hooks.Qwen2,
          description="Qwen 3 dense"),
     Arch(name="qwen2moe", args=qwen2moe, model=Decoder, hf_architectures=("Qwen2MoeForCausalLM",),
+         convert=convert_hooks.QwenMoe,
          description="Qwen 1.5 / 2 MoE (shared expert)"),
     Arch(name="qwen3moe", args=qwen3moe, model=Decoder, hf_architectures=("Qwen3MoeForCausalLM",),
+         convert=convert_hooks.QwenMoe,
          description="Qwen 3 MoE (30B-A3B, 235B-A22B, Coder)"),
     Arch(name="seed_oss", args=seed_oss, model=Decoder, hf_architectures=("SeedOssForCausalLM",),
          description="ByteDance Seed-OSS"),

@@ -1,0 +1,224 @@
+"""What each architecture's conversion does beyond the generic one (mlxllm/convert.py):
+the `Arch.convert` hooks the architecture modules register. Each mirrors what llama.cpp's
+convert_hf_to_gguf.py writes for that Hugging Face class, so that both converters give the
+same file (tests/test_convert.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+
+import gguf
+import numpy as np
+from gguf import MODEL_TENSOR
+
+from .convert import Converter, Tensor, bpe_vocab, sentencepiece_vocab
+
+# Per-expert checkpoint matrices: (pattern with groups xid and w, the stacked name to map)
+MIXTRAL_EXPERTS = (r"block_sparse_moe\.experts\.(?P<xid>\d+)\.(?P<w>w[123])\.weight$",
+                   "layers.{bid}.feed_forward.experts.{w}.weight")
+QWEN_EXPERTS = (r"mlp\.experts\.(?P<xid>\d+)\.(?P<w>gate_proj|up_proj|down_proj)\.weight$",
+                "model.layers.{bid}.mlp.experts.{w}.weight")
+
+
+def rope_pairs_adjacent(t: Tensor, n_head: int) -> Tensor:
+    """Reorder each head's rows from HF's rotate-half layout to adjacent pairs, which is
+    what llama.cpp's NORM RoPE (and the weights of the original Llama) expect."""
+    rows = t.shape[0]
+
+    def permute(a: np.ndarray) -> np.ndarray:
+        return a.reshape(n_head, 2, rows // n_head // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+
+    return t.map(permute)
+
+
+def plus_one(t: Tensor) -> Tensor:
+    """Gemma's RMSNorm scales by 1 + w: the file stores 1 + w, the runtime a plain RMSNorm."""
+    return t.map(lambda a: a + a.dtype.type(1))
+
+
+def llama3_rope_factors(rope: dict, head_dim: int) -> Tensor:
+    """The per-frequency divisors of Llama 3.1's rope scaling (the `rope_freqs` tensor):
+    1 for short wavelengths, `factor` for long ones, a smooth blend between."""
+    base = rope.get("rope_theta", 10000.0)
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings", 8192)
+    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / float(freq)
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    values = np.array(out, dtype=np.float32)
+    return Tensor(values.shape, values.dtype, lambda: values)
+
+
+class Llama(Converter):
+    """Llama, Mistral-style, SmolLM2 and Mixtral (experts stacked per layer)."""
+
+    def head_dim(self) -> int:
+        return self.config.get("head_dim") or self.config["hidden_size"] // self.config["num_attention_heads"]
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        super().hparams(w)
+        w.add_vocab_size(self.config["vocab_size"])
+        w.add_rope_dimension_count(self.head_dim())
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        config_path = self.dir / "tokenizer_config.json"
+        if config_path.is_file():
+            prefix = json.loads(config_path.read_text(encoding="utf-8")).get("add_prefix_space")
+            if prefix is not None:
+                w.add_add_space_prefix(prefix)
+        super().vocab(w)
+        if self.config.get("vocab_size") == 49152:  # as llama.cpp: Granite-small / SmolLM vocabularies add no BOS
+            w.add_add_bos_token(False)
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        n_head = self.find("n_heads", "num_attention_heads")
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
+            t = rope_pairs_adjacent(t, n_head)
+        elif name.endswith(("k_proj.weight", "k_proj.bias")):
+            t = rope_pairs_adjacent(t, self.find("n_kv_heads", "num_key_value_heads", default=n_head))
+        if "block_sparse_moe.experts." in name:
+            return self.stack_experts(name, t, bid, self.config["num_local_experts"], *MIXTRAL_EXPERTS)
+        return super().tensors(name, t, bid)
+
+    def extra_tensors(self) -> Iterable[tuple[str, Tensor]]:
+        rope = self.rope.get("full_attention", self.rope)
+        if str(rope.get("rope_type", "")).lower() == "llama3":
+            yield self.tensor_name(MODEL_TENSOR.ROPE_FREQS), llama3_rope_factors(rope, self.head_dim())
+
+
+class Qwen2(Converter):
+    """Qwen 2 and Qwen 3 dense: the generic conversion."""
+
+
+class QwenMoe(Converter):
+    """Qwen 2 MoE and Qwen 3 MoE: per-expert matrices stacked per layer, or the fused
+    [n_expert, 2 * n_ff, n_embd] gate_up_proj of newer checkpoints split."""
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        super().hparams(w)
+        if (n_ff := self.config.get("moe_intermediate_size")) is not None:
+            w.add_expert_feed_forward_length(n_ff)
+        if (n_ff := self.config.get("shared_expert_intermediate_size")) is not None:
+            w.add_expert_shared_feed_forward_length(n_ff)
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        base = name.removesuffix(".weight")
+        if base.endswith("mlp.experts.down_proj"):
+            return super().tensors(f"{base}.weight", t, bid)
+        if base.endswith("mlp.experts.gate_up_proj"):
+            n_ff = t.shape[-2] // 2
+            gate, up = t.split([n_ff, n_ff], axis=-2)
+            stem = base.removesuffix(".gate_up_proj")
+            return [*super().tensors(f"{stem}.gate_proj.weight", gate, bid),
+                    *super().tensors(f"{stem}.up_proj.weight", up, bid)]
+        if ".experts." in name:
+            return self.stack_experts(name, t, bid, self.find("num_local_experts", "num_experts"), *QWEN_EXPERTS)
+        return super().tensors(name, t, bid)
+
+
+class Gemma(Converter):
+    """Gemma 1: its own short list of hyperparameters, norms stored as 1 + w, no lm_head."""
+
+    def skip(self, name: str) -> bool:
+        return name == "lm_head.weight" or super().skip(name)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        c = self.config
+        w.add_context_length(c["max_position_embeddings"])
+        w.add_embedding_length(c["hidden_size"])
+        w.add_block_count(self.n_layers)
+        w.add_feed_forward_length(c["intermediate_size"])
+        w.add_head_count(c["num_attention_heads"])
+        w.add_head_count_kv(c.get("num_key_value_heads", c["num_attention_heads"]))
+        w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+        w.add_key_length(c["head_dim"])
+        w.add_value_length(c["head_dim"])
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        sentencepiece_vocab(self, w)
+        # llama.cpp writes CodeGemma's fill-in-the-middle ids for every Gemma 1 vocabulary
+        sv = gguf.SpecialVocab(self.dir, load_merges=False,
+                               special_token_types=["prefix", "suffix", "middle", "fsep", "eot"])
+        for kind, tid in (("prefix", 67), ("suffix", 69), ("middle", 68), ("fsep", 70), ("eot", 107)):
+            sv._set_special_token(kind, tid)
+        sv.chat_template = None
+        sv.add_to_gguf(w, quiet=True)
+        w.add_add_space_prefix(False)
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        if name.endswith("norm.weight"):
+            t = plus_one(t)
+        return super().tensors(name, t, bid)
+
+
+class Gemma2(Gemma):
+    """Gemma 2: Gemma's keys plus soft-capping and the sliding window."""
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        super().hparams(w)
+        w.add_attn_logit_softcapping(self.config["attn_logit_softcapping"])
+        w.add_final_logit_softcapping(self.config["final_logit_softcapping"])
+        w.add_sliding_window(self.config["sliding_window"])
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        sentencepiece_vocab(self, w)
+        w.add_add_space_prefix(False)
+
+
+class Gemma3(Converter):
+    """Gemma 3 text: the generic keys with Gemma 3's defaults, q/k norms too stored as
+    1 + w, embedding rows past the tokenizer's vocabulary dropped."""
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        super().hparams(w)
+        c = self.config
+        w.add_context_length(c.get("max_position_embeddings", 131072))
+        w.add_head_count(c.get("num_attention_heads", 8))
+        w.add_layer_norm_rms_eps(c.get("rms_norm_eps", 1e-6))
+        w.add_key_length(c.get("head_dim", 256))
+        w.add_value_length(c.get("head_dim", 256))
+        w.add_rope_freq_base(self.rope.get("full_attention", self.rope).get("rope_theta", 1_000_000.0))
+        if c.get("attn_logit_softcapping") is not None:
+            raise ValueError("Gemma 3 has no attention soft-capping; attn_logit_softcapping is set")
+        if final := c.get("final_logit_softcapping"):
+            w.add_final_logit_softcapping(final)
+        if c.get("sliding_window_pattern") != 1:
+            w.add_sliding_window(c["sliding_window"])
+        w.add_head_count_kv(c.get("num_key_value_heads", 4))
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        if (self.dir / "tokenizer.model").is_file():
+            sentencepiece_vocab(self, w)
+            w.add_add_space_prefix(False)
+        else:
+            bpe_vocab(self, w)
+
+    def _tokenizer_size(self) -> int:
+        if (self.dir / "tokenizer.model").is_file():
+            from sentencepiece import SentencePieceProcessor
+
+            sp = SentencePieceProcessor()
+            sp.LoadFromFile(str(self.dir / "tokenizer.model"))
+            return self.find("vocab_size_per_layer_input", "vocab_size", default=None) or sp.vocab_size()
+        spec = json.loads((self.dir / "tokenizer.json").read_text(encoding="utf-8"))
+        return len(spec["model"]["vocab"]) + len(spec["added_tokens"])
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        if "embed_tokens.weight" in name:
+            n = self._tokenizer_size()
+            if n < t.shape[0]:
+                t = t.map(lambda a: np.ascontiguousarray(a[:n]), shape=(n, *t.shape[1:]))
+        if name.endswith("norm.weight"):
+            t = plus_one(t)
+        return super().tensors(name, t, bid)

@@ -1,0 +1,239 @@
+"""The converter (mlxllm/convert.py) against llama.cpp's own convert_hf_to_gguf.py.
+
+tests/fixtures/hf/<name>/ holds a tiny Hugging Face checkpoint and, in reference.json, what
+llama.cpp's converter made of it at each outtype: every tensor's name, shape, type and
+sha256, and every metadata value (scripts/make_convert_fixtures.py). Our file must hold the
+same tensors byte for byte and the same metadata, except the keys listed with their reason
+in METADATA_DIFFERENCES. logits.npy: llama.cpp's logits on its own F32 file, which mlxllm
+must reproduce on ours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlxllm  # noqa: F401  (first: puts an optimized BLAS under mlx.core)
+from mlxllm.convert import ConvertError, convert, identify_pre_tokenizer
+from mlxllm.gguf import GGUFFile
+from mlxllm.loader import load_model
+
+FIXTURES = Path(__file__).parent / "fixtures" / "hf"
+NAMES = sorted(p.parent.name for p in FIXTURES.glob("*/reference.json"))
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+F32_TOLERANCE = 5e-3  # max |Δlogit| / std, as tests/test_archs.py
+
+# Metadata keys whose values may legitimately differ, with the reason.
+METADATA_DIFFERENCES = {
+}
+
+
+def reference(name: str) -> dict:
+    return json.loads((FIXTURES / name / "reference.json").read_text())
+
+
+def _jsonable(v):
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, bytes):
+        return v.decode("utf-8", errors="surrogateescape")
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def digest(path: Path) -> dict:
+    """As scripts/make_convert_fixtures.py records llama.cpp's files."""
+    r = gguf.GGUFReader(str(path))
+    tensors = {t.name: {"shape": [int(n) for n in t.shape], "type": t.tensor_type.name,
+                        "sha256": hashlib.sha256(bytes(t.data.tobytes())).hexdigest()} for t in r.tensors}
+    with GGUFFile(path) as gf:
+        meta = {k: _jsonable(v) for k, v in gf.metadata.items()}
+    return {"tensors": tensors, "metadata": meta}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Our conversion of a fixture at an outtype, made once."""
+    out = tmp_path_factory.mktemp("converted")
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(name: str, outtype: str) -> Path:
+        if (name, outtype) not in cache:
+            cache[(name, outtype)] = convert(FIXTURES / name, out / f"{name}.{outtype}.gguf", outtype=outtype,
+                                             progress=False)
+        return cache[(name, outtype)]
+    return get
+
+
+def test_fixtures_exist():
+    assert {"llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "mixtral", "qwen2moe", "qwen3moe"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("outtype", OUTTYPES)
+@pytest.mark.parametrize("name", NAMES)
+def test_same_tensors_as_llama_cpp(name, outtype, converted):
+    ref = reference(name)["outtypes"][outtype]["tensors"]
+    ours = digest(converted(name, outtype))["tensors"]
+    assert sorted(ours) == sorted(ref), f"missing {sorted(set(ref) - set(ours))}, extra {sorted(set(ours) - set(ref))}"
+    for tname, want in ref.items():
+        assert ours[tname] == want, f"{tname}: ours {ours[tname]} vs llama.cpp {want}"
+
+
+@pytest.mark.parametrize("outtype", OUTTYPES)
+@pytest.mark.parametrize("name", NAMES)
+def test_same_metadata_as_llama_cpp(name, outtype, converted):
+    ref = reference(name)["outtypes"][outtype]["metadata"]
+    ours = digest(converted(name, outtype))["metadata"]
+    keys = (set(ref) | set(ours)) - set(METADATA_DIFFERENCES)
+    differ = {k: (ref.get(k, "<absent>"), ours.get(k, "<absent>")) for k in sorted(keys) if ref.get(k, "<absent>") != ours.get(k, "<absent>")}
+    assert not differ, "metadata differs (llama.cpp, ours): " + "; ".join(f"{k}: {a!r:.80} vs {b!r:.80}" for k, (a, b) in differ.items())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_converted_file_runs_as_llama_cpp_runs_its_own(name, converted):
+    ids = reference(name)["eval_ids"]
+    ref = np.load(FIXTURES / name / "logits.npy")
+    model = load_model(str(converted(name, "f32")))[0]
+    ours = np.array(model(mx.array([ids]))[0])
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    assert np.abs(ours - ref).max() <= F32_TOLERANCE * ref.std()
+
+
+# ---- errors and file handling
+
+
+def _copy(name: str, tmp_path: Path) -> Path:
+    d = tmp_path / name
+    shutil.copytree(FIXTURES / name, d)
+    return d
+
+
+def test_sharded_checkpoint_missing_shard_is_one_line(tmp_path):
+    d = _copy("qwen3", tmp_path)
+    shards = sorted(d.glob("model-*.safetensors"))
+    assert len(shards) > 1, "the qwen3 fixture is the sharded one"
+    shards[-1].unlink()
+    with pytest.raises(ConvertError, match=rf"missing shard {shards[-1].name}") as e:
+        convert(d, tmp_path / "out.gguf", progress=False)
+    assert "\n" not in str(e.value)
+    assert not list(tmp_path.glob("*.gguf*")) and not list(tmp_path.glob(".out.gguf*"))
+
+
+def test_truncated_shard_is_one_line(tmp_path):
+    d = _copy("llama", tmp_path)
+    st = d / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:-100])
+    with pytest.raises(ConvertError, match="truncated or corrupt shard") as e:
+        convert(d, tmp_path / "out.gguf", progress=False)
+    assert "\n" not in str(e.value)
+
+
+def test_garbage_shard_is_one_line(tmp_path):
+    d = _copy("llama", tmp_path)
+    (d / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ConvertError, match="not a readable safetensors file"):
+        convert(d, tmp_path / "out.gguf", progress=False)
+
+
+def test_unsupported_architecture_is_one_line(tmp_path):
+    d = _copy("llama", tmp_path)
+    config = json.loads((d / "config.json").read_text())
+    config["architectures"] = ["FrobnicatorForCausalLM"]
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConvertError, match="unsupported architecture FrobnicatorForCausalLM"):
+        convert(d, tmp_path / "out.gguf", progress=False)
+
+
+def test_failure_while_writing_leaves_no_file(tmp_path, monkeypatch):
+    """A tensor that fails to load half-way: no file under the output name, no temporary left."""
+    from mlxllm import convert_hooks
+
+    out = tmp_path / "out" / "model.gguf"
+    out.parent.mkdir()
+    out.write_bytes(b"previous file")  # an older file under that name survives intact
+
+    original = convert_hooks.Llama.tensors
+
+    def failing(self, name, t, bid):
+        if name.endswith("layers.1.mlp.down_proj.weight"):
+            t = t.map(lambda a: (_ for _ in ()).throw(OSError("disk read failed")))
+        return original(self, name, t, bid)
+
+    monkeypatch.setattr(convert_hooks.Llama, "tensors", failing)
+    with pytest.raises(OSError, match="disk read failed"):
+        convert(FIXTURES / "llama", out, progress=False)
+    assert out.read_bytes() == b"previous file"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.gguf"]
+
+
+# ---- tokenizers
+
+
+def test_pre_tokenizer_plain_gpt2_from_its_description():
+    path = FIXTURES / "llama" / "tokenizer.json"
+    assert identify_pre_tokenizer(path, json.loads(path.read_text())) == "gpt-2"
+
+
+def test_pre_tokenizer_hash_wins_over_the_description(monkeypatch):
+    """A tokenizer whose ids of the check text are known gets the recorded name, as in
+    llama.cpp, before any guess from its description."""
+    pytest.importorskip("tokenizers")
+    from mlxllm import _bpe_pre
+    from mlxllm.convert import pre_tokenizer_hash
+
+    path = FIXTURES / "llama" / "tokenizer.json"
+    monkeypatch.setitem(_bpe_pre.BPE_PRE_HASHES, pre_tokenizer_hash(path), "qwen2")
+    assert identify_pre_tokenizer(path, json.loads(path.read_text())) == "qwen2"
+
+
+def test_unknown_pre_tokenizer_is_named(tmp_path):
+    spec = json.loads((FIXTURES / "llama" / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always"}
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(spec))
+    with pytest.raises(ConvertError, match='unknown BPE pre-tokenizer .*"Metaspace"'):
+        identify_pre_tokenizer(path, spec)
+
+
+def test_converted_bpe_tokenizer_equals_tokenizers_library(converted):
+    """The converted file's tokenizer (mlxllm's, from the GGUF) gives the ids the `tokenizers`
+    library gives from tokenizer.json, on the committed tokenizer corpus."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from mlxllm.tokenizer import Tokenizer
+
+    corpus = json.loads((Path(__file__).parent / "fixtures" / "tokenizer" / "corpus.json").read_text())["strings"]
+    hf = tokenizers.Tokenizer.from_file(str(FIXTURES / "llama" / "tokenizer.json"))
+    with GGUFFile(converted("llama", "f32")) as gf:
+        ours = Tokenizer.from_metadata(gf.metadata)
+    bad = [s for s in corpus if ours.encode(s, add_special=False, parse_special=True)
+           != hf.encode(s, add_special_tokens=False).ids]
+    assert not bad, f"{len(bad)} of {len(corpus)} strings differ, e.g. {bad[:3]!r}"
+
+
+# ---- command line
+
+
+def test_cli_convert(tmp_path):
+    from click.testing import CliRunner
+
+    from mlxllm.cli import main
+
+    out = tmp_path / "m.gguf"
+    r = CliRunner().invoke(main, ["convert", str(FIXTURES / "qwen3"), "-o", str(out), "--outtype", "q8_0"])
+    assert r.exit_code == 0, r.output
+    assert out.is_file() and "wrote" in r.output
+    bad = _copy("llama", tmp_path)
+    (bad / "model.safetensors").unlink()
+    r = CliRunner().invoke(main, ["convert", str(bad), "-o", str(tmp_path / "x.gguf")])
+    assert r.exit_code == 1
+    assert r.output.strip().startswith("error:") and r.output.strip().count("\n") == 0
