@@ -1218,6 +1218,42 @@ arch("falcon-h1", cfg="FalconH1Config", model="FalconH1ForCausalLM",
      notes="Falcon-H1: attention (NEOX RoPE) and a Mamba-2 mixer (6 heads x 16 = d_ssm 96, not 2 x hidden; "
            "2 groups; gated grouped RMSNorm after the gate) side by side on the same normed input in "
            "every layer, then a SwiGLU FFN; the converter bakes the muP multipliers into the weights")
+
+
+NEMOTRON_H_MOE_KEYS = ("num_experts_per_tok", "n_routed_experts", "n_shared_experts", "moe_intermediate_size",
+                       "moe_shared_expert_intermediate_size", "n_group", "topk_group")
+NEMOTRON_H_PATTERN = {"linear_attention": "M", "mamba": "M", "full_attention": "*", "attention": "*", "mlp": "-"}
+
+
+def _patch_nemotron_h_dense() -> None:
+    """NemotronHModel (conversion/nemotron.py) takes a checkpoint for the MoE variant when its
+    config has num_experts_per_tok, which transformers 5's NemotronHConfig always writes (with
+    the other MoE keys), and counts only "moe" entries of layers_block_type as FFN layers. For
+    a checkpoint without "moe" layers: no MoE keys, and the layer kinds as the pattern string
+    NVIDIA's dense configs carry (M: Mamba-2, *: attention, -: FFN)."""
+    import conversion.base as base
+    import conversion.nemotron as nemotron
+
+    orig = nemotron.NemotronHModel.__init__
+
+    def __init__(self, *args, **kwargs):
+        hparams = kwargs.pop("hparams", None) or base.ModelBase.load_hparams(args[0], False)
+        kinds = hparams.get("layers_block_type") or []
+        if kinds and "moe" not in kinds:
+            hparams = {k: v for k, v in hparams.items() if k not in NEMOTRON_H_MOE_KEYS}
+            hparams["hybrid_override_pattern"] = "".join(NEMOTRON_H_PATTERN[k] for k in kinds)
+        orig(self, *args, hparams=hparams, **kwargs)
+
+    nemotron.NemotronHModel.__init__ = __init__
+
+
+arch("nemotron_h", cfg="NemotronHConfig", model="NemotronHForCausalLM",
+     kw=_base(layers_block_type=["mamba", "attention", "mamba", "mlp"], layer_norm_epsilon=1e-5,
+              mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=SSM_STATE, n_groups=2, conv_kernel=4,
+              expand=2, mlp_hidden_act="relu2"),
+     notes="Nemotron-H (dense): one mixer per layer, no second branch: Mamba-2 (8 heads x 16, 2 "
+           "groups, gated grouped RMSNorm), GQA attention without RoPE, or a plain ReLU^2 FFN "
+           "(mamba, attn, mamba, mlp)")
 # --- end recurrent state ----------------------------------------------------------------------
 
 
@@ -1805,6 +1841,7 @@ def _convert_main(hf_dir: str, out: str) -> None:
     _patch_glm_vocab(base)
     _patch_hunyuan_moe_vocab()
     _patch_granite_hybrid_layer_types()
+    _patch_nemotron_h_dense()
     import convert_hf_to_gguf
 
     sys.argv = ["convert_hf_to_gguf.py", hf_dir, "--outfile", out, "--outtype", "f32"]

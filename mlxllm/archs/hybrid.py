@@ -11,6 +11,9 @@ Granite 4.0 hybrids and Bamba (src/models/granite-hybrid.cpp): Mamba-2 layers an
 (NORM RoPE only where rope.scaling.finetuned says so, Bamba), Granite's embedding, residual,
 attention and logit multipliers, a dense SwiGLU FFN or softmax top-k experts plus a shared one.
 
+Nemotron-H (src/models/nemotron-h.cpp): one branch per layer, x + mixer(norm(x)), the mixer
+Mamba-2, attention without RoPE, or a plain ReLU² FFN.
+
 Falcon-H1 (src/models/falcon-h1.cpp): every layer runs NEOX-RoPE attention and a Mamba-2 mixer
 on the same normed input and adds them, then a SwiGLU FFN; the converter bakes the muP
 multipliers into the weights.
@@ -32,15 +35,16 @@ from ..registry import Arch
 from .base import decoder_args, is_array, require
 
 
-def hybrid_args(gf: GGUFFile, recurrent: str, **decoder_kw) -> HybridArgs:
+def hybrid_args(gf: GGUFFile, recurrent: str, mixers: tuple[str, ...] | None = None, **decoder_kw) -> HybridArgs:
     """`decoder_args` for the attention layers, the others (0 KV heads) given the mixer
-    `recurrent`; with attention.sliding_window, the attention layers slide."""
+    `recurrent` (or each layer's from `mixers`); with attention.sliding_window, the
+    attention layers slide."""
     m = gf.metadata
     n_layers = require(gf, Keys.LLM.BLOCK_COUNT)
     n_kv = require(gf, Keys.Attention.HEAD_COUNT_KV)
     if not is_array(n_kv) or len(n_kv) != n_layers:
         raise ValueError("attention.head_count_kv must list the layers (0: a recurrent layer)")
-    mixers = tuple("attention" if h else recurrent for h in n_kv)
+    mixers = mixers or tuple("attention" if h else recurrent for h in n_kv)
     attention_kv = {int(h) for h in n_kv if h}
     if len(attention_kv) > 1:
         raise ValueError(f"attention layers with different KV head counts {sorted(attention_kv)} are not supported")
@@ -95,6 +99,21 @@ def falcon_h1(gf: GGUFFile) -> HybridArgs:
                       ssm=SSMArgs.from_metadata(gf.metadata, 2, args.norm_eps))
 
 
+def nemotron_h(gf: GGUFFile) -> HybridArgs:
+    """Each layer one branch: attention where it has KV heads, a ReLU² FFN where it has a
+    feed_forward_length, else Mamba-2 (llama.cpp's is_recr: neither)."""
+    m = gf.metadata
+    n_kv, n_ff = require(gf, Keys.Attention.HEAD_COUNT_KV), require(gf, Keys.LLM.FEED_FORWARD_LENGTH)
+    if not (is_array(n_kv) and is_array(n_ff) and len(n_kv) == len(n_ff)):
+        raise ValueError("attention.head_count_kv and feed_forward_length must list the layers")
+    if m.get(Keys.LLM.EXPERT_COUNT, 0):
+        raise ValueError("Nemotron-H with experts is the nemotron_h_moe architecture")
+    mixers = tuple("attention" if kv else "ffn" if ff else "mamba" for kv, ff in zip(n_kv, n_ff))
+    eps = m.get(Keys.Attention.LAYERNORM_RMS_EPS, m.get(Keys.Attention.LAYERNORM_EPS, 1e-5))
+    args = hybrid_args(gf, "mamba", mixers, rope=None, activation="relu2", gated=False, norm_eps=eps)
+    return dataclasses.replace(args, ssm=SSMArgs.from_metadata(m, 2, eps))
+
+
 ARCHS = (
     Arch(name="lfm2", args=lfm2, model=Lfm2, hf_architectures=("Lfm2ForCausalLM", "LFM2ForCausalLM"),
          description="Liquid LFM2 / LFM2.5 (short convolutions + attention)"),
@@ -105,4 +124,6 @@ ARCHS = (
          description="IBM Granite 4.0-H (Mamba-2 + attention, dense or MoE) and Bamba"),
     Arch(name="falcon-h1", args=falcon_h1, model=HybridDecoder, hf_architectures=("FalconH1ForCausalLM",),
          description="TII Falcon-H1 (attention and Mamba-2 side by side in every layer)"),
+    Arch(name="nemotron_h", args=nemotron_h, model=HybridDecoder, hf_architectures=("NemotronHForCausalLM",),
+         description="NVIDIA Nemotron-H (Mamba-2, attention and ReLU² FFN layers)"),
 )

@@ -19,8 +19,9 @@ from .decoder import Block, Decoder, DecoderArgs
 from .shortconv import ShortConv
 from .ssm import SSMArgs, init_mamba, mamba
 
-# "attention+mamba": both on the same input, their outputs added (Falcon-H1)
-MIXERS = ("attention", "mamba", "shortconv", "attention+mamba")
+# "attention+mamba": both on the same input, their outputs added (Falcon-H1); "ffn": the
+# layer's FFN is its only branch (Nemotron-H)
+MIXERS = ("attention", "mamba", "shortconv", "attention+mamba", "ffn")
 
 
 @dataclass
@@ -52,6 +53,15 @@ class HybridBlock(Block):
         if self.mixer == "shortconv":
             self.shortconv = ShortConv(args.dim, args.conv_l_cache)
 
+    def _init_ffn(self, args: HybridArgs, i: int) -> None:
+        # Nemotron-H's mixer layers have no FFN: the layer is its one residual branch
+        if self._has("ffn_down.weight"):
+            super()._init_ffn(args, i)
+
+    @property
+    def single_branch(self) -> bool:
+        return self.mixer == "ffn" or not (self._has("ffn_down.weight") or self._has("ffn_down_exps.weight"))
+
     @property
     def attends(self) -> bool:
         return self.mixer.startswith("attention")
@@ -61,12 +71,18 @@ class HybridBlock(Block):
             return mamba(self, x, cache, self.args.ssm)
         if self.mixer == "shortconv":
             return self.shortconv(x, cache)
+        if self.mixer == "ffn":
+            if cache is not None:
+                cache.advance(x.shape[1])  # an empty state that counts positions like the others
+            return self.feed_forward(x)
         out = super().attention(x, mask, cache, factors)
         if self.mixer == "attention+mamba":  # llama.cpp adds attn_out + ssm_out
             out = out + mamba(self, x, cache, self.args.ssm)
         return out
 
     def __call__(self, x: mx.array, mask, cache, factors: mx.array | None) -> mx.array:
+        if self.single_branch:
+            return x + self.attention(self.attn_norm(x), mask, cache, factors)
         if not self.bare_ffn_norm:
             return super().__call__(x, mask, cache, factors)
         h = x + self.attention(self.attn_norm(x), mask, cache, factors)
