@@ -18,6 +18,7 @@ from .convert import Converter, Tensor, bpe_vocab, sentencepiece_vocab
 # Per-expert checkpoint matrices: (pattern with groups xid and w, the stacked name to map)
 MIXTRAL_EXPERTS = (r"block_sparse_moe\.experts\.(?P<xid>\d+)\.(?P<w>w[123])\.weight$",
                    "layers.{bid}.feed_forward.experts.{w}.weight")
+CODEGEMMA_EOT = 107  # <end_of_turn>
 QWEN_EXPERTS = (r"mlp\.experts\.(?P<xid>\d+)\.(?P<w>gate_proj|up_proj|down_proj)\.weight$",
                 "model.layers.{bid}.mlp.experts.{w}.weight")
 
@@ -147,13 +148,10 @@ class Gemma(Converter):
 
     def vocab(self, w: gguf.GGUFWriter) -> None:
         sentencepiece_vocab(self, w)
-        # llama.cpp writes CodeGemma's fill-in-the-middle ids for every Gemma 1 vocabulary
-        sv = gguf.SpecialVocab(self.dir, load_merges=False,
-                               special_token_types=["prefix", "suffix", "middle", "fsep", "eot"])
-        for kind, tid in (("prefix", 67), ("suffix", 69), ("middle", 68), ("fsep", 70), ("eot", 107)):
-            sv._set_special_token(kind, tid)
-        sv.chat_template = None
-        sv.add_to_gguf(w, quiet=True)
+        # llama.cpp gives every Gemma 1 vocabulary CodeGemma's end-of-turn id (its
+        # fill-in-the-middle ids have no GGUF key in gguf-py, so neither converter writes them)
+        if self.config.get("vocab_size", 0) > CODEGEMMA_EOT:
+            w.add_eot_token_id(CODEGEMMA_EOT)
         w.add_add_space_prefix(False)
 
     def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
@@ -183,6 +181,10 @@ class Gemma3(Converter):
     def hparams(self, w: gguf.GGUFWriter) -> None:
         super().hparams(w)
         c = self.config
+        K = gguf.Keys
+        for key in (K.LLM.CONTEXT_LENGTH, K.Attention.HEAD_COUNT, K.Attention.LAYERNORM_RMS_EPS, K.Attention.KEY_LENGTH,
+                    K.Attention.VALUE_LENGTH, K.Rope.FREQ_BASE, K.Attention.HEAD_COUNT_KV):
+            w.kv_data[0].pop(key.format(arch=w.arch), None)  # rewritten below with Gemma 3's defaults
         w.add_context_length(c.get("max_position_embeddings", 131072))
         w.add_head_count(c.get("num_attention_heads", 8))
         w.add_layer_norm_rms_eps(c.get("rms_norm_eps", 1e-6))
@@ -221,4 +223,65 @@ class Gemma3(Converter):
                 t = t.map(lambda a: np.ascontiguousarray(a[:n]), shape=(n, *t.shape[1:]))
         if name.endswith("norm.weight"):
             t = plus_one(t)
+        return super().tensors(name, t, bid)
+
+
+class Granite(Llama):
+    """Granite 3: Llama with multipliers; llama.cpp ignores head_dim for it."""
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        head_dim = self.config.pop("head_dim", None)
+        try:
+            super().hparams(w)
+        finally:
+            if head_dim is not None:
+                self.config["head_dim"] = head_dim
+        for add, key in ((w.add_attention_scale, "attention_multiplier"), (w.add_embedding_scale, "embedding_multiplier"),
+                         (w.add_residual_scale, "residual_multiplier"), (w.add_logit_scale, "logits_scaling")):
+            if value := self.config.get(key):
+                add(value)
+
+
+class Olmo(Converter):
+    """OLMo 1: Llama's Q/K row order (weights only), a fixed LayerNorm epsilon, clip_qkv."""
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        super().hparams(w)
+        w.add_layer_norm_eps(1e-5)
+        if (clip := self.config.get("clip_qkv")) is not None:
+            w.add_clamp_kqv(clip)
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        n_head = self.config["num_attention_heads"]
+        if name.endswith("q_proj.weight"):
+            t = rope_pairs_adjacent(t, n_head)
+        elif name.endswith("k_proj.weight"):
+            t = rope_pairs_adjacent(t, self.config.get("num_key_value_heads") or n_head)
+        return super().tensors(name, t, bid)
+
+
+class Olmo2(Converter):
+    """OLMo 2 and 3: OLMo 3's sliding window and its per-layer pattern."""
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        super().hparams(w)
+        if "sliding_window" in self.config:
+            w.add_sliding_window(self.config["sliding_window"])
+            if "layer_types" in self.config:
+                pattern = [t == "sliding_attention" for t in self.config["layer_types"]]
+            else:  # OLMo 3's default: every 4th layer global
+                pattern = [(i + 1) % 4 != 0 for i in range(self.n_layers)]
+            w.add_sliding_window_pattern(pattern)
+
+
+class Olmoe(Converter):
+    """OLMoE: per-expert matrices stacked per layer, a fixed RMSNorm epsilon."""
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        super().hparams(w)
+        w.add_layer_norm_rms_eps(1e-5)
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        if ".experts." in name:
+            return self.stack_experts(name, t, bid, self.find("num_local_experts", "num_experts"), *QWEN_EXPERTS)
         return super().tensors(name, t, bid)

@@ -58,6 +58,15 @@ FIXTURES: dict[str, tuple] = {
     "mixtral": ("mixtral", "bfloat16", None),
     "qwen2moe": ("qwen2moe", "bfloat16", None),
     "qwen3moe": ("qwen3moe", "bfloat16", None),
+    "smollm3": ("smollm3", "bfloat16", None),
+    "arcee": ("arcee", "bfloat16", None),
+    "granite": ("granite", "bfloat16", None),
+    "seed_oss": ("seed_oss", "bfloat16", None),
+    "starcoder2": ("starcoder2", "bfloat16", None),
+    "olmo": ("olmo", "bfloat16", None),
+    "olmo2": ("olmo2", "bfloat16", None),
+    "olmo3": ("olmo3", "bfloat16", None),
+    "olmoe": ("olmoe", "bfloat16", None),
 }
 
 

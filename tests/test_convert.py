@@ -176,6 +176,64 @@ def test_failure_while_writing_leaves_no_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.gguf"]
 
 
+def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    header, offset = {}, 0
+    for name, a in tensors.items():
+        header[name] = {"dtype": {"float32": "F32", "float16": "F16"}[a.dtype.name], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for a in tensors.values():
+            f.write(a.tobytes())
+
+
+def test_peak_memory_is_about_the_largest_tensor(tmp_path):
+    """A two-shard checkpoint of 40 MB whose largest tensor is 4 MB: numpy's peak while
+    converting stays near that tensor, never near the model (tensors are read one at a time)."""
+    import tracemalloc
+
+    d = tmp_path / "big"
+    d.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(FIXTURES / "llama" / f, d / f)
+    config = json.loads((FIXTURES / "llama" / "config.json").read_text())
+    hidden, inter, layers = 512, 2048, 2
+    config.update(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=8,
+                  num_key_value_heads=8, head_dim=64, dtype="float32")
+    (d / "config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(0)
+    shapes = {"model.embed_tokens.weight": (384, hidden), "lm_head.weight": (384, hidden), "model.norm.weight": (hidden,)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+                       **{p + f"self_attn.{x}_proj.weight": (hidden, hidden) for x in "qkvo"},
+                       p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+                       p + "mlp.down_proj.weight": (hidden, inter)})
+    names = sorted(shapes)
+    weight_map = {}
+    for shard, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        fname = f"model-{shard + 1:05d}-of-00002.safetensors"
+        _write_safetensors(d / fname, {n: rng.standard_normal(shapes[n], dtype=np.float32) for n in part})
+        weight_map.update(dict.fromkeys(part, fname))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    largest = max(np.prod(s) for s in shapes.values()) * 4
+    total = sum(np.prod(s) for s in shapes.values()) * 4
+    assert total > 8 * largest
+
+    tracemalloc.start()
+    try:
+        out = convert(d, tmp_path / "big.gguf", outtype="f16", progress=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out.stat().st_size > total // 2
+    print(f"peak {peak / 1e6:.2f} MB, largest {largest / 1e6:.2f} MB, total {total / 1e6:.1f} MB")
+    assert peak <= 1.5 * largest + 4e6, f"peak {peak / 1e6:.1f} MB for a {largest / 1e6:.1f} MB largest tensor"
+
+
 # ---- tokenizers
 
 
@@ -217,6 +275,30 @@ def test_converted_bpe_tokenizer_equals_tokenizers_library(converted):
         ours = Tokenizer.from_metadata(gf.metadata)
     bad = [s for s in corpus if ours.encode(s, add_special=False, parse_special=True)
            != hf.encode(s, add_special_tokens=False).ids]
+    assert not bad, f"{len(bad)} of {len(corpus)} strings differ, e.g. {bad[:3]!r}"
+
+
+def test_converted_spm_tokenizer_equals_sentencepiece(tmp_path):
+    """The same for a SentencePiece vocabulary, against the sentencepiece library. The
+    fixture's model is re-saved as Gemma's own are made (no dummy prefix, whitespace kept),
+    which is what the Gemma converter declares (add_space_prefix false)."""
+    from sentencepiece import SentencePieceProcessor
+    from sentencepiece import sentencepiece_model_pb2 as spm_proto
+
+    from mlxllm.tokenizer import Tokenizer
+
+    d = _copy("gemma", tmp_path)
+    proto = spm_proto.ModelProto()
+    proto.ParseFromString((d / "tokenizer.model").read_bytes())
+    proto.normalizer_spec.add_dummy_prefix = False
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    (d / "tokenizer.model").write_bytes(proto.SerializeToString())
+    sp = SentencePieceProcessor()
+    sp.LoadFromFile(str(d / "tokenizer.model"))
+    corpus = json.loads((Path(__file__).parent / "fixtures" / "tokenizer" / "corpus.json").read_text())["strings"]
+    with GGUFFile(convert(d, tmp_path / "gemma.gguf", outtype="f16", progress=False)) as gf:
+        ours = Tokenizer.from_metadata(gf.metadata)
+    bad = [s for s in corpus if ours.encode(s, add_special=False) != sp.encode(s)]
     assert not bad, f"{len(bad)} of {len(corpus)} strings differ, e.g. {bad[:3]!r}"
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from gguf import Keys
 
+from .. import convert_hooks
 from ..gguf import GGUFFile
 from ..nn import Decoder, DecoderArgs
 from ..registry import Arch
@@ -65,6 +66,7 @@ ARCHS = (
     Arch(name="starcoder", args=learned_positions, model=Decoder, hf_architectures=("GPTBigCodeForCausalLM",),
          description="StarCoder / SantaCoder (GPTBigCode, multi-query)"),
     Arch(name="starcoder2", args=starcoder2, model=Decoder, hf_architectures=("Starcoder2ForCausalLM",),
+         convert=convert_hooks.Converter,
          description="StarCoder 2"),
     Arch(name="gptneox", args=gptneox, model=Decoder, hf_architectures=("GPTNeoXForCausalLM",),
          description="GPT-NeoX, Pythia"),

@@ -7,6 +7,7 @@ import dataclasses
 
 from gguf import Keys
 
+from .. import convert_hooks
 from ..gguf import GGUFFile
 from ..nn import Decoder, DecoderArgs, RopeArgs
 from ..registry import Arch
@@ -39,8 +40,10 @@ def olmoe(gf: GGUFFile) -> DecoderArgs:
 
 
 ARCHS = (
-    Arch(name="olmo", args=olmo, model=Decoder, hf_architectures=("OlmoForCausalLM",), description="OLMo 1"),
-    Arch(name="olmo2", args=olmo2, model=Decoder, hf_architectures=("Olmo2ForCausalLM", "Olmo3ForCausalLM"),
+    Arch(name="olmo", args=olmo, model=Decoder, hf_architectures=("OlmoForCausalLM",), description="OLMo 1",
+         convert=convert_hooks.Olmo),
+    Arch(name="olmo2", args=olmo2, model=Decoder, hf_architectures=("Olmo2ForCausalLM", "Olmo3ForCausalLM"), convert=convert_hooks.Olmo2,
          description="OLMo 2 and OLMo 3 (sliding windows)"),
-    Arch(name="olmoe", args=olmoe, model=Decoder, hf_architectures=("OlmoeForCausalLM",), description="OLMoE"),
+    Arch(name="olmoe", args=olmoe, model=Decoder, hf_architectures=("OlmoeForCausalLM",), description="OLMoE",
+         convert=convert_hooks.Olmoe),
 )

@@ -58,7 +58,7 @@ ARCHS = (
     Arch(name="qwen3moe", args=qwen3moe, model=Decoder, hf_architectures=("Qwen3MoeForCausalLM",),
          convert=convert_hooks.QwenMoe,
          description="Qwen 3 MoE (30B-A3B, 235B-A22B, Coder)"),
-    Arch(name="seed_oss", args=seed_oss, model=Decoder, hf_architectures=("SeedOssForCausalLM",),
+    Arch(name="seed_oss", args=seed_oss, model=Decoder, hf_architectures=("SeedOssForCausalLM",), convert=convert_hooks.Converter,
          description="ByteDance Seed-OSS"),
     Arch(name="hunyuan-dense", args=hunyuan_dense, model=Decoder, hf_architectures=("HunYuanDenseV1ForCausalLM",),
          description="Tencent Hunyuan dense"),
