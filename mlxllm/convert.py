@@ -195,6 +195,10 @@ class Converter:
     `skip`), then `extra_tensors()`, `finish()`, `hparams(writer)` and `vocab(writer)`.
     """
 
+    # the Hugging Face classes this hook converts, where it serves only some of its
+    # architecture's hf_architectures (None: all of them)
+    hf_classes: tuple[str, ...] | None = None
+
     def __init__(self, hf_dir: Path, config: dict, arch_name: str) -> None:
         self.dir = hf_dir
         self.raw_config = config
@@ -284,6 +288,8 @@ class Converter:
         layer's set is complete, then emit one [n_expert, ...] tensor per `w`, renamed
         through `stacked` (formatted with bid and w) and the tensor map."""
         m = re.search(pattern, name)
+        if m is None:
+            raise ConvertError(f"tensor {name} is not an expert matrix the {self.arch_name} converter knows")
         group = self._experts.setdefault((bid, m["w"]), {})
         group[m["xid"]] = t
         if len(group) < experts:
@@ -293,7 +299,8 @@ class Converter:
             ordered = [group[str(x)] for x in range(experts)]
         except KeyError as e:
             raise ConvertError(f"layer {bid}: expert {e} of {m['w']} is missing") from None
-        return self.tensors(stacked.format(bid=bid, w=m["w"]), Tensor.stack(ordered), bid)
+        # renamed as is: the hook's own transforms were applied to each expert already
+        return Converter.tensors(self, stacked.format(bid=bid, w=m["w"]), Tensor.stack(ordered), bid)
 
     def hparams(self, w: gguf.GGUFWriter) -> None:
         """The hyperparameters every decoder shares (llama.cpp's TextModel keys)."""
@@ -466,6 +473,7 @@ def bpe_vocab(conv: Converter, w: gguf.GGUFWriter) -> None:
     w.add_token_list(tokens)
     w.add_token_types(types)
     special_vocab(conv, load_merges=True).add_to_gguf(w, quiet=True)
+    normalizer_flags(conv, w)
 
 
 def sentencepiece_vocab(conv: Converter, w: gguf.GGUFWriter) -> None:
@@ -508,6 +516,89 @@ def sentencepiece_vocab(conv: Converter, w: gguf.GGUFWriter) -> None:
     w.add_token_scores(scores)
     w.add_token_types(types)
     special_vocab(conv, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+    normalizer_flags(conv, w)
+
+
+def wordpiece_vocab(conv: Converter, w: gguf.GGUFWriter) -> None:
+    """WordPiece (BERT): tokenizer.json's vocabulary, or vocab.txt's lines, in llama.cpp's
+    phantom-space form (word starts get U+2581, continuations lose their ##)."""
+    json_path, txt_path = conv.dir / "tokenizer.json", conv.dir / "vocab.txt"
+    added: dict[str, dict] = {}
+    if json_path.is_file():
+        spec = json.loads(json_path.read_text(encoding="utf-8"))
+        if spec.get("model", {}).get("type") != "WordPiece":
+            raise ConvertError(f"tokenizer.json model {spec.get('model', {}).get('type')} is not WordPiece")
+        vocab = dict(spec["model"]["vocab"])
+        added = {t["content"]: t for t in spec.get("added_tokens", [])}
+        for content, t in added.items():
+            vocab[content] = t["id"]
+        digest = pre_tokenizer_hash(json_path)
+        from ._bpe_pre import BPE_PRE_HASHES
+
+        pre = BPE_PRE_HASHES.get(digest, "default")  # llama.cpp's WordPiece tokenizer ignores it
+    elif txt_path.is_file():
+        vocab = {line.rstrip("\n"): i for i, line in enumerate(txt_path.read_text(encoding="utf-8").splitlines(True))}
+        config_path = conv.dir / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        specials = {config.get(f"{k}_token", d) for k, d in (("unk", "[UNK]"), ("sep", "[SEP]"), ("pad", "[PAD]"),
+                                                              ("cls", "[CLS]"), ("mask", "[MASK]"))}
+        added = {t: {"content": t, "special": True} for t in specials if t in vocab}
+        pre = "default"
+    else:
+        raise ConvertError(f"{conv.dir}: no tokenizer.json or vocab.txt for a WordPiece vocabulary")
+    n_vocab = conv.config.get("vocab_size", len(vocab))
+    by_id = {i: tok for tok, i in vocab.items()}
+    tokens, types = [], []
+    for i in range(n_vocab):
+        token = by_id.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(TokenType.UNUSED)
+            continue
+        control = token in added and (added[token].get("special") or looks_special(token))
+        types.append(TokenType.CONTROL if control else TokenType.USER_DEFINED if token in added else TokenType.NORMAL)
+        tokens.append(token if control else token[2:] if token.startswith("##") else "\u2581" + token)
+    w.add_token_type_count(conv.config.get("type_vocab_size", 1))
+    w.add_tokenizer_model("bert")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    special_vocab(conv, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+    normalizer_flags(conv, w)
+
+
+# gguf-py names these keys from release 0.20; mlxllm's tokenizer reads them by these names
+NORMALIZER_LOWERCASE = getattr(gguf.Keys.Tokenizer, "NORMALIZER_LOWERCASE", "tokenizer.ggml.normalizer.lowercase")
+NORMALIZER_STRIP_ACCENTS = getattr(gguf.Keys.Tokenizer, "NORMALIZER_STRIP_ACCENTS",
+                                   "tokenizer.ggml.normalizer.strip_accents")
+
+
+def normalizer_flags(conv: Converter, w: gguf.GGUFWriter) -> None:
+    """Lowercasing and accent stripping from tokenizer.json's normalizer, as llama.cpp's
+    gguf-py reads them (Lowercase, StripAccents, BertNormalizer, nested in Sequence)."""
+    path = conv.dir / "tokenizer.json"
+    if not path.is_file():
+        return
+    flags: dict[str, bool | None] = {}
+
+    def visit(n: dict | None) -> None:
+        kind = (n or {}).get("type")
+        if kind == "Lowercase":
+            flags["lowercase"] = True
+        elif kind == "StripAccents":
+            flags["strip_accents"] = True
+        elif kind == "BertNormalizer":
+            for key in ("lowercase", "strip_accents"):
+                if key in n:
+                    flags[key] = n[key]
+        elif kind == "Sequence":
+            for inner in n.get("normalizers", []):
+                visit(inner)
+
+    visit(json.loads(path.read_text(encoding="utf-8")).get("normalizer"))
+    for key, name in ((NORMALIZER_LOWERCASE, "lowercase"), (NORMALIZER_STRIP_ACCENTS, "strip_accents")):
+        if flags.get(name) is not None:
+            w.add_bool(key, bool(flags[name]))
 
 
 def special_vocab(conv: Converter, **kw: Any) -> gguf.SpecialVocab:
@@ -539,8 +630,9 @@ def find_converter(config: dict) -> tuple[str, type[Converter]]:
         arch = entry.arch
         if arch is None or not any(n in arch.hf_architectures for n in names):
             continue
-        if arch.convert is None:
-            raise ConvertError(f"{names[0]} runs as {arch.name!r} but that architecture has no converter yet")
+        classes = getattr(arch.convert, "hf_classes", None)
+        if arch.convert is None or (classes is not None and not any(n in classes for n in names)):
+            raise ConvertError(f"{names[0]} runs as {arch.name!r} but has no converter yet")
         return arch.name, arch.convert
     raise ConvertError(f"unsupported architecture {names[0]}: no registered architecture converts it")
 

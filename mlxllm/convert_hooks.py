@@ -13,7 +13,14 @@ import gguf
 import numpy as np
 from gguf import MODEL_TENSOR
 
-from .convert import Converter, Tensor, bpe_vocab, sentencepiece_vocab
+from .convert import (
+    Converter,
+    ConvertError,
+    Tensor,
+    bpe_vocab,
+    sentencepiece_vocab,
+    wordpiece_vocab,
+)
 
 # Per-expert checkpoint matrices: (pattern with groups xid and w, the stacked name to map)
 MIXTRAL_EXPERTS = (r"block_sparse_moe\.experts\.(?P<xid>\d+)\.(?P<w>w[123])\.weight$",
@@ -285,3 +292,54 @@ class Olmoe(Converter):
         if ".experts." in name:
             return self.stack_experts(name, t, bid, self.find("num_local_experts", "num_experts"), *QWEN_EXPERTS)
         return super().tensors(name, t, bid)
+
+
+POOLING_MODES = {"mean": gguf.PoolingType.MEAN, "cls": gguf.PoolingType.CLS, "lasttoken": gguf.PoolingType.LAST}
+
+
+def pooling_type(conv: Converter) -> gguf.PoolingType | None:
+    """sentence-transformers' pooling (modules.json -> its Pooling module's config.json)."""
+    modules_path = conv.dir / "modules.json"
+    if not modules_path.is_file():
+        return None
+    modules = json.loads(modules_path.read_text(encoding="utf-8"))
+    path = next((m["path"] for m in modules if m["type"].endswith("Pooling")), None)
+    if path is None:
+        return None
+    pooling = json.loads((conv.dir / path / "config.json").read_text(encoding="utf-8"))
+    for flag, kind in (("pooling_mode_mean_tokens", "mean"), ("pooling_mode_cls_token", "cls"),
+                       ("pooling_mode_lasttoken", "lasttoken")):
+        if pooling.get(flag):
+            return POOLING_MODES[kind]
+    if pooling.get("pooling_mode") in POOLING_MODES:
+        return POOLING_MODES[pooling["pooling_mode"]]
+    raise ConvertError(f"{path}/config.json: pooling other than mean, CLS or last token is not supported")
+
+
+class Bert(Converter):
+    """BERT encoders (MiniLM, bge, e5): bidirectional, pooling from sentence-transformers'
+    files, WordPiece vocabulary; the pooler and the masked-LM head are not kept."""
+
+    hf_classes = ("BertModel",)  # DistilBERT and RoBERTa convert differently
+    DROPPED = ("embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias")
+
+    def skip(self, name: str) -> bool:
+        name = name.removeprefix("bert.")
+        return name in self.DROPPED or name.startswith(("cls.predictions", "cls.seq_relationship")) or super().skip(name)
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        name = name.removeprefix("bert.")
+        if name.endswith(".gamma"):
+            name = name.removesuffix(".gamma") + ".weight"
+        elif name.endswith(".beta"):
+            name = name.removesuffix(".beta") + ".bias"
+        return super().tensors(name, t, bid)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        super().hparams(w)
+        w.add_causal_attention(False)
+        if (pooling := pooling_type(self)) is not None:
+            w.add_pooling_type(pooling)
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        wordpiece_vocab(self, w)

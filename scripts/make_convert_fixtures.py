@@ -11,7 +11,8 @@ sizes, random weights and tokenizers):
    patches make_arch_fixtures.py applies) converts it at every outtype in OUTTYPES; the
    GGUF files themselves are not kept: `reference.json` records, per outtype, every tensor's
    name, shape, type and sha256 of its bytes, and every metadata key's value.
-3. llama-cpp-python evaluates the F32 file on 16 token ids: `logits.npy`.
+3. llama-cpp-python evaluates the F32 file on 16 token ids: `logits.npy` (an encoder's
+   hidden states, pooling none).
 
     python scripts/make_convert_fixtures.py            # every fixture
     python scripts/make_convert_fixtures.py llama qwen3
@@ -67,6 +68,7 @@ FIXTURES: dict[str, tuple] = {
     "olmo2": ("olmo2", "bfloat16", None),
     "olmo3": ("olmo3", "bfloat16", None),
     "olmoe": ("olmoe", "bfloat16", None),
+    "bert": ("bert", "bfloat16", None),
 }
 
 
@@ -161,16 +163,21 @@ def make(name: str) -> None:
         build = Path(td) / "hf"
         build.mkdir()
         model, _ = F.build_hf(name, spec, build, seed)
+        if spec.get("encoder"):  # sentence-transformers' pooling files
+            F._write_pooling(build, spec.get("pooling"), model.config.get_text_config().hidden_size)
         model = model.to(getattr(torch, dtype))
         kw = {"max_shard_size": shard} if shard else {}
         model.save_pretrained(d, safe_serialization=True, **kw)
         config = json.loads((build / "config.json").read_text())
         config["dtype"] = dtype
         (d / "config.json").write_text(json.dumps(config, indent=1))
-        for f in build.iterdir():  # tokenizer files, generation_config.json
-            if not f.name.startswith("model") and f.name != "config.json":
+        for f in build.iterdir():  # tokenizer, generation and pooling files
+            if f.is_dir():
+                shutil.copytree(f, d / f.name)
+            elif not f.name.startswith("model") and f.name != "config.json":
                 shutil.copy(f, d / f.name)
         reference = {"fixture": name, "hf_class": spec["model"], "checkpoint_dtype": dtype,
+                     "kind": "encoder" if spec.get("encoder") else "decoder",
                      "source": "llama.cpp convert_hf_to_gguf.py (vendored in llama-cpp-python 0.3.36)",
                      "outtypes": {}}
         for outtype in OUTTYPES:
@@ -178,7 +185,8 @@ def make(name: str) -> None:
             llamacpp_convert(d, path, outtype)
             reference["outtypes"][outtype] = digest(path)
         ids = F.eval_ids(seed)[:N_IDS]
-        logits = F.llama_logits(Path(td) / f"{name}.f32.gguf", ids)
+        # a decoder's logits, an encoder's hidden states (pooling none)
+        logits = (F.llama_hidden if spec.get("encoder") else F.llama_logits)(Path(td) / f"{name}.f32.gguf", ids)
     reference["eval_ids"] = ids
     (d / "reference.json").write_text(json.dumps(reference, indent=0, ensure_ascii=False))
     np.save(d / "logits.npy", logits.astype(np.float32))

@@ -104,8 +104,9 @@ def test_converted_file_runs_as_llama_cpp_runs_its_own(name, converted):
     ids = reference(name)["eval_ids"]
     ref = np.load(FIXTURES / name / "logits.npy")
     model = load_model(str(converted(name, "f32")))[0]
-    ours = np.array(model(mx.array([ids]))[0])
-    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    ours = np.array(model(mx.array([ids]))[0])  # a decoder's logits, an encoder's hidden states
+    if reference(name).get("kind") != "encoder":
+        assert (ours.argmax(-1) == ref.argmax(-1)).all()
     assert np.abs(ours - ref).max() <= F32_TOLERANCE * ref.std()
 
 

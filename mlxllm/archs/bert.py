@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from gguf import Keys
 
+from .. import convert_hooks
 from ..gguf import GGUFFile
 from ..nn import RopeArgs
 from ..nn.encoder import Encoder, EncoderArgs
@@ -95,13 +96,14 @@ def eurobert(gf: GGUFFile) -> EncoderArgs:
     return _encoder(gf, False, norm="rms", rope="neox")
 
 
-def _arch(name: str, args, hf: tuple[str, ...], description: str) -> Arch:
-    return Arch(name=name, args=args, model=Encoder, kind="encoder", hf_architectures=hf, description=description)
+def _arch(name: str, args, hf: tuple[str, ...], description: str, convert=None) -> Arch:
+    return Arch(name=name, args=args, model=Encoder, kind="encoder", hf_architectures=hf, description=description,
+                convert=convert)
 
 
 ARCHS = (
     _arch("bert", bert, ("BertModel", "DistilBertModel", "RobertaModel"),
-          "BERT, DistilBERT, RoBERTa encoders (MiniLM, bge, e5)"),
+          "BERT, DistilBERT, RoBERTa encoders (MiniLM, bge, e5)", convert=convert_hooks.Bert),
     _arch("nomic-bert", nomic_bert, ("NomicBertModel",), "nomic-embed-text v1 / v1.5"),
     _arch("jina-bert-v2", jina_bert_v2, ("JinaBertModel",), "jina-embeddings-v2 (ALiBi)"),
     _arch("modern-bert", modern_bert, ("ModernBertModel",), "ModernBERT (granite-embedding, gte-modernbert)"),
