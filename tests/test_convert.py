@@ -110,6 +110,14 @@ def test_converted_file_runs_as_llama_cpp_runs_its_own(name, converted):
     assert np.abs(ours - ref).max() <= F32_TOLERANCE * ref.std()
 
 
+def test_python_api_default_name_beside_the_folder(tmp_path):
+    d = _copy("qwen2", tmp_path)
+    out = mlxllm.convert(d, outtype="q8_0", progress=False)
+    assert out == tmp_path / "qwen2-q8_0.gguf" and out.is_file()
+    with GGUFFile(out) as gf:
+        assert gf.metadata["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+
+
 # ---- errors and file handling
 
 
