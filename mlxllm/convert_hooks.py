@@ -46,11 +46,11 @@ def plus_one(t: Tensor) -> Tensor:
     return t.map(lambda a: a + a.dtype.type(1))
 
 
-def llama3_rope_factors(rope: dict, head_dim: int) -> Tensor:
+def llama3_rope_factors(rope: dict, head_dim: int, default_factor: float = 8.0) -> Tensor:
     """The per-frequency divisors of Llama 3.1's rope scaling (the `rope_freqs` tensor):
     1 for short wavelengths, `factor` for long ones, a smooth blend between."""
     base = rope.get("rope_theta", 10000.0)
-    factor = rope.get("factor", 8.0)
+    factor = rope.get("factor", default_factor)
     low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
     old_ctx = rope.get("original_max_position_embeddings", 8192)
     freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
@@ -343,3 +343,91 @@ class Bert(Converter):
 
     def vocab(self, w: gguf.GGUFWriter) -> None:
         wordpiece_vocab(self, w)
+
+
+class CommandR(Converter):
+    """Command R: trained past config.json's max_position_embeddings (model_max_length
+    says how far), logits scaled."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.config["max_position_embeddings"] = self.find("model_max_length", "max_position_embeddings")
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        super().hparams(w)
+        w.add_logit_scale(self.config["logit_scale"])
+        w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+
+
+class Cohere2(Converter):
+    """Command R7B: sliding windows, partial rotary, all-zero biases left out (the runtime
+    has none)."""
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        super().hparams(w)
+        c = self.config
+        w.add_logit_scale(c["logit_scale"])
+        w.add_sliding_window(c["sliding_window"])
+        w.add_vocab_size(c["vocab_size"])
+        w.add_rope_dimension_count(int(c["rotary_pct"] * (c["hidden_size"] // c["num_attention_heads"])))
+        w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        if name.endswith(".bias"):
+            if np.any(t.load() != 0):
+                raise ConvertError(f"tensor {name}: Cohere 2 runs without biases, but this one is not zero")
+            return []
+        return super().tensors(name, t, bid)
+
+
+class StableLM(Converter):
+    """StableLM 2: its own key list, and the 12B's per-head q/k LayerNorms stacked."""
+
+    NORMS = (r"self_attn\.(?P<w>[qk]_layernorm)\.norms\.(?P<xid>\d+)\.weight$", "model.layers.{bid}.self_attn.{w}.weight")
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        c = self.config
+        w.add_context_length(c["max_position_embeddings"])
+        w.add_embedding_length(c["hidden_size"])
+        w.add_block_count(self.n_layers)
+        w.add_feed_forward_length(c["intermediate_size"])
+        head_dim = c["hidden_size"] // c["num_attention_heads"]
+        w.add_rope_dimension_count(int(self.rope["partial_rotary_factor"] * head_dim))
+        w.add_head_count(c["num_attention_heads"])
+        w.add_head_count_kv(c["num_key_value_heads"])
+        w.add_parallel_residual(c.get("use_parallel_residual", True))
+        w.add_layer_norm_eps(self.find("layer_norm_eps", "norm_eps"))
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        if "_layernorm.norms." in name:
+            heads = self.config["num_attention_heads" if ".q_layernorm." in name else "num_key_value_heads"]
+            return self.stack_experts(name, t, bid, heads, *self.NORMS)
+        return super().tensors(name, t, bid)
+
+
+class Exaone4(Converter):
+    """EXAONE 4: the sliding-window pattern in any of its config spellings, Llama 3 rope
+    factors."""
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        super().hparams(w)
+        c = self.config
+        w.add_vocab_size(c["vocab_size"])
+        if c.get("sliding_window") is None:
+            return
+        w.add_sliding_window(c["sliding_window"])
+        pattern: list[bool] = []
+        if "layer_types" in c:
+            pattern = [t == "sliding_attention" for t in c["layer_types"]]
+        elif isinstance(spec := c.get("sliding_window_pattern"), str):  # e.g. "LLLG"
+            pattern = [spec[i % len(spec)] == "L" for i in range(self.n_layers)]
+        elif isinstance(spec, int):
+            pattern = [(i + 1) % spec != 0 for i in range(self.n_layers)]
+        if len(pattern) == self.n_layers:
+            w.add_sliding_window_pattern(pattern)
+
+    def extra_tensors(self) -> Iterable[tuple[str, Tensor]]:
+        rope = self.rope.get("full_attention", self.rope)
+        if str(rope.get("rope_type", "")).lower() == "llama3":
+            head_dim = self.config.get("head_dim") or self.config["hidden_size"] // self.config["num_attention_heads"]
+            yield self.tensor_name(MODEL_TENSOR.ROPE_FREQS), llama3_rope_factors(rope, head_dim, 16.0)

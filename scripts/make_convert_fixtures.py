@@ -69,6 +69,11 @@ FIXTURES: dict[str, tuple] = {
     "olmo3": ("olmo3", "bfloat16", None),
     "olmoe": ("olmoe", "bfloat16", None),
     "bert": ("bert", "bfloat16", None),
+    "command-r": ("command-r", "bfloat16", None),
+    "cohere2": ("cohere2", "bfloat16", None),
+    "stablelm": ("stablelm", "bfloat16", None),
+    "stablelm-12b": ("stablelm-12b", "bfloat16", None),
+    "exaone4": ("exaone4", "bfloat16", None),
 }
 
 

@@ -243,6 +243,32 @@ def test_peak_memory_is_about_the_largest_tensor(tmp_path):
     assert peak <= 1.5 * largest + 4e6, f"peak {peak / 1e6:.1f} MB for a {largest / 1e6:.1f} MB largest tensor"
 
 
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+def test_fused_expert_layout_converts_to_the_same_file(tmp_path, outtype):
+    """Newer Qwen MoE checkpoints store each layer's experts fused (gate_up_proj
+    [E, 2 * n_ff, n_embd], down_proj [E, n_embd, n_ff]): split and renamed, they give the
+    same tensors as the per-expert layout llama.cpp converted."""
+    from mlxllm.convert import checkpoint_tensors
+
+    d = _copy("qwen3moe", tmp_path)
+    tensors = {n: t.load() for n, t in checkpoint_tensors(d).items()}
+    n_experts = json.loads((d / "config.json").read_text())["num_local_experts"]
+    fused = {}
+    for name, a in tensors.items():
+        if ".mlp.experts." not in name:
+            fused[name] = a
+        elif name.endswith(".experts.0.down_proj.weight"):
+            stem = name.removesuffix(".0.down_proj.weight")
+            get = [[tensors[f"{stem}.{x}.{w}.weight"] for x in range(n_experts)] for w in ("gate_proj", "up_proj", "down_proj")]
+            fused[f"{stem}.gate_up_proj"] = np.concatenate([np.stack(get[0]), np.stack(get[1])], axis=1)
+            fused[f"{stem}.down_proj"] = np.stack(get[2])
+    for f in d.glob("model*.safetensors"):
+        f.unlink()
+    _write_safetensors(d / "model.safetensors", fused)
+    ours = digest(convert(d, tmp_path / "fused.gguf", outtype=outtype, progress=False))["tensors"]
+    assert ours == reference("qwen3moe")["outtypes"][outtype]["tensors"]
+
+
 # ---- tokenizers
 
 

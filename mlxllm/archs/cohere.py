@@ -8,6 +8,7 @@ import dataclasses
 
 from gguf import Keys
 
+from .. import convert_hooks
 from ..gguf import GGUFFile
 from ..nn import Decoder, DecoderArgs
 from ..registry import Arch
@@ -30,8 +31,8 @@ def cohere2(gf: GGUFFile) -> DecoderArgs:
 
 
 ARCHS = (
-    Arch(name="command-r", args=command_r, model=Decoder, hf_architectures=("CohereForCausalLM",),
+    Arch(name="command-r", args=command_r, model=Decoder, hf_architectures=("CohereForCausalLM",), convert=convert_hooks.CommandR,
          description="Cohere Command-R / R+ / Aya 23"),
-    Arch(name="cohere2", args=cohere2, model=Decoder, hf_architectures=("Cohere2ForCausalLM",),
+    Arch(name="cohere2", args=cohere2, model=Decoder, hf_architectures=("Cohere2ForCausalLM",), convert=convert_hooks.Cohere2,
          description="Cohere Command-R7B / Command-A (sliding windows, NoPE global layers)"),
 )

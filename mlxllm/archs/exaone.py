@@ -8,6 +8,7 @@ import dataclasses
 
 from gguf import Keys
 
+from .. import convert_hooks
 from ..gguf import GGUFFile
 from ..nn import Decoder, DecoderArgs
 from ..registry import Arch
@@ -27,4 +28,4 @@ def exaone4(gf: GGUFFile) -> DecoderArgs:
 
 
 ARCH = Arch(name="exaone4", args=exaone4, model=Decoder, hf_architectures=("Exaone4ForCausalLM",),
-            description="LG EXAONE 4.0")
+            description="LG EXAONE 4.0", convert=convert_hooks.Exaone4)

@@ -77,7 +77,8 @@ ARCHS = (
     Arch(name="mpt", args=mpt, model=Decoder, hf_architectures=("MPTForCausalLM",),
          description="MosaicML MPT (ALiBi or learned positions)"),
     Arch(name="stablelm", args=stablelm, model=Decoder,
-         hf_architectures=("StableLmForCausalLM", "StableLMEpochForCausalLM"), description="StableLM 2"),
+         hf_architectures=("StableLmForCausalLM", "StableLMEpochForCausalLM"), description="StableLM 2",
+         convert=convert_hooks.StableLM),
     Arch(name="nemotron", args=nemotron, model=Decoder, hf_architectures=("NemotronForCausalLM",),
          description="NVIDIA Nemotron-4 / Minitron"),
 )
