@@ -431,3 +431,168 @@ class Exaone4(Converter):
         if str(rope.get("rope_type", "")).lower() == "llama3":
             head_dim = self.config.get("head_dim") or self.config["hidden_size"] // self.config["num_attention_heads"]
             yield self.tensor_name(MODEL_TENSOR.ROPE_FREQS), llama3_rope_factors(rope, head_dim, 16.0)
+
+
+class GraniteMoe(Granite):
+    """Granite 3 MoE (and its shared-expert variant): JetMoE's fused input_linear split
+    into gate and up, for the experts and the shared MLP."""
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        super().hparams(w)
+        if n_ff := self.config.get("shared_intermediate_size"):
+            w.add_expert_shared_feed_forward_length(n_ff)
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        T = MODEL_TENSOR
+        experts = bool(self.config.get("num_local_experts"))
+        if name.endswith("block_sparse_moe.input_linear.weight"):
+            n_ff = self.config["intermediate_size"]
+            gate, up = t.split([n_ff, n_ff], axis=-2)
+            return [(self.tensor_name(T.FFN_GATE_EXP, bid), gate), (self.tensor_name(T.FFN_UP_EXP, bid), up)]
+        if name.endswith("shared_mlp.input_linear.weight"):
+            n_ff = self.config["shared_intermediate_size"]
+            gate, up = t.split([n_ff, n_ff], axis=-2)
+            kinds = (T.FFN_GATE_SHEXP, T.FFN_UP_SHEXP) if experts else (T.FFN_GATE, T.FFN_UP)
+            return [(self.tensor_name(kinds[0], bid), gate), (self.tensor_name(kinds[1], bid), up)]
+        if not experts and name.endswith("shared_mlp.output_linear.weight"):
+            return [(self.tensor_name(T.FFN_DOWN, bid), t)]
+        return super().tensors(name, t, bid)
+
+
+class Ernie4_5(Converter):
+    """ERNIE 4.5 dense: SentencePiece, fused qkv_proj and up_gate_proj split."""
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        sentencepiece_vocab(self, w)
+        config_path = self.dir / "tokenizer_config.json"
+        if config_path.is_file():
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            if "add_prefix_space" in config:
+                w.add_add_space_prefix(config["add_prefix_space"])
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        name = name.replace("ernie.", "model.")
+        c = self.config
+        if "qkv_proj" in name:
+            head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+            sizes = [c["num_attention_heads"] * head_dim] + [c["num_key_value_heads"] * head_dim] * 2
+            parts = t.split(sizes, axis=0)
+            return [item for x, part in zip("qkv", parts)
+                    for item in super().tensors(name.replace("qkv_proj.weight", f"{x}_proj.weight"), part, bid)]
+        if "up_gate_proj" in name:
+            half = t.shape[0] // 2
+            gate, up = t.split([half, half], axis=0)
+            return [*super().tensors(name.replace("up_gate_proj.weight", "gate_proj.weight"), gate, bid),
+                    *super().tensors(name.replace("up_gate_proj.weight", "up_proj.weight"), up, bid)]
+        return super().tensors(name, t, bid)
+
+
+def transposed(t: Tensor) -> Tensor:
+    return t.map(lambda a: np.ascontiguousarray(a.T), shape=t.shape[::-1])
+
+
+class GPT2(Converter):
+    """GPT-2: Conv1D weights stored [in, out], transposed; n_ff is 4 * n_embd."""
+
+    CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
+
+    def skip(self, name: str) -> bool:
+        return name.endswith((".attn.bias", ".attn.masked_bias")) or super().skip(name)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        c = self.config
+        w.add_block_count(self.n_layers)
+        w.add_context_length(c["n_ctx"])
+        w.add_embedding_length(c["n_embd"])
+        w.add_feed_forward_length(4 * c["n_embd"])
+        w.add_head_count(c["n_head"])
+        w.add_layer_norm_eps(c["layer_norm_epsilon"])
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        return super().tensors(name, transposed(t) if name.endswith(self.CONV1D) else t, bid)
+
+
+class StarCoder(Converter):
+    """GPTBigCode (StarCoder 1, SantaCoder): multi-query, n_ff 4 * n_embd."""
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        c = self.config
+        w.add_context_length(c["n_positions"])
+        w.add_embedding_length(c["n_embd"])
+        w.add_feed_forward_length(4 * c["n_embd"])
+        w.add_block_count(self.n_layers)
+        w.add_head_count(c["n_head"])
+        w.add_head_count_kv(1)
+        w.add_layer_norm_eps(c["layer_norm_epsilon"])
+
+
+class GPTNeoX(Converter):
+    """GPT-NeoX / Pythia: the fused qkv interleaved per head ([h][q|k|v]) regrouped as
+    [q | k | v], partial rotary from rotary_pct."""
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        c = self.config
+        w.add_context_length(c["max_position_embeddings"])
+        w.add_embedding_length(c["hidden_size"])
+        w.add_block_count(self.n_layers)
+        w.add_feed_forward_length(c["intermediate_size"])
+        w.add_rope_dimension_count(int(c["rotary_pct"] * (c["hidden_size"] // c["num_attention_heads"])))
+        w.add_head_count(c["num_attention_heads"])
+        w.add_parallel_residual(c.get("use_parallel_residual", True))
+        w.add_layer_norm_eps(c["layer_norm_eps"])
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        if ".attention.query_key_value." in name:
+            n_head = self.find("n_head", "num_attention_heads")
+            n_embd = self.find("hidden_size", "n_embed")
+
+            def regroup(a: np.ndarray) -> np.ndarray:
+                heads = a.reshape(n_head, 3, n_embd // n_head, *a.shape[1:])
+                return np.concatenate([heads[:, i].reshape(-1, *a.shape[1:]) for i in range(3)])
+
+            t = t.map(regroup)
+        return super().tensors(name, t, bid)
+
+
+class Phi2(Converter):
+    """Phi-2: its own key list (n_ff 4 * n_embd, partial rotary), no BOS added."""
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        n_embd, n_head = self.find("hidden_size", "n_embd"), self.find("num_attention_heads", "n_head")
+        w.add_context_length(self.find("n_positions", "max_position_embeddings"))
+        w.add_embedding_length(n_embd)
+        w.add_feed_forward_length(4 * n_embd)
+        w.add_block_count(self.n_layers)
+        w.add_head_count(n_head)
+        w.add_head_count_kv(n_head)
+        w.add_layer_norm_eps(self.find("layer_norm_epsilon", "layer_norm_eps"))
+        w.add_rope_dimension_count(int(self.rope["partial_rotary_factor"] * n_embd) // n_head)
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        super().vocab(w)
+        w.add_add_bos_token(False)
+
+
+class Nemotron(Converter):
+    """Nemotron-4 / Minitron: LayerNorm1p stored as 1 + w, partial rotary, linear scaling."""
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        super().hparams(w)
+        w.add_vocab_size(self.config["vocab_size"])
+        w.add_layer_norm_eps(self.find("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon", "norm_eps"))
+        n_embd, n_head = self.find("hidden_size", "n_embd"), self.find("num_attention_heads", "n_head")
+        w.add_rope_dimension_count(int(self.rope["partial_rotary_factor"] * n_embd) // n_head)
+        factor = self.config.get("factor") or self.rope.get("factor")
+        if factor is None:
+            w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+        else:
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(factor)
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        sentencepiece_vocab(self, w)
+        w.add_pad_token_id(0)
+        w.add_unk_token_id(1)
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        return super().tensors(name, plus_one(t) if name.endswith("norm.weight") else t, bid)

@@ -74,6 +74,14 @@ FIXTURES: dict[str, tuple] = {
     "stablelm": ("stablelm", "bfloat16", None),
     "stablelm-12b": ("stablelm-12b", "bfloat16", None),
     "exaone4": ("exaone4", "bfloat16", None),
+    "granitemoe": ("granitemoe", "bfloat16", None),
+    "granitemoeshared": ("granitemoeshared", "bfloat16", None),
+    "ernie4_5": ("ernie4_5", "bfloat16", None),
+    "gpt2": ("gpt2", "bfloat16", None),
+    "starcoder": ("starcoder", "bfloat16", None),
+    "gptneox": ("gptneox", "bfloat16", None),
+    "phi2": ("phi2", "bfloat16", None),
+    "nemotron": ("nemotron", "bfloat16", None),
 }
 
 

@@ -62,14 +62,17 @@ def nemotron(gf: GGUFFile) -> DecoderArgs:
 
 ARCHS = (
     Arch(name="gpt2", args=learned_positions, model=Decoder, hf_architectures=("GPT2LMHeadModel",),
-         description="GPT-2"),
+         description="GPT-2",
+         convert=convert_hooks.GPT2),
     Arch(name="starcoder", args=learned_positions, model=Decoder, hf_architectures=("GPTBigCodeForCausalLM",),
-         description="StarCoder / SantaCoder (GPTBigCode, multi-query)"),
+         description="StarCoder / SantaCoder (GPTBigCode, multi-query)",
+         convert=convert_hooks.StarCoder),
     Arch(name="starcoder2", args=starcoder2, model=Decoder, hf_architectures=("Starcoder2ForCausalLM",),
          convert=convert_hooks.Converter,
          description="StarCoder 2"),
     Arch(name="gptneox", args=gptneox, model=Decoder, hf_architectures=("GPTNeoXForCausalLM",),
-         description="GPT-NeoX, Pythia"),
+         description="GPT-NeoX, Pythia",
+         convert=convert_hooks.GPTNeoX),
     Arch(name="falcon", args=falcon, model=Decoder, hf_architectures=("FalconForCausalLM", "RWForCausalLM"),
          description="Falcon 7B/40B/180B"),
     Arch(name="bloom", args=bloom, model=Decoder, hf_architectures=("BloomForCausalLM",),
@@ -80,5 +83,5 @@ ARCHS = (
          hf_architectures=("StableLmForCausalLM", "StableLMEpochForCausalLM"), description="StableLM 2",
          convert=convert_hooks.StableLM),
     Arch(name="nemotron", args=nemotron, model=Decoder, hf_architectures=("NemotronForCausalLM",),
-         description="NVIDIA Nemotron-4 / Minitron"),
+         description="NVIDIA Nemotron-4 / Minitron", convert=convert_hooks.Nemotron),
 )

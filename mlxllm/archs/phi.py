@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .. import convert_hooks
 from ..gguf import GGUFFile
 from ..nn import Decoder, DecoderArgs
 from ..registry import Arch
@@ -27,7 +28,8 @@ def phimoe(gf: GGUFFile) -> DecoderArgs:
 
 
 ARCHS = (
-    Arch(name="phi2", args=phi2, model=Decoder, hf_architectures=("PhiForCausalLM",), description="Phi-2"),
+    Arch(name="phi2", args=phi2, model=Decoder, hf_architectures=("PhiForCausalLM",), description="Phi-2",
+         convert=convert_hooks.Phi2),
     Arch(name="phi3", args=phi3, model=Decoder, hf_architectures=("Phi3ForCausalLM",),
          description="Phi-3 / Phi-4 mini, LongRoPE"),
     Arch(name="phimoe", args=phimoe, model=Decoder, hf_architectures=("PhiMoEForCausalLM",),
