@@ -354,14 +354,33 @@ class BatchKVCache:
             self.size -= trim
 
 
-def batch_window(kind) -> int | None | bool:
+RECURRENT = "recurrent"  # batch_window's answer for a RecurrentCache: BatchRecurrentCache
+
+
+def batch_window(kind) -> int | None | bool | str:
     """The batched form of a cache kind a model declares in `make_cache()`: its sliding
-    window (None: full history), or False for a kind the batch has no form of."""
+    window (None: full history), RECURRENT for a recurrent state, or False for a kind the
+    batch has no form of."""
     if type(kind) is KVCache:
         return None
     if type(kind) is RotatingKVCache:
         return kind.max_size
+    if type(kind) is RecurrentCache:
+        return RECURRENT
     return False
+
+
+def batch_cache(window: int | None | str, bits: int | None = None) -> BatchKVCache | BatchRecurrentCache:
+    """An empty batched cache of the form `batch_window` gave."""
+    return BatchRecurrentCache() if window == RECURRENT else BatchKVCache(window, bits)
+
+
+def batch_cache_from_state(state: tuple, n: int, window: int | None | str, bits: int | None = None
+                           ) -> BatchKVCache | BatchRecurrentCache | None:
+    """One row at position n from a stored `row_state` of that form, or None."""
+    if window == RECURRENT:
+        return BatchRecurrentCache.from_state(state, n)
+    return BatchKVCache.from_state(state, n, window, bits)
 
 
 class PrefixCache:
@@ -428,9 +447,8 @@ class RecurrentCache:
     (B, heads, head_dim, d_state), which short-convolution layers have not. Its size does
     not grow with the sequence; `offset` counts the positions seen.
 
-    The state of a position cannot be taken back (no `trim`), and rows of a batch must
-    start together, so the generation loop runs a model with these caches one row at a
-    time (`batch_window` gives False)."""
+    The state of a position cannot be taken back (no `trim`). Its batched form, for the
+    generation loop, is `BatchRecurrentCache`."""
 
     def __init__(self) -> None:
         self.conv: mx.array | None = None
@@ -468,3 +486,82 @@ class KVRecurrentCache(KVCache):
     def state(self) -> tuple[mx.array, ...] | None:
         arrays = (*(super().state or ()), *(a for a in (self.conv, self.ssm) if a is not None))
         return arrays or None
+
+
+class BatchRecurrentCache:
+    """`RecurrentCache` for B rows: conv (B, kernel - 1, channels) and ssm (B, ...) hold
+    each row's own state, so rows of different lengths need no padding: a row joins
+    (`extend`) with the state its prompt left and leaves (`keep_rows`) with its own.
+
+    A state is that of every position a row has seen: it cannot drop positions (no `trim`:
+    no speculative decoding), and a stored `row_state` serves a new prompt only at exactly
+    its own length (the prefix cache's exact case: a chat's next turn after the whole
+    previous exchange)."""
+
+    def __init__(self) -> None:
+        self.conv: mx.array | None = None
+        self.ssm: mx.array | None = None
+        self.lengths: list[int] = []  # positions each row has seen
+
+    @property
+    def offset(self) -> int | mx.array:
+        if not self.lengths:
+            return 0
+        if len(set(self.lengths)) == 1:
+            return self.lengths[0]
+        return mx.array(self.lengths)
+
+    def advance(self, n: int) -> None:
+        if not self.lengths:  # a fresh cache: one row per row of the state just written
+            rows = next((a.shape[0] for a in (self.conv, self.ssm) if a is not None), 1)
+            self.lengths = [0] * rows
+        self.lengths = [m + n for m in self.lengths]
+
+    @property
+    def state(self) -> tuple[mx.array, ...] | None:
+        arrays = tuple(a for a in (self.conv, self.ssm) if a is not None)
+        return arrays or None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.state or ())
+
+    def trim(self, n: int) -> None:
+        if n:
+            raise ValueError("a recurrent state cannot drop positions")
+
+    def row_state(self, b: int, length: int) -> tuple[list[mx.array], list[mx.array], int]:
+        """Row b's state copied out of the batch: ([conv], [ssm], the positions it holds),
+        or a length of -1 when it does not hold exactly `length`."""
+        def row(a: mx.array | None) -> list[mx.array]:
+            return [] if a is None else [mx.contiguous(a[b:b + 1])]
+        return row(self.conv), row(self.ssm), self.lengths[b] if self.lengths[b] == length else -1
+
+    @classmethod
+    def from_state(cls, state: tuple, n: int) -> BatchRecurrentCache | None:
+        conv, ssm, held = state
+        if held != n:
+            return None
+        cache = cls()
+        cache.conv, cache.ssm = (conv[0] if conv else None), (ssm[0] if ssm else None)
+        cache.lengths = [n]
+        return cache
+
+    def extend(self, other: BatchRecurrentCache) -> None:
+        """Append other's rows."""
+        if not self.lengths:
+            self.conv, self.ssm, self.lengths = other.conv, other.ssm, list(other.lengths)
+            return
+        self.conv = None if self.conv is None else mx.concatenate([self.conv, other.conv])
+        self.ssm = None if self.ssm is None else mx.concatenate([self.ssm, other.ssm])
+        self.lengths = self.lengths + other.lengths
+
+    def keep_rows(self, rows: list[int]) -> None:
+        if not rows:
+            self.conv = self.ssm = None
+            self.lengths = []
+            return
+        index = mx.array(rows)
+        self.conv = None if self.conv is None else self.conv[index]
+        self.ssm = None if self.ssm is None else self.ssm[index]
+        self.lengths = [self.lengths[i] for i in rows]

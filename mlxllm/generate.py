@@ -26,7 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import BatchKVCache, PrefixCache, batch_window
+from .cache import RECURRENT, BatchKVCache, PrefixCache, batch_cache, batch_cache_from_state, batch_window
 from .sample import SamplingParams, make_logits_processors, make_sampler
 
 PREFILL_STEP = 512  # prompt tokens per forward pass while filling the cache
@@ -342,13 +342,13 @@ class BatchGenerator:
             raise ValueError("choose a draft model or prompt lookup, not both")
         if draft_tokens < 1:
             raise ValueError("draft_tokens must be at least 1")
-        if not self.batched:
+        if not self.batched or RECURRENT in self.windows:
             raise ValueError("speculative decoding needs a model whose caches can drop positions "
                              "(attention caches; not recurrent state)")
         windows = None
         if draft_model is not None:
             windows = [batch_window(kind) for kind in draft_model.make_cache()]
-            if not getattr(draft_model, "batchable", False) or any(w is False for w in windows):
+            if not getattr(draft_model, "batchable", False) or any(w is False or w == RECURRENT for w in windows):
                 raise ValueError("the draft model's caches cannot drop positions")
             draft_vocab = getattr(getattr(draft_model, "args", None), "vocab_size", None)
             if draft_vocab is not None and self.vocab_size is not None and draft_vocab > self.vocab_size:
@@ -413,12 +413,12 @@ class BatchGenerator:
         if self.prefixes is not None:
             n, states = self.prefixes.lookup(prompt, limit=len(prompt) - 1)
             if n:
-                caches = [BatchKVCache.from_state(s, n, w, self.kv_bits) for s, w in zip(states, self.windows)]
+                caches = [batch_cache_from_state(s, n, w, self.kv_bits) for s, w in zip(states, self.windows)]
                 if all(c is not None for c in caches):
                     row.cached = row.position = n
                     return caches
         if self.batched:
-            return [BatchKVCache(w, self.kv_bits) for w in self.windows]
+            return [batch_cache(w, self.kv_bits) for w in self.windows]
         return self.model.make_cache()
 
     def _prefill_chunk(self, row: _Row, events: list[Event]) -> None:
@@ -592,7 +592,10 @@ class BatchGenerator:
     def _store(self, row: _Row, caches: list, b: int) -> None:
         if self.prefixes is None or row.finish == "error":
             return
-        self.prefixes.store(row.fed, [c.row_state(b, len(row.fed)) for c in caches])
+        n = len(row.fed)
+        if RECURRENT in self.windows:  # a state is that of every position it has seen: the
+            n = min(c.lengths[b] for c in caches)  # last token too where a step launched ahead fed it
+        self.prefixes.store(row.history[:n], [c.row_state(b, n) for c in caches])
 
     def _remove(self, indices: list[int], store: bool) -> None:
         for i in indices if store else ():

@@ -71,22 +71,10 @@ def test_recurrent_state_has_a_fixed_size():
     assert sizes[0] == sizes[1] and all(sizes[0])
 
 
-@pytest.mark.parametrize("name", ["mamba", "lfm2"])
-def test_generation_loop_runs_rows_one_at_a_time(name):
-    """The loop has no batched form of a recurrent state: each row runs its own forward on
-    its own caches, interleaved, and gets llama.cpp's greedy tokens; rows join while others
-    decode and leave at different lengths."""
-    import llama_cpp
-
-    path = FIXTURES / f"{name}.f32.gguf"
-    model = load_model(str(path))[0]
-    assert any(batch_window(kind) is False for kind in model.make_cache())
-    generator = BatchGenerator(model, None, max_batch=4, prefill_step=16)
-    assert not generator.batched
-    prompts = [token_ids(name, n) for n in (5, 37, 20)]
-    limits = [12, 6, 9]
+def run(generator: BatchGenerator, prompts: list[list[int]], limits: list[int], joins: dict[int, list[int]]) -> dict:
+    """Steps until idle, inserting prompts[i] at the steps `joins` gives; tokens by uid."""
     out: dict[int, list[int]] = {}
-    step, joins = 0, {0: [0, 1], 4: [2]}
+    step = 0
     while generator.busy or any(s >= step for s in joins):
         for i in joins.pop(step, []):
             out[generator.insert(GenerationRequest(prompts[i], GREEDY, limits[i]))] = []
@@ -95,6 +83,27 @@ def test_generation_loop_runs_rows_one_at_a_time(name):
             if event.token is not None:
                 out[event.uid].append(event.token)
         step += 1
+    return out
+
+
+# mamba, lfm2 and nemotron_h (whose FFN layers hold an empty state) batch their rows;
+# falcon-h1's layers hold keys, values and a state together, a kind with no batched form.
+@pytest.mark.parametrize(("name", "batched"), [("mamba", True), ("lfm2", True), ("nemotron_h", True),
+                                               ("falcon-h1", False)])
+def test_generation_loop_rows_get_llama_cpp_greedy_tokens(name, batched):
+    """Rows join while others decode and leave at different lengths; each gets llama.cpp's
+    greedy tokens and what it gets alone. Batched rows share one forward pass (each row's
+    state its own), the others run one at a time."""
+    import llama_cpp
+
+    path = FIXTURES / f"{name}.f32.gguf"
+    model = load_model(str(path))[0]
+    generator = BatchGenerator(model, None, max_batch=4, prefill_step=16)
+    assert generator.batched == batched
+    assert all(batch_window(kind) is not False for kind in model.make_cache()) == batched
+    prompts = [token_ids(name, n) for n in (5, 37, 20)]
+    limits = [12, 6, 9]
+    out = run(generator, prompts, limits, {0: [0, 1], 4: [2]})
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=2, type_k=0, type_v=0,
                           verbose=False)
     try:
@@ -103,3 +112,30 @@ def test_generation_loop_runs_rows_one_at_a_time(name):
             assert out[uid] == list(generate_step(model, prompt, GREEDY, max_tokens=n))
     finally:
         llm.close()
+
+
+@pytest.mark.parametrize("name", ["mamba2", "lfm2"])
+def test_prefix_cache_reuses_a_state_at_its_exact_length(name):
+    """A finished row's state serves a prompt that continues everything the row fed (a
+    chat's next turn): the prompt starts past it and decodes what a fresh prefill does. A
+    prompt that forks earlier starts fresh (a state holds no earlier position)."""
+    model = load_model(str(FIXTURES / f"{name}.f32.gguf"))[0]
+    generator = BatchGenerator(model, None, max_batch=2, prefix_cache_bytes=1 << 24)
+    first = token_ids(name, 30)
+    out = run(generator, [first], [6], {0: [0]})
+    turn = first + out[0] + long_ids(name)[:12]
+    fork = first[:20] + long_ids(name)[12:24]
+    # the state holds the prompt and the generated tokens, the last one too where the step
+    # launched ahead fed it
+    held = {len(first) + len(out[0]) - 1, len(first) + len(out[0])}
+    for prompt, reused in ((turn, held), (fork, {0})):
+        generator.insert(GenerationRequest(prompt, GREEDY, 8))
+        tokens, stats = [], None
+        while generator.busy:
+            for event in generator.step():
+                assert event.error is None, event.error
+                if event.token is not None:
+                    tokens.append(event.token)
+                stats = event.stats or stats
+        assert stats.cached_tokens in reused
+        assert tokens == list(generate_step(model, prompt, GREEDY, max_tokens=8))

@@ -55,8 +55,9 @@ class MambaBlock(nn.Module):
 
 
 class Mamba(nn.Module):
-    # Rows of a batch cannot share a forward pass: their states start at different times.
-    batchable = False
+    # Rows share a forward pass: each row's state is its own (BatchRecurrentCache), and no
+    # layer needs a mask.
+    batchable = True
 
     def __init__(self, args: MambaArgs):
         super().__init__()

@@ -3,9 +3,10 @@ mixer (ssm.py) or a short convolution (shortconv.py), one kind per layer, each f
 the layer's FFN or experts as in any decoder (llama.cpp's granite-hybrid.cpp, lfm2.cpp).
 
 Attention layers keep keys and values (KVCache, or RotatingKVCache where they slide); the
-others carry a RecurrentCache. No row of a batch can share a forward pass with another
-(a recurrent state has no padding to hide a later start), so the model is not batchable
-and the generation loop runs its rows one at a time."""
+others carry a RecurrentCache, Falcon-H1's layers a KVRecurrentCache. Rows of a batch share a
+forward pass where every kind has a batched form (`mlxllm.cache.batch_window`): attention
+masks come from the attention layers' caches, a recurrent state is each row's own. Falcon-H1's
+combined cache has none: the generation loop runs its rows one at a time."""
 
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ class HybridBlock(Block):
 
 class HybridDecoder(Decoder):
     block = HybridBlock
-    batchable = False
+    batchable = True
 
     def make_cache(self) -> list:
         def kind(b: HybridBlock):
