@@ -113,7 +113,9 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": n
 
 def _widen_bf16(a: np.ndarray) -> np.ndarray:
     """bfloat16 bits (uint16) to float32, exactly: they are float32's top half."""
-    return (a.astype(np.uint32) << 16).view(np.float32)
+    wide = a.astype(np.uint32)
+    wide <<= 16  # in place: one float32-sized copy at the peak
+    return wide.view(np.float32)
 
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:
@@ -476,8 +478,11 @@ def bpe_vocab(conv: Converter, w: gguf.GGUFWriter) -> None:
     normalizer_flags(conv, w)
 
 
-def sentencepiece_vocab(conv: Converter, w: gguf.GGUFWriter) -> None:
-    """tokenizer.model: pieces, scores and kinds, then added tokens over them."""
+def sentencepiece_vocab(conv: Converter, w: gguf.GGUFWriter, literal_added: bool = False) -> None:
+    """tokenizer.model: pieces, scores and kinds, then added tokens over them.
+
+    literal_added: Phi-3's reading of added tokens (tokenizer_config.json's, then
+    tokenizer.json's): control exactly when marked special, text kept as written."""
     from sentencepiece import SentencePieceProcessor
 
     sp = SentencePieceProcessor()
@@ -504,12 +509,20 @@ def sentencepiece_vocab(conv: Converter, w: gguf.GGUFWriter) -> None:
             i, content = int(key), t["content"]
             if i >= n_vocab:
                 continue
-            if t.get("special") or looks_special(content):
+            if literal_added:
+                types[i] = TokenType.CONTROL if t.get("special") else TokenType.USER_DEFINED
+            elif t.get("special") or looks_special(content):
                 types[i] = TokenType.CONTROL
             else:
                 content = content.replace("\u2581", " ")
                 types[i] = TokenType.USER_DEFINED
             tokens[i], scores[i] = content.encode(), -1000.0
+    json_path = conv.dir / "tokenizer.json"
+    if literal_added and json_path.is_file():
+        for t in json.loads(json_path.read_text(encoding="utf-8")).get("added_tokens", []):
+            i = int(t["id"])
+            tokens[i], scores[i] = t["content"].encode(), -1000.0
+            types[i] = TokenType.CONTROL if t.get("special") else TokenType.USER_DEFINED
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)

@@ -596,3 +596,58 @@ class Nemotron(Converter):
 
     def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
         return super().tensors(name, plus_one(t) if name.endswith("norm.weight") else t, bid)
+
+
+class Phi3(Converter):
+    """Phi-3 / Phi-4-mini: its own key list, LongRoPE's long and short factors as tensors
+    with their attention factor, SentencePiece with literal added tokens (Phi-4's GPT-2
+    tokenizer as BPE)."""
+
+    def _rope_dims(self) -> int:
+        n_embd, n_head = self.find("hidden_size", "n_embd"), self.find("num_attention_heads", "n_head")
+        return int(self.rope.get("partial_rotary_factor", 1.0) * n_embd) // n_head
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        w.add_context_length(self.find("n_positions", "max_position_embeddings"))
+        w.add_rope_scaling_orig_ctx_len(self.rope["original_max_position_embeddings"])
+        w.add_embedding_length(self.find("hidden_size", "n_embd"))
+        w.add_feed_forward_length(self.config["intermediate_size"])
+        w.add_block_count(self.n_layers)
+        w.add_head_count(self.find("num_attention_heads", "n_head"))
+        w.add_head_count_kv(self.find("num_key_value_heads", "n_head_kv"))
+        w.add_layer_norm_rms_eps(self.config["rms_norm_eps"])
+        w.add_rope_dimension_count(self._rope_dims())
+        w.add_rope_freq_base(self.rope.get("full_attention", self.rope)["rope_theta"])
+        w.add_sliding_window(self.config.get("sliding_window") or 0)  # 0 tells Phi-4 apart
+        if (attn_factor := self._long_rope_attn_factor()) is not None:
+            w.add_rope_scaling_attn_factors(attn_factor)
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        config_path = self.dir / "tokenizer_config.json"
+        if config_path.is_file() and json.loads(config_path.read_text(encoding="utf-8")).get("tokenizer_class") == "GPT2Tokenizer":
+            bpe_vocab(self, w)
+        elif not (self.dir / "tokenizer.model").is_file():
+            raise ConvertError(f"{self.dir}: Phi-3 needs tokenizer.model")
+        else:
+            sentencepiece_vocab(self, w, literal_added=True)
+
+    def _long_rope_attn_factor(self) -> float | None:
+        if not self.rope.get("long_factor"):
+            return None
+        orig = self.rope["original_max_position_embeddings"]
+        scale = self.find("n_positions", "max_position_embeddings") / orig
+        kind = str(self.rope.get("rope_type", "")).lower()
+        if kind in ("su", "longrope"):
+            return math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+        if kind == "yarn":
+            return 0.1 * math.log(scale) + 1.0 if scale > 1.0 else 1.0
+        raise ConvertError(f"Phi-3 rope scaling {kind!r} is not supported")
+
+    def extra_tensors(self) -> Iterable[tuple[str, Tensor]]:
+        if self._long_rope_attn_factor() is None:
+            return
+        for key, field in ((MODEL_TENSOR.ROPE_FACTORS_LONG, "long_factor"), (MODEL_TENSOR.ROPE_FACTORS_SHORT, "short_factor")):
+            values = np.array(self.rope[field], dtype=np.float32)
+            if values.shape != (self._rope_dims() // 2,):
+                raise ConvertError(f"rope {field} has {values.size} entries, not {self._rope_dims() // 2}")
+            yield self.tensor_name(key), Tensor(values.shape, values.dtype, lambda values=values: values)

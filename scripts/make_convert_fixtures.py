@@ -82,6 +82,8 @@ FIXTURES: dict[str, tuple] = {
     "gptneox": ("gptneox", "bfloat16", None),
     "phi2": ("phi2", "bfloat16", None),
     "nemotron": ("nemotron", "bfloat16", None),
+    "phi3": ("phi3", "bfloat16", None),
+    "phi3-longrope": ("phi3-longrope", "bfloat16", None),
 }
 
 

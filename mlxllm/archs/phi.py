@@ -30,7 +30,7 @@ def phimoe(gf: GGUFFile) -> DecoderArgs:
 ARCHS = (
     Arch(name="phi2", args=phi2, model=Decoder, hf_architectures=("PhiForCausalLM",), description="Phi-2",
          convert=convert_hooks.Phi2),
-    Arch(name="phi3", args=phi3, model=Decoder, hf_architectures=("Phi3ForCausalLM",),
+    Arch(name="phi3", args=phi3, model=Decoder, hf_architectures=("Phi3ForCausalLM",), convert=convert_hooks.Phi3,
          description="Phi-3 / Phi-4 mini, LongRoPE"),
     Arch(name="phimoe", args=phimoe, model=Decoder, hf_architectures=("PhiMoEForCausalLM",),
          description="Phi-3.5 MoE"),
