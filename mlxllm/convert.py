@@ -341,6 +341,12 @@ class Converter:
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
 
+    @staticmethod
+    def forget(w: gguf.GGUFWriter, *keys: str) -> None:
+        """Drop keys written already (gguf.Keys names), for a hook to write its own values."""
+        for key in keys:
+            w.kv_data[0].pop(key.format(arch=w.arch), None)
+
     def _rope_hparams(self, w: gguf.GGUFWriter) -> None:
         rope = self.rope.get("full_attention", self.rope)
         kind, factor = rope.get("rope_type"), rope.get("factor")

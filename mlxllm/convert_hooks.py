@@ -189,9 +189,8 @@ class Gemma3(Converter):
         super().hparams(w)
         c = self.config
         K = gguf.Keys
-        for key in (K.LLM.CONTEXT_LENGTH, K.Attention.HEAD_COUNT, K.Attention.LAYERNORM_RMS_EPS, K.Attention.KEY_LENGTH,
-                    K.Attention.VALUE_LENGTH, K.Rope.FREQ_BASE, K.Attention.HEAD_COUNT_KV):
-            w.kv_data[0].pop(key.format(arch=w.arch), None)  # rewritten below with Gemma 3's defaults
+        self.forget(w, K.LLM.CONTEXT_LENGTH, K.Attention.HEAD_COUNT, K.Attention.LAYERNORM_RMS_EPS, K.Attention.KEY_LENGTH,
+                    K.Attention.VALUE_LENGTH, K.Rope.FREQ_BASE, K.Attention.HEAD_COUNT_KV)  # rewritten with Gemma 3's defaults
         w.add_context_length(c.get("max_position_embeddings", 131072))
         w.add_head_count(c.get("num_attention_heads", 8))
         w.add_layer_norm_rms_eps(c.get("rms_norm_eps", 1e-6))
@@ -254,6 +253,7 @@ class Olmo(Converter):
 
     def hparams(self, w: gguf.GGUFWriter) -> None:
         super().hparams(w)
+        self.forget(w, gguf.Keys.Attention.LAYERNORM_EPS)
         w.add_layer_norm_eps(1e-5)
         if (clip := self.config.get("clip_qkv")) is not None:
             w.add_clamp_kqv(clip)
@@ -286,7 +286,8 @@ class Olmoe(Converter):
 
     def hparams(self, w: gguf.GGUFWriter) -> None:
         super().hparams(w)
-        w.add_layer_norm_rms_eps(1e-5)
+        self.forget(w, gguf.Keys.Attention.LAYERNORM_RMS_EPS)
+        w.add_layer_norm_rms_eps(1e-5)  # llama.cpp's, whatever the config says
 
     def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
         if ".experts." in name:
@@ -543,14 +544,37 @@ class GPTNeoX(Converter):
 
     def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
         if ".attention.query_key_value." in name:
-            n_head = self.find("n_head", "num_attention_heads")
-            n_embd = self.find("hidden_size", "n_embed")
+            t = qkv_regrouped(t, self.find("n_head", "num_attention_heads"))
+        return super().tensors(name, t, bid)
 
-            def regroup(a: np.ndarray) -> np.ndarray:
-                heads = a.reshape(n_head, 3, n_embd // n_head, *a.shape[1:])
-                return np.concatenate([heads[:, i].reshape(-1, *a.shape[1:]) for i in range(3)])
 
-            t = t.map(regroup)
+def qkv_regrouped(t: Tensor, n_head: int) -> Tensor:
+    """A fused qkv stored head by head ([h][q|k|v] rows) as [q | k | v] (GPT-NeoX, BLOOM)."""
+    def regroup(a: np.ndarray) -> np.ndarray:
+        heads = a.reshape(n_head, 3, a.shape[0] // n_head // 3, *a.shape[1:])
+        return np.concatenate([heads[:, i].reshape(-1, *a.shape[1:]) for i in range(3)])
+
+    return t.map(regroup)
+
+
+class Bloom(Converter):
+    """BLOOM: GPT-NeoX's per-head fused qkv, its own key list (no position limit of its own:
+    seq_length, else n_embd, as llama.cpp)."""
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        n_embd, n_head = self.find("hidden_size", "n_embed"), self.find("n_head", "num_attention_heads")
+        w.add_context_length(self.config.get("seq_length", n_embd))
+        w.add_embedding_length(n_embd)
+        w.add_feed_forward_length(4 * n_embd)
+        w.add_block_count(self.n_layers)
+        w.add_head_count(n_head)
+        w.add_head_count_kv(n_head)
+        w.add_layer_norm_eps(self.config["layer_norm_epsilon"])
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        name = name.replace("transformer.", "")
+        if ".self_attention.query_key_value." in name:
+            t = qkv_regrouped(t, self.find("n_head", "num_attention_heads"))
         return super().tensors(name, t, bid)
 
 
@@ -651,3 +675,53 @@ class Phi3(Converter):
             if values.shape != (self._rope_dims() // 2,):
                 raise ConvertError(f"rope {field} has {values.size} entries, not {self._rope_dims() // 2}")
             yield self.tensor_name(key), Tensor(values.shape, values.dtype, lambda values=values: values)
+
+
+class Falcon(Converter):
+    """Falcon 7B/40B: the fused qkv's kv groups ([q * (n_head / n_kv), k, v] per group)
+    regrouped as [all q | all k | all v] (llama.cpp's "jploski" layout)."""
+
+    def _heads(self) -> tuple[int, int]:
+        return (self.find("num_attention_heads", "n_head"),
+                self.find("num_kv_heads", "n_head_kv", default=None) or 1)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        n_head, n_kv = self._heads()
+        w.add_context_length(2048)  # not in config.json
+        w.add_tensor_data_layout("jploski")
+        w.add_embedding_length(self.config["hidden_size"])
+        w.add_feed_forward_length(4 * self.config["hidden_size"])
+        w.add_block_count(self.n_layers)
+        w.add_head_count(n_head)
+        w.add_head_count_kv(n_kv)
+        w.add_layer_norm_eps(self.config["layer_norm_epsilon"])
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        if "query_key_value" in name:
+            n_head, n_kv = self._heads()
+            head_dim = self.config["hidden_size"] // n_head
+
+            def regroup(a: np.ndarray) -> np.ndarray:
+                groups = a.reshape(n_kv, n_head // n_kv + 2, head_dim, -1)
+                return np.concatenate([groups[:, :-2].reshape(n_head * head_dim, -1),
+                                       groups[:, -2].reshape(n_kv * head_dim, -1),
+                                       groups[:, -1].reshape(n_kv * head_dim, -1)]).reshape(a.shape)
+
+            t = t.map(regroup)
+        return super().tensors(name, t, bid)
+
+
+class Mistral3(Llama):
+    """Ministral 3 text (Ministral3ForCausalLM): Llama with YaRN's log multiplier and Llama 4's
+    attention temperature. Mistral3ForConditionalGeneration (with a vision tower) is not
+    converted yet."""
+
+    hf_classes = ("Ministral3ForCausalLM",)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        super().hparams(w)
+        if self.config.get("model_type") == "ministral3":
+            if self.rope.get("rope_type") != "yarn":
+                raise ConvertError("Ministral 3 expects yarn rope_parameters")
+            w.add_rope_scaling_yarn_log_mul(self.rope["mscale_all_dim"])
+            w.add_attn_temperature_scale(self.rope["llama_4_scaling_beta"])

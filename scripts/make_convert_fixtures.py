@@ -84,6 +84,10 @@ FIXTURES: dict[str, tuple] = {
     "nemotron": ("nemotron", "bfloat16", None),
     "phi3": ("phi3", "bfloat16", None),
     "phi3-longrope": ("phi3-longrope", "bfloat16", None),
+    "bloom": ("bloom", "bfloat16", None),
+    "falcon": ("falcon", "bfloat16", None),
+    "falcon-40b": ("falcon-40b", "bfloat16", None),
+    "mistral3": ("mistral3", "bfloat16", None),
 }
 
 

@@ -313,6 +313,19 @@ def test_converted_bpe_tokenizer_equals_tokenizers_library(converted):
     assert not bad, f"{len(bad)} of {len(corpus)} strings differ, e.g. {bad[:3]!r}"
 
 
+def test_converted_wordpiece_tokenizer_equals_tokenizers_library(converted):
+    """And for a WordPiece (BERT) vocabulary, written in llama.cpp's phantom-space form."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from mlxllm.tokenizer import Tokenizer
+
+    corpus = json.loads((Path(__file__).parent / "fixtures" / "tokenizer" / "corpus.json").read_text())["strings"]
+    hf = tokenizers.Tokenizer.from_file(str(FIXTURES / "bert" / "tokenizer.json"))
+    with GGUFFile(converted("bert", "f32")) as gf:
+        ours = Tokenizer.from_metadata(gf.metadata)
+    bad = [s for s in corpus if ours.encode(s, add_special=False) != hf.encode(s, add_special_tokens=False).ids]
+    assert not bad, f"{len(bad)} of {len(corpus)} strings differ, e.g. {bad[:3]!r}"
+
+
 def test_converted_spm_tokenizer_equals_sentencepiece(tmp_path):
     """The same for a SentencePiece vocabulary, against the sentencepiece library. The
     fixture's model is re-saved as Gemma's own are made (no dummy prefix, whitespace kept),

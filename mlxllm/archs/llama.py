@@ -103,6 +103,7 @@ ARCHS = (
          description="Llama 2/3/3.1, Mistral-style, SmolLM2 decoders, Mixtral experts"),
     Arch(name="mistral3", args=mistral3, model=Decoder,
          hf_architectures=("Mistral3ForConditionalGeneration", "Ministral3ForCausalLM"),
+         convert=convert_hooks.Mistral3,
          description="Ministral 3 / Mistral Small 3.x text decoders (YaRN, query temperature)"),
     Arch(name="smollm3", args=smollm3, model=Decoder, hf_architectures=("SmolLM3ForCausalLM",), convert=convert_hooks.Llama,
          description="SmolLM3: Llama with no RoPE on every 4th layer"),
