@@ -139,3 +139,24 @@ def test_prefix_cache_reuses_a_state_at_its_exact_length(name):
                 stats = event.stats or stats
         assert stats.cached_tokens in reused
         assert tokens == list(generate_step(model, prompt, GREEDY, max_tokens=8))
+
+
+def test_mamba2_prompt_scan_in_chunks_equals_token_by_token():
+    """Mamba-2's prompt scan (whole chunks as matrix products, one decay per head) computes
+    the outputs and final state of the token-by-token recurrence, from a given state, with
+    a partial last chunk and groups shared by several heads."""
+    from mlxllm.nn import ssm
+
+    mx.random.seed(0)
+    b, L, H, P, G, N = 2, ssm.SSD_CHUNK * 2 + 13, 6, 8, 2, 16
+    x, dt = mx.random.normal((b, L, H, P)), mx.random.normal((b, L, H)) - 1
+    A = -mx.exp(mx.random.normal((H, 1)))
+    B, C, h0 = mx.random.normal((b, L, G, N)), mx.random.normal((b, L, G, N)), mx.random.normal((b, H, P, N))
+    y, h = ssm.selective_scan(x, dt, A, B, C, h0)
+    ys, state = [], h0
+    for t in range(L):
+        y_t, state = ssm.selective_scan(x[:, t:t + 1], dt[:, t:t + 1], A, B[:, t:t + 1], C[:, t:t + 1], state)
+        ys.append(y_t)
+    steps = np.array(mx.concatenate(ys, axis=1))
+    assert np.abs(np.array(y) - steps).max() <= 1e-5 * np.abs(steps).max()
+    assert np.abs(np.array(h - state)).max() <= 1e-5 * np.abs(np.array(state)).max()

@@ -100,11 +100,47 @@ def selective_scan(x: mx.array, dt: mx.array, A: mx.array, B: mx.array, C: mx.ar
     if G != H:  # group g serves heads g * H / G ... (ggml: g = h / (H / G))
         B, C = mx.repeat(B, H // G, axis=2), mx.repeat(C, H // G, axis=2)
     h = mx.zeros((b, H, P, N), x.dtype) if state is None else state
+    if A.shape[-1] == 1 and L > 1:  # one decay per head: whole chunks at once
+        ys = []
+        for start in range(0, L, SSD_CHUNK):
+            end = min(start + SSD_CHUNK, L)
+            y, h = _ssd_chunk(h, x_dt[:, start:end], dt[:, start:end], A[:, 0], B[:, start:end], C[:, start:end])
+            ys.append(y)
+        return mx.concatenate(ys, axis=1), h
     ys = []
     for t in range(L):
         h, y = _scan_step(h, x_dt[:, t], dt[:, t], A, B[:, t], C[:, t])
         ys.append(y)
     return mx.stack(ys, axis=1), h
+
+
+# Positions per chunk of the Mamba-2 prompt scan: (T, T) decay and score matrices per head
+# (512 tokens, 24 heads of 64, state 128, 2 cores: 0.10 s at 32, 0.14 s at 64, 0.67 s token by token)
+SSD_CHUNK = 32
+
+
+def _ssd_chunk(h: mx.array, x_dt: mx.array, dt: mx.array, A: mx.array, B: mx.array, C: mx.array
+               ) -> tuple[mx.array, mx.array]:
+    """T tokens of the scan with one scalar decay per head (Mamba-2's state-space duality,
+    arXiv 2405.21060): the sequential recurrence unrolled, as matrix products.
+    h (b, H, P, N) before the chunk, x_dt (b, T, H, P), dt (b, T, H) after softplus, A (H,),
+    B and C (b, T, H, N). With S_t = sum_{r <= t} dt_r A (the log of the decay from the
+    chunk's start through t):
+        y_t = sum_{u <= t} exp(S_t - S_u) (C_t . B_u) x_dt_u + exp(S_t) C_t . h
+        h'  = exp(S_T) h + sum_u exp(S_T - S_u) x_dt_u B_u^T
+    Every exponent is <= 0, so nothing overflows; the products round differently from
+    ggml's token-by-token loop (~1e-7 relative)."""
+    T = x_dt.shape[1]
+    S = mx.cumsum(dt * A, axis=1).transpose(0, 2, 1)  # (b, H, T)
+    causal = mx.tril(mx.ones((T, T), mx.bool_))
+    decay = mx.exp(mx.where(causal, S[..., :, None] - S[..., None, :], -mx.inf))  # (b, H, T, T): t, u
+    Bh, Ch = B.transpose(0, 2, 1, 3), C.transpose(0, 2, 1, 3)  # (b, H, T, N)
+    xh = x_dt.transpose(0, 2, 1, 3)  # (b, H, T, P)
+    y = (decay * (Ch @ Bh.swapaxes(-1, -2))) @ xh  # (b, H, T, P)
+    y = y + mx.exp(S)[..., None] * (Ch @ h.swapaxes(-1, -2))  # the state before the chunk
+    to_end = mx.exp(S[..., -1:] - S)  # (b, H, T)
+    h = mx.exp(S[..., -1])[..., None, None] * h + (xh * to_end[..., None]).swapaxes(-1, -2) @ Bh  # (b, H, P, N)
+    return y.transpose(0, 2, 1, 3), h
 
 
 def init_mamba(block: nn.Module, d: int, args: SSMArgs, has) -> None:
