@@ -623,6 +623,9 @@ def normalizer_flags(conv: Converter, w: gguf.GGUFWriter) -> None:
 def special_vocab(conv: Converter, **kw: Any) -> gguf.SpecialVocab:
     """gguf-py's reading of special ids, add_bos/add_eos, merges and the chat template;
     generation_config.json's EOS id where nothing else names one."""
+    # only the kinds this gguf-py can write (it has no key for e.g. a CLS id)
+    kw.setdefault("special_token_types", [t for t in ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
+                                          if hasattr(gguf.GGUFWriter, f"add_{t}_token_id")])
     sv = gguf.SpecialVocab(conv.dir, **kw)
     gen_path = conv.dir / "generation_config.json"
     if "eos" not in sv.special_token_ids and gen_path.is_file():
