@@ -131,14 +131,19 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
             if n > size - 8:
                 raise ValueError(f"header length {n} runs past the end of the file ({size} bytes)")
             header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+            if not isinstance(header, dict):
+                raise TypeError("its header is not a JSON object")
+    except (OSError, ValueError, TypeError, UnicodeDecodeError) as e:
         raise ConvertError(f"{path.name}: not a readable safetensors file ({e})") from None
     base = 8 + n
     tensors: dict[str, Tensor] = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        try:
+            dtype_name, shape, (begin, end) = info["dtype"], tuple(int(n) for n in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ConvertError(f"{path.name}: tensor {name} has a malformed header entry (corrupt shard)") from None
         if dtype_name not in _ST_DTYPES:
             raise ConvertError(f"{path.name}: tensor {name} has dtype {dtype_name}, which the converter does not read")
         raw = np.dtype(_ST_DTYPES[dtype_name])
@@ -193,8 +198,9 @@ class Converter:
     """The conversion of one architecture: the generic parts here, what differs in a
     subclass registered as the `Arch.convert` of the runtime it feeds.
 
-    The driver calls, in order: `tensors(name, t, bid)` for each checkpoint tensor (after
-    `skip`), then `extra_tensors()`, `finish()`, `hparams(writer)` and `vocab(writer)`.
+    The driver calls, in order: `extra_tensors()`, `tensors(name, t, bid)` for each
+    checkpoint tensor that `skip` keeps (bid: its layer number), `finish()`, then
+    `hparams(writer)` and `vocab(writer)`. Tensors are `Tensor`s: transforms stay lazy.
     """
 
     # the Hugging Face classes this hook converts, where it serves only some of its

@@ -71,6 +71,8 @@ def llama3_rope_factors(rope: dict, head_dim: int, default_factor: float = 8.0) 
 class Llama(Converter):
     """Llama, Mistral-style, SmolLM2 and Mixtral (experts stacked per layer)."""
 
+    permute_qk = True  # HF's rotate-half rows back to adjacent pairs (NORM RoPE)
+
     def head_dim(self) -> int:
         return self.config.get("head_dim") or self.config["hidden_size"] // self.config["num_attention_heads"]
 
@@ -91,9 +93,9 @@ class Llama(Converter):
 
     def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
         n_head = self.find("n_heads", "num_attention_heads")
-        if name.endswith(("q_proj.weight", "q_proj.bias")):
+        if self.permute_qk and name.endswith(("q_proj.weight", "q_proj.bias")):
             t = rope_pairs_adjacent(t, n_head)
-        elif name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif self.permute_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
             t = rope_pairs_adjacent(t, self.find("n_kv_heads", "num_key_value_heads", default=n_head))
         if "block_sparse_moe.experts." in name:
             return self.stack_experts(name, t, bid, self.config["num_local_experts"], *MIXTRAL_EXPERTS)
@@ -725,3 +727,29 @@ class Mistral3(Llama):
                 raise ConvertError("Ministral 3 expects yarn rope_parameters")
             w.add_rope_scaling_yarn_log_mul(self.rope["mscale_all_dim"])
             w.add_attn_temperature_scale(self.rope["llama_4_scaling_beta"])
+
+
+class Apertus(Llama):
+    """Apertus: NEOX RoPE (rows kept as they are), xIELU's per-layer scalars collected into
+    metadata arrays."""
+
+    permute_qk = False
+    XIELU = ("alpha_n", "alpha_p", "beta", "eps")  # written by GGUFWriter.add_xielu_<name>
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._xielu: dict[str, dict[int, float]] = {k: {} for k in self.XIELU}
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        for key in self.XIELU:
+            if name.endswith(f".act_fn.{key}"):
+                self._xielu[key][bid] = float(np.asarray(t.load(), dtype=np.float32).reshape(-1)[0])
+                return []
+        return super().tensors(name, t, bid)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        super().hparams(w)
+        for key in self.XIELU:
+            values = self._xielu[key]
+            if len(values) == self.n_layers:
+                getattr(w, f"add_xielu_{key}")([values[i] for i in sorted(values)])

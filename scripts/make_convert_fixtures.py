@@ -88,6 +88,7 @@ FIXTURES: dict[str, tuple] = {
     "falcon": ("falcon", "bfloat16", None),
     "falcon-40b": ("falcon-40b", "bfloat16", None),
     "mistral3": ("mistral3", "bfloat16", None),
+    "apertus": ("apertus", "bfloat16", None),
 }
 
 

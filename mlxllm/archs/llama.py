@@ -116,7 +116,7 @@ ARCHS = (
     Arch(name="granitemoe", args=granite, model=Decoder,
          hf_architectures=("GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM"), convert=convert_hooks.GraniteMoe,
          description="IBM Granite 3 MoE (and its shared-expert variant)"),
-    Arch(name="apertus", args=apertus, model=Decoder, hf_architectures=("ApertusForCausalLM",),
+    Arch(name="apertus", args=apertus, model=Decoder, hf_architectures=("ApertusForCausalLM",), convert=convert_hooks.Apertus,
          description="Apertus: q/k norms and an xIELU FFN"),
     Arch(name="ernie4_5", args=ernie4_5, model=Decoder, hf_architectures=("Ernie4_5ForCausalLM",), convert=convert_hooks.Ernie4_5,
          description="Baidu ERNIE 4.5 dense"),
