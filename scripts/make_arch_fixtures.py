@@ -1254,6 +1254,12 @@ arch("nemotron_h", cfg="NemotronHConfig", model="NemotronHForCausalLM",
      notes="Nemotron-H (dense): one mixer per layer, no second branch: Mamba-2 (8 heads x 16, 2 "
            "groups, gated grouped RMSNorm), GQA attention without RoPE, or a plain ReLU^2 FFN "
            "(mamba, attn, mamba, mlp)")
+arch("jamba", cfg="JambaConfig", model="JambaForCausalLM", moe="softmax", tok="spm",
+     kw=_base(num_hidden_layers=4, rms_norm_eps=1e-6, num_experts=N_EXPERTS, num_experts_per_tok=TOP_K,
+              expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1,
+              mamba_d_state=SSM_STATE, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8, use_mamba_kernels=False),
+     notes="Jamba: Mamba-1 layers (dt, B, C RMS-normed with weights) and attention without RoPE "
+           "(mamba, attn, mamba, attn), experts (4, top-2 softmax, not renormalized) on odd layers")
 # --- end recurrent state ----------------------------------------------------------------------
 
 

@@ -11,6 +11,9 @@ Granite 4.0 hybrids and Bamba (src/models/granite-hybrid.cpp): Mamba-2 layers an
 (NORM RoPE only where rope.scaling.finetuned says so, Bamba), Granite's embedding, residual,
 attention and logit multipliers, a dense SwiGLU FFN or softmax top-k experts plus a shared one.
 
+Jamba (src/models/jamba.cpp): Mamba-1 layers and attention without RoPE, each followed by a
+SwiGLU FFN or softmax top-k experts.
+
 Nemotron-H (src/models/nemotron-h.cpp): one branch per layer, x + mixer(norm(x)), the mixer
 Mamba-2, attention without RoPE, or a plain ReLU² FFN.
 
@@ -114,6 +117,13 @@ def nemotron_h(gf: GGUFFile) -> HybridArgs:
     return dataclasses.replace(args, ssm=SSMArgs.from_metadata(m, 2, eps))
 
 
+def jamba(gf: GGUFFile) -> HybridArgs:
+    """Mamba-1 layers (dt, B and C RMS-normed with weights) and attention without RoPE, each
+    followed by a SwiGLU FFN or softmax top-k experts (not renormalized)."""
+    args = hybrid_args(gf, "mamba", rope=None, moe={"gating": "softmax", "normalize": False})
+    return dataclasses.replace(args, ssm=SSMArgs.from_metadata(gf.metadata, 1, args.norm_eps))
+
+
 ARCHS = (
     Arch(name="lfm2", args=lfm2, model=Lfm2, hf_architectures=("Lfm2ForCausalLM", "LFM2ForCausalLM"),
          description="Liquid LFM2 / LFM2.5 (short convolutions + attention)"),
@@ -126,4 +136,6 @@ ARCHS = (
          description="TII Falcon-H1 (attention and Mamba-2 side by side in every layer)"),
     Arch(name="nemotron_h", args=nemotron_h, model=HybridDecoder, hf_architectures=("NemotronHForCausalLM",),
          description="NVIDIA Nemotron-H (Mamba-2, attention and ReLU² FFN layers)"),
+    Arch(name="jamba", args=jamba, model=HybridDecoder, hf_architectures=("JambaForCausalLM",),
+         description="AI21 Jamba (Mamba-1 + attention, MoE every other layer)"),
 )

@@ -8,7 +8,8 @@ ssm_x, ssm_dt, ssm_a, ssm_d, ssm_norm, ssm_out), so `init_mamba` sets them on th
 between forward passes is a `mlxllm.cache.RecurrentCache`: the last d_conv - 1 inputs of the
 causal convolution and the scan's state.
 
-    Mamba 1   in -> x, z; x -> conv -> silu -> x_proj -> dt (rank r), B, C (one group);
+    Mamba 1   in -> x, z; x -> conv -> silu -> x_proj -> dt (rank r), B, C (one group), RMS-normed
+              in Falcon-Mamba (no weights) and Jamba (weights);
               dt -> dt_proj; per channel and state: h = h * exp(softplus(dt) * A) + softplus(dt) * x * B,
               y = h . C + D * x; out = ssm_out(y * silu(z))
     Mamba 2   in -> z, xBC, dt; xBC -> conv -> silu -> x (heads x head_dim), B, C (n_groups);
@@ -152,6 +153,9 @@ def init_mamba(block: nn.Module, d: int, args: SSMArgs, has) -> None:
         block.ssm_x = nn.Linear(a.d_inner, a.dt_rank + 2 * a.d_state, bias=False)
         block.ssm_dt = nn.Linear(a.dt_rank, a.d_inner, bias=True)
         block.ssm_a = mx.zeros((a.d_inner, a.d_state))
+        for leaf, width in (("ssm_dt_norm", a.dt_rank), ("ssm_b_norm", a.d_state), ("ssm_c_norm", a.d_state)):
+            if has(f"{leaf}.weight"):  # Jamba: RMSNorms with weights on dt, B and C
+                setattr(block, leaf, {"weight": mx.ones((width,))})
     else:  # z, xBC, dt in one projection
         block.ssm_in = nn.Linear(d, 2 * a.d_inner + 2 * a.n_groups * a.d_state + a.n_heads, bias=has("ssm_in.bias"))
         block.ssm_dt = {"bias": mx.zeros((a.n_heads,))}
@@ -185,7 +189,10 @@ def mamba(block: nn.Module, x: mx.array, cache, args: SSMArgs) -> mx.array:
         x, z = mx.split(block.ssm_in(x), [a.d_inner], axis=-1)
         x = _conv(block, x, cache)
         dt, B, C = mx.split(block.ssm_x(x), [a.dt_rank, a.dt_rank + a.d_state], axis=-1)
-        if a.dt_b_c_rms:
+        if "ssm_dt_norm" in block:
+            dt, B, C = (unit_rms_norm(t, a.norm_eps) * block[leaf]["weight"]
+                        for t, leaf in ((dt, "ssm_dt_norm"), (B, "ssm_b_norm"), (C, "ssm_c_norm")))
+        elif a.dt_b_c_rms:
             dt, B, C = (unit_rms_norm(t, a.norm_eps) for t in (dt, B, C))
         dt = block.ssm_dt(dt)  # (B, L, d_inner): one head per channel
         # (B, L, d_inner) -> (B, L, H = d_inner, P = 1); B, C (B, L, 1 group, N)
