@@ -753,3 +753,19 @@ class Apertus(Llama):
             values = self._xielu[key]
             if len(values) == self.n_layers:
                 getattr(w, f"add_xielu_{key}")([values[i] for i in sorted(values)])
+
+
+class PhiMoe(Phi3):
+    """Phi-3.5-MoE: Phi-3's conversion with Mixtral-style experts stacked per layer."""
+
+    EXPERTS = (MIXTRAL_EXPERTS[0], "model.layers.{bid}.block_sparse_moe.experts.{w}.weight")
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        super().hparams(w)
+        w.add_expert_used_count(self.find("num_experts_per_tok", "num_experts_per_token"))
+        w.add_expert_count(self.find("num_local_experts", "num_experts"))
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        if "block_sparse_moe.experts." in name:
+            return self.stack_experts(name, t, bid, self.find("num_local_experts", "num_experts"), *self.EXPERTS)
+        return super().tensors(name, t, bid)

@@ -89,6 +89,7 @@ FIXTURES: dict[str, tuple] = {
     "falcon-40b": ("falcon-40b", "bfloat16", None),
     "mistral3": ("mistral3", "bfloat16", None),
     "apertus": ("apertus", "bfloat16", None),
+    "phimoe": ("phimoe", "bfloat16", None),
 }
 
 
@@ -124,6 +125,7 @@ def _convert_main(hf_dir: str, out: str, outtype: str) -> None:
         return config
 
     base.ModelBase.load_hparams = staticmethod(load_hparams)
+    F._patch_stablelm_qk_norm()  # llama.cpp's converter drops StableLM 2 12B's q/k norms otherwise
     import convert_hf_to_gguf
 
     sys.argv = ["convert_hf_to_gguf.py", hf_dir, "--outfile", out, "--outtype", outtype]

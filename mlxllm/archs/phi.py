@@ -32,6 +32,6 @@ ARCHS = (
          convert=convert_hooks.Phi2),
     Arch(name="phi3", args=phi3, model=Decoder, hf_architectures=("Phi3ForCausalLM",), convert=convert_hooks.Phi3,
          description="Phi-3 / Phi-4 mini, LongRoPE"),
-    Arch(name="phimoe", args=phimoe, model=Decoder, hf_architectures=("PhiMoEForCausalLM",),
+    Arch(name="phimoe", args=phimoe, model=Decoder, hf_architectures=("PhiMoEForCausalLM",), convert=convert_hooks.PhiMoe,
          description="Phi-3.5 MoE"),
 )
