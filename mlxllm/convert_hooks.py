@@ -769,3 +769,39 @@ class PhiMoe(Phi3):
         if "block_sparse_moe.experts." in name:
             return self.stack_experts(name, t, bid, self.find("num_local_experts", "num_experts"), *self.EXPERTS)
         return super().tensors(name, t, bid)
+
+
+class Dbrx(Converter):
+    """DBRX: experts stored flat ([n_expert * n_ff, n_embd], no .weight suffix) viewed as
+    3-D, w2 transposed per expert; llama.cpp quantizes every DBRX matrix, the router too."""
+
+    EXPERTS = (("ffn.experts.mlp.w1", False), ("ffn.experts.mlp.w2", True), ("ffn.experts.mlp.v1", False))
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        c, ffn, attn = self.config, self.config["ffn_config"], self.config["attn_config"]
+        w.add_block_count(self.n_layers)
+        w.add_context_length(c["max_seq_len"])
+        w.add_embedding_length(c["d_model"])
+        w.add_feed_forward_length(ffn["ffn_hidden_size"])
+        w.add_head_count(c["n_heads"])
+        w.add_head_count_kv(attn["kv_n_heads"])
+        w.add_rope_freq_base(attn["rope_theta"])
+        w.add_clamp_kqv(attn["clip_qkv"])
+        w.add_expert_count(ffn["moe_num_experts"])
+        w.add_expert_used_count(ffn["moe_top_k"])
+        w.add_layer_norm_eps(1e-5)
+
+    def keep_f32(self, name: str, bid: int | None) -> bool:
+        return False
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        ffn = self.config["ffn_config"]
+        n_expert, n_ff, n_embd = ffn["moe_num_experts"], ffn["ffn_hidden_size"], self.config["d_model"]
+        for key, transpose in self.EXPERTS:
+            if key in name and ".weight" not in name:
+                t = t.map(lambda a: a.reshape(n_expert, n_ff, n_embd), shape=(n_expert, n_ff, n_embd))
+                if transpose:
+                    t = t.map(lambda a: np.ascontiguousarray(a.transpose(0, 2, 1)), shape=(n_expert, n_embd, n_ff))
+                name += ".weight"
+                break
+        return super().tensors(name, t, bid)

@@ -90,6 +90,7 @@ FIXTURES: dict[str, tuple] = {
     "mistral3": ("mistral3", "bfloat16", None),
     "apertus": ("apertus", "bfloat16", None),
     "phimoe": ("phimoe", "bfloat16", None),
+    "dbrx": ("dbrx", "bfloat16", None),
 }
 
 

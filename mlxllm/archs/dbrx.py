@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from gguf import Keys
 
+from .. import convert_hooks
 from ..gguf import GGUFFile
 from ..nn import Decoder, DecoderArgs
 from ..registry import Arch
@@ -20,4 +21,5 @@ def dbrx(gf: GGUFFile) -> DecoderArgs:
 
 
 ARCH = Arch(name="dbrx", args=dbrx, model=Decoder, hf_architectures=("DbrxForCausalLM",),
-            description="Databricks DBRX (16x12B): clamped fused qkv, 16 experts top-4")
+            description="Databricks DBRX (16x12B): clamped fused qkv, 16 experts top-4",
+            convert=convert_hooks.Dbrx)
