@@ -1260,6 +1260,34 @@ arch("jamba", cfg="JambaConfig", model="JambaForCausalLM", moe="softmax", tok="s
               mamba_d_state=SSM_STATE, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8, use_mamba_kernels=False),
      notes="Jamba: Mamba-1 layers (dt, B, C RMS-normed with weights) and attention without RoPE "
            "(mamba, attn, mamba, attn), experts (4, top-2 softmax, not renormalized) on odd layers")
+
+
+def _nemotron_h_moe_tweak(model, seed: int) -> None:
+    """Experts drawn as `redraw(moe=True)` would (fan_in = an expert's input width), the
+    router scaled, a random selection bias (HF keeps e_score_correction_bias as a zero buffer)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".experts." in name and p.ndim == 3:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+            elif name.endswith(".mixer.gate.weight"):
+                p.mul_(ROUTER_SCALE)
+        for name, b in model.named_buffers():
+            if name.endswith(".e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+
+
+arch("nemotron_h_moe", cfg="NemotronHConfig", model="NemotronHForCausalLM", tweak=_nemotron_h_moe_tweak,
+     kw=_base(layers_block_type=["mamba", "attention", "mamba", "moe"], layer_norm_epsilon=1e-5,
+              mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=SSM_STATE, n_groups=2, conv_kernel=4,
+              expand=2, mlp_hidden_act="relu2", n_routed_experts=N_EXPERTS, num_experts_per_tok=TOP_K,
+              moe_intermediate_size=96, moe_shared_expert_intermediate_size=MOE_INTER, n_shared_experts=1,
+              norm_topk_prob=True, routed_scaling_factor=2.5, n_group=1, topk_group=1),
+     notes="Nemotron-H MoE (Nemotron 3 style): Mamba-2, attention without RoPE, and a layer of 4 ReLU^2 "
+           "experts (top-2 by sigmoid + selection bias, renormalized, scaled 2.5) plus an ungated "
+           "shared expert (mamba, attn, mamba, moe)")
 # --- end recurrent state ----------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ from mlxllm.generate import BatchGenerator, GenerationRequest, generate_step
 from mlxllm.loader import load_model
 from mlxllm.sample import SamplingParams
 
-RECURRENT = ["mamba", "falcon-mamba", "mamba2", "lfm2", "lfm2moe", "granitehybrid", "falcon-h1", "nemotron_h", "jamba"]
+RECURRENT = ["mamba", "falcon-mamba", "mamba2", "lfm2", "lfm2moe", "granitehybrid", "falcon-h1", "nemotron_h", "jamba", "nemotron_h_moe"]
 PROMPT, CONTINUATION = 100, 1000
 TOLERANCE = 5e-3  # max |Δlogit| / std, as tests/test_archs.py's F32 check
 GREEDY = SamplingParams(temperature=0.0, repeat_penalty=1.0)

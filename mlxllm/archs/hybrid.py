@@ -14,8 +14,9 @@ attention and logit multipliers, a dense SwiGLU FFN or softmax top-k experts plu
 Jamba (src/models/jamba.cpp): Mamba-1 layers and attention without RoPE, each followed by a
 SwiGLU FFN or softmax top-k experts.
 
-Nemotron-H (src/models/nemotron-h.cpp): one branch per layer, x + mixer(norm(x)), the mixer
-Mamba-2, attention without RoPE, or a plain ReLU² FFN.
+Nemotron-H (src/models/nemotron-h.cpp; nemotron_h_moe runs the same graph): one branch per
+layer, x + mixer(norm(x)), the mixer Mamba-2, attention without RoPE, a plain ReLU² FFN, or
+ReLU² experts (sigmoid routing with a selection bias) plus an ungated shared expert.
 
 Falcon-H1 (src/models/falcon-h1.cpp): every layer runs NEOX-RoPE attention and a Mamba-2 mixer
 on the same normed input and adds them, then a SwiGLU FFN; the converter bakes the muP
@@ -35,7 +36,7 @@ from ..nn import DecoderArgs
 from ..nn.hybrid import HybridArgs, HybridDecoder
 from ..nn.ssm import SSMArgs
 from ..registry import Arch
-from .base import decoder_args, is_array, require
+from .base import decoder_args, is_array, require, routing_from_file
 
 
 def hybrid_args(gf: GGUFFile, recurrent: str, mixers: tuple[str, ...] | None = None, **decoder_kw) -> HybridArgs:
@@ -109,11 +110,14 @@ def nemotron_h(gf: GGUFFile) -> HybridArgs:
     n_kv, n_ff = require(gf, Keys.Attention.HEAD_COUNT_KV), require(gf, Keys.LLM.FEED_FORWARD_LENGTH)
     if not (is_array(n_kv) and is_array(n_ff) and len(n_kv) == len(n_ff)):
         raise ValueError("attention.head_count_kv and feed_forward_length must list the layers")
-    if m.get(Keys.LLM.EXPERT_COUNT, 0):
-        raise ValueError("Nemotron-H with experts is the nemotron_h_moe architecture")
+    if m.get(Keys.LLM.NEXTN_PREDICT_LAYERS, 0):
+        raise ValueError("Nemotron-H files with multi-token-prediction layers are not supported")
     mixers = tuple("attention" if kv else "ffn" if ff else "mamba" for kv, ff in zip(n_kv, n_ff))
     eps = m.get(Keys.Attention.LAYERNORM_RMS_EPS, m.get(Keys.Attention.LAYERNORM_EPS, 1e-5))
-    args = hybrid_args(gf, "mamba", mixers, rope=None, activation="relu2", gated=False, norm_eps=eps)
+    # nemotron_h_moe: sigmoid scores plus a selection bias, normalization and scale as the file
+    # says, ReLU² experts and shared expert without gates
+    moe = routing_from_file(gf, "sigmoid") | {"gating": "sigmoid", "activation": "relu2"}
+    args = hybrid_args(gf, "mamba", mixers, rope=None, activation="relu2", gated=False, norm_eps=eps, moe=moe)
     return dataclasses.replace(args, ssm=SSMArgs.from_metadata(m, 2, eps))
 
 
@@ -138,4 +142,6 @@ ARCHS = (
          description="NVIDIA Nemotron-H (Mamba-2, attention and ReLU² FFN layers)"),
     Arch(name="jamba", args=jamba, model=HybridDecoder, hf_architectures=("JambaForCausalLM",),
          description="AI21 Jamba (Mamba-1 + attention, MoE every other layer)"),
+    Arch(name="nemotron_h_moe", args=nemotron_h, model=HybridDecoder, hf_architectures=("NemotronHForCausalLM",),
+         description="NVIDIA Nemotron 3 Nano / Super (Mamba-2, attention and ReLU² expert layers)"),
 )

@@ -17,6 +17,8 @@ import mlx.core as mx
 from .. import kernels
 from ..cache import KVCache, KVRecurrentCache, RecurrentCache, RotatingKVCache
 from .decoder import Block, Decoder, DecoderArgs
+from .ffn import activate
+from .moe import route
 from .shortconv import ShortConv
 from .ssm import SSMArgs, init_mamba, mamba
 
@@ -58,6 +60,35 @@ class HybridBlock(Block):
         # Nemotron-H's mixer layers have no FFN: the layer is its one residual branch
         if self._has("ffn_down.weight"):
             super()._init_ffn(args, i)
+
+    def _init_experts(self, args: HybridArgs, i: int) -> None:
+        super()._init_experts(args, i)
+        if "ffn_gate_shexp" in self and not self._has("ffn_gate_shexp.weight"):
+            self.pop("ffn_gate_shexp")  # Nemotron-H's shared expert is ungated: up, activation, down
+        if self._has("ffn_latent_down.weight"):
+            raise ValueError("experts on a latent projection (moe_latent_size) are not supported")
+
+    def mixture(self, x: mx.array) -> mx.array:
+        """Gated experts as `Block` runs them; Nemotron-H's (no gate tensors) as llama.cpp's
+        build_ffn_layer: activation(up) -> down for the chosen experts, weighted and added in
+        order, plus the ungated shared expert."""
+        if "ffn_gate_exps" in self or "ffn_gate_shexp" in self:
+            return super().mixture(x)
+        moe = self.moe
+        B, L, D = x.shape
+        flat = x.reshape(-1, D)  # (N, D)
+        bias = self["exp_probs_b"]["bias"].reshape(-1) if "exp_probs_b" in self else None
+        chosen, weights = route(self.ffn_gate_inp(flat), moe, bias)  # (N, k)
+        h = activate(self.ffn_up_exps(flat, chosen), moe.activation)  # (N, k, ff)
+        y = self.ffn_down_exps(h.reshape(-1, h.shape[-1]), chosen.reshape(-1, 1)).reshape(-1, moe.n_used, D)
+        y = y * weights[..., None].astype(y.dtype)
+        out = y[:, 0]
+        for j in range(1, moe.n_used):  # llama.cpp's order of addition
+            out = out + y[:, j]
+        out = out.reshape(B, L, D)
+        if "ffn_up_shexp" in self:
+            out = out + self.ffn_down_shexp(activate(self.ffn_up_shexp(x), moe.activation))
+        return out
 
     @property
     def single_branch(self) -> bool:
