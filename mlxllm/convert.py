@@ -199,7 +199,7 @@ class Converter:
     subclass registered as the `Arch.convert` of the runtime it feeds.
 
     The driver calls, in order: `extra_tensors()`, `tensors(name, t, bid)` for each
-    checkpoint tensor that `skip` keeps (bid: its layer number), `finish()`, then
+    checkpoint tensor (after `rename`) that `skip` keeps (bid: its layer number), `finish()`, then
     `hparams(writer)` and `vocab(writer)`. Tensors are `Tensor`s: transforms stay lazy.
     """
 
@@ -270,6 +270,11 @@ class Converter:
         return new
 
     # ---- hooks
+
+    def rename(self, name: str) -> str:
+        """A checkpoint name as TensorNameMap knows it: multimodal wrappers' language_model.
+        prefix dropped, DeepSeek-style e_score_correction_bias as a bias."""
+        return name.replace("language_model.", "").replace("e_score_correction_bias", "e_score_correction.bias")
 
     def skip(self, name: str) -> bool:
         return name.endswith(IGNORED_SUFFIXES)
@@ -685,6 +690,7 @@ def _plan(conv: Converter, tensors: dict[str, Tensor]) -> Iterator[tuple[str, Te
 
     yield from checked(conv.extra_tensors(), None)
     for name, t in tensors.items():
+        name = conv.rename(name)
         if conv.skip(name):
             continue
         bid = _block_id(name)

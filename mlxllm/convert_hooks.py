@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable
 
 import gguf
@@ -804,4 +805,72 @@ class Dbrx(Converter):
                     t = t.map(lambda a: np.ascontiguousarray(a.transpose(0, 2, 1)), shape=(n_expert, n_embd, n_ff))
                 name += ".weight"
                 break
+        return super().tensors(name, t, bid)
+
+
+class Ernie4_5Moe(Ernie4_5):
+    """ERNIE 4.5 MoE: leading dense layers, experts stacked per layer, shared experts; the
+    multi-token-prediction layers are not kept."""
+
+    MTP = re.compile(r"model\.(mtp_block|mtp_emb_norm|mtp_hidden_norm|mtp_linear_proj)\.\d+")
+
+    def skip(self, name: str) -> bool:
+        return bool(self.MTP.match(name)) or super().skip(name)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        super().hparams(w)
+        c = self.config
+        w.add_expert_count(c["moe_num_experts"])
+        w.add_expert_used_count(c["moe_k"])
+        w.add_interleave_moe_layer_step(c["moe_layer_interval"])
+        w.add_leading_dense_block_count(c["moe_layer_start_index"])
+        if (n_ff := c.get("moe_intermediate_size")) is not None:
+            w.add_expert_feed_forward_length(n_ff)
+        if (shared := c.get("moe_num_shared_experts")) is not None:
+            w.add_expert_shared_count(shared)
+            if shared > 0 and c.get("intermediate_size") is not None and c.get("num_key_value_heads") is not None:
+                # llama.cpp's reading of the shared experts' width
+                w.add_expert_shared_feed_forward_length(c["intermediate_size"] // c["num_key_value_heads"])
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        if "mlp.experts" in name:
+            return self.stack_experts(name, t, bid, self.config["moe_num_experts"], *QWEN_EXPERTS)
+        return Converter.tensors(self, name, t, bid)  # as llama.cpp: no fused-qkv split here
+
+
+class Llama4(Llama):
+    """Llama 4 text: q/k rows kept as stored (llama.cpp does not permute them), fused
+    experts stored [E, in, out] (gate_up split, both transposed), the dense and expert
+    widths swapped back. The multimodal checkpoint (with its vision tower) is not converted yet."""
+
+    permute_qk = False
+    hf_classes = ("Llama4ForCausalLM",)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # HF names the dense FFN width intermediate_size_mlp and the experts' intermediate_size
+        self.config["intermediate_size_moe"] = self.config["intermediate_size"]
+        self.config["intermediate_size"] = self.config["intermediate_size_mlp"]
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        bpe_vocab(self, w)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        super().hparams(w)
+        w.add_interleave_moe_layer_step(self.config["interleave_moe_layer_step"])
+        w.add_expert_feed_forward_length(self.config["intermediate_size_moe"])
+        if "layer_types" in self.config and all(t == "full_attention" for t in self.config["layer_types"]):
+            w.add_sliding_window(0)  # MobileLLM-style: no sliding window at all
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        def swap_last(x: Tensor) -> Tensor:
+            return x.map(lambda a: np.ascontiguousarray(np.swapaxes(a, -1, -2)), shape=(*x.shape[:-2], x.shape[-1], x.shape[-2]))
+
+        if "gate_up_proj" in name:
+            half = t.shape[-1] // 2
+            gate, up = swap_last(t).split([half, half], axis=-2)
+            return [*super().tensors(name.replace("gate_up_proj", "gate_proj.weight"), gate, bid),
+                    *super().tensors(name.replace("gate_up_proj", "up_proj.weight"), up, bid)]
+        if name.endswith("down_proj"):
+            return super().tensors(name + ".weight", swap_last(t), bid)
         return super().tensors(name, t, bid)

@@ -91,6 +91,8 @@ FIXTURES: dict[str, tuple] = {
     "apertus": ("apertus", "bfloat16", None),
     "phimoe": ("phimoe", "bfloat16", None),
     "dbrx": ("dbrx", "bfloat16", None),
+    "ernie4_5-moe": ("ernie4_5-moe", "bfloat16", None),
+    "llama4": ("llama4", "bfloat16", None),
 }
 
 

@@ -120,7 +120,7 @@ ARCHS = (
          description="Apertus: q/k norms and an xIELU FFN"),
     Arch(name="ernie4_5", args=ernie4_5, model=Decoder, hf_architectures=("Ernie4_5ForCausalLM",), convert=convert_hooks.Ernie4_5,
          description="Baidu ERNIE 4.5 dense"),
-    Arch(name="ernie4_5-moe", args=ernie4_5_moe, model=Decoder, hf_architectures=("Ernie4_5_MoeForCausalLM",),
+    Arch(name="ernie4_5-moe", args=ernie4_5_moe, model=Decoder, hf_architectures=("Ernie4_5_MoeForCausalLM",), convert=convert_hooks.Ernie4_5Moe,
          description="Baidu ERNIE 4.5 MoE (21B-A3B, 300B-A47B)"),
     Arch(name="bailingmoe", args=bailingmoe, model=Decoder, hf_architectures=("BailingMoeForCausalLM",),
          description="inclusionAI Ling (v1) MoE"),

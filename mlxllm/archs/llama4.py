@@ -17,6 +17,7 @@ import dataclasses
 
 from gguf import Keys
 
+from .. import convert_hooks
 from ..cache import KVCache
 from ..gguf import GGUFFile
 from ..nn import Decoder, DecoderArgs
@@ -72,4 +73,5 @@ class Llama4Decoder(Decoder):
 
 ARCH = Arch(name="llama4", args=llama4, model=Llama4Decoder,
             hf_architectures=("Llama4ForConditionalGeneration", "Llama4ForCausalLM"),
-            description="Meta Llama 4 Scout / Maverick (text): chunked attention, interleaved MoE")
+            description="Meta Llama 4 Scout / Maverick (text): chunked attention, interleaved MoE",
+            convert=convert_hooks.Llama4)
