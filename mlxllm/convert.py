@@ -119,7 +119,7 @@ def _widen_bf16(a: np.ndarray) -> np.ndarray:
 
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:
-    """The tensors of one safetensors file, lazily, in the header's order; raises
+    """The tensors of one safetensors file, lazily, by name; raises
     ConvertError naming the file when the header or an offset is broken."""
     try:
         size = path.stat().st_size
@@ -137,7 +137,7 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
         raise ConvertError(f"{path.name}: not a readable safetensors file ({e})") from None
     base = 8 + n
     tensors: dict[str, Tensor] = {}
-    for name, info in header.items():
+    for name, info in sorted(header.items()):  # by name, as safetensors lists them
         if name == "__metadata__":
             continue
         try:

@@ -874,3 +874,47 @@ class Llama4(Llama):
         if name.endswith("down_proj"):
             return super().tensors(name + ".weight", swap_last(t), bid)
         return super().tensors(name, t, bid)
+
+
+class Mamba(Converter):
+    """Mamba 1 (and Falcon-Mamba): A stored as -exp(A_log), conv1d weights squeezed to
+    [d_inner, kernel], an output head equal to the embeddings left out."""
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        pad = self.config.get("pad_vocab_size_multiple", 8)
+        self.config["vocab_size"] = -(self.config["vocab_size"] // -pad) * pad  # rounded up, as llama.cpp
+        super().vocab(w)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        d_model = self.find("hidden_size", "d_model")
+        d_inner = self.find("intermediate_size", "d_inner", default=None) or 2 * d_model
+        if d_inner != 2 * d_model:
+            raise ConvertError(f"Mamba with d_inner {d_inner} != 2 * d_model is not supported (as llama.cpp)")
+        w.add_context_length(2**20)  # Mamba has no position limit; llama.cpp's placeholder
+        w.add_embedding_length(d_model)
+        w.add_feed_forward_length(0)
+        w.add_head_count(0)
+        w.add_block_count(self.n_layers)
+        w.add_ssm_conv_kernel(self.find("conv_kernel", "d_conv", default=None) or 4)
+        w.add_ssm_inner_size(d_inner)
+        w.add_ssm_state_size(self.find("state_size", "d_state", default=None) or 16)
+        w.add_ssm_time_step_rank(self.find("time_step_rank", "dt_rank", default=None) or -(d_model // -16))
+        w.add_layer_norm_rms_eps(self.find("layer_norm_epsilon", "rms_norm_eps", default=None) or 1e-5)
+        w.add_ssm_dt_b_c_rms(self.config.get("model_type") == "falcon_mamba")
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        new_name = self.map_name(name)
+        if name.endswith(".A_log"):
+            t = t.map(lambda a: -np.exp(a))
+        if self.is_tensor(new_name, MODEL_TENSOR.SSM_CONV1D, bid):
+            squeezed = tuple(n for n in t.shape if n != 1)
+            t = t.map(lambda a: a.reshape(squeezed), shape=squeezed)
+        if new_name == self.tensor_name(MODEL_TENSOR.OUTPUT):
+            embd = self._embeddings
+            if embd is not None and embd.shape == t.shape and np.array_equal(embd.load(), t.load()):
+                return []  # tied: the runtime reuses token_embd
+        elif new_name == self.tensor_name(MODEL_TENSOR.TOKEN_EMBD):
+            self._embeddings = t
+        return [(new_name, t)]
+
+    _embeddings: Tensor | None = None

@@ -93,6 +93,8 @@ FIXTURES: dict[str, tuple] = {
     "dbrx": ("dbrx", "bfloat16", None),
     "ernie4_5-moe": ("ernie4_5-moe", "bfloat16", None),
     "llama4": ("llama4", "bfloat16", None),
+    "mamba": ("mamba", "bfloat16", None),
+    "falcon-mamba": ("falcon-mamba", "bfloat16", None),
 }
 
 

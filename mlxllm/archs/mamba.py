@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from gguf import Keys
 
+from .. import convert_hooks
 from ..cache import RecurrentCache
 from ..gguf import GGUFFile
 from ..nn import RMSNorm
@@ -86,7 +87,8 @@ class Mamba(nn.Module):
 ARCHS = (
     Arch(name="mamba", args=MambaArgs, model=Mamba,
          hf_architectures=("MambaForCausalLM", "MambaLMHeadModel", "FalconMambaForCausalLM"),
-         description="Mamba 1 and Falcon-Mamba (selective state space, no attention)"),
+         description="Mamba 1 and Falcon-Mamba (selective state space, no attention)",
+         convert=convert_hooks.Mamba),
     Arch(name="mamba2", args=MambaArgs, model=Mamba, hf_architectures=("Mamba2ForCausalLM",),
          description="Mamba 2 (scalar decay per head, grouped B/C, gated RMSNorm)"),
 )
