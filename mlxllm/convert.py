@@ -261,7 +261,8 @@ class Converter:
         pattern = gguf.TENSOR_NAMES[key]
         if ("{bid}" in pattern) != (bid is not None):
             return False
-        return name.rsplit(".", 1)[0] == pattern.format(bid=bid)
+        pattern = pattern.format(bid=bid)
+        return name == pattern or name.rsplit(".", 1)[0] == pattern  # with or without .weight/.bias
 
     def map_name(self, name: str) -> str:
         new = self.tensor_map.get_name(key=name, try_suffixes=(".weight", ".bias"))

@@ -918,3 +918,59 @@ class Mamba(Converter):
         return [(new_name, t)]
 
     _embeddings: Tensor | None = None
+
+
+class Mamba2(Converter):
+    """Mamba-2: A = -exp(A_log) and D as [n_head, 1], conv1d squeezed, the gated norm as
+    [n_group, d_inner / n_group]; vocabulary rounded up to 16."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.d_model = self.find("hidden_size", "d_model", "dim")
+        expand = self.find("mamba_expand", "expand", default=None) or 2
+        self.d_inner = self.find("mamba_d_ssm", "intermediate_size", "d_inner", default=None) or expand * self.d_model
+        self.n_group = self.find("n_groups", default=None) or 1
+        if self.d_inner != expand * self.d_model:
+            raise ConvertError(f"Mamba-2 with d_inner {self.d_inner} != expand * d_model is not supported (as llama.cpp)")
+
+    def rename(self, name: str) -> str:
+        if name.startswith(("model.backbone", "model.lm_head")):  # Mamba-Codestral's names
+            name = name.removeprefix("model.")
+        if name.endswith(".dt_bias"):
+            name = name.removesuffix(".dt_bias") + ".dt_proj.bias"
+        return super().rename(name)
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        pad = self.config.get("pad_vocab_size_multiple", 16)
+        self.config["vocab_size"] = -(self.config["vocab_size"] // -pad) * pad
+        super().vocab(w)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        head_dim = self.find("mamba_d_head", "head_dim", default=None) or 64
+        if self.d_inner % head_dim:
+            raise ConvertError(f"Mamba-2 d_inner {self.d_inner} is not a multiple of its head size {head_dim}")
+        w.add_context_length(2**20)
+        w.add_embedding_length(self.d_model)
+        w.add_feed_forward_length(0)
+        w.add_head_count(0)
+        w.add_block_count(self.n_layers)
+        w.add_ssm_conv_kernel(self.find("conv_kernel", "d_conv", default=None) or 4)
+        w.add_ssm_inner_size(self.d_inner)
+        w.add_ssm_state_size(self.find("state_size", "d_state", default=None) or 128)
+        w.add_ssm_time_step_rank(self.d_inner // head_dim)
+        w.add_ssm_group_count(self.n_group)
+        w.add_layer_norm_rms_eps(self.find("layer_norm_epsilon", "rms_norm_eps", default=None) or 1e-5)
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        new_name = self.map_name(name)
+        if self.is_tensor(new_name, MODEL_TENSOR.SSM_CONV1D, bid):
+            squeezed = tuple(n for n in t.shape if n != 1)
+            t = t.map(lambda a: a.reshape(squeezed), shape=squeezed)
+        elif new_name in (self.tensor_name(MODEL_TENSOR.SSM_A, bid, ""), self.tensor_name(MODEL_TENSOR.SSM_D, bid, "")):
+            t = t.map(lambda a: a.reshape(*a.shape, 1), shape=(*t.shape, 1))
+        elif self.is_tensor(new_name, MODEL_TENSOR.SSM_NORM, bid):
+            shape = (self.n_group, self.d_inner // self.n_group)
+            t = t.map(lambda a: a.reshape(shape), shape=shape)
+        if name.endswith(".A_log"):
+            t = t.map(lambda a: -np.exp(a))
+        return [(new_name, t)]

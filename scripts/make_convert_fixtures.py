@@ -82,8 +82,10 @@ FIXTURES: dict[str, tuple] = {
     "gptneox": ("gptneox", "bfloat16", None),
     "phi2": ("phi2", "bfloat16", None),
     "nemotron": ("nemotron", "bfloat16", None),
-    "phi3": ("phi3", "bfloat16", None),
-    "phi3-longrope": ("phi3-longrope", "bfloat16", None),
+    # the folder name becomes general.name, and llama.cpp special-cases names containing "phi3"
+    # (it looks up Phi-3's own tokens, which the tiny vocabulary lacks)
+    "phi-mini": ("phi3", "bfloat16", None),
+    "phi-mini-longrope": ("phi3-longrope", "bfloat16", None),
     "bloom": ("bloom", "bfloat16", None),
     "falcon": ("falcon", "bfloat16", None),
     "falcon-40b": ("falcon-40b", "bfloat16", None),
@@ -95,6 +97,7 @@ FIXTURES: dict[str, tuple] = {
     "llama4": ("llama4", "bfloat16", None),
     "mamba": ("mamba", "bfloat16", None),
     "falcon-mamba": ("falcon-mamba", "bfloat16", None),
+    "mamba2": ("mamba2", "bfloat16", None),
 }
 
 

@@ -90,5 +90,6 @@ ARCHS = (
          description="Mamba 1 and Falcon-Mamba (selective state space, no attention)",
          convert=convert_hooks.Mamba),
     Arch(name="mamba2", args=MambaArgs, model=Mamba, hf_architectures=("Mamba2ForCausalLM",),
-         description="Mamba 2 (scalar decay per head, grouped B/C, gated RMSNorm)"),
+         description="Mamba 2 (scalar decay per head, grouped B/C, gated RMSNorm)",
+         convert=convert_hooks.Mamba2),
 )
