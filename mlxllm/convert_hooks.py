@@ -974,3 +974,4 @@ class Mamba2(Converter):
         if name.endswith(".A_log"):
             t = t.map(lambda a: -np.exp(a))
         return [(new_name, t)]
+
