@@ -46,9 +46,18 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name in sorted(set(MANIFEST) - set(encoders)):
         entry = MANIFEST[name]
-        f32, q8 = compare(name, "f32"), compare(name, "q8_0")
-        print(f"| {name} | `{entry['gguf_arch']}` | {entry['hf_class']} | {f32[0]:.1e} | {f32[1]:.0%} | "
-              f"{q8[0]:.2f} | {q8[1]:.0%} |", flush=True)
+        kept = entry.get("files_kept", ("f32", "q8_0"))  # a fixture may commit only some of its files
+        cells = []
+        for kind in ("f32", "q8_0"):
+            if kind in kept:
+                diff, agree = compare(name, kind)
+                cells += [f"{diff:.1e}" if kind == "f32" else f"{diff:.2f}", f"{agree:.0%}"]
+            else:
+                cells += ["—", "—"]
+        extra = "".join(f" ({q}: {compare(name, q)[1]:.0%} argmax)" for q in entry.get("extra_quants", ())
+                        if q in kept or "files_kept" not in entry)
+        print(f"| {name}{extra} | `{entry['gguf_arch']}` | {entry['hf_class']} | " + " | ".join(cells) + " |",
+              flush=True)
     print()
     print("| encoder fixture | GGUF arch | made from | F32 max \\|Δ\\|/std | Q8_0 max \\|Δ\\|/std | Q8_0 mean \\|Δ\\|/std |")
     print("|---|---|---|---|---|---|")
