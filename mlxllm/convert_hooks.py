@@ -49,22 +49,31 @@ def plus_one(t: Tensor) -> Tensor:
 
 def llama3_rope_factors(rope: dict, head_dim: int, default_factor: float = 8.0) -> Tensor:
     """The per-frequency divisors of Llama 3.1's rope scaling (the `rope_freqs` tensor):
-    1 for short wavelengths, `factor` for long ones, a smooth blend between."""
+    1 for short wavelengths, `factor` for long ones, a smooth blend between.
+
+    Computed in float32 step by step as llama.cpp's converter computes them in torch, where
+    a number divided by a tensor is the tensor's reciprocal times the number: the factors
+    come out bit-identical (plain float64 arithmetic differs in the last bit)."""
+    f32 = np.float32
+
+    def over(number: float, x: np.float32) -> np.float32:  # torch's `number / tensor`
+        return (f32(1) / x) * f32(number)
+
     base = rope.get("rope_theta", 10000.0)
     factor = rope.get("factor", default_factor)
     low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
     old_ctx = rope.get("original_max_position_embeddings", 8192)
-    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    freqs = over(1.0, f32(base) ** (np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim)))
     out = []
     for freq in freqs:
-        wavelen = 2 * math.pi / float(freq)
+        wavelen = over(2 * math.pi, freq)
         if wavelen < old_ctx / high:
             out.append(1.0)
         elif wavelen > old_ctx / low:
             out.append(factor)
         else:
-            smooth = (old_ctx / wavelen - low) / (high - low)
-            out.append(1 / ((1 - smooth) / factor + smooth))
+            smooth = (over(old_ctx, wavelen) - f32(low)) / f32(high - low)
+            out.append(over(1.0, (f32(1) - smooth) / f32(factor) + smooth))
     values = np.array(out, dtype=np.float32)
     return Tensor(values.shape, values.dtype, lambda: values)
 
@@ -975,3 +984,44 @@ class Mamba2(Converter):
             t = t.map(lambda a: -np.exp(a))
         return [(new_name, t)]
 
+
+
+class HunYuanDense(Converter):
+    """Hunyuan dense (tokenizer.json checkpoints): NTK-alpha rope scaling baked into the
+    base frequency, EOS from eod_token_id, EOT from generation_config's first EOS id."""
+
+    def skip(self, name: str) -> bool:
+        return (name == "lm_head.weight" and self.config.get("tie_word_embeddings", False)) or super().skip(name)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        experts = self.config.pop("num_experts", None)  # some variants say 1 without being MoE
+        try:
+            super().hparams(w)
+        finally:
+            if experts is not None:
+                self.config["num_experts"] = experts
+        if experts is not None and experts > 1:
+            w.add_expert_count(experts)
+        if self.rope.get("rope_type") in ("dynamic", "xdrope"):
+            alpha, base, dim = self.rope.get("alpha", 50), self.rope.get("rope_theta", 10000.0), self.config["head_dim"]
+            self.forget(w, gguf.Keys.Rope.FREQ_BASE)
+            w.add_rope_freq_base(base * alpha ** (dim / (dim - 2)))
+            w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+            w.add_rope_scaling_factor(1)
+            if self.rope.get("rope_type") == "dynamic":  # the configs understate it; llama.cpp's 256k
+                self.forget(w, gguf.Keys.LLM.CONTEXT_LENGTH)
+                w.add_rope_scaling_orig_ctx_len(256 * 1024)
+                w.add_context_length(256 * 1024)
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        if not (self.dir / "tokenizer.json").is_file():
+            raise ConvertError("Hunyuan checkpoints without tokenizer.json (tiktoken) are not converted yet")
+        bpe_vocab(self, w)
+        if (eod := self.config.get("eod_token_id")) is not None:
+            self.forget(w, gguf.Keys.Tokenizer.EOS_ID)
+            w.add_eos_token_id(eod)
+        gen_path = self.dir / "generation_config.json"
+        if gen_path.is_file():
+            eos = json.loads(gen_path.read_text(encoding="utf-8")).get("eos_token_id")
+            if isinstance(eos, list) and len(eos) >= 2:
+                w.add_eot_token_id(eos[0])

@@ -98,6 +98,7 @@ FIXTURES: dict[str, tuple] = {
     "mamba": ("mamba", "bfloat16", None),
     "falcon-mamba": ("falcon-mamba", "bfloat16", None),
     "mamba2": ("mamba2", "bfloat16", None),
+    "hunyuan-dense": ("hunyuan-dense", "bfloat16", None),
 }
 
 

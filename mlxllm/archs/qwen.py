@@ -60,7 +60,7 @@ ARCHS = (
          description="Qwen 3 MoE (30B-A3B, 235B-A22B, Coder)"),
     Arch(name="seed_oss", args=seed_oss, model=Decoder, hf_architectures=("SeedOssForCausalLM",), convert=convert_hooks.Converter,
          description="ByteDance Seed-OSS"),
-    Arch(name="hunyuan-dense", args=hunyuan_dense, model=Decoder, hf_architectures=("HunYuanDenseV1ForCausalLM",),
+    Arch(name="hunyuan-dense", args=hunyuan_dense, model=Decoder, hf_architectures=("HunYuanDenseV1ForCausalLM",), convert=convert_hooks.HunYuanDense,
          description="Tencent Hunyuan dense"),
     Arch(name="hunyuan-moe", args=hunyuan_moe, model=Decoder, hf_architectures=("HunYuanMoEV1ForCausalLM",),
          description="Tencent Hunyuan-A13B"),
