@@ -1025,3 +1025,29 @@ class HunYuanDense(Converter):
             eos = json.loads(gen_path.read_text(encoding="utf-8")).get("eos_token_id")
             if isinstance(eos, list) and len(eos) >= 2:
                 w.add_eot_token_id(eos[0])
+
+
+class Glm4(Converter):
+    """GLM-4-0414: partial rotary; llama.cpp takes BOS, EOS and UNK to be <|endoftext|> and
+    EOT <|user|>, from the added tokens."""
+
+    hf_classes = ("Glm4ForCausalLM",)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        if "mrope_section" in self.rope:
+            raise ConvertError("GLM-4 with M-RoPE (GLM-4V) is not converted yet")
+        super().hparams(w)
+        head_dim = self.config.get("head_dim") or self.config["hidden_size"] // self.config["num_attention_heads"]
+        w.add_rope_dimension_count(int(head_dim * self.rope.get("partial_rotary_factor", 0.5)))
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        bpe_vocab(self, w)
+        spec = json.loads((self.dir / "tokenizer.json").read_text(encoding="utf-8"))
+        added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+        K = gguf.Keys.Tokenizer
+        for key, add, token in ((K.EOS_ID, w.add_eos_token_id, "<|endoftext|>"), (K.EOT_ID, w.add_eot_token_id, "<|user|>"),
+                                (K.UNK_ID, w.add_unk_token_id, "<|endoftext|>"), (K.BOS_ID, w.add_bos_token_id, "<|endoftext|>")):
+            if token not in added:
+                raise ConvertError(f"GLM-4 tokenizer has no {token} token")
+            self.forget(w, key)
+            add(added[token])

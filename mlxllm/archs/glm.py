@@ -7,6 +7,7 @@ import dataclasses
 
 from gguf import Keys
 
+from .. import convert_hooks
 from ..gguf import GGUFFile
 from ..nn import Decoder, DecoderArgs
 from ..registry import Arch
@@ -31,7 +32,8 @@ def glm4moe(gf: GGUFFile) -> DecoderArgs:
 
 
 ARCHS = (
-    Arch(name="glm4", args=glm, model=Decoder, hf_architectures=("Glm4ForCausalLM",), description="GLM-4-0414 / GLM-Z1"),
+    Arch(name="glm4", args=glm, model=Decoder, hf_architectures=("Glm4ForCausalLM",), description="GLM-4-0414 / GLM-Z1",
+         convert=convert_hooks.Glm4),
     Arch(name="glm4moe", args=glm4moe, model=Decoder, hf_architectures=("Glm4MoeForCausalLM",),
          description="GLM-4.5 / 4.6 / 4.7 (Air) MoE"),
     Arch(name="chatglm", args=glm, model=Decoder, hf_architectures=("GlmForCausalLM", "ChatGLMModel"),
