@@ -500,6 +500,12 @@ class Ernie4_5(Converter):
         return super().tensors(name, t, bid)
 
 
+def neg_exp(a: np.ndarray) -> np.ndarray:
+    """Mamba's A = -exp(A_log), rounded from float64: within one unit in the last place of
+    torch's float32 exp, which llama.cpp's converter uses (numpy's float32 exp: two)."""
+    return (-np.exp(a.astype(np.float64))).astype(a.dtype)
+
+
 def transposed(t: Tensor) -> Tensor:
     return t.map(lambda a: np.ascontiguousarray(a.T), shape=t.shape[::-1])
 
@@ -914,7 +920,7 @@ class Mamba(Converter):
     def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
         new_name = self.map_name(name)
         if name.endswith(".A_log"):
-            t = t.map(lambda a: -np.exp(a))
+            t = t.map(neg_exp)
         if self.is_tensor(new_name, MODEL_TENSOR.SSM_CONV1D, bid):
             squeezed = tuple(n for n in t.shape if n != 1)
             t = t.map(lambda a: a.reshape(squeezed), shape=squeezed)
@@ -981,7 +987,7 @@ class Mamba2(Converter):
             shape = (self.n_group, self.d_inner // self.n_group)
             t = t.map(lambda a: a.reshape(shape), shape=shape)
         if name.endswith(".A_log"):
-            t = t.map(lambda a: -np.exp(a))
+            t = t.map(neg_exp)
         return [(new_name, t)]
 
 
@@ -1028,8 +1034,8 @@ class HunYuanDense(Converter):
 
 
 class Glm4(Converter):
-    """GLM-4-0414: partial rotary; llama.cpp takes BOS, EOS and UNK to be <|endoftext|> and
-    EOT <|user|>, from the added tokens."""
+    """GLM-4-0414: partial rotary; where the configs name no BOS, EOS, UNK or EOT, llama.cpp
+    takes <|endoftext|> for the first three and <|user|> for EOT."""
 
     hf_classes = ("Glm4ForCausalLM",)
 
@@ -1047,7 +1053,8 @@ class Glm4(Converter):
         K = gguf.Keys.Tokenizer
         for key, add, token in ((K.EOS_ID, w.add_eos_token_id, "<|endoftext|>"), (K.EOT_ID, w.add_eot_token_id, "<|user|>"),
                                 (K.UNK_ID, w.add_unk_token_id, "<|endoftext|>"), (K.BOS_ID, w.add_bos_token_id, "<|endoftext|>")):
+            if key in w.kv_data[0]:
+                continue  # the configs' own id wins, as in gguf-py's SpecialVocab
             if token not in added:
                 raise ConvertError(f"GLM-4 tokenizer has no {token} token")
-            self.forget(w, key)
             add(added[token])
