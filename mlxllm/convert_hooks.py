@@ -1058,3 +1058,65 @@ class Glm4(Converter):
             if token not in added:
                 raise ConvertError(f"GLM-4 tokenizer has no {token} token")
             add(added[token])
+
+
+class DeepSeek2(Converter):
+    """DeepSeek V2/V3 (and R1): latent attention written as MQA (one kv head of width
+    kv_lora_rank + qk_rope), kv_b_proj split into k_b (transposed) and v_b for absorption,
+    routed experts stacked per layer, multi-token-prediction layers left out."""
+
+    def skip(self, name: str) -> bool:
+        if self.config.get("tie_word_embeddings", False) and name in ("lm_head.weight", "model.lm_head.weight"):
+            return True
+        m = re.match(r"model\.layers\.(\d+)", name)
+        return bool(m and int(m[1]) >= self.config["num_hidden_layers"]) or super().skip(name)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        c = self.config
+        kv = c.get("num_key_value_heads")
+        c["num_key_value_heads"] = 1  # MLA runs as MQA
+        c.setdefault("rms_norm_eps", 1e-6)
+        try:
+            super().hparams(w)
+        finally:
+            c["num_key_value_heads"] = kv
+        moe = c.get("n_routed_experts") is not None
+        dense = c.get("first_k_dense_replace")
+        w.add_leading_dense_block_count(dense if dense is not None else (0 if moe else c["num_hidden_layers"]))
+        kv_lora = c.get("kv_lora_rank", 512)
+        w.add_vocab_size(c["vocab_size"])
+        if c.get("q_lora_rank") is not None:
+            w.add_q_lora_rank(c["q_lora_rank"])
+        w.add_kv_lora_rank(kv_lora)
+        self.forget(w, gguf.Keys.Attention.KEY_LENGTH, gguf.Keys.Attention.VALUE_LENGTH)
+        w.add_key_length(kv_lora + c["qk_rope_head_dim"])
+        w.add_value_length(kv_lora)
+        w.add_key_length_mla(c["qk_nope_head_dim"] + c["qk_rope_head_dim"])
+        w.add_value_length_mla(c["v_head_dim"])
+        w.add_expert_feed_forward_length(self.find("moe_intermediate_size", "intermediate_size"))
+        if moe:
+            self.forget(w, gguf.Keys.LLM.EXPERT_COUNT)
+            w.add_expert_count(c["n_routed_experts"])
+        w.add_expert_shared_count(c.get("n_shared_experts", 0))
+        if (scale := c.get("routed_scaling_factor")) is not None:
+            w.add_expert_weights_scale(scale)
+        if c.get("norm_topk_prob"):
+            w.add_expert_weights_norm(c["norm_topk_prob"])
+        w.add_rope_dimension_count(c["qk_rope_head_dim"])
+        if (mscale_all := self.rope.get("mscale_all_dim")) is not None:
+            w.add_rope_scaling_yarn_log_mul(0.1 * mscale_all)  # llama.cpp's legacy DeepSeek reading
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        c = self.config
+        if "mlp.experts" in name:
+            return self.stack_experts(name, t, bid, c["n_routed_experts"], *QWEN_EXPERTS)
+        if name.endswith("kv_b_proj.weight"):
+            n_kv, v_dim, nope = c["num_key_value_heads"], c["v_head_dim"], c["qk_nope_head_dim"]
+            if t.shape[0] != n_kv * (v_dim + nope):
+                raise ConvertError(f"{name}: {t.shape[0]} rows, not {n_kv} heads x ({nope} + {v_dim})")
+            kv_b = t.map(lambda a: a.reshape(n_kv, nope + v_dim, a.shape[-1]), shape=(n_kv, nope + v_dim, t.shape[-1]))
+            k_b, v_b = kv_b.split([nope, v_dim], axis=1)
+            k_b = k_b.map(lambda a: np.ascontiguousarray(a.transpose(0, 2, 1)), shape=(n_kv, t.shape[-1], nope))
+            return [*super().tensors(name.replace("kv_b_proj", "k_b_proj"), k_b, bid),
+                    *super().tensors(name.replace("kv_b_proj", "v_b_proj"), v_b, bid)]
+        return super().tensors(name, t, bid)

@@ -104,6 +104,8 @@ FIXTURES: dict[str, tuple] = {
     "mamba2": ("mamba2", "bfloat16", None),
     "hunyuan-dense": ("hunyuan-dense", "bfloat16", None),
     "glm4": ("glm4", "bfloat16", None),
+    "deepseek2": ("deepseek2", "bfloat16", None),
+    "deepseek2-lite": ("deepseek2-lite", "bfloat16", None),
 }
 
 

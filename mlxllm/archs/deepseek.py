@@ -16,6 +16,7 @@ import math
 
 from gguf import Keys
 
+from .. import convert_hooks
 from ..gguf import GGUFFile
 from ..nn import DecoderArgs
 from ..nn.mla import MLADecoder
@@ -43,4 +44,5 @@ def deepseek2(gf: GGUFFile) -> DecoderArgs:
 
 ARCH = Arch(name="deepseek2", args=deepseek2, model=MLADecoder,
             hf_architectures=("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"),
-            description="DeepSeek V2/V3/R1, Kimi K2: latent attention, routed + shared experts")
+            description="DeepSeek V2/V3/R1, Kimi K2: latent attention, routed + shared experts",
+            convert=convert_hooks.DeepSeek2)
