@@ -1120,3 +1120,20 @@ class DeepSeek2(Converter):
             return [*super().tensors(name.replace("kv_b_proj", "k_b_proj"), k_b, bid),
                     *super().tensors(name.replace("kv_b_proj", "v_b_proj"), v_b, bid)]
         return super().tensors(name, t, bid)
+
+
+class Dots1(QwenMoe):
+    """dots.llm1: Qwen MoE with leading dense layers, shared experts (kept apart from the
+    stacking) and DeepSeek-V3-style weight scaling."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.config["num_experts"] = self.config["n_routed_experts"]
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        super().hparams(w)
+        c = self.config
+        w.add_leading_dense_block_count(c["first_k_dense_replace"])
+        w.add_expert_shared_count(c["n_shared_experts"])
+        w.add_expert_weights_scale(c["routed_scaling_factor"])
+        w.add_expert_weights_norm(c["norm_topk_prob"])

@@ -106,6 +106,7 @@ FIXTURES: dict[str, tuple] = {
     "glm4": ("glm4", "bfloat16", None),
     "deepseek2": ("deepseek2", "bfloat16", None),
     "deepseek2-lite": ("deepseek2-lite", "bfloat16", None),
+    "dots1": ("dots1", "bfloat16", None),
 }
 
 

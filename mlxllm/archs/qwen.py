@@ -64,6 +64,6 @@ ARCHS = (
          description="Tencent Hunyuan dense"),
     Arch(name="hunyuan-moe", args=hunyuan_moe, model=Decoder, hf_architectures=("HunYuanMoEV1ForCausalLM",),
          description="Tencent Hunyuan-A13B"),
-    Arch(name="dots1", args=dots1, model=Decoder, hf_architectures=("Dots1ForCausalLM",),
+    Arch(name="dots1", args=dots1, model=Decoder, hf_architectures=("Dots1ForCausalLM",), convert=convert_hooks.Dots1,
          description="rednote dots.llm1"),
 )
