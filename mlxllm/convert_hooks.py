@@ -1137,3 +1137,43 @@ class Dots1(QwenMoe):
         w.add_expert_shared_count(c["n_shared_experts"])
         w.add_expert_weights_scale(c["routed_scaling_factor"])
         w.add_expert_weights_norm(c["norm_topk_prob"])
+
+
+class BailingMoe(Converter):
+    """Ling (v1) MoE: fused query_key_value split and q/k rows reordered as Llama's,
+    experts stacked per layer, an optionally column-normalized output head."""
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        bpe_vocab(self, w)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        super().hparams(w)
+        c = self.config
+        w.add_rope_dimension_count(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])
+        w.add_leading_dense_block_count(c["first_k_dense_replace"])
+        w.add_vocab_size(c["vocab_size"])
+        w.add_expert_feed_forward_length(c["moe_intermediate_size"])
+        w.add_expert_weights_scale(1.0)
+        w.add_expert_shared_count(c["num_shared_experts"])
+        w.add_expert_weights_norm(c["norm_topk_prob"])
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        c, T = self.config, MODEL_TENSOR
+        n_head, n_kv = c["num_attention_heads"], c.get("num_key_value_heads")
+        head_dim = c.get("head_dim") or c["hidden_size"] // n_head
+        if name.endswith("attention.dense.weight"):
+            return [(self.tensor_name(T.ATTN_OUT, bid), t)]
+        if name.endswith("query_key_value.weight"):
+            q, k, v = t.split([n_head * head_dim, n_kv * head_dim, n_kv * head_dim], axis=-2)
+            return [(self.tensor_name(T.ATTN_Q, bid), rope_pairs_adjacent(q, n_head)),
+                    (self.tensor_name(T.ATTN_K, bid), rope_pairs_adjacent(k, n_kv)),
+                    (self.tensor_name(T.ATTN_V, bid), v)]
+        if "mlp.experts" in name:
+            return self.stack_experts(name, t, bid, self.find("num_local_experts", "num_experts"), *QWEN_EXPERTS)
+        new_name = self.map_name(name)
+        if new_name == self.tensor_name(T.OUTPUT) and c.get("norm_head"):
+            def normalized(a: np.ndarray) -> np.ndarray:
+                a = a.astype(np.float32)
+                return a / (np.linalg.norm(a, axis=0, keepdims=True) + np.float32(1e-7))
+            t = t.map(normalized, dtype=np.float32)
+        return [(new_name, t)]

@@ -107,6 +107,7 @@ FIXTURES: dict[str, tuple] = {
     "deepseek2": ("deepseek2", "bfloat16", None),
     "deepseek2-lite": ("deepseek2-lite", "bfloat16", None),
     "dots1": ("dots1", "bfloat16", None),
+    "bailingmoe": ("bailingmoe", "bfloat16", None),
 }
 
 
@@ -207,17 +208,22 @@ def make(name: str) -> None:
         model, _ = F.build_hf(name, spec, build, seed)
         if spec.get("encoder"):  # sentence-transformers' pooling files
             F._write_pooling(build, spec.get("pooling"), model.config.get_text_config().hidden_size)
-        model = model.to(getattr(torch, dtype))
-        kw = {"max_shard_size": shard} if shard else {}
-        model.save_pretrained(d, safe_serialization=True, **kw)
-        config = json.loads((build / "config.json").read_text())
-        config["dtype"] = dtype
-        (d / "config.json").write_text(json.dumps(config, indent=1))
-        for f in build.iterdir():  # tokenizer, generation and pooling files
-            if f.is_dir():
-                shutil.copytree(f, d / f.name)
-            elif not f.name.startswith("model") and f.name != "config.json":
-                shutil.copy(f, d / f.name)
+        if spec.get("rewrite"):  # a checkpoint rewritten in another layout: kept as written (float32)
+            dtype = "float32"
+            for f in build.iterdir():
+                (shutil.copytree if f.is_dir() else shutil.copy)(f, d / f.name)
+        else:
+            model = model.to(getattr(torch, dtype))
+            kw = {"max_shard_size": shard} if shard else {}
+            model.save_pretrained(d, safe_serialization=True, **kw)
+            config = json.loads((build / "config.json").read_text())
+            config["dtype"] = dtype
+            (d / "config.json").write_text(json.dumps(config, indent=1))
+            for f in build.iterdir():  # tokenizer, generation and pooling files
+                if f.is_dir():
+                    shutil.copytree(f, d / f.name)
+                elif not f.name.startswith("model") and f.name != "config.json":
+                    shutil.copy(f, d / f.name)
         reference = {"fixture": name, "hf_class": spec["model"], "checkpoint_dtype": dtype,
                      "kind": "encoder" if spec.get("encoder") else "decoder",
                      "source": "llama.cpp convert_hf_to_gguf.py (vendored in llama-cpp-python 0.3.36)",

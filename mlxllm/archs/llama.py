@@ -122,6 +122,6 @@ ARCHS = (
          description="Baidu ERNIE 4.5 dense"),
     Arch(name="ernie4_5-moe", args=ernie4_5_moe, model=Decoder, hf_architectures=("Ernie4_5_MoeForCausalLM",), convert=convert_hooks.Ernie4_5Moe,
          description="Baidu ERNIE 4.5 MoE (21B-A3B, 300B-A47B)"),
-    Arch(name="bailingmoe", args=bailingmoe, model=Decoder, hf_architectures=("BailingMoeForCausalLM",),
+    Arch(name="bailingmoe", args=bailingmoe, model=Decoder, hf_architectures=("BailingMoeForCausalLM",), convert=convert_hooks.BailingMoe,
          description="inclusionAI Ling (v1) MoE"),
 )
