@@ -1177,3 +1177,42 @@ class BailingMoe(Converter):
                 return a / (np.linalg.norm(a, axis=0, keepdims=True) + np.float32(1e-7))
             t = t.map(normalized, dtype=np.float32)
         return [(new_name, t)]
+
+
+class MPT(Converter):
+    """MPT: its own key list (ALiBi's maximum bias, clip_qkv from attn_config), activation
+    scales renamed act.scales; SEA-LION's SentencePiece variant with its fixed ids."""
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        if (self.dir / "tokenizer.json").is_file():
+            bpe_vocab(self, w)
+            return
+        sentencepiece_vocab(self, w)
+        self.forget(w, gguf.Keys.Tokenizer.ADD_BOS, gguf.Keys.Tokenizer.PAD_ID, gguf.Keys.Tokenizer.EOS_ID,
+                    gguf.Keys.Tokenizer.UNK_ID)
+        w.add_add_bos_token(False)
+        w.add_pad_token_id(3)
+        w.add_eos_token_id(1)
+        w.add_unk_token_id(0)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        c, attn = self.config, self.config["attn_config"]
+        w.add_context_length(c["max_seq_len"])
+        w.add_embedding_length(c["d_model"])
+        w.add_block_count(self.n_layers)
+        w.add_feed_forward_length(4 * c["d_model"])
+        w.add_head_count(c["n_heads"])
+        if kv := attn.get("kv_n_heads"):
+            w.add_head_count_kv(kv)
+        w.add_layer_norm_eps(1e-5)
+        if attn.get("clip_qkv") is not None:
+            w.add_clamp_kqv(attn["clip_qkv"])
+        w.add_max_alibi_bias(attn["alibi_bias_max"] if attn.get("alibi") else 0.0)
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        if "scales" in name:
+            new = self.tensor_map.get_name(key=name, try_suffixes=(".weight", ".bias", ".scales"))
+            if new is None:
+                raise ConvertError(f"tensor {name} has no GGUF name for mpt")
+            return [(new.replace("scales", "act.scales"), t)]
+        return super().tensors(name, t, bid)

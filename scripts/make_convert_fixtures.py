@@ -108,6 +108,7 @@ FIXTURES: dict[str, tuple] = {
     "deepseek2-lite": ("deepseek2-lite", "bfloat16", None),
     "dots1": ("dots1", "bfloat16", None),
     "bailingmoe": ("bailingmoe", "bfloat16", None),
+    "mpt": ("mpt", "bfloat16", None),
 }
 
 

@@ -37,9 +37,9 @@ METADATA_DIFFERENCES = {
         "llama.cpp's converter refuses a WordPiece tokenizer whose check-text hash it does not know (the "
         "fixture script patches that refusal to 'gpt-2'); ours writes 'default', and llama.cpp's WordPiece "
         "tokenizer does not read the key",
-    ("gptneox", "general.file_type"):
-        "llama.cpp's GPT-NeoX converter omits it (its hyperparameters skip add_file_type); ours writes it, "
-        "as every other llama.cpp converter does",
+    **{(fixture, "general.file_type"):
+       "llama.cpp's converter for this architecture omits it (its hyperparameters skip add_file_type); "
+       "ours writes it, as llama.cpp's other converters do" for fixture in ("gptneox", "mpt")},
 }
 
 

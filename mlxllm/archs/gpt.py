@@ -77,7 +77,7 @@ ARCHS = (
          description="Falcon 7B/40B/180B", convert=convert_hooks.Falcon),
     Arch(name="bloom", args=bloom, model=Decoder, hf_architectures=("BloomForCausalLM",),
          description="BLOOM (ALiBi)", convert=convert_hooks.Bloom),
-    Arch(name="mpt", args=mpt, model=Decoder, hf_architectures=("MPTForCausalLM",),
+    Arch(name="mpt", args=mpt, model=Decoder, hf_architectures=("MPTForCausalLM",), convert=convert_hooks.MPT,
          description="MosaicML MPT (ALiBi or learned positions)"),
     Arch(name="stablelm", args=stablelm, model=Decoder,
          hf_architectures=("StableLmForCausalLM", "StableLMEpochForCausalLM"), description="StableLM 2",
