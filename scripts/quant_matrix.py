@@ -170,10 +170,13 @@ def llamacpp_greedy(path: Path, **llama_options) -> tuple[list[list[int]], list[
     position of that sequence."""
     llm = open_llama(path, **llama_options)
     sequences, logits = [], []
-    for prompt in fitted_prompts(llm):
-        tokens, scores = greedy(llm, prompt)
-        sequences.append(tokens)
-        logits.append(scores)
+    try:
+        for prompt in fitted_prompts(llm):
+            tokens, scores = greedy(llm, prompt)
+            sequences.append(tokens)
+            logits.append(scores)
+    finally:
+        llm.close()  # its logits buffer (n_ctx x vocab floats) goes now, not at a later gc
     return sequences, logits
 
 
@@ -181,10 +184,13 @@ def llamacpp_teacher_forced(path: Path, sequences: list[list[int]], **llama_opti
     """llama.cpp's argmax at every position of each given sequence."""
     llm = open_llama(path, **llama_options)
     argmax = []
-    for tokens in sequences:
-        llm.reset()
-        llm.eval(tokens)
-        argmax.append(np.asarray(llm.scores[: llm.n_tokens]).argmax(-1))
+    try:
+        for tokens in sequences:
+            llm.reset()
+            llm.eval(tokens)
+            argmax.append(np.asarray(llm.scores[: llm.n_tokens]).argmax(-1))
+    finally:
+        llm.close()
     return argmax
 
 

@@ -1,10 +1,22 @@
 """Shared fixtures and the reports printed at the end of the run."""
 
+import gc
+
 import mlxllm  # noqa: F401  first: it puts an optimized BLAS under mlx.core (see _blas.py)
+import mlx.core as mx
 import pytest
 
 _QUANT_REPORT: dict[str, tuple[str, ...]] = {}
 _FIDELITY_REPORT: list[tuple] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_memory_after_each_module():
+    """Models, llama.cpp contexts (reference cycles) and MLX's buffer cache of one module
+    are freed before the next loads its own: the suite's peak is one module's, not their sum."""
+    yield
+    gc.collect()
+    mx.clear_cache()
 
 
 @pytest.fixture

@@ -126,7 +126,11 @@ SHORT_PROMPTS = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
     "Once upon a time, in a small village at the edge of a dark forest, there lived",
 ]
-LLAMA_CPP_ARGS = dict(logits_all=True, n_ctx=4096, n_threads=2, verbose=False)
+# llama.cpp keeps n_ctx x vocab float32 logits with logits_all: 2048 x 262144 is 2.1 GB, so
+# only the F32 reference gets room for the long prompt (1532 tokens); the Q4_K_M file sees
+# the short prompts alone.
+LLAMA_CPP_ARGS = dict(logits_all=True, n_threads=2, verbose=False)
+LONG_CTX, SHORT_CTX = 2048, 128
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +153,7 @@ def model(path):
 @pytest.fixture(scope="module")
 def llm(path):
     llama_cpp = pytest.importorskip("llama_cpp")
-    return llama_cpp.Llama(model_path=path, **LLAMA_CPP_ARGS)
+    return llama_cpp.Llama(model_path=path, n_ctx=SHORT_CTX, **LLAMA_CPP_ARGS)
 
 
 @pytest.fixture(scope="module")
@@ -162,14 +166,14 @@ def llm_f32(path, tmp_path_factory):
     params.allow_requantize = True
     params.nthread = 2
     assert llama_cpp.llama_model_quantize(path.encode(), str(out).encode(), ctypes.byref(params)) == 0
-    yield llama_cpp.Llama(model_path=str(out), **LLAMA_CPP_ARGS)
+    yield llama_cpp.Llama(model_path=str(out), n_ctx=LONG_CTX, **LLAMA_CPP_ARGS)
     out.unlink()
 
 
 @pytest.fixture(scope="module")
 def long_ids(llm):
     ids = llm.tokenize(LONG_TEXT.encode(), add_bos=True)
-    assert len(ids) > 1500
+    assert 1500 < len(ids) <= LONG_CTX
     return ids
 
 
@@ -184,17 +188,26 @@ def long_logits(model, long_ids):
 
 
 def _reference(llm, ids):
+    """llama.cpp's logits for ids: a view of its buffer (no 1.6 GB copy for the long prompt),
+    valid until its next eval."""
     llm.reset()
     llm.eval(ids)
-    return np.array(llm.scores[:len(ids)])
+    return llm.scores[:len(ids)]
 
 
-def _compare(ours, ref, label):
-    agree = (ours.argmax(-1) == ref.argmax(-1)).mean()
-    diff = np.abs(ours - ref)
-    print(f"\n{label}, {len(ref)} tokens: argmax agreement {agree:.2%}, max |diff| {diff.max():.3f}, "
-          f"mean |diff| {diff.mean():.4f} (max |logit| {np.abs(ref).max():.1f})")
-    return agree, diff
+def _compare(ours, ref, label, rows: int = 256):
+    """(argmax agreement, max |diff|, mean |diff|), `rows` positions at a time: a 262k
+    vocabulary makes the whole long prompt's logits 1.6 GB per copy."""
+    same, worst, total = 0, 0.0, 0.0
+    for s in range(0, len(ref), rows):
+        o, r = np.array(ours[s:s + rows]), np.asarray(ref[s:s + rows])
+        same += int((o.argmax(-1) == r.argmax(-1)).sum())
+        diff = np.abs(o - r)
+        worst, total = max(worst, float(diff.max())), total + float(diff.sum())
+    agree, mean = same / len(ref), total / ref.size
+    print(f"\n{label}, {len(ref)} tokens: argmax agreement {agree:.2%}, max |diff| {worst:.3f}, "
+          f"mean |diff| {mean:.4f}")
+    return agree, worst, mean
 
 
 def test_args_from_real_file(model):
@@ -210,13 +223,13 @@ def test_args_from_real_file(model):
 @pytest.mark.parametrize("text", SHORT_PROMPTS + ["LONG"], ids=["capital", "code", "story", "long"])
 def test_logits_match_llama_cpp_f32(model, llm, llm_f32, long_ids, long_logits, text):
     if text == "LONG":
-        ids, ours = long_ids, np.array(long_logits)
+        ids, ours = long_ids, long_logits
     else:
         ids = llm.tokenize(text.encode(), add_bos=True)
         ours = np.array(model(mx.array([ids]))[0])
-    agree, diff = _compare(ours, _reference(llm_f32, ids), "vs llama.cpp F32")
+    agree, worst, _ = _compare(ours, _reference(llm_f32, ids), "vs llama.cpp F32")
     assert agree >= 0.98
-    assert diff.max() < 0.1  # measured 0.035 over 1532 positions, flat past the window
+    assert worst < 0.1  # measured 0.035 over 1532 positions, flat past the window
 
 
 @pytest.mark.parametrize("text", SHORT_PROMPTS)
@@ -225,8 +238,8 @@ def test_logits_near_llama_cpp_q4_k_m(model, llm, text):
     ids = llm.tokenize(text.encode(), add_bos=True)
     ours = np.array(model(mx.array([ids]))[0])
     ref = _reference(llm, ids)
-    agree, diff = _compare(ours, ref, "vs llama.cpp Q4_K_M")
-    assert diff.mean() < 0.5  # measured 0.17-0.29
+    agree, _, mean = _compare(ours, ref, "vs llama.cpp Q4_K_M")
+    assert mean < 0.5  # measured 0.17-0.29
     # where the argmax differs, llama.cpp itself scored our choice within a near-tie
     pick = ours.argmax(-1)
     assert (ref.max(-1) - ref[np.arange(len(ids)), pick]).max() < 1.5
