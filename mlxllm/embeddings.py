@@ -58,7 +58,12 @@ def hidden_states(model: nn.Module, tokens: mx.array, lengths: mx.array | None =
 
 def tokenize(tokenizer, texts: Sequence[str], limit: int, truncate: bool = True) -> list[list[int]]:
     """Each text's tokens with the file's special tokens ([CLS] ... [SEP] for BERT); a text
-    past `limit` tokens keeps its first `limit` (truncate) or is an error."""
+    past `limit` tokens keeps its first `limit` (truncate) or is an error. Cut, it keeps the
+    closing token the tokenizer adds (SEP or EOS), as Ollama re-adds it: encoders are trained
+    with it, and last-token pooling reads it."""
+    closing = {t for t, added in ((getattr(tokenizer, "sep_id", None), getattr(tokenizer, "add_sep", False)),
+                                  (getattr(tokenizer, "eos_id", None), getattr(tokenizer, "add_eos", False)))
+               if added and t is not None}
     out = []
     for i, text in enumerate(texts):
         if not isinstance(text, str):
@@ -69,7 +74,7 @@ def tokenize(tokenizer, texts: Sequence[str], limit: int, truncate: bool = True)
         if len(ids) > limit:
             if not truncate:
                 raise ValueError(f"input {i} has {len(ids)} tokens, past the context of {limit}")
-            ids = ids[:limit]
+            ids = ids[:limit - 1] + ids[-1:] if ids[-1] in closing else ids[:limit]
         out.append(ids)
     return out
 

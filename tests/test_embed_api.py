@@ -147,7 +147,8 @@ def test_ollama_legacy_embeddings_are_not_normalized(ol, local):
 def test_ollama_truncate_and_num_ctx(ol, local):
     model, tokenizer = local(BERT)
     long = " ".join(["word"] * 600)  # past the 512-token context
-    first = tokenizer.encode(long)[:512]
+    ids = tokenizer.encode(long)
+    first = ids[:511] + ids[-1:]  # cut to the context, the closing [SEP] kept
     assert close(ol.embed(BERT, input=long).embeddings[0], embed_tokens(model, [first])[0])
     with pytest.raises(ollama.ResponseError) as e:
         ol.embed(BERT, input=["fine", long], truncate=False)
@@ -155,7 +156,8 @@ def test_ollama_truncate_and_num_ctx(ol, local):
     # num_ctx narrows the context: the first 8 tokens
     short = ol.embed(BERT, input=TEXTS[1], options={"num_ctx": 8})
     assert short.prompt_eval_count == 8
-    assert close(short.embeddings[0], embed_tokens(model, [tokenizer.encode(TEXTS[1])[:8]])[0])
+    ids = tokenizer.encode(TEXTS[1])
+    assert close(short.embeddings[0], embed_tokens(model, [ids[:7] + ids[-1:]])[0])
     with pytest.raises(ollama.ResponseError) as e:
         ol.embed(BERT, input=TEXTS[1], options={"num_ctx": 8}, truncate=False)
     assert e.value.status_code == 400

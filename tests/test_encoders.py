@@ -184,8 +184,10 @@ def test_bad_inputs_are_clear_errors(models):
     long = " ".join(["word"] * (model.args.context_length + 10))
     with pytest.raises(ValueError, match="past the context"):
         embed(model, tokenizer, [long], truncate=False)
-    first = tokenizer.encode(long)[: model.args.context_length]
-    assert np.allclose(embed(model, tokenizer, [long])[0], embed_tokens(model, [first])[0], atol=1e-6)
+    ids, n = tokenizer.encode(long), model.args.context_length
+    assert ids[-1] == tokenizer.sep_id
+    cut = ids[:n - 1] + [tokenizer.sep_id]  # truncated to the context, its closing [SEP] kept
+    assert np.allclose(embed(model, tokenizer, [long])[0], embed_tokens(model, [cut])[0], atol=1e-6)
 
 
 def test_an_encoder_keeps_no_cache(models):
