@@ -440,7 +440,24 @@ class PrefixCache:
 
 # ---------------------------------------------------------------------------- recurrent state
 
-class RecurrentCache:
+class _ConvScanState:
+    """`state` and `nbytes` of a cache holding a convolution state `conv` and a scan state
+    `ssm`, either possibly None (one row or a batch of rows alike)."""
+
+    conv: mx.array | None
+    ssm: mx.array | None
+
+    @property
+    def state(self) -> tuple[mx.array, ...] | None:
+        arrays = tuple(a for a in (self.conv, self.ssm) if a is not None)
+        return arrays or None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.state or ())
+
+
+class RecurrentCache(_ConvScanState):
     """What a recurrent layer (Mamba, Mamba-2, LFM2's short convolution) carries from one
     forward pass to the next, in place of keys and values: the last kernel - 1 inputs of its
     causal convolution, `conv` (B, kernel - 1, channels), and the scan's state, `ssm`
@@ -459,14 +476,6 @@ class RecurrentCache:
         """n more positions went through the layer (its mixer calls this)."""
         self.offset += n
 
-    @property
-    def state(self) -> tuple[mx.array, ...] | None:
-        arrays = tuple(a for a in (self.conv, self.ssm) if a is not None)
-        return arrays or None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.state or ())
 
 
 class KVRecurrentCache(KVCache):
@@ -488,7 +497,7 @@ class KVRecurrentCache(KVCache):
         return arrays or None
 
 
-class BatchRecurrentCache:
+class BatchRecurrentCache(_ConvScanState):
     """`RecurrentCache` for B rows: conv (B, kernel - 1, channels) and ssm (B, ...) hold
     each row's own state, so rows of different lengths need no padding: a row joins
     (`extend`) with the state its prompt left and leaves (`keep_rows`) with its own.
@@ -517,14 +526,6 @@ class BatchRecurrentCache:
             self.lengths = [0] * rows
         self.lengths = [m + n for m in self.lengths]
 
-    @property
-    def state(self) -> tuple[mx.array, ...] | None:
-        arrays = tuple(a for a in (self.conv, self.ssm) if a is not None)
-        return arrays or None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.state or ())
 
     def trim(self, n: int) -> None:
         if n:

@@ -250,10 +250,13 @@ class _Row:
 DRAFT_TOKENS = 4  # tokens drafted per speculative step
 
 
-def batch_forms(model: nn.Module) -> bool:
-    """Whether a model's rows can share a forward pass on `BatchKVCache`s: it builds masks
-    with `cache.make_mask` (`batchable`) and every cache kind it declares has a batched form."""
-    return getattr(model, "batchable", False) and all(batch_window(kind) is not False for kind in model.make_cache())
+def batch_forms(model: nn.Module, windows: list | None = None) -> bool:
+    """Whether a model's rows can share a forward pass on batched caches: it builds masks
+    with `cache.make_mask` (`batchable`) and every cache kind it declares has a batched form
+    (`windows`: `batch_window` of each, when the caller has them)."""
+    if windows is None:
+        windows = [batch_window(kind) for kind in model.make_cache()]
+    return getattr(model, "batchable", False) and all(w is not False for w in windows)
 
 
 @dataclass
@@ -321,7 +324,7 @@ class BatchGenerator:
         self.vocab_size = getattr(getattr(model, "args", None), "vocab_size", None) or \
             getattr(tokenizer, "vocab_size", None)
         windows = [batch_window(kind) for kind in model.make_cache()]
-        self.batched = batch_forms(model)
+        self.batched = batch_forms(model, windows)
         self.windows = windows if self.batched else None
         if kv_bits is not None and not self.batched:
             raise ValueError("a quantized KV cache needs a model whose caches have a batched form")
@@ -647,24 +650,30 @@ def stream_generate(model: nn.Module, tokenizer, prompt: str | Sequence[int],
     start = time.perf_counter()
     prompt_tps = gen_start = 0.0
     n_generated = 0
+    for event in _lone_events(generator):
+        if event.token is not None:
+            if n_generated == 0:
+                gen_start = time.perf_counter()
+                prompt_tps = len(ids) / (gen_start - start)
+            n_generated += 1
+        if not event.text and event.finish_reason is None:
+            continue
+        elapsed = time.perf_counter() - gen_start if gen_start else 0.0
+        tps = (n_generated - 1) / elapsed if n_generated > 1 and elapsed > 0 else 0.0
+        spec = generator.speculation
+        yield Response(event.text, event.token, len(ids), prompt_tps, n_generated, tps,
+                       mx.get_peak_memory() / 1e9, event.finish_reason,
+                       spec.acceptance if spec is not None else None)
+
+
+def _lone_events(generator: BatchGenerator) -> Iterator[Event]:
+    """The events of a generator's lone request until it ends; its error raises."""
     try:
         while generator.busy:
             for event in generator.step():
                 if event.error is not None:
                     raise RuntimeError(event.error)
-                if event.token is not None:
-                    if n_generated == 0:
-                        gen_start = time.perf_counter()
-                        prompt_tps = len(ids) / (gen_start - start)
-                    n_generated += 1
-                if not event.text and event.finish_reason is None:
-                    continue
-                elapsed = time.perf_counter() - gen_start if gen_start else 0.0
-                tps = (n_generated - 1) / elapsed if n_generated > 1 and elapsed > 0 else 0.0
-                spec = generator.speculation
-                yield Response(event.text, event.token, len(ids), prompt_tps, n_generated, tps,
-                               mx.get_peak_memory() / 1e9, event.finish_reason,
-                               spec.acceptance if spec is not None else None)
+                yield event
     finally:
         # A caller that stops early leaves one step in flight; let it finish, or an
         # interpreter exiting right after aborts on MLX's still-running stream thread.
@@ -677,15 +686,9 @@ def generate_step(model: nn.Module, prompt: Sequence[int], params: SamplingParam
     caller stops where it wants by closing the generator)."""
     generator = BatchGenerator(model, None, max_batch=1, kv_bits=kv_bits)
     generator.insert(GenerationRequest(list(prompt), params or SamplingParams(), max_tokens))
-    try:
-        while generator.busy:
-            for event in generator.step():
-                if event.error is not None:
-                    raise RuntimeError(event.error)
-                if event.token is not None:
-                    yield event.token
-    finally:
-        mx.synchronize()
+    for event in _lone_events(generator):
+        if event.token is not None:
+            yield event.token
 
 
 def generate(model: nn.Module, tokenizer, prompt: str | Sequence[int], max_tokens: int = 256,
