@@ -327,6 +327,9 @@ def serve(host: str, port: int, keep_alive: str, parallel: int, preload: tuple[s
 
     if draft_name and prompt_lookup:
         raise click.BadParameter("choose --draft or --prompt-lookup, not both")
+    if draft_name:  # an unknown draft model is a start-up error, not every load's
+        from .models import resolve
+        resolve(draft_name)
     run_server(host, port, keep_alive=_seconds(keep_alive), parallel=parallel, preload=preload,
                max_body=int(max_body_mb * (1 << 20)), prefix_cache_bytes=int(prefix_cache_mb * (1 << 20)),
                speculation={"draft": draft_name, "prompt_lookup": prompt_lookup, "draft_tokens": draft_tokens},
