@@ -1,0 +1,298 @@
+"""Ollama's API: /api/generate, /api/chat, /api/tags, /api/show, /api/ps, /api/version."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from aiohttp import web
+
+from .. import __version__
+from ..generate import encode_prompt
+from ..sample import SamplingParams
+from .common import (
+    ApiError,
+    field_of,
+    json_body,
+    json_schema_of,
+    keep_alive_of,
+    line,
+    model_of,
+    ndjson_stream,
+    now_rfc3339,
+    sampling,
+    stop_list,
+)
+from .generation import Request, render, start
+from .pool import (
+    ModelPool,
+    arch_kind,
+    describe,
+    listed_models,
+    model_path,
+    refuse_embedding_model,
+)
+
+log = logging.getLogger("mlxllm.server")
+OLLAMA_OPTIONS = {"num_ctx": "int", "num_predict": "int", "temperature": "number", "top_k": "int",
+                  "top_p": "number", "min_p": "number", "repeat_penalty": "number", "repeat_last_n": "int",
+                  "presence_penalty": "number", "frequency_penalty": "number", "seed": "int"}
+SAMPLING_KEYS = set(SamplingParams.__dataclass_fields__)
+
+
+def ollama_request(body: dict, model: str, build: Callable[[Any, int], list[int]]) -> Request:
+    options = field_of(body, "options", "object", {})
+    values = {k: field_of(options, k, kind, where="options.") for k, kind in OLLAMA_OPTIONS.items()}
+    ignored = sorted(set(options) - set(OLLAMA_OPTIONS) - {"stop"})
+    if ignored:
+        log.info("ignoring options mlxllm does not use: %s", ", ".join(ignored))
+    predict = values.pop("num_predict")
+    if predict is not None and predict < 0 and predict not in (-1, -2):
+        raise ApiError(400, f"options.num_predict must be positive, or -1 (no limit) or -2 (fill the context), "
+                            f"not {predict}", "num_predict")
+    if predict == 0:
+        raise ApiError(400, "options.num_predict must not be 0", "num_predict")
+    num_ctx = values.pop("num_ctx")
+    if num_ctx is not None and num_ctx < 1:
+        raise ApiError(400, "options.num_ctx must be positive", "num_ctx")
+    params = sampling({k: v for k, v in values.items() if k in SAMPLING_KEYS})
+    for key in ("images",):
+        if body.get(key):
+            raise ApiError(400, f"{model} does not support images", key)
+    if body.get("think"):
+        raise ApiError(400, f"{model!r} does not support thinking", "think")
+    if body.get("tools"):
+        raise ApiError(400, "tools are not supported by mlxllm yet", "tools")
+    return Request(model=model, build=build, params=params,
+                   max_tokens=predict if predict is not None and predict > 0 else None, num_ctx=num_ctx,
+                   stop=stop_list(options.get("stop"), "options.stop"),
+                   schema=json_schema_of(body.get("format"), "format"), keep_alive=keep_alive_of(body))
+
+
+def ollama_final(model: str, stats: dict) -> dict:
+    return {"model": model, "created_at": now_rfc3339(), "done": True, "done_reason": stats["finish_reason"],
+            "total_duration": stats["total_ns"], "load_duration": stats["load_ns"],
+            "prompt_eval_count": stats["prompt_tokens"], "prompt_eval_duration": stats["prompt_ns"],
+            "eval_count": stats["completion_tokens"], "eval_duration": stats["eval_ns"]}
+
+
+async def ollama_respond(request: web.Request, req: Request, stream: bool,
+                         chunk: Callable[[str], dict], final: Callable[[str, dict], dict]) -> web.StreamResponse:
+    """Run a generation and answer in Ollama's shape: NDJSON chunks, or one object."""
+    run = await start(request.app, req)
+    try:
+        if not stream:
+            text = []
+            async for kind, value in run.events():
+                if kind == "text":
+                    text.append(value)
+                else:
+                    return web.json_response(final("".join(text), value))
+        response = await ndjson_stream(request)
+        try:
+            async for kind, value in run.events():
+                await response.write(line(chunk(value) if kind == "text" else final("", value)))
+        except ApiError as e:  # headers are sent: the error goes in the stream
+            await response.write(line({"error": e.message}))
+        await response.write_eof()
+        return response
+    except ConnectionResetError:
+        log.info("%s %s: client went away", request.method, request.path)
+        return web.Response(status=499)
+    finally:
+        run.close()
+
+
+async def ollama_load_only(request: web.Request, body: dict, model: str, shape: dict) -> web.Response:
+    """Ollama's empty request: load the model (or, with keep_alive 0, unload it)."""
+    pool: ModelPool = request.app["pool"]
+    keep_alive = keep_alive_of(body)
+    reason = "unload" if keep_alive == 0 else "load"
+    loaded = await asyncio.get_running_loop().run_in_executor(None, pool.find, model)
+    if reason == "unload" and loaded is None:  # nothing to unload: do not load it first
+        await asyncio.get_running_loop().run_in_executor(None, model_path, model)  # 404 if unknown
+    else:
+        if reason == "load":  # unloading needs no capability (Ollama checks after it too)
+            await refuse_embedding_model(model)
+        loaded, _ = await pool.acquire(model, keep_alive)
+        pool.release(loaded)
+    return web.json_response({"model": model, "created_at": now_rfc3339(), **shape, "done": True, "done_reason": reason})
+
+
+async def api_generate(request: web.Request) -> web.StreamResponse:
+    body = await json_body(request)
+    model = model_of(body)
+    prompt = field_of(body, "prompt", "string", "")
+    system = field_of(body, "system", "string")
+    template = field_of(body, "template", "string")
+    raw = field_of(body, "raw", "bool", False)
+    stream = field_of(body, "stream", "bool", True)
+    context = field_of(body, "context", "list", [])
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in context):
+        raise ApiError(400, "context must be an array of token ids", "context")
+    if field_of(body, "suffix", "string"):
+        raise ApiError(400, f"{model!r} does not support insert (suffix)", "suffix")
+
+    def build(tokenizer, limit: int) -> list[int]:
+        if any(t >= tokenizer.vocab_size for t in context):
+            raise ApiError(400, "context holds a token id outside the vocabulary", "context")
+        if raw:
+            text = prompt
+        else:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            text = render(tokenizer, messages, template)
+        return list(context) + encode_prompt(tokenizer, text, limit)
+
+    req = ollama_request(body, model, build)
+    if not prompt and not context:
+        return await ollama_load_only(request, body, model, {"response": ""})
+
+    def final(text: str, stats: dict) -> dict:
+        return {**ollama_final(model, stats), "response": text, "context": stats["context"]}
+
+    return await ollama_respond(request, req, stream,
+                                lambda text: {"model": model, "created_at": now_rfc3339(), "response": text, "done": False},
+                                final)
+
+
+def ollama_messages(body: dict) -> list[dict]:
+    messages = field_of(body, "messages", "list", [])
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ApiError(400, f"messages[{i}] must be an object", "messages")
+        role = m.get("role")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise ApiError(400, f"messages[{i}].role must be system, user, assistant or tool, not {json.dumps(role)}",
+                           "messages")
+        content = m.get("content") or ""
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content must be a string", "messages")
+        if m.get("images"):
+            raise ApiError(400, "this model does not support images", "messages")
+        out.append({"role": role, "content": content})
+    return out
+
+
+async def api_chat(request: web.Request) -> web.StreamResponse:
+    body = await json_body(request)
+    model = model_of(body)
+    messages = ollama_messages(body)
+    template = field_of(body, "template", "string")
+    stream = field_of(body, "stream", "bool", True)
+    req = ollama_request(body, model, lambda tokenizer, limit: encode_prompt(tokenizer, render(tokenizer, messages, template), limit))
+    if not messages:
+        return await ollama_load_only(request, body, model, {"message": {"role": "assistant", "content": ""}})
+
+    def chunk(text: str) -> dict:
+        return {"model": model, "created_at": now_rfc3339(), "message": {"role": "assistant", "content": text}, "done": False}
+
+    def final(text: str, stats: dict) -> dict:
+        return {**ollama_final(model, stats), "message": {"role": "assistant", "content": text}}
+
+    return await ollama_respond(request, req, stream, chunk, final)
+
+
+def _human_count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def quantization_level(info: dict) -> str:
+    import gguf
+
+    ftype = info["metadata"].get("general.file_type")
+    try:
+        return gguf.LlamaFileType(ftype).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return next(iter(info["tensor_types"]), "unknown")
+
+
+def details(info: dict) -> dict:
+    arch = info["architecture"]
+    return {"parent_model": "", "format": "gguf", "family": arch, "families": [arch],
+            "parameter_size": _human_count(info["parameters"]), "quantization_level": quantization_level(info)}
+
+
+async def api_tags(request: web.Request) -> web.Response:
+    def collect() -> list[dict]:
+        models = []
+        for name, path in listed_models():
+            info = describe(path)
+            models.append({"name": name, "model": name, "modified_at": info["modified_at"], "size": info["file_size"],
+                           "digest": info["digest"], "details": details(info)})
+        return models
+
+    return web.json_response({"models": await asyncio.get_running_loop().run_in_executor(None, collect)})
+
+
+def model_info(info: dict) -> dict:
+    """GGUF metadata for /api/show: scalars and short arrays (Ollama leaves out the
+    vocabulary arrays too)."""
+    out = {}
+    for key, value in info["metadata"].items():
+        if isinstance(value, (list, np.ndarray)) and len(value) > 64:
+            continue
+        out[key] = value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
+    out["general.parameter_count"] = info["parameters"]
+    return out
+
+
+async def api_show(request: web.Request) -> web.Response:
+    body = await json_body(request)
+    name = field_of(body, "model", "string") or field_of(body, "name", "string")
+    if not name:
+        raise ApiError(400, "model is required", "model")
+
+    def collect() -> dict:
+        path = model_path(name)
+        info = describe(path)
+        meta = info["metadata"]
+        template = meta.get("tokenizer.chat_template", "")
+        # Ollama's capabilities: an encoder embeds; a decoder completes (and embeds too,
+        # on /api/embed, as in Ollama, without saying so here)
+        capabilities = ["embedding"] if arch_kind(path) == "encoder" else ["completion"]
+        return {"license": meta.get("general.license", ""), "modelfile": f"# Modelfile generated by mlxllm\nFROM {path}\n",
+                "parameters": "", "template": template, "details": details(info), "model_info": model_info(info),
+                "capabilities": capabilities,
+                "modified_at": info["modified_at"]}
+
+    return web.json_response(await asyncio.get_running_loop().run_in_executor(None, collect))
+
+
+def rfc3339(seconds: float | None) -> str:
+    if seconds is None:  # loaded forever: Ollama shows a far-future time
+        return "2318-01-01T00:00:00Z"
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+async def api_ps(request: web.Request) -> web.Response:
+    pool: ModelPool = request.app["pool"]
+    models = []
+    for loaded in list(pool.loaded.values()):
+        info = await asyncio.get_running_loop().run_in_executor(None, describe, loaded.path)
+        expires = loaded.expires
+        if expires is None and loaded.keep_alive is not None:  # in use: keep_alive after now at least
+            expires = time.time() + loaded.keep_alive
+        models.append({"name": loaded.name, "model": loaded.name, "size": loaded.nbytes, "digest": loaded.digest,
+                       "details": details(info), "expires_at": rfc3339(expires),
+                       "size_vram": 0 if mx.default_device() == mx.cpu else loaded.nbytes,
+                       "context_length": loaded.context_length})
+    return web.json_response({"models": models})
+
+
+async def api_version(request: web.Request) -> web.Response:
+    return web.json_response({"version": __version__})
+
+
+ROUTES = [("POST", "/api/generate", api_generate), ("POST", "/api/chat", api_chat), ("GET", "/api/tags", api_tags),
+          ("POST", "/api/show", api_show), ("GET", "/api/ps", api_ps), ("GET", "/api/version", api_version)]
