@@ -317,12 +317,22 @@ def _seconds(value: str) -> float | None:
               help="Largest request body accepted (413 above it).")
 @click.option("--prefix-cache-mb", type=click.FloatRange(min=0), default=512.0, show_default=True,
               help="Memory per model for the KV of finished prompts, reused by requests sharing a prefix (0: off).")
+@click.option("--api-key", default=None, help="Require this key (Authorization: Bearer KEY) on every route but "
+              "/ and /health [env MLXLLM_API_KEY].")
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="A Host name to serve besides loopback names, IPs and this machine's name (repeatable; * any) "
+                   "[env MLXLLM_ALLOWED_HOSTS].")
+@click.option("--allowed-origin", "allowed_origins", multiple=True,
+              help="A browser Origin to allow besides localhost's, with * wildcards (repeatable) "
+                   "[env MLXLLM_ORIGINS or OLLAMA_ORIGINS].")
 @speculation_options
 def serve(host: str, port: int, keep_alive: str, parallel: int, preload: tuple[str, ...], max_body_mb: float,
-          prefix_cache_mb: float, draft_name: str | None, prompt_lookup: bool, draft_tokens: int,
+          prefix_cache_mb: float, api_key: str | None, allowed_hosts: tuple[str, ...],
+          allowed_origins: tuple[str, ...], draft_name: str | None, prompt_lookup: bool, draft_tokens: int,
           kv_bits: str | None) -> None:
     """Serve the Ollama (/api) and OpenAI (/v1) APIs; models load on demand by name or path.
     Speculation (--draft, --prompt-lookup) applies while one greedy request is decoding."""
+    from .server import Security
     from .server import serve as run_server
 
     if draft_name and prompt_lookup:
@@ -333,4 +343,5 @@ def serve(host: str, port: int, keep_alive: str, parallel: int, preload: tuple[s
     run_server(host, port, keep_alive=_seconds(keep_alive), parallel=parallel, preload=preload,
                max_body=int(max_body_mb * (1 << 20)), prefix_cache_bytes=int(prefix_cache_mb * (1 << 20)),
                speculation={"draft": draft_name, "prompt_lookup": prompt_lookup, "draft_tokens": draft_tokens},
-               kv_bits=int(kv_bits) if kv_bits else None)
+               kv_bits=int(kv_bits) if kv_bits else None,
+               security=Security.from_env(api_key, allowed_hosts, allowed_origins))

@@ -14,11 +14,12 @@ Events flow back to the handlers through asyncio queues (`loop.call_soon_threads
 handler whose client went away sets its job's cancel flag, which the engine checks between
 steps, freeing the slot."""
 
-from .app import DEFAULT_PORT, make_app, serve, serve_async
+from .app import DEFAULT_PORT, StartError, make_app, serve, serve_async
 from .common import ApiError, keep_alive_of
 from .embeddings import rerank_tokens
 from .engine import DEFAULT_PARALLEL
 from .pool import DEFAULT_KEEP_ALIVE, ModelPool
+from .security import Security
 
-__all__ = ["DEFAULT_KEEP_ALIVE", "DEFAULT_PARALLEL", "DEFAULT_PORT", "ApiError", "ModelPool", "keep_alive_of",
+__all__ = ["DEFAULT_KEEP_ALIVE", "DEFAULT_PARALLEL", "DEFAULT_PORT", "ApiError", "ModelPool", "Security", "StartError", "keep_alive_of",
            "make_app", "rerank_tokens", "serve", "serve_async"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 from typing import Any
@@ -11,14 +12,17 @@ from aiohttp import web
 
 from .. import __version__
 from . import embeddings, ollama, openai
-from .common import errors_middleware
+from .common import ApiError, errors_middleware, send_request_id
 from .engine import DEFAULT_PARALLEL
-from .pool import DEFAULT_KEEP_ALIVE, ModelPool
+from .pool import DEFAULT_KEEP_ALIVE, ModelPool, model_path
+from .security import Security, cors_headers, is_loopback
+from .security import middleware as guard
 
 log = logging.getLogger("mlxllm.server")
 
 APIS = (ollama, openai, embeddings)  # each module's ROUTES: (method, path, handler)
 DEFAULT_PORT = 11434  # Ollama's, so Ollama clients work without configuration
+IDLE_TIMEOUT = 30.0  # seconds a connection may sit idle, or take to send its request's headers
 
 
 async def health(request: web.Request) -> web.Response:
@@ -36,8 +40,10 @@ async def root(request: web.Request) -> web.Response:
     return web.Response(text="mlxllm is running")  # Ollama answers "/" the same way
 
 
-def make_app(pool: ModelPool | None = None, max_body: int = 16 << 20) -> web.Application:
-    app = web.Application(client_max_size=max_body, middlewares=[errors_middleware])
+def make_app(pool: ModelPool | None = None, max_body: int = 16 << 20, security: Security | None = None) -> web.Application:
+    app = web.Application(client_max_size=max_body,
+                          middlewares=[errors_middleware, guard(security or Security.from_env())])
+    app.on_response_prepare.extend([send_request_id, cors_headers])
     app["pool"] = pool or ModelPool()
     app.router.add_get("/", root)
     app.router.add_get("/health", health)
@@ -58,35 +64,63 @@ def make_app(pool: ModelPool | None = None, max_body: int = 16 << 20) -> web.App
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
 
 
-async def serve_async(host: str, port: int, preload: tuple[str, ...] = (), **pool_options: Any) -> None:
+class StartError(ValueError):
+    """The server cannot start: one line saying why and what to do (the CLI prints it)."""
+
+
+async def serve_async(host: str, port: int, preload: tuple[str, ...] = (), security: Security | None = None,
+                      **pool_options: Any) -> None:
     max_body = pool_options.pop("max_body", 16 << 20)
-    app = make_app(ModelPool(**pool_options), max_body)
-    runner = web.AppRunner(app, access_log_format=ACCESS_LOG_FORMAT, handler_cancellation=True)
+    security = security or Security.from_env()
+    for name in preload:  # an unknown name fails now, before the port is taken
+        try:
+            model_path(name)
+        except ApiError as e:
+            raise StartError(f"--preload {name}: {e.message}") from None
+    app = make_app(ModelPool(**pool_options), max_body, security)
+    runner = web.AppRunner(app, access_log_format=ACCESS_LOG_FORMAT, handler_cancellation=True,
+                           keepalive_timeout=IDLE_TIMEOUT)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        await app["pool"].close()
+        hint = (f"another server (Ollama?) is using port {port}: stop it or pass --port"
+                if e.errno == errno.EADDRINUSE else f"{e.strerror or e}: check --host and --port")
+        raise StartError(f"cannot listen on {host}:{port}: {hint}") from None
     bound = runner.addresses[0][1] if runner.addresses else port
     log.info("mlxllm %s serving on http://%s:%d (Ollama API at /api, OpenAI API at /v1)", __version__, host, bound)
-    for name in preload:
-        loaded, _ = await app["pool"].acquire(name, None)
-        app["pool"].release(loaded)
+    if security.api_key is None and not is_loopback(host):
+        log.warning("serving %s without an API key: anyone who can reach this address can use it "
+                    "(--api-key or MLXLLM_API_KEY)", host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down")
-    await site.stop()  # no new connections; engines then fail what is still running
-    await app["pool"].close()
-    await runner.cleanup()
+    try:
+        for name in preload:
+            try:
+                loaded, _ = await app["pool"].acquire(name, None)
+            except ApiError as e:
+                raise StartError(f"--preload {name}: {e.message}") from None
+            app["pool"].release(loaded)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await site.stop()  # no new connections; engines then fail what is still running
+        await app["pool"].close()
+        await runner.cleanup()
     log.info("stopped")
 
 
 def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, keep_alive: float | None = DEFAULT_KEEP_ALIVE,
           parallel: int = DEFAULT_PARALLEL, preload: tuple[str, ...] = (), max_body: int = 16 << 20,
-          prefix_cache_bytes: int = 512 << 20, speculation: dict | None = None, kv_bits: int | None = None) -> None:
+          prefix_cache_bytes: int = 512 << 20, speculation: dict | None = None, kv_bits: int | None = None,
+          security: Security | None = None) -> None:
     """Run the server until SIGINT or SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve_async(host, port, preload, keep_alive=keep_alive, parallel=parallel,
+    asyncio.run(serve_async(host, port, preload, security, keep_alive=keep_alive, parallel=parallel,
                             prefix_cache_bytes=prefix_cache_bytes, max_body=max_body, speculation=speculation,
                             kv_bits=kv_bits))

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import re
+import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -18,6 +19,8 @@ from ..sample import SamplingParams
 
 log = logging.getLogger("mlxllm.server")
 MAX_STOPS = 16
+MAX_ERROR_CHARS = 1000  # an error message's length at most
+BODY_TIMEOUT = 60.0  # seconds a request body may take to arrive
 
 
 class ApiError(Exception):
@@ -119,7 +122,10 @@ def is_openai(request: web.Request) -> bool:
 def error_response(request: web.Request, status: int, message: str, param: str | None = None,
                    code: str | None = None) -> web.Response:
     """Each API's own error shape: OpenAI {"error": {message, type, param, code}},
-    Ollama {"error": message}."""
+    Ollama {"error": message}. Messages are cut at MAX_ERROR_CHARS: a request's own bytes
+    may be quoted in one."""
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[:MAX_ERROR_CHARS] + "…"
     if is_openai(request):
         kind = "server_error" if status >= 500 else "invalid_request_error"
         body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
@@ -130,6 +136,8 @@ def error_response(request: web.Request, status: int, message: str, param: str |
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler):
+    """Every failure as the API's error shape: ApiError and aiohttp's own 4xx as they are,
+    anything else a 500 logged with the request's id (sent as X-Request-Id)."""
     try:
         return await handler(request)
     except ApiError as e:
@@ -144,16 +152,32 @@ async def errors_middleware(request: web.Request, handler):
     except (ConnectionResetError, asyncio.CancelledError):
         raise
     except Exception as e:
-        log.exception("%s %s failed", request.method, request.path)
-        return error_response(request, 500, f"internal error: {type(e).__name__}: {e}")
+        log.exception("request %s: %s %s failed", request_id(request), request.method, request.path[:200])
+        return error_response(request, 500, f"internal error (request {request_id(request)}): {type(e).__name__}: {e}")
+
+
+def request_id(request: web.Request) -> str:
+    if "id" not in request:
+        request["id"] = uuid.uuid4().hex[:16]
+    return request["id"]
+
+
+async def send_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every answer names its request, as the log does."""
+    response.headers["X-Request-Id"] = request_id(request)
 
 
 async def json_body(request: web.Request) -> dict:
-    raw = await request.read()  # over client_max_size: aiohttp raises 413
+    try:  # over client_max_size: aiohttp raises 413
+        raw = await asyncio.wait_for(request.read(), BODY_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT:g} s") from None
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"invalid JSON body: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "invalid JSON body: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return body
