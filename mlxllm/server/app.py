@@ -11,8 +11,8 @@ from typing import Any
 from aiohttp import web
 
 from .. import __version__
-from . import embeddings, ollama, openai
-from .common import ApiError, errors_middleware, send_request_id
+from . import anthropic, embeddings, ollama, openai
+from .common import IDLE_TIMEOUT, ApiError, errors_middleware, send_request_id
 from .engine import DEFAULT_PARALLEL
 from .pool import DEFAULT_KEEP_ALIVE, ModelPool, model_path
 from .security import Security, cors_headers, is_loopback
@@ -20,9 +20,8 @@ from .security import middleware as guard
 
 log = logging.getLogger("mlxllm.server")
 
-APIS = (ollama, openai, embeddings)  # each module's ROUTES: (method, path, handler)
+APIS = (ollama, openai, embeddings, anthropic)  # each module's ROUTES: (method, path, handler)
 DEFAULT_PORT = 11434  # Ollama's, so Ollama clients work without configuration
-IDLE_TIMEOUT = 30.0  # seconds a connection may sit idle, or take to send its request's headers
 
 
 async def health(request: web.Request) -> web.Response:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import uuid
 from collections.abc import Callable
@@ -20,7 +21,10 @@ from ..sample import SamplingParams
 log = logging.getLogger("mlxllm.server")
 MAX_STOPS = 16
 MAX_ERROR_CHARS = 1000  # an error message's length at most
-BODY_TIMEOUT = 60.0  # seconds a request body may take to arrive
+# seconds a connection may sit idle or take to send its request's headers (slowloris), and
+# twice that for its body
+IDLE_TIMEOUT = float(os.environ.get("MLXLLM_IDLE_TIMEOUT", "30"))
+BODY_TIMEOUT = 2 * IDLE_TIMEOUT
 
 
 class ApiError(Exception):
@@ -119,14 +123,31 @@ def is_openai(request: web.Request) -> bool:
     return request.path.startswith("/v1/") or request.path == "/v1"
 
 
+def is_anthropic(request: web.Request) -> bool:
+    return request.path == "/v1/messages" or request.path.startswith("/v1/messages/")
+
+
+# status -> the error type Anthropic's API names it with
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                         403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                         429: "rate_limit_error", 504: "timeout_error", 529: "overloaded_error"}
+
+
+def anthropic_error(status: int, message: str) -> dict:
+    kind = ANTHROPIC_ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
 def error_response(request: web.Request, status: int, message: str, param: str | None = None,
                    code: str | None = None) -> web.Response:
     """Each API's own error shape: OpenAI {"error": {message, type, param, code}},
-    Ollama {"error": message}. Messages are cut at MAX_ERROR_CHARS: a request's own bytes
-    may be quoted in one."""
+    Anthropic {"type": "error", "error": {type, message}}, Ollama {"error": message}.
+    Messages are cut at MAX_ERROR_CHARS: a request's own bytes may be quoted in one."""
     if len(message) > MAX_ERROR_CHARS:
         message = message[:MAX_ERROR_CHARS] + "…"
-    if is_openai(request):
+    if is_anthropic(request):
+        body = anthropic_error(status, message)
+    elif is_openai(request):
         kind = "server_error" if status >= 500 else "invalid_request_error"
         body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     else:
