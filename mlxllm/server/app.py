@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import __version__
-from . import anthropic, embeddings, ollama, openai
+from . import anthropic, embeddings, ollama, openai, responses
 from .common import IDLE_TIMEOUT, ApiError, errors_middleware, send_request_id
 from .engine import DEFAULT_PARALLEL
 from .pool import DEFAULT_KEEP_ALIVE, ModelPool, model_path
@@ -20,7 +20,7 @@ from .security import middleware as guard
 
 log = logging.getLogger("mlxllm.server")
 
-APIS = (ollama, openai, embeddings, anthropic)  # each module's ROUTES: (method, path, handler)
+APIS = (ollama, openai, embeddings, anthropic, responses)  # each module's ROUTES: (method, path, handler)
 DEFAULT_PORT = 11434  # Ollama's, so Ollama clients work without configuration
 
 
