@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import re
 import uuid
@@ -46,13 +47,24 @@ _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 def field_of(body: dict, key: str, kind: str, default: Any = None, where: str = "") -> Any:
-    """body[key] checked against a JSON kind; null or absent gives the default."""
+    """body[key] checked against a JSON kind; null or absent gives the default. Numbers
+    come back as finite floats and integers within 64 bits: Python's JSON takes NaN,
+    Infinity and integers of any size, which MLX and NumPy do not."""
     value = body.get(key)
     if value is None:
         return default
     ok, name = _KINDS[kind]
     if not ok(value):
         raise ApiError(400, f"{where}{key} must be {name}, not {json.dumps(value)[:60]}", key)
+    if kind == "int" and not -(2**63) <= value < 2**64:
+        raise ApiError(400, f"{where}{key} is out of range: {str(value)[:30]}", key)
+    if kind == "number":
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise ApiError(400, f"{where}{key} must be a finite number", key)
     return value
 
 
