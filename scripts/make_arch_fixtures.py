@@ -1291,6 +1291,99 @@ arch("nemotron_h_moe", cfg="NemotronHConfig", model="NemotronHForCausalLM", twea
 # --- end recurrent state ----------------------------------------------------------------------
 
 
+# --- gated delta net: Qwen3-Next, Qwen3.5, Qwen3.5-MoE ------------------------------------------
+# Linear-attention layers (a causal conv over q, k, v, then the gated delta rule, state 16 x 16
+# per value head) beside gated full attention (the q projection also yields a sigmoid gate per
+# head). 2 key heads serve 4 value heads, so the key-to-value head pairing (grouped in Qwen3-Next,
+# tiled in Qwen3.5 after the converter's reorder) is exercised. Qwen3.5's M-RoPE sections
+# (converter default 11, 11, 10) must fit in a head (ggml asserts), hence head_dim 32 there.
+GDN_LAYERS = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
+
+
+def _gdn_kw(head_dim: int = HEAD_DIM, **kw) -> dict:
+    d = _base(num_hidden_layers=len(GDN_LAYERS), layer_types=GDN_LAYERS, head_dim=head_dim, rms_norm_eps=1e-6,
+              linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+              linear_num_value_heads=4, rope_parameters=_rope(1e4, partial_rotary_factor=0.5))
+    d.update(kw)
+    return d
+
+
+def _gdn_mtp_checkpoint(model, config: dict, d: Path) -> dict:
+    """Add the multi-token-prediction block the released Qwen3-Next / Qwen3.5 checkpoints carry
+    (mtp.layers.0.* a full-attention decoder block, mtp.fc, mtp.pre_fc_norm_{embedding,hidden},
+    mtp.norm; random, shaped after the last layer). transformers never builds it, so the
+    reference logits are unchanged; the converter writes it as blk.{L} with nextn_predict_layers
+    (it refuses a Qwen3-Next checkpoint without one), and llama.cpp skips it in the main graph."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    files = sorted(d.glob("*.safetensors"))
+    assert len(files) == 1, files
+    sd = load_file(str(files[0]))
+    L, E = config["num_hidden_layers"], config["hidden_size"]
+    g = torch.Generator().manual_seed(4243)
+    src = f"model.layers.{L - 1}."  # a full-attention layer (GDN_LAYERS)
+    for k in [k for k in sd if k.startswith(src)]:
+        v = sd[k]
+        nk = "mtp.layers.0." + k[len(src):]
+        sd[nk] = torch.randn(v.shape, generator=g) / math.sqrt(v.shape[-1]) if v.ndim >= 2 \
+            else v + torch.randn(v.shape, generator=g) * 0.1
+    sd["mtp.fc.weight"] = torch.randn(E, 2 * E, generator=g) / math.sqrt(2 * E)
+    for nm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        sd[f"mtp.{nm}.weight"] = 0.1 * torch.randn(E, generator=g)
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    files[0].unlink()
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    if config.get("model_type", "").startswith("qwen3_5"):
+        config["mtp_num_hidden_layers"] = 1
+        (d / "config.json").write_text(json.dumps(config, indent=1))
+    return config
+
+
+def _gdn_tweak(model, seed: int) -> None:
+    """Queries near the keys (q = k + 0.3 q in the projection, the same convolution taps). With
+    independent random q and k, o = S q is often a near-cancellation (q . k ~ N(0, 1/16)) that
+    the gated RMSNorm after it magnifies: Q8_0's rounding then moved llama.cpp's own logits by
+    0.06-0.13 of their std (75-85% argmax) against its F32 run, more than it tests. A trained
+    model reads back what it wrote."""
+    import torch
+
+    with torch.no_grad():
+        for mod in model.modules():
+            if not hasattr(mod, "conv1d") or not hasattr(mod, "head_k_dim"):
+                continue
+            hk, kd = mod.head_k_dim, mod.key_dim
+            if hasattr(mod, "in_proj_qkvz"):  # per key head: q, k, its values' v, then z
+                w = mod.in_proj_qkvz.weight.view(mod.num_k_heads, -1, mod.in_proj_qkvz.weight.shape[-1])
+                w[:, :hk] = w[:, hk:2 * hk] + 0.3 * w[:, :hk]
+            else:  # q, k, v of all heads
+                w = mod.in_proj_qkv.weight
+                w[:kd] = w[kd:2 * kd] + 0.3 * w[:kd]
+            mod.conv1d.weight[:kd] = mod.conv1d.weight[kd:2 * kd]
+
+
+_GDN_MOE = dict(num_experts=N_EXPERTS, num_experts_per_tok=TOP_K, moe_intermediate_size=MOE_INTER,
+                shared_expert_intermediate_size=MOE_INTER)
+
+arch("qwen3next", cfg="Qwen3NextConfig", model="Qwen3NextForCausalLM", moe="softmax",
+     rewrite=_gdn_mtp_checkpoint, tweak=_gdn_tweak,
+     kw=_gdn_kw(**_GDN_MOE, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]),
+     notes="Qwen3-Next: gated delta net layers (conv kernel 4, 2 key heads x 16, 4 value heads x 16, "
+           "gated RMSNorm) and gated GQA attention (q/k RMSNorm, NEOX RoPE on half of each head), "
+           "(linear, full, linear, full); 4 experts top-2 renormalized plus a sigmoid-gated shared expert")
+arch("qwen35", cfg="Qwen3_5TextConfig", model="Qwen3_5ForCausalLM",
+     rewrite=_gdn_mtp_checkpoint, tweak=_gdn_tweak,
+     kw=_gdn_kw(head_dim=32),
+     notes="Qwen3.5 dense: Qwen3-Next's mixers with separate beta / alpha projections, value heads "
+           "reordered to tiled order by the converter, interleaved M-RoPE (for text: NEOX RoPE on "
+           "half of each 32-wide head), SwiGLU FFN")
+arch("qwen35moe", cfg="Qwen3_5MoeTextConfig", model="Qwen3_5MoeForCausalLM", moe="softmax",
+     rewrite=_gdn_mtp_checkpoint, tweak=_gdn_tweak,
+     kw=_gdn_kw(head_dim=32, **_GDN_MOE),
+     notes="Qwen3.5 MoE: the qwen35 mixers, 4 experts top-2 renormalized plus a sigmoid-gated shared expert")
+# --- end gated delta net ----------------------------------------------------------------------
+
+
 # --------------------------------------------------------------------------------------
 # encoders (BERT and its descendants): the converter writes them like the decoders above, but
 # llama.cpp runs them with embeddings on, so each fixture records llama.cpp's per-token hidden

@@ -71,6 +71,7 @@ class DecoderArgs:
     attn_temperature_offset: float = 0.0  # added to the position before the floor division (Llama 4: 1)
     attn_temperature_layers: tuple[bool, ...] | None = None  # the layers it scales (Llama 4: NoPE ones); None: all
     qk_unit_norm: bool = False  # rotating layers: weightless RMSNorm of rotated q and k (Llama 4's L2 norm)
+    attn_output_gate: bool = False  # attn_q holds per head the query, then a gate: output * sigmoid(gate) (Qwen3-Next)
     moe: MoEArgs | None = None  # routing of the layers whose file has experts (ffn_gate_inp)
     extra_layers: int = 0  # trailing blocks in the file the forward pass skips (MTP / NextN layers)
     embed_scale: float = 1.0  # multiplies token embeddings (Gemma sqrt(dim), Granite)
@@ -141,7 +142,7 @@ class Block(nn.Module):
     def _init_attention(self, args: DecoderArgs, i: int) -> None:
         """Projections (split or fused qkv), q/k norms, output, sinks: as the file has them."""
         a, d, has, linear = args, args.dim, self._has, self._linear
-        q_out, kv_out = a.n_heads * a.head_dim, self.n_kv_heads * a.head_dim
+        q_out, kv_out = a.n_heads * a.head_dim * (2 if a.attn_output_gate else 1), self.n_kv_heads * a.head_dim
         v_out = self.n_kv_heads * self.head_dim_v
         if has("attn_qkv.weight"):
             self.attn_qkv = linear("attn_qkv", d, q_out + kv_out + v_out)
@@ -221,6 +222,8 @@ class Block(nn.Module):
             q, k, v = layers.project(x, (self.attn_q, self.attn_k, self.attn_v))
         if a.clamp_qkv:
             q, k, v = (mx.clip(t, -a.clamp_qkv, a.clamp_qkv) for t in (q, k, v))
+        if a.attn_output_gate:
+            q, out_gate = mx.split(q.reshape(B, L, a.n_heads, 2 * a.head_dim), 2, axis=-1)
         qk_norm = "attn_q_norm" in self
         if qk_norm and self.qk_norm_full_width:
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
@@ -257,7 +260,10 @@ class Block(nn.Module):
         scale = a.attn_scale if a.attn_scale is not None else a.head_dim ** -0.5
         sinks = self.attn_sinks["weight"] if "attn_sinks" in self else None
         out = kernels.attention(q, k, v, scale, mask, softcap=a.attn_softcap, bias=bias, sinks=sinks)
-        return self.attn_output(out.transpose(0, 2, 1, 3).reshape(B, L, -1))  # (B, L, H*Dv)
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, H*Dv)
+        if a.attn_output_gate:
+            out = out * mx.sigmoid(out_gate.reshape(B, L, -1))
+        return self.attn_output(out)
 
     def feed_forward(self, x: mx.array) -> mx.array:
         if self.moe is not None:
