@@ -126,9 +126,24 @@ def messages_request(body: dict, model: str, counted: dict) -> Request:
         raise ApiError(400, f"top_k must be at least 0, not {values['top_k']}", "top_k")
     field_of(body, "stream", "bool")
     field_of(body, "metadata", "object")  # accepted, not used
+    if isinstance(body.get("stop_sequences"), str):
+        raise ApiError(400, "stop_sequences: Input should be a valid list", "stop_sequences")
     stops = stop_list(body.get("stop_sequences"), "stop_sequences")
     return Request(model=model, build=prompt_builder(messages, prefill, counted), params=sampling(values),
-                   max_tokens=max_tokens, num_ctx=None, stop=stops, schema=None)
+                   max_tokens=max_tokens, num_ctx=None, stop=stops, schema=output_schema(body))
+
+
+def output_schema(body: dict) -> dict | None:
+    """Structured outputs: output_config.format {"type": "json_schema", "schema": ...},
+    enforced by the grammar engine."""
+    config = field_of(body, "output_config", "object", {})
+    fmt = field_of(config, "format", "object", None, "output_config.")
+    if fmt is None:
+        return None
+    if fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+        raise ApiError(400, "output_config.format must be {\"type\": \"json_schema\", \"schema\": {...}}",
+                       "output_config")
+    return fmt["schema"]
 
 
 def model_field(body: dict) -> str:
