@@ -176,6 +176,9 @@ def _params(opts: dict) -> SamplingParams:
 def run(model: str, prompt: str | None, max_tokens: int, system: str | None, raw: bool, verbose: bool,
         draft_name: str | None, prompt_lookup: bool, draft_tokens: int, kv_bits: str | None, **opts) -> None:
     """Generate from MODEL. Without PROMPT (and no piped input): an interactive chat."""
+    from .cli_models import apply_model_defaults, ensure
+    config = ensure(model)  # a registry name not here yet is pulled first, as `ollama run` does
+    system = apply_model_defaults(config, opts, system)  # a pulled manifest's parameters and system prompt
     params = _params(opts)
     speculation = _speculation(draft_name, prompt_lookup, draft_tokens, kv_bits)
     piped = None if sys.stdin.isatty() else sys.stdin.read()
@@ -313,6 +316,8 @@ def _seconds(value: str) -> float | None:
 @click.option("--parallel", type=click.IntRange(min=1), default=16, show_default=True,
               help="Requests decoded together per model; more wait for a free slot.")
 @click.option("--preload", multiple=True, help="Model to load at start (repeatable).")
+@click.option("--models-dir", "models_dirs", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="A folder whose .gguf files requests may name (repeatable); requests name models, never paths.")
 @click.option("--max-body-mb", type=click.FloatRange(min=0.001), default=16.0, show_default=True,
               help="Largest request body accepted (413 above it).")
 @click.option("--prefix-cache-mb", type=click.FloatRange(min=0), default=512.0, show_default=True,
@@ -329,7 +334,7 @@ def _seconds(value: str) -> float | None:
 def serve(host: str, port: int, keep_alive: str, parallel: int, preload: tuple[str, ...], max_body_mb: float,
           prefix_cache_mb: float, api_key: str | None, allowed_hosts: tuple[str, ...],
           allowed_origins: tuple[str, ...], draft_name: str | None, prompt_lookup: bool, draft_tokens: int,
-          kv_bits: str | None) -> None:
+          kv_bits: str | None, models_dirs: tuple[str, ...] = ()) -> None:
     """Serve the Ollama (/api) and OpenAI (/v1) APIs; models load on demand by name or path.
     Speculation (--draft, --prompt-lookup) applies while one greedy request is decoding."""
     from .server import Security
@@ -344,4 +349,10 @@ def serve(host: str, port: int, keep_alive: str, parallel: int, preload: tuple[s
                max_body=int(max_body_mb * (1 << 20)), prefix_cache_bytes=int(prefix_cache_mb * (1 << 20)),
                speculation={"draft": draft_name, "prompt_lookup": prompt_lookup, "draft_tokens": draft_tokens},
                kv_bits=int(kv_bits) if kv_bits else None,
-               security=Security.from_env(api_key, allowed_hosts, allowed_origins))
+               security=Security.from_env(api_key, allowed_hosts, allowed_origins), models_dirs=models_dirs)
+
+
+# pull, list, rm, cp, ps, stop
+from .cli_models import register as _register_model_commands
+
+_register_model_commands(main)

@@ -70,7 +70,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("embed-server"), "--keep-alive", "5m")
+    # the fixtures by path: requests name files only in folders the operator named
+    srv = Server(tmp_path_factory.mktemp("embed-server"), "--keep-alive", "5m", "--models-dir", str(FIXTURES))
     yield srv
     srv.stop()  # (its exit status is tests/test_server.py's concern)
     assert "stopped" in srv.log_path.read_text()

@@ -11,16 +11,16 @@ from typing import Any
 from aiohttp import web
 
 from .. import __version__
-from . import anthropic, embeddings, ollama, openai, responses
+from . import anthropic, embeddings, models_api, ollama, openai, responses
 from .common import IDLE_TIMEOUT, ApiError, errors_middleware, send_request_id
 from .engine import DEFAULT_PARALLEL
-from .pool import DEFAULT_KEEP_ALIVE, ModelPool, model_path
+from .pool import DEFAULT_KEEP_ALIVE, ModelPool, model_path, serve_names
 from .security import Security, cors_headers, is_loopback
 from .security import middleware as guard
 
 log = logging.getLogger("mlxllm.server")
 
-APIS = (ollama, openai, embeddings, anthropic, responses)  # each module's ROUTES: (method, path, handler)
+APIS = (ollama, openai, embeddings, anthropic, responses, models_api)  # each module's ROUTES: (method, path, handler)
 DEFAULT_PORT = 11434  # Ollama's, so Ollama clients work without configuration
 
 
@@ -71,6 +71,8 @@ async def serve_async(host: str, port: int, preload: tuple[str, ...] = (), secur
                       **pool_options: Any) -> None:
     max_body = pool_options.pop("max_body", 16 << 20)
     security = security or Security.from_env()
+    # requests name models; paths are the operator's: --models-dir folders, --preload, --draft
+    serve_names(pool_options.pop("models_dirs", ()), (*preload, (pool_options.get("speculation") or {}).get("draft")))
     for name in preload:  # an unknown name fails now, before the port is taken
         try:
             model_path(name)
@@ -117,9 +119,10 @@ async def serve_async(host: str, port: int, preload: tuple[str, ...] = (), secur
 def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, keep_alive: float | None = DEFAULT_KEEP_ALIVE,
           parallel: int = DEFAULT_PARALLEL, preload: tuple[str, ...] = (), max_body: int = 16 << 20,
           prefix_cache_bytes: int = 512 << 20, speculation: dict | None = None, kv_bits: int | None = None,
-          security: Security | None = None) -> None:
-    """Run the server until SIGINT or SIGTERM."""
+          security: Security | None = None, models_dirs: tuple[str, ...] = ()) -> None:
+    """Run the server until SIGINT or SIGTERM. Requests name models; `models_dirs`: folders
+    whose .gguf files requests may name too."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve_async(host, port, preload, security, keep_alive=keep_alive, parallel=parallel,
                             prefix_cache_bytes=prefix_cache_bytes, max_body=max_body, speculation=speculation,
-                            kv_bits=kv_bits))
+                            kv_bits=kv_bits, models_dirs=models_dirs))

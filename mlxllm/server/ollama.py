@@ -1,4 +1,4 @@
-"""Ollama's API: /api/generate, /api/chat, /api/tags, /api/show, /api/ps, /api/version."""
+"""Ollama's API: /api/generate, /api/chat, /api/ps, /api/version (models_api has the model routes)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..generate import encode_prompt
+from ..models import ModelConfig
 from ..sample import SamplingParams
 from .common import (
     ApiError,
@@ -32,10 +33,10 @@ from .common import (
 )
 from .generation import Request, render, start
 from .pool import (
+    NO_DEFAULTS,
     ModelPool,
-    arch_kind,
     describe,
-    listed_models,
+    model_defaults,
     model_path,
     refuse_embedding_model,
 )
@@ -47,8 +48,10 @@ OLLAMA_OPTIONS = {"num_ctx": "int", "num_predict": "int", "temperature": "number
 SAMPLING_KEYS = set(SamplingParams.__dataclass_fields__)
 
 
-def ollama_request(body: dict, model: str, build: Callable[[Any, int], list[int]]) -> Request:
-    options = field_of(body, "options", "object", {})
+def ollama_request(body: dict, model: str, build: Callable[[Any, int], list[int]],
+                   defaults: ModelConfig = NO_DEFAULTS) -> Request:
+    # a pulled model's parameters, under the request's options key by key (as Ollama merges)
+    options = defaults.options(field_of(body, "options", "object", {}))
     values = {k: field_of(options, k, kind, where="options.") for k, kind in OLLAMA_OPTIONS.items()}
     ignored = sorted(set(options) - set(OLLAMA_OPTIONS) - {"stop"})
     if ignored:
@@ -129,9 +132,10 @@ async def ollama_load_only(request: web.Request, body: dict, model: str, shape: 
 async def api_generate(request: web.Request) -> web.StreamResponse:
     body = await json_body(request)
     model = model_of(body)
+    defaults = await model_defaults(model)  # a pulled model's manifest: template, system, parameters
     prompt = field_of(body, "prompt", "string", "")
-    system = field_of(body, "system", "string")
-    template = field_of(body, "template", "string")
+    system = field_of(body, "system", "string") or defaults.system
+    template = field_of(body, "template", "string") or defaults.prompt_template
     raw = field_of(body, "raw", "bool", False)
     stream = field_of(body, "stream", "bool", True)
     context = field_of(body, "context", "list", [])
@@ -150,7 +154,7 @@ async def api_generate(request: web.Request) -> web.StreamResponse:
             text = render(tokenizer, messages, template)
         return list(context) + encode_prompt(tokenizer, text, limit)
 
-    req = ollama_request(body, model, build)
+    req = ollama_request(body, model, build, defaults)
     if not prompt and not context:
         return await ollama_load_only(request, body, model, {"response": ""})
 
@@ -184,10 +188,12 @@ def ollama_messages(body: dict) -> list[dict]:
 async def api_chat(request: web.Request) -> web.StreamResponse:
     body = await json_body(request)
     model = model_of(body)
+    defaults = await model_defaults(model)  # a pulled model's manifest: template, system, parameters
     messages = ollama_messages(body)
-    template = field_of(body, "template", "string")
+    template = field_of(body, "template", "string") or defaults.prompt_template
     stream = field_of(body, "stream", "bool", True)
-    req = ollama_request(body, model, lambda tokenizer, limit: encode_prompt(tokenizer, render(tokenizer, messages, template), limit))
+    req = ollama_request(body, model, lambda tokenizer, limit: encode_prompt(
+        tokenizer, render(tokenizer, defaults.with_system(messages), template), limit), defaults)
     if not messages:
         return await ollama_load_only(request, body, model, {"message": {"role": "assistant", "content": ""}})
 
@@ -223,18 +229,6 @@ def details(info: dict) -> dict:
             "parameter_size": _human_count(info["parameters"]), "quantization_level": quantization_level(info)}
 
 
-async def api_tags(request: web.Request) -> web.Response:
-    def collect() -> list[dict]:
-        models = []
-        for name, path in listed_models():
-            info = describe(path)
-            models.append({"name": name, "model": name, "modified_at": info["modified_at"], "size": info["file_size"],
-                           "digest": info["digest"], "details": details(info)})
-        return models
-
-    return web.json_response({"models": await asyncio.get_running_loop().run_in_executor(None, collect)})
-
-
 def model_info(info: dict) -> dict:
     """GGUF metadata for /api/show: scalars and short arrays (Ollama leaves out the
     vocabulary arrays too)."""
@@ -245,28 +239,6 @@ def model_info(info: dict) -> dict:
         out[key] = value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
     out["general.parameter_count"] = info["parameters"]
     return out
-
-
-async def api_show(request: web.Request) -> web.Response:
-    body = await json_body(request)
-    name = field_of(body, "model", "string") or field_of(body, "name", "string")
-    if not name:
-        raise ApiError(400, "model is required", "model")
-
-    def collect() -> dict:
-        path = model_path(name)
-        info = describe(path)
-        meta = info["metadata"]
-        template = meta.get("tokenizer.chat_template", "")
-        # Ollama's capabilities: an encoder embeds; a decoder completes (and embeds too,
-        # on /api/embed, as in Ollama, without saying so here)
-        capabilities = ["embedding"] if arch_kind(path) == "encoder" else ["completion"]
-        return {"license": meta.get("general.license", ""), "modelfile": f"# Modelfile generated by mlxllm\nFROM {path}\n",
-                "parameters": "", "template": template, "details": details(info), "model_info": model_info(info),
-                "capabilities": capabilities,
-                "modified_at": info["modified_at"]}
-
-    return web.json_response(await asyncio.get_running_loop().run_in_executor(None, collect))
 
 
 def rfc3339(seconds: float | None) -> str:
@@ -294,5 +266,6 @@ async def api_version(request: web.Request) -> web.Response:
     return web.json_response({"version": __version__})
 
 
-ROUTES = [("POST", "/api/generate", api_generate), ("POST", "/api/chat", api_chat), ("GET", "/api/tags", api_tags),
-          ("POST", "/api/show", api_show), ("GET", "/api/ps", api_ps), ("GET", "/api/version", api_version)]
+# /api/tags and /api/show are models_api's (from the store), with /api/pull, /api/delete, /api/copy
+ROUTES = [("POST", "/api/generate", api_generate), ("POST", "/api/chat", api_chat), ("GET", "/api/ps", api_ps),
+          ("GET", "/api/version", api_version)]

@@ -16,7 +16,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..generate import batch_forms
-from ..models import ModelNotFound, available, resolve
+from ..models import ModelConfig, ModelNotFound, catalog, lookup
 from .common import ApiError
 from .engine import DEFAULT_PARALLEL, Engine, Worker
 
@@ -47,15 +47,74 @@ class Loaded:
         return self.model.load_stats.nbytes
 
 
+class ServedNames:
+    """What a request's model may name (issue 19: names, not paths, over HTTP): the models
+    folder, the folders the operator named at start (`serve --models-dir`), the stores,
+    model packages, and the names the operator gave on the command line (`--preload`,
+    `--draft`, which may be paths). A request's name is compared with these; it never
+    becomes a path of its own."""
+
+    def __init__(self, folders: tuple[str, ...] = (), operator_names: tuple[str, ...] = ()) -> None:
+        self.folders = tuple(os.path.realpath(f) for f in folders)
+        self.operator: dict[str, ModelConfig] = {}
+        for name in operator_names:
+            try:  # an unknown one is reported where it is used (serve's preload check)
+                self.operator[name] = lookup(name, paths=True, folders=self.folders)
+            except ModelNotFound:
+                continue
+
+    def config(self, name: str) -> ModelConfig:
+        if name in self.operator:
+            return self.operator[name]
+        return lookup(name, paths=False, folders=self.folders)
+
+    def catalog(self) -> list[ModelConfig]:
+        configs = catalog(self.folders)
+        names = {c.name for c in configs}
+        return configs + [c for name, c in self.operator.items() if c.name not in names and name not in names]
+
+
+SERVED = ServedNames()  # one server per process: serve() configures it at start
+
+
+def serve_names(folders: tuple[str, ...] = (), operator_names: tuple[str, ...] = ()) -> ServedNames:
+    """Set what this process's server answers to (before its first request)."""
+    global SERVED
+    SERVED = ServedNames(folders, tuple(n for n in operator_names if n))
+    return SERVED
+
+
+def model_config(name: str) -> ModelConfig:
+    """The served model a name stands for; ApiError 404 when there is none."""
+    if not isinstance(name, str) or not name or len(name) > 512 or "\0" in name:
+        raise ApiError(404, "model not found: invalid name", "model", "model_not_found")
+    try:
+        config = SERVED.config(name)
+    except ModelNotFound as e:
+        # the command line's message names the models folder: a client learns no server path
+        message = (f"model {name[:200]!r} not found (GET /api/tags lists the models; POST /api/pull fetches one)"
+                   if str(e).startswith("unknown model") else str(e))
+        raise ApiError(404, message, "model", "model_not_found") from None
+    if not os.path.isfile(config.path):
+        raise ApiError(404, f"model {name!r} not found: its file is missing", "model", "model_not_found")
+    return config
+
+
 def model_path(name: str) -> str:
     """The GGUF file a model name stands for; ApiError 404 when there is none."""
+    return os.path.realpath(model_config(name).path)
+
+
+NO_DEFAULTS = ModelConfig("", "", "none")
+
+
+async def model_defaults(name: str) -> ModelConfig:
+    """What a pulled model's manifest sets for its requests (template, system prompt,
+    parameters); NO_DEFAULTS for an unknown name, whose 404 comes when it is loaded."""
     try:
-        path = resolve(name)
-    except ModelNotFound as e:
-        raise ApiError(404, str(e), "model", "model_not_found") from None
-    if not os.path.isfile(path):
-        raise ApiError(404, f"model {name!r} not found: no such file {path}", "model", "model_not_found")
-    return os.path.realpath(path)
+        return await asyncio.get_running_loop().run_in_executor(None, model_config, name)
+    except ApiError:
+        return NO_DEFAULTS
 
 
 def file_digest(path: str) -> str:
@@ -85,14 +144,7 @@ def describe(path: str) -> dict:
 
 def listed_models() -> list[tuple[str, str]]:
     """(name, path) of every model this server can load by name."""
-    out = []
-    for name in available():
-        try:
-            path = model_path(name)
-        except ApiError:
-            continue
-        out.append((name, path))
-    return out
+    return [(c.name, os.path.realpath(c.path)) for c in SERVED.catalog() if os.path.isfile(c.path)]
 
 
 def arch_kind(path: str) -> str:
