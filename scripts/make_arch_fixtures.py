@@ -1381,6 +1381,57 @@ arch("qwen35moe", cfg="Qwen3_5MoeTextConfig", model="Qwen3_5MoeForCausalLM", moe
      rewrite=_gdn_mtp_checkpoint, tweak=_gdn_tweak,
      kw=_gdn_kw(head_dim=32, **_GDN_MOE),
      notes="Qwen3.5 MoE: the qwen35 mixers, 4 experts top-2 renormalized plus a sigmoid-gated shared expert")
+
+
+def _qwen3next_legacy_ssm_in(path: Path) -> None:
+    """Rewrite a qwen3next GGUF from today's converter into the layout the first converters
+    wrote (llama.cpp's "legacy GGUF" path), in place: one ssm_in per linear-attention layer,
+    HF's in_proj_qkvz unchanged (per key head: its q, k, then its value heads' v and z),
+    where today's converter splits it into attn_qkv (q, k, v of all heads in turn) and
+    attn_gate (z). Everything else is copied as it is."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(path)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    meta = {f.name: f.contents() for f in reader.fields.values()}
+    n_k = meta[gguf.Keys.SSM.GROUP_COUNT.format(arch=arch)]
+    hk = meta[gguf.Keys.SSM.STATE_SIZE.format(arch=arch)]
+    qkv_t, gate_t, in_t = (gguf.TENSOR_NAMES[t] for t in (gguf.MODEL_TENSOR.ATTN_QKV, gguf.MODEL_TENSOR.ATTN_GATE,
+                                                          gguf.MODEL_TENSOR.SSM_IN))
+    by_name = {t.name: t for t in reader.tensors}
+    out = path.with_suffix(".legacy.tmp")
+    writer = gguf.GGUFWriter(out, arch)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
+            continue
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
+    for t in reader.tensors:
+        data = np.array(t.data)
+        bid = t.name.split(".")[1] if t.name.startswith("blk.") else None
+        if bid is not None and t.name == qkv_t.format(bid=bid) + ".weight":
+            z = np.array(by_name[gate_t.format(bid=bid) + ".weight"].data)  # (value_dim, hidden)
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32
+            q, k, v = np.split(data, [n_k * hk, 2 * n_k * hk])
+            heads = [x.reshape(n_k, -1, data.shape[-1]) for x in (q, k, v, z)]  # value heads grouped by key head
+            writer.add_tensor(in_t.format(bid=bid) + ".weight",
+                              np.ascontiguousarray(np.concatenate(heads, axis=1).reshape(-1, data.shape[-1])))
+            continue
+        if bid is not None and t.name == gate_t.format(bid=bid) + ".weight":
+            continue
+        writer.add_tensor(t.name, data, raw_shape=[int(x) for x in reversed(t.shape)], raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    out.replace(path)
+
+
+arch("qwen3next-ssm-in", **{k: v for k, v in ARCHS["qwen3next"].items() if k != "notes"},
+     gguf_rewrite=_qwen3next_legacy_ssm_in,
+     notes="qwen3next in the first converters' layout: ssm_in (HF's in_proj_qkvz, q, k, v, z per key head) "
+           "where today's files have attn_qkv and attn_gate (llama.cpp's legacy path)")
 # --- end gated delta net ----------------------------------------------------------------------
 
 

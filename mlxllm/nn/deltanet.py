@@ -4,7 +4,8 @@ qwen35.cpp: build_layer_attn_linear), and the hybrid decoder layer that holds it
 full attention.
 
 Per layer: attn_qkv projects to q, k (n_k_heads x head_k_dim each) and v (n_v_heads x
-head_v_dim), which run through a depthwise causal convolution (ssm_conv1d) and SiLU; q and k
+head_v_dim) (Qwen3-Next files from the first converters: ssm_in, HF's in_proj_qkvz, which also
+yields z, per key head), which run through a depthwise causal convolution (ssm_conv1d) and SiLU; q and k
 are L2-normalized, and each value head reads one key head (grouped, Qwen3-Next: value head j
 reads key head j // (n_v / n_k); tiled, Qwen3.5, whose converter reorders the value heads:
 j % n_k). Per value head and token, beta = sigmoid(b) and the log decay
@@ -147,11 +148,11 @@ def init_delta_net(block: nn.Module, d: int, args: DeltaNetArgs, has) -> None:
     """Set the tensors of a gated delta net from and to width d on `block` (has(leaf):
     whether the file holds blk.N.leaf)."""
     a = args
-    if has("ssm_in.weight"):
-        raise ValueError("gated delta net files with the fused ssm_in (q, k, v, z) projection are not supported; "
-                         "convert the model again")
-    block.attn_qkv = nn.Linear(d, a.conv_channels, bias=False)
-    block.attn_gate = nn.Linear(d, a.value_dim, bias=False)
+    if has("ssm_in.weight"):  # Qwen3-Next files from converters before the split: HF's in_proj_qkvz
+        block.ssm_in = nn.Linear(d, a.conv_channels + a.value_dim, bias=False)
+    else:
+        block.attn_qkv = nn.Linear(d, a.conv_channels, bias=False)
+        block.attn_gate = nn.Linear(d, a.value_dim, bias=False)
     if has("ssm_ba.weight"):  # per key head: its value heads' b, then their a
         block.ssm_ba = nn.Linear(d, 2 * a.n_v_heads, bias=False)
     else:
@@ -169,6 +170,19 @@ def l2_norm(x: mx.array, eps: float) -> mx.array:
     return x * mx.rsqrt(mx.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
+def _qkv_and_gate(block: nn.Module, x: mx.array, a: DeltaNetArgs) -> tuple[mx.array, mx.array]:
+    """The convolution's input (q, k, v of all heads in turn) and the output gate z."""
+    if "attn_qkv" in block:
+        return block.attn_qkv(x), block.attn_gate(x)
+    # ssm_in: per key head, its q, k, then its value heads' v and z (llama.cpp's legacy path)
+    B, L, _ = x.shape
+    r = a.n_v_heads // a.n_k_heads
+    mixed = block.ssm_in(x).reshape(B, L, a.n_k_heads, -1)
+    q, k, v, z = mx.split(mixed, [a.head_k_dim, 2 * a.head_k_dim, 2 * a.head_k_dim + r * a.head_v_dim], axis=-1)
+    qkv = mx.concatenate([t.reshape(B, L, -1) for t in (q, k, v)], axis=-1)
+    return qkv, z.reshape(B, L, a.value_dim)
+
+
 def delta_net(block: nn.Module, x: mx.array, cache, args: DeltaNetArgs) -> mx.array:
     """The gated delta net of `block` on x (B, L, D), reading and advancing `cache` (a
     RecurrentCache, or None for a prompt on its own)."""
@@ -182,7 +196,8 @@ def delta_net(block: nn.Module, x: mx.array, cache, args: DeltaNetArgs) -> mx.ar
         b_, alpha = block.ssm_beta(x), block.ssm_alpha(x)
     beta = mx.sigmoid(b_)
     g = softplus(alpha + block.ssm_dt["bias"]) * block.ssm_a  # (B, L, n_v): log decay
-    qkv, state = causal_conv(block.attn_qkv(x), block.ssm_conv1d["weight"], cache.conv if cache is not None else None)
+    qkv, z = _qkv_and_gate(block, x, a)
+    qkv, state = causal_conv(qkv, block.ssm_conv1d["weight"], cache.conv if cache is not None else None)
     qkv = nn.silu(qkv)
     q, k, v = mx.split(qkv, [a.key_dim, 2 * a.key_dim], axis=-1)
     q = l2_norm(q.reshape(B, L, a.n_k_heads, a.head_k_dim), a.norm_eps)
@@ -195,7 +210,7 @@ def delta_net(block: nn.Module, x: mx.array, cache, args: DeltaNetArgs) -> mx.ar
     if cache is not None:
         cache.conv, cache.ssm = state, ssm
         cache.advance(L)
-    z = block.attn_gate(x).reshape(B, L, a.n_v_heads, a.head_v_dim)
+    z = z.reshape(B, L, a.n_v_heads, a.head_v_dim)
     o = kernels.rms_norm(o, block.ssm_norm["weight"], a.norm_eps) * nn.silu(z)
     return block.ssm_out(o.reshape(B, L, a.value_dim))
 
