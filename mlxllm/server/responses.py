@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from ..constrain import ANY_OBJECT
-from ..generate import encode_prompt
+from ..reasoning import Delta
 from .common import (
     ApiError,
     field_of,
@@ -25,7 +25,8 @@ from .common import (
     sampling,
     sse_stream,
 )
-from .generation import Request, render, start
+from .generation import Request
+from .tooluse import Tooling, start_run
 
 log = logging.getLogger("mlxllm.server")
 
@@ -101,14 +102,14 @@ def _arguments(text: Any, where: str) -> Any:
         raise ApiError(400, f"{where}.arguments is not valid JSON", "input") from None
 
 
-def input_messages(value: Any) -> list[dict]:
-    """Responses input (a string, or items) as chat-template messages."""
+def input_messages(value: Any, names: dict[str, str]) -> list[dict]:
+    """Responses input (a string, or items) as chat-template messages. names: call_id ->
+    function name of the calls seen so far (a tool message names the function it answers)."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if not isinstance(value, list):
         raise ApiError(400, "input must be a string or an array of input items", "input")
     out: list[dict] = []
-    names: dict[str, str] = {}  # call_id -> function name, for the tool messages that answer them
     for i, item in enumerate(value):
         where = f"input[{i}]"
         if not isinstance(item, dict):
@@ -175,7 +176,8 @@ def conversation_of(body: dict) -> tuple[list[dict], list[dict]]:
         history = list(found[1])
     if body.get("input") is None:
         raise ApiError(400, "input is required", "input")
-    conversation = history + input_messages(body["input"])
+    names = {c["id"]: c["function"]["name"] for m in history for c in m.get("tool_calls", [])}
+    conversation = history + input_messages(body["input"], names)
     if not conversation:
         raise ApiError(400, "input must not be empty", "input")
     instructions = field_of(body, "instructions", "string")
@@ -183,9 +185,25 @@ def conversation_of(body: dict) -> tuple[list[dict], list[dict]]:
     return prompt, conversation
 
 
-def responses_request(body: dict, model: str, messages: list[dict]) -> Request:
-    if body.get("tools"):
-        raise ApiError(400, "tools are not supported by mlxllm's Responses API yet", "tools")
+def tooling_of(body: dict) -> Tooling:
+    """Responses' function tools ({"type": "function", name, description, parameters}) and
+    tool_choice ("auto" | "none" | "required" | {"type": "function", "name"})."""
+    tools = field_of(body, "tools", "list", [])
+    listed = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            kind = tool.get("type") if isinstance(tool, dict) else tool
+            raise ApiError(400, f"tools[{i}]: only function tools are supported by mlxllm, not {json.dumps(kind)}",
+                           "tools")
+        function = {k: tool[k] for k in ("name", "description", "parameters") if tool.get(k) is not None}
+        listed.append({"type": "function", "function": function})
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "function" and "function" not in choice:
+        choice = {"type": "function", "function": {"name": choice.get("name")}}
+    return Tooling.of(listed, choice, field_of(body, "parallel_tool_calls", "bool", True))
+
+
+def responses_request(body: dict, model: str, messages: list[dict], tooling: Tooling) -> Request:
     if body.get("background"):
         raise ApiError(400, "background responses are not supported by mlxllm", "background")
     if body.get("top_logprobs"):
@@ -200,15 +218,11 @@ def responses_request(body: dict, model: str, messages: list[dict]) -> Request:
             values[key] = value
     in_range(values["temperature"], "temperature", 0, 2)
     in_range(values["top_p"], "top_p", 0, 1)
-    for key in ("stream", "store", "parallel_tool_calls"):
+    for key in ("stream", "store"):
         field_of(body, key, "bool")
     field_of(body, "metadata", "object")
-
-    def build(tokenizer, limit: int) -> list[int]:
-        return encode_prompt(tokenizer, render(tokenizer, messages, None), limit)
-
-    return Request(model=model, build=build, params=sampling(values), max_tokens=max_tokens, num_ctx=None,
-                   stop=[], schema=text_schema(body))
+    return Request(model=model, build=tooling.build(messages), params=sampling(values), max_tokens=max_tokens,
+                   num_ctx=None, stop=[], schema=text_schema(body))
 
 
 # ---------------------------------------------------------------------------- answers
@@ -219,12 +233,12 @@ def usage(stats: dict) -> dict:
             "total_tokens": stats["prompt_tokens"] + stats["completion_tokens"]}
 
 
-def response_object(ident: str, body: dict, model: str, created: int) -> dict:
+def response_object(ident: str, body: dict, model: str, created: int, tooling: Tooling) -> dict:
     """The response as created (in_progress, no output yet); the request's settings echoed."""
     return {"id": ident, "object": "response", "created_at": created, "status": "in_progress", "error": None,
             "incomplete_details": None, "instructions": body.get("instructions"),
             "max_output_tokens": body.get("max_output_tokens"), "model": model, "output": [],
-            "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "parallel_tool_calls": tooling.parallel,
             "previous_response_id": body.get("previous_response_id"), "reasoning": {"effort": None, "summary": None},
             "store": body.get("store", True), "temperature": body.get("temperature", OPENAI_DEFAULTS["temperature"]),
             "text": body.get("text") or {"format": {"type": "text"}}, "tool_choice": body.get("tool_choice", "auto"),
@@ -233,9 +247,91 @@ def response_object(ident: str, body: dict, model: str, created: int) -> dict:
             "metadata": body.get("metadata") or {}}
 
 
-def message_item(ident: str, text: str | None, status: str) -> dict:
-    content = [] if text is None else [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
-    return {"id": ident, "type": "message", "status": status, "role": "assistant", "content": content}
+class Items:
+    """A reply's pieces (`Delta`s: reasoning, text, calls) as Responses output items
+    (reasoning, message, function_call) and the stream events that build them. Text that
+    is only whitespace waits: it opens no message of its own."""
+
+    def __init__(self) -> None:
+        self.items: list[dict] = []
+        self.open: str | None = None  # the open item's type
+        self.blank = ""
+        self.calls: list[dict] = []
+
+    def _where(self) -> dict:
+        return {"item_id": self.items[-1]["id"], "output_index": len(self.items) - 1, "content_index": 0}
+
+    def _start(self, item: dict, part: dict | None) -> list[tuple[str, dict]]:
+        out = self._stop()
+        self.items.append(item)
+        self.open = item["type"]
+        shown = {**item, "status": "in_progress", **({"arguments": ""} if item["type"] == "function_call" else {}),
+                 **({"content": []} if "content" in item else {})}
+        out.append(("response.output_item.added", {"output_index": len(self.items) - 1, "item": shown}))
+        if part is not None:
+            item["content"].append(part)
+            out.append(("response.content_part.added", {**self._where(), "part": dict(part)}))
+        return out
+
+    def _stop(self) -> list[tuple[str, dict]]:
+        if self.open is None:
+            return []
+        item, out = self.items[-1], []
+        if self.open in ("message", "reasoning"):
+            part = item["content"][0]
+            kind = "output_text" if self.open == "message" else "reasoning_text"
+            extra = {"logprobs": []} if self.open == "message" else {}
+            out.append((f"response.{kind}.done", {**self._where(), "text": part["text"], **extra}))
+            out.append(("response.content_part.done", {**self._where(), "part": part}))
+        item["status"] = "completed"
+        out.append(("response.output_item.done", {"output_index": len(self.items) - 1, "item": item}))
+        self.open = None
+        return out
+
+    def add(self, piece: Delta) -> list[tuple[str, dict]]:
+        if piece.kind == "call":
+            self.blank = ""
+            call = piece.call
+            item = {"id": "fc_" + uuid.uuid4().hex, "type": "function_call", "status": "completed",
+                    "call_id": call.id, "name": call.name, "arguments": call.arguments_json}
+            self.calls.append(item)
+            out = self._start(item, None)
+            out.append(("response.function_call_arguments.delta", {"item_id": item["id"],
+                                                                    "output_index": len(self.items) - 1,
+                                                                    "delta": item["arguments"]}))
+            out.append(("response.function_call_arguments.done", {"item_id": item["id"], "name": item["name"],
+                                                                   "output_index": len(self.items) - 1,
+                                                                   "arguments": item["arguments"]}))
+            return out + self._stop()
+        if piece.kind == "reasoning":
+            self.blank = ""
+            out = [] if self.open == "reasoning" else self._start(
+                {"id": "rs_" + uuid.uuid4().hex, "type": "reasoning", "status": "completed", "summary": [],
+                 "content": []}, {"type": "reasoning_text", "text": ""})
+            self.items[-1]["content"][0]["text"] += piece.text
+            return out + [("response.reasoning_text.delta", {**self._where(), "delta": piece.text})]
+        text = piece.text
+        out = []
+        if self.open != "message":
+            self.blank += text
+            if not self.blank.strip():
+                return []
+            text, self.blank = self.blank, ""
+            out = self._start({"id": "msg_" + uuid.uuid4().hex, "type": "message", "status": "completed",
+                               "role": "assistant", "content": []},
+                              {"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+        self.items[-1]["content"][0]["text"] += text
+        return out + [("response.output_text.delta", {**self._where(), "delta": text, "logprobs": []})]
+
+    def close(self) -> list[tuple[str, dict]]:
+        return self._stop()
+
+    def said(self) -> dict:
+        """The assistant's turn as a chat message, for previous_response_id."""
+        text = "".join(i["content"][0]["text"] for i in self.items if i["type"] == "message")
+        calls = [{"id": c["call_id"], "type": "function",
+                  "function": {"name": c["name"], "arguments": json.loads(c["arguments"])}} for c in self.calls]
+        return {"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}
 
 
 def finish(response: dict, output: list[dict], stats: dict) -> dict:
@@ -245,64 +341,58 @@ def finish(response: dict, output: list[dict], stats: dict) -> dict:
             "output": output, "usage": usage(stats)}
 
 
-def remember(body: dict, response: dict, conversation: list[dict], text: str) -> None:
+def remember(body: dict, response: dict, conversation: list[dict], items: Items) -> None:
     if body.get("store", True):
-        STORE.put(response, conversation + [{"role": "assistant", "content": text}])
+        STORE.put(response, conversation + [items.said()])
 
 
-async def responses_respond(request: web.Request, body: dict, req: Request, conversation: list[dict]) -> web.StreamResponse:
+async def responses_respond(request: web.Request, body: dict, req: Request, tooling: Tooling,
+                            conversation: list[dict]) -> web.StreamResponse:
     ident = "resp_" + uuid.uuid4().hex
-    item_id = "msg_" + uuid.uuid4().hex
-    response = response_object(ident, body, req.model, int(time.time()))
-    run = await start(request.app, req)
+    response = response_object(ident, body, req.model, int(time.time()), tooling)
+    run = await start_run(request.app, req, tooling)
+    reply, items = tooling.reply(), Items()
     try:
         if not body.get("stream"):
-            pieces = []
             async for kind, value in run.events():
                 if kind == "text":
-                    pieces.append(value)
+                    for piece in reply.feed(value):
+                        items.add(piece)
                     continue
-                text = "".join(pieces)
-                final = finish(response, [message_item(item_id, text, "completed")], value)
-                remember(body, final, conversation, text)
+                for piece in reply.close():
+                    items.add(piece)
+                items.close()
+                final = finish(response, items.items, value)
+                remember(body, final, conversation, items)
                 return web.json_response(final)
         stream = await sse_stream(request)
         sequence = 0
 
-        async def send(kind: str, data: dict) -> None:
+        async def send(events: list[tuple[str, dict]]) -> None:
             nonlocal sequence
-            payload = {"type": kind, "sequence_number": sequence, **data}
-            sequence += 1
-            await stream.write(f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
+            for kind, data in events:
+                payload = {"type": kind, "sequence_number": sequence, **data}
+                sequence += 1
+                await stream.write(f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
 
-        where = {"item_id": item_id, "output_index": 0, "content_index": 0}
         try:
-            await send("response.created", {"response": response})
-            await send("response.in_progress", {"response": response})
-            await send("response.output_item.added", {"output_index": 0,
-                                                      "item": message_item(item_id, None, "in_progress")})
-            await send("response.content_part.added", {**where, "part": {"type": "output_text", "text": "",
-                                                                         "annotations": [], "logprobs": []}})
-            pieces = []
+            await send([("response.created", {"response": response}), ("response.in_progress", {"response": response})])
             async for kind, value in run.events():
                 if kind == "text":
-                    if value:
-                        pieces.append(value)
-                        await send("response.output_text.delta", {**where, "delta": value, "logprobs": []})
+                    for piece in reply.feed(value):
+                        await send(items.add(piece))
                     continue
-                text = "".join(pieces)
-                item = message_item(item_id, text, "completed")
-                await send("response.output_text.done", {**where, "text": text, "logprobs": []})
-                await send("response.content_part.done", {**where, "part": item["content"][0]})
-                await send("response.output_item.done", {"output_index": 0, "item": item})
-                final = finish(response, [item], value)
-                remember(body, final, conversation, text)
-                await send("response.completed" if final["status"] == "completed" else "response.incomplete",
-                           {"response": final})
+                for piece in reply.close():
+                    await send(items.add(piece))
+                await send(items.close())
+                final = finish(response, items.items, value)
+                remember(body, final, conversation, items)
+                await send([("response.completed" if final["status"] == "completed" else "response.incomplete",
+                             {"response": final})])
         except ApiError as e:  # headers are sent: the error goes in the stream
-            await send("error", {"code": e.code or "server_error", "message": e.message, "param": e.param})
-            await send("response.failed", {"response": {**response, "status": "failed", "error": {
-                "code": "server_error", "message": e.message}}})
+            await send([("error", {"code": e.code or "server_error", "message": e.message, "param": e.param}),
+                        ("response.failed", {"response": {**response, "status": "failed",
+                                                          "error": {"code": "server_error", "message": e.message}}})])
         await stream.write_eof()
         return stream
     except ConnectionResetError:
@@ -318,8 +408,9 @@ async def v1_responses(request: web.Request) -> web.StreamResponse:
     body = await json_body(request)
     model = model_of(body)
     messages, conversation = conversation_of(body)
-    req = responses_request(body, model, messages)
-    return await responses_respond(request, body, req, conversation)
+    tooling = tooling_of(body)
+    req = responses_request(body, model, messages, tooling)
+    return await responses_respond(request, body, req, tooling, conversation)
 
 
 def _stored(request: web.Request) -> tuple[str, dict]:
