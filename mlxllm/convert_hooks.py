@@ -358,6 +358,114 @@ class Bert(Converter):
         wordpiece_vocab(self, w)
 
 
+def sentence_pooling(conv: Converter, w: gguf.GGUFWriter) -> None:
+    """Pooling as llama.cpp's converter reads it: sentence-transformers' files, and the
+    pooling before a classification head (`classifier_pooling`)."""
+    if (pooling := pooling_type(conv)) is not None:
+        w.add_pooling_type(pooling)
+    if (before_head := conv.config.get("classifier_pooling")) is not None:
+        if before_head not in ("cls", "mean"):
+            raise ConvertError(f"classifier_pooling {before_head!r} is not supported (cls or mean)")
+        from .archs.bert import (
+            CLASSIFIER_POOLING,  # (a key newer than this gguf-py's tables)
+        )
+
+        w.add_uint32(CLASSIFIER_POOLING.format(arch=w.arch), POOLING_MODES[before_head])
+
+
+def classifier_labels(conv: Converter, w: gguf.GGUFWriter) -> None:
+    """A sequence classifier's labels, unless they are the two placeholders AutoConfig adds."""
+    labels = conv.config.get("id2label")
+    if labels and not (len(labels) == 2 and labels.get("0", labels.get(0)) == "LABEL_0"):
+        w.add_classifier_output_labels([v for _, v in sorted(labels.items(), key=lambda kv: int(kv[0]))])
+
+
+class ModernBert(Converter):
+    """ModernBERT: fused Wqkv, GLU feed-forward (its activation written), alternating local
+    and global attention (window and pattern), byte-level BPE with BOS, EOS and SEP added;
+    a sequence classifier keeps its head and pooling."""
+
+    hf_classes = ("ModernBertModel", "ModernBertForMaskedLM", "ModernBertForSequenceClassification")
+
+    def rename(self, name: str) -> str:
+        name = super().rename(name.removeprefix("model."))
+        if name in ("classifier.weight", "classifier.bias") and self.config.get("id2label"):
+            name = name.replace("classifier.", "classifier.out_proj.")
+        return name
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        super().hparams(w)
+        w.add_causal_attention(False)
+        sentence_pooling(self, w)
+        classifier_labels(self, w)
+        w.add_sliding_window(self.config["local_attention"])
+        if (pattern := self.config.get("global_attn_every_n_layers")) is not None:
+            w.add_sliding_window_pattern(pattern)
+        w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+        w.add_vocab_size(self.config["vocab_size"])
+        if act := self.config.get("hidden_activation"):
+            from .archs.bert import HIDDEN_ACT
+
+            w.add_string(HIDDEN_ACT.format(arch=w.arch), act)
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(True)
+        w.add_add_sep_token(True)
+        bpe_vocab(self, w)
+
+
+class EuroBert(Converter):
+    """EuroBERT: a Llama-shaped encoder (bidirectional), byte-level BPE without BOS."""
+
+    hf_classes = ("EuroBertModel",)
+
+    def rename(self, name: str) -> str:
+        return super().rename(name.removeprefix("model."))
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        super().hparams(w)
+        w.add_causal_attention(False)
+        w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+        sentence_pooling(self, w)
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        w.add_add_bos_token(False)
+        bpe_vocab(self, w)
+
+
+class Lfm2(Converter):
+    """LFM2: short-convolution and attention layers (kv heads 0 on conv layers), the
+    feed-forward width adjusted as the checkpoint's block_* settings say, conv kernels 2-D."""
+
+    hf_classes = ("Lfm2ForCausalLM", "LFM2ForCausalLM")
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        c = self.config
+        kv = c["num_key_value_heads"]
+        c["num_key_value_heads"] = [kv if kind != "conv" else 0 for kind in c["layer_types"]]
+        try:
+            super().hparams(w)
+        finally:
+            c["num_key_value_heads"] = kv
+        w.add_vocab_size(c["vocab_size"])
+        w.add_shortconv_l_cache(c["conv_L_cache"])
+        self.forget(w, gguf.Keys.Attention.LAYERNORM_RMS_EPS, gguf.Keys.LLM.FEED_FORWARD_LENGTH)
+        w.add_layer_norm_rms_eps(c["norm_eps"])
+        n_ff = self.find("block_ff_dim", "intermediate_size")
+        if c["block_auto_adjust_ff_dim"]:
+            n_ff = int(2 * n_ff / 3)
+            if (multiplier := c["block_ffn_dim_multiplier"]) is not None:
+                n_ff = int(multiplier * n_ff)
+            n_ff = c["block_multiple_of"] * ((n_ff + c["block_multiple_of"] - 1) // c["block_multiple_of"])
+        w.add_feed_forward_length(n_ff)
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        if "conv.conv" in name:  # [d, 1, L] -> [d, L]
+            t = t.map(lambda a: a.reshape(a.shape[0], a.shape[-1]), shape=(t.shape[0], t.shape[-1]))
+        return super().tensors(name, t, bid)
+
+
 class CommandR(Converter):
     """Command R: trained past config.json's max_position_embeddings (model_max_length
     says how far), logits scaled."""

@@ -109,6 +109,10 @@ FIXTURES: dict[str, tuple] = {
     "dots1": ("dots1", "bfloat16", None),
     "bailingmoe": ("bailingmoe", "bfloat16", None),
     "mpt": ("mpt", "bfloat16", None),
+    "eurobert": ("eurobert", "bfloat16", None),
+    "modern-bert": ("modern-bert", "bfloat16", None),
+    "modern-bert-rerank": ("modern-bert-rerank", "bfloat16", None),
+    "lfm2": ("lfm2", "bfloat16", None),
 }
 
 

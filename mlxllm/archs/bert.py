@@ -106,6 +106,7 @@ ARCHS = (
           "BERT, DistilBERT, RoBERTa encoders (MiniLM, bge, e5)", convert=convert_hooks.Bert),
     _arch("nomic-bert", nomic_bert, ("NomicBertModel",), "nomic-embed-text v1 / v1.5"),
     _arch("jina-bert-v2", jina_bert_v2, ("JinaBertModel",), "jina-embeddings-v2 (ALiBi)"),
-    _arch("modern-bert", modern_bert, ("ModernBertModel",), "ModernBERT (granite-embedding, gte-modernbert)"),
-    _arch("eurobert", eurobert, ("EuroBertModel",), "EuroBERT"),
+    _arch("modern-bert", modern_bert, convert_hooks.ModernBert.hf_classes,
+          "ModernBERT (granite-embedding, gte-modernbert)", convert=convert_hooks.ModernBert),
+    _arch("eurobert", eurobert, ("EuroBertModel",), "EuroBERT", convert=convert_hooks.EuroBert),
 )

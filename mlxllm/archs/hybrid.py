@@ -31,6 +31,7 @@ from types import SimpleNamespace
 import mlx.core as mx
 from gguf import Keys
 
+from .. import convert_hooks
 from ..gguf import GGUFFile, Metadata
 from ..nn import DecoderArgs
 from ..nn.hybrid import HybridArgs, HybridDecoder
@@ -130,7 +131,7 @@ def jamba(gf: GGUFFile) -> HybridArgs:
 
 ARCHS = (
     Arch(name="lfm2", args=lfm2, model=Lfm2, hf_architectures=("Lfm2ForCausalLM", "LFM2ForCausalLM"),
-         description="Liquid LFM2 / LFM2.5 (short convolutions + attention)"),
+         description="Liquid LFM2 / LFM2.5 (short convolutions + attention)", convert=convert_hooks.Lfm2),
     Arch(name="lfm2moe", args=lfm2, model=Lfm2, hf_architectures=("Lfm2MoeForCausalLM",),
          description="Liquid LFM2-MoE (8B-A1B, 24B-A2B)"),
     Arch(name="granitehybrid", args=granite_hybrid, model=HybridDecoder,
