@@ -28,6 +28,8 @@ from gguf.constants import (
     GGUFValueType,
 )
 
+from .validation import one_line, quote
+
 SUPPORTED_VERSIONS = (2, 3)  # v1 used 32-bit counts and predates every model in use
 MAX_DIMS = 4  # GGML_MAX_DIMS in ggml.h
 MAX_ARRAY_DEPTH = 4  # arrays of arrays are legal; nothing real nests deeper than 2
@@ -49,7 +51,11 @@ _TOKENIZER_KINDS = {"llama": "SPM", "gpt2": "BPE", "bert": "WPM", "t5": "UGM", "
 
 
 class GGUFError(ValueError):
-    """A file that is not a readable GGUF; the message is one line naming the file."""
+    """A file that is not a readable GGUF; the message is one line naming the file, bounded
+    in length (names from a corrupt file are quoted cut short)."""
+
+    def __init__(self, message: str):
+        super().__init__(one_line(message))
 
 
 @dataclass(frozen=True)
@@ -224,10 +230,10 @@ class GGUFFile:
         values: dict[str, Any] = {}
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
-            vtype = cur.scalar(GGUFValueType.UINT32, f"type of {key!r}")
+            vtype = cur.scalar(GGUFValueType.UINT32, f"type of {quote(key)}")
             if key in values:
-                raise cur.fail(f"duplicate metadata key {key!r}")
-            values[key] = cur.value(vtype, f"metadata {key!r}")
+                raise cur.fail(f"duplicate metadata key {quote(key)}")
+            values[key] = cur.value(vtype, f"metadata {quote(key)}")
         self.metadata = Metadata(values)
 
         alignment = values.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
@@ -240,20 +246,20 @@ class GGUFFile:
         for i in range(n_tensors):
             name = cur.string(f"tensor #{i} name")
             if name in names:
-                raise cur.fail(f"duplicate tensor {name!r}")
+                raise cur.fail(f"duplicate tensor {quote(name)}")
             names.add(name)
-            n_dims = cur.scalar(GGUFValueType.UINT32, f"tensor {name!r} rank")
+            n_dims = cur.scalar(GGUFValueType.UINT32, f"tensor {quote(name)} rank")
             if not 1 <= n_dims <= MAX_DIMS:
-                raise cur.fail(f"tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
-            ne = [cur.scalar(GGUFValueType.UINT64, f"tensor {name!r} shape") for _ in range(n_dims)]
-            type_id = cur.scalar(GGUFValueType.UINT32, f"tensor {name!r} type")
-            offset = cur.scalar(GGUFValueType.UINT64, f"tensor {name!r} offset")
+                raise cur.fail(f"tensor {quote(name)} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
+            ne = [cur.scalar(GGUFValueType.UINT64, f"tensor {quote(name)} shape") for _ in range(n_dims)]
+            type_id = cur.scalar(GGUFValueType.UINT32, f"tensor {quote(name)} type")
+            offset = cur.scalar(GGUFValueType.UINT64, f"tensor {quote(name)} offset")
             try:
                 qtype = GGMLQuantizationType(type_id)
             except ValueError:
-                raise cur.fail(f"tensor {name!r} has unknown ggml type id {type_id}") from None
+                raise cur.fail(f"tensor {quote(name)} has unknown ggml type id {type_id}") from None
             if qtype not in GGML_QUANT_SIZES:
-                raise cur.fail(f"tensor {name!r} has ggml type {qtype.name}, which has no block layout")
+                raise cur.fail(f"tensor {quote(name)} has ggml type {qtype.name}, which has no block layout")
             infos.append((name, tuple(reversed(ne)), qtype, offset))
 
         self.data_offset = -(-cur.pos // alignment) * alignment
@@ -263,7 +269,7 @@ class GGUFFile:
         spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in self.tensors.values() if t.nbytes)
         for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
             if start < end:
-                raise cur.fail(f"tensors {a!r} and {b!r} overlap in the file")
+                raise cur.fail(f"tensors {quote(a)} and {quote(b)} overlap in the file")
 
     def _check_tensor(self, cur: _Cursor, name: str, shape: tuple[int, ...],
                       qtype: GGMLQuantizationType, offset: int) -> TensorInfo:
@@ -273,15 +279,15 @@ class GGUFFile:
         for d in shape:
             n *= d
         if n > self.file_size * block_size:
-            raise cur.fail(f"tensor {name!r} shape {list(shape)} is larger than the file could hold")
+            raise cur.fail(f"tensor {quote(name)} shape {list(shape)} is larger than the file could hold")
         if shape[-1] % block_size:
-            raise cur.fail(f"tensor {name!r} row length {shape[-1]} is not a multiple of the {qtype.name} block size {block_size}")
+            raise cur.fail(f"tensor {quote(name)} row length {shape[-1]} is not a multiple of the {qtype.name} block size {block_size}")
         if offset % self.alignment:
-            raise cur.fail(f"tensor {name!r} offset {offset} is not aligned to {self.alignment}")
+            raise cur.fail(f"tensor {quote(name)} offset {offset} is not aligned to {self.alignment}")
         nbytes = n // block_size * type_size
         start = self.data_offset + offset
         if start + nbytes > self.file_size:
-            raise cur.fail(f"truncated: tensor {name!r} needs bytes {start}..{start + nbytes}, file has {self.file_size}")
+            raise cur.fail(f"truncated: tensor {quote(name)} needs bytes {start}..{start + nbytes}, file has {self.file_size}")
         return TensorInfo(name, shape, qtype, start, nbytes)
 
     # -- access ----------------------------------------------------------------------

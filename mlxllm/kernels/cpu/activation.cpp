@@ -127,6 +127,9 @@ mx::array masked_softmax(const mx::array& scores, float scale, int queries, bool
     throw std::invalid_argument("[masked_softmax] scores must be (..., rows, keys) with rows a multiple of queries");
   }
   const int T = scores.shape(-1);
+  if (T < 1) {
+    throw std::invalid_argument("[masked_softmax] scores need at least one key");
+  }
   if (causal && queries > T) {
     throw std::invalid_argument("[masked_softmax] a causal mask needs at least as many keys as queries");
   }
@@ -201,8 +204,8 @@ void GatedActivation::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
 
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s) {
   auto stream = cpu_stream(s, "rms_norm");
-  if (x.ndim() < 1 || weight.ndim() != 1 || weight.shape(0) != x.shape(-1)) {
-    throw std::invalid_argument("[rms_norm] weight must be (D,) for x (..., D)");
+  if (x.ndim() < 1 || weight.ndim() != 1 || weight.shape(0) != x.shape(-1) || x.shape(-1) < 1) {
+    throw std::invalid_argument("[rms_norm] weight must be (D,) for x (..., D), D >= 1");
   }
   std::vector<mx::array> inputs = {mx::astype(x, mx::float32, stream), mx::astype(weight, mx::float32, stream)};
   return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(stream, eps), std::move(inputs));

@@ -307,10 +307,12 @@ void check_layout(const mx::array& w, const mx::array& scales, const mx::array& 
   if (w.ndim() != ndim || w.dtype() != mx::uint32) {
     throw std::invalid_argument(where + "w must be a " + std::to_string(ndim) + "-D uint32 array");
   }
-  const int I = w.shape(-1) * 32 / bits;
-  if (w.shape(-1) * 32 % bits || I % GROUP) {
-    throw std::invalid_argument(where + "rows must hold a whole number of 32-weight groups");
+  // 64-bit: a row of 2^31 / 32 words already overflows an int once counted in bits
+  const int64_t in_bits = static_cast<int64_t>(w.shape(-1)) * 32;
+  if (in_bits == 0 || in_bits % bits || (in_bits / bits) % GROUP || in_bits / bits > std::numeric_limits<int>::max()) {
+    throw std::invalid_argument(where + "rows must hold a whole, nonzero number of 32-weight groups");
   }
+  const int I = static_cast<int>(in_bits / bits);
   for (const auto* a : {&scales, &biases}) {
     bool ok = a->dtype() == mx::float32 && a->ndim() == ndim && a->shape(-1) == I / GROUP;
     for (int d = 0; ok && d < ndim - 1; ++d) {

@@ -6,11 +6,15 @@
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
 namespace mlxllm_cpu {
 namespace {
+
+constexpr int kMaxThreads = 1024; // a thread per core of the largest machines, not a typo's 10^9
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -136,7 +140,8 @@ class Pool {
 
 int default_threads() {
   if (const char* env = std::getenv("MLXLLM_CPU_THREADS")) {
-    return std::max(1, std::atoi(env));
+    // strtol, not atoi: an out-of-range value is clamped, never undefined
+    return static_cast<int>(std::clamp(std::strtol(env, nullptr, 10), 1L, static_cast<long>(kMaxThreads)));
   }
   const unsigned n = std::thread::hardware_concurrency();
   return n == 0 ? 1 : static_cast<int>(n);
@@ -176,6 +181,9 @@ int num_threads() {
 }
 
 void set_num_threads(int n) {
+  if (n < 1 || n > kMaxThreads) {
+    throw std::invalid_argument("[set_num_threads] n must be 1 to " + std::to_string(kMaxThreads));
+  }
   pool().resize(n);
 }
 

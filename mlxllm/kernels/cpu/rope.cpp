@@ -4,6 +4,7 @@
 // Gemma layer's 512-token queries); the angles depend only on position and pair, so the
 // tables are made once per forward pass (kernels/__init__.py) and every layer and head
 // applies them with multiplies and adds.
+#include <cstdint>
 #include <stdexcept>
 
 #include "ops.h"
@@ -39,8 +40,9 @@ void rotate(const float* x, const float* c, const float* s, float* out, int D, i
 mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin, bool traditional,
                mx::StreamOrDevice s) {
   auto stream = cpu_stream(s, "rope");
+  // 64-bit: 2 * (dims / 2) wraps around in an int for a table of 2^30 pairs
   if (x.ndim() != 4 || cos.ndim() != 2 || cos.shape() != sin.shape() || cos.shape(0) != x.shape(1) ||
-      2 * cos.shape(1) > x.shape(3)) {
+      2 * static_cast<int64_t>(cos.shape(1)) > x.shape(3)) {
     throw std::invalid_argument("[rope] x must be (B, L, H, D) and cos/sin (L, dims / 2) with dims <= D");
   }
   std::vector<mx::array> inputs = {mx::astype(x, mx::float32, stream), mx::astype(cos, mx::float32, stream),
