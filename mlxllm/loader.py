@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -24,10 +25,14 @@ from .kernels import cpu as cpu_kernels
 from .kernels.widen import widen
 from .quant import QuantizedTensor, layout_of, to_mlx
 from .registry import Arch, get_arch
+from .validation import HyperparameterError, check_args, check_metadata, one_line, quote
 
 
 class LoadError(ValueError):
-    pass
+    """A file whose contents do not make a model; the message is one bounded line."""
+
+    def __init__(self, message: str):
+        super().__init__(one_line(message))
 
 
 @dataclass
@@ -128,31 +133,58 @@ def _get(model: nn.Module, dotted: str) -> object:
     return node[key] if isinstance(node, (list, dict)) else getattr(node, key)
 
 
-def load_model(path: str, dtype: mx.Dtype = mx.float32, dense: bool | None = None
+def load_model(path: str, dtype: mx.Dtype = mx.float32, dense: bool | None = None,
+               part: Callable[[nn.Module, GGUFFile], None] | None = None
                ) -> tuple[nn.Module, GGUFFile, Arch, LoadStats]:
     """Build the architecture named in the file and load every tensor into it.
 
     dtype: the compute dtype float weights are cast to (float32 on the CPU, where MLX has
     no fast half-precision matmul). dense: widen quantized weights to float32 (None: see
     `dense_by_default`); otherwise they stay in their quantized layouts.
+    part: for a process that runs only part of the model (a pipeline stage,
+    `mlxllm.distributed`): called with the built, still unallocated model before any tensor
+    is read, it removes the modules this process will not run; their tensors are then
+    neither checked nor read.
     """
     start = time.perf_counter()
     gf = GGUFFile(path)
     arch = get_arch(gf.architecture)
+    # Everything the file claims is checked before a module is built or a tensor read:
+    # the metadata, the hyperparameters read from it, then every tensor's shape against
+    # the lazily built (unallocated) model.
     try:
+        check_metadata(gf)
         args = arch.hparams(gf)
+        check_args(args)
+    except HyperparameterError as e:
+        raise LoadError(f"{path}: invalid {arch.name} hyperparameter: {e}") from None
     except (KeyError, TypeError, ValueError) as e:
         raise LoadError(f"{path}: metadata for {arch.name!r} is incomplete or invalid: {e}") from None
-    model = arch.model(args)
+    try:
+        model = arch.model(args)
+    except KeyError as e:  # a tensor the layer's shape is read from
+        raise LoadError(f"{path}: {arch.name} needs tensor {quote(e.args[0] if e.args else e)}, which the file lacks") from None
+    except (ArithmeticError, ValueError) as e:  # e.g. a product of valid sizes past MLX's int32 dimensions
+        raise LoadError(f"{path}: {arch.name} cannot be built from this file's hyperparameters: "
+                        f"{type(e).__name__}: {e}") from None
     expected = dict(tree_flatten(model.parameters()))
     # tensors the model declares it does not use (llama.cpp's TENSOR_SKIP: MTP layers)
     ignored = set(getattr(model, "ignored_tensors", ()))
+    if part is not None:
+        part(model, gf)
+        kept = dict(tree_flatten(model.parameters()))
+        ignored |= set(expected) - set(kept)
+        expected = kept
     unexpected = sorted(set(gf.tensors) - set(expected) - ignored)
     missing = sorted(set(expected) - set(gf.tensors))
     if unexpected or missing:
         raise LoadError(f"{path}: tensors do not match architecture {arch.name!r}: "
-                        f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
-                        f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}")
+                        f"unexpected {quote(unexpected[:5])}{'...' if len(unexpected) > 5 else ''}, "
+                        f"missing {quote(missing[:5])}{'...' if len(missing) > 5 else ''}")
+    for name, param in expected.items():
+        have = gf.tensors[name].shape
+        if tuple(have) != tuple(param.shape):
+            raise LoadError(f"{path}: tensor {name!r} has shape {list(have)}, {arch.name} expects {list(param.shape)}")
     nbytes = 0
     values = load_tensors(gf, dense_by_default(gf) if dense is None else dense, skip=ignored)
     # Quantized weights first: they replace their owning module, then float params follow
