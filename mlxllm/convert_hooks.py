@@ -466,6 +466,85 @@ class Lfm2(Converter):
         return super().tensors(name, t, bid)
 
 
+class NomicBert(Bert):
+    """nomic-embed-text v1 / v1.5: fused Wqkv, SwiGLU, post-norm, RoPE; trained for 2,048
+    positions whatever n_positions says (the MoE v2 and XLM-R vocabularies are not
+    converted yet)."""
+
+    hf_classes = ("NomicBertModel",)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        c = self.config
+        if c.get("moe_every_n_layers"):
+            raise ConvertError("nomic-embed-text v2 (MoE) is not converted yet")
+        npos, trained = c["n_positions"], c.get("max_trained_positions", 2048)
+        if (npos, trained) != (8192, 2048):
+            raise ConvertError(f"unrecognized nomic-bert positions: n_positions={npos}, "
+                               f"max_trained_positions={trained}")
+        c["n_positions"] = 2048
+        try:
+            super().hparams(w)
+        finally:
+            c["n_positions"] = npos
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        spec = json.loads((self.dir / "tokenizer.json").read_text(encoding="utf-8"))
+        if spec["model"]["type"] != "WordPiece":
+            raise ConvertError(f"nomic-bert with a {spec['model']['type']} tokenizer is not converted yet")
+        super().vocab(w)
+
+
+class JinaBertV2(Bert):
+    """jina-embeddings-v2: ALiBi, GLU feed-forward; WordPiece (BertTokenizer) or byte-level
+    BPE (RobertaTokenizer, the code model) vocabularies."""
+
+    hf_classes = ("JinaBertModel", "JinaBertForMaskedLM")
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        kind = json.loads((self.dir / "tokenizer_config.json").read_text(encoding="utf-8"))["tokenizer_class"]
+        if kind == "BertTokenizer":
+            return super().vocab(w)
+        if kind != "RobertaTokenizer":
+            raise ConvertError(f"jina-bert-v2 with {kind} is not supported")
+        spec = json.loads((self.dir / "tokenizer.json").read_text(encoding="utf-8"))
+        if (spec.get("pre_tokenizer") or {}).get("type") == "Whitespace":
+            raise ConvertError("jina-bert-v2 with a whitespace pre-tokenizer is not converted yet")
+        bpe_vocab(self, w)
+        w.add_token_type_count(2)
+
+
+class Lfm2Moe(Converter):
+    """LFM2-MoE: LFM2's layers with sigmoid-routed experts (stacked per layer, a selection
+    bias) after the leading dense layers."""
+
+    hf_classes = ("Lfm2MoeForCausalLM",)
+    EXPERTS = (r"feed_forward\.experts\.(?P<xid>\d+)\.(?P<w>w[123])\.weight$", "layers.{bid}.feed_forward.experts.{w}.weight")
+
+    def rename(self, name: str) -> str:
+        return super().rename(name.replace(".expert_bias", ".expert_bias.bias"))
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        c = self.config
+        kv = c["num_key_value_heads"]
+        c["num_key_value_heads"] = [kv if kind == "full_attention" else 0 for kind in c["layer_types"]]
+        try:
+            super().hparams(w)
+        finally:
+            c["num_key_value_heads"] = kv
+        w.add_expert_feed_forward_length(c["moe_intermediate_size"])
+        w.add_leading_dense_block_count(c["num_dense_layers"])
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_vocab_size(c["vocab_size"])
+        w.add_shortconv_l_cache(c["conv_L_cache"])
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        if "conv.conv" in name:  # [d, 1, L] -> [d, L]
+            t = t.map(lambda a: a.reshape(a.shape[0], a.shape[-1]), shape=(t.shape[0], t.shape[-1]))
+        if "experts" in name:
+            return self.stack_experts(name, t, bid, self.find("num_local_experts", "num_experts"), *self.EXPERTS)
+        return super().tensors(name, t, bid)
+
+
 class CommandR(Converter):
     """Command R: trained past config.json's max_position_embeddings (model_max_length
     says how far), logits scaled."""

@@ -113,6 +113,9 @@ FIXTURES: dict[str, tuple] = {
     "modern-bert": ("modern-bert", "bfloat16", None),
     "modern-bert-rerank": ("modern-bert-rerank", "bfloat16", None),
     "lfm2": ("lfm2", "bfloat16", None),
+    "lfm2moe": ("lfm2moe", "bfloat16", None),
+    "nomic-bert": ("nomic-bert", "bfloat16", None),
+    "jina-bert-v2": ("jina-bert-v2", "bfloat16", None),
 }
 
 

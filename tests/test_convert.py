@@ -33,10 +33,16 @@ F32_TOLERANCE = 5e-3  # max |Δlogit| / std, as tests/test_archs.py
 
 # (fixture, metadata key) whose values legitimately differ, with the reason.
 METADATA_DIFFERENCES = {
-    ("bert", "tokenizer.ggml.pre"):
-        "llama.cpp's converter refuses a WordPiece tokenizer whose check-text hash it does not know (the "
-        "fixture script patches that refusal to 'gpt-2'); ours writes 'default', and llama.cpp's WordPiece "
-        "tokenizer does not read the key",
+    **{(fixture, "tokenizer.ggml.pre"):
+       "llama.cpp's converter refuses a WordPiece tokenizer whose check-text hash it does not know (the "
+       "fixture script patches that refusal to 'gpt-2'); ours writes 'default', and llama.cpp's WordPiece "
+       "tokenizer does not read the key" for fixture in ("bert", "nomic-bert", "jina-bert-v2")},
+    **{(fixture, key):
+       "llama.cpp's converter reads the config through transformers' AutoConfig, whose generic config for a "
+       "remote-code model_type adds head_dim = n_embd / n_head, written as key and value length: the value "
+       "llama.cpp computes when the keys are absent; ours reads config.json as the checkpoint states it"
+       for fixture in ("nomic-bert", "jina-bert-v2")  # (fixture name = architecture name)
+       for key in (f"{fixture}.attention.key_length", f"{fixture}.attention.value_length")},
     **{(fixture, "general.file_type"):
        "llama.cpp's converter for this architecture omits it (its hyperparameters skip add_file_type); "
        "ours writes it, as llama.cpp's other converters do" for fixture in ("gptneox", "mpt")},

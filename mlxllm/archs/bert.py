@@ -104,8 +104,9 @@ def _arch(name: str, args, hf: tuple[str, ...], description: str, convert=None) 
 ARCHS = (
     _arch("bert", bert, ("BertModel", "DistilBertModel", "RobertaModel"),
           "BERT, DistilBERT, RoBERTa encoders (MiniLM, bge, e5)", convert=convert_hooks.Bert),
-    _arch("nomic-bert", nomic_bert, ("NomicBertModel",), "nomic-embed-text v1 / v1.5"),
-    _arch("jina-bert-v2", jina_bert_v2, ("JinaBertModel",), "jina-embeddings-v2 (ALiBi)"),
+    _arch("nomic-bert", nomic_bert, ("NomicBertModel",), "nomic-embed-text v1 / v1.5", convert=convert_hooks.NomicBert),
+    _arch("jina-bert-v2", jina_bert_v2, convert_hooks.JinaBertV2.hf_classes, "jina-embeddings-v2 (ALiBi)",
+          convert=convert_hooks.JinaBertV2),
     _arch("modern-bert", modern_bert, convert_hooks.ModernBert.hf_classes,
           "ModernBERT (granite-embedding, gte-modernbert)", convert=convert_hooks.ModernBert),
     _arch("eurobert", eurobert, ("EuroBertModel",), "EuroBERT", convert=convert_hooks.EuroBert),

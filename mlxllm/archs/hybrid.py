@@ -133,7 +133,7 @@ ARCHS = (
     Arch(name="lfm2", args=lfm2, model=Lfm2, hf_architectures=("Lfm2ForCausalLM", "LFM2ForCausalLM"),
          description="Liquid LFM2 / LFM2.5 (short convolutions + attention)", convert=convert_hooks.Lfm2),
     Arch(name="lfm2moe", args=lfm2, model=Lfm2, hf_architectures=("Lfm2MoeForCausalLM",),
-         description="Liquid LFM2-MoE (8B-A1B, 24B-A2B)"),
+         description="Liquid LFM2-MoE (8B-A1B, 24B-A2B)", convert=convert_hooks.Lfm2Moe),
     Arch(name="granitehybrid", args=granite_hybrid, model=HybridDecoder,
          hf_architectures=("GraniteMoeHybridForCausalLM", "BambaForCausalLM"),
          description="IBM Granite 4.0-H (Mamba-2 + attention, dense or MoE) and Bamba"),
