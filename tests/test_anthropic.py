@@ -34,11 +34,36 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 SYSTEM = "Answer in one short sentence."
 
 
+TOOLS_MODEL, THINK_MODEL = "smollm2-qwen25-tools", "smollm2-qwq-think"
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("anthropic"), "--max-body-mb", "1")
+def models_dir(tmp_path_factory):
+    """Copies of SmolLM2 with a published tool-calling template (Qwen 2.5's) and a thinking
+    one (QwQ's), served by name from the models folder."""
+    folder = tmp_path_factory.mktemp("models")
+    try:
+        from scripts.make_tool_models import write_model
+    except ImportError:
+        return None
+    for name in (TOOLS_MODEL, THINK_MODEL):
+        write_model(name, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, models_dir):
+    env = {"MLXLLM_MODELS": str(models_dir)} if models_dir else {}
+    srv = Server(tmp_path_factory.mktemp("anthropic"), "--max-body-mb", "1", env=env)
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def tool_models(models_dir):
+    if models_dir is None:
+        pytest.skip("scripts/make_tool_models.py is missing")
+    return models_dir
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +87,8 @@ def greedy_chat(ol, messages: list[dict], n: int) -> str:
     return ol.chat(MODEL, messages=messages, options=options).message.content
 
 
-def create(client, extra: dict | None = None, **kwargs):
-    return client.messages.create(model=MODEL, extra_body={**GREEDY, **(extra or {})}, **kwargs)
+def create(client, extra: dict | None = None, model: str = MODEL, **kwargs):
+    return client.messages.create(model=model, extra_body={**GREEDY, **(extra or {})}, **kwargs)
 
 
 def sse_events(server, body: dict) -> list[tuple[str, dict]]:
@@ -196,6 +221,133 @@ def test_structured_output(client):
     m = create(client, max_tokens=40, messages=[{"role": "user", "content": "Name a city in Europe as JSON."}],
                extra={"output_config": {"format": {"type": "json_schema", "schema": schema}}})
     jsonschema.validate(json.loads(m.content[0].text), schema)
+
+
+# ---------------------------------------------------------------------------- tools
+
+WEATHER = {"name": "get_weather", "description": "Get the current weather in a city",
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                            "required": ["city"], "additionalProperties": False}}
+TIME = {"name": "get_time", "description": "The current time in a time zone",
+        "input_schema": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 40}},
+                         "required": ["zone"], "additionalProperties": False}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+ONE_CALL = {"type": "any", "disable_parallel_tool_use": True}
+
+
+def check_calls(message, tools=(WEATHER, TIME)) -> list:
+    """The message's tool_use blocks, each checked against its tool's schema."""
+    schemas = {t["name"]: t["input_schema"] for t in tools}
+    uses = [b for b in message.content if b.type == "tool_use"]
+    for use in uses:
+        assert use.id.startswith("toolu_") and use.name in schemas
+        jsonschema.validate(use.input, schemas[use.name])
+    return uses
+
+
+def test_tool_use_forced_streaming_and_not(client, server, tool_models):
+    m = create(client, model=TOOLS_MODEL, max_tokens=60, tools=[WEATHER, TIME], tool_choice=ONE_CALL, messages=ASK)
+    uses = check_calls(m)
+    assert m.stop_reason == "tool_use" and len(uses) == 1 and len(m.content) == 1
+    with client.messages.stream(model=TOOLS_MODEL, max_tokens=60, tools=[WEATHER, TIME], tool_choice=ONE_CALL,
+                                messages=ASK, extra_body=GREEDY) as stream:
+        final = stream.get_final_message()
+    streamed = check_calls(final)
+    assert final.stop_reason == "tool_use" and [(u.name, u.input) for u in streamed] == [(u.name, u.input) for u in uses]
+    events = sse_events(server, {"model": TOOLS_MODEL, "max_tokens": 60, "tools": [WEATHER, TIME],
+                                 "tool_choice": ONE_CALL, "messages": ASK, **GREEDY})
+    names = [n for n, _ in events]
+    assert names == ["message_start", "content_block_start", "ping", "content_block_delta", "content_block_stop",
+                     "message_delta", "message_stop"]
+    block = events[1][1]["content_block"]
+    assert block["type"] == "tool_use" and block["input"] == {} and block["name"] == uses[0].name
+    delta = events[3][1]["delta"]
+    assert delta["type"] == "input_json_delta" and json.loads(delta["partial_json"]) == uses[0].input
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+
+
+def test_tool_choice_names_the_tool(client, tool_models):
+    m = create(client, model=TOOLS_MODEL, max_tokens=60, tools=[WEATHER, TIME], messages=ASK,
+               tool_choice={"type": "tool", "name": "get_time", "disable_parallel_tool_use": True})
+    assert [u.name for u in check_calls(m)] == ["get_time"] and m.stop_reason == "tool_use"
+
+
+def test_tool_choice_none_and_auto(client, tool_models):
+    none = create(client, model=TOOLS_MODEL, max_tokens=40, tools=[WEATHER], tool_choice={"type": "none"}, messages=ASK)
+    assert not check_calls(none, (WEATHER,)) and none.stop_reason != "tool_use"
+    assert "<tool_call>" not in "".join(b.text for b in none.content)
+    auto = create(client, model=TOOLS_MODEL, max_tokens=80, tools=[WEATHER], messages=ASK)  # auto: text or calls, both parse
+    assert bool(check_calls(auto, (WEATHER,))) == (auto.stop_reason == "tool_use")
+
+
+def test_tool_result_round_trip(client, tool_models):
+    """The call and its result go back as tool_use and tool_result blocks: the prompt is the
+    template's rendering of the assistant's tool call and a tool message."""
+    from mlxllm.tools import tools_of
+
+    first = create(client, model=TOOLS_MODEL, max_tokens=60, tools=[WEATHER], tool_choice=ONE_CALL, messages=ASK)
+    use = check_calls(first, (WEATHER,))[0]
+    turns = [*ASK, {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "18 degrees, sunny"}]}]
+    second = create(client, model=TOOLS_MODEL, max_tokens=30, tools=[WEATHER], messages=turns)
+    assert second.stop_reason in ("end_turn", "max_tokens", "tool_use")
+    tokenizer = Tokenizer.from_metadata(GGUFFile(str(tool_models / f"{TOOLS_MODEL}.gguf")).metadata)
+    tools = tools_of([{"type": "function", "function": {"name": WEATHER["name"], "description": WEATHER["description"],
+                                                        "parameters": WEATHER["input_schema"]}}])
+    expected = [*ASK, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": use.id, "type": "function", "function": {"name": use.name, "arguments": use.input}}]},
+        {"role": "tool", "tool_call_id": use.id, "name": use.name, "content": "18 degrees, sunny"}]
+    text = tokenizer.apply_chat_template(expected, tools=tools)
+    assert "<tool_response>\n18 degrees, sunny\n</tool_response>" in text and '"city": "Paris"' in text
+    counted = client.messages.count_tokens(model=TOOLS_MODEL, tools=[WEATHER], messages=turns).input_tokens
+    assert counted == len(encode_prompt(tokenizer, text))
+    assert second.usage.input_tokens + second.usage.cache_read_input_tokens == counted
+
+
+def test_thinking_blocks(client, ol, tool_models):
+    """With thinking enabled QwQ's template opens <think> in the prompt: the reply's reasoning
+    is a thinking block; disabled, it closes the block at once and the reply is text."""
+    from mlxllm.reasoning import THINK
+
+    on = {"type": "enabled", "budget_tokens": 1024}
+    m = client.messages.create(model=THINK_MODEL, max_tokens=24, messages=QUESTION, extra_body=GREEDY, thinking=on)
+    tokenizer = Tokenizer.from_metadata(GGUFFile(str(tool_models / f"{THINK_MODEL}.gguf")).metadata)
+    prompt = tokenizer.apply_chat_template(QUESTION, enable_thinking=True)
+    assert THINK.inside(prompt) and not THINK.inside(tokenizer.apply_chat_template(QUESTION))
+    raw = ol.generate(THINK_MODEL, prompt, raw=True,
+                      options={"temperature": 0, "repeat_penalty": 1.0, "num_predict": 24}).response
+    thinking, text = THINK.split(raw, inside=True)
+    assert m.content[0].type == "thinking" and m.content[0].thinking == thinking
+    assert "".join(b.text for b in m.content[1:]) == text.lstrip()
+    with client.messages.stream(model=THINK_MODEL, max_tokens=24, messages=QUESTION, extra_body=GREEDY,
+                                thinking=on) as stream:
+        assert [b.model_dump() for b in stream.get_final_message().content] == [b.model_dump() for b in m.content]
+    off = client.messages.create(model=THINK_MODEL, max_tokens=24, messages=QUESTION, extra_body=GREEDY,
+                                 thinking={"type": "disabled"})
+    assert [b.type for b in off.content] == ["text"]
+
+
+TOOL_BAD = [
+    {"tools": [{"name": "f"}]},  # no input_schema
+    {"tools": [{"type": "web_search_20250305", "name": "web_search"}]},
+    {"tools": [WEATHER], "tool_choice": {"type": "tool", "name": "nope"}},
+    {"tools": [WEATHER], "tool_choice": {"type": "sometimes"}},
+    {"tool_choice": {"type": "any"}},  # no tools to call
+    {"tools": [WEATHER, WEATHER]},
+    {"messages": [{"role": "user", "content": [{"type": "tool_use", "id": "x", "name": "f", "input": {}}]}]},
+]
+
+
+@pytest.mark.parametrize("extra", TOOL_BAD)
+def test_bad_tool_requests(server, tool_models, extra):
+    r = httpx.post(server.url + "/v1/messages", json={**BODY, "model": TOOLS_MODEL, **extra}, timeout=60)
+    anthropic_error(r, 400, "invalid_request_error")
+
+
+def test_tools_need_a_template_that_renders_them(server):
+    r = httpx.post(server.url + "/v1/messages", json={**BODY, "tools": [WEATHER]}, timeout=60)
+    assert "does not support tools" in anthropic_error(r, 400, "invalid_request_error")
 
 
 # ---------------------------------------------------------------------------- bad requests

@@ -153,7 +153,13 @@ def tooling_of(body: dict) -> Tooling:
     if choice is not None and choice.get("type") not in ("auto", "any", "tool", "none"):
         raise ApiError(400, "tool_choice.type: Input should be 'auto', 'any', 'tool' or 'none'", "tool_choice")
     parallel = not (choice or {}).get("disable_parallel_tool_use", False)
-    return Tooling.of(listed, choice, parallel)
+    tooling = Tooling.of(listed, choice, parallel)
+    thinking = field_of(body, "thinking", "object")
+    if thinking is not None:  # the template's enable_thinking; budget_tokens is not enforced
+        if thinking.get("type") not in ("enabled", "disabled", "adaptive"):
+            raise ApiError(400, "thinking.type: Input should be 'enabled', 'disabled' or 'adaptive'", "thinking")
+        tooling.think = thinking["type"] != "disabled"
+    return tooling
 
 
 def messages_request(body: dict, model: str, tooling: Tooling) -> Request:

@@ -200,7 +200,11 @@ def tooling_of(body: dict) -> Tooling:
     choice = body.get("tool_choice")
     if isinstance(choice, dict) and choice.get("type") == "function" and "function" not in choice:
         choice = {"type": "function", "function": {"name": choice.get("name")}}
-    return Tooling.of(listed, choice, field_of(body, "parallel_tool_calls", "bool", True))
+    tooling = Tooling.of(listed, choice, field_of(body, "parallel_tool_calls", "bool", True))
+    effort = field_of(body, "reasoning", "object", {}).get("effort")
+    if effort is not None:  # the template's enable_thinking
+        tooling.think = effort != "none"
+    return tooling
 
 
 def responses_request(body: dict, model: str, messages: list[dict], tooling: Tooling) -> Request:

@@ -21,7 +21,7 @@ from ..reasoning import Reasoning
 from ..tools import Choice, Reply, ToolError, ToolFormat, choice_of, tools_of
 from .common import ApiError
 from .engine import Job
-from .generation import Request, Run, _prepare, render, start
+from .generation import Request, Run, _prepare, start
 from .pool import ModelPool, refuse_embedding_model
 
 
@@ -35,6 +35,7 @@ class Tooling:
     choice: Choice = field(default_factory=Choice)
     parallel: bool = True
     prefill: str = ""  # text the answer continues (Anthropic's final assistant message)
+    think: bool | None = None  # the template's enable_thinking (None: its default)
     # filled in by build (on the worker thread):
     prompt_tokens: int = 0
     format: ToolFormat | None = None
@@ -60,12 +61,12 @@ class Tooling:
                 self.format = ToolFormat.for_template(template)
                 if self.format is None:
                     raise ApiError(400, "this model does not support tools: its chat template renders none", "tools")
-                try:
-                    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=self.tools)
-                except ChatTemplateError as e:
-                    raise ApiError(400, str(e), "template") from None
-            else:
-                text = render(tokenizer, messages, None)
+            options = {} if self.think is None else {"enable_thinking": self.think}
+            try:
+                text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=self.tools or None,
+                                                     **options)
+            except ChatTemplateError as e:
+                raise ApiError(400, str(e), "template") from None
             text += self.prefill
             self.reasoning = Reasoning.for_template(template)
             self.inside = self.reasoning is not None and self.reasoning.inside(text)
