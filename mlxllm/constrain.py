@@ -19,10 +19,9 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import llguidance as llg
 import mlx.core as mx
 import numpy as np
-
-import llguidance as llg
 
 # Special tokens are marked with a leading 0xFF byte (not valid UTF-8), llguidance's
 # convention, so grammar text can never be spelled with them.
@@ -33,10 +32,30 @@ _SPECIAL_MARK = b"\xff"
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}  # Ollama's "json", OpenAI's json_object
+# Nesting of objects and arrays in a schema: real ones stay under ten; past this a schema is
+# refused before anything recursive (json.dumps, the engine's parser) walks it.
+MAX_SCHEMA_DEPTH = 64
 
 
 class GrammarError(ValueError):
     """A schema the grammar engine cannot enforce; the message says why."""
+
+
+def check_depth(value: Any, limit: int = MAX_SCHEMA_DEPTH, what: str = "JSON schema") -> None:
+    """GrammarError if objects and arrays nest deeper than `limit` in value (walked
+    without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            raise GrammarError(f"the {what} nests deeper than {limit} levels")
+        stack.extend((child, depth + 1) for child in children)
 
 
 class _Vocab:
@@ -66,6 +85,7 @@ class Vocabulary:
 
     def json_grammar(self, schema: dict[str, Any]) -> str:
         """The grammar for values of `schema`; raises GrammarError if it cannot be enforced."""
+        check_depth(schema)
         try:
             grammar = llg.LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)
         except ValueError as e:
@@ -73,6 +93,13 @@ class Vocabulary:
         error = llg.LLMatcher.validate_grammar(grammar, self._lltok)
         if error:
             raise GrammarError(f"unsupported JSON schema: {error}")
+        return grammar
+
+    def lark_grammar(self, grammar: str) -> str:
+        """A Lark grammar (llguidance's dialect) checked against this vocabulary."""
+        error = llg.LLMatcher.validate_grammar(grammar, self._lltok)
+        if error:
+            raise GrammarError(f"unsupported grammar: {error}")
         return grammar
 
     def constraint(self, grammar: str) -> Constraint:
@@ -116,3 +143,10 @@ def vocabulary_for(holder: Any, tokenizer) -> Vocabulary:
         if vocab is None:
             vocab = holder.vocabulary = Vocabulary(tokenizer)
         return vocab
+
+
+def special_token_id(tokenizer, text: str) -> int | None:
+    """The id of the special (control) token spelled `text`, or None when the vocabulary
+    has no such token; tool grammars write markers as the token where it exists."""
+    ids = tokenizer.encode(text, add_special=False, parse_special=True)
+    return ids[0] if len(ids) == 1 and tokenizer.is_special(ids[0]) else None

@@ -125,13 +125,18 @@ class TextStream:
 @dataclass
 class GenerationRequest:
     """What to generate. constraint: a grammar (`mlxllm.constrain.Constraint`: `mask(V)`,
-    `advance(token)`, `complete`) every token must keep to."""
+    `advance(token)`, `complete`) every token must keep to. logprobs: None (not wanted),
+    or how many top alternatives each event carries (0: the chosen token's alone).
+    reasoning_budget: (tokens, close ids): once a reply has reasoned that many tokens
+    without writing the close ids, they are written for it (`mlxllm.reasoning`)."""
 
     prompt: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     max_tokens: int = 256
     stop: Sequence[str] = ()
     constraint: Any = None
+    logprobs: int | None = None
+    reasoning_budget: tuple[int, list[int]] | None = None
 
 
 @dataclass
@@ -148,7 +153,10 @@ class GenerationStats:
 class Event:
     """What one step did for one request: new text (possibly empty), the token it came
     from, and on the last event the finish reason ("stop", "length" or "error", with the
-    message in `error`) and the statistics."""
+    message in `error`) and the statistics. With `logprobs` requested: the token's log
+    probability and the top alternatives [(token, logprob)], from the distribution the
+    token was drawn from: log-softmax of the logits after penalties and the grammar's
+    mask, before temperature and truncation (top-k/top-p/min-p)."""
 
     uid: int
     text: str
@@ -156,6 +164,11 @@ class Event:
     finish_reason: str | None = None
     stats: GenerationStats | None = None
     error: str | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+Picked = tuple[mx.array, mx.array | None]  # the token (1,), and its logprobs (1, 1 + 2k) or None
 
 
 class _Row:
@@ -166,7 +179,10 @@ class _Row:
         params = request.params
         self.sampler = make_sampler(params)
         self.processors = make_logits_processors(params)
-        self.greedy = params.temperature == 0 and not self.processors and request.constraint is None
+        self.greedy = params.temperature == 0 and not self.processors and request.constraint is None \
+            and request.logprobs is None and request.reasoning_budget is None
+        self.forced: list[int] = []  # tokens written for the model (a reasoning budget's close)
+        self.reasoned = 0  # tokens inside the reasoning block, while the budget watches it
         # What the penalties see: the prompt and every fed token, appended lazily at launch.
         self.recent = mx.array(request.prompt, mx.int32) if self.processors else None
         self.text = TextStream(tokenizer, request.stop) if tokenizer is not None else None
@@ -201,35 +217,75 @@ class _Row:
             if n > 0:
                 self.recent = self.recent[-n:]
 
-    def choose(self, logits: mx.array) -> mx.array:
-        """The next token (1,) from last-position logits (1, V)."""
+    def choose(self, logits: mx.array) -> Picked:
+        """The next token (1,) from last-position logits (1, V), and when the request wants
+        them its logprobs (1, 1 + 2k): the token's, then k alternatives' ids and values."""
         for process in self.processors:
             logits = process(self.recent, logits[0])[None]
         constraint = self.request.constraint
         if constraint is not None:
             allowed = constraint.mask(logits.shape[-1])
             logits = mx.where(allowed, logits, mx.array(-mx.inf, logits.dtype))
-        return self.sampler(logits)
+        if self.forced:
+            token = mx.array([self.forced[0]], mx.int32)
+        else:
+            token = self.sampler(logits)
+        k = self.request.logprobs
+        if k is None:
+            return token, None
+        logits = logits.astype(mx.float32)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        chosen = mx.take_along_axis(logprobs, token.reshape(1, 1).astype(mx.int32), axis=-1)
+        if k == 0:
+            return token, chosen
+        top = mx.argpartition(-logprobs, k - 1, axis=-1)[:, :k]
+        return token, mx.concatenate([chosen, top.astype(mx.float32),
+                                      mx.take_along_axis(logprobs, top, axis=-1)], axis=-1)
 
-    def accept(self, token: int) -> Event:
+    def accept(self, token: int, logprobs: list[float] | None = None) -> Event:
         request = self.request
         if self.generated == 0:
             self.prompt_ns = int((time.perf_counter() - self.started) * 1e9)
             self.decode_start = time.perf_counter()
         self.generated += 1
         self.history.append(token)
+        if self.forced and self.forced[0] == token:
+            self.forced.pop(0)
         if token in self.eos:
-            return self._end(token, "", "stop")
+            return self._with_logprobs(self._end(token, "", "stop"), logprobs)
         if request.constraint is not None:
             request.constraint.advance(token)
         text, stopped = self.text.add(token) if self.text is not None else ("", False)
+        if request.reasoning_budget is not None:
+            self._watch_reasoning(token)
         if stopped:
-            return self._end(token, text, "stop", flush=False)
+            return self._with_logprobs(self._end(token, text, "stop", flush=False), logprobs)
         if request.constraint is not None and request.constraint.complete:
-            return self._end(token, text, "stop")
+            return self._with_logprobs(self._end(token, text, "stop"), logprobs)
         if self.generated >= request.max_tokens:
-            return self._end(token, text, "length")
-        return Event(self.uid, text, token)
+            return self._with_logprobs(self._end(token, text, "length"), logprobs)
+        return self._with_logprobs(Event(self.uid, text, token), logprobs)
+
+    def _watch_reasoning(self, token: int) -> None:
+        """A reasoning budget: count the reasoning's tokens until its close ids appear;
+        at the budget, write them next."""
+        budget, close = self.request.reasoning_budget
+        if self.reasoned < 0:  # closed already
+            return
+        if self.history[-len(close):] == close:  # the tokenizer's spelling of the close marker
+            self.reasoned = -1
+            return
+        self.reasoned += 1
+        if self.reasoned >= budget and not self.forced:
+            self.forced = list(close)
+
+    def _with_logprobs(self, event: Event, values: list[float] | None) -> Event:
+        k = self.request.logprobs
+        if values is not None and k is not None:
+            event.logprob = values[0]
+            pairs = [(int(values[1 + i]), values[1 + k + i]) for i in range(k)]
+            event.top_logprobs = sorted(pairs, key=lambda p: -p[1])
+        return event
 
     def _end(self, token: int | None, text: str, reason: str, flush: bool = True) -> Event:
         if flush and self.text is not None:
@@ -292,10 +348,12 @@ def lookup_draft(history: list[int], k: int, longest: int = 3, shortest: int = 2
 
 @dataclass
 class _Launch:
-    """A decode step in flight: the rows it ran, in batch order, and their sampled tokens."""
+    """A decode step in flight: the rows it ran, in batch order, their sampled tokens and
+    the logprobs of rows that want them."""
 
     rows: list[_Row]
     tokens: mx.array  # (B,), not yet read
+    logprobs: list[mx.array | None] | None = None
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -439,9 +497,9 @@ class BatchGenerator:
                 mx.eval([c.state for c in row.caches if c.state is not None])
                 self.prefilling.rotate(-1)
                 return
-            token = row.choose(logits)
-            mx.eval(token)
-            event = row.accept(int(token.item()))
+            token, logprobs = row.choose(logits)
+            mx.eval(token, logprobs)
+            event = row.accept(int(token.item()), None if logprobs is None else logprobs[0].tolist())
         except Exception as e:  # noqa: BLE001  (a bad prompt must not take the others down)
             self.prefilling.popleft()
             events.append(row.fail(f"generation failed: {type(e).__name__}: {e}"))
@@ -467,12 +525,15 @@ class BatchGenerator:
         if self.speculation is None or len(self.rows) != 1:
             return False
         row = self.rows[0]
-        return row.request.params.temperature == 0 and row.request.constraint is None
+        return row.request.params.temperature == 0 and row.request.constraint is None \
+            and row.request.logprobs is None and row.request.reasoning_budget is None
 
     def _pipelined(self) -> bool:
         """Whether the next step may be queued before this one's tokens are read: not when
-        a grammar needs this token to mask the next, nor when the next step speculates."""
-        return all(r.request.constraint is None for r in self.rows) and not self._speculates()
+        a grammar needs this token to mask the next, or a reasoning budget may force it,
+        nor when the next step speculates."""
+        return all(r.request.constraint is None and r.request.reasoning_budget is None for r in self.rows) \
+            and not self._speculates()
 
     def _decode(self, events: list[Event]) -> None:
         if self._launched is None and self._speculates() and self._speculate(self.rows[0], events):
@@ -482,9 +543,10 @@ class BatchGenerator:
         if self._pipelined():
             self._launched = self._launch(self._feed(current))
         tokens = current.tokens.tolist()
-        for row, token in zip(current.rows, tokens):
+        logprobs = current.logprobs or [None] * len(tokens)
+        for row, token, values in zip(current.rows, tokens, logprobs):
             if row.finish is None and not row.cancelled:
-                events.append(row.accept(token))
+                events.append(row.accept(token, None if values is None else values[0].tolist()))
         done = [i for i, r in enumerate(self.rows) if r.finish]
         if done:
             self._remove(done, store=True)
@@ -511,11 +573,15 @@ class BatchGenerator:
         for i, row in enumerate(rows):
             row.feed(tokens[i:i + 1])
         if all(r.greedy for r in rows):
-            picks = mx.argmax(logits, axis=-1)
+            picks, logprobs = mx.argmax(logits, axis=-1), None
         else:
-            picks = mx.concatenate([r.choose(logits[i:i + 1]) for i, r in enumerate(rows)])
-        mx.async_eval(picks)
-        return _Launch(rows, picks)
+            chosen = [r.choose(logits[i:i + 1]) for i, r in enumerate(rows)]
+            picks = mx.concatenate([token for token, _ in chosen])
+            logprobs = [values for _, values in chosen]
+            if all(v is None for v in logprobs):
+                logprobs = None
+        mx.async_eval(picks, *(v for v in logprobs or () if v is not None))
+        return _Launch(rows, picks, logprobs)
 
     # -- speculative decoding
 

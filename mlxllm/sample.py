@@ -31,6 +31,12 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None  # None or negative (llama.cpp's and Ollama's -1): a random seed
 
+    @classmethod
+    def openai(cls, **values) -> SamplingParams:
+        """OpenAI's defaults: temperature 1, no top-k, top-p 1, no repetition penalty."""
+        return cls(**{"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0,
+                      **values})
+
     def validate(self) -> None:
         checks = [
             (self.temperature >= 0, "temperature must be >= 0"),
@@ -38,7 +44,8 @@ class SamplingParams:
             (0 <= self.top_p <= 1, "top_p must be in [0, 1]"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.repeat_penalty > 0, "repeat_penalty must be > 0"),
-            (self.repeat_last_n >= -1, "repeat_last_n must be >= -1"),
+            (-1 <= self.repeat_last_n < 2 ** 31, "repeat_last_n must be >= -1 and below 2**31"),
+            (self.top_k < 2 ** 31, "top_k must be below 2**31"),
             (self.seed is None or self.seed < 2 ** 64, "seed must be below 2**64 (negative: random)"),
         ]
         for ok, message in checks:

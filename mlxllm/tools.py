@@ -103,6 +103,12 @@ def tools_of(value: Any) -> list[dict]:
             params = {"type": "object", "properties": {}}
         if not isinstance(params, dict):
             raise ToolError(f"tools[{i}].function.parameters must be a JSON schema object")
+        from .constrain import GrammarError, check_depth
+
+        try:
+            check_depth(params, what=f"tools[{i}].function.parameters schema")
+        except GrammarError as e:
+            raise ToolError(str(e)) from None
         description = fn.get("description")
         if description is not None and not isinstance(description, str):
             raise ToolError(f"tools[{i}].function.description must be a string")
@@ -160,6 +166,9 @@ def _lark_str(text: str) -> str:
 
 def _schema(schema: dict) -> str:
     """`%json` of a schema, in the compact JSON style the calls are written in."""
+    from .constrain import check_depth  # a GrammarError past MAX_SCHEMA_DEPTH
+
+    check_depth(schema, what="tool's parameters schema")
     return "%json " + json.dumps({**schema, "x-guidance": JSON_STYLE}, ensure_ascii=False)
 
 
@@ -327,6 +336,7 @@ class _TaggedStream(CallStream):
         self.open, self.close_tag = open_, close
         self.held = _HeldText()
         self.call: str | None = None  # text of the call being read
+        self.after_call = False  # the newlines between calls are not content
 
     def feed(self, text: str) -> list[Delta]:
         out: list[Delta] = []
@@ -336,6 +346,11 @@ class _TaggedStream(CallStream):
         else:
             self.call += text
         while True:
+            if self.call is None and self.after_call:
+                self.held.pending = self.held.pending.lstrip("\n")
+                if not self.held.pending:
+                    return out
+                self.after_call = False
             if self.call is None:
                 at = self.held.pending.find(self.open)
                 if at < 0:
@@ -347,7 +362,7 @@ class _TaggedStream(CallStream):
             if at < 0:
                 return out
             out += self._finish(self.call[:at])
-            self.held.pending, self.call = self.call[at + len(self.close_tag):].lstrip("\n"), None
+            self.held.pending, self.call, self.after_call = self.call[at + len(self.close_tag):], None, True
 
     def _finish(self, body: str) -> list[Delta]:
         try:

@@ -6,6 +6,7 @@ every kind of bad request, keep_alive and a clean shutdown."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -35,11 +36,12 @@ GREEDY = {"temperature": 0, "num_predict": 10}
 class Server:
     """`python -m mlxllm serve --port 0` in a subprocess; the port is read from its log."""
 
-    def __init__(self, tmp: Path, *args: str) -> None:
+    def __init__(self, tmp: Path, *args: str, env: dict | None = None) -> None:
         self.log_path = tmp / "server.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "mlxllm", "serve", "--port", "0", *args],
-                                     stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                     stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=None if env is None else {**os.environ, **env})
         deadline = time.time() + 60
         while time.time() < deadline:
             found = re.search(r"serving on (http://[\d.]+:\d+)", self.log())
@@ -188,10 +190,12 @@ def test_ollama_seed_repeats(ol):
 # ---------------------------------------------------------------------------- OpenAI generation
 
 def test_openai_chat_equals_cli(oa):
+    """OpenAI's temperature 0 is plain greedy decoding (no repetition penalty): `mlxllm run`
+    with the penalty off."""
     prompt = "What is the capital of France?"
     r = oa.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
                                    temperature=0, max_tokens=12)
-    assert r.choices[0].message.content == cli_run(prompt, 12)
+    assert r.choices[0].message.content == cli_run(prompt, 12, "--repeat-penalty", "1")
     assert r.id.startswith("chatcmpl-") and r.object == "chat.completion" and r.model == MODEL
     assert r.system_fingerprint and r.created > 0
     assert r.choices[0].finish_reason in ("stop", "length")
@@ -305,6 +309,9 @@ def openai_error(r: httpx.Response, status: int) -> dict:
 
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+DEEP: dict = {"type": "string"}  # a schema nested 200 levels deep (was a RecursionError: 500)
+for _ in range(200):
+    DEEP = {"type": "object", "properties": {"a": DEEP}}
 
 OLLAMA_BAD = [
     ("/api/chat", None, b"{not json", 400),
@@ -328,6 +335,11 @@ OLLAMA_BAD = [
     ("/api/chat", {**CHAT, "keep_alive": "soon"}, None, 400),
     ("/api/chat", {**CHAT, "format": "yaml"}, None, 400),
     ("/api/chat", {**CHAT, "format": {"type": 5}}, None, 400),
+    ("/api/chat", {**CHAT, "format": DEEP}, None, 400),
+    ("/api/chat", {**CHAT, "options": {"repeat_last_n": 10 ** 18}}, None, 400),  # was a 500
+    ("/api/chat", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, None, 400),  # no tools section
+    ("/api/chat", {**CHAT, "think": True}, None, 400),  # a model that does not think
+    ("/api/chat", {**CHAT, "think": "hard"}, None, 400),
     ("/api/generate", {"model": MODEL, "prompt": "hi", "images": ["aGk="]}, None, 400),
     ("/api/generate", {"model": MODEL, "prompt": "hi", "context": ["a"]}, None, 400),
     ("/api/generate", {"model": MODEL, "prompt": "hi", "template": "{% for %}"}, None, 400),
@@ -359,11 +371,21 @@ OPENAI_BAD = [
     (OPENAI_CHAT, {**CHAT, "presence_penalty": "x"}, None, 400),
     (OPENAI_CHAT, {**CHAT, "stop": 5}, None, 400),
     (OPENAI_CHAT, {**CHAT, "stop": ["x"] * 40}, None, 400),
-    (OPENAI_CHAT, {**CHAT, "n": 2}, None, 400),
+    (OPENAI_CHAT, {**CHAT, "n": 0}, None, 400),
+    (OPENAI_CHAT, {**CHAT, "n": 129}, None, 400),
+    (OPENAI_CHAT, {**CHAT, "stop": ["a", "b", "c", "d", "e"]}, None, 400),  # OpenAI's limit: 4
+    (OPENAI_CHAT, {**CHAT, "max_completion_tokens": 5, "max_tokens": "ten"}, None, 400),  # was a TypeError
+    (OPENAI_CHAT, {**CHAT, "repeat_last_n": 10 ** 18}, None, 400),
+    (OPENAI_CHAT, {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"schema": DEEP}}}, None, 400),
     (OPENAI_CHAT, {**CHAT, "stream": "yes"}, None, 400),
     (OPENAI_CHAT, {**CHAT, "response_format": {"type": "xml"}}, None, 400),
     (OPENAI_CHAT, {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}}, None, 400),
-    (OPENAI_CHAT, {**CHAT, "logprobs": True}, None, 400),
+    (OPENAI_CHAT, {**CHAT, "logprobs": "yes"}, None, 400),
+    (OPENAI_CHAT, {**CHAT, "top_logprobs": 3}, None, 400),  # without logprobs: true
+    (OPENAI_CHAT, {**CHAT, "logprobs": True, "top_logprobs": 21}, None, 400),
+    (OPENAI_CHAT, {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, None, 400),  # no tools section
+    (OPENAI_CHAT, {**CHAT, "tools": "f"}, None, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 99}, None, 400),
     ("/v1/completions", {"model": MODEL, "prompt": 5}, None, 400),
     ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, None, 400),
     ("/v1/completions", {"model": MODEL, "prompt": [10 ** 9]}, None, 400),

@@ -34,6 +34,8 @@ class Job:
     emit: Callable[[tuple[str, Any]], None]  # called from the engine thread
     constraint: Constraint | None = None
     cancelled: bool = False  # set by the request handler; checked between steps
+    logprobs: int | None = None  # None: not wanted; k: each token's logprob and k alternatives
+    reasoning_budget: tuple[int, list[int]] | None = None  # (tokens, close ids): see GenerationRequest
 
 
 class Engine:
@@ -72,7 +74,7 @@ class Engine:
     def submit(self, job: Job) -> None:
         try:
             uid = self.generator.insert(GenerationRequest(job.prompt, job.params, job.max_tokens, job.stop,
-                                                          job.constraint))
+                                                          job.constraint, job.logprobs, job.reasoning_budget))
         except Exception as e:  # noqa: BLE001  (this job's fault: it alone fails)
             job.emit(("error", f"generation failed: {type(e).__name__}: {e}"))
             return
@@ -102,6 +104,8 @@ class Engine:
             del self.jobs[event.uid]
             job.emit(("error", event.error))
             return
+        if event.logprob is not None and event.token not in self.generator.tokenizer.eos_ids:
+            job.emit(("logprobs", self._logprobs_entry(event)))
         if event.text:
             job.emit(("text", event.text))
         if event.finish_reason is not None:
@@ -116,6 +120,15 @@ class Engine:
                 "eval_ns": stats.eval_ns,
                 "context": stats.context,
             }))
+
+    def _token(self, token: int) -> dict:
+        piece = self.generator.tokenizer.token_to_bytes(token)
+        return {"token": piece.decode("utf-8", "replace"), "bytes": list(piece), "id": token}
+
+    def _logprobs_entry(self, event) -> dict:
+        """A token's logprobs as OpenAI's chat API shows them (plus ids)."""
+        return {**self._token(event.token), "logprob": event.logprob,
+                "top_logprobs": [{**self._token(t), "logprob": lp} for t, lp in event.top_logprobs or ()]}
 
     def fail_all(self, message: str) -> None:
         for event in self.generator.fail_all(message):

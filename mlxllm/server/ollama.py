@@ -17,7 +17,9 @@ from aiohttp import web
 from .. import __version__
 from ..generate import encode_prompt
 from ..models import ModelConfig
+from ..reasoning import Delta
 from ..sample import SamplingParams
+from ..tools import Choice, ToolError, arguments_of, new_call_id, tools_of
 from .common import (
     ApiError,
     field_of,
@@ -31,7 +33,7 @@ from .common import (
     sampling,
     stop_list,
 )
-from .generation import Request, render, start
+from .generation import Chat, Request, render, start
 from .pool import (
     NO_DEFAULTS,
     ModelPool,
@@ -44,12 +46,13 @@ from .pool import (
 log = logging.getLogger("mlxllm.server")
 OLLAMA_OPTIONS = {"num_ctx": "int", "num_predict": "int", "temperature": "number", "top_k": "int",
                   "top_p": "number", "min_p": "number", "repeat_penalty": "number", "repeat_last_n": "int",
-                  "presence_penalty": "number", "frequency_penalty": "number", "seed": "int"}
+                  "presence_penalty": "number", "frequency_penalty": "number", "seed": "int",
+                  "reasoning_budget": "int"}  # (mlxllm's: reasoning tokens before the model is made to answer)
 SAMPLING_KEYS = set(SamplingParams.__dataclass_fields__)
 
 
-def ollama_request(body: dict, model: str, build: Callable[[Any, int], list[int]],
-                   defaults: ModelConfig = NO_DEFAULTS) -> Request:
+def ollama_request(body: dict, model: str, build: Callable[[Any, int], list[int]] | None,
+                   defaults: ModelConfig = NO_DEFAULTS, chat: Chat | None = None) -> Request:
     # a pulled model's parameters, under the request's options key by key (as Ollama merges)
     options = defaults.options(field_of(body, "options", "object", {}))
     values = {k: field_of(options, k, kind, where="options.") for k, kind in OLLAMA_OPTIONS.items()}
@@ -65,18 +68,22 @@ def ollama_request(body: dict, model: str, build: Callable[[Any, int], list[int]
     num_ctx = values.pop("num_ctx")
     if num_ctx is not None and num_ctx < 1:
         raise ApiError(400, "options.num_ctx must be positive", "num_ctx")
+    budget = values.pop("reasoning_budget")
+    if budget is not None and budget < 0:
+        raise ApiError(400, "options.reasoning_budget must be >= 0", "reasoning_budget")
     params = sampling({k: v for k, v in values.items() if k in SAMPLING_KEYS})
     for key in ("images",):
         if body.get(key):
             raise ApiError(400, f"{model} does not support images", key)
-    if body.get("think"):
+    if chat is None and body.get("think"):
         raise ApiError(400, f"{model!r} does not support thinking", "think")
-    if body.get("tools"):
-        raise ApiError(400, "tools are not supported by mlxllm yet", "tools")
+    if chat is None and body.get("tools"):
+        raise ApiError(400, "tools are given to /api/chat", "tools")
     return Request(model=model, build=build, params=params,
                    max_tokens=predict if predict is not None and predict > 0 else None, num_ctx=num_ctx,
                    stop=stop_list(options.get("stop"), "options.stop"),
-                   schema=json_schema_of(body.get("format"), "format"), keep_alive=keep_alive_of(body))
+                   schema=json_schema_of(body.get("format"), "format"), keep_alive=keep_alive_of(body),
+                   chat=chat, reasoning_budget=budget)
 
 
 def ollama_final(model: str, stats: dict) -> dict:
@@ -181,8 +188,105 @@ def ollama_messages(body: dict) -> list[dict]:
             raise ApiError(400, f"messages[{i}].content must be a string", "messages")
         if m.get("images"):
             raise ApiError(400, "this model does not support images", "messages")
-        out.append({"role": role, "content": content})
+        message = {"role": role, "content": content}
+        if role == "assistant" and m.get("tool_calls"):
+            message["tool_calls"] = ollama_tool_calls(m["tool_calls"], i)
+        if role == "assistant" and isinstance(m.get("thinking"), str) and m["thinking"]:
+            message["reasoning_content"] = m["thinking"]  # the name HF templates read
+        if role == "tool":
+            name = m.get("tool_name") or m.get("name")
+            if isinstance(name, str):
+                message["name"] = message["tool_name"] = name
+        out.append(message)
     return out
+
+
+def ollama_tool_calls(value: Any, i: int) -> list[dict]:
+    """An assistant message's tool_calls ({"function": {"name", "arguments": {...}}}) as
+    templates read them."""
+    if not isinstance(value, list):
+        raise ApiError(400, f"messages[{i}].tool_calls must be an array", "messages")
+    calls = []
+    for call in value:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ApiError(400, f"messages[{i}].tool_calls entries must be {{\"function\": {{\"name\", "
+                                "\"arguments\"}}}}", "messages")
+        try:
+            arguments = arguments_of(fn.get("arguments"))
+        except ToolError as e:
+            raise ApiError(400, f"messages[{i}]: {e}", "messages") from None
+        calls.append({"id": call.get("id") or new_call_id(), "type": "function",
+                      "function": {"name": fn["name"], "arguments": arguments}})
+    return calls
+
+
+def ollama_chat(body: dict, messages: list[dict], template: str | None) -> Chat:
+    """The chat to render: tools (Ollama's: always offered, the model chooses), and `think`
+    (true/false; "low"/"medium"/"high" set gpt-oss's reasoning effort)."""
+    try:
+        tools = tools_of(body.get("tools"))
+    except ToolError as e:
+        raise ApiError(400, str(e), "tools") from None
+    think = body.get("think")
+    variables = {}
+    if isinstance(think, str) and think in ("low", "medium", "high"):
+        variables["reasoning_effort"], think = think, True
+    elif think is not None and not isinstance(think, bool):
+        raise ApiError(400, 'think must be true, false, "low", "medium" or "high"', "think")
+    return Chat(messages, template=template, tools=tools, choice=Choice("auto" if tools else "none"),
+                think=think, variables=variables)
+
+
+async def ollama_chat_respond(request: web.Request, req: Request, stream: bool, model: str) -> web.StreamResponse:
+    """/api/chat's answer: message.content, message.thinking and message.tool_calls, as
+    NDJSON chunks or one object."""
+    run = await start(request.app, req)
+    reply = run.shape.reply()
+    show = run.shape.show_reasoning
+
+    def message(deltas: list[Delta]) -> dict:
+        out = {"role": "assistant", "content": "".join(d.text for d in deltas if d.kind == "content")}
+        thinking = "".join(d.text for d in deltas if d.kind == "reasoning")
+        if thinking and show:
+            out["thinking"] = thinking
+        calls = [d.call for d in deltas if d.kind == "call"]
+        if calls:
+            out["tool_calls"] = [{"id": c.id, "function": {"index": len(seen) + k, "name": c.name,
+                                                            "arguments": c.arguments}}
+                                 for k, c in enumerate(calls)]
+            seen.extend(calls)
+        return out
+
+    seen: list = []
+    try:
+        if not stream:
+            deltas: list[Delta] = []
+            async for kind, value in run.events():
+                if kind == "text":
+                    deltas += reply.feed(value)
+                elif kind == "done":
+                    deltas += reply.close()
+                    return web.json_response({**ollama_final(model, value), "message": message(deltas)})
+        response = await ndjson_stream(request)
+        try:
+            async for kind, value in run.events():
+                if kind == "text":
+                    piece = message(reply.feed(value))
+                    if piece["content"] or len(piece) > 2:
+                        await response.write(line({"model": model, "created_at": now_rfc3339(), "message": piece,
+                                                   "done": False}))
+                elif kind == "done":
+                    await response.write(line({**ollama_final(model, value), "message": message(reply.close())}))
+        except ApiError as e:  # headers are sent: the error goes in the stream
+            await response.write(line({"error": e.message}))
+        await response.write_eof()
+        return response
+    except ConnectionResetError:
+        log.info("%s %s: client went away", request.method, request.path)
+        return web.Response(status=499)
+    finally:
+        run.close()
 
 
 async def api_chat(request: web.Request) -> web.StreamResponse:
@@ -192,18 +296,10 @@ async def api_chat(request: web.Request) -> web.StreamResponse:
     messages = ollama_messages(body)
     template = field_of(body, "template", "string") or defaults.prompt_template
     stream = field_of(body, "stream", "bool", True)
-    req = ollama_request(body, model, lambda tokenizer, limit: encode_prompt(
-        tokenizer, render(tokenizer, defaults.with_system(messages), template), limit), defaults)
+    req = ollama_request(body, model, None, defaults, ollama_chat(body, defaults.with_system(messages), template))
     if not messages:
         return await ollama_load_only(request, body, model, {"message": {"role": "assistant", "content": ""}})
-
-    def chunk(text: str) -> dict:
-        return {"model": model, "created_at": now_rfc3339(), "message": {"role": "assistant", "content": text}, "done": False}
-
-    def final(text: str, stats: dict) -> dict:
-        return {**ollama_final(model, stats), "message": {"role": "assistant", "content": text}}
-
-    return await ollama_respond(request, req, stream, chunk, final)
+    return await ollama_chat_respond(request, req, stream, model)
 
 
 def _human_count(n: int) -> str:
