@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
+from collections.abc import Callable
 
 import mlx.core as mx
 
@@ -17,10 +18,21 @@ SPECULATION_PROMPT = ("Repeat the following list exactly, then repeat it once mo
                       + "\n".join(f"{i}. item number {i} of the list" for i in range(1, 21)) + "\n")
 
 
+def summary(runs: list[float]) -> dict:
+    """Mean and spread of a measurement; a spread only where there are 2+ runs to have one."""
+    return {"mean": statistics.mean(runs), "stdev": statistics.stdev(runs) if len(runs) > 1 else None, "runs": runs}
+
+
+def _no_progress(label: str) -> None:
+    pass
+
+
 def bench(model, tokenizer, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3,
-          kv_bits: int | None = None) -> dict[str, dict]:
+          kv_bits: int | None = None, progress: Callable[[str], None] = _no_progress) -> dict[str, dict]:
     """{"pp512": {"mean", "stdev", "runs"}, "tg128": {...}} after one warm-up of each;
-    kv_bits: tg with a quantized KV cache."""
+    kv_bits: tg with a quantized KV cache. pp and tg runs alternate (a machine that slows
+    down slows both alike); progress(label) is called as each of the 2 * (repetitions + 1)
+    runs starts."""
     rng = random.Random(0)
 
     def pp() -> float:
@@ -38,18 +50,23 @@ def bench(model, tokenizer, n_prompt: int = 512, n_gen: int = 128, repetitions: 
             pass
         return n_gen / (time.perf_counter() - start)
 
-    pp(), tg()  # warm-up: first calls pay for allocations
-    results = {}
-    for name, fn in ((f"pp{n_prompt}", pp), (f"tg{n_gen}", tg)):
-        runs = [fn() for _ in range(repetitions)]
-        results[name] = {"mean": statistics.mean(runs), "stdev": statistics.stdev(runs) if len(runs) > 1 else 0.0,
-                         "runs": runs}
-    return results
+    tests = ((f"pp{n_prompt}", pp), (f"tg{n_gen}", tg))
+    for name, fn in tests:  # warm-up: first calls pay for allocations
+        progress(f"{name} warm-up")
+        fn()
+    runs: dict[str, list[float]] = {name: [] for name, _ in tests}
+    for i in range(repetitions):
+        for name, fn in tests:
+            progress(f"{name} {i + 1}/{repetitions}")
+            runs[name].append(fn())
+    return {name: summary(values) for name, values in runs.items()}
 
 
-def bench_speculation(model, tokenizer, n_gen: int, repetitions: int, **speculation) -> dict[str, dict]:
+def bench_speculation(model, tokenizer, n_gen: int, repetitions: int, progress: Callable[[str], None] = _no_progress,
+                      **speculation) -> dict[str, dict]:
     """Greedy generation of n_gen tokens from one prompt, plain and speculative, in tokens/s
-    (prefill excluded): {"tg-plain": ..., "tg-spec": {..., "note": speed-up and acceptance}}."""
+    (prefill excluded): {"tg-plain": ..., "tg-spec": {..., "note": speed-up and acceptance}}.
+    progress(label) is called as each of the 2 * (repetitions + 1) runs starts."""
     from .generate import encode_prompt
 
     ids = encode_prompt(tokenizer, tokenizer.apply_chat_template(
@@ -67,20 +84,21 @@ def bench_speculation(model, tokenizer, n_gen: int, repetitions: int, **speculat
                     start = time.perf_counter()  # the first token ends the prefill
         return (len(tokens) - 1) / (time.perf_counter() - start), tokens, generator
 
-    tg(), tg(**speculation)  # warm-up
+    progress("tg-plain warm-up")
+    tg()
+    progress("tg-spec warm-up")
+    tg(**speculation)
     plain, spec = [], []
-    for _ in range(repetitions):  # interleaved: a busy machine slows both alike
+    for i in range(repetitions):  # interleaved: a busy machine slows both alike
+        progress(f"tg-plain {i + 1}/{repetitions}")
         plain.append(tg())
+        progress(f"tg-spec {i + 1}/{repetitions}")
         spec.append(tg(**speculation))
     if any(s[1] != plain[0][1] for s in spec):
         raise RuntimeError("speculative decoding changed the greedy output")
     speedup = statistics.mean(s[0] for s in spec) / statistics.mean(p[0] for p in plain)
     acceptance = spec[-1][2].speculation.acceptance
 
-    def summary(runs):
-        values = [r[0] for r in runs]
-        return {"mean": statistics.mean(values), "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "runs": values}
-
-    return {"tg-plain": summary(plain),
-            "tg-spec": {**summary(spec), "note": f"{speedup:.2f}x plain, {acceptance:.0%} of drafts accepted"}}
+    return {"tg-plain": summary([r[0] for r in plain]),
+            "tg-spec": {**summary([r[0] for r in spec]),
+                        "note": f"{speedup:.2f}x plain, {acceptance:.0%} of drafts accepted"}}

@@ -5,23 +5,26 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
+from contextlib import contextmanager
 
 import click
 
 from . import _blas
 from .embeddings import POOLINGS
 from .embeddings import embed as embed_texts
-from .generate import stream_generate
 from .gguf import GGUFError, GGUFFile
 from .loader import LoadError, load
 from .models import ModelNotFound, resolve
+from .pull import PullError
 from .quant import UnsupportedTypeError
 from .registry import REGISTRY, ArchError
 from .sample import SamplingParams
 
 # Errors that describe bad input: one line on stderr and exit code 1, never a traceback
 # (MLXLLM_DEBUG=1 shows it).
-USER_ERRORS = (GGUFError, ArchError, LoadError, ModelNotFound, UnsupportedTypeError, ValueError)
+USER_ERRORS = (GGUFError, ArchError, LoadError, ModelNotFound, UnsupportedTypeError, ValueError,
+               PullError)  # `run` pulls a name it does not have: an unreachable registry is one line too
 
 
 class Group(click.Group):
@@ -34,13 +37,61 @@ class Group(click.Group):
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
+            click.echo(err=True)  # the shell's prompt on a line of its own, after "^C"
+            from . import chat
+            if chat.busy():  # MLX work still running on run's worker thread: an interpreter
+                sys.stdout.flush()  # exiting around it aborts ("terminate called ..."), so
+                sys.stderr.flush()  # leave without tearing it down
+                os._exit(130)
             sys.exit(130)
 
 
-@click.group(cls=Group)
+@click.group(cls=Group, invoke_without_command=True)
 @click.version_option(package_name="mlxllm")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Run GGUF models on MLX."""
+    if ctx.invoked_subcommand is None:  # `mlxllm` alone: the help, as a question answered
+        click.echo(ctx.get_help())
+
+
+def progress_shown() -> bool:
+    """Progress bars and spinners go to stderr, and only when it is a terminal: a pipe or a
+    log file gets the results alone (MLXLLM_NO_PROGRESS=1 turns them off everywhere)."""
+    return sys.stderr.isatty() and not os.environ.get("MLXLLM_NO_PROGRESS")
+
+
+@contextmanager
+def activity(description: str):
+    """A line on stderr that counts the seconds while something without steps runs."""
+    if not progress_shown():
+        yield
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, desc=description, bar_format="{desc} {elapsed}", leave=False, file=sys.stderr)
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(0.25):
+            bar.refresh()
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
+        bar.close()
+
+
+def load_model(model: str, **kwargs):
+    """load() with a spinner on a terminal: a large file takes a while."""
+    path = resolve(model)
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    with activity(f"loading {model} ({_human(size, 'B')})" if size else f"loading {model}"):
+        return load(model, **kwargs)
 
 
 def _cpu_kernels_state() -> str:
@@ -59,32 +110,99 @@ def _human(n: float, unit: str = "") -> str:
     return f"{n:.4g}P{unit}"
 
 
+# GGUF's recommended sampling keys (general.sampling.*) by the names Ollama's parameters use.
+SAMPLING_KEYS = {"general.sampling.temp": "temperature", "general.sampling.top_k": "top_k",
+                 "general.sampling.top_p": "top_p", "general.sampling.min_p": "min_p",
+                 "general.sampling.penalty_repeat": "repeat_penalty",
+                 "general.sampling.penalty_last_n": "repeat_last_n"}
+
+
+def _parameters(gf: GGUFFile) -> list[tuple[str, str]]:
+    """(name, value) of what the file sets for generation: its recommended sampling
+    values, and the stop tokens (end-of-generation tokens) that end an answer."""
+    from .tokenizer import Tokenizer
+
+    out = [(name, str(gf.metadata.get(key))) for key, name in SAMPLING_KEYS.items() if key in gf.metadata]
+    if "tokenizer.ggml.tokens" in gf.metadata:
+        tokenizer = Tokenizer.from_metadata(gf.metadata)
+        for i in sorted(tokenizer.eos_ids):
+            out.append(("stop", json.dumps(tokenizer.token_to_bytes(i).decode("utf-8", "replace"))))
+    return out
+
+
+def _metadata_value(value) -> str:
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return json.dumps(value) if len(value) <= 8 else f"[{len(value)} items]"
+    return json.dumps(value) if isinstance(value, str) else str(value)
+
+
+def show_text(path: str, what: str, name: str | None = None) -> str:
+    """`show`'s text for one view: info, template, parameters, license, modelfile, verbose."""
+    with GGUFFile(path) as gf:
+        m = gf.metadata
+        template = m.get("tokenizer.chat_template") or ""
+        license_ = m.get("general.license") or ""
+        if what == "template":
+            return template or "(no chat template in the file: mlxllm uses its fallback, see README)"
+        if what == "license":
+            return license_
+        if what == "parameters":
+            return "\n".join(f"{k:<30} {v}" for k, v in _parameters(gf))
+        if what == "modelfile":
+            lines = ['# Modelfile generated by "mlxllm show"', "# To build a new Modelfile based on this, replace FROM with:",
+                     f"# FROM {name or path}", "", f"FROM {path}"]
+            if template:
+                lines.append(f'TEMPLATE """{template}"""')
+            lines += [f"PARAMETER {k} {v}" for k, v in _parameters(gf)]
+            if license_:
+                lines.append(f'LICENSE """{license_}"""')
+            return "\n".join(lines)
+        info = gf.summary()
+        rows = [
+            ("architecture", info["architecture"]),
+            ("name", info["name"]),
+            ("parameters", _human(info["parameters"])),
+            ("file size", _human(info["file_size"], "B")),
+            ("context length", info["context_length"]),
+            ("embedding length", info["embedding_length"]),
+            ("layers", info["layers"]),
+            ("heads", f"{info['heads']} (kv {info['kv_heads']})"),
+            ("tensor types", ", ".join(f"{t} x{n}" for t, n in info["tensor_types"].items())),
+            ("tokenizer", f"{info['tokenizer']} ({info['vocab_size']} tokens)"),
+            ("chat template", "yes" if info["chat_template"] else "no"),
+        ]
+        lines = [f"  {info['path']}"] + [f"  {key:<18}{value}" for key, value in rows]
+        parameters = _parameters(gf)
+        if parameters:
+            lines += ["", "  Parameters"] + [f"    {k:<18}{v}" for k, v in parameters]
+        if license_:
+            first = license_.strip().splitlines()
+            lines += ["", "  License"] + [f"    {line}" for line in first[:2]] + (["    ..."] if len(first) > 2 else [])
+        if what == "verbose":
+            lines += ["", "  Metadata"] + [f"    {k:<44}{_metadata_value(v)}" for k, v in m.items()]
+            lines += ["", "  Tensors"] + [f"    {t:<44}{i.qtype.name:<8}{list(i.shape)}" for t, i in gf.tensors.items()]
+        return "\n".join(lines)
+
+
 @main.command()
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def show(model: str, as_json: bool) -> None:
-    """Describe a GGUF model: architecture, size, quant types, tokenizer."""
-    with GGUFFile(resolve(model)) as gf:
-        info = gf.summary()
+@click.option("--template", "view", flag_value="template", help="Show the chat template (Jinja, as in the file).")
+@click.option("--parameters", "view", flag_value="parameters",
+              help="Show the file's generation parameters: recommended sampling, stop tokens.")
+@click.option("--modelfile", "view", flag_value="modelfile", help="Show the model as an Ollama Modelfile.")
+@click.option("--license", "view", flag_value="license", help="Show the license text.")
+@click.option("-v", "--verbose", "view", flag_value="verbose", help="Also every metadata key and tensor.")
+def show(model: str, as_json: bool, view: str | None) -> None:
+    """Describe a GGUF model: architecture, size, quant types, tokenizer (Ollama's `show`)."""
+    path = resolve(model)
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        with GGUFFile(path) as gf:
+            click.echo(json.dumps(gf.summary(), indent=2))
         return
-    rows = [
-        ("architecture", info["architecture"]),
-        ("name", info["name"]),
-        ("parameters", _human(info["parameters"])),
-        ("file size", _human(info["file_size"], "B")),
-        ("context length", info["context_length"]),
-        ("embedding length", info["embedding_length"]),
-        ("layers", info["layers"]),
-        ("heads", f"{info['heads']} (kv {info['kv_heads']})"),
-        ("tensor types", ", ".join(f"{t} x{n}" for t, n in info["tensor_types"].items())),
-        ("tokenizer", f"{info['tokenizer']} ({info['vocab_size']} tokens)"),
-        ("chat template", "yes" if info["chat_template"] else "no"),
-    ]
-    click.echo(f"  {info['path']}")
-    for key, value in rows:
-        click.echo(f"  {key:<18}{value}")
+    click.echo(show_text(path, view or "info", name=model))
 
 
 @main.command()
@@ -164,77 +282,71 @@ def _params(opts: dict) -> SamplingParams:
     return params
 
 
-@main.command()
+class RunCommand(click.Command):
+    """`run` also takes Ollama's spelling `--think=false` / `--think=true`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        args = [{"--think=false": "--nothink", "--think=true": "--think"}.get(a, a) for a in args]
+        return super().parse_args(ctx, args)
+
+
+@main.command(cls=RunCommand)
 @click.argument("model")
 @click.argument("prompt", required=False)
 @sampling_options
-@click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--max-tokens", "--num-predict", type=click.IntRange(min=-1), default=512, show_default=True,
+              help="Most tokens in an answer (-1: until the context is full).")
+@click.option("--ctx-size", "--num-ctx", "ctx_size", type=click.IntRange(min=1), default=None,
+              help="Context size in tokens: prompt and answer together (default: the model's).")
 @click.option("--system", default=None, help="System prompt for chat models.")
+@click.option("--format", "format_", default=None, metavar="json|SCHEMA",
+              help='Answer in JSON: "json" (any object), or a JSON schema (inline or a file) it follows.')
+@click.option("--think/--nothink", default=None,
+              help="Let a thinking model think first, or not (--think=false too; default: its template's).")
+@click.option("--hidethinking", is_flag=True, help="Leave a thinking model's thinking out of the output.")
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
 @click.option("--verbose", is_flag=True, help="Print load and speed statistics to stderr.")
 @speculation_options
-def run(model: str, prompt: str | None, max_tokens: int, system: str | None, raw: bool, verbose: bool,
+def run(model: str, prompt: str | None, max_tokens: int, ctx_size: int | None, system: str | None,
+        format_: str | None, think: bool | None, hidethinking: bool, raw: bool, verbose: bool,
         draft_name: str | None, prompt_lookup: bool, draft_tokens: int, kv_bits: str | None, **opts) -> None:
-    """Generate from MODEL. Without PROMPT (and no piped input): an interactive chat."""
+    """Generate from MODEL. Without PROMPT (and no piped input): an interactive chat
+    (/? lists its commands). Ctrl-C stops an answer."""
+    from . import chat
+
+    if max_tokens == 0:
+        raise click.BadParameter("must be positive, or -1 (until the context is full)", param_hint="--max-tokens")
     from .cli_models import apply_model_defaults, ensure
     config = ensure(model)  # a registry name not here yet is pulled first, as `ollama run` does
     system = apply_model_defaults(config, opts, system)  # a pulled manifest's parameters and system prompt
     params = _params(opts)
-    speculation = _speculation(draft_name, prompt_lookup, draft_tokens, kv_bits)
+    schema = chat.parse_format(format_)
     piped = None if sys.stdin.isatty() else sys.stdin.read()
-    net, tokenizer = load(model)
+    # MLX work runs on one worker thread, so Ctrl-C is answered at once (chat.Worker)
+    speculation = chat.worker().call(_speculation, draft_name, prompt_lookup, draft_tokens, kv_bits)
+    net, tokenizer = chat.worker().call(load_model, model)
+    if think and not chat.thinks(tokenizer):
+        raise ValueError(f"{model} does not support thinking (its template and vocabulary have no <think>)")
     if verbose:
         stats = net.load_stats
         click.echo(f"loaded {model} in {stats.seconds:.2f} s ({stats.nbytes / 1e6:.0f} MB of weights; BLAS: {_blas.loaded or 'reference'}; {_cpu_kernels_state()})", err=True)
+    settings = chat.Settings(params=params, max_tokens=None if max_tokens == -1 else max_tokens, num_ctx=ctx_size,
+                             system=system, schema=schema, think=think, hide_thinking=hidethinking,
+                             verbose=verbose, raw=raw, speculation=speculation)
     if prompt is None and piped is None:
-        _chat(net, tokenizer, params, max_tokens, system, verbose, speculation)
+        chat.Chat(model, net, tokenizer, settings, load_model).loop()
         return
     text = "\n\n".join(p for p in (prompt, piped) if p)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-    full = text if raw else tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    _stream(net, tokenizer, full, params, max_tokens, verbose, speculation)
-
-
-def _stream(net, tokenizer, prompt: str, params: SamplingParams, max_tokens: int, verbose: bool,
-            speculation: dict) -> str:
-    out = []
-    last = None
-    for r in stream_generate(net, tokenizer, prompt, params, max_tokens, **speculation):
-        click.echo(r.text, nl=False)
-        out.append(r.text)
-        last = r
-    click.echo()
-    if verbose and last is not None:
-        click.echo(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s | "
-                   f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s | "
-                   f"peak memory {last.peak_memory_gb:.2f} GB | finish: {last.finish_reason}"
-                   + (f" | drafts accepted {last.draft_acceptance:.0%}" if last.draft_acceptance is not None else ""),
-                   err=True)
-    return "".join(out)
-
-
-def _chat(net, tokenizer, params, max_tokens, system, verbose, speculation) -> None:
-    messages = [{"role": "system", "content": system}] if system else []
-    click.echo("Send a message (/bye to leave).", err=True)
-    while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            click.echo()
-            return
-        if line.strip() in ("/bye", "/exit"):
-            return
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        try:
-            answer = _stream(net, tokenizer, prompt, params, max_tokens, verbose, speculation)
-        except KeyboardInterrupt:  # stop this answer, keep the conversation
-            click.echo()
-            messages.pop()
-            continue
-        messages.append({"role": "assistant", "content": answer})
+    messages = ([{"role": "system", "content": system}] if system and not raw else []) + \
+        [{"role": "user", "content": text}]
+    limit = min(ctx_size or chat.context_length(net), chat.context_length(net))
+    ids, kept = chat.fit(tokenizer, messages, settings, limit)
+    budget = chat.budget(settings, len(ids), limit)
+    result = chat.answer(net, tokenizer, ids, settings, budget, chat.render(tokenizer, kept, settings))
+    if result.finish_reason is None:  # Ctrl-C: leave once the worker's step is done
+        chat.worker().settle()
+        sys.exit(130)
+    chat.cut_off_note(result, budget, settings)
 
 
 @main.command()
@@ -257,16 +369,57 @@ def embed(model: str, texts: tuple[str, ...], pooling: str | None, no_normalize:
     click.echo("[" + ",\n".join(json.dumps(v) for v in vectors) + "]")
 
 
+class Phases:
+    """A progress bar over a benchmark's runs, named after the one running, with tqdm's
+    estimate of the time left (the runs alternate pp and tg, so their mean rate holds)."""
+
+    def __init__(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="run", leave=False, file=sys.stderr,
+                        bar_format="{desc:<18}{bar:20} {n_fmt}/{total_fmt} runs [{elapsed}<{remaining}]")
+        self.started = False
+
+    def __call__(self, label: str) -> None:
+        if self.started:
+            self.bar.update(1)
+        self.started = True
+        self.bar.set_description_str(label)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@contextmanager
+def phases(total: int):
+    """A Phases bar on a terminal; elsewhere a callback that does nothing."""
+    if not progress_shown():
+        yield lambda label: None
+        return
+    bar = Phases(total)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _spread(r: dict) -> str:
+    return f" ± {r['stdev']:.2f}" if r.get("stdev") is not None else ""
+
+
 @main.command()
 @click.argument("model")
 @click.option("-p", "--n-prompt", type=click.IntRange(min=1), default=512, show_default=True, help="Prompt tokens (pp).")
 @click.option("-n", "--n-gen", type=click.IntRange(min=1), default=128, show_default=True, help="Generated tokens (tg).")
-@click.option("-r", "--repetitions", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("-r", "--repetitions", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Runs of each test after a warm-up; the spread (±) needs 2 or more.")
+@click.option("-o", "--output", type=click.Choice(["text", "json", "md"]), default="text", show_default=True,
+              help="Output format (llama-bench's -o): a table, JSON, or a markdown table.")
+@click.option("--json", "as_json", is_flag=True, help="Same as -o json.")
 @click.option("--layout", type=click.Choice(["auto", "dense", "quantized"]), default="auto", show_default=True,
               help="Weights as float32 (dense) or in their quantized layouts; auto: the device's default.")
 @speculation_options
-def bench(model: str, n_prompt: int, n_gen: int, repetitions: int, as_json: bool, layout: str,
+def bench(model: str, n_prompt: int, n_gen: int, repetitions: int, output: str, as_json: bool, layout: str,
           draft_name: str | None, prompt_lookup: bool, draft_tokens: int, kv_bits: str | None) -> None:
     """Prompt processing (pp) and generation (tg) speed, llama-bench style. With --draft or
     --prompt-lookup, also greedy generation with and without speculation on one prompt."""
@@ -274,26 +427,38 @@ def bench(model: str, n_prompt: int, n_gen: int, repetitions: int, as_json: bool
 
     from .bench import bench as run_bench
 
+    output = "json" if as_json else output
     mx.reset_peak_memory()
-    net, tokenizer = load(model, dense={"auto": None, "dense": True, "quantized": False}[layout])
-    results = run_bench(net, tokenizer, n_prompt, n_gen, repetitions, kv_bits=int(kv_bits) if kv_bits else None)
+    net, tokenizer = load_model(model, dense={"auto": None, "dense": True, "quantized": False}[layout])
     speculation = _speculation(draft_name, prompt_lookup, draft_tokens, None)
     speculation.pop("kv_bits")
-    if speculation["draft_model"] is not None or prompt_lookup:
-        from .bench import bench_speculation
-        results.update(bench_speculation(net, tokenizer, n_gen, repetitions, **speculation))
+    speculates = speculation["draft_model"] is not None or prompt_lookup
+    with phases(2 * (repetitions + 1) * (2 if speculates else 1)) as progress:
+        results = run_bench(net, tokenizer, n_prompt, n_gen, repetitions, kv_bits=int(kv_bits) if kv_bits else None,
+                            progress=progress)
+        if speculates:
+            from .bench import bench_speculation
+            results.update(bench_speculation(net, tokenizer, n_gen, repetitions, progress=progress, **speculation))
     info = {"model": model, "layout": layout, "load_s": net.load_stats.seconds, "weights_mb": net.load_stats.nbytes / 1e6,
             "peak_memory_gb": mx.get_peak_memory() / 1e9, "blas": _blas.loaded,
-            "cpu_kernels": _cpu_kernels_state(), "tokens_per_s": results}
-    if as_json:
+            "cpu_kernels": _cpu_kernels_state(), "repetitions": repetitions, "tokens_per_s": results}
+    if output == "json":
         click.echo(json.dumps(info, indent=2))
         return
     click.echo(f"model {model}: load {info['load_s']:.2f} s, weights {info['weights_mb']:.0f} MB, "
-               f"peak memory {info['peak_memory_gb']:.2f} GB, BLAS {info['blas'] or 'reference'}, {info['cpu_kernels']}")
-    click.echo(f"{'test':<8}{'tokens/s':>12}{'+/-':>10}")
+               f"peak memory {info['peak_memory_gb']:.2f} GB, BLAS {info['blas'] or 'reference'}, {info['cpu_kernels']}"
+               + ("" if repetitions > 1 else " (1 run each: no spread)"))
+    if output == "md":
+        click.echo("\n| model | layout | test | t/s |\n| --- | --- | ---: | ---: |")
+        for name, r in results.items():
+            note = f" ({r['note']})" if "note" in r else ""
+            click.echo(f"| {model} | {layout} | {name} | {r['mean']:.2f}{_spread(r)}{note} |")
+        return
+    click.echo(f"{'test':<10}{'tokens/s':>12}" + (f"{'±':>10}" if repetitions > 1 else ""))
     for name, r in results.items():
         extra = f"  ({r['note']})" if "note" in r else ""
-        click.echo(f"{name:<8}{r['mean']:>12.2f}{r['stdev']:>10.2f}{extra}")
+        spread = f"{r['stdev']:>10.2f}" if r.get("stdev") is not None else ""
+        click.echo(f"{name:<10}{r['mean']:>12.2f}{spread}{extra}")
 
 
 def _seconds(value: str) -> float | None:
