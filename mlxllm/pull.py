@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import http.client
 import inspect
 import ipaddress
 import json
@@ -203,7 +204,11 @@ def _fetch_into(registry, name, layer, f, have, digest, status, progress):
         f.seek(have)
         last = have
         while True:
-            chunk = response.read(CHUNK)
+            try:
+                chunk = response.read(CHUNK)
+            except (http.client.HTTPException, OSError) as e:  # a dropped or stalled connection
+                raise PullError(f"blob {layer.digest}: the connection failed at {have} of {layer.size} bytes "
+                                f"({type(e).__name__}: {e}); pull again to resume") from None
             if not chunk:
                 break
             have += len(chunk)
@@ -256,7 +261,7 @@ def choose_gguf(files: list[str], quant: str) -> str:
     if not ggufs:
         raise PullError("the repository has no GGUF file")
     wanted = "q4_k_m" if quant == "latest" else quant.lower()
-    matches = [f for f in ggufs if re.search(rf"(?<![a-z0-9]){re.escape(wanted)}(?![a-z0-9])", Path(f).name.lower())]
+    matches = [f for f in ggufs if re.search(rf"(?<![a-z0-9]){re.escape(wanted)}(?![a-z0-9_])", Path(f).name.lower())]
     if not matches and quant == "latest" and len(ggufs) == 1:
         matches = ggufs
     if not matches:

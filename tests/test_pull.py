@@ -169,11 +169,24 @@ class HostileRegistry:
     def __init__(self) -> None:
         self.manifest: bytes = b"{}"
         self.blobs: dict[str, bytes] = {}
+        self.token: str | None = None  # set: Docker's bearer challenge, answered by GET /token
+        self.seen: list[tuple[str, str | None]] = []
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
-                if "/manifests/" in self.path:
+                outer.seen.append((self.path, self.headers.get("Authorization")))
+                if self.path.startswith("/token?"):
+                    body = json.dumps({"token": outer.token}).encode()
+                elif outer.token and self.headers.get("Authorization") != f"Bearer {outer.token}":
+                    realm = f"http://{outer.host}/token"
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", f'Bearer realm="{realm}",service="test",'
+                                                         f'scope="repository:library/x:pull"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                elif "/manifests/" in self.path:
                     body = outer.manifest
                 else:
                     body = outer.blobs.get(self.path.rsplit("/", 1)[-1])
@@ -238,6 +251,24 @@ def test_hostile_blobs_and_manifests(env):
         with pytest.raises(PullError, match="not JSON"):
             pull(f"{hostile.host}/library/junk:x")
         assert not any(f.startswith("manifests/") for f in store_files(env))
+    finally:
+        hostile.close()
+
+
+def test_a_bearer_challenge_is_answered(env):
+    """Docker's token flow, anonymously, as registries that require it for pulls expect."""
+    hostile = HostileRegistry()
+    try:
+        data = TINY.read_bytes()
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        hostile.blobs[digest] = data
+        hostile.manifest = json.dumps({"schemaVersion": 2, "layers": [
+            {"mediaType": "application/vnd.ollama.image.model", "digest": digest, "size": len(data)}]}).encode()
+        hostile.token = "t0k3n"
+        entry = pull(f"{hostile.host}/library/x:y")
+        assert Path(entry.model_path).read_bytes() == data
+        assert ("/token?service=test&scope=repository%3Alibrary%2Fx%3Apull", None) in hostile.seen
+        assert hostile.seen[-1] == (f"/v2/library/x/blobs/{digest}", "Bearer t0k3n")
     finally:
         hostile.close()
 
@@ -314,6 +345,14 @@ def test_server_pull_show_generate_copy_delete(registry, server):
         timeout=120).json()
     assert tuned["response"] == explicit["response"] and tuned["eval_count"] <= 6
     assert tuned["response"] != bare["response"]
+
+    # `mlxllm ps` and `stop` on the running server
+    cli_env = {"MLXLLM_HOST": server.url, "MLXLLM_MODELS": os.environ["MLXLLM_MODELS"]}
+    ps = mlxllm("ps", env=cli_env)
+    assert ps.returncode == 0 and ps.stdout.split()[:5] == ["NAME", "ID", "SIZE", "PROCESSOR", "UNTIL"]
+    assert registry.tuned in ps.stdout  # (the plain model is the same file, loaded once)
+    assert mlxllm("stop", registry.tuned, env=cli_env).returncode == 0
+    assert httpx.get(server.url + "/api/ps").json()["models"] == []
 
     copied = httpx.post(server.url + "/api/copy", json={"source": registry.tuned, "destination": "mine:copy"})
     assert copied.status_code == 200

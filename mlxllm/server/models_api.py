@@ -67,6 +67,9 @@ async def api_pull(request: web.Request) -> web.StreamResponse:
             log.info("pull of %s cancelled: the client went away", text)
         except (PullError, StoreError, InvalidDigest, InvalidName, OSError) as e:
             loop.call_soon_threadsafe(queue.put_nowait, ("error", str(e)))
+        except Exception as e:  # the client gets an error line; the log, the traceback
+            log.exception("pull of %s failed", text)
+            loop.call_soon_threadsafe(queue.put_nowait, ("error", f"internal error: {type(e).__name__}: {e}"))
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
 
