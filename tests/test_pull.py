@@ -373,6 +373,25 @@ def test_server_pull_show_generate_copy_delete(registry, server):
                                                       "destination": "../x"}).status_code == 400
 
 
+def test_ollamas_client_pulls_lists_shows_copies_deletes(registry, server):
+    ollama = pytest.importorskip("ollama")
+    client = ollama.Client(host=server.url)
+    progress = list(client.pull(registry.plain, insecure=True, stream=True))
+    assert progress[0].status == "pulling manifest" and progress[-1].status == "success"
+    assert any(p.total and p.completed == p.total for p in progress)
+    assert registry.plain in [m.model for m in client.list().models]
+    shown = client.show(registry.plain)
+    assert shown.details.family == "llama" and shown.modelinfo["general.architecture"] == "llama"
+    client.copy(registry.plain, "copied:one")
+    assert "copied:one" in [m.model for m in client.list().models]
+    client.delete("copied:one")
+    with pytest.raises(ollama.ResponseError) as e:
+        client.delete("copied:one")
+    assert e.value.status_code == 404
+    with pytest.raises(ollama.ResponseError):
+        list(client.pull(f"{registry.host}/library/smol:nope", insecure=True, stream=True))
+
+
 # --- Hugging Face: a local server stands in for the hub (no network here) ---
 
 
