@@ -115,6 +115,20 @@ def test_run_pulls_then_list_pull_again_rm(registry, env, gguf):
     assert missing.returncode == 1 and missing.stderr.startswith("error: ") and len(missing.stderr.splitlines()) == 1
 
 
+def test_progress_on_a_terminal(registry, env):
+    pexpect = pytest.importorskip("pexpect")
+    pull(registry.plain)
+    child = pexpect.spawn(sys.executable, ["-m", "mlxllm", "pull", registry.plain], encoding="utf-8", timeout=120,
+                          env={**os.environ, **env, "MLXLLM_NO_PROGRESS": ""}, dimensions=(24, 160))
+    child.expect(pexpect.EOF)
+    screen = child.before
+    child.close()
+    assert child.exitstatus == 0, screen
+    model = registry.manifests["plain"]["layers"][0]
+    assert "pulling manifest" in screen and f"pulling {model['digest'][7:19]}" in screen and "100%" in screen
+    assert "verifying sha256 digest" in screen and "success" in screen
+
+
 def test_a_killed_transfer_resumes(registry, env, gguf):
     relay = Relay(registry.port)
     try:
