@@ -1,0 +1,174 @@
+"""Pipeline-parallel inference (mlxllm.distributed) against one process, on this machine.
+
+    python scripts/bench_distributed.py MODEL [--ranks 1,2,3] [--tokens 64]
+
+runs the worker below once alone and once per rank count under `mlx.launch --backend ring`
+on 127.0.0.1, and prints per run: tokens/s (and the ratio to one process in the same
+run), and per rank its layers, bytes of weights and peak RSS. `worker` is also what
+tests/test_distributed.py launches.
+
+    python scripts/bench_distributed.py worker MODEL OUT_DIR [--tokens N]
+
+loads MODEL (its stage, when launched as one of several ranks), then writes
+OUT_DIR/rank<r>.json: greedy text and tokens through the generation loop, the tokens of
+two prompts decoded together (rows sharing forward passes), a sampled text (unseeded: the
+ranks must agree on the seed), decode tokens/s, and its stage, weight bytes, RSS after
+loading and peak RSS; rank 0 also OUT_DIR/logits.npy (the prompt's last position, then
+each greedy step). With --forever it keeps generating, printing a line per token on
+stdout (the failure test kills a rank meanwhile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPT = "The capital of France is"
+PROMPTS = ("Write a haiku about the sea.", "Name three prime numbers:")
+LOGIT_STEPS = 8
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def worker(model: str, out: Path, tokens: int, forever: bool) -> None:
+    import mlx.core as mx
+    import numpy as np
+
+    import mlxllm  # noqa: F401  (first: the BLAS under mlx.core)
+    from mlxllm import distributed
+    from mlxllm.generate import (
+        BatchGenerator,
+        GenerationRequest,
+        encode_prompt,
+        prefill,
+        stream_generate,
+    )
+    from mlxllm.sample import SamplingParams
+
+    group = distributed.init_group()
+    rank = group.rank() if group is not None else 0
+    net, tokenizer = distributed.load(model, group=group)
+    loaded_rss = rss_mb()
+    stage = getattr(net, "stage", None)
+    result = {"rank": rank, "ranks": group.size() if group is not None else 1,
+              "layers": [stage.start, stage.stop] if stage else [0, net.args.n_layers],
+              "weights_mb": net.load_stats.nbytes / 2 ** 20, "loaded_rss_mb": loaded_rss}
+    if forever:
+        for r in stream_generate(net, tokenizer, PROMPT, SamplingParams(temperature=0.7, seed=1), max_tokens=10 ** 6):
+            print(f"token {r.token}", flush=True)
+        return
+    ids = encode_prompt(tokenizer, PROMPT)
+    # logits: the prompt's last position, then LOGIT_STEPS greedy steps through the caches
+    cache = net.make_cache()
+    logits = prefill(net, mx.array(ids), cache)
+    rows = [np.array(logits[0])]
+    for _ in range(LOGIT_STEPS):
+        logits = net(mx.argmax(logits, axis=-1)[:, None].astype(mx.int32), cache=cache)[:, -1, :]
+        rows.append(np.array(logits[0]))
+    if rank == 0:
+        np.save(out / "logits.npy", np.stack(rows))
+    # greedy text through the generation loop, timed
+    pieces, start, first = [], time.perf_counter(), None
+    for r in stream_generate(net, tokenizer, ids, SamplingParams(temperature=0), max_tokens=tokens):
+        if first is None and r.token is not None:
+            first = time.perf_counter()
+        pieces.append(r)
+    end = time.perf_counter()
+    generated = pieces[-1].generation_tokens
+    result |= {"text": "".join(p.text for p in pieces), "tokens": [p.token for p in pieces if p.token is not None],
+               "generated": generated, "prompt_s": first - start,
+               "decode_tps": (generated - 1) / (end - first) if generated > 1 else 0.0}
+    # two prompts sharing forward passes
+    gen = BatchGenerator(net, tokenizer, max_batch=2)
+    uids = [gen.insert(GenerationRequest(encode_prompt(tokenizer, p), SamplingParams(temperature=0), tokens // 2))
+            for p in PROMPTS]
+    batch = {uid: [] for uid in uids}
+    while gen.busy:
+        for event in gen.step():
+            if event.token is not None:
+                batch[event.uid].append(event.token)
+    result["batch_tokens"] = [batch[u] for u in uids]
+    # sampling without a seed: every rank must draw the same tokens
+    result["sampled"] = "".join(r.text for r in stream_generate(
+        net, tokenizer, ids, SamplingParams(temperature=1.0), max_tokens=tokens // 2))
+    result["peak_rss_mb"] = peak_rss_mb()
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def launch_command(ranks: int, port: int, *command: str) -> list[str]:
+    """`mlx.launch` running `command` on `ranks` local processes over the ring backend."""
+    launcher = Path(sys.executable).with_name("mlx.launch")
+    return [str(launcher), "-n", str(ranks), "--backend", "ring", "-p", str(port), *command]
+
+
+def run_worker(model: str, ranks: int, out: Path, tokens: int, port: int, env: dict | None = None,
+               timeout: float = 900) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, __file__, "worker", model, str(out), "--tokens", str(tokens)]
+    if ranks > 1:
+        command = launch_command(ranks, port, *command)
+    done = subprocess.run(command, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    results = []
+    for r in range(ranks):
+        path = out / f"rank{r}.json"
+        if not path.exists():
+            raise RuntimeError(f"rank {r} of {ranks} wrote no result:\n{done.stdout}\n{done.stderr}")
+        results.append(json.loads(path.read_text()))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model")
+    parser.add_argument("--ranks", default="1,2,3")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--port", type=int, default=43210)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_distributed_"))
+    try:
+        base = base_text = None
+        for ranks in (int(n) for n in args.ranks.split(",")):
+            results = run_worker(args.model, ranks, tmp / str(ranks), args.tokens, args.port + 10 * ranks)
+            tps = results[0]["decode_tps"]
+            base = base or tps
+            same = "" if ranks == 1 or base_text is None else \
+                f", text {'equal to' if results[0]['text'] == base_text else 'DIFFERENT from'} one process"
+            if ranks == 1:
+                base_text = results[0]["text"]
+            print(f"{ranks} rank(s): {tps:.1f} tokens/s decode ({tps / base:.2f}x one process), "
+                  f"prompt {results[0]['prompt_s']:.2f} s{same}")
+            for r in results:
+                print(f"  rank {r['rank']}: layers {r['layers'][0]}-{r['layers'][1] - 1}, weights {r['weights_mb']:.1f} MiB, "
+                      f"RSS after load {r['loaded_rss_mb']:.0f} MiB, peak RSS {r['peak_rss_mb']:.0f} MiB")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "worker":
+        p = argparse.ArgumentParser()
+        p.add_argument("cmd")
+        p.add_argument("model")
+        p.add_argument("out", type=Path)
+        p.add_argument("--tokens", type=int, default=32)
+        p.add_argument("--forever", action="store_true")
+        a = p.parse_args()
+        worker(a.model, a.out, a.tokens, a.forever)
+    else:
+        main()
