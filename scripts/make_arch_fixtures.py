@@ -1435,6 +1435,154 @@ arch("qwen3next-ssm-in", **{k: v for k, v in ARCHS["qwen3next"].items() if k != 
 # --- end gated delta net ----------------------------------------------------------------------
 
 
+# --- RWKV-6 (Finch) ---------------------------------------------------------------------------
+# transformers has no RWKV-6 class: the checkpoint is written in the layout of the RWKV
+# remote code (Rwkv6ForCausalLM, "rwkv.blocks.N.attention.time_maa_x", ...) with an RWKV
+# "world" vocabulary file (the converter reads rwkv_vocab_v20230424.txt), and the reference
+# logits come from a direct torch forward of RWKV-6's math (_rwkv6_reference). The tiny
+# RwkvForCausalLM that build_hf makes is only a holder for the drawn tensors.
+RWKV_HEAD = 16
+RWKV_MIX_DIM, RWKV_DECAY_DIM = 32, 64  # the converter's time_mix / time_decay extra dims below hidden 4096
+RWKV_RESCALE = 1  # halve the residual stream after every layer (the released models: every 6)
+
+
+def _rwkv_world_vocab(d: Path) -> None:
+    """rwkv_vocab_v20230424.txt for VOCAB ids: id 0 is the converter's <s>, then the 256 bytes
+    and the longest of our BPE tokenizer's merged tokens (not its specials: "<s>" twice is a
+    duplicate llama.cpp refuses), one per line as `id repr(bytes) length`."""
+    tok = json.loads((TOKDIR / "tokenizer.json").read_text())["model"]["vocab"]
+    byte_of = _bytes_to_unicode()
+    pieces = [bytes([b]) for b in range(256)]
+    merged = sorted({bytes(byte_of[c] for c in t) for t in tok
+                     if len(t) > 1 and t not in BPE_SPECIALS and all(c in byte_of for c in t)},
+                    key=lambda b: (-len(b), b))
+    pieces += merged[:VOCAB - 1 - 256]
+    lines = [f"{i + 1} {piece!r} {len(piece)}" for i, piece in enumerate(pieces)]
+    (d / "rwkv_vocab_v20230424.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _bytes_to_unicode() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the character standing for each byte."""
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _rwkv6_checkpoint(model, config: dict, d: Path) -> dict:
+    import torch
+
+    D, F, H, E, W = HIDDEN, INTER, HIDDEN // RWKV_HEAD, RWKV_MIX_DIM, RWKV_DECAY_DIM
+    shapes = {"rwkv.embeddings.weight": (VOCAB, D), "rwkv.blocks.0.pre_ln.weight": (D,),
+              "rwkv.blocks.0.pre_ln.bias": (D,), "rwkv.ln_out.weight": (D,), "rwkv.ln_out.bias": (D,),
+              "head.weight": (VOCAB, D)}
+    for i in range(N_LAYERS):
+        p = f"rwkv.blocks.{i}."
+        for ln in ("ln1", "ln2", "attention.ln_x"):
+            shapes |= {p + ln + ".weight": (D,), p + ln + ".bias": (D,)}
+        shapes |= {p + f"attention.time_maa_{c}": (1, 1, D) for c in "xwkvrg"}
+        shapes |= {p + "attention.time_maa_w1": (D, 5 * E), p + "attention.time_maa_w2": (5, E, D),
+                   p + "attention.time_decay": (1, 1, D), p + "attention.time_decay_w1": (D, W),
+                   p + "attention.time_decay_w2": (W, D), p + "attention.time_faaaa": (H, RWKV_HEAD)}
+        shapes |= {p + f"attention.{m}.weight": (D, D) for m in ("key", "value", "receptance", "gate", "output")}
+        shapes |= {p + "feed_forward.time_maa_k": (1, 1, D), p + "feed_forward.time_maa_r": (1, 1, D),
+                   p + "feed_forward.key.weight": (F, D), p + "feed_forward.receptance.weight": (D, D),
+                   p + "feed_forward.value.weight": (D, F)}
+    cfg = {"architectures": ["Rwkv6ForCausalLM"], "model_type": "rwkv6", "hidden_size": D,
+           "num_hidden_layers": N_LAYERS, "head_size": RWKV_HEAD, "head_size_divisor": 8, "intermediate_size": F,
+           "attention_hidden_size": D, "layer_norm_epsilon": 1e-5, "rescale_every": RWKV_RESCALE,
+           "vocab_size": VOCAB, "context_length": MAX_POS, "tie_word_embeddings": False,
+           "bos_token_id": 0, "eos_token_id": 0}
+    config = _save_custom(model, d, cfg, shapes, hash_name("rwkv6"))
+    g = torch.Generator().manual_seed(hash_name("rwkv6") + 1)
+    t = model.custom_tensors
+    for name in t:  # token-shift mixes in [0, 1], decays spread over exp(-exp(-3..1)), a wider head
+        if "time_maa_" in name and name[-2:] not in ("w1", "w2"):
+            t[name] = torch.rand(t[name].shape, generator=g)
+        elif name.endswith(("time_maa_w1", "time_decay_w1")):
+            t[name] = torch.randn(t[name].shape, generator=g) * 0.1 / math.sqrt(D)
+        elif name.endswith(("time_maa_w2", "time_decay_w2")):
+            t[name] = torch.randn(t[name].shape, generator=g) * 0.1
+        elif name.endswith("time_decay"):
+            t[name] = torch.rand(t[name].shape, generator=g) * 4 - 3
+        elif name.endswith("time_faaaa"):
+            t[name] = torch.randn(t[name].shape, generator=g) * 0.5
+        elif name == "head.weight":
+            t[name] = torch.randn(t[name].shape, generator=g) * (2.0 / math.sqrt(D))
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in t.items()}, str(d / "model.safetensors"))
+    _rwkv_world_vocab(d)
+    return config
+
+
+def _rwkv6_reference(model, ids: list[int]):
+    """RWKV-6 as the remote code runs it in inference (the converter's rescaled weights: the
+    output and FFN value of layer i divided by 2 ** (i // rescale_every), the stream halved
+    after every rescale_every-th layer)."""
+    import torch
+    import torch.nn.functional as F
+
+    t, L, D, S = model.custom_tensors, len(ids), HIDDEN, RWKV_HEAD
+    H = D // S
+
+    def ln(x, p, eps=1e-5):
+        return F.layer_norm(x, (D,), t[p + ".weight"], t[p + ".bias"], eps)
+
+    def shifted(x):
+        return torch.cat([torch.zeros(1, D), x[:-1]]) - x
+
+    with torch.no_grad():
+        x = ln(t["rwkv.embeddings.weight"][ids], "rwkv.blocks.0.pre_ln")
+        for i in range(N_LAYERS):
+            p, scale = f"rwkv.blocks.{i}.", 2.0 ** (i // RWKV_RESCALE)
+            a = ln(x, p + "ln1")
+            sx = shifted(a)
+            m = lambda c: t[p + f"attention.time_maa_{c}"].reshape(D)  # noqa: E731
+            mix = torch.tanh((a + sx * m("x")) @ t[p + "attention.time_maa_w1"]).view(L, 5, -1).transpose(0, 1)
+            mix = torch.bmm(mix, t[p + "attention.time_maa_w2"])  # (5, L, D): w, k, v, r, g
+            xw, xk, xv, xr, xg = (a + sx * (m(c) + mix[j]) for j, c in enumerate("wkvrg"))
+            lin = lambda n, v: v @ t[p + f"attention.{n}.weight"].T  # noqa: E731
+            r, k, v, gate = lin("receptance", xr), lin("key", xk), lin("value", xv), F.silu(lin("gate", xg))
+            ww = torch.tanh(xw @ t[p + "attention.time_decay_w1"]) @ t[p + "attention.time_decay_w2"]
+            w = torch.exp(-torch.exp(t[p + "attention.time_decay"].reshape(D) + ww))
+            u = t[p + "attention.time_faaaa"]  # (H, S)
+            state, ys = torch.zeros(H, S, S), []
+            for s in range(L):
+                kv = k[s].view(H, S, 1) * v[s].view(H, 1, S)
+                ys.append((r[s].view(H, S, 1) * (u.view(H, S, 1) * kv + state)).sum(1).reshape(D))
+                state = state * w[s].view(H, S, 1) + kv
+            y = F.group_norm(torch.stack(ys), H, t[p + "attention.ln_x.weight"], t[p + "attention.ln_x.bias"], 64e-5)
+            x = x + (y * gate) @ (t[p + "attention.output.weight"] / scale).T
+            f = ln(x, p + "ln2")
+            sx = shifted(f)
+            fk = f + sx * t[p + "feed_forward.time_maa_k"].reshape(D)
+            fr = f + sx * t[p + "feed_forward.time_maa_r"].reshape(D)
+            kk = torch.relu(fk @ t[p + "feed_forward.key.weight"].T) ** 2
+            ffn = torch.sigmoid(fr @ t[p + "feed_forward.receptance.weight"].T) * \
+                (kk @ (t[p + "feed_forward.value.weight"] / scale).T)
+            x = x + ffn
+            if (i + 1) % RWKV_RESCALE == 0:
+                x = x / 2
+        return (ln(x, "rwkv.ln_out") @ t["head.weight"].T).numpy()
+
+
+arch("rwkv6", cfg="RwkvConfig", model="RwkvForCausalLM", hf_arch="Rwkv6ForCausalLM",
+     kw={"hidden_size": HIDDEN, "num_hidden_layers": N_LAYERS, "vocab_size": VOCAB, "attention_hidden_size": HIDDEN,
+         "intermediate_size": INTER, "context_length": MAX_POS},
+     rewrite=_rwkv6_checkpoint, reference=_rwkv6_reference,
+     notes="RWKV-6 (Finch) in the remote code's layout (no transformers class): token shift with "
+           "data-dependent LoRA mixes, WKV-6 recurrence (4 heads x 16, per-channel data-dependent decay, "
+           "bonus u), per-head GroupNorm, gated output; squared-ReLU channel mix; rescale_every 1; "
+           "RWKV world vocabulary; reference logits from a torch forward (_rwkv6_reference)")
+# --- end RWKV-6 -------------------------------------------------------------------------------
+
+
 # --------------------------------------------------------------------------------------
 # encoders (BERT and its descendants): the converter writes them like the decoders above, but
 # llama.cpp runs them with embeddings on, so each fixture records llama.cpp's per-token hidden

@@ -14,7 +14,7 @@ import pytest
 
 from arch_reference import FIXTURES, llama_cpp_greedy, token_ids
 from mlxllm.cache import RecurrentCache, batch_window
-from mlxllm.generate import BatchGenerator, GenerationRequest, generate_step
+from mlxllm.generate import BatchGenerator, generate_step
 from mlxllm.loader import load_model
 from mlxllm.sample import SamplingParams
 from test_ssm import CONTINUATION, PROMPT, TOLERANCE, llama_cpp_last_logits, long_ids, run
