@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +22,8 @@ httpx = pytest.importorskip("httpx")
 ollama = pytest.importorskip("ollama")
 openai = pytest.importorskip("openai")
 
+from server_proc import Server
+
 import mlxllm
 from mlxllm.embeddings import embed_tokens
 
@@ -35,37 +35,6 @@ RERANKER = str(FIXTURES / "roberta-rerank.f32.gguf")  # one-score classifier hea
 TEXTS = ["Hello world.", "The quick brown fox jumps over the lazy dog, twice!", "def f(x): return x * 2", "a",
          "Embeddings of many texts run as one batch."]
 ATOL = 1e-6  # the server runs the same function on the same file: only batching differs
-
-
-class Server:
-    """`python -m mlxllm serve --port 0` in a subprocess; the port is read from its log."""
-
-    def __init__(self, tmp: Path, *args: str) -> None:
-        self.log_path = tmp / "server.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115  (the server writes it until stop())
-        self.proc = subprocess.Popen([sys.executable, "-m", "mlxllm", "serve", "--port", "0", *args],
-                                     stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            found = re.search(r"serving on (http://[\d.]+:\d+)", self.log_path.read_text())
-            if found:
-                self.url = found.group(1)
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"server did not start:\n{self.log_path.read_text()}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self._log.close()
 
 
 @pytest.fixture(scope="module")
