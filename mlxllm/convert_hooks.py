@@ -1179,6 +1179,54 @@ class Mamba2(Converter):
 
 
 
+class Jamba(Converter):
+    """Jamba: Mamba-1 layers (A = -exp(A_log), conv1d squeezed) with attention every
+    attn_layer_period layers (kv heads 0 elsewhere) and experts every expert_layer_period
+    layers (stacked; the other layers' single expert is a plain feed-forward)."""
+
+    hf_classes = ("JambaForCausalLM",)
+    EXPERTS = (r"feed_forward\.experts\.(?P<xid>\d+)\.(?P<w>down_proj|gate_proj|up_proj)\.weight$",
+               "model.layers.{bid}.mlp.experts.{w}.weight")
+
+    def rename(self, name: str) -> str:
+        name = name.replace(".moe.", ".feed_forward.")  # Mini-Jamba's names
+        m = re.search(r"layers\.(\d+)\.", name)
+        offset, period = self.config["expert_layer_offset"], self.config["expert_layer_period"]
+        if m and not (int(m[1]) >= offset and (int(m[1]) - offset) % period == 0):
+            name = name.replace(".experts.0.", ".")
+        return super().rename(name)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        c = self.config
+        d_model = self.find("hidden_size", "mamba_d_model")
+        offset, period = c["attn_layer_offset"], c["attn_layer_period"]
+        w.add_block_count(self.n_layers)
+        w.add_context_length(self.find("max_position_embeddings", "n_ctx"))
+        w.add_embedding_length(d_model)
+        w.add_feed_forward_length(c["intermediate_size"])
+        w.add_head_count(c["num_attention_heads"])
+        w.add_head_count_kv([c["num_key_value_heads"] if i >= offset and (i - offset) % period == 0 else 0
+                             for i in range(self.n_layers)])
+        w.add_ssm_conv_kernel(c.get("mamba_d_conv") or 4)
+        w.add_ssm_inner_size(c["mamba_expand"] * d_model)
+        w.add_ssm_state_size(c.get("mamba_d_state") or 16)
+        w.add_ssm_time_step_rank(c.get("mamba_dt_rank") or -(d_model // -16))
+        w.add_layer_norm_rms_eps(self.find("layer_norm_epsilon", "rms_norm_eps", default=None) or 1e-6)
+        w.add_expert_count(self.find("num_local_experts", "num_experts"))
+        w.add_expert_used_count(self.find("num_experts_per_tok", "num_experts_per_token"))
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        if ".feed_forward.experts." in name:
+            return self.stack_experts(name, t, bid, self.find("num_local_experts", "num_experts"), *self.EXPERTS)
+        new_name = self.map_name(name)
+        if self.is_tensor(new_name, MODEL_TENSOR.SSM_CONV1D, bid):
+            squeezed = tuple(n for n in t.shape if n != 1)
+            t = t.map(lambda a: a.reshape(squeezed), shape=squeezed)
+        if name.endswith(".A_log"):
+            t = t.map(neg_exp)
+        return [(new_name, t)]
+
+
 class HunYuanDense(Converter):
     """Hunyuan dense (tokenizer.json checkpoints): NTK-alpha rope scaling baked into the
     base frequency, EOS from eod_token_id, EOT from generation_config's first EOS id."""

@@ -141,7 +141,7 @@ ARCHS = (
          description="TII Falcon-H1 (attention and Mamba-2 side by side in every layer)"),
     Arch(name="nemotron_h", args=nemotron_h, model=HybridDecoder, hf_architectures=("NemotronHForCausalLM",),
          description="NVIDIA Nemotron-H (Mamba-2, attention and ReLU² FFN layers)"),
-    Arch(name="jamba", args=jamba, model=HybridDecoder, hf_architectures=("JambaForCausalLM",),
+    Arch(name="jamba", args=jamba, model=HybridDecoder, hf_architectures=("JambaForCausalLM",), convert=convert_hooks.Jamba,
          description="AI21 Jamba (Mamba-1 + attention, MoE every other layer)"),
     Arch(name="nemotron_h_moe", args=nemotron_h, model=HybridDecoder, hf_architectures=("NemotronHForCausalLM",),
          description="NVIDIA Nemotron 3 Nano / Super (Mamba-2, attention and ReLU² expert layers)"),
