@@ -328,6 +328,15 @@ def test_thinking_blocks(client, ol, tool_models):
     assert [b.type for b in off.content] == ["text"]
 
 
+def test_thinking_budget_closes_the_block(client, tool_models):
+    """budget_tokens: the loop closes the thinking block after that many tokens; the answer follows."""
+    m = client.messages.create(model=THINK_MODEL, max_tokens=40, messages=QUESTION, extra_body=GREEDY,
+                               thinking={"type": "enabled", "budget_tokens": 5})
+    tokenizer = Tokenizer.from_metadata(GGUFFile(str(tool_models / f"{THINK_MODEL}.gguf")).metadata)
+    assert [b.type for b in m.content] == ["thinking", "text"]
+    assert len(tokenizer.encode(m.content[0].thinking, add_special=False)) <= 6
+
+
 TOOL_BAD = [
     {"tools": [{"name": "f"}]},  # no input_schema
     {"tools": [{"type": "web_search_20250305", "name": "web_search"}]},

@@ -5,7 +5,6 @@ and {"type": "error", ...} errors."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import uuid
@@ -14,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from ..reasoning import Delta
+from ..sample import SamplingParams
 from .common import (
     ApiError,
     anthropic_error,
@@ -25,8 +25,7 @@ from .common import (
     stop_list,
 )
 from .generation import Request, Run
-from .pool import ModelPool, refuse_embedding_model
-from .tooluse import Tooling, start_run
+from .tooluse import Tooling, count_prompt, start_run
 
 log = logging.getLogger("mlxllm.server")
 
@@ -155,11 +154,25 @@ def tooling_of(body: dict) -> Tooling:
     parallel = not (choice or {}).get("disable_parallel_tool_use", False)
     tooling = Tooling.of(listed, choice, parallel)
     thinking = field_of(body, "thinking", "object")
-    if thinking is not None:  # the template's enable_thinking; budget_tokens is not enforced
+    if thinking is not None:  # the template's enable_thinking
         if thinking.get("type") not in ("enabled", "disabled", "adaptive"):
             raise ApiError(400, "thinking.type: Input should be 'enabled', 'disabled' or 'adaptive'", "thinking")
-        tooling.think = thinking["type"] != "disabled"
+        if thinking["type"] == "disabled":
+            tooling.think = False
+        else:  # as a template variable: a model that does not think answers as it would without it
+            tooling.variables["enable_thinking"] = True
     return tooling
+
+
+def thinking_budget(body: dict) -> int | None:
+    """thinking.budget_tokens: the reasoning tokens the loop allows before it closes the block."""
+    thinking = body.get("thinking") or {}
+    if thinking.get("type") != "enabled" or thinking.get("budget_tokens") is None:
+        return None
+    budget = field_of(thinking, "budget_tokens", "int", where="thinking.")
+    if budget < 0:
+        raise ApiError(400, f"thinking.budget_tokens must be at least 0, not {budget}", "thinking")
+    return budget
 
 
 def messages_request(body: dict, model: str, tooling: Tooling) -> Request:
@@ -184,8 +197,8 @@ def messages_request(body: dict, model: str, tooling: Tooling) -> Request:
     if isinstance(body.get("stop_sequences"), str):
         raise ApiError(400, "stop_sequences: Input should be a valid list", "stop_sequences")
     stops = stop_list(body.get("stop_sequences"), "stop_sequences")
-    return Request(model=model, build=tooling.build(messages), params=sampling(values),
-                   max_tokens=max_tokens, num_ctx=None, stop=stops, schema=output_schema(body))
+    return tooling.request(messages, model=model, params=sampling(values), max_tokens=max_tokens, num_ctx=None,
+                           stop=stops, schema=output_schema(body), reasoning_budget=thinking_budget(body))
 
 
 def output_schema(body: dict) -> dict | None:
@@ -301,18 +314,22 @@ def message_head(ident: str, model: str) -> dict:
     return {"id": ident, "type": "message", "role": "assistant", "model": model, "content": []}
 
 
-async def messages_respond(request: web.Request, body: dict, req: Request, tooling: Tooling) -> web.StreamResponse:
+async def messages_respond(request: web.Request, body: dict, req: Request) -> web.StreamResponse:
     ident = "msg_" + uuid.uuid4().hex[:24]
-    run = await start_run(request.app, req, tooling)
-    reply, blocks = tooling.reply(), Blocks()
+    run = await start_run(request.app, req)
+    reply, blocks = run.shape.reply(), Blocks()
+
+    def pieces(deltas: list[Delta]) -> list[Delta]:  # thinking turned off: its text is dropped
+        return [d for d in deltas if d.kind != "reasoning" or run.shape.show_reasoning]
+
     try:
         if not body.get("stream"):
             async for kind, value in run.events():
                 if kind == "text":
-                    for piece in reply.feed(value):
+                    for piece in pieces(reply.feed(value)):
                         blocks.add(piece)
                     continue
-                for piece in reply.close():
+                for piece in pieces(reply.close()):
                     blocks.add(piece)
                 reason, sequence = stop_reason(run, value, blocks.called)
                 return web.json_response({**message_head(ident, req.model), "content": blocks.blocks,
@@ -329,16 +346,16 @@ async def messages_respond(request: web.Request, body: dict, req: Request, tooli
                     pinged = True
 
         try:
-            start_usage = {"input_tokens": tooling.prompt_tokens, "cache_creation_input_tokens": 0,
+            start_usage = {"input_tokens": run.prompt_tokens, "cache_creation_input_tokens": 0,
                            "cache_read_input_tokens": 0, "output_tokens": 0}
             await send([("message_start", {"type": "message_start", "message": {
                 **message_head(ident, req.model), "stop_reason": None, "stop_sequence": None, "usage": start_usage}})])
             async for kind, value in run.events():
                 if kind == "text":
-                    for piece in reply.feed(value):
+                    for piece in pieces(reply.feed(value)):
                         await send(blocks.add(piece))
                     continue
-                for piece in reply.close():
+                for piece in pieces(reply.close()):
                     await send(blocks.add(piece))
                 await send(blocks.close())
                 if not pinged:
@@ -366,7 +383,7 @@ async def v1_messages(request: web.Request) -> web.StreamResponse:
     model = model_field(body)
     tooling = tooling_of(body)
     req = messages_request(body, model, tooling)
-    return await messages_respond(request, body, req, tooling)
+    return await messages_respond(request, body, req)
 
 
 async def v1_count_tokens(request: web.Request) -> web.Response:
@@ -376,15 +393,9 @@ async def v1_count_tokens(request: web.Request) -> web.Response:
     model = model_field(body)
     tooling = tooling_of(body)
     messages, tooling.prefill = chat_messages(body)
-    build = tooling.build(messages)
-    await refuse_embedding_model(model)
-    pool: ModelPool = request.app["pool"]
-    loaded, _ = await pool.acquire(model)
-    try:
-        await asyncio.get_running_loop().run_in_executor(None, build, loaded.tokenizer, None)
-    finally:
-        pool.release(loaded)
-    return web.json_response({"input_tokens": tooling.prompt_tokens})
+    req = tooling.request(messages, model=model, params=SamplingParams(), max_tokens=None, num_ctx=None, stop=[],
+                          schema=None)
+    return web.json_response({"input_tokens": await count_prompt(request.app, req)})
 
 
 ROUTES = [("POST", "/v1/messages", v1_messages), ("POST", "/v1/messages/count_tokens", v1_count_tokens)]

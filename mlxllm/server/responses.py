@@ -202,8 +202,13 @@ def tooling_of(body: dict) -> Tooling:
         choice = {"type": "function", "function": {"name": choice.get("name")}}
     tooling = Tooling.of(listed, choice, field_of(body, "parallel_tool_calls", "bool", True))
     effort = field_of(body, "reasoning", "object", {}).get("effort")
-    if effort is not None:  # the template's enable_thinking
-        tooling.think = effort != "none"
+    if effort is not None:  # the template's enable_thinking, and gpt-oss's reasoning_effort
+        if effort not in ("none", "minimal", "low", "medium", "high"):
+            raise ApiError(400, "reasoning.effort must be none, minimal, low, medium or high", "reasoning.effort")
+        if effort == "none":
+            tooling.think = False
+        else:  # template variables: a model that does not reason answers as it would without them
+            tooling.variables.update(enable_thinking=True, reasoning_effort=effort)
     return tooling
 
 
@@ -225,8 +230,8 @@ def responses_request(body: dict, model: str, messages: list[dict], tooling: Too
     for key in ("stream", "store"):
         field_of(body, key, "bool")
     field_of(body, "metadata", "object")
-    return Request(model=model, build=tooling.build(messages), params=sampling(values), max_tokens=max_tokens,
-                   num_ctx=None, stop=[], schema=text_schema(body))
+    return tooling.request(messages, model=model, params=sampling(values), max_tokens=max_tokens, num_ctx=None,
+                           stop=[], schema=text_schema(body))
 
 
 # ---------------------------------------------------------------------------- answers
@@ -354,8 +359,8 @@ async def responses_respond(request: web.Request, body: dict, req: Request, tool
                             conversation: list[dict]) -> web.StreamResponse:
     ident = "resp_" + uuid.uuid4().hex
     response = response_object(ident, body, req.model, int(time.time()), tooling)
-    run = await start_run(request.app, req, tooling)
-    reply, items = tooling.reply(), Items()
+    run = await start_run(request.app, req)
+    reply, items = run.shape.reply(), Items()
     try:
         if not body.get("stream"):
             async for kind, value in run.events():

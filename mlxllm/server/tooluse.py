@@ -1,10 +1,7 @@
-"""What the Anthropic Messages and OpenAI Responses routes share for tools and reasoning:
-the prompt rendered with the request's tools, the reply split into reasoning, text and
-tool calls (`mlxllm.tools.Reply`), and the tool_choice grammar every reply keeps to.
-
-`start_run` is `generation.start` with one addition: a grammar built from the prompt on
-the worker thread (the call format and whether the prompt opened a reasoning block are
-known only once the model's template has rendered it)."""
+"""What the Anthropic Messages and OpenAI Responses routes share: the request's tools and
+template switches as a `generation.Chat`, an assistant prefill (Anthropic's final
+assistant message), and `start_run`, which is `generation.start` for one choice that also
+keeps the prompt's token count (Anthropic's message_start reports it before any token)."""
 
 from __future__ import annotations
 
@@ -15,105 +12,89 @@ from typing import Any
 from aiohttp import web
 
 from ..chat_template import ChatTemplateError
-from ..constrain import GrammarError, vocabulary_for
 from ..generate import encode_prompt
-from ..reasoning import Reasoning
-from ..tools import Choice, Reply, ToolError, ToolFormat, choice_of, tools_of
+from ..tools import Choice, ToolError, choice_of, tools_of
 from .common import ApiError
 from .engine import Job
-from .generation import Request, Run, _prepare, start
-from .pool import ModelPool, refuse_embedding_model
+from .generation import Chat, Request, Run, prepare, render_chat
+from .pool import Loaded, ModelPool, refuse_embedding_model
 
 
 @dataclass
 class Tooling:
     """A request's tools (OpenAI's normalized form), its tool_choice, whether calls may come
-    several at once; and, once the prompt is built, the call format and reasoning markers
-    the model's template uses."""
+    several at once, the template's switches (enable_thinking, more variables), and a
+    prefill: text the answer continues."""
 
     tools: list[dict] = field(default_factory=list)
-    choice: Choice = field(default_factory=Choice)
+    choice: Choice = field(default_factory=lambda: Choice("none"))
     parallel: bool = True
-    prefill: str = ""  # text the answer continues (Anthropic's final assistant message)
-    think: bool | None = None  # the template's enable_thinking (None: its default)
-    # filled in by build (on the worker thread):
-    prompt_tokens: int = 0
-    format: ToolFormat | None = None
-    reasoning: Reasoning | None = None
-    inside: bool = False
-    special: dict[str, int | None] = field(default_factory=dict)
+    think: bool | None = None
+    variables: dict = field(default_factory=dict)
+    prefill: str = ""
 
     @classmethod
-    def of(cls, tools: Any, choice: Any, parallel: bool = True, param: str = "tools") -> Tooling:
+    def of(cls, tools: Any, choice: Any, parallel: bool = True) -> Tooling:
         try:
             listed = tools_of(tools)
             chosen = choice_of(choice, listed)
         except ToolError as e:
-            raise ApiError(400, str(e), param) from None
+            raise ApiError(400, str(e), "tool_choice" if "tool_choice" in str(e) else "tools") from None
         return cls(listed, chosen, parallel)
 
-    def build(self, messages: list[dict]):
-        """The Request's build: the chat template's rendering (with the tools, when there
-        are any), then the prefill, tokenized."""
+    def chat(self, messages: list[dict]) -> Chat:
+        return Chat(messages, tools=self.tools, choice=self.choice, parallel=self.parallel, think=self.think,
+                    variables=dict(self.variables))
+
+    def request(self, messages: list[dict], **fields: Any) -> Request:
+        """A Request for these messages: rendered by generation (tools, reasoning, grammar),
+        or, with a prefill, by the chat template then the prefill (a plain-text reply)."""
+        if not self.prefill:
+            return Request(build=None, chat=self.chat(messages), **fields)
+        if self.tools:
+            raise ApiError(400, "a final assistant message (a prefill) cannot be combined with tools in mlxllm",
+                           "messages")
+
         def build(tokenizer, limit: int | None) -> list[int]:
-            template = tokenizer.chat_template
-            if self.tools:
-                self.format = ToolFormat.for_template(template)
-                if self.format is None:
-                    raise ApiError(400, "this model does not support tools: its chat template renders none", "tools")
-            options = {} if self.think is None else {"enable_thinking": self.think}
+            options = dict(self.variables, **({} if self.think is None else {"enable_thinking": self.think}))
             try:
-                text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=self.tools or None,
-                                                     **options)
+                text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **options)
             except ChatTemplateError as e:
-                raise ApiError(400, str(e), "template") from None
-            text += self.prefill
-            self.reasoning = Reasoning.for_template(template)
-            self.inside = self.reasoning is not None and self.reasoning.inside(text)
-            ids = encode_prompt(tokenizer, text, limit)
-            self.prompt_tokens = len(ids)
-            return ids
-        return build
+                raise ApiError(400, str(e), "messages") from None
+            return encode_prompt(tokenizer, text + self.prefill, limit)
 
-    def grammar(self, tokenizer) -> str | None:
-        """The tool_choice grammar for this reply (None: no tools, free text)."""
-        if not self.tools or self.format is None:
-            return None
-
-        def special(text: str) -> int | None:
-            if text not in self.special:
-                ids = tokenizer.encode(text, add_special=False, parse_special=True)
-                self.special[text] = ids[0] if len(ids) == 1 and tokenizer.is_special(ids[0]) else None
-            return self.special[text]
-
-        return self.format.grammar(self.tools, self.choice, self.parallel, self.reasoning, self.inside, special)
-
-    def reply(self) -> Reply:
-        """The reply's splitter: reasoning, text and (when tools were offered) calls."""
-        return Reply(self.format if self.tools else None, self.reasoning, self.inside)
+        return Request(build=build, **fields)
 
 
-async def start_run(app: web.Application, request: Request, tooling: Tooling) -> Run:
-    """generation.start, with the tool_choice grammar (when there are tools) as the constraint."""
-    if not tooling.tools:
-        return await start(app, request)
+def prompt_ids(loaded: Loaded, request: Request) -> list[int]:
+    """The prompt a request would run on (on a worker thread)."""
+    if request.chat is not None:
+        return encode_prompt(loaded.tokenizer, render_chat(loaded, request.chat))
+    return request.build(loaded.tokenizer, None)
+
+
+async def count_prompt(app: web.Application, request: Request) -> int:
+    """The prompt's token count, the model loaded for its tokenizer and template."""
+    await refuse_embedding_model(request.model)
+    pool: ModelPool = app["pool"]
+    loaded, _ = await pool.acquire(request.model, request.keep_alive)
+    try:
+        return len(await asyncio.get_running_loop().run_in_executor(None, prompt_ids, loaded, request))
+    finally:
+        pool.release(loaded)
+
+
+async def start_run(app: web.Application, request: Request) -> Run:
+    """`generation.start` for one choice; the Run's prompt_tokens is the prompt's length.
+    The caller must close() the Run."""
     await refuse_embedding_model(request.model)
     pool: ModelPool = app["pool"]
     loaded, load_ns = await pool.acquire(request.model, request.keep_alive)
     run = Run(pool, loaded, load_ns, request)
     loop = asyncio.get_running_loop()
-
-    def prepare():  # on a worker thread: tokenizing and compiling the grammar take a while
-        ids, max_tokens, _ = _prepare(loaded, request)
-        try:
-            grammar = tooling.grammar(loaded.tokenizer)
-            constraint = vocabulary_for(loaded, loaded.tokenizer).constraint(grammar) if grammar else None
-        except GrammarError as e:
-            raise ApiError(400, f"the tools cannot be enforced: {e}", "tools") from None
-        return ids, max_tokens, constraint
-
     try:
-        ids, max_tokens, constraint = await loop.run_in_executor(None, prepare)
+        ids, max_tokens, constraints, run.shape, budget = await loop.run_in_executor(None, prepare, loaded, request)
+        run.prompt_tokens = len(ids)
 
         def emit(event: tuple[str, Any]) -> None:  # on the worker thread
             try:
@@ -121,8 +102,9 @@ async def start_run(app: web.Application, request: Request, tooling: Tooling) ->
             except RuntimeError:  # the event loop is closed: the server is stopping
                 pass
 
-        run.job = Job(ids, request.params, max_tokens, request.stop, emit, constraint)
-        pool.worker.submit(loaded.engine, run.job)
+        run.jobs.append(Job(ids, request.params, max_tokens, request.stop, emit, constraints[0],
+                            reasoning_budget=budget))
+        pool.worker.submit(loaded.engine, run.jobs[0])
     except BaseException:
         run.close()
         raise
