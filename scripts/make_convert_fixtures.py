@@ -116,6 +116,7 @@ FIXTURES: dict[str, tuple] = {
     "lfm2moe": ("lfm2moe", "bfloat16", None),
     "nomic-bert": ("nomic-bert", "bfloat16", None),
     "jina-bert-v2": ("jina-bert-v2", "bfloat16", None),
+    "jamba": ("jamba", "bfloat16", None),
 }
 
 
