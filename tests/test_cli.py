@@ -84,6 +84,7 @@ def test_chat_commands(home):
     ask(child, "/clear")
     ask(child, "/set parameter temperature 0")
     greedy = ask(child, "What is the capital of France?")
+    assert "Paris" in greedy and "cut off" not in greedy  # it ended by itself: no note
     one_shot = mlxllm("run", MODEL, "What is the capital of France?", "--temperature", "0", "--max-tokens", "12")
     assert greedy.strip() == one_shot.stdout.strip()
     shown = ask(child, "/show parameters")
@@ -171,8 +172,6 @@ def test_cut_off_answers_are_marked():
     r = mlxllm("run", MODEL, "Count from one to fifty in words.", "--temperature", "0", "--ctx-size", "41",
                "--max-tokens", "100")  # the prompt is 38 tokens
     assert r.returncode == 0 and "filled the context" in r.stderr
-    r = mlxllm("run", MODEL, "Say hi.", "--temperature", "0", "--max-tokens", "40")
-    assert "cut off" not in r.stderr
 
 
 def test_prompt_past_ctx_size_is_a_one_line_error():
@@ -219,9 +218,8 @@ def test_thinking_is_shown_apart_or_hidden(thinking_model):
     assert shown.stdout.startswith("Thinking...\n")
     hidden = mlxllm("run", thinking_model, "hi", "--hidethinking", *flags)
     assert hidden.returncode == 0 and hidden.stdout.strip() == ""  # all of it was thinking
-    for off in ("--nothink", "--think=false"):  # the template closes the block: an answer
-        r = mlxllm("run", thinking_model, "hi", off, *flags)
-        assert r.returncode == 0 and "Thinking..." not in r.stdout and r.stdout.strip()
+    r = mlxllm("run", thinking_model, "hi", "--think=false", *flags)  # the template closes the block
+    assert r.returncode == 0 and "Thinking..." not in r.stdout and r.stdout.strip()
     assert mlxllm("run", thinking_model, "hi", "--think", *flags).stdout.startswith("Thinking...")
     r = mlxllm("run", MODEL, "hi", "--think")
     assert r.returncode == 1 and "does not support thinking" in r.stderr and r.stderr.count("\n") == 1
@@ -233,7 +231,8 @@ def test_show_views():
         assert r.returncode == 0, r.stderr
         return r.stdout
 
-    assert "<|im_start|>" in show("--template") and "{%" in show("--template")
+    template = show("--template")
+    assert "<|im_start|>" in template and "{%" in template
     assert 'stop                           "<|im_end|>"' in show("--parameters")
     modelfile = show("--modelfile")
     assert modelfile.startswith("# Modelfile") and "\nFROM " in modelfile and 'TEMPLATE """' in modelfile
