@@ -80,7 +80,10 @@ def ensure(name: str, insecure: bool = False) -> ModelConfig:
         except InvalidName:
             raise missing from None
         click.echo(f"pulling {name}", err=True)
-        return do_pull(name, insecure)
+        try:
+            return do_pull(name, insecure)
+        except PullError as e:  # a typo is more likely than a registry's model: say both
+            raise PullError(f"{e}; nor is it here: {missing}") from None
 
 
 def _human(n: float) -> str:
