@@ -442,6 +442,7 @@ class Chat:
         except OSError:
             pass
         readline.set_history_length(1000)
+        click.echo("Send a message (/? for help)", err=True)
         try:
             while True:
                 text = self.read()
@@ -455,6 +456,8 @@ class Chat:
                         self.say(text)
                 except KeyboardInterrupt:  # before or after the answer's own handling
                     click.echo()
+                except (ValueError, LookupError, RuntimeError, OSError) as e:  # say why, stay in the chat
+                    click.echo(f"error: {e}", err=True)
         finally:
             worker().settle()
             try:
@@ -614,11 +617,7 @@ class Chat:
 
     def _load_model(self, name: str) -> None:
         click.echo(f"Loading model '{name}'")
-        try:
-            net, tokenizer = worker().call(self._load, name)
-        except (ValueError, LookupError) as e:
-            click.echo(f"error: {e}", err=True)
-            return
+        net, tokenizer = worker().call(self._load, name)  # an error: one line, the chat goes on (loop)
         self.name, self.net, self.tokenizer = name, net, tokenizer
 
 
