@@ -1,4 +1,11 @@
-"""Put an optimized BLAS under MLX's CPU backend on Linux.
+"""Optimized BLAS on Linux: for mlxllm's CPU kernels, and under MLX's CPU backend.
+
+mlxllm's CPU kernels run their float GEMMs (prefill, attention) on a BLAS they bind
+privately (`kernel_blas_candidates`): the OpenBLAS of the scipy-openblas32 wheel, a
+dependency, else a system one. That does not depend on the order of imports.
+
+For MLX's own matmuls (what the kernels do not cover, or everything where they are not
+built), `preload` below:
 
 The mlx-cpu wheel links netlib's reference BLAS: a 64x1536 @ 1536x1536 float32 matmul
 takes ~80 ms. MLX calls `cblas_sgemm` through the dynamic linker, so loading OpenBLAS or
@@ -41,3 +48,19 @@ def preload() -> str | None:
         loaded = path
         break
     return loaded
+
+
+def kernel_blas_candidates() -> list[tuple[str, str]]:
+    """(library path, symbol prefix) for the CPU kernels' private BLAS, best first:
+    MLXLLM_BLAS, scipy-openblas32's OpenBLAS (`scipy_cblas_sgemm`), then system ones."""
+    choice = os.environ.get("MLXLLM_BLAS", "")
+    if choice.lower() == "none":
+        return []
+    found = [(choice, "")] if choice else []
+    try:
+        import scipy_openblas32
+        lib = Path(scipy_openblas32.get_lib_dir())
+        found += [(str(p), "scipy_") for p in sorted(lib.glob(f"lib{scipy_openblas32.get_library()}.*"))]
+    except ImportError:
+        pass
+    return found + [(path, "") for path in _candidates()]

@@ -16,7 +16,7 @@ import mlx.nn as nn
 
 from . import kernels
 from .kernels.widen import Part
-from .quant import QUANT_TABLE, QuantizedTensor
+from .quant import QUANT_TABLE, QuantizedTensor, mode_of
 
 
 class _Quantized(nn.Module):
@@ -52,7 +52,7 @@ class _Quantized(nn.Module):
 
     @property
     def mode(self) -> str:
-        return "widened" if "part_arrays" in self else QUANT_TABLE[self.qtype].kind
+        return mode_of(self.qtype, self.get("weight"), "part_arrays" in self)
 
     @property
     def bits(self) -> int:

@@ -23,7 +23,7 @@ from .layers import QuantizedEmbedding, QuantizedLinear, QuantizedSwitchLinear, 
 from .nn.moe import SwitchLinear
 from .kernels import cpu as cpu_kernels
 from .kernels.widen import widen
-from .quant import QuantizedTensor, layout_of, to_mlx
+from .quant import QuantizedTensor, keeps_blocks_on_cpu, layout_of, to_mlx
 from .registry import Arch, get_arch
 from .validation import HyperparameterError, check_args, check_metadata, one_line, quote
 
@@ -50,12 +50,14 @@ def load_tensor(gf: GGUFFile, name: str, dense: bool = False) -> mx.array | Quan
     """
     info = gf.tensors[name]
     try:
-        if layout_of(info.qtype).kind == "packed" and not dense and mx.default_device() == mx.cpu:
+        if (layout_of(info.qtype).kind == "packed" and not dense and mx.default_device() == mx.cpu
+                and not keeps_blocks_on_cpu(info.qtype, tuple(info.shape))):
             parts = widen(info.qtype, gf.tensor_bytes(name), info.shape)
             gf.release_through(info.offset + info.nbytes)
             return QuantizedTensor(info.qtype, tuple(info.shape), None, parts=parts)
         value = to_mlx(gf.tensor_bytes(name), info.qtype, info.shape,
-                       consumed=lambda start, end: gf.release_through(info.offset + end))
+                       consumed=lambda start, end: gf.release_through(info.offset + end),
+                       blocks=not dense and keeps_blocks_on_cpu(info.qtype, tuple(info.shape)))
     except ValueError as e:
         raise GGUFError(f"{gf.path}: tensor {name!r}: {e}") from None
     if dense and isinstance(value, QuantizedTensor):

@@ -16,6 +16,7 @@ the tests check each type bit for bit against `gguf.quants.dequantize`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -137,6 +138,26 @@ QUANT_TABLE: dict[T, Layout] = {
 }
 
 
+def keeps_blocks_on_cpu(qtype: T, shape: tuple[int, ...]) -> bool:
+    """Whether a tensor loads as its GGUF blocks, unchanged, for mlxllm's CPU kernels
+    (kernels/cpu/gguf.cpp): on MLX's CPU with the kernels built, for a 2-D tensor of a type
+    they read. Experts (3-D) keep MLX's layouts, which the gather kernels read.
+    MLXLLM_CPU_BLOCKS=0 turns this off (the affine / widened layouts of before)."""
+    cpu = kernels.cpu.active()
+    return (cpu is not None and len(shape) == 2 and os.environ.get("MLXLLM_CPU_BLOCKS", "1") != "0"
+            and QUANT_TABLE.get(qtype, FLOAT).kind in ("affine", "packed") and cpu.gguf_has_kernel(int(qtype)))
+
+
+def mode_of(qtype: T, weight: mx.array | None, widened: bool) -> str:
+    """A quantized weight's layout: "widened" (parts), "packed" (GGUF blocks as uint8,
+    which the native types also take on the CPU, see `keeps_blocks_on_cpu`), else its
+    type's kind."""
+    if widened:
+        return "widened"
+    kind = QUANT_TABLE[qtype].kind
+    return "packed" if kind == "affine" and weight is not None and weight.dtype == mx.uint8 else kind
+
+
 class UnsupportedTypeError(ValueError):
     pass
 
@@ -170,7 +191,7 @@ class QuantizedTensor:
 
     @property
     def mode(self) -> str:
-        return "widened" if self.parts else QUANT_TABLE[self.qtype].kind
+        return mode_of(self.qtype, self.weight, bool(self.parts))
 
     @property
     def bits(self) -> int:
@@ -228,8 +249,9 @@ def _affine_rows(layout: Layout, type_size: int, cols: int) -> Callable[[np.ndar
 
 
 def to_mlx(raw: np.ndarray, qtype: T, shape: tuple[int, ...],
-           consumed: Callable[[int, int], None] | None = None) -> mx.array | QuantizedTensor:
+           consumed: Callable[[int, int], None] | None = None, blocks: bool = False) -> mx.array | QuantizedTensor:
     """GGUF bytes (rows..., bytes_per_row) -> a plain MLX array or a QuantizedTensor.
+    blocks: a quantized type stays GGUF blocks as stored (see `keeps_blocks_on_cpu`).
 
     Rows are converted in slices straight into MLX-owned buffers, and `consumed(start, end)`
     is told each byte range of `raw` that is done, so a caller reading from a memory map
@@ -245,7 +267,7 @@ def to_mlx(raw: np.ndarray, qtype: T, shape: tuple[int, ...],
         np_dtype = {T.F32: np.float32, T.F16: np.float16, T.BF16: np.uint16}[qtype]
         outputs = [((rows, cols), mx.float32 if qtype == T.F32 else mx.float16 if qtype == T.F16 else mx.uint16)]
         convert = lambda r: (r.view(np_dtype),)  # noqa: E731
-    elif layout.kind == "packed":
+    elif layout.kind == "packed" or (blocks and layout.kind == "affine"):
         outputs = [((rows, raw2d.shape[1]), mx.uint8)]
         convert = lambda r: (r,)  # noqa: E731
     else:

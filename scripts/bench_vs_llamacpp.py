@@ -7,6 +7,10 @@ lose most when a core is taken, and the best runs are the least disturbed.
 
     python scripts/bench_vs_llamacpp.py smollm2:135m gemma3:270m [-r 3]
     python scripts/bench_vs_llamacpp.py /work/models/qwen3moe-bench.q4_k_m.gguf   # any GGUF path
+    python scripts/bench_vs_llamacpp.py --mlx-first   # import mlx.core before mlxllm: same figures
+
+--mlx-first imports `mlx.core` before `mlxllm`, as a user's script may: then no BLAS can be
+slipped under MLX's own matmul, and the figures show that mlxllm's products do not need it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import os
 import random
 import statistics
+import sys
 import time
 
 N_PROMPT, N_GEN = 512, 128
@@ -57,14 +62,21 @@ def bench_mlxllm(name: str, reps: int) -> dict[str, list[float]]:
 
 
 def main() -> None:
-    import mlxllm  # noqa: F401  (loads the BLAS before mlx.core)
+    if "--mlx-first" in sys.argv:
+        import mlx.core  # noqa: F401  (before mlxllm: MLX keeps the BLAS its wheel links)
+    import mlxllm.kernels
+    from mlxllm import _blas
+    from mlxllm.kernels import BLAS
     from mlxllm.models import resolve
 
     ap = argparse.ArgumentParser()
     ap.add_argument("models", nargs="*", default=["smollm2:135m", "gemma3:270m"])
     ap.add_argument("-r", "--repetitions", type=int, default=3)
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--mlx-first", action="store_true", help="import mlx.core before mlxllm")
     args = ap.parse_args()
+    print(f"MLX's BLAS: {_blas.loaded or 'as its wheel links it'}; mlxllm's CPU kernels' BLAS: "
+          f"{BLAS or 'none (their own GEMM)'}; CPU kernels: {mlxllm.kernels.cpu.UNAVAILABLE or 'on'}")
     width = max(14, *(len(os.path.basename(n)) + 1 for n in args.models))
     print(f"{'model':<{width}}{'test':<7}{'llama.cpp':>11}{'mlxllm':>10}{'ratio':>8}{'best':>9}{'best':>9}{'ratio':>8}"
           f"   (tokens/s: means of {args.repetitions}, then the best runs of llama.cpp and mlxllm)")

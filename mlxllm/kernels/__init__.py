@@ -3,9 +3,13 @@ dispatch between architectures and kernels.
 
 Architectures call `matmul(x, w)` / `embed(ids, w)` with a `QuantizedTensor`, and
 `attention` / `gated` for the rest; this module picks how.
-- The CPU (MLX's CPU backend) with our compiled kernels (cpu/): affine layouts — the
-  native types and the widened packed ones (widen.py) — go to our matvec for a few rows
-  (decode) and to our dequantize + BLAS for more (prefill); softmax and gates to ours.
+- The CPU (MLX's CPU backend) with our compiled kernels (cpu/): 2-D weights stay GGUF
+  blocks as stored (quant.keeps_blocks_on_cpu) and go to `gguf_matmul` (cpu/gguf.cpp):
+  llama.cpp's integer arithmetic for a few rows (decode), dequantized tiles + GEMM for more
+  (prefill). Experts keep MLX's affine layouts (native types, widened packed ones) for our
+  affine matvec / dequantize. Every float GEMM (prefill, attention) runs on the BLAS our
+  module binds itself (`_bind_blas`), never on the one MLX links, so the order of imports
+  cannot make it slow; softmax and gates run on ours.
 - A GPU: layouts MLX holds natively go to MLX's own `quantized_matmul`; the packed GGUF
   types to our kernels (gpu.py through metal.py or cuda.py): the fused
   dequantize-and-multiply for up to 8 activation rows, dequantize-then-GEMM in row tiles
@@ -17,13 +21,16 @@ Architectures call `matmul(x, w)` / `embed(ids, w)` with a `QuantizedTensor`, an
 from __future__ import annotations
 
 import functools
+import sys
+import warnings
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import cpu, reference, widen
+from .. import _blas
+from . import cpu, reference, source, widen
 from .gpu import MAX_BATCH, GpuKernels
 from .widen import Part
 
@@ -56,6 +63,65 @@ STACKED_MAX_ROWS = CPU_MATVEC_ROWS
 PREFILL_TILE_ROWS = 4096
 
 
+def _bind_blas() -> str | None:
+    """Binds the CPU kernels' GEMM to an optimized BLAS (_blas.kernel_blas_candidates):
+    the library's path, or None (then our own GEMM runs, and this says so once)."""
+    if cpu.KERNELS is None:
+        if sys.platform == "linux" and _blas.loaded is None:
+            warnings.warn("mlxllm: MLX runs on its reference BLAS (mlxllm's CPU kernels are "
+                          f"{cpu.UNAVAILABLE}): prompts run ~20x slower; reinstall mlxllm with a C++ compiler "
+                          "present", RuntimeWarning, stacklevel=2)
+        return None
+    for path, prefix in _blas.kernel_blas_candidates():
+        if cpu.KERNELS.bind_blas(path, prefix):
+            return path
+    if sys.platform == "linux":
+        warnings.warn("mlxllm: no optimized BLAS found for the CPU kernels; prompts run on mlxllm's own "
+                      "GEMM, 2-5x slower. Fix: pip install scipy-openblas32", RuntimeWarning, stacklevel=2)
+    return None
+
+
+# The BLAS the CPU kernels' GEMMs run on (None: ours). MLX's own matmul is used instead
+# only off Linux (macOS: Accelerate, which MLX links).
+BLAS = _bind_blas()
+_OWN_GEMM = cpu.KERNELS is not None and sys.platform == "linux"
+
+
+def _gemm(a: mx.array, b: mx.array, transpose_b: bool = False) -> mx.array:
+    """a (..., M, K) @ b (..., K, N), or @ b.T for b (..., N, K): same batch dimensions."""
+    if _OWN_GEMM and mx.default_device() == mx.cpu:
+        return cpu.KERNELS.matmul(a, b, transpose_b)
+    return a @ (b.swapaxes(-1, -2) if transpose_b else b)
+
+
+def _dense_matmul(x: mx.array, w: mx.array) -> mx.array:
+    """x (..., in) @ w.T for a float w (out, in)."""
+    if _OWN_GEMM and mx.default_device() == mx.cpu:
+        y = cpu.KERNELS.matmul(x.reshape(-1, x.shape[-1]), w, True)
+        return y.reshape(*x.shape[:-1], w.shape[0]).astype(x.dtype)
+    return x @ w.T
+
+
+@functools.cache
+def _table(qtype) -> mx.array:
+    """The codebook bytes a packed type's kernels read (source.table)."""
+    return mx.array(source.table(qtype))
+
+
+def _cpu_blocks(w: QuantizedTensor) -> mx.array | None:
+    """W's GGUF blocks when the CPU kernels read them (a packed weight, or projections
+    stacked from packed weights), else None."""
+    if cpu.active() is None:
+        return None
+    if w.mode == "packed":
+        blocks = w.weight
+    elif w.mode == "widened" and len(w.parts) == 1 and w.parts[0].mode == "gguf":
+        blocks = w.parts[0].weight
+    else:
+        return None
+    return blocks if blocks.ndim == 2 and cpu.KERNELS.gguf_has_kernel(int(w.qtype)) else None
+
+
 @functools.cache
 def _gpu_kernels(backend: str) -> GpuKernels | None:
     if backend == "metal":
@@ -82,6 +148,8 @@ def _dequantize_packed(w: QuantizedTensor, data: mx.array, shape: tuple[int, ...
     kernels = gpu_kernels()
     if kernels is not None:
         return kernels.dequantize(w.qtype, data, shape)
+    if cpu.active() is not None and data.ndim == 2 and cpu.KERNELS.gguf_has_kernel(int(w.qtype)):
+        return cpu.KERNELS.gguf_dequantize(data, int(w.qtype), shape[-1], _table(w.qtype)).reshape(shape)
     return reference.dequantize(w.qtype, data, shape)
 
 
@@ -107,7 +175,10 @@ def _affine_parts(w: QuantizedTensor) -> list[Part] | None:
 def stacking_layout(w: QuantizedTensor) -> tuple | None:
     """What weights must share to be stacked by rows into one weight (`stack_rows`): the
     column count and, part for part, bits, group, mode, scale dtype and whether there are
-    biases. None for a layout that does not stack (the packed GGUF types)."""
+    biases; for GGUF blocks on the CPU, the type. None for a layout that does not stack
+    (the packed GGUF types on a GPU)."""
+    if w.mode == "packed" and _cpu_blocks(w) is not None:
+        return (w.shape[1], "gguf", w.qtype)
     parts = _affine_parts(w)
     if parts is None:
         return None
@@ -117,6 +188,9 @@ def stacking_layout(w: QuantizedTensor) -> tuple | None:
 def stack_rows(ws: list[QuantizedTensor]) -> list[Part]:
     """W0, W1, ... (one `stacking_layout`) stacked by rows, as the parts of one weight: one
     product then reads them all in one pass."""
+    if _cpu_blocks(ws[0]) is not None:  # one part holding the stacked blocks (mode "gguf")
+        blocks = mx.concatenate([w.weight for w in ws])
+        return [Part(blocks, mx.zeros((blocks.shape[0], 0), mx.float32), None, 0, 0, "gguf")]
     parts = [_affine_parts(w) for w in ws]
     return [Part(mx.concatenate([ps[i].weight for ps in parts]), mx.concatenate([ps[i].scales for ps in parts]),
                  None if parts[0][i].biases is None else mx.concatenate([ps[i].biases for ps in parts]),
@@ -126,6 +200,9 @@ def stack_rows(ws: list[QuantizedTensor]) -> list[Part]:
 
 def dequantize(w: QuantizedTensor, dtype: mx.Dtype = mx.float32) -> mx.array:
     """The whole weight as floats, (out, in)."""
+    blocks = _cpu_blocks(w)
+    if blocks is not None:
+        return cpu.KERNELS.gguf_dequantize(blocks, int(w.qtype), w.shape[-1], _table(w.qtype)).astype(dtype)
     parts = _cpu_affine_parts(w)
     if parts is not None:
         return widen.sum_in_order(cpu.KERNELS.affine_dequantize(p.weight, p.scales, p.biases, p.bits)
@@ -158,12 +235,15 @@ def _packed_matmul(x: mx.array, w: QuantizedTensor) -> mx.array:
 def matmul(x: mx.array, w: QuantizedTensor) -> mx.array:
     """x (..., in) @ W.T for W of shape (out, in) -> (..., out)."""
     rows = x.size // x.shape[-1]
+    blocks = _cpu_blocks(w)
+    if blocks is not None:
+        return cpu.KERNELS.gguf_matmul(x, blocks, int(w.qtype), _table(w.qtype)).astype(x.dtype)
     parts = _cpu_affine_parts(w)
     if parts is not None:
         if rows <= CPU_MATVEC_ROWS:
             return widen.sum_in_order(cpu.KERNELS.affine_matvec(x, p.weight, p.scales, p.biases, p.bits)
                                       for p in parts).astype(x.dtype)
-        return x @ dequantize(w, x.dtype).T
+        return _dense_matmul(x, dequantize(w, x.dtype))
     if w.mode == "packed":
         return _packed_matmul(x, w)
     if rows >= CPU_DEQUANTIZE_ROWS and mx.default_device() == mx.cpu:
@@ -219,7 +299,7 @@ def _gather_matmul_cpu(x: mx.array, parts: list[Part], indices: mx.array) -> mx.
         weight = widen.sum_in_order(
             cpu.KERNELS.affine_dequantize(p.weight[e], p.scales[e], None if p.biases is None else p.biases[e], p.bits)
             for p in parts)
-        products.append(x[mx.array(group // k)] @ weight.astype(x.dtype).T)  # (rows of e, out)
+        products.append(_dense_matmul(x[mx.array(group // k)], weight.astype(x.dtype)))  # (rows of e, out)
     inverse = np.empty_like(order)
     inverse[order] = np.arange(order.size)
     return mx.concatenate(products)[mx.array(inverse)].reshape(N, k, out_features)
@@ -260,7 +340,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
     def block(start: int, end: int, keys: int) -> mx.array:
         """Queries [start, end) against the first `keys` keys -> (B, H_kv, rep, end - start, Dv)."""
         n = end - start
-        scores = q[:, :, :, start:end].reshape(B, H_kv, rep * n, D) @ k[:, :, :keys].swapaxes(-1, -2)
+        scores = _gemm(q[:, :, :, start:end].reshape(B, H_kv, rep * n, D), k[:, :, :keys], transpose_b=True)
         softmax_scale = scale
         if softcap:  # the kernel's softmax then takes the squashed scores as they are
             scores, softmax_scale = softcap * mx.tanh(scores * (scale / softcap)), 1.0
@@ -275,7 +355,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
         p = kernels.masked_softmax(scores, softmax_scale, n, isinstance(mask, str), keep)
         if sinks is not None:
             p = p[..., 1:]
-        return (p @ v[:, :, :keys]).reshape(B, H_kv, rep, n, v.shape[-1])
+        return _gemm(p, v[:, :, :keys]).reshape(B, H_kv, rep, n, v.shape[-1])
 
     if mask == "causal" and L >= CAUSAL_BLOCKED_QUERIES:
         step = -(-L // CAUSAL_BLOCKS)

@@ -24,6 +24,18 @@ NB_MODULE(_cpu, m) {
   m.def("rms_norm", &mlxllm_cpu::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("rope", &mlxllm_cpu::rope, "x"_a, "cos"_a, "sin"_a, "traditional"_a, nb::kw_only(),
         "stream"_a = nb::none());
+  m.def("gguf_matmul", &mlxllm_cpu::gguf_matmul, "x"_a, "w"_a, "qtype"_a, "table"_a, nb::kw_only(),
+        "stream"_a = nb::none());
+  m.def("gguf_dequantize", &mlxllm_cpu::gguf_dequantize, "w"_a, "qtype"_a, "in_features"_a, "table"_a,
+        nb::kw_only(), "stream"_a = nb::none());
+  m.def("gguf_has_kernel", &mlxllm_cpu::gguf_has_kernel, "qtype"_a);
+  m.def("gguf_integer_dots", &mlxllm_cpu::gguf_integer_dots, "qtype"_a);
+  m.def("gguf_use_simd", &mlxllm_cpu::gguf_use_simd, "on"_a);
+  m.def("matmul", &mlxllm_cpu::matmul, "a"_a, "b"_a, "transpose_b"_a = false, nb::kw_only(),
+        "stream"_a = nb::none());
+  m.def("bind_blas", &mlxllm_cpu::bind_blas, "path"_a, "prefix"_a = "");
+  m.def("blas_library", &mlxllm_cpu::blas_library);
+  m.def("set_blas_threads", &mlxllm_cpu::set_blas_threads, "n"_a);
   // The MLX this was compiled against: its C++ ABI is the only one this module works with.
   m.attr("mlx_version") = MLXLLM_MLX_VERSION;
   m.def("num_threads", &mlxllm_cpu::num_threads);

@@ -52,6 +52,28 @@ mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin, b
 // weight * x / sqrt(mean(x^2) + eps) over the last axis (mx.fast.rms_norm).
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s = {});
 
+// GGUF blocks as stored (gguf.cpp): w uint8 (out, bytes per row) of GGML type `qtype`
+// (its enum value), table the type's codebook bytes (kernels/source.py; any one byte for
+// types without). x (..., in) @ W.T -> (..., out): for up to 16 rows llama.cpp's integer
+// arithmetic (activations quantized per block to 8 bits), more rows dequantize tiles for a GEMM.
+mx::array gguf_matmul(const mx::array& x, const mx::array& w, int qtype, const mx::array& table,
+                      mx::StreamOrDevice s = {});
+// W as float32 (out, in_features), bit-exact to gguf-py's dequantize.
+mx::array gguf_dequantize(const mx::array& w, int qtype, int in_features, const mx::array& table,
+                          mx::StreamOrDevice s = {});
+bool gguf_has_kernel(int qtype);     // whether gguf_matmul takes this type
+bool gguf_integer_dots(int qtype);   // whether its matvec is integer (else float, by block decoders)
+void gguf_use_simd(bool on);         // off: the portable dot products (for tests)
+
+// float32 a (..., M, K) @ b (..., K, N), or b.T for b (..., N, K), on the BLAS that
+// bind_blas bound (blas.cpp), never MLX's; same batch dimensions. Strided views are read
+// in place where rows are contiguous (slices of a KV cache).
+mx::array matmul(const mx::array& a, const mx::array& b, bool transpose_b, mx::StreamOrDevice s = {});
+// dlopen a CBLAS library privately (RTLD_LOCAL) and use its `<prefix>cblas_sgemm`.
+bool bind_blas(const std::string& path, const std::string& prefix);
+std::string blas_library();  // the bound library's path, "" when our own GEMM runs
+void set_blas_threads(int n);
+
 // What every op here does on the way in and every eval_cpu on the way out.
 
 // The op's stream, which must be the CPU's.

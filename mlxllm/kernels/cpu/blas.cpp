@@ -1,0 +1,263 @@
+// Float32 GEMM for the CPU kernels, independent of the BLAS MLX itself links.
+//
+// The mlx-cpu wheel links netlib's reference BLAS, and which `cblas_sgemm` MLX's matmul
+// calls is fixed by the dynamic linker when mlx.core loads: a program that imports
+// mlx.core before anything can preload an optimized BLAS runs every matmul ~40x slower.
+// Our products (prefill's weight GEMMs, attention's score and value products) therefore
+// call a BLAS this module binds itself, at run time, with dlopen(RTLD_LOCAL): by default
+// the OpenBLAS that the scipy-openblas32 wheel ships (symbols prefixed `scipy_`), else a
+// system OpenBLAS/MKL. Its symbols never enter the global namespace, so MLX keeps its own.
+// Without any, a threaded blocked kernel of ours runs (several times slower than OpenBLAS,
+// still far faster than the reference BLAS); Python says so once.
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "ops.h"
+#include "pool.h"
+#include "simd.h"
+
+namespace mlxllm_cpu {
+namespace {
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+using SgemmFn = void (*)(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*,
+                         int);
+using SetThreadsFn = void (*)(int);
+
+SgemmFn g_sgemm = nullptr;
+SetThreadsFn g_set_threads = nullptr;
+std::string g_library;
+
+// C (M, N) = A (M, K) @ B.T for B (N, K), rows of A, B, C `lda`, `ldb`, `ldc` apart: our
+// own kernel where no BLAS is bound, on the calling thread. 4 rows of A against 2 rows of
+// B per step, 8 lanes of K at a time.
+void fallback_gemm_nt(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc) {
+  {
+    for (long mb = 0; mb < M; mb += 4) {
+      const int rows = static_cast<int>(std::min<long>(4, M - mb));
+      for (int n = 0; n < N; n += 2) {
+        const int cols = std::min(2, N - n);
+        f32x8 acc[4][2] = {};
+        int k = 0;
+        for (; k + 8 <= K; k += 8) {
+          f32x8 b[2];
+          for (int c = 0; c < 2; ++c) {
+            b[c] = load<f32x8>(B + static_cast<long>(n + (c < cols ? c : 0)) * ldb + k);
+          }
+          for (int r = 0; r < 4; ++r) {
+            const f32x8 a = load<f32x8>(A + (mb + (r < rows ? r : 0)) * lda + k);
+            acc[r][0] += a * b[0];
+            acc[r][1] += a * b[1];
+          }
+        }
+        for (int r = 0; r < rows; ++r) {
+          for (int c = 0; c < cols; ++c) {
+            float s = hsum(acc[r][c]);
+            for (int kk = k; kk < K; ++kk) {
+              s += A[(mb + r) * lda + kk] * B[static_cast<long>(n + c) * ldb + kk];
+            }
+            C[(mb + r) * ldc + n + c] = s;
+          }
+        }
+      }
+    }
+  }
+}
+
+} // namespace
+
+bool bind_blas(const std::string& path, const std::string& prefix) {
+  void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (lib == nullptr) {
+    return false;
+  }
+  auto sgemm = reinterpret_cast<SgemmFn>(dlsym(lib, (prefix + "cblas_sgemm").c_str()));
+  if (sgemm == nullptr) {
+    dlclose(lib);
+    return false;
+  }
+  // One BLAS thread: our pool splits every product (see gemm), so a core that another
+  // process takes costs its share of chunks, never a stall of BLAS's fixed partition.
+  g_set_threads = reinterpret_cast<SetThreadsFn>(dlsym(lib, (prefix + "openblas_set_num_threads").c_str()));
+  if (g_set_threads != nullptr) {
+    g_set_threads(1);
+  }
+  g_sgemm = sgemm;
+  g_library = path;
+  return true;
+}
+
+std::string blas_library() {
+  return g_library;
+}
+
+void set_blas_threads(int n) {
+  if (g_set_threads != nullptr) {
+    g_set_threads(n);
+  }
+}
+
+void gemm_serial(bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
+                 int ldc) {
+  if (M == 0 || N == 0) {
+    return;
+  }
+  if (K == 0) {
+    for (int m = 0; m < M; ++m) {
+      std::fill(C + static_cast<long>(m) * ldc, C + static_cast<long>(m) * ldc + N, 0.f);
+    }
+    return;
+  }
+  if (g_sgemm != nullptr) {
+    g_sgemm(kRowMajor, kNoTrans, transpose_b ? kTrans : kNoTrans, M, N, K, 1.f, A, lda, B, ldb, 0.f, C, ldc);
+    return;
+  }
+  if (transpose_b) {
+    fallback_gemm_nt(M, N, K, A, lda, B, ldb, C, ldc);
+    return;
+  }
+  std::vector<float> bt(static_cast<size_t>(N) * K); // B (K, N) -> (N, K)
+  for (int k = 0; k < K; ++k) {
+    for (int n = 0; n < N; ++n) {
+      bt[static_cast<size_t>(n) * K + k] = B[static_cast<long>(k) * ldb + n];
+    }
+  }
+  fallback_gemm_nt(M, N, K, A, lda, bt.data(), K, C, ldc);
+}
+
+// Column blocks of C claimed by the pool's threads, each a single-threaded product.
+constexpr int kGemmColumns = 64;
+
+void gemm(bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc) {
+  const long blocks = (N + kGemmColumns - 1) / kGemmColumns;
+  parallel_ranges(blocks, 4L * M * K, [&](long b0, long b1) {
+    const int n0 = static_cast<int>(b0 * kGemmColumns), n1 = static_cast<int>(std::min<long>(N, b1 * kGemmColumns));
+    const float* Bn = transpose_b ? B + static_cast<long>(n0) * ldb : B + n0;
+    gemm_serial(transpose_b, M, n1 - n0, K, A, lda, Bn, ldb, C + n0, ldc);
+  });
+}
+
+namespace {
+
+// A matrix operand as stored: the last axis contiguous, rows `ld` apart, batch entries at
+// `offsets` (elements from data()), for any strides MLX views have (slices of a KV cache).
+struct MatrixView {
+  const float* data;
+  int ld;
+  std::vector<long> offsets;
+};
+
+bool matrix_view(const mx::array& a, MatrixView& v) {
+  const int nd = a.ndim();
+  const int rows = a.shape(nd - 2), cols = a.shape(nd - 1);
+  const long s1 = a.strides()[nd - 1], s2 = a.strides()[nd - 2];
+  if (cols > 1 && s1 != 1) {
+    return false;
+  }
+  const long ld = rows > 1 ? s2 : cols;
+  if (ld < cols || ld > (1L << 30)) {
+    return false;
+  }
+  v.data = a.data<float>();
+  v.ld = static_cast<int>(std::max<long>(ld, 1));
+  long batch = 1;
+  for (int d = 0; d < nd - 2; ++d) {
+    batch *= a.shape(d);
+  }
+  v.offsets.assign(batch, 0);
+  std::vector<int> index(std::max(nd - 2, 0), 0);
+  long at = 0;
+  for (long b = 0; b < batch; ++b) {
+    v.offsets[b] = at;
+    for (int d = nd - 3; d >= 0; --d) {
+      at += a.strides()[d];
+      if (++index[d] < a.shape(d)) {
+        break;
+      }
+      at -= a.strides()[d] * a.shape(d);
+      index[d] = 0;
+    }
+  }
+  return true;
+}
+
+class Matmul : public CpuPrimitive {
+ public:
+  Matmul(mx::Stream s, bool transpose_b) : CpuPrimitive(s), transpose_b_(transpose_b) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    auto shape = inputs[0].shape();
+    shape.back() = inputs[1].shape(transpose_b_ ? -2 : -1);
+    return {shape};
+  }
+  const char* name() const override { return "Matmul"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return transpose_b_ == static_cast<const Matmul&>(other).transpose_b_;
+  }
+
+ private:
+  bool transpose_b_;
+};
+
+void Matmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  std::vector<mx::array> operands;
+  for (const auto& a : inputs) {
+    enc.set_input_array(a);
+    MatrixView probe;
+    if (a.size() == 0 || matrix_view(a, probe)) {
+      operands.push_back(a);
+      continue;
+    }
+    mx::array copy(a.shape(), a.dtype(), nullptr, {}); // any other view: gathered first
+    copy.set_data(mx::allocator::malloc(copy.nbytes()));
+    enc.add_temporary(copy);
+    enc.dispatch([a, dst = copy.data<float>()]() { gather_rows(a, dst); });
+    operands.push_back(std::move(copy));
+  }
+  enc.set_output_array(out);
+  enc.dispatch([a = operands[0], b = operands[1], out, tb = transpose_b_]() mutable {
+    if (out.size() == 0) {
+      return;
+    }
+    MatrixView va, vb;
+    matrix_view(a, va);
+    matrix_view(b, vb);
+    const int M = a.shape(-2), K = a.shape(-1), N = out.shape(-1);
+    float* c = out.data<float>();
+    for (size_t i = 0; i < va.offsets.size(); ++i) {
+      gemm(tb, M, N, K, va.data + va.offsets[i], va.ld, vb.data + vb.offsets[i], vb.ld,
+           c + static_cast<long>(i) * M * N, N);
+    }
+  });
+}
+
+} // namespace
+
+mx::array matmul(const mx::array& a, const mx::array& b, bool transpose_b, mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s, "matmul");
+  if (a.ndim() < 2 || b.ndim() != a.ndim()) {
+    throw std::invalid_argument("[matmul] a and b must have the same number (>= 2) of dimensions");
+  }
+  for (int d = 0; d < a.ndim() - 2; ++d) {
+    if (a.shape(d) != b.shape(d)) {
+      throw std::invalid_argument("[matmul] a and b must have the same batch dimensions");
+    }
+  }
+  const int K = a.shape(-1);
+  if (b.shape(transpose_b ? -1 : -2) != K) {
+    throw std::invalid_argument("[matmul] a's columns must match b's " + std::string(transpose_b ? "columns" : "rows"));
+  }
+  auto shape = a.shape();
+  shape.back() = b.shape(transpose_b ? -2 : -1);
+  std::vector<mx::array> inputs = {mx::astype(a, mx::float32, stream), mx::astype(b, mx::float32, stream)};
+  return mx::array(std::move(shape), mx::float32, std::make_shared<Matmul>(stream, transpose_b), std::move(inputs));
+}
+
+} // namespace mlxllm_cpu

@@ -1,0 +1,762 @@
+// GGUF blocks as stored, on the CPU: a weight (out, in) is uint8 (out, bytes per row), the
+// file's bytes unchanged, so the memory a model takes is the file's.
+//
+// Decode (a few activation rows): llama.cpp's CPU arithmetic. Each activation row is
+// quantized once per call to 8 bits per block (blocks of 32 with one scale for the 32-block
+// types, as q8_0; blocks of 256 with sums per 16 for the K types, as q8_K); each weight
+// block's codes then meet those bytes in integer dot products (AVX2's u8 x s8 multiply-add
+// where the build targets it, a portable loop elsewhere, which compilers vectorize for
+// NEON), scaled once per block in float. Codes are used as stored, unsigned; a type's zero
+// point (Q4_0's 8, Q6_K's 32) comes back through the activation block's sum, and Q4_1/Q5_1/
+// Q4_K/Q5_K's minimums the same way. Every activation row reuses a weight row while it is
+// in L1; the threads split output rows.
+// Types without an integer kernel here (IQ*, TQ*, NVFP4, Q2_K, Q3_K) decode each block to
+// floats with the shared decoders of ../blocks/*.h and multiply float activations.
+//
+// Prefill (more rows): a tile of weight rows is dequantized (bit-exact to gguf-py) and
+// multiplied by BLAS (blas.cpp), tile after tile, so no float copy of the weight exists.
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "ops.h"
+#include "pool.h"
+
+namespace mlxllm_cpu {
+
+void gemm_serial(bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
+                 int ldc);
+
+namespace {
+
+// ------------------------------------------------------------------ the shared decoders
+
+inline float half_to_float(uint16_t h) { // exact IEEE half -> float, subnormals included
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000 | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else { // subnormal: normalize
+    int e = -1;
+    do {
+      ++e;
+      man <<= 1;
+    } while ((man & 0x400) == 0);
+    bits = sign | static_cast<uint32_t>(112 - e) << 23 | ((man & 0x3FF) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+#define QDEV
+#define QTHR
+#define QFN static inline
+inline float qhalf(uint16_t bits) {
+  return half_to_float(bits);
+}
+#include "../blocks/common.h"
+#include "../blocks/iquants.h"
+#include "../blocks/kquants.h"
+#undef QDEV
+#undef QTHR
+#undef QFN
+
+inline float f16_at(const uint8_t* p) {
+  return half_to_float(static_cast<uint16_t>(p[0] | (p[1] << 8)));
+}
+
+enum Type {
+  Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14,
+  IQ2_XXS = 16, IQ2_XS = 17, IQ3_XXS = 18, IQ1_S = 19, IQ4_NL = 20, IQ3_S = 21, IQ2_S = 22, IQ4_XS = 23,
+  IQ1_M = 29, TQ1_0 = 34, TQ2_0 = 35, NVFP4 = 40,
+};
+
+// How a type's matvec runs: integer dots against q8 blocks of 32 or of 256, or floats.
+enum class Path { Q8_32, Q8_256, FLOAT };
+
+using Dq8 = void (*)(const uint8_t*, int, const uint8_t*, float*);
+
+struct TypeInfo {
+  int qk, bytes;
+  Path path;
+  Dq8 dq8; // the shared decoder, for the FLOAT path's types
+};
+
+bool type_info(int t, TypeInfo& info) {
+  switch (t) {
+    case Q4_0: info = {32, 18, Path::Q8_32, nullptr}; return true;
+    case Q4_1: info = {32, 20, Path::Q8_32, nullptr}; return true;
+    case Q5_0: info = {32, 22, Path::Q8_32, nullptr}; return true;
+    case Q5_1: info = {32, 24, Path::Q8_32, nullptr}; return true;
+    case Q8_0: info = {32, 34, Path::Q8_32, nullptr}; return true;
+    case Q4_K: info = {256, 144, Path::Q8_256, nullptr}; return true;
+    case Q5_K: info = {256, 176, Path::Q8_256, nullptr}; return true;
+    case Q6_K: info = {QK_Q6_K, BYTES_Q6_K, Path::Q8_256, dq8_q6_k}; return true;
+    case Q2_K: info = {QK_Q2_K, BYTES_Q2_K, Path::FLOAT, dq8_q2_k}; return true;
+    case Q3_K: info = {QK_Q3_K, BYTES_Q3_K, Path::FLOAT, dq8_q3_k}; return true;
+    case TQ1_0: info = {QK_TQ1_0, BYTES_TQ1_0, Path::FLOAT, dq8_tq1_0}; return true;
+    case TQ2_0: info = {QK_TQ2_0, BYTES_TQ2_0, Path::FLOAT, dq8_tq2_0}; return true;
+    case IQ4_NL: info = {QK_IQ4_NL, BYTES_IQ4_NL, Path::FLOAT, dq8_iq4_nl}; return true;
+    case IQ4_XS: info = {QK_IQ4_XS, BYTES_IQ4_XS, Path::FLOAT, dq8_iq4_xs}; return true;
+    case NVFP4: info = {QK_NVFP4, BYTES_NVFP4, Path::FLOAT, dq8_nvfp4}; return true;
+    case IQ1_S: info = {QK_IQ1_S, BYTES_IQ1_S, Path::FLOAT, dq8_iq1_s}; return true;
+    case IQ1_M: info = {QK_IQ1_M, BYTES_IQ1_M, Path::FLOAT, dq8_iq1_m}; return true;
+    case IQ2_XXS: info = {QK_IQ2_XXS, BYTES_IQ2_XXS, Path::FLOAT, dq8_iq2_xxs}; return true;
+    case IQ2_XS: info = {QK_IQ2_XS, BYTES_IQ2_XS, Path::FLOAT, dq8_iq2_xs}; return true;
+    case IQ2_S: info = {QK_IQ2_S, BYTES_IQ2_S, Path::FLOAT, dq8_iq2_s}; return true;
+    case IQ3_XXS: info = {QK_IQ3_XXS, BYTES_IQ3_XXS, Path::FLOAT, dq8_iq3_xxs}; return true;
+    case IQ3_S: info = {QK_IQ3_S, BYTES_IQ3_S, Path::FLOAT, dq8_iq3_s}; return true;
+    default: return false;
+  }
+}
+
+// ------------------------------------------------------------------ dequantizing (prefill)
+// gguf-py's arithmetic: every product below is exact in float32 (an fp16 scale times small
+// integers), so the one rounding is the final add / subtract, as there.
+
+inline void k_scale_min(const uint8_t* s, int j, int& sc, int& m) {
+  if (j < 4) {
+    sc = s[j] & 63;
+    m = s[j + 4] & 63;
+  } else {
+    sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+    m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+void dequantize_block(int t, const uint8_t* b, const uint8_t* table, float* v) {
+  switch (t) {
+    case Q4_0: {
+      const float d = f16_at(b);
+      for (int i = 0; i < 16; ++i) {
+        v[i] = d * static_cast<float>((b[2 + i] & 15) - 8);
+        v[i + 16] = d * static_cast<float>((b[2 + i] >> 4) - 8);
+      }
+      return;
+    }
+    case Q4_1: {
+      const float d = f16_at(b), m = f16_at(b + 2);
+      for (int i = 0; i < 16; ++i) {
+        v[i] = d * static_cast<float>(b[4 + i] & 15) + m;
+        v[i + 16] = d * static_cast<float>(b[4 + i] >> 4) + m;
+      }
+      return;
+    }
+    case Q5_0:
+    case Q5_1: {
+      const bool one = t == Q5_1;
+      const float d = f16_at(b), m = one ? f16_at(b + 2) : 0.f;
+      const uint8_t* qhp = b + (one ? 4 : 2);
+      const uint32_t qh = qhp[0] | (qhp[1] << 8) | (qhp[2] << 16) | (static_cast<uint32_t>(qhp[3]) << 24);
+      const uint8_t* qs = qhp + 4;
+      for (int i = 0; i < 16; ++i) {
+        const int lo = (qs[i] & 15) | (((qh >> i) & 1) << 4);
+        const int hi = (qs[i] >> 4) | (((qh >> (i + 16)) & 1) << 4);
+        if (one) {
+          v[i] = d * static_cast<float>(lo) + m;
+          v[i + 16] = d * static_cast<float>(hi) + m;
+        } else {
+          v[i] = d * static_cast<float>(lo - 16);
+          v[i + 16] = d * static_cast<float>(hi - 16);
+        }
+      }
+      return;
+    }
+    case Q8_0: {
+      const float d = f16_at(b);
+      for (int i = 0; i < 32; ++i) {
+        v[i] = d * static_cast<float>(static_cast<int8_t>(b[2 + i]));
+      }
+      return;
+    }
+    case Q4_K:
+    case Q5_K: {
+      const bool five = t == Q5_K;
+      const float d = f16_at(b), dmin = f16_at(b + 2);
+      const uint8_t* qh = b + 16;
+      const uint8_t* qs = b + (five ? 48 : 16);
+      for (int j = 0; j < 8; ++j) {
+        int sc, m;
+        k_scale_min(b + 4, j, sc, m);
+        const float dl = d * static_cast<float>(sc), ml = dmin * static_cast<float>(m);
+        const uint8_t* q = qs + 32 * (j / 2);
+        const int shift = 4 * (j & 1);
+        for (int i = 0; i < 32; ++i) {
+          int code = (q[i] >> shift) & 15;
+          if (five) {
+            code |= ((qh[i] >> j) & 1) << 4;
+          }
+          v[32 * j + i] = dl * static_cast<float>(code) - ml;
+        }
+      }
+      return;
+    }
+    default: {
+      TypeInfo info;
+      type_info(t, info);
+      for (int j = 0; j < info.qk / 8; ++j) {
+        info.dq8(b, j, table, v + 8 * j);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ activations to 8 bits
+
+// One activation row quantized: q (I) int8, d one scale per block of `qk` (32 or 256), and
+// s the sum of q over each 16, which the zero points and minimums need.
+struct Q8Row {
+  const int8_t* q;
+  const float* d;
+  const int32_t* s;
+};
+
+struct Q8Rows {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> s;
+  int I, qk;
+
+  Q8Rows(const float* x, int B, int I_, int qk_) : I(I_), qk(qk_) {
+    q.resize(static_cast<size_t>(B) * I);
+    d.resize(static_cast<size_t>(B) * I / qk);
+    s.resize(static_cast<size_t>(B) * I / 16);
+    for (long blk = 0; blk < static_cast<long>(B) * I / qk; ++blk) {
+      const float* xb = x + blk * qk;
+      float amax = 0.f;
+      for (int i = 0; i < qk; ++i) {
+        amax = std::max(amax, std::fabs(xb[i]));
+      }
+      float scale = amax / 127.f;
+      if (qk == 32) { // q8_0 keeps its scale as fp16: the same rounding
+        scale = half_to_float(float_to_half(scale));
+      }
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      d[blk] = amax > 0.f ? scale : 0.f;
+      int8_t* qb = q.data() + blk * qk;
+      for (int i = 0; i < qk; ++i) {
+        const float r = std::nearbyint(xb[i] * inv);
+        qb[i] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, r)));
+      }
+      for (int g = 0; g < qk / 16; ++g) {
+        int32_t sum = 0;
+        for (int i = 0; i < 16; ++i) {
+          sum += qb[16 * g + i];
+        }
+        s[blk * (qk / 16) + g] = sum;
+      }
+    }
+  }
+
+  Q8Row row(int b) const {
+    return {q.data() + static_cast<long>(b) * I, d.data() + static_cast<long>(b) * I / qk,
+            s.data() + static_cast<long>(b) * I / 16};
+  }
+
+  static uint16_t float_to_half(float f) { // round to nearest even, for positive normal-range scales
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000;
+    const int exp = static_cast<int>((x >> 23) & 0xFF) - 127 + 15;
+    uint32_t man = x & 0x7FFFFF;
+    if (exp >= 31) {
+      return static_cast<uint16_t>(sign | 0x7C00);
+    }
+    if (exp <= 0) { // subnormal half or zero
+      if (exp < -10) {
+        return static_cast<uint16_t>(sign);
+      }
+      man |= 0x800000;
+      const int shift = 14 - exp;
+      uint32_t h = man >> shift;
+      const uint32_t rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+      if (rem > half || (rem == half && (h & 1))) {
+        ++h;
+      }
+      return static_cast<uint16_t>(sign | h);
+    }
+    uint32_t h = (static_cast<uint32_t>(exp) << 10) | (man >> 13);
+    const uint32_t rem = man & 0x1FFF;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) {
+      ++h; // a carry into the exponent is the right rounding too
+    }
+    return static_cast<uint16_t>(sign | h);
+  }
+};
+
+// ------------------------------------------------------------------ integer dot products
+// dot_T(row, x, nb): one weight row of nb blocks against one quantized activation row.
+
+// Portable versions: the reference arithmetic, and the path on non-AVX2 builds.
+float dot_portable(int t, const uint8_t* row, const Q8Row& x, int nb) {
+  float total = 0.f;
+  if (t == Q4_K || t == Q5_K || t == Q6_K) {
+    for (int blk = 0; blk < nb; ++blk) {
+      const int8_t* y = x.q + 256 * blk;
+      const int32_t* s = x.s + 16 * blk;
+      if (t == Q6_K) {
+        const uint8_t* b = row + 210 * blk;
+        const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+        int32_t sumi = 0;
+        for (int e = 0; e < 256; ++e) {
+          const int h = e >> 7, l = e & 127, q = l >> 5, i = l & 31;
+          const int lo = (b[64 * h + 32 * (q & 1) + i] >> (4 * (q >> 1))) & 15;
+          const int hi = (b[128 + 32 * h + i] >> (2 * q)) & 3;
+          sumi += sc[e >> 4] * (lo | (hi << 4)) * y[e];
+        }
+        int32_t corr = 0;
+        for (int g = 0; g < 16; ++g) {
+          corr += sc[g] * s[g];
+        }
+        total += f16_at(b + 208) * x.d[blk] * static_cast<float>(sumi - 32 * corr);
+      } else {
+        const bool five = t == Q5_K;
+        const uint8_t* b = row + (five ? 176 : 144) * blk;
+        const uint8_t* qs = b + (five ? 48 : 16);
+        int32_t sumi = 0, summ = 0;
+        for (int j = 0; j < 8; ++j) {
+          int sc, m;
+          k_scale_min(b + 4, j, sc, m);
+          int32_t dot = 0;
+          for (int i = 0; i < 32; ++i) {
+            int code = (qs[32 * (j / 2) + i] >> (4 * (j & 1))) & 15;
+            if (five) {
+              code |= ((b[16 + i] >> j) & 1) << 4;
+            }
+            dot += code * y[32 * j + i];
+          }
+          sumi += sc * dot;
+          summ += m * (s[2 * j] + s[2 * j + 1]);
+        }
+        total += x.d[blk] * (f16_at(b) * static_cast<float>(sumi) - f16_at(b + 2) * static_cast<float>(summ));
+      }
+    }
+    return total;
+  }
+  TypeInfo info;
+  type_info(t, info);
+  for (int blk = 0; blk < nb; ++blk) {
+    const uint8_t* b = row + info.bytes * blk;
+    const int8_t* y = x.q + 32 * blk;
+    const int32_t ysum = x.s[2 * blk] + x.s[2 * blk + 1];
+    int32_t dot = 0;
+    float d = f16_at(b), m = 0.f;
+    int zero = 0;
+    switch (t) {
+      case Q4_0:
+      case Q4_1:
+        for (int i = 0; i < 16; ++i) {
+          dot += (b[info.bytes - 16 + i] & 15) * y[i] + (b[info.bytes - 16 + i] >> 4) * y[i + 16];
+        }
+        zero = t == Q4_0 ? 8 : 0;
+        m = t == Q4_1 ? f16_at(b + 2) : 0.f;
+        break;
+      case Q5_0:
+      case Q5_1: {
+        const uint8_t* qhp = b + (t == Q5_1 ? 4 : 2);
+        const uint32_t qh = qhp[0] | (qhp[1] << 8) | (qhp[2] << 16) | (static_cast<uint32_t>(qhp[3]) << 24);
+        for (int i = 0; i < 16; ++i) {
+          dot += ((qhp[4 + i] & 15) | (((qh >> i) & 1) << 4)) * y[i] +
+                 ((qhp[4 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4)) * y[i + 16];
+        }
+        zero = t == Q5_0 ? 16 : 0;
+        m = t == Q5_1 ? f16_at(b + 2) : 0.f;
+        break;
+      }
+      default: // Q8_0
+        for (int i = 0; i < 32; ++i) {
+          dot += static_cast<int8_t>(b[2 + i]) * y[i];
+        }
+    }
+    total += x.d[blk] * (d * static_cast<float>(dot - zero * ysum) + m * static_cast<float>(ysum));
+  }
+  return total;
+}
+
+#if defined(__AVX2__)
+inline int hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+inline float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 16 bytes of packed nibbles -> 32 codes: the low nibbles, then the high ones.
+inline __m256i nibbles32(const uint8_t* p) {
+  const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0F));
+}
+
+// Byte i is 0x10 where bit i of x is set.
+inline __m256i bit4_of(uint32_t x) {
+  const __m256i idx = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3,
+                                       3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+  const __m256i v = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(x)), idx), bit);
+  return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), _mm256_set1_epi8(0x10));
+}
+
+// Sums of 4 adjacent u8 x s8 products, as 8 int32 (u8 codes here stay below 64, so the
+// 16-bit pair sums never saturate).
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+float dot_legacy_avx2(int t, const uint8_t* row, const Q8Row& x, int nb) {
+  TypeInfo info;
+  type_info(t, info);
+  __m256 acc = _mm256_setzero_ps();
+  float extra = 0.f; // zero points and minimums: per block, scalar
+  for (int blk = 0; blk < nb; ++blk) {
+    const uint8_t* b = row + info.bytes * blk;
+    const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * blk));
+    const float dx = x.d[blk];
+    const float ysum = static_cast<float>(x.s[2 * blk] + x.s[2 * blk + 1]);
+    const float d = f16_at(b) * dx;
+    __m256i p;
+    switch (t) {
+      case Q4_0:
+        p = dot_u8s8(nibbles32(b + 2), y);
+        extra -= 8.f * d * ysum;
+        break;
+      case Q4_1:
+        p = dot_u8s8(nibbles32(b + 4), y);
+        extra += f16_at(b + 2) * dx * ysum;
+        break;
+      case Q5_0: {
+        uint32_t qh;
+        std::memcpy(&qh, b + 2, 4);
+        p = dot_u8s8(_mm256_or_si256(nibbles32(b + 6), bit4_of(qh)), y);
+        extra -= 16.f * d * ysum;
+        break;
+      }
+      case Q5_1: {
+        uint32_t qh;
+        std::memcpy(&qh, b + 4, 4);
+        p = dot_u8s8(_mm256_or_si256(nibbles32(b + 8), bit4_of(qh)), y);
+        extra += f16_at(b + 2) * dx * ysum;
+        break;
+      }
+      default: { // Q8_0: signed x signed, through |w| and y with w's sign
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
+        p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w)),
+                              _mm256_set1_epi16(1));
+      }
+    }
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
+  }
+  return hsum_ps(acc) + extra;
+}
+
+float dot_k_avx2(int t, const uint8_t* row, const Q8Row& x, int nb) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  __m256 acc = _mm256_setzero_ps();
+  float extra = 0.f;
+  for (int blk = 0; blk < nb; ++blk) {
+    const int8_t* y = x.q + 256 * blk;
+    const int32_t* s = x.s + 16 * blk;
+    __m256i sumi = _mm256_setzero_si256();
+    auto ld = [](const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
+    if (t == Q6_K) {
+      const uint8_t* b = row + 210 * blk;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i ql0 = ld(b + 64 * h), ql1 = ld(b + 64 * h + 32), qh = ld(b + 128 + 32 * h);
+        for (int q = 0; q < 4; ++q) {
+          const __m256i ql = q & 1 ? ql1 : ql0;
+          const __m256i lo = _mm256_and_si256(q >> 1 ? _mm256_srli_epi16(ql, 4) : ql, low4);
+          const __m256i hi = _mm256_slli_epi16(
+              _mm256_and_si256(_mm256_srli_epi16(qh, 2 * q), _mm256_set1_epi8(3)), 4);
+          const __m256i p16 = _mm256_maddubs_epi16(_mm256_or_si256(lo, hi), ld(y + 128 * h + 32 * q));
+          const int g = 8 * h + 2 * q;
+          const __m256i scales = _mm256_set_m128i(_mm_set1_epi16(sc[g + 1]), _mm_set1_epi16(sc[g]));
+          sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p16, scales));
+        }
+      }
+      int32_t corr = 0;
+      for (int g = 0; g < 16; ++g) {
+        corr += sc[g] * s[g];
+      }
+      const float d = f16_at(b + 208) * x.d[blk];
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+      extra -= d * static_cast<float>(32 * corr);
+    } else {
+      const bool five = t == Q5_K;
+      const uint8_t* b = row + (five ? 176 : 144) * blk;
+      const uint8_t* qs = b + (five ? 48 : 16);
+      const __m256i qh = five ? ld(b + 16) : _mm256_setzero_si256();
+      int32_t summ = 0;
+      for (int k = 0; k < 4; ++k) {
+        const __m256i bytes = ld(qs + 32 * k);
+        for (int half = 0; half < 2; ++half) {
+          const int j = 2 * k + half;
+          int sc, m;
+          k_scale_min(b + 4, j, sc, m);
+          __m256i code = _mm256_and_si256(half ? _mm256_srli_epi16(bytes, 4) : bytes, low4);
+          if (five) {
+            code = _mm256_or_si256(code, _mm256_slli_epi16(
+                _mm256_and_si256(_mm256_srli_epi16(qh, j), _mm256_set1_epi8(1)), 4));
+          }
+          const __m256i p16 = _mm256_maddubs_epi16(code, ld(y + 32 * j));
+          sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p16, _mm256_set1_epi16(static_cast<int16_t>(sc))));
+          summ += m * (s[2 * j] + s[2 * j + 1]);
+        }
+      }
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b) * x.d[blk]), _mm256_cvtepi32_ps(sumi), acc);
+      extra -= f16_at(b + 2) * x.d[blk] * static_cast<float>(summ);
+    }
+  }
+  return hsum_ps(acc) + extra;
+}
+#endif
+
+// Whether the AVX2 kernels run (they are compiled in on x86-64, whose build targets
+// x86-64-v3); tests turn them off to check the portable path on the same machine.
+bool g_use_simd = true;
+
+float dot_q8(int t, const uint8_t* row, const Q8Row& x, int nb) {
+#if defined(__AVX2__)
+  if (g_use_simd) {
+    return (t == Q4_K || t == Q5_K || t == Q6_K) ? dot_k_avx2(t, row, x, nb) : dot_legacy_avx2(t, row, x, nb);
+  }
+#endif
+  return dot_portable(t, row, x, nb);
+}
+
+// ------------------------------------------------------------------ the products
+
+constexpr int kMatvecRows = 16; // up to this many activation rows the matvec runs
+
+void matvec(int t, const TypeInfo& info, const float* x, const uint8_t* w, const uint8_t* table, float* y, int B,
+            int I, int O) {
+  const int nb = I / info.qk;
+  const long row_bytes = static_cast<long>(nb) * info.bytes;
+  if (info.path == Path::FLOAT) {
+    parallel_ranges(O, row_bytes * B, [&](long r0, long r1) {
+      std::vector<float> v(I);
+      for (long o = r0; o < r1; ++o) {
+        const uint8_t* row = w + o * row_bytes;
+        for (int blk = 0; blk < nb; ++blk) {
+          dequantize_block(t, row + blk * info.bytes, table, v.data() + static_cast<long>(blk) * info.qk);
+        }
+        for (int b = 0; b < B; ++b) {
+          const float* xb = x + static_cast<long>(b) * I;
+          float acc[8] = {};
+          for (int i = 0; i < I; i += 8) {
+            for (int k = 0; k < 8; ++k) {
+              acc[k] += v[i + k] * xb[i + k];
+            }
+          }
+          float s = 0.f;
+          for (float a : acc) {
+            s += a;
+          }
+          y[static_cast<long>(b) * O + o] = s;
+        }
+      }
+    });
+    return;
+  }
+  const Q8Rows q8(x, B, I, info.path == Path::Q8_32 ? 32 : 256);
+  std::vector<Q8Row> rows;
+  for (int b = 0; b < B; ++b) {
+    rows.push_back(q8.row(b));
+  }
+  parallel_ranges(O, row_bytes * B, [&](long r0, long r1) {
+    for (long o = r0; o < r1; ++o) {
+      const uint8_t* row = w + o * row_bytes;
+      for (int b = 0; b < B; ++b) {
+        y[static_cast<long>(b) * O + o] = dot_q8(t, row, rows[b], nb);
+      }
+    }
+  });
+}
+
+void dequantize_rows(int t, const TypeInfo& info, const uint8_t* w, const uint8_t* table, float* out, int I, long r0,
+                     long r1) {
+  const int nb = I / info.qk;
+  const long row_bytes = static_cast<long>(nb) * info.bytes;
+  for (long o = r0; o < r1; ++o) {
+    for (int blk = 0; blk < nb; ++blk) {
+      dequantize_block(t, w + o * row_bytes + blk * info.bytes, table, out + o * I + static_cast<long>(blk) * info.qk);
+    }
+  }
+}
+
+void dequantize(int t, const TypeInfo& info, const uint8_t* w, const uint8_t* table, float* out, int I, int O) {
+  parallel_ranges(O, static_cast<long>(I) * 4, [&](long r0, long r1) {
+    dequantize_rows(t, info, w, table, out, I, r0, r1);
+  });
+}
+
+// Prefill: y (B, O) = x (B, I) @ W.T. The threads claim tiles of weight rows; each
+// dequantizes its tile (a few hundred KB, in cache) and multiplies it on one BLAS thread,
+// so no float copy of the weight exists and no thread waits for another.
+constexpr int kTileRows = 64;
+
+void matmul_tiles(int t, const TypeInfo& info, const float* x, const uint8_t* w, const uint8_t* table, float* y, int B,
+                  int I, int O) {
+  const long row_bytes = static_cast<long>(I / info.qk) * info.bytes;
+  const long tiles = (O + kTileRows - 1) / kTileRows;
+  parallel_ranges(tiles, 4L * B * I, [&](long t0, long t1) {
+    std::vector<float> buf(static_cast<size_t>(kTileRows) * I);
+    for (long tile = t0; tile < t1; ++tile) {
+      const long o0 = tile * kTileRows;
+      const int n = static_cast<int>(std::min<long>(kTileRows, O - o0));
+      dequantize_rows(t, info, w + o0 * row_bytes, table, buf.data(), I, 0, n);
+      gemm_serial(true, B, n, I, x, I, buf.data(), I, y + o0, O);
+    }
+  });
+}
+
+TypeInfo check_blocks(const mx::array& w, int qtype, int in_features, const char* op) {
+  const std::string where = std::string("[") + op + "] ";
+  TypeInfo info;
+  if (!type_info(qtype, info)) {
+    throw std::invalid_argument(where + "GGML type " + std::to_string(qtype) + " has no CPU kernel");
+  }
+  if (w.ndim() != 2 || w.dtype() != mx::uint8) {
+    throw std::invalid_argument(where + "w must be uint8 (rows, bytes per row)");
+  }
+  if (in_features <= 0 || in_features % info.qk != 0 ||
+      static_cast<long>(w.shape(1)) != static_cast<long>(in_features / info.qk) * info.bytes) {
+    throw std::invalid_argument(where + "rows of " + std::to_string(w.shape(1)) + " bytes do not hold " +
+                                std::to_string(in_features) + " weights of this type");
+  }
+  return info;
+}
+
+class GgufMatmul : public CpuPrimitive {
+ public:
+  GgufMatmul(mx::Stream s, int qtype) : CpuPrimitive(s), qtype_(qtype) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    auto e = begin_eval(stream(), inputs, out);
+    const auto &x = e.inputs[0], &w = e.inputs[1], &table = e.inputs[2];
+    const int I = x.shape(-1), O = w.shape(0);
+    const int B = static_cast<int>(x.size() / I);
+    e.encoder.dispatch([xp = x.data<float>(), wp = w.data<uint8_t>(), tp = table.data<uint8_t>(),
+                        yp = out.data<float>(), B, I, O, t = qtype_]() {
+      TypeInfo info;
+      type_info(t, info);
+      if (B <= kMatvecRows) {
+        matvec(t, info, xp, wp, tp, yp, B, I, O);
+      } else {
+        matmul_tiles(t, info, xp, wp, tp, yp, B, I, O);
+      }
+    });
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    auto shape = inputs[0].shape();
+    shape.back() = inputs[1].shape(0);
+    return {shape};
+  }
+  const char* name() const override { return "GgufMatmul"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return qtype_ == static_cast<const GgufMatmul&>(other).qtype_;
+  }
+
+ private:
+  int qtype_;
+};
+
+class GgufDequantize : public CpuPrimitive {
+ public:
+  GgufDequantize(mx::Stream s, int qtype, int in_features) : CpuPrimitive(s), qtype_(qtype), in_(in_features) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    auto e = begin_eval(stream(), inputs, out);
+    const auto &w = e.inputs[0], &table = e.inputs[1];
+    e.encoder.dispatch([wp = w.data<uint8_t>(), tp = table.data<uint8_t>(), op = out.data<float>(), I = in_,
+                        O = w.shape(0), t = qtype_]() {
+      TypeInfo info;
+      type_info(t, info);
+      dequantize(t, info, wp, tp, op, I, O);
+    });
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {{inputs[0].shape(0), in_}};
+  }
+  const char* name() const override { return "GgufDequantize"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const GgufDequantize&>(other);
+    return qtype_ == o.qtype_ && in_ == o.in_;
+  }
+
+ private:
+  int qtype_, in_;
+};
+
+// The codebook a type reads must hold what its decoder indexes (source.py's tables).
+void check_table(const mx::array& table, int qtype, const char* op) {
+  static const struct { int t; long bytes; } sizes[] = {
+      {IQ2_XXS, 2048 + 128}, {IQ2_XS, 4096 + 128}, {IQ2_S, 8192}, {IQ3_XXS, 1024 + 128}, {IQ3_S, 2048},
+      {IQ1_S, 16384}, {IQ1_M, 16384}, {IQ4_NL, 16}, {IQ4_XS, 16}, {NVFP4, 16}};
+  long need = 1;
+  for (const auto& s : sizes) {
+    need = s.t == qtype ? s.bytes : need;
+  }
+  if (table.dtype() != mx::uint8 || static_cast<long>(table.size()) < need) {
+    throw std::invalid_argument(std::string("[") + op + "] this type's table must be uint8 of at least " +
+                                std::to_string(need) + " bytes");
+  }
+}
+
+} // namespace
+
+mx::array gguf_matmul(const mx::array& x, const mx::array& w, int qtype, const mx::array& table,
+                      mx::StreamOrDevice s) {
+  const char* op = "gguf_matmul";
+  if (x.ndim() < 1) {
+    throw std::invalid_argument("[gguf_matmul] x must have at least one dimension");
+  }
+  check_blocks(w, qtype, x.shape(-1), op);
+  check_table(table, qtype, op);
+  auto stream = cpu_stream(s, op);
+  auto shape = x.shape();
+  shape.back() = w.shape(0);
+  std::vector<mx::array> inputs = {mx::astype(x, mx::float32, stream), w, mx::flatten(table, stream)};
+  return mx::array(std::move(shape), mx::float32, std::make_shared<GgufMatmul>(stream, qtype), std::move(inputs));
+}
+
+mx::array gguf_dequantize(const mx::array& w, int qtype, int in_features, const mx::array& table,
+                          mx::StreamOrDevice s) {
+  const char* op = "gguf_dequantize";
+  check_blocks(w, qtype, in_features, op);
+  check_table(table, qtype, op);
+  auto stream = cpu_stream(s, op);
+  return mx::array({w.shape(0), in_features}, mx::float32, std::make_shared<GgufDequantize>(stream, qtype, in_features),
+                   {w, mx::flatten(table, stream)});
+}
+
+bool gguf_has_kernel(int qtype) {
+  TypeInfo info;
+  return type_info(qtype, info);
+}
+
+bool gguf_integer_dots(int qtype) {
+  TypeInfo info;
+  return type_info(qtype, info) && info.path != Path::FLOAT;
+}
+
+void gguf_use_simd(bool on) {
+  g_use_simd = on;
+}
+
+} // namespace mlxllm_cpu

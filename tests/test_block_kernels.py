@@ -1,0 +1,150 @@
+"""mlxllm's CPU kernels on GGUF blocks as stored (mlxllm/kernels/cpu/gguf.cpp) and their
+private GEMM (blas.cpp).
+
+- gguf_dequantize equals gguf.quants.dequantize bit for bit on random blocks (every bit
+  random but finite scales, edge scales included), for every type the kernels take.
+- gguf_matmul equals a float64 product within float32 tolerance: decode rows (the
+  integer path quantizes activations to 8 bits per block, so the reference there is
+  the product with those 8-bit activations, computed here in numpy the way llama.cpp
+  defines q8_0 / q8_K) and prefill rows (dequantized tiles + GEMM), on every ISA path this
+  machine runs (AVX2 and the portable one).
+- Bad shapes, types and tables are exceptions, never reads out of bounds.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
+from gguf import quants as gq
+from quant_blocks import assert_bit_identical, random_blocks
+
+from mlxllm.kernels import cpu, source
+
+pytestmark = pytest.mark.skipif(cpu.KERNELS is None, reason=f"CPU kernels unavailable: {cpu.UNAVAILABLE}")
+
+K = cpu.KERNELS
+TYPES = [t for t in Q if K is not None and K.gguf_has_kernel(int(t))]
+INTEGER = [t for t in TYPES if K.gguf_integer_dots(int(t))]
+
+
+def test_every_type_with_a_block_decoder_has_a_kernel():
+    expected = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, *source.kernel_types()}
+    assert set(TYPES) == expected
+    assert set(INTEGER) == {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K}
+
+
+def _weight(qtype: Q, rows: int, blocks_per_row: int, seed: int, edge: bool = False) -> tuple[np.ndarray, int]:
+    block, _ = GGML_QUANT_SIZES[qtype]
+    raw = random_blocks(qtype, rows * blocks_per_row, seed=seed, edge=edge)
+    return raw.reshape(rows, -1), block * blocks_per_row
+
+
+def _table(qtype: Q) -> mx.array:
+    return mx.array(source.table(qtype))
+
+
+@pytest.mark.parametrize("edge", [False, True], ids=["scales", "edge_scales"])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequantize_bit_exact(qtype, edge):
+    raw, cols = _weight(qtype, 37, 3, seed=1, edge=edge)
+    ours = np.array(K.gguf_dequantize(mx.array(raw), int(qtype), cols, _table(qtype)))
+    ref = gq.dequantize(raw, qtype).astype(np.float32)
+    assert_bit_identical(ours, ref)
+
+
+def _q8_rows(x: np.ndarray, block: int) -> np.ndarray:
+    """x as llama.cpp's CPU matmuls see it: rounded per block of `block` to 8 bits with one
+    scale (fp16 for q8_0's blocks of 32, float32 for q8_K's 256), back as float64."""
+    xb = x.reshape(x.shape[0], -1, block).astype(np.float32)
+    amax = np.abs(xb).max(axis=-1, keepdims=True)
+    scale = amax / np.float32(127)
+    if block == 32:
+        scale = scale.astype(np.float16).astype(np.float32)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.clip(np.rint(xb * inv), -127, 127)
+    return (q.astype(np.float64) * scale.astype(np.float64)).reshape(x.shape)
+
+
+@pytest.fixture(params=["simd", "portable"])
+def isa(request):
+    K.gguf_use_simd(request.param == "simd")
+    yield request.param
+    K.gguf_use_simd(True)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16], ids=lambda r: f"{r}rows")
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_matvec_against_float64(qtype, rows, isa):
+    if isa == "portable" and qtype not in INTEGER:
+        pytest.skip("one path: the float decoders")
+    raw, cols = _weight(qtype, 75, 2 if GGML_QUANT_SIZES[qtype][0] == 256 else 9, seed=rows)
+    x = np.random.default_rng(rows).standard_normal((rows, cols)).astype(np.float32)
+    w64 = gq.dequantize(raw, qtype).astype(np.float64)
+    xq = _q8_rows(x, 32 if GGML_QUANT_SIZES[qtype][0] == 32 else 256) if qtype in INTEGER else x.astype(np.float64)
+    ref = xq @ w64.T
+    ours = np.array(K.gguf_matmul(mx.array(x), mx.array(raw), int(qtype), _table(qtype)))
+    assert ours.shape == (rows, 75)
+    tol = 2e-5 * (np.abs(xq) @ np.abs(w64).T) + 1e-6
+    assert (np.abs(ours - ref) <= tol).all(), np.abs(ours - ref).max()
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q6_K, Q.IQ4_XS], ids=lambda t: t.name)
+def test_prefill_tiles_against_float64(qtype):
+    """More than 16 rows: dequantized tiles and a GEMM; float activations, exact weights.
+    3000 weight rows span several tiles."""
+    raw, cols = _weight(qtype, 3000, 1 if GGML_QUANT_SIZES[qtype][0] == 256 else 8, seed=5)
+    x = np.random.default_rng(5).standard_normal((2, 40, cols)).astype(np.float32)
+    ref = x.astype(np.float64) @ gq.dequantize(raw, qtype).astype(np.float64).T
+    ours = np.array(K.gguf_matmul(mx.array(x), mx.array(raw), int(qtype), _table(qtype)))
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_integer_path_follows_the_8_bit_activations():
+    """The decode result is the product with 8-bit activations: nearer that than the float
+    product (the quantization step is what llama.cpp's CPU results carry too)."""
+    raw, cols = _weight(Q.Q8_0, 64, 8, seed=3)
+    x = np.random.default_rng(3).standard_normal((1, cols)).astype(np.float32)
+    w64 = gq.dequantize(raw, Q.Q8_0).astype(np.float64)
+    ours = np.array(K.gguf_matmul(mx.array(x), mx.array(raw), int(Q.Q8_0), _table(Q.Q8_0)))
+    assert np.abs(ours - _q8_rows(x, 32) @ w64.T).max() < 1e-2 * np.abs(ours - x.astype(np.float64) @ w64.T).max()
+
+
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_gemm_on_strided_views(transpose_b):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2, 3, 7, 40)).astype(np.float32)
+    cache = rng.standard_normal((2, 3, 64, 40)).astype(np.float32)  # a KV cache, 33 of 64 slots used
+    b = mx.array(cache)[:, :, :33]
+    if transpose_b:
+        ours = K.matmul(mx.array(a), b, True)
+        ref = a.astype(np.float64) @ cache[:, :, :33].astype(np.float64).swapaxes(-1, -2)
+    else:
+        a = a[..., :33]
+        ours = K.matmul(mx.array(a), b, False)
+        ref = a.astype(np.float64) @ cache[:, :, :33].astype(np.float64)
+    np.testing.assert_allclose(np.array(ours), ref, rtol=1e-5, atol=1e-4)
+    # a transposed view (not row-contiguous) is gathered first
+    np.testing.assert_allclose(np.array(K.matmul(mx.array(a).swapaxes(-1, -2).swapaxes(-1, -2), b, transpose_b)),
+                               ref, rtol=1e-5, atol=1e-4)
+
+
+def test_bad_arguments_raise():
+    raw, cols = _weight(Q.Q4_K, 4, 1, seed=0)
+    w, x = mx.array(raw), mx.zeros((1, cols))
+    with pytest.raises(ValueError, match="no CPU kernel"):
+        K.gguf_matmul(x, w, int(Q.MXFP4), _table(Q.Q4_K))
+    with pytest.raises(ValueError, match="do not hold"):
+        K.gguf_matmul(mx.zeros((1, cols - 32)), w, int(Q.Q4_K), _table(Q.Q4_K))
+    with pytest.raises(ValueError, match="do not hold"):
+        K.gguf_matmul(x, w[:, :-1], int(Q.Q4_K), _table(Q.Q4_K))
+    with pytest.raises(ValueError, match="uint8"):
+        K.gguf_matmul(x, w.astype(mx.int32), int(Q.Q4_K), _table(Q.Q4_K))
+    with pytest.raises(ValueError, match="table"):
+        K.gguf_dequantize(mx.array(_weight(Q.IQ2_XXS, 1, 1, 0)[0]), int(Q.IQ2_XXS), 256, mx.zeros(16, mx.uint8))
+    with pytest.raises(ValueError, match="batch"):
+        K.matmul(mx.zeros((2, 3, 4)), mx.zeros((3, 4, 5)))
+    with pytest.raises(ValueError, match="columns"):
+        K.matmul(mx.zeros((3, 4)), mx.zeros((5, 3)), True)
