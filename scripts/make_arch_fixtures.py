@@ -1435,7 +1435,7 @@ arch("qwen3next-ssm-in", **{k: v for k, v in ARCHS["qwen3next"].items() if k != 
 # --- end gated delta net ----------------------------------------------------------------------
 
 
-# --- RWKV-6 (Finch) ---------------------------------------------------------------------------
+# --- RWKV-6 (Finch), RWKV-7 (Goose) -----------------------------------------------------------
 # transformers has no RWKV-6 class: the checkpoint is written in the layout of the RWKV
 # remote code (Rwkv6ForCausalLM, "rwkv.blocks.N.attention.time_maa_x", ...) with an RWKV
 # "world" vocabulary file (the converter reads rwkv_vocab_v20230424.txt), and the reference
@@ -1580,7 +1580,122 @@ arch("rwkv6", cfg="RwkvConfig", model="RwkvForCausalLM", hf_arch="Rwkv6ForCausal
            "data-dependent LoRA mixes, WKV-6 recurrence (4 heads x 16, per-channel data-dependent decay, "
            "bonus u), per-head GroupNorm, gated output; squared-ReLU channel mix; rescale_every 1; "
            "RWKV world vocabulary; reference logits from a torch forward (_rwkv6_reference)")
-# --- end RWKV-6 -------------------------------------------------------------------------------
+
+
+# RWKV-7 (Goose) the same way, in the layout of the "RWKV7ForCausalLM" checkpoints (LoRA
+# matrices stored (in, out): the converter transposes them; lerps x_r ... x_g separate).
+RWKV7_LORA = 32  # decay, in-context learning rate, value residual and gate LoRA ranks
+# Heads of 64 (the released models' size), hence a wider model: ggml's SIMD rwkv_wkv7 walks a
+# head in steps of GGML_F32_STEP floats (32 with AVX2, 64 with AVX-512) and reads past a
+# smaller head (llama.cpp's logits of a position then change with the tokens after it)
+RWKV7_HIDDEN, RWKV7_HEAD = 2 * HIDDEN, 64
+
+
+def _rwkv7_checkpoint(model, config: dict, d: Path) -> dict:
+    import torch
+    from safetensors.torch import save_file
+
+    D, F, H, R = RWKV7_HIDDEN, INTER, RWKV7_HIDDEN // RWKV7_HEAD, RWKV7_LORA
+    shapes = {"model.embeddings.weight": (VOCAB, D), "model.pre_ln.weight": (D,), "model.pre_ln.bias": (D,),
+              "model.ln_out.weight": (D,), "model.ln_out.bias": (D,), "head.weight": (VOCAB, D)}
+    for i in range(N_LAYERS):
+        p = f"model.layers.{i}."
+        for ln in ("ln1", "ln2", "attention.ln_x"):
+            shapes |= {p + ln + ".weight": (D,), p + ln + ".bias": (D,)}
+        shapes |= {p + f"attention.x_{c}": (1, 1, D) for c in "rwkvag"}
+        for lora in ("w", "a", "v", "g") if i else ("w", "a", "g"):  # layer 0 has no value residual
+            shapes |= {p + f"attention.{lora}1": (D, R), p + f"attention.{lora}2": (R, D)}
+            if lora != "g":
+                shapes[p + f"attention.{lora}0"] = (1, 1, D)
+        shapes |= {p + "attention.k_k": (1, 1, D), p + "attention.k_a": (1, 1, D), p + "attention.r_k": (H, RWKV7_HEAD)}
+        shapes |= {p + f"attention.{m}.weight": (D, D) for m in ("key", "value", "receptance", "output")}
+        shapes |= {p + "feed_forward.x_k": (1, 1, D), p + "feed_forward.key.weight": (F, D),
+                   p + "feed_forward.value.weight": (D, F)}
+    cfg = {"architectures": ["RWKV7ForCausalLM"], "model_type": "rwkv7", "hidden_size": D,
+           "num_hidden_layers": N_LAYERS, "head_size": RWKV7_HEAD, "intermediate_size": F,
+           "layer_norm_epsilon": 1e-5, "lora_rank_decay": R, "lora_rank_iclr": R,
+           "lora_rank_value_residual_mix": R, "lora_rank_gate": R, "vocab_size": VOCAB,
+           "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 0}
+    config = _save_custom(model, d, cfg, shapes, hash_name("rwkv7"))
+    g = torch.Generator().manual_seed(hash_name("rwkv7") + 1)
+    t = model.custom_tensors
+    for name, x in t.items():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf.startswith("x_"):  # token-shift interpolations in [0, 1]
+            t[name] = torch.rand(x.shape, generator=g)
+        elif leaf in ("w1", "a1", "v1", "g1"):
+            t[name] = torch.randn(x.shape, generator=g) / math.sqrt(D)
+        elif leaf in ("w2", "a2", "v2", "g2"):
+            t[name] = torch.randn(x.shape, generator=g) * 0.3 / math.sqrt(R)
+        elif leaf in ("w0", "a0", "v0", "r_k"):
+            t[name] = torch.randn(x.shape, generator=g) * 0.5
+        elif leaf in ("k_k", "k_a"):
+            t[name] = 1 + torch.randn(x.shape, generator=g) * 0.1
+        elif name == "head.weight":
+            t[name] = torch.randn(x.shape, generator=g) * (2.0 / math.sqrt(D))
+    save_file({k: v.contiguous() for k, v in t.items()}, str(d / "model.safetensors"))
+    _rwkv_world_vocab(d)
+    return config
+
+
+def _rwkv7_reference(model, ids: list[int]):
+    """RWKV-7 in torch: S <- S diag(w) + v k^T + (S a)(b)^T with a = -kk, b = kk * iclr."""
+    import torch
+    import torch.nn.functional as F
+
+    t, L, D, S = model.custom_tensors, len(ids), RWKV7_HIDDEN, RWKV7_HEAD
+    H = D // S
+
+    def ln(x, p, eps=1e-5):
+        return F.layer_norm(x, (D,), t[p + ".weight"], t[p + ".bias"], eps)
+
+    def shifted(x):
+        return torch.cat([torch.zeros(1, D), x[:-1]]) - x
+
+    with torch.no_grad():
+        x = ln(t["model.embeddings.weight"][ids], "model.pre_ln")
+        v_first = None
+        for i in range(N_LAYERS):
+            p = f"model.layers.{i}.attention."
+            vec = lambda n: t[p + n].reshape(D)  # noqa: E731
+            a_in = ln(x, f"model.layers.{i}.ln1")
+            sx = shifted(a_in)
+            xr, xw, xk, xv, xa, xg = (a_in + sx * vec(f"x_{c}") for c in "rwkvag")
+            r, k, v = (u @ t[p + f"{m}.weight"].T for u, m in ((xr, "receptance"), (xk, "key"), (xv, "value")))
+            w = torch.exp(-0.606531 * torch.sigmoid(vec("w0") + torch.tanh(xw @ t[p + "w1"]) @ t[p + "w2"]))
+            if v_first is None:
+                v_first = v
+            else:
+                v = v + (v_first - v) * torch.sigmoid(vec("v0") + (xv @ t[p + "v1"]) @ t[p + "v2"])
+            iclr = torch.sigmoid(vec("a0") + (xa @ t[p + "a1"]) @ t[p + "a2"])
+            gate = torch.sigmoid(xg @ t[p + "g1"]) @ t[p + "g2"]
+            kk = F.normalize((k * vec("k_k")).view(L, H, S), dim=-1, eps=1e-12)
+            k = k * (1 + (iclr - 1) * vec("k_a"))
+            rh, wh, kh, vh, bh = (u.view(L, H, S) for u in (r, w, k, v, kk * iclr.view(L, H, S)))
+            state, ys = torch.zeros(H, S, S), []  # value x key
+            for s in range(L):
+                sa = state @ (-kk[s]).unsqueeze(-1)  # (H, S, 1)
+                state = state * wh[s].unsqueeze(1) + vh[s].unsqueeze(-1) * kh[s].unsqueeze(1) + sa * bh[s].unsqueeze(1)
+                ys.append((state @ rh[s].unsqueeze(-1)).reshape(D))
+            y = F.group_norm(torch.stack(ys), H, t[p + "ln_x.weight"], t[p + "ln_x.bias"], 64e-5)
+            y = y + ((rh * kh * t[p + "r_k"]).sum(-1, keepdim=True) * vh).reshape(L, D)
+            x = x + (y * gate) @ t[p + "output.weight"].T
+            f = ln(x, f"model.layers.{i}.ln2")
+            fk = f + shifted(f) * t[f"model.layers.{i}.feed_forward.x_k"].reshape(D)
+            x = x + torch.relu(fk @ t[f"model.layers.{i}.feed_forward.key.weight"].T) ** 2 @ \
+                t[f"model.layers.{i}.feed_forward.value.weight"].T
+        return (ln(x, "model.ln_out") @ t["head.weight"].T).numpy()
+
+
+arch("rwkv7", cfg="RwkvConfig", model="RwkvForCausalLM", hf_arch="RWKV7ForCausalLM",
+     kw={"hidden_size": RWKV7_HIDDEN, "num_hidden_layers": N_LAYERS, "vocab_size": VOCAB,
+         "attention_hidden_size": RWKV7_HIDDEN, "intermediate_size": INTER, "context_length": MAX_POS},
+     rewrite=_rwkv7_checkpoint, reference=_rwkv7_reference,
+     notes="RWKV-7 (Goose) in the RWKV7ForCausalLM layout (no transformers class): token shift with fixed "
+           "interpolations, the generalized delta rule (2 heads x 64 over hidden 128; decay, in-context learning rate, value "
+           "residual and gate LoRAs of rank 32), per-head GroupNorm plus the r.k bonus, squared-ReLU channel mix; "
+           "RWKV world vocabulary; reference logits from a torch forward (_rwkv7_reference)")
+# --- end RWKV-6 / RWKV-7 ----------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
-"""RWKV-6 over a long sequence and in the generation loop, against llama.cpp on the fixture
-file (tests/fixtures/archs/rwkv6.*): its layers carry token-shift and WKV states only (as
-tests/test_ssm.py checks the state-space models)."""
+"""RWKV-6 and RWKV-7 over a long sequence and in the generation loop, against llama.cpp on the
+fixture files (tests/fixtures/archs/rwkv6.*, rwkv7.*): their layers carry token-shift and WKV
+states only (as tests/test_ssm.py checks the state-space models)."""
 
 from __future__ import annotations
 
 import mlxllm  # noqa: F401  (first: puts an optimized BLAS under mlx.core)
 import mlx.core as mx
 import numpy as np
+import pytest
 
 from arch_reference import FIXTURES, llama_cpp_greedy, token_ids
 from mlxllm.cache import RecurrentCache, batch_window
@@ -18,9 +19,13 @@ from test_ssm import CONTINUATION, PROMPT, TOLERANCE, llama_cpp_last_logits, lon
 GREEDY = SamplingParams(temperature=0.0, repeat_penalty=1.0)
 
 
-def test_long_continuation_matches_llama_cpp():
-    path = FIXTURES / "rwkv6.f32.gguf"
-    ids = long_ids("rwkv6")
+RWKV = ["rwkv6", "rwkv7"]
+
+
+@pytest.mark.parametrize("name", RWKV)
+def test_long_continuation_matches_llama_cpp(name):
+    path = FIXTURES / f"{name}.f32.gguf"
+    ids = long_ids(name)
     ref = llama_cpp_last_logits(path, ids)
     model = load_model(str(path))[0]
     cache = model.make_cache()
@@ -31,7 +36,7 @@ def test_long_continuation_matches_llama_cpp():
     ours = np.array(model(mx.array([ids[-1:]]), cache=cache)[0, -1])
     assert all(c.offset == PROMPT + CONTINUATION for c in cache)
     diff = np.abs(ours - ref).max() / ref.std()
-    assert ours.argmax() == ref.argmax() and diff <= TOLERANCE, f"{diff:.2e} × std after {len(ids)} tokens"
+    assert ours.argmax() == ref.argmax() and diff <= TOLERANCE, f"{name}: {diff:.2e} × std after {len(ids)} tokens"
 
 
 def test_state_has_a_fixed_size():
@@ -45,17 +50,18 @@ def test_state_has_a_fixed_size():
     assert all(isinstance(c, RecurrentCache) for c in cache)
 
 
-def test_generation_loop_rows_get_llama_cpp_greedy_tokens():
+@pytest.mark.parametrize("name", RWKV)
+def test_generation_loop_rows_get_llama_cpp_greedy_tokens(name):
     """Rows join while others decode and leave at different lengths, sharing forward passes
     (each row's states its own): each gets llama.cpp's greedy tokens and what it gets alone."""
     import llama_cpp
 
-    path = FIXTURES / "rwkv6.f32.gguf"
+    path = FIXTURES / f"{name}.f32.gguf"
     model = load_model(str(path))[0]
     generator = BatchGenerator(model, None, max_batch=4, prefill_step=16)
     assert generator.batched
     assert all(batch_window(kind) is not False for kind in model.make_cache())
-    prompts = [token_ids("rwkv6", n) for n in (5, 37, 20)]
+    prompts = [token_ids(name, n) for n in (5, 37, 20)]
     limits = [12, 6, 9]
     out = run(generator, prompts, limits, {0: [0, 1], 4: [2]})
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=2, type_k=0, type_v=0,

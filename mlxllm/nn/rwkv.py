@@ -1,6 +1,7 @@
-"""RWKV-6 (Finch) as llama.cpp runs it (src/models/rwkv6-base.cpp: build_rwkv6_time_mix,
-build_rwkv6_channel_mix; rwkv6.cpp; ggml's rwkv_wkv6 CPU op): a stack of LayerNorm'd time
-mixes (the WKV recurrence in place of attention) and channel mixes, no positions.
+"""RWKV-6 (Finch) and RWKV-7 (Goose) as llama.cpp runs them (src/models/rwkv6-base.cpp,
+rwkv7-base.cpp: build_rwkv{6,7}_time_mix / _channel_mix; rwkv6.cpp, rwkv7.cpp; ggml's
+rwkv_wkv6 / rwkv_wkv7 CPU ops): a stack of LayerNorm'd time mixes (a WKV recurrence in place
+of attention) and channel mixes, no positions.
 
 Token shift: each mix reads its normed input x and the previous token's, x_prev (the last
 token of the previous forward pass, zero at the start), through sx = x_prev - x.
@@ -12,6 +13,14 @@ token of the previous forward pass, zero at the start), through sx = x_prev - x.
                  then a LayerNorm per head (eps 64e-5) with time_mix_ln's weight and bias,
                  times silu(g), through time_mix_output
     channel mix  sigmoid(receptance(xr)) * value(relu(key(xk))²)
+RWKV-7's time mix interpolates with fixed weights (time_mix_lerp_fused: r, w, k, v, a, g) and
+runs the generalized delta rule per head, with the state S (value x key):
+    w = exp(-e^-0.5 sigmoid(w0 + LoRA(xw)));  a = sigmoid(a0 + LoRA(xa));  g = LoRA(xg)
+    kk = L2-normalized k * k_k per head;  k <- k (1 + (a - 1) k_a)
+    v <- v + (v_first - v) sigmoid(v0 + LoRA(xv)) past the first layer (v_first: its v)
+    S <- S diag(w) + v k^T - (S kk)(kk a)^T;  y = S r
+then the LayerNorm per head, plus v (r . k r_k) per head, times g, through time_mix_output;
+its channel mix has no receptance: value(relu(key(xk))²).
 Between forward passes a layer keeps a `mlxllm.cache.RecurrentCache`: `conv` (B, 2, dim) the
 two mixes' last normed inputs, `ssm` (B, heads, head_size, head_size) the WKV state.
 """
@@ -174,4 +183,149 @@ class RWKV6(nn.Module):
             h = block(h, c)
             if every and (i + 1) % every == 0:
                 h = h * 0.5
+        return self.output(self.output_norm(h))
+
+
+# ---------------------------------------------------------------------------- RWKV-7
+
+DECAY_SCALE = -0.606531  # -exp(-0.5): w = exp(DECAY_SCALE * sigmoid(.)) (llama.cpp's constant)
+L2_EPS = 1e-12  # ggml_l2_norm's floor on the norm of kk
+RWKV7_LERPS = ("r", "w", "k", "v", "a", "g")  # time_mix_lerp_fused's rows
+
+
+@dataclass
+class RWKV7Args:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    head_size: int  # wkv.head_size
+    ffn_dim: int
+    norm_eps: float
+    lora_decay: int  # ranks of the decay, in-context learning rate, value residual and gate LoRAs
+    lora_iclr: int
+    lora_value: int
+    lora_gate: int
+    tensors: Mapping[str, tuple[int, ...]] | None = None
+
+
+@mx.compile
+def _wkv7_step(S: mx.array, r: mx.array, w: mx.array, k: mx.array, v: mx.array, a: mx.array, b: mx.array
+               ) -> tuple[mx.array, mx.array]:
+    """One token: S (b, H, V, K), the rest (b, H, S)."""
+    sa = (S @ a[..., None])  # (b, H, V, 1)
+    S = S * w[..., None, :] + v[..., :, None] * k[..., None, :] + sa * b[..., None, :]
+    return S, (S @ r[..., None])[..., 0]
+
+
+def wkv7(r: mx.array, w: mx.array, k: mx.array, v: mx.array, a: mx.array, b: mx.array, state: mx.array | None
+         ) -> tuple[mx.array, mx.array]:
+    """ggml_rwkv_wkv7, token by token: (b, L, H, S) each, state (b, H, S, S) (value x key;
+    None: zeros) -> (y (b, L, H, S), the new state). S <- S diag(w) + v k^T + (S a) b^T; y = S r."""
+    B, L, H, D = k.shape
+    state = mx.zeros((B, H, D, D), v.dtype) if state is None else state
+    ys = []
+    for t in range(L):
+        state, y = _wkv7_step(state, r[:, t], w[:, t], k[:, t], v[:, t], a[:, t], b[:, t])
+        ys.append(y)
+    return mx.stack(ys, axis=1), state
+
+
+class RWKV7Block(RWKV6Block):
+    """One RWKV-7 layer (the token shift and its caching are RWKV-6's)."""
+
+    def __init__(self, args: RWKV7Args, i: int):
+        nn.Module.__init__(self)
+        self.args = args
+        a, D = args, args.dim
+        self.first = i == 0
+        self.attn_norm = LayerNorm(D, a.norm_eps)
+        self.attn_norm_2 = LayerNorm(D, a.norm_eps)
+        self.time_mix_lerp_fused = {"weight": mx.zeros((len(RWKV7_LERPS), 1, 1, D))}
+        for name, rank in (("w", a.lora_decay), ("a", a.lora_iclr), ("v", a.lora_value if i else a.lora_iclr),
+                           ("g", a.lora_gate)):
+            if name != "g":
+                setattr(self, f"time_mix_{name}0", {"weight": mx.zeros((D,))})
+            setattr(self, f"time_mix_{name}1", nn.Linear(D, rank, bias=False))
+            setattr(self, f"time_mix_{name}2", nn.Linear(rank, D, bias=False))
+        for leaf in ("k_k", "k_a", "r_k"):
+            setattr(self, f"time_mix_{leaf}", {"weight": mx.zeros((D,))})
+        for leaf in ("key", "value", "receptance", "output"):
+            setattr(self, f"time_mix_{leaf}", nn.Linear(D, D, bias=False))
+        self.time_mix_ln = {"weight": mx.ones((D,)), "bias": mx.zeros((D,))}
+        self.channel_mix_lerp_k = {"weight": mx.zeros((D,))}
+        self.channel_mix_key = nn.Linear(D, a.ffn_dim, bias=False)
+        self.channel_mix_value = nn.Linear(a.ffn_dim, D, bias=False)
+
+    def time_mix(self, x: mx.array, x_prev: mx.array, state: mx.array | None, v_first: mx.array | None
+                 ) -> tuple[mx.array, mx.array, mx.array]:
+        a = self.args
+        B, L, D = x.shape
+        heads = (B, L, D // a.head_size, a.head_size)
+        sx = x_prev - x
+        lerp = self.time_mix_lerp_fused["weight"].reshape(len(RWKV7_LERPS), D)
+        xr, xw, xk, xv, xa, xg = (x + sx * lerp[j] for j in range(len(RWKV7_LERPS)))
+        r = self.time_mix_receptance(xr)
+        w = self.time_mix_w2(mx.tanh(self.time_mix_w1(xw))) + self.time_mix_w0["weight"]
+        w = mx.exp(DECAY_SCALE * mx.sigmoid(w))
+        k, v = self.time_mix_key(xk), self.time_mix_value(xv)
+        if v_first is None:
+            v_first = v
+        else:  # a residual from the first layer's values
+            mix = mx.sigmoid(self.time_mix_v2(self.time_mix_v1(xv)) + self.time_mix_v0["weight"])
+            v = v + (v_first - v) * mix
+        g = self.time_mix_g2(mx.sigmoid(self.time_mix_g1(xg)))
+        iclr = mx.sigmoid(self.time_mix_a2(self.time_mix_a1(xa)) + self.time_mix_a0["weight"])
+        kk = (k * self.time_mix_k_k["weight"]).reshape(heads)
+        kk = kk / mx.maximum(mx.sqrt(mx.sum(kk * kk, axis=-1, keepdims=True)), L2_EPS)
+        ka = k * self.time_mix_k_a["weight"]
+        k = k + iclr * ka - ka
+        r, w, k, v, iclr = (t.reshape(heads) for t in (r, w, k, v, iclr))
+        y, state = wkv7(r, w, k, v, -kk, kk * iclr, state)
+        y = y - y.mean(axis=-1, keepdims=True)  # a LayerNorm per head, then time_mix_ln's weight and bias
+        y = unit_rms_norm(y, GROUP_NORM_EPS).reshape(B, L, D) * self.time_mix_ln["weight"] + self.time_mix_ln["bias"]
+        bonus = mx.sum(k * r * self.time_mix_r_k["weight"].reshape(heads[2:]), axis=-1, keepdims=True)  # (B, L, H, 1)
+        y = y + (v * bonus).reshape(B, L, D)
+        return self.time_mix_output(y * g), state, v_first
+
+    def channel_mix(self, x: mx.array, x_prev: mx.array) -> mx.array:
+        xk = x + (x_prev - x) * self.channel_mix_lerp_k["weight"]
+        return self.channel_mix_value(mx.square(nn.relu(self.channel_mix_key(xk))))
+
+    def __call__(self, x: mx.array, cache: RecurrentCache | None, v_first: mx.array | None
+                 ) -> tuple[mx.array, mx.array]:
+        shifts = cache.conv if cache is not None else None
+        att = self.attn_norm(x)
+        mixed, state, v_first = self.time_mix(att, self._previous(att, None if shifts is None else shifts[:, :1]),
+                                              cache.ssm if cache is not None else None, v_first)
+        h = x + mixed
+        ffn = self.attn_norm_2(h)
+        out = h + self.channel_mix(ffn, self._previous(ffn, None if shifts is None else shifts[:, 1:]))
+        if cache is not None:
+            cache.conv = mx.concatenate([att[:, -1:], ffn[:, -1:]], axis=1)
+            cache.ssm = state
+            cache.advance(x.shape[1])
+        return out, v_first
+
+
+class RWKV7(RWKV6):
+    """RWKV6's stack with RWKV-7 layers, the first layer's values passed along; the first
+    layer's value-residual LoRA (time_mix_v0/v1/v2, which the converter fills with copies of
+    its a LoRA) is loaded by llama.cpp and never used."""
+
+    def __init__(self, args: RWKV7Args):
+        nn.Module.__init__(self)
+        self.args = args
+        D = args.dim
+        self.token_embd = nn.Embedding(args.vocab_size, D)
+        self.token_embd_norm = LayerNorm(D, args.norm_eps)
+        self.blk = [RWKV7Block(args, i) for i in range(args.n_layers)]
+        self.output_norm = LayerNorm(D, args.norm_eps)
+        self.output = nn.Linear(D, args.vocab_size, bias=False)
+
+    def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
+        h = self.token_embd_norm(self.token_embd(tokens))
+        caches = cache if cache else [None] * len(self.blk)
+        v_first = None
+        for block, c in zip(self.blk, caches):
+            h, v_first = block(h, c, v_first)
         return self.output(self.output_norm(h))
