@@ -321,10 +321,14 @@ def run(model: str, prompt: str | None, max_tokens: int, ctx_size: int | None, s
     system = apply_model_defaults(config, opts, system)  # a pulled manifest's parameters and system prompt
     params = _params(opts)
     schema = chat.parse_format(format_)
-    piped = None if sys.stdin.isatty() else sys.stdin.read()
+    from . import distributed
+    group = distributed.cli_group()  # one rank of several (mlx.launch): a pipeline; only rank 0 prints
+    if group is not None and prompt is None:
+        raise ValueError("across several ranks, give the prompt as an argument (mlx.launch never closes stdin)")
+    piped = None if sys.stdin.isatty() or group is not None else sys.stdin.read()
     # MLX work runs on one worker thread, so Ctrl-C is answered at once (chat.Worker)
     speculation = chat.worker().call(_speculation, draft_name, prompt_lookup, draft_tokens, kv_bits)
-    net, tokenizer = chat.worker().call(load_model, model)
+    net, tokenizer = chat.worker().call(distributed.load if group is not None else load_model, model)
     if think and not chat.thinks(tokenizer):
         raise ValueError(f"{model} does not support thinking (its template and vocabulary have no <think>)")
     if verbose:
