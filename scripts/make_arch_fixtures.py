@@ -2278,15 +2278,21 @@ def _convert_main(hf_dir: str, out: str) -> None:
         return config
 
     base.ModelBase.load_hparams = staticmethod(load_hparams)
+    patch_converter_classes(base)
+    import convert_hf_to_gguf
+
+    sys.argv = ["convert_hf_to_gguf.py", hf_dir, "--outfile", out, "--outtype", "f32"]
+    convert_hf_to_gguf.main()
+
+
+def patch_converter_classes(base) -> None:
+    """What llama.cpp's converter classes need to take our tiny checkpoints (each patch says
+    why); scripts/make_convert_fixtures.py applies the same."""
     _patch_stablelm_qk_norm()
     _patch_glm_vocab(base)
     _patch_hunyuan_moe_vocab()
     _patch_granite_hybrid_layer_types()
     _patch_nemotron_h_dense()
-    import convert_hf_to_gguf
-
-    sys.argv = ["convert_hf_to_gguf.py", hf_dir, "--outfile", out, "--outtype", "f32"]
-    convert_hf_to_gguf.main()
 
 
 def _patch_glm_vocab(base) -> None:

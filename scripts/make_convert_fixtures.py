@@ -152,7 +152,7 @@ def _convert_main(hf_dir: str, out: str, outtype: str) -> None:
         return config
 
     base.ModelBase.load_hparams = staticmethod(load_hparams)
-    F._patch_stablelm_qk_norm()  # llama.cpp's converter drops StableLM 2 12B's q/k norms otherwise
+    F.patch_converter_classes(base)
     import convert_hf_to_gguf
 
     sys.argv = ["convert_hf_to_gguf.py", hf_dir, "--outfile", out, "--outtype", outtype]
