@@ -32,7 +32,9 @@ an error.)
 
 from __future__ import annotations
 
+import io
 import os
+import signal
 import sys
 import threading
 import time
@@ -78,15 +80,42 @@ def init_group() -> mx.distributed.Group | None:
     return group if group.size() > 1 else None
 
 
+class _ErrorsOnly(io.TextIOBase):
+    """A rank's stderr that passes on only its `error:` lines, marked with the rank: the
+    notes and statistics every rank would repeat come from rank 0 alone."""
+
+    def __init__(self, stream, rank: int) -> None:
+        self.stream, self.rank, self.pending = stream, rank, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if line.startswith("error"):
+                self.stream.write(f"error: rank {self.rank}: {line.removeprefix('error:').strip()}\n")
+                self.stream.flush()
+        return len(text)
+
+
 def cli_group() -> mx.distributed.Group | None:
-    """`init_group()` for the command line: on ranks other than 0 stdout goes nowhere (one
-    answer is printed, not one per rank); stderr stays, for errors."""
+    """`init_group()` for the command line. On ranks other than 0 stdout goes nowhere and
+    stderr keeps only errors (one answer is printed, not one per rank); MLXLLM_DEBUG=1
+    keeps their stderr whole."""
     group = init_group()
     if group is not None and group.rank() != 0:
         devnull = os.open(os.devnull, os.O_WRONLY)
         sys.stdout.flush()
         os.dup2(devnull, 1)
         os.close(devnull)
+        if not os.environ.get("MLXLLM_DEBUG"):
+            sys.stderr = _ErrorsOnly(sys.stderr, group.rank())
+    if group is not None and threading.current_thread() is threading.main_thread():
+        # mlx.launch ends the other ranks with SIGTERM once one has failed: say why we stop
+        signal.signal(signal.SIGTERM, lambda *_: _fatal(
+            group, "terminated (SIGTERM): mlx.launch ends every rank once one has failed"))
     return group
 
 

@@ -60,14 +60,15 @@ def worker(model: str, out: Path, tokens: int, forever: bool) -> None:
     )
     from mlxllm.sample import SamplingParams
 
-    group = distributed.init_group()
+    group = distributed.init_group()  # the ring's buffers are allocated here
     rank = group.rank() if group is not None else 0
+    base_rss = rss_mb()
     net, tokenizer = distributed.load(model, group=group)
     loaded_rss = rss_mb()
     stage = getattr(net, "stage", None)
     result = {"rank": rank, "ranks": group.size() if group is not None else 1,
               "layers": [stage.start, stage.stop] if stage else [0, net.args.n_layers],
-              "weights_mb": net.load_stats.nbytes / 2 ** 20, "loaded_rss_mb": loaded_rss}
+              "weights_mb": net.load_stats.nbytes / 2 ** 20, "base_rss_mb": base_rss, "loaded_rss_mb": loaded_rss}
     if forever:
         for r in stream_generate(net, tokenizer, PROMPT, SamplingParams(temperature=0.7, seed=1), max_tokens=10 ** 6):
             print(f"token {r.token}", flush=True)
@@ -154,8 +155,9 @@ def main() -> None:
             print(f"{ranks} rank(s): {tps:.1f} tokens/s decode ({tps / base:.2f}x one process), "
                   f"prompt {results[0]['prompt_s']:.2f} s{same}")
             for r in results:
-                print(f"  rank {r['rank']}: layers {r['layers'][0]}-{r['layers'][1] - 1}, weights {r['weights_mb']:.1f} MiB, "
-                      f"RSS after load {r['loaded_rss_mb']:.0f} MiB, peak RSS {r['peak_rss_mb']:.0f} MiB")
+                print(f"  rank {r['rank']}: layers {r['layers'][0]}-{r['layers'][1] - 1}, weights {r['weights_mb']:.1f} MiB; "
+                      f"RSS before loading {r['base_rss_mb']:.0f} MiB, after {r['loaded_rss_mb']:.0f} MiB "
+                      f"(+{r['loaded_rss_mb'] - r['base_rss_mb']:.0f}), peak {r['peak_rss_mb']:.0f} MiB")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
