@@ -659,6 +659,78 @@ class GraniteMoe(Granite):
         return super().tensors(name, t, bid)
 
 
+class GraniteHybrid(GraniteMoe):
+    """Granite 4.0-H (and Bamba): Mamba-2 layers converted as Mamba-2's (A = -exp(A_log) and
+    D as [n_head, 1], conv1d squeezed, the gated norm per group), attention layers as
+    Granite's; kv heads 0 on Mamba layers; no RoPE unless Bamba or no Mamba layer at all."""
+
+    hf_classes = ("GraniteMoeHybridForCausalLM", "BambaForCausalLM")
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        c = self.config
+        if kinds := c.get("layer_types"):  # transformers 5 names them linear_attention / full_attention
+            self.attn_layers = [i for i, kind in enumerate(kinds) if kind in ("attention", "full_attention")]
+        elif c.get("attn_layer_indices"):
+            self.attn_layers = list(c["attn_layer_indices"])
+        else:
+            self.attn_layers = [i for i in range(self.n_layers) if i % c["attn_layer_period"] == c["attn_layer_offset"]]
+        self.ssm_layers = [i for i in range(self.n_layers) if i not in self.attn_layers]
+        if not self.ssm_layers:
+            raise ConvertError("a Granite hybrid without Mamba layers is Granite (MoE): not converted yet")
+        self.n_group = self.find("n_groups", "num_groups", "mamba_n_groups")
+        self.d_inner = self.find("expand", "num_heads", "mamba_expand", "mamba_num_heads") * \
+            self.find("mamba_head_dim", "hidden_size", "d_model")
+
+    def rename(self, name: str) -> str:
+        if name.endswith(".dt_bias"):
+            name = name.removesuffix(".dt_bias") + ".dt_proj.bias"
+        return super().rename(name)
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        pad = 8  # (Mamba-2's rounding, at the multiple llama.cpp sets for hybrids)
+        self.config["vocab_size"] = -(self.config["vocab_size"] // -pad) * pad
+        super().vocab(w)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        c = self.config
+        super().hparams(w)
+        w.add_ssm_conv_kernel(self.find("conv_kernel", "d_conv", "mamba_conv_kernel", "mamba_d_conv"))
+        w.add_ssm_state_size(self.find("state_size", "d_state", "state_dim", "ssm_state_size", "mamba_state_size",
+                                       "mamba_d_state"))
+        w.add_ssm_group_count(self.n_group)
+        w.add_ssm_inner_size(self.d_inner)
+        w.add_ssm_time_step_rank(self.find("n_heads", "num_heads", "mamba_n_heads", "mamba_num_heads"))
+        self.forget(w, gguf.Keys.Attention.HEAD_COUNT_KV)
+        n_kv = self.find("num_key_value_heads", "n_head_kv")
+        if rope_dim := c.get("attn_rotary_emb"):
+            w.add_rope_dimension_count(rope_dim)
+        w.add_head_count_kv([n_kv if i in self.attn_layers else 0 for i in range(self.n_layers)])
+        use_rope = "BambaForCausalLM" in c.get("architectures", [])
+        w.add_rope_scaling_finetuned(use_rope)
+        if not use_rope:
+            self.forget(w, gguf.Keys.LLM.CONTEXT_LENGTH)
+            w.add_context_length(2**20)
+        if c.get("hidden_act") not in (None, "silu"):
+            raise ConvertError(f"Granite hybrid with hidden_act {c['hidden_act']!r}: only SiLU is supported")
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        if bid not in self.ssm_layers or name.endswith("block_sparse_moe.input_linear.weight") or "shared_mlp" in name:
+            return super().tensors(name, t, bid)
+        new_name = self.map_name(name)
+        if self.is_tensor(new_name, MODEL_TENSOR.SSM_CONV1D, bid):
+            squeezed = tuple(n for n in t.shape if n != 1)
+            t = t.map(lambda a: a.reshape(squeezed), shape=squeezed)
+        elif new_name in (self.tensor_name(MODEL_TENSOR.SSM_A, bid, ""), self.tensor_name(MODEL_TENSOR.SSM_D, bid, "")):
+            t = t.map(lambda a: a.reshape(*a.shape, 1), shape=(*t.shape, 1))
+        elif self.is_tensor(new_name, MODEL_TENSOR.SSM_NORM, bid):
+            shape = (self.n_group, self.d_inner // self.n_group)
+            t = t.map(lambda a: a.reshape(shape), shape=shape)
+        if name.endswith(".A_log"):
+            t = t.map(neg_exp)
+        return [(new_name, t)]
+
+
 class Ernie4_5(Converter):
     """ERNIE 4.5 dense: SentencePiece, fused qkv_proj and up_gate_proj split."""
 
@@ -1293,6 +1365,54 @@ class Glm4(Converter):
             if token not in added:
                 raise ConvertError(f"GLM-4 tokenizer has no {token} token")
             add(added[token])
+
+
+class Glm4Moe(Glm4):
+    """GLM-4.5 / 4.6 MoE: sigmoid-routed experts (stacked per layer, selection bias, scaled
+    and normalized weights) after the leading dense layers, a shared expert; the
+    multi-token-prediction block kept as the last layer; GLM's special tokens ([gMASK] as
+    BOS, <|observation|> as EOM)."""
+
+    hf_classes = ("Glm4MoeForCausalLM",)
+    SPECIALS = ((gguf.Keys.Tokenizer.BOS_ID, "add_bos_token_id", "[gMASK]"),
+                (gguf.Keys.Tokenizer.EOT_ID, "add_eot_token_id", "<|user|>"),
+                (gguf.Keys.Tokenizer.UNK_ID, "add_unk_token_id", "<|endoftext|>"),
+                (gguf.Keys.Tokenizer.EOM_ID, "add_eom_token_id", "<|observation|>"))
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if nextn := self.config.get("num_nextn_predict_layers", 0):
+            self.n_layers += nextn
+            self.tensor_map = gguf.get_tensor_name_map(self.gguf_arch, self.n_layers)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        c = self.config
+        super().hparams(w)
+        for add, key in ((w.add_expert_feed_forward_length, "moe_intermediate_size"),
+                         (w.add_expert_shared_count, "n_shared_experts"),
+                         (w.add_leading_dense_block_count, "first_k_dense_replace")):
+            if (value := c.get(key)) is not None:
+                add(value)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        if (scale := c.get("routed_scaling_factor")) is not None:
+            w.add_expert_weights_scale(scale)
+        if (norm := c.get("norm_topk_prob")) is not None:
+            w.add_expert_weights_norm(norm)
+        if (nextn := c.get("num_nextn_predict_layers")) is not None:
+            w.add_nextn_predict_layers(nextn)
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        bpe_vocab(self, w)
+        spec = json.loads((self.dir / "tokenizer.json").read_text(encoding="utf-8"))
+        added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+        for key, add, token in self.SPECIALS:
+            if key not in w.kv_data[0] and token in added:  # the configs' own id wins, as in SpecialVocab
+                getattr(w, add)(added[token])
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        if ".mlp.experts." in name:
+            return self.stack_experts(name, t, bid, self.config["n_routed_experts"], *QWEN_EXPERTS)
+        return super().tensors(name, t, bid)
 
 
 class DeepSeek2(Converter):

@@ -135,7 +135,7 @@ ARCHS = (
     Arch(name="lfm2moe", args=lfm2, model=Lfm2, hf_architectures=("Lfm2MoeForCausalLM",),
          description="Liquid LFM2-MoE (8B-A1B, 24B-A2B)", convert=convert_hooks.Lfm2Moe),
     Arch(name="granitehybrid", args=granite_hybrid, model=HybridDecoder,
-         hf_architectures=("GraniteMoeHybridForCausalLM", "BambaForCausalLM"),
+         hf_architectures=("GraniteMoeHybridForCausalLM", "BambaForCausalLM"), convert=convert_hooks.GraniteHybrid,
          description="IBM Granite 4.0-H (Mamba-2 + attention, dense or MoE) and Bamba"),
     Arch(name="falcon-h1", args=falcon_h1, model=HybridDecoder, hf_architectures=("FalconH1ForCausalLM",),
          description="TII Falcon-H1 (attention and Mamba-2 side by side in every layer)"),
