@@ -4,6 +4,7 @@ commands (`/?` lists them)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import queue
@@ -304,16 +305,151 @@ def budget(settings: Settings, prompt_tokens: int, limit: int) -> int:
     return room if settings.max_tokens is None else min(settings.max_tokens, room)
 
 
-def cut_off_note(result: Answer, max_tokens: int, settings: Settings) -> None:
-    """Say when an answer ended for lack of tokens, not because the model finished."""
+def cut_off_note(result: Answer, max_tokens: int | None, settings: Settings) -> None:
+    """Say when an answer ended for lack of tokens, not because the model finished
+    (max_tokens: what it was allowed, None: not known here, the server's answer)."""
     if result.finish_reason != "length":
         return
-    if settings.max_tokens is not None and max_tokens >= settings.max_tokens:
-        why = f"the answer reached the limit of {max_tokens} tokens (--max-tokens; /set parameter num_predict)"
+    if settings.max_tokens is not None and (max_tokens is None or max_tokens >= settings.max_tokens):
+        why = (f"the answer reached the limit of {settings.max_tokens} tokens "
+               "(--max-tokens; /set parameter num_predict)")
     else:
         why = "the answer filled the context (--ctx-size; /set parameter num_ctx)"
     click.echo(click.style(f"[cut off: {why}]", fg="yellow") if click.get_text_stream("stderr").isatty()
                else f"[cut off: {why}]", err=True)
+
+
+# ---------------------------------------------------------------------------- a running server
+
+DEFAULT_HOST = "http://127.0.0.1:11434"
+OPTION_NAMES = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "presence_penalty",
+                "frequency_penalty", "seed")
+
+
+class ServerError(RuntimeError):
+    """What a running server answered instead (or that it stopped answering)."""
+
+
+class Remote:
+    """A running `mlxllm serve`, which `run` talks to as `ollama run` talks to Ollama's
+    server: the model stays loaded between runs (--keep-alive), and the answer streams
+    from /api/chat. Ctrl-C closes the connection, which cancels the request there."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host.rstrip("/")
+
+    @classmethod
+    def find(cls) -> Remote | None:
+        """The server at MLXLLM_HOST (default 127.0.0.1:11434) if it answers at once and is
+        mlxllm's own, of this version (not Ollama on the same port); None otherwise."""
+        import urllib.request
+
+        from . import __version__
+
+        host = os.environ.get("MLXLLM_HOST") or DEFAULT_HOST
+        if "://" not in host:
+            host = "http://" + host
+        try:
+            with urllib.request.urlopen(f"{host.rstrip('/')}/api/version", timeout=0.5) as r:
+                ours = "aiohttp" in r.headers.get("Server", "") and json.load(r).get("version") == __version__
+        except (OSError, ValueError):
+            return None
+        return cls(host) if ours else None
+
+    def _post(self, path: str, body: dict, timeout: float | None = None):
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(self.host + path, json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        try:
+            return urllib.request.urlopen(request, timeout=timeout)
+        except urllib.error.HTTPError as e:
+            try:
+                message = json.load(e).get("error", e.reason)
+            except (OSError, ValueError):
+                message = e.reason
+            message = message.get("message", message) if isinstance(message, dict) else message
+            raise ServerError(f"{self.host}: {message}") from None
+        except OSError as e:
+            raise ServerError(f"{self.host}: {getattr(e, 'reason', e)}") from None
+
+    @staticmethod
+    def _keep_alive(value: str) -> str | float:
+        """--keep-alive as the API takes it: a number of seconds, or a duration ("5m")."""
+        try:
+            return float(value)
+        except ValueError:
+            return value
+
+    def load(self, model: str, keep_alive: str | None) -> None:
+        """Load the model there (Ollama's empty chat request), so a missing one fails now."""
+        body = {"model": model, "messages": []}
+        if keep_alive is not None:
+            body["keep_alive"] = self._keep_alive(keep_alive)
+        self._post("/api/chat", body).close()
+
+    def show(self, model: str) -> dict:
+        with self._post("/api/show", {"model": model}) as r:
+            return json.load(r)
+
+    def answer(self, model: str, messages: list[dict], settings: Settings, keep_alive: str | None) -> Answer:
+        """Stream one answer to stdout (KeyboardInterrupt: finish_reason None)."""
+        p = settings.params
+        options: dict[str, Any] = {name: getattr(p, name) for name in OPTION_NAMES if getattr(p, name) is not None}
+        options["num_predict"] = settings.max_tokens if settings.max_tokens is not None else -1
+        if settings.num_ctx is not None:
+            options["num_ctx"] = settings.num_ctx
+        if settings.stop:
+            options["stop"] = settings.stop
+        body: dict[str, Any] = {"model": model, "messages": messages, "stream": True, "options": options}
+        if settings.schema is not None:
+            body["format"] = "json" if settings.schema == {"type": "object"} else settings.schema
+        if settings.think is not None:
+            body["think"] = settings.think
+        if keep_alive is not None:
+            body["keep_alive"] = self._keep_alive(keep_alive)
+        result = Answer()
+        printer = Printer(settings.hide_thinking)
+        parts: dict[str, list[str]] = {"content": [], "reasoning": []}
+        response = None
+        try:
+            response = self._post("/api/chat", body)
+            for line in response:
+                if not line.strip():
+                    continue
+                chunk = json.loads(line)
+                if "error" in chunk:
+                    raise ServerError(f"{self.host}: {chunk['error']}")
+                message = chunk.get("message") or {}
+                for kind, key in (("reasoning", "thinking"), ("content", "content")):
+                    if message.get(key):
+                        parts[kind].append(message[key])
+                        printer.write(kind, message[key])
+                if chunk.get("done"):
+                    result.finish_reason = chunk.get("done_reason", "stop")
+                    result.prompt_tokens = chunk.get("prompt_eval_count", 0)
+                    result.generation_tokens = chunk.get("eval_count", 0)
+                    if chunk.get("prompt_eval_duration"):
+                        result.prompt_tps = result.prompt_tokens / (chunk["prompt_eval_duration"] / 1e9)
+                    if chunk.get("eval_duration") and result.generation_tokens > 1:
+                        result.generation_tps = (result.generation_tokens - 1) / (chunk["eval_duration"] / 1e9)
+        except KeyboardInterrupt:
+            pass
+        except (OSError, http.client.HTTPException) as e:  # the connection broke mid-answer
+            raise ServerError(f"{self.host}: {e}") from None
+        finally:
+            if response is not None:
+                response.close()  # before the answer is done: the server cancels it
+            printer.end()
+            result.content = "".join(parts["content"])
+            result.thinking = "".join(parts["reasoning"]).strip()
+        click.echo()
+        if settings.verbose:
+            click.echo(f"prompt: {result.prompt_tokens} tokens, {result.prompt_tps:.1f} tokens/s | "
+                       f"generation: {result.generation_tokens} tokens, {result.generation_tps:.1f} tokens/s | "
+                       f"finish: {result.finish_reason or 'interrupted'} | server {self.host}", err=True)
+        return result
 
 
 # ---------------------------------------------------------------------------- the chat
@@ -388,8 +524,11 @@ def history_file() -> Path:
 class Chat:
     """The interactive loop. `load` loads a model by name: (net, tokenizer)."""
 
-    def __init__(self, name: str, net, tokenizer, settings: Settings, load) -> None:
+    def __init__(self, name: str, net, tokenizer, settings: Settings, load, remote: Remote | None = None,
+                 keep_alive: str | None = None) -> None:
+        """remote: answers come from that server (net and tokenizer are None)."""
         self.name, self.net, self.tokenizer, self.settings, self._load = name, net, tokenizer, settings, load
+        self.remote, self.keep_alive = remote, keep_alive
         self.messages: list[dict] = []
         self.user_parameters: dict[str, Any] = {}
         self.history = True
@@ -469,6 +608,13 @@ class Chat:
     def say(self, text: str) -> None:
         settings = self.settings
         system = [{"role": "system", "content": settings.system}] if settings.system else []
+        if self.remote is not None:
+            user = {"role": "user", "content": text}
+            result = self.remote.answer(self.name, system + self.messages + [user], settings, self.keep_alive)
+            if result.finish_reason is not None:
+                cut_off_note(result, None, settings)
+                self.messages += [user, {"role": "assistant", "content": result.content}]
+            return
         limit = min(settings.num_ctx or context_length(self.net), context_length(self.net))
         try:
             ids, kept = fit(self.tokenizer, system + self.messages + [{"role": "user", "content": text}],
@@ -554,7 +700,7 @@ class Chat:
             s.verbose = what == "verbose"
             click.echo("Set 'verbose' mode." if s.verbose else "Set 'quiet' mode.")
         elif what in ("think", "nothink"):
-            if what == "think" and not thinks(self.tokenizer):
+            if what == "think" and self.tokenizer is not None and not thinks(self.tokenizer):
                 click.echo(f"error: {self.name} does not support thinking", err=True)
                 return
             s.think = what == "think"
@@ -600,7 +746,9 @@ class Chat:
             click.echo(HELP_SHOW)
             return
         what = args[0].lower()
-        if what == "system":
+        if self.remote is not None and what in ("info", "template", "license", "modelfile"):
+            self._show_remote(what)
+        elif what == "system":
             click.echo(self.settings.system or "No system message was specified for this model.")
         elif what == "parameters":
             if self.user_parameters:
@@ -609,14 +757,35 @@ class Chat:
                     click.echo(f"{k:<30} {' '.join(map(str, v)) if isinstance(v, list) else v}")
                 click.echo()
             click.echo("Model defined parameters:")
-            click.echo(show_text(self.net.gguf.path, "parameters") or "No parameters were specified for this model.")
+            model_defined = self.remote.show(self.name).get("parameters") if self.remote is not None \
+                else show_text(self.net.gguf.path, "parameters")
+            click.echo(model_defined or "No parameters were specified for this model.")
         elif what in ("info", "template", "license", "modelfile"):
             click.echo(show_text(self.net.gguf.path, what, name=self.name))
         else:
             click.echo(f"Unknown command '/show {args[0]}'. Type /? for help")
 
+    def _show_remote(self, what: str) -> None:
+        """/show from the server's /api/show."""
+        data = self.remote.show(self.name)
+        if what == "info":
+            details, info = data.get("details", {}), data.get("model_info", {})
+            arch = info.get("general.architecture", details.get("family", ""))
+            for key, value in (("architecture", arch), ("parameters", details.get("parameter_size")),
+                               ("context length", info.get(f"{arch}.context_length")),
+                               ("embedding length", info.get(f"{arch}.embedding_length")),
+                               ("quantization", details.get("quantization_level"))):
+                click.echo(f"  {key:<18}{value}")
+            click.echo(f"  {'server':<18}{self.remote.host}")
+        else:
+            click.echo(data.get(what) or f"No {what} was specified for this model.")
+
     def _load_model(self, name: str) -> None:
         click.echo(f"Loading model '{name}'")
+        if self.remote is not None:
+            self.remote.load(name, self.keep_alive)
+            self.name = name
+            return
         net, tokenizer = worker().call(self._load, name)  # an error: one line, the chat goes on (loop)
         self.name, self.net, self.tokenizer = name, net, tokenizer
 

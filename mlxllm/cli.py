@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import click
 
 from . import _blas
+from .chat import ServerError
 from .embeddings import POOLINGS
 from .embeddings import embed as embed_texts
 from .gguf import GGUFError, GGUFFile
@@ -24,7 +25,7 @@ from .sample import SamplingParams
 # Errors that describe bad input: one line on stderr and exit code 1, never a traceback
 # (MLXLLM_DEBUG=1 shows it).
 USER_ERRORS = (GGUFError, ArchError, LoadError, ModelNotFound, UnsupportedTypeError, ValueError,
-               PullError)  # `run` pulls a name it does not have: an unreachable registry is one line too
+               PullError, ServerError)  # `run` pulls a name it does not have: an unreachable registry is one line too
 
 
 class Group(click.Group):
@@ -306,12 +307,18 @@ class RunCommand(click.Command):
 @click.option("--hidethinking", is_flag=True, help="Leave a thinking model's thinking out of the output.")
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
 @click.option("--verbose", is_flag=True, help="Print load and speed statistics to stderr.")
+@click.option("--keep-alive", default=None, metavar="DURATION",
+              help='With a running server: how long it keeps the model loaded after this ("5m", "1h", -1: forever).')
+@click.option("--local", is_flag=True, help="Run in this process even when an mlxllm server is running.")
 @speculation_options
 def run(model: str, prompt: str | None, max_tokens: int, ctx_size: int | None, system: str | None,
         format_: str | None, think: bool | None, hidethinking: bool, raw: bool, verbose: bool,
-        draft_name: str | None, prompt_lookup: bool, draft_tokens: int, kv_bits: str | None, **opts) -> None:
+        keep_alive: str | None, local: bool, draft_name: str | None, prompt_lookup: bool, draft_tokens: int,
+        kv_bits: str | None, **opts) -> None:
     """Generate from MODEL. Without PROMPT (and no piped input): an interactive chat
-    (/? lists its commands). Ctrl-C stops an answer."""
+    (/? lists its commands). Ctrl-C stops an answer. When `mlxllm serve` is running
+    (MLXLLM_HOST, default 127.0.0.1:11434), the answer comes from it, where the model may
+    already be loaded (not with --local, --raw, speculation, --kv-bits or a file path)."""
     from . import chat
 
     if max_tokens == 0:
@@ -326,6 +333,15 @@ def run(model: str, prompt: str | None, max_tokens: int, ctx_size: int | None, s
     if group is not None and prompt is None:
         raise ValueError("across several ranks, give the prompt as an argument (mlx.launch never closes stdin)")
     piped = None if sys.stdin.isatty() or group is not None else sys.stdin.read()
+    in_process = local or raw or draft_name or prompt_lookup or kv_bits or group is not None \
+        or os.path.sep in model or model.endswith(".gguf")
+    remote = None if in_process else chat.Remote.find()
+    if remote is not None:
+        settings = chat.Settings(params=params, max_tokens=None if max_tokens == -1 else max_tokens,
+                                 num_ctx=ctx_size, system=system, schema=schema, think=think,
+                                 hide_thinking=hidethinking, verbose=verbose)
+        _run_remote(remote, model, prompt, piped, settings, keep_alive)
+        return
     # MLX work runs on one worker thread, so Ctrl-C is answered at once (chat.Worker)
     speculation = chat.worker().call(_speculation, draft_name, prompt_lookup, draft_tokens, kv_bits)
     net, tokenizer = chat.worker().call(distributed.load if group is not None else load_model, model)
@@ -351,6 +367,23 @@ def run(model: str, prompt: str | None, max_tokens: int, ctx_size: int | None, s
         chat.worker().settle()
         sys.exit(130)
     chat.cut_off_note(result, budget, settings)
+
+
+def _run_remote(remote, model: str, prompt: str | None, piped: str | None, settings, keep_alive: str | None) -> None:
+    """`run` through a running server: the chat, or one answer."""
+    from . import chat
+
+    remote.load(model, keep_alive)  # an unknown model, or one the server refuses: one line now
+    if prompt is None and piped is None:
+        chat.Chat(model, None, None, settings, load_model, remote=remote, keep_alive=keep_alive).loop()
+        return
+    text = "\n\n".join(p for p in (prompt, piped) if p)
+    messages = ([{"role": "system", "content": settings.system}] if settings.system else []) + \
+        [{"role": "user", "content": text}]
+    result = remote.answer(model, messages, settings, keep_alive)
+    if result.finish_reason is None:  # Ctrl-C
+        sys.exit(130)
+    chat.cut_off_note(result, None, settings)
 
 
 @main.command()

@@ -4,12 +4,14 @@ progress on a terminal and not in a pipe; `show`'s views; `bench`'s outputs; hel
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import gguf
+import httpx
 import pexpect
 import pytest
 from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
@@ -19,6 +21,13 @@ from mlxllm.cli import main as cli_main
 MODEL = "smollm2:135m"
 FIXTURES = Path(__file__).parent / "fixtures" / "archs"
 PROMPT = ">>> "
+
+
+@pytest.fixture(autouse=True)
+def no_server(monkeypatch):
+    """`run` answers in-process here: a server someone runs on the default port must not
+    answer these tests (the one test that wants a server starts its own)."""
+    monkeypatch.setenv("MLXLLM_HOST", "http://127.0.0.1:9")
 
 
 def mlxllm(*args, stdin=None, env=None):
@@ -273,3 +282,52 @@ def test_run_shows_loading_on_a_terminal_only(tmp_path):
     assert child.exitstatus == 0 and "loading smollm2:135m" in child.before
     piped = mlxllm("run", MODEL, "Hi", "--max-tokens", "2", env=env)
     assert piped.returncode == 0 and "loading" not in piped.stderr
+
+
+@pytest.fixture
+def server(tmp_path):
+    """`mlxllm serve` on a free port, as MLXLLM_HOST."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, HOME=str(tmp_path), MLXLLM_NO_PROGRESS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "mlxllm", "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    host = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                httpx.get(f"{host}/api/version", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield dict(env, MLXLLM_HOST=host)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_run_talks_to_a_running_server(server):
+    """As `ollama run` does: the answer comes from the server (the model stays loaded
+    there), equal to the in-process one; the chat's commands and Ctrl-C work through it;
+    --local stays in-process."""
+    question = ["What is the capital of France?", "--temperature", "0", "--max-tokens", "12"]
+    remote = mlxllm("run", MODEL, *question, "--verbose", "--keep-alive", "10m", env=server)
+    local = mlxllm("run", MODEL, *question, "--verbose", "--local", env=server)
+    assert remote.returncode == 0 and local.returncode == 0, remote.stderr + local.stderr
+    assert "| server http://127.0.0.1" in remote.stderr and "server" not in local.stderr
+    assert remote.stdout == local.stdout and "Paris" in remote.stdout
+    loaded = httpx.get(server["MLXLLM_HOST"] + "/api/ps").json()["models"]
+    assert [m["name"] for m in loaded] == [MODEL]
+    child = chat(server, "--max-tokens", "300", "--seed", "1")
+    assert "server" in ask(child, "/show info")
+    child.sendline("Write a long story about a dragon.")
+    child.expect_exact("dragon.\r\n")
+    child.expect(r"\w+ \w+ \w+")
+    start = time.monotonic()
+    child.sendintr()
+    child.expect_exact(PROMPT, timeout=10)
+    assert time.monotonic() - start < 3
+    assert "not found" in ask(child, "/load no-such-model")
+    child.sendline("/bye")
+    leaves_cleanly(child)

@@ -19,6 +19,13 @@ def smollm():
     return load(MODEL)
 
 
+@pytest.fixture(autouse=True)
+def no_server(monkeypatch):
+    """`run` answers in-process here, even while someone runs `mlxllm serve` on the default
+    port (tests/test_cli.py checks `run` through a server)."""
+    monkeypatch.setenv("MLXLLM_HOST", "http://127.0.0.1:9")
+
+
 def cli(*args, stdin=None):
     return subprocess.run([sys.executable, "-m", "mlxllm", "run", MODEL, *args],
                           input=stdin, capture_output=True, text=True, timeout=300, check=False)
