@@ -1340,6 +1340,39 @@ class HunYuanDense(Converter):
                 w.add_eot_token_id(eos[0])
 
 
+class HunYuanMoe(HunYuanDense):
+    """Hunyuan-A13B-style MoE (tokenizer.json checkpoints): experts stacked per layer, a
+    shared expert as wide as the dense FFN, per-layer expert settings that must agree, and
+    NTK-alpha scaling baked into the base frequency for a 256k context."""
+
+    hf_classes = ("HunYuanMoEV1ForCausalLM",)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        c = self.config
+        Converter.hparams(self, w)
+        w.add_expert_shared_feed_forward_length(c["intermediate_size"])
+        for add, key in ((w.add_expert_feed_forward_length, "moe_intermediate_size"),
+                         (w.add_expert_used_count, "moe_topk"), (w.add_expert_shared_count, "num_shared_expert")):
+            values = c[key] if isinstance(c[key], list) else [c[key]]
+            if any(v != values[0] for v in values):
+                raise ConvertError(f"{key} differs between layers ({values}): not supported (as llama.cpp)")
+            add(values[0])
+        if self.rope.get("rope_type") == "dynamic":
+            alpha, base = self.rope.get("alpha", 1000), self.rope.get("rope_theta", 10000.0)
+            dim = c["hidden_size"] // c["num_attention_heads"]
+            self.forget(w, gguf.Keys.Rope.FREQ_BASE, gguf.Keys.LLM.CONTEXT_LENGTH)
+            w.add_rope_freq_base(base * alpha ** (dim / (dim - 2)))
+            w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+            w.add_rope_scaling_factor(1)
+            w.add_rope_scaling_orig_ctx_len(256 * 1024)
+            w.add_context_length(256 * 1024)
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        if ".mlp.experts." in name:
+            return self.stack_experts(name, t, bid, self.find("num_local_experts", "num_experts"), *QWEN_EXPERTS)
+        return super().tensors(name, t, bid)
+
+
 class Glm4(Converter):
     """GLM-4-0414: partial rotary; where the configs name no BOS, EOS, UNK or EOT, llama.cpp
     takes <|endoftext|> for the first three and <|user|> for EOT."""

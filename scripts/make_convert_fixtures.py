@@ -117,6 +117,9 @@ FIXTURES: dict[str, tuple] = {
     "nomic-bert": ("nomic-bert", "bfloat16", None),
     "jina-bert-v2": ("jina-bert-v2", "bfloat16", None),
     "jamba": ("jamba", "bfloat16", None),
+    "glm4moe": ("glm4moe", "bfloat16", None),
+    "granitehybrid": ("granitehybrid", "bfloat16", None),
+    "hunyuan-moe": ("hunyuan-moe", "bfloat16", None),
 }
 
 

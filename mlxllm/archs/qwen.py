@@ -63,7 +63,7 @@ ARCHS = (
     Arch(name="hunyuan-dense", args=hunyuan_dense, model=Decoder, hf_architectures=("HunYuanDenseV1ForCausalLM",), convert=convert_hooks.HunYuanDense,
          description="Tencent Hunyuan dense"),
     Arch(name="hunyuan-moe", args=hunyuan_moe, model=Decoder, hf_architectures=("HunYuanMoEV1ForCausalLM",),
-         description="Tencent Hunyuan-A13B"),
+         convert=convert_hooks.HunYuanMoe, description="Tencent Hunyuan-A13B"),
     Arch(name="dots1", args=dots1, model=Decoder, hf_architectures=("Dots1ForCausalLM",), convert=convert_hooks.Dots1,
          description="rednote dots.llm1"),
 )
