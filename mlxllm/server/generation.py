@@ -184,7 +184,9 @@ def reply_shape(loaded: Loaded, chat: Chat | None, prompt: str) -> ReplyShape:
     if chat is None:
         return ReplyShape()
     template = template_of(loaded.tokenizer, chat)
-    tools = ToolFormat.for_template(template) if chat.tools else None
+    tools = ToolFormat.for_template(template)
+    if not chat.tools and not (tools and tools.handles_reasoning):  # harmony's channels: always read
+        tools = None
     reasoning = Reasoning.for_template(template)
     if chat.think and reasoning is None and not (tools and tools.handles_reasoning):
         raise ApiError(400, f"{loaded.name!r} does not support thinking", "think")
