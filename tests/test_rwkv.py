@@ -72,3 +72,37 @@ def test_generation_loop_rows_get_llama_cpp_greedy_tokens(name):
             assert out[uid] == list(generate_step(model, prompt, GREEDY, max_tokens=n))
     finally:
         llm.close()
+
+
+@pytest.mark.parametrize("version", [6, 7])
+def test_prompt_in_chunks_equals_token_by_token(version):
+    """The WKV recurrences' prompt forms (chunks of WKV_CHUNK, the last one padded; RWKV-7's
+    with a triangular solve for what the state gives back) compute the outputs and final
+    state of the token-by-token recurrence, from a given state, decays near 0 and near 1."""
+    from mlxllm.nn import rwkv
+
+    mx.random.seed(version)
+    b, L, H, S = 2, rwkv.WKV_CHUNK * 2 + 5, 3, 8
+    r, k, v = (mx.random.normal((b, L, H, S)) for _ in range(3))
+    S0 = mx.random.normal((b, H, S, S))
+    if version == 6:
+        # decays from ~1 to 0.03, within what the chunked form takes (CHUNK_LOG_DECAY_MIN)
+        log_w = -mx.minimum(mx.exp(mx.random.normal((b, L, H, S)) * 2), 3.5)
+        assert mx.min(log_w).item() * rwkv.WKV_CHUNK >= -rwkv.CHUNK_LOG_DECAY_MIN
+        u = mx.random.normal((H, S))
+        run = lambda sl, state: rwkv.wkv6(r[:, sl], k[:, sl], v[:, sl], log_w[:, sl], u, state)  # noqa: E731
+    else:
+        log_w = rwkv.DECAY_SCALE * mx.sigmoid(mx.random.normal((b, L, H, S)) * 2)
+        kk = mx.random.normal((b, L, H, S))
+        kk = kk / mx.linalg.norm(kk, axis=-1, keepdims=True)
+        iclr = mx.sigmoid(mx.random.normal((b, L, H, S)))
+        run = lambda sl, state: rwkv.wkv7(r[:, sl], log_w[:, sl], k[:, sl], v[:, sl], -kk[:, sl],  # noqa: E731
+                                          (kk * iclr)[:, sl], state)
+    y, state = run(slice(None), S0)
+    ys, step = [], S0
+    for t in range(L):
+        y_t, step = run(slice(t, t + 1), step)
+        ys.append(y_t)
+    steps = np.array(mx.concatenate(ys, axis=1))
+    assert np.abs(np.array(y) - steps).max() <= 1e-4 * np.abs(steps).max()
+    assert np.abs(np.array(state - step)).max() <= 1e-4 * np.abs(np.array(step)).max()

@@ -63,15 +63,67 @@ def _wkv6_step(S: mx.array, r: mx.array, k: mx.array, v: mx.array, w: mx.array, 
     return S * w[..., :, None] + kv, y
 
 
-def wkv6(r: mx.array, k: mx.array, v: mx.array, w: mx.array, u: mx.array, state: mx.array | None
+# Positions per chunk of the prompt forms
+WKV_CHUNK = 16
+# The prompt forms factor a decay between positions u < t of a chunk, exp(G_t - G_u), as
+# exp(G_t) exp(-G_u): exact, and far from float32's range while a chunk's total log decay
+# stays above -CHUNK_LOG_DECAY_MIN. RWKV-7's decays are bounded (>= exp(DECAY_SCALE) per
+# token); a RWKV-6 prompt that decays faster runs token by token.
+CHUNK_LOG_DECAY_MIN = 60.0
+
+
+def _heads_first(chunk: int, *ts: mx.array) -> list[mx.array]:
+    """(b, L, H, S) -> (b, H, n, chunk, S), L padded to a multiple of chunk with zeros."""
+    L = ts[0].shape[1]
+    pad = -L % chunk
+    out = []
+    for t in ts:
+        t = mx.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+        out.append(t.reshape(*t.shape[:2], -1, chunk, t.shape[-1]))
+    return out
+
+
+def _scores(x: mx.array, x_decay: mx.array, y: mx.array, G: mx.array, diagonal: bool) -> mx.array:
+    """sum_c x[t, c] exp(x_decay[t, c] - G[u, c]) y[u, c] for u < t (u <= t with diagonal),
+    0 elsewhere: (..., C, C)."""
+    C = x.shape[-2]
+    mask = mx.tril(mx.ones((C, C), mx.bool_), 0 if diagonal else -1)
+    return mx.where(mask, (x * mx.exp(x_decay)) @ (y * mx.exp(-G)).swapaxes(-1, -2), 0.0)
+
+
+def _wkv6_chunked(r, k, v, log_w, u, S):
+    """The WKV-6 recurrence over chunks: with G the running log decay in a chunk (G_prev: up
+    to the token before) and S the state before it,
+        y_t = (r_t e^G_prev_t) S + sum_{u<t} (r_t e^(G_prev_t - G_u) . k_u) v_u + (r_t u . k_t) v_t
+        S  <- e^G_last S + sum_u (k_u e^(G_last - G_u)) v_u^T"""
+    b, L, H, K = k.shape
+    r, k, v, log_w = _heads_first(WKV_CHUNK, r, k, v, log_w)  # padding: nothing written, no decay
+    G = mx.cumsum(log_w, axis=-2)
+    G_prev = G - log_w
+    bonus = mx.sum(r * u[:, None, None] * k, axis=-1)  # (b, H, n, C)
+    scores = _scores(r, G_prev, k, G, diagonal=False) + mx.eye(WKV_CHUNK) * bonus[..., None]
+    r_decayed = r * mx.exp(G_prev)
+    last = G[..., -1:, :]  # (b, H, n, 1, K)
+    k_to_end = k * mx.exp(last - G)
+    ys = []
+    for c in range(k.shape[2]):
+        ys.append(r_decayed[:, :, c] @ S + scores[:, :, c] @ v[:, :, c])
+        S = S * mx.exp(last[:, :, c]).swapaxes(-1, -2) + k_to_end[:, :, c].swapaxes(-1, -2) @ v[:, :, c]
+    return mx.stack(ys, axis=2).reshape(b, H, -1, v.shape[-1])[:, :, :L].transpose(0, 2, 1, 3), S
+
+
+def wkv6(r: mx.array, k: mx.array, v: mx.array, log_w: mx.array, u: mx.array, state: mx.array | None
          ) -> tuple[mx.array, mx.array]:
-    """ggml_rwkv_wkv6, token by token: r, k, v, w (b, L, H, S), u (H, S), state (b, H, S, S)
-    (None: zeros) -> (y (b, L, H, S), the new state)."""
+    """ggml_rwkv_wkv6: r, k, v and the log decay log_w (b, L, H, S), u (H, S), state
+    (b, H, S, S) (key x value; None: zeros) -> (y (b, L, H, S), the new state). One token
+    steps; more run in chunks (in log space: a decay that rounds to 0 stays finite there)."""
     b, L, H, S = k.shape
     state = mx.zeros((b, H, S, v.shape[-1]), v.dtype) if state is None else state
+    if L > 1 and mx.min(log_w).item() * WKV_CHUNK >= -CHUNK_LOG_DECAY_MIN:
+        return _wkv6_chunked(r, k, v, log_w, u, state)
     ys = []
     for t in range(L):
-        state, y = _wkv6_step(state, r[:, t], k[:, t], v[:, t], w[:, t], u)
+        state, y = _wkv6_step(state, r[:, t], k[:, t], v[:, t], mx.exp(log_w[:, t]), u)
         ys.append(y)
     return mx.stack(ys, axis=1), state
 
@@ -123,9 +175,9 @@ class RWKV6Block(nn.Module):
         r, k, v = self.time_mix_receptance(xr), self.time_mix_key(xk), self.time_mix_value(xv)
         g = nn.silu(self.time_mix_gate(xg))
         w = self.time_mix_decay_w2(mx.tanh(self.time_mix_decay_w1(xw))) + self.time_mix_decay["weight"]
-        w = mx.exp(-mx.exp(w))
+        log_w = -mx.exp(w)  # the decay is exp(-exp(.))
         heads = (B, L, H, a.head_size)
-        y, state = wkv6(r.reshape(heads), k.reshape(heads), v.reshape(heads), w.reshape(heads),
+        y, state = wkv6(r.reshape(heads), k.reshape(heads), v.reshape(heads), log_w.reshape(heads),
                         self.time_mix_first["weight"], state)
         y = y - y.mean(axis=-1, keepdims=True)  # a LayerNorm per head, then time_mix_ln's weight and bias
         y = unit_rms_norm(y, GROUP_NORM_EPS).reshape(B, L, D) * self.time_mix_ln["weight"] + self.time_mix_ln["bias"]
@@ -217,17 +269,46 @@ def _wkv7_step(S: mx.array, r: mx.array, w: mx.array, k: mx.array, v: mx.array, 
     return S, (S @ r[..., None])[..., 0]
 
 
-def wkv7(r: mx.array, w: mx.array, k: mx.array, v: mx.array, a: mx.array, b: mx.array, state: mx.array | None
-         ) -> tuple[mx.array, mx.array]:
-    """ggml_rwkv_wkv7, token by token: (b, L, H, S) each, state (b, H, S, S) (value x key;
-    None: zeros) -> (y (b, L, H, S), the new state). S <- S diag(w) + v k^T + (S a) b^T; y = S r."""
+def _wkv7_chunked(r, log_w, k, v, a, b, S):
+    """The generalized delta rule over chunks. With G the running log decay in a chunk, S the
+    state before it and z_t = S_{t-1} a_t (what the state gives back at t, unknown):
+        z_t = S (a_t e^G_prev_t) + sum_{u<t} (a_t e^(G_prev_t - G_u) . k_u) v_u + (... . b_u) z_u
+    a unit lower-triangular system for Z; then
+        y_t = S (r_t e^G_t) + sum_{u<=t} (r_t e^(G_t - G_u) . k_u) v_u + (... . b_u) z_u
+        S  <- S diag(e^G_last) + sum_u v_u (k_u e^(G_last - G_u))^T + z_u (b_u e^(G_last - G_u))^T"""
+    B, L, H, K = k.shape
+    r, log_w, k, v, a, b = _heads_first(WKV_CHUNK, r, log_w, k, v, a, b)  # padding: no write, no decay
+    G = mx.cumsum(log_w, axis=-2)
+    G_prev = G - log_w
+    # a unit lower-triangular inverse; MLX has it on the CPU stream only (any device can read it)
+    T = mx.linalg.tri_inv(mx.eye(WKV_CHUNK) - _scores(a, G_prev, b, G, diagonal=False), upper=False,
+                          stream=mx.cpu)
+    a_k = _scores(a, G_prev, k, G, diagonal=False)
+    r_k, r_b = _scores(r, G, k, G, diagonal=True), _scores(r, G, b, G, diagonal=True)
+    a_decayed, r_decayed = a * mx.exp(G_prev), r * mx.exp(G)
+    last = G[..., -1:, :]
+    k_to_end, b_to_end = k * mx.exp(last - G), b * mx.exp(last - G)
+    ys = []
+    for c in range(k.shape[2]):
+        St = S.swapaxes(-1, -2)  # (B, H, K, V)
+        z = T[:, :, c] @ (a_decayed[:, :, c] @ St + a_k[:, :, c] @ v[:, :, c])  # (B, H, C, V)
+        ys.append(r_decayed[:, :, c] @ St + r_k[:, :, c] @ v[:, :, c] + r_b[:, :, c] @ z)
+        S = S * mx.exp(last[:, :, c]) + v[:, :, c].swapaxes(-1, -2) @ k_to_end[:, :, c] \
+            + z.swapaxes(-1, -2) @ b_to_end[:, :, c]
+    return mx.stack(ys, axis=2).reshape(B, H, -1, v.shape[-1])[:, :, :L].transpose(0, 2, 1, 3), S
+
+
+def wkv7(r: mx.array, log_w: mx.array, k: mx.array, v: mx.array, a: mx.array, b: mx.array,
+         state: mx.array | None) -> tuple[mx.array, mx.array]:
+    """ggml_rwkv_wkv7: r, the log decay, k, v, a, b (b, L, H, S), state (b, H, S, S) (value x
+    key; None: zeros) -> (y (b, L, H, S), the new state). S <- S diag(w) + v k^T + (S a) b^T;
+    y = S r. One token steps; more run in chunks."""
     B, L, H, D = k.shape
     state = mx.zeros((B, H, D, D), v.dtype) if state is None else state
-    ys = []
-    for t in range(L):
-        state, y = _wkv7_step(state, r[:, t], w[:, t], k[:, t], v[:, t], a[:, t], b[:, t])
-        ys.append(y)
-    return mx.stack(ys, axis=1), state
+    if L > 1:
+        return _wkv7_chunked(r, log_w, k, v, a, b, state)
+    state, y = _wkv7_step(state, r[:, 0], mx.exp(log_w[:, 0]), k[:, 0], v[:, 0], a[:, 0], b[:, 0])
+    return y[:, None], state
 
 
 class RWKV7Block(RWKV6Block):
@@ -266,7 +347,7 @@ class RWKV7Block(RWKV6Block):
         xr, xw, xk, xv, xa, xg = (x + sx * lerp[j] for j in range(len(RWKV7_LERPS)))
         r = self.time_mix_receptance(xr)
         w = self.time_mix_w2(mx.tanh(self.time_mix_w1(xw))) + self.time_mix_w0["weight"]
-        w = mx.exp(DECAY_SCALE * mx.sigmoid(w))
+        log_w = DECAY_SCALE * mx.sigmoid(w)  # the decay is exp(.)
         k, v = self.time_mix_key(xk), self.time_mix_value(xv)
         if v_first is None:
             v_first = v
@@ -279,8 +360,8 @@ class RWKV7Block(RWKV6Block):
         kk = kk / mx.maximum(mx.sqrt(mx.sum(kk * kk, axis=-1, keepdims=True)), L2_EPS)
         ka = k * self.time_mix_k_a["weight"]
         k = k + iclr * ka - ka
-        r, w, k, v, iclr = (t.reshape(heads) for t in (r, w, k, v, iclr))
-        y, state = wkv7(r, w, k, v, -kk, kk * iclr, state)
+        r, log_w, k, v, iclr = (t.reshape(heads) for t in (r, log_w, k, v, iclr))
+        y, state = wkv7(r, log_w, k, v, -kk, kk * iclr, state)
         y = y - y.mean(axis=-1, keepdims=True)  # a LayerNorm per head, then time_mix_ln's weight and bias
         y = unit_rms_norm(y, GROUP_NORM_EPS).reshape(B, L, D) * self.time_mix_ln["weight"] + self.time_mix_ln["bias"]
         bonus = mx.sum(k * r * self.time_mix_r_k["weight"].reshape(heads[2:]), axis=-1, keepdims=True)  # (B, L, H, 1)
