@@ -90,13 +90,13 @@ def test_prompt_in_chunks_equals_token_by_token(version):
         log_w = -mx.minimum(mx.exp(mx.random.normal((b, L, H, S)) * 2), 3.5)
         assert mx.min(log_w).item() * rwkv.WKV_CHUNK >= -rwkv.CHUNK_LOG_DECAY_MIN
         u = mx.random.normal((H, S))
-        run = lambda sl, state: rwkv.wkv6(r[:, sl], k[:, sl], v[:, sl], log_w[:, sl], u, state)  # noqa: E731
+        run = lambda sl, state: rwkv.wkv6(r[:, sl], k[:, sl], v[:, sl], log_w[:, sl], u, state)
     else:
         log_w = rwkv.DECAY_SCALE * mx.sigmoid(mx.random.normal((b, L, H, S)) * 2)
         kk = mx.random.normal((b, L, H, S))
         kk = kk / mx.linalg.norm(kk, axis=-1, keepdims=True)
         iclr = mx.sigmoid(mx.random.normal((b, L, H, S)))
-        run = lambda sl, state: rwkv.wkv7(r[:, sl], log_w[:, sl], k[:, sl], v[:, sl], -kk[:, sl],  # noqa: E731
+        run = lambda sl, state: rwkv.wkv7(r[:, sl], log_w[:, sl], k[:, sl], v[:, sl], -kk[:, sl],
                                           (kk * iclr)[:, sl], state)
     y, state = run(slice(None), S0)
     ys, step = [], S0

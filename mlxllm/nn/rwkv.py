@@ -96,7 +96,7 @@ def _wkv6_chunked(r, k, v, log_w, u, S):
     to the token before) and S the state before it,
         y_t = (r_t e^G_prev_t) S + sum_{u<t} (r_t e^(G_prev_t - G_u) . k_u) v_u + (r_t u . k_t) v_t
         S  <- e^G_last S + sum_u (k_u e^(G_last - G_u)) v_u^T"""
-    b, L, H, K = k.shape
+    b, L, H, _ = k.shape
     r, k, v, log_w = _heads_first(WKV_CHUNK, r, k, v, log_w)  # padding: nothing written, no decay
     G = mx.cumsum(log_w, axis=-2)
     G_prev = G - log_w
@@ -276,7 +276,7 @@ def _wkv7_chunked(r, log_w, k, v, a, b, S):
     a unit lower-triangular system for Z; then
         y_t = S (r_t e^G_t) + sum_{u<=t} (r_t e^(G_t - G_u) . k_u) v_u + (... . b_u) z_u
         S  <- S diag(e^G_last) + sum_u v_u (k_u e^(G_last - G_u))^T + z_u (b_u e^(G_last - G_u))^T"""
-    B, L, H, K = k.shape
+    B, L, H, _ = k.shape
     r, log_w, k, v, a, b = _heads_first(WKV_CHUNK, r, log_w, k, v, a, b)  # padding: no write, no decay
     G = mx.cumsum(log_w, axis=-2)
     G_prev = G - log_w
