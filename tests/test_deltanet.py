@@ -14,7 +14,7 @@ import pytest
 
 from arch_reference import FIXTURES, llama_cpp_greedy, token_ids
 from mlxllm.cache import RecurrentCache, batch_window
-from mlxllm.generate import BatchGenerator, generate_step
+from mlxllm.generate import BatchGenerator, GenerationRequest, generate_step
 from mlxllm.loader import load_model
 from mlxllm.sample import SamplingParams
 from test_ssm import CONTINUATION, PROMPT, TOLERANCE, llama_cpp_last_logits, long_ids, run
@@ -101,3 +101,27 @@ def test_prompt_in_chunks_equals_token_by_token():
     steps = np.array(mx.concatenate(outs, axis=1))
     assert np.abs(np.array(o) - steps).max() <= 1e-5 * np.abs(steps).max()
     assert np.abs(np.array(S - state)).max() <= 1e-5 * np.abs(np.array(state)).max()
+
+
+def test_prefix_cache_reuses_the_states_and_keys_at_their_exact_length():
+    """A finished row's caches (attention layers' keys and values, delta net layers' states)
+    serve a prompt that continues everything the row fed: it decodes what a fresh prefill
+    does. A prompt that forks earlier starts fresh (a state holds no earlier position)."""
+    model = load_model(str(FIXTURES / "qwen35.f32.gguf"))[0]
+    generator = BatchGenerator(model, None, max_batch=2, prefix_cache_bytes=1 << 24)
+    first = token_ids("qwen35", 30)
+    out = run(generator, [first], [6], {0: [0]})
+    turn = first + out[0] + long_ids("qwen35")[:12]
+    fork = first[:20] + long_ids("qwen35")[12:24]
+    held = {len(first) + len(out[0]) - 1, len(first) + len(out[0])}
+    for prompt, reused in ((turn, held), (fork, {0})):
+        generator.insert(GenerationRequest(prompt, GREEDY, 8))
+        tokens, stats = [], None
+        while generator.busy:
+            for event in generator.step():
+                assert event.error is None, event.error
+                if event.token is not None:
+                    tokens.append(event.token)
+                stats = event.stats or stats
+        assert stats.cached_tokens in reused
+        assert tokens == list(generate_step(model, prompt, GREEDY, max_tokens=8))
