@@ -250,7 +250,7 @@ def sampling_options(f):
         ("--repeat-last-n", int, d.repeat_last_n, "Window for the penalties (-1: all, 0: off)."),
         ("--presence-penalty", float, d.presence_penalty, None),
         ("--frequency-penalty", float, d.frequency_penalty, None),
-        ("--seed", int, None, "Same seed, same output."),
+        ("--seed", int, None, "Same seed, same output (-1: a random seed)."),
     ]):
         f = click.option(name, type=kind, default=default, show_default=default is not None, help=help_)(f)
     return f
