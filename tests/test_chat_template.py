@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import time
 from datetime import datetime
 
 import jinja2
@@ -211,3 +212,70 @@ def test_gemma_base_model_uses_the_plain_fallback():
     tok = Tokenizer.from_metadata(GGUFFile(assemble()).metadata)
     assert tok.chat_template is None
     assert tok.apply_chat_template([{"role": "user", "content": "Hello"}]) == "User: Hello\n\nAssistant:"
+
+
+# --- bounded in time and size (issue 19) --------------------------------------------------
+
+LOOP_WITHOUT_OUTPUT = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+
+
+@pytest.mark.parametrize("template", [
+    LOOP_WITHOUT_OUTPUT,
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% set x = j %}{% endfor %}{% endfor %}",
+    "{% for i in range(100000) %}{% for j in range(100000)|select('none') %}{% endfor %}{% endfor %}",
+    ("{% macro f(n) %}{% for i in range(10) %}{{ f(n) if n < 0 else '' }}{% endfor %}{% endmacro %}"
+     "{% for i in range(100000) %}{% for j in range(100000) %}{{ f(1) }}{% endfor %}{% endfor %}"),
+])
+def test_a_template_that_never_ends_is_stopped(template):
+    """Loops that write nothing never reach the output check: every loop item and call
+    counts against the render's deadline."""
+    start = time.monotonic()
+    with pytest.raises(ChatTemplateError, match="ran longer than 0.3 s") as info:
+        render_chat_template(template, [{"role": "user", "content": "hi"}], timeout=0.3)
+    assert time.monotonic() - start < 5
+    assert "\n" not in str(info.value)
+
+
+def test_the_deadline_is_per_render():
+    """A render after a stopped one has its own full budget."""
+    with pytest.raises(ChatTemplateError):
+        render_chat_template(LOOP_WITHOUT_OUTPUT, [], timeout=0.2)
+    assert render_chat_template(CHATML_TEMPLATE, [{"role": "user", "content": "hi"}]).startswith("<|im_start|>user")
+
+
+@pytest.mark.parametrize(("template", "match"), [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{{ 'xxxxxxxx' }}{% endfor %}{% endfor %}", "output exceeds"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "too large"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}", "too large"),
+    ("{% set ns = namespace(s=[1]) %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}", "too large"),
+    ("{{ 'x'|center(1000000000) }}", "center width"),
+    ("{{ 'x'|indent(1000000000) }}", "indent"),
+    ("{{ '%1000000000s' % 'x' }}", "format width"),
+    ("{{ '%*s' % (1000000000, 'x') }}", "format width"),
+    ("{{ '{:>1000000000}'.format('x') }}", "format width"),
+    ("{{ '{:>{}}'.format('x', 10**9) }}", "format width"),
+    ("{{ range(100000)|join('x' * 1000000) }}", "too large"),
+    ("{{ ('a' * 1000000)|replace('', 'b' * 1000) }}", "too large"),
+    ("{{ messages|tojson(indent=100000) }}", "tojson indent"),
+])
+def test_a_template_cannot_build_a_huge_value(template, match):
+    """What grows a string or list without a loop is refused before it is built (a
+    doubling `~` stops one doubling past the limit)."""
+    with pytest.raises(ChatTemplateError, match=match):
+        render_chat_template(template, [{"role": "user", "content": "hi"}], timeout=120)
+
+
+def test_bounds_leave_ordinary_templates_alone():
+    """Loop variables, `loop.length`, `else` on empty loops, recursive loops, formatting
+    and concatenation render as jinja2 does."""
+    template = ("{% for m in messages %}{{ loop.index }}/{{ loop.length }} {{ '%-6s|' % m.role }}"
+                "{{ '{:>4}'.format(m.content) ~ '!' }}{% if not loop.last %}, {% endif %}{% endfor %}"
+                "{% for x in [] %}no{% else %} none{% endfor %}"
+                "{% for t in tree recursive %}[{{ t.name }}{{ loop(t.children) }}]{% endfor %}"
+                "{{ ' '|join(['a', 'b']) }}{{ 'abc'|replace('b', 'x') }}{{ 'x'|center(5) }}")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    tree = [{"name": "a", "children": [{"name": "b", "children": []}]}]
+    got = render_chat_template(template, messages, tree=tree)
+    want = jinja2.Environment(extensions=[jinja2.ext.loopcontrols]).from_string(template).render(
+        messages=messages, tree=tree)
+    assert got == want
