@@ -116,7 +116,8 @@ def wkv6(r: mx.array, k: mx.array, v: mx.array, log_w: mx.array, u: mx.array, st
          ) -> tuple[mx.array, mx.array]:
     """ggml_rwkv_wkv6: r, k, v and the log decay log_w (b, L, H, S), u (H, S), state
     (b, H, S, S) (key x value; None: zeros) -> (y (b, L, H, S), the new state). One token
-    steps; more run in chunks (in log space: a decay that rounds to 0 stays finite there)."""
+    steps; more run in chunks where their decays allow (CHUNK_LOG_DECAY_MIN), else token by
+    token. The decay comes as its log, -exp(.), finite where exp(-exp(.)) rounds to 0."""
     b, L, H, S = k.shape
     state = mx.zeros((b, H, S, v.shape[-1]), v.dtype) if state is None else state
     if L > 1 and mx.min(log_w).item() * WKV_CHUNK >= -CHUNK_LOG_DECAY_MIN:
