@@ -21,6 +21,7 @@ Usage:
     python scripts/fuzz_gguf.py --cases 100000 --workers 1            # the long run
     python scripts/fuzz_gguf.py --seeds tests/fixtures/archs/llama.q8_0.gguf --cases 200
     python scripts/fuzz_gguf.py --replay tests/fixtures/fuzz/regressions.jsonl
+    python scripts/fuzz_gguf.py --atheris -runs=100000     # coverage-guided, parser + tokenizer
 Findings (anything but ok/error) are appended to --findings as recipes.
 """
 
@@ -543,7 +544,51 @@ def _preload() -> None:
     REGISTRY.all()
 
 
+def atheris_main(argv: list[str]) -> None:
+    """Coverage-guided fuzzing of the parser, the metadata checks and the tokenizer with
+    atheris (libFuzzer), in process: `--atheris [libFuzzer flags] [corpus dir]`. Seeds are
+    the headers of the architecture fixtures (their first 64 KiB). Any exception but a
+    one-line user error is a crash libFuzzer reports and saves."""
+    import atheris
+
+    with atheris.instrument_imports():
+        from mlxllm.cli import USER_ERRORS
+        from mlxllm.gguf import GGUFFile
+        from mlxllm.tokenizer import Tokenizer
+        from mlxllm.validation import check_metadata
+
+    path = os.path.join(tempfile.mkdtemp(prefix="mlxllm-atheris-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None),
+                        "case.gguf")
+
+    def one_input(data: bytes) -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            with GGUFFile(path) as gf:
+                gf.summary()
+                if isinstance(gf.metadata.architecture, str):
+                    check_metadata(gf)
+                tok = Tokenizer.from_metadata(gf.metadata)
+                tok.decode(tok.encode("Hello, world! <|im_end|> 123", parse_special=True))
+        except USER_ERRORS as e:
+            text = str(e)
+            if "\n" in text or len(text) > MAX_ERROR_CHARS:
+                raise AssertionError(f"error text not one bounded line: {text[:200]!r}") from None
+
+    corpus = [a for a in argv if not a.startswith("-")]
+    if not corpus:  # seed a corpus directory with the fixtures' headers
+        seeds = tempfile.mkdtemp(prefix="mlxllm-atheris-seeds-")
+        for p in sorted(FIXTURES.glob("*.q8_0.gguf")):
+            (Path(seeds) / p.name).write_bytes(p.read_bytes()[:65536])
+        argv = [*argv, seeds]
+    atheris.Setup([sys.argv[0], "-max_len=65536", "-timeout=20", "-rss_limit_mb=3072", *argv], one_input)
+    atheris.Fuzz()
+
+
 def main() -> None:
+    if "--atheris" in sys.argv:
+        atheris_main([a for a in sys.argv[1:] if a != "--atheris"])
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", nargs="*", help="seed GGUF files or model names (default: every q8_0 fixture and SmolLM2)")
     ap.add_argument("--cases", type=int, default=100_000)
