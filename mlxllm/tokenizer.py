@@ -110,6 +110,32 @@ _BYTE_TO_CHAR = _bytes_to_unicode()
 _CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
 
 
+def _unescape_rwkv(token: str) -> bytes:
+    """An RWKV vocabulary entry's bytes, read as `llama_unescape_rwkv_token` reads them:
+    backslash escapes \\t \\n \\r and \\xHH (lowercase hex digits), any other escaped byte
+    as itself; an escape cut off at the end gives nothing."""
+    out = bytearray()
+    escaping, hex_left, hex_value = False, 0, 0
+    for c in token.encode("utf-8", "surrogateescape"):
+        if hex_left:
+            hex_value = hex_value * 16 + (c - 0x61 + 10 if c >= 0x61 else c - 0x30)
+            hex_left -= 1
+            if not hex_left:
+                out.append(hex_value & 0xFF)
+                hex_value = 0
+        elif escaping:
+            escaping = False
+            if c == 0x78:  # x
+                hex_left = 2
+            else:
+                out.append({0x74: 0x09, 0x6E: 0x0A, 0x72: 0x0D}.get(c, c))
+        elif c == 0x5C:  # backslash
+            escaping = True
+        else:
+            out.append(c)
+    return bytes(out)
+
+
 class TokenizerError(ValueError):
     """Metadata that cannot make a tokenizer (or a bad call); the message is one line."""
 
@@ -422,9 +448,9 @@ class Tokenizer:
             dup = next(t for t in tokens if t in seen or seen.add(t))
             raise TokenizerError(f"duplicate token in vocabulary: {dup!r}")
 
-        self.kind = {"llama": "spm", "gpt2": "bpe", "bert": "wpm"}.get(model, "")
+        self.kind = {"llama": "spm", "gpt2": "bpe", "bert": "wpm", "rwkv": "rwkv"}.get(model, "")
         if not self.kind:
-            raise TokenizerError(f"unknown tokenizer model {model!r} (supported: llama, gpt2, bert)")
+            raise TokenizerError(f"unknown tokenizer model {model!r} (supported: llama, gpt2, bert, rwkv)")
         self.model = model
         self.pre = pre_name or "default"
         self.vocab_size = n
@@ -442,6 +468,8 @@ class Tokenizer:
         elif self.kind == "wpm":
             ids.update(bos=101, unk=100, sep=102, pad=0, mask=103)
             self.add_bos, self.add_sep = True, True
+        elif self.kind == "rwkv":
+            pass  # no default ids, nothing added
         else:
             ids.update(bos=11, eos=11)
             if pre_name is not None and pre_name not in PRE_TOKENIZERS:
@@ -518,6 +546,8 @@ class Tokenizer:
         elif self.kind == "wpm":
             self._max_token_chars = max(len(t) for t in tokens)
             self._wpm_chars: dict[str, tuple[int, str]] = {}
+        elif self.kind == "rwkv":
+            self._init_rwkv()
 
         self._pieces: list[bytes | None] = [None] * n
         template = meta.get(TK.CHAT_TEMPLATE)
@@ -615,6 +645,18 @@ class Tokenizer:
                            if inner else None)
         self._spm_chunks = regex.compile("\u2581*[^\u2581]+|\u2581+")
 
+    def _init_rwkv(self) -> None:
+        """A byte trie of the unescaped tokens (`llm_tokenizer_rwkv`): nested dicts, byte ->
+        [children, token id or None]; a later token with the same bytes wins, as there."""
+        self._rwkv_trie: dict[int, list] = {}
+        for i, token in enumerate(self._tokens):
+            node, entry = self._rwkv_trie, None
+            for b in _unescape_rwkv(token):
+                entry = node.setdefault(b, [{}, None])
+                node = entry[0]
+            if entry is not None:
+                entry[1] = i
+
     # ------------------------------------------------------------------ encoding
 
     def encode(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
@@ -659,6 +701,12 @@ class Tokenizer:
                     out.append(frag)
             if add_special and self.add_eos:
                 out.append(self.eos_id)
+        elif self.kind == "rwkv":  # `llm_tokenizer_rwkv_session`: no BOS/EOS
+            for frag in fragments:
+                if isinstance(frag, str):
+                    self._rwkv_fragment(frag.encode("utf-8", "surrogateescape"), out)
+                else:
+                    out.append(frag)
         else:
             if add_special:  # BERT: [CLS] ... [SEP]
                 if self.bos_id is None:
@@ -674,6 +722,31 @@ class Tokenizer:
                     raise TokenizerError("this vocabulary has no SEP token")
                 out.append(self.sep_id)
         return out
+
+    def _rwkv_fragment(self, text: bytes, out: list[int]) -> None:
+        """Greedy longest match through the byte trie, as `llm_tokenizer_rwkv_session`
+        walks it (an unmatched byte is UNK)."""
+        position, n = 0, len(text)
+        while position < n:
+            entry = self._rwkv_trie.get(text[position])
+            if entry is None:
+                if self.unk_id is None:
+                    raise TokenizerError(f"byte {text[position]:#04x} has no token and the vocabulary has no UNK")
+                out.append(self.unk_id)
+                position += 1
+                continue
+            token_id, token_end = None, position + 1
+            while entry is not None:
+                if entry[1] is not None:
+                    token_id, token_end = entry[1], position + 1
+                if position + 1 >= n:
+                    break
+                position += 1
+                entry = entry[0].get(text[position])
+            if token_id is None:  # a prefix of tokens only: llama.cpp emits token 0 and restarts
+                raise TokenizerError(f"bytes at {token_end - 1} start tokens but are none: a malformed RWKV vocabulary")
+            out.append(token_id)
+            position = token_end
 
     def _partition(self, text: str, parse_special: bool) -> list[str | int]:
         """Cut special tokens out of `text` (`llama_vocab::impl::tokenizer_st_partition`).
@@ -1048,6 +1121,8 @@ class Tokenizer:
 
     def _make_piece(self, id: int) -> bytes:
         attr, text = self._attrs[id], self._tokens[id]
+        if self.kind == "rwkv":  # every token is its escaped bytes
+            return _unescape_rwkv(text)
         if attr & (_ATTR_SPECIAL | ATTR_USER_DEFINED):
             return text.encode("utf-8", "surrogateescape")
         if attr & ATTR_NORMAL:
