@@ -75,7 +75,9 @@ def main() -> None:
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
     ap.add_argument("--mlx-first", action="store_true", help="import mlx.core before mlxllm")
     args = ap.parse_args()
-    print(f"MLX's BLAS: {_blas.loaded or 'as its wheel links it'}; mlxllm's CPU kernels' BLAS: "
+    if mlxllm.kernels.cpu.KERNELS is not None:  # the same threads on both sides
+        mlxllm.kernels.cpu.KERNELS.set_num_threads(args.threads)
+    print(f"threads: {args.threads}; MLX's BLAS: {_blas.loaded or 'as its wheel links it'}; mlxllm's CPU kernels' BLAS: "
           f"{BLAS or 'none (their own GEMM)'}; CPU kernels: {mlxllm.kernels.cpu.UNAVAILABLE or 'on'}")
     width = max(14, *(len(os.path.basename(n)) + 1 for n in args.models))
     print(f"{'model':<{width}}{'test':<7}{'llama.cpp':>11}{'mlxllm':>10}{'ratio':>8}{'best':>9}{'best':>9}{'ratio':>8}"

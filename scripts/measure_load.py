@@ -1,6 +1,10 @@
 """Load time and peak resident memory of loading a GGUF model into MLX.
 
     python scripts/measure_load.py smollm2:135m gemma3:270m
+    python scripts/measure_load.py --types Q4_0,Q6_K,IQ4_XS   # SmolLM2 re-quantized by llama.cpp
+
+--types writes SmolLM2-135M in each llama.cpp file type (as scripts/quant_matrix.py does,
+into --out, kept for the next run) and measures those files.
 
 Prints one JSON line per model. `peak_delta` is the process's peak RSS (VmHWM) minus its
 RSS just before loading (after imports), so the interpreter and MLX runtime are not
@@ -12,9 +16,12 @@ one's peak does not hide the next.
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 
 def _status_kib(field: str) -> int:
@@ -65,9 +72,38 @@ def measure(name: str) -> dict:
     return result
 
 
+def quantized_files(types: list[str], out: Path) -> list[str]:
+    """SmolLM2-135M in each llama.cpp file type (quant_matrix.py's recipes), written once."""
+    spec = importlib.util.spec_from_file_location("quant_matrix", Path(__file__).with_name("quant_matrix.py"))
+    qm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qm)
+    from mlxllm.models import resolve
+
+    out.mkdir(parents=True, exist_ok=True)
+    f32 = out / "smollm2-135m-f32.gguf"
+    if not f32.exists():
+        qm.write_f32(resolve("smollm2:135m"), f32)
+    paths = []
+    for name in types:
+        dst = out / f"smollm2-135m-{name.lower()}.gguf"
+        if not dst.exists():
+            error = (qm.quantize_with_imatrix(f32, dst, name, out) if name in qm.NEEDS_IMATRIX
+                     else qm.quantize(f32, dst, qm.FTYPES[name]))
+            if error:
+                raise SystemExit(f"{name}: {error}")
+        paths.append(str(dst))
+    return paths
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--one":
         print(json.dumps(measure(sys.argv[2])))
     else:
-        for name in sys.argv[1:] or ["smollm2:135m", "gemma3:270m"]:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("models", nargs="*")
+        ap.add_argument("--types", help="comma-separated llama.cpp file types of SmolLM2 to measure")
+        ap.add_argument("--out", default="/tmp/mlxllm-load-types", help="where --types writes its files")
+        args = ap.parse_args()
+        names = args.models + (quantized_files(args.types.split(","), Path(args.out)) if args.types else [])
+        for name in names or ["smollm2:135m", "gemma3:270m"]:
             subprocess.run([sys.executable, __file__, "--one", name], check=True)
