@@ -183,6 +183,8 @@ class _Row:
             and request.logprobs is None and request.reasoning_budget is None
         self.forced: list[int] = []  # tokens written for the model (a reasoning budget's close)
         self.reasoned = 0  # tokens inside the reasoning block, while the budget watches it
+        if request.reasoning_budget is not None and request.reasoning_budget[0] <= 0:
+            self.forced = list(request.reasoning_budget[1])  # no reasoning at all: close at once
         # What the penalties see: the prompt and every fed token, appended lazily at launch.
         self.recent = mx.array(request.prompt, mx.int32) if self.processors else None
         self.text = TextStream(tokenizer, request.stop) if tokenizer is not None else None
