@@ -717,18 +717,7 @@ class GraniteHybrid(GraniteMoe):
     def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
         if bid not in self.ssm_layers or name.endswith("block_sparse_moe.input_linear.weight") or "shared_mlp" in name:
             return super().tensors(name, t, bid)
-        new_name = self.map_name(name)
-        if self.is_tensor(new_name, MODEL_TENSOR.SSM_CONV1D, bid):
-            squeezed = tuple(n for n in t.shape if n != 1)
-            t = t.map(lambda a: a.reshape(squeezed), shape=squeezed)
-        elif new_name in (self.tensor_name(MODEL_TENSOR.SSM_A, bid, ""), self.tensor_name(MODEL_TENSOR.SSM_D, bid, "")):
-            t = t.map(lambda a: a.reshape(*a.shape, 1), shape=(*t.shape, 1))
-        elif self.is_tensor(new_name, MODEL_TENSOR.SSM_NORM, bid):
-            shape = (self.n_group, self.d_inner // self.n_group)
-            t = t.map(lambda a: a.reshape(shape), shape=shape)
-        if name.endswith(".A_log"):
-            t = t.map(neg_exp)
-        return [(new_name, t)]
+        return Mamba2.mamba2_tensors(self, name, t, bid)  # (needs n_group and d_inner, which it sets)
 
 
 class Ernie4_5(Converter):
@@ -1236,6 +1225,10 @@ class Mamba2(Converter):
         w.add_layer_norm_rms_eps(self.find("layer_norm_epsilon", "rms_norm_eps", default=None) or 1e-5)
 
     def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        return self.mamba2_tensors(name, t, bid)
+
+    def mamba2_tensors(self, name: str, t: Tensor, bid: int | None) -> list[tuple[str, Tensor]]:
+        """A Mamba-2 mixer's tensor as llama.cpp's Mamba2Model writes it (Granite 4.0-H's too)."""
         new_name = self.map_name(name)
         if self.is_tensor(new_name, MODEL_TENSOR.SSM_CONV1D, bid):
             squeezed = tuple(n for n in t.shape if n != 1)
