@@ -122,7 +122,7 @@ def well_formed_error(path: str, response: httpx.Response) -> bool:
 
 
 def run(url: str, cases: int, seed: int, model: str, embed_model: str | None = None,
-        headers: dict | None = None, timeout: float = 60.0, log=print) -> dict:
+        headers: dict | None = None, timeout: float = 300.0, log=print) -> dict:
     """Send `cases` mutated requests; returns counts and the failing cases."""
     rng = random.Random(seed)
     client = httpx.Client(base_url=url, headers=headers or {}, timeout=timeout)
