@@ -160,8 +160,9 @@ def load_model(path: str, dtype: mx.Dtype = mx.float32, dense: bool | None = Non
         check_args(args)
     except HyperparameterError as e:
         raise LoadError(f"{path}: invalid {arch.name} hyperparameter: {e}") from None
-    except (KeyError, TypeError, ValueError) as e:
-        raise LoadError(f"{path}: metadata for {arch.name!r} is incomplete or invalid: {e}") from None
+    except (KeyError, TypeError, ValueError, ArithmeticError) as e:  # ArithmeticError: a zero it divides by
+        detail = f"{type(e).__name__}: {e}" if isinstance(e, ArithmeticError) else e
+        raise LoadError(f"{path}: metadata for {arch.name!r} is incomplete or invalid: {detail}") from None
     try:
         model = arch.model(args)
     except KeyError as e:  # a tensor the layer's shape is read from

@@ -66,6 +66,8 @@ DIMENSION_KEYS = (
 )
 # Keys a layer divides by (a zero-width linear layer, a zero-size state): positive where present.
 POSITIVE_KEYS = (Keys.LLM.EMBEDDING_LENGTH, Keys.Attention.KEY_LENGTH, Keys.Attention.VALUE_LENGTH,
+                 Keys.Attention.KEY_LENGTH_MLA, Keys.Attention.VALUE_LENGTH_MLA,
+                 Keys.Attention.KEY_LENGTH_SWA, Keys.Attention.VALUE_LENGTH_SWA,
                  Keys.SSM.CONV_KERNEL, Keys.SSM.INNER_SIZE, Keys.SSM.STATE_SIZE, Keys.SSM.TIME_STEP_RANK)
 # Keys that are layer counts: no more than the file's blocks.
 LAYER_KEYS = (Keys.LLM.LEADING_DENSE_BLOCK_COUNT, Keys.LLM.NEXTN_PREDICT_LAYERS, Keys.Attention.SHARED_KV_LAYERS)
