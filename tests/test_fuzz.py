@@ -153,3 +153,15 @@ def test_thread_count_is_bounded():
         with pytest.raises(ValueError, match="set_num_threads"):
             K.set_num_threads(n)
     assert K.num_threads() == before
+
+
+def test_a_window_longer_than_the_context_within_twice_it_loads():
+    """Real files state windows past their context (Phi-3.5: 262,144 for 131,072): up to
+    twice the context loads and runs; past it, the cache it would hold is refused."""
+    seed = "tests/fixtures/archs/gpt-oss.q8_0.gguf"
+    buf = (ROOT / seed).read_bytes()
+    field = fuzz_gguf.parse_layout(buf).fields["kv:gpt-oss.context_length"]
+    ctx = int.from_bytes(buf[field.offset:field.offset + field.size], "little")
+    assert _one([["set", "kv:gpt-oss.attention.sliding_window", 2 * ctx]], seed)["outcome"] == "ok"
+    result = _one([["set", "kv:gpt-oss.attention.sliding_window", 2 * ctx + 1]], seed)
+    assert result["outcome"] == "error" and "sliding_window" in result["message"], result
