@@ -148,3 +148,46 @@ def test_bad_arguments_raise():
         K.matmul(mx.zeros((2, 3, 4)), mx.zeros((3, 4, 5)))
     with pytest.raises(ValueError, match="columns"):
         K.matmul(mx.zeros((3, 4)), mx.zeros((5, 3)), True)
+
+
+# Peak resident memory of loading a file, over the file's size: the GGUF blocks are the
+# weights, so loading holds little more than the file. Three file types of SmolLM2 written
+# by llama.cpp: a K-quant mix with Q6_K, a codebook i-quant and a ternary one.
+RSS_TYPES = ["Q3_K_M", "IQ4_XS", "TQ2_0"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_f32(tmp_path_factory):
+    from mlxllm.models import resolve
+
+    path = tmp_path_factory.mktemp("load-rss") / "smollm2-135m-f32.gguf"
+    _quant_matrix().write_f32(resolve("smollm2:135m"), path)
+    return path
+
+
+def _quant_matrix():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "quant_matrix", Path(__file__).parent.parent / "scripts" / "quant_matrix.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", RSS_TYPES)
+def test_peak_rss_of_loading_is_the_file(name, smollm2_f32):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    qm = _quant_matrix()
+    dst = smollm2_f32.with_name(f"smollm2-135m-{name.lower()}.gguf")
+    assert qm.quantize(smollm2_f32, dst, qm.FTYPES[name]) is None
+    script = Path(__file__).parent.parent / "scripts" / "measure_load.py"
+    r = subprocess.run([sys.executable, str(script), "--one", str(dst)], capture_output=True, text=True, check=True)
+    m = json.loads(r.stdout)
+    assert m["loaded"] == "model" and m["widening"] <= 1.0, m
+    assert m["ratio"] <= 1.15, m

@@ -20,6 +20,7 @@ Architectures call `matmul(x, w)` / `embed(ids, w)` with a `QuantizedTensor`, an
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import sys
 import warnings
@@ -185,9 +186,28 @@ def stacking_layout(w: QuantizedTensor) -> tuple | None:
     return (w.shape[1], *((p.bits, p.group_size, p.mode, p.scales.dtype, p.biases is None) for p in parts))
 
 
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim if sys.platform == "linux" else None
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Hands the C heap's free pages back to the system. MLX's CPU buffers come from
+    malloc; stacking frees each projection's original buffer after copying it, and glibc
+    keeps those holes mapped: measured, SmolLM2's resident memory stayed at 1.3x the file
+    after loading, 1.0x once trimmed."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def stack_rows(ws: list[QuantizedTensor]) -> list[Part]:
     """W0, W1, ... (one `stacking_layout`) stacked by rows, as the parts of one weight: one
     product then reads them all in one pass."""
+    _return_freed_memory()  # the buffers the previous stacking replaced
     if _cpu_blocks(ws[0]) is not None:  # one part holding the stacked blocks (mode "gguf")
         blocks = mx.concatenate([w.weight for w in ws])
         return [Part(blocks, mx.zeros((blocks.shape[0], 0), mx.float32), None, 0, 0, "gguf")]
