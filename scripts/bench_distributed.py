@@ -25,6 +25,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -139,21 +140,31 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--ranks", default="1,2,3")
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds over the rank counts, interleaved (a busy machine's load shifts): medians")
     parser.add_argument("--port", type=int, default=43210)
     args = parser.parse_args()
+    counts = [int(n) for n in args.ranks.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="bench_distributed_"))
     try:
+        runs: dict[int, list[list[dict]]] = {n: [] for n in counts}
+        for round_ in range(args.repeat):
+            for ranks in counts:
+                out = tmp / f"{ranks}-{round_}"
+                runs[ranks].append(run_worker(args.model, ranks, out, args.tokens, args.port + 10 * ranks + round_))
         base = base_text = None
-        for ranks in (int(n) for n in args.ranks.split(",")):
-            results = run_worker(args.model, ranks, tmp / str(ranks), args.tokens, args.port + 10 * ranks)
-            tps = results[0]["decode_tps"]
+        for ranks in counts:
+            tps = statistics.median(results[0]["decode_tps"] for results in runs[ranks])
+            prompt_s = statistics.median(results[0]["prompt_s"] for results in runs[ranks])
+            results = runs[ranks][0]
             base = base or tps
             same = "" if ranks == 1 or base_text is None else \
                 f", text {'equal to' if results[0]['text'] == base_text else 'DIFFERENT from'} one process"
             if ranks == 1:
                 base_text = results[0]["text"]
             print(f"{ranks} rank(s): {tps:.1f} tokens/s decode ({tps / base:.2f}x one process), "
-                  f"prompt {results[0]['prompt_s']:.2f} s{same}")
+                  f"first token {prompt_s:.2f} s{same}"
+                  + (f" (medians of {args.repeat})" if args.repeat > 1 else ""))
             for r in results:
                 print(f"  rank {r['rank']}: layers {r['layers'][0]}-{r['layers'][1] - 1}, weights {r['weights_mb']:.1f} MiB; "
                       f"RSS before loading {r['base_rss_mb']:.0f} MiB, after {r['loaded_rss_mb']:.0f} MiB "
