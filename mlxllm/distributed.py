@@ -63,8 +63,9 @@ LAUNCH_ENV = ("MLX_RANK", "MLX_WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 
-class PipelineError(RuntimeError):
-    """The ranks disagree on what they run (a different file, split or model)."""
+class PipelineError(ValueError):
+    """The ranks disagree on what they run (a different file, split or model): a setup
+    mistake, told in one line (the command line prints it as an error)."""
 
 
 def launched() -> bool:

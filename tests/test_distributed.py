@@ -131,6 +131,11 @@ def test_cli_run_as_the_readme_writes_it():
                          capture_output=True, text=True, timeout=600, env=env, check=True)
     assert one.stdout.strip() and two.stdout == one.stdout  # printed once, by rank 0
     assert two.stderr.count("cut off") == 1, two.stderr  # rank 0's note alone
+    # a split of one's own (the environment reaches every rank through mlx.launch)
+    split = subprocess.run(bench.launch_command(2, next(PORTS), str(MLXLLM), *args), stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=600, check=True,
+                           env={**env, "MLXLLM_PIPELINE_SPLIT": "5,25"})
+    assert split.stdout == one.stdout, split.stderr
     refused = subprocess.run(bench.launch_command(2, next(PORTS), str(MLXLLM), "run", "smollm2:135m"),
                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300, env=env,
                              check=False)
