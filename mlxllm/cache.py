@@ -355,24 +355,37 @@ class BatchKVCache:
 
 
 RECURRENT = "recurrent"  # batch_window's answer for a RecurrentCache: BatchRecurrentCache
+KV_RECURRENT = "kv+recurrent"  # ... and for a KVRecurrentCache: BatchKVRecurrentCache
+
+
+def is_recurrent(window: int | None | bool | str) -> bool:
+    """Whether a batched form holds a recurrent state: one that cannot drop positions, and
+    serves a stored prefix only at exactly its own length."""
+    return window in (RECURRENT, KV_RECURRENT)
 
 
 def batch_window(kind) -> int | None | bool | str:
     """The batched form of a cache kind a model declares in `make_cache()`: its sliding
-    window (None: full history), RECURRENT for a recurrent state, or False for a kind the
-    batch has no form of."""
+    window (None: full history), RECURRENT or KV_RECURRENT for a recurrent state (without
+    or with keys and values), or False for a kind the batch has no form of."""
     if type(kind) is KVCache:
         return None
     if type(kind) is RotatingKVCache:
         return kind.max_size
     if type(kind) is RecurrentCache:
         return RECURRENT
+    if type(kind) is KVRecurrentCache:
+        return KV_RECURRENT
     return False
 
 
 def batch_cache(window: int | None | str, bits: int | None = None) -> BatchKVCache | BatchRecurrentCache:
     """An empty batched cache of the form `batch_window` gave."""
-    return BatchRecurrentCache() if window == RECURRENT else BatchKVCache(window, bits)
+    if window == RECURRENT:
+        return BatchRecurrentCache()
+    if window == KV_RECURRENT:
+        return BatchKVRecurrentCache(None, bits)
+    return BatchKVCache(window, bits)
 
 
 def batch_cache_from_state(state: tuple, n: int, window: int | None | str, bits: int | None = None
@@ -380,7 +393,18 @@ def batch_cache_from_state(state: tuple, n: int, window: int | None | str, bits:
     """One row at position n from a stored `row_state` of that form, or None."""
     if window == RECURRENT:
         return BatchRecurrentCache.from_state(state, n)
+    if window == KV_RECURRENT:
+        return BatchKVRecurrentCache.from_state(state, n, None, bits)
     return BatchKVCache.from_state(state, n, window, bits)
+
+
+def _arrays(state) -> list[mx.array]:
+    """Every array in a (nested) row state."""
+    if isinstance(state, mx.array):
+        return [state]
+    if isinstance(state, (list, tuple)):
+        return [a for part in state for a in _arrays(part)]
+    return []
 
 
 class PrefixCache:
@@ -425,8 +449,9 @@ class PrefixCache:
                 return
         # Entries this one extends are redundant: every prefix of theirs is one of its.
         self._entries = [e for e in self._entries if not (e[0].size <= key.size and self._shared(e[0], key) == e[0].size)]
-        mx.eval([s[:2] for s in states])
-        nbytes = sum(p.nbytes for keys, values, _ in states for p in keys + values)
+        arrays = _arrays(states)
+        mx.eval(arrays)
+        nbytes = sum(a.nbytes for a in arrays)
         self._entries.append((key, states, nbytes))
         while len(self._entries) > 1 and sum(e[2] for e in self._entries) > self.budget:
             self._entries.pop(0)
@@ -481,7 +506,8 @@ class RecurrentCache(_ConvScanState):
 class KVRecurrentCache(KVCache):
     """A layer that runs attention and a recurrent mixer side by side (Falcon-H1): keys and
     values as `KVCache` keeps them, plus `RecurrentCache`'s conv and ssm state. `offset` is
-    the KV cache's, which the attention advances; the mixer's `advance` leaves it."""
+    the KV cache's, which the attention advances; the mixer's `advance` leaves it. Its
+    batched form is `BatchKVRecurrentCache`."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -566,3 +592,54 @@ class BatchRecurrentCache(_ConvScanState):
         self.conv = None if self.conv is None else self.conv[index]
         self.ssm = None if self.ssm is None else self.ssm[index]
         self.lengths = [self.lengths[i] for i in rows]
+
+
+class BatchKVRecurrentCache(BatchKVCache):
+    """`KVRecurrentCache` for B rows (Falcon-H1: attention and a Mamba-2 mixer in every
+    layer): BatchKVCache's keys and values, whose offsets the attention advances, and a
+    BatchRecurrentCache's per-row conv and ssm state, which the mixer reads, writes and
+    advances. Rows join and leave both together; like any recurrent state it cannot drop
+    positions."""
+
+    def __init__(self, window: None = None, bits: int | None = None) -> None:
+        super().__init__(window, bits)
+        self.recurrent = BatchRecurrentCache()
+
+    conv = property(lambda self: self.recurrent.conv, lambda self, a: setattr(self.recurrent, "conv", a))
+    ssm = property(lambda self: self.recurrent.ssm, lambda self, a: setattr(self.recurrent, "ssm", a))
+
+    def advance(self, n: int) -> None:
+        self.recurrent.advance(n)
+
+    @property
+    def state(self) -> list[mx.array] | None:
+        arrays = [*(super().state or ()), *(self.recurrent.state or ())]
+        return arrays or None
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + self.recurrent.nbytes
+
+    def trim(self, n: int) -> None:
+        self.recurrent.trim(n)
+
+    def row_state(self, b: int, length: int) -> tuple:
+        return super().row_state(b, length), self.recurrent.row_state(b, length)
+
+    @classmethod
+    def from_state(cls, state: tuple, n: int, window: None = None, bits: int | None = None
+                   ) -> BatchKVRecurrentCache | None:
+        cache = super().from_state(state[0], n, window, bits)
+        recurrent = BatchRecurrentCache.from_state(state[1], n)
+        if cache is None or recurrent is None:
+            return None
+        cache.recurrent = recurrent
+        return cache
+
+    def extend(self, other: BatchKVRecurrentCache) -> None:
+        super().extend(other)
+        self.recurrent.extend(other.recurrent)
+
+    def keep_rows(self, rows: list[int]) -> None:
+        super().keep_rows(rows)
+        self.recurrent.keep_rows(rows)

@@ -26,7 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import RECURRENT, BatchKVCache, PrefixCache, batch_cache, batch_cache_from_state, batch_window
+from .cache import BatchKVCache, PrefixCache, batch_cache, batch_cache_from_state, batch_window, is_recurrent
 from .sample import SamplingParams, make_logits_processors, make_sampler
 
 PREFILL_STEP = 512  # prompt tokens per forward pass while filling the cache
@@ -405,13 +405,13 @@ class BatchGenerator:
             raise ValueError("choose a draft model or prompt lookup, not both")
         if draft_tokens < 1:
             raise ValueError("draft_tokens must be at least 1")
-        if not self.batched or RECURRENT in self.windows:
+        if not self.batched or any(map(is_recurrent, self.windows)):
             raise ValueError("speculative decoding needs a model whose caches can drop positions "
                              "(attention caches; not recurrent state)")
         windows = None
         if draft_model is not None:
             windows = [batch_window(kind) for kind in draft_model.make_cache()]
-            if not getattr(draft_model, "batchable", False) or any(w is False or w == RECURRENT for w in windows):
+            if not getattr(draft_model, "batchable", False) or any(w is False or is_recurrent(w) for w in windows):
                 raise ValueError("the draft model's caches cannot drop positions")
             draft_vocab = getattr(getattr(draft_model, "args", None), "vocab_size", None)
             if draft_vocab is not None and self.vocab_size is not None and draft_vocab > self.vocab_size:
@@ -664,7 +664,7 @@ class BatchGenerator:
         if self.prefixes is None or row.finish == "error":
             return
         n = len(row.fed)
-        if RECURRENT in self.windows:  # a state is that of every position it has seen: the
+        if any(map(is_recurrent, self.windows)):  # a state is that of every position it has seen: the
             n = min(c.lengths[b] for c in caches)  # last token too where a step launched ahead fed it
         self.prefixes.store(row.history[:n], [c.row_state(b, n) for c in caches])
 

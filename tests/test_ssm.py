@@ -90,21 +90,20 @@ def run(generator: BatchGenerator, prompts: list[list[int]], limits: list[int], 
     return out
 
 
-# mamba, lfm2 and nemotron_h (whose FFN layers hold an empty state) batch their rows;
-# falcon-h1's layers hold keys, values and a state together, a kind with no batched form.
-@pytest.mark.parametrize(("name", "batched"), [("mamba", True), ("lfm2", True), ("nemotron_h", True),
-                                               ("falcon-h1", False)])
-def test_generation_loop_rows_get_llama_cpp_greedy_tokens(name, batched):
+# mamba, lfm2, nemotron_h (whose FFN layers hold an empty state) and falcon-h1 (whose layers
+# hold keys, values and a state together) batch their rows.
+@pytest.mark.parametrize("name", ["mamba", "lfm2", "nemotron_h", "falcon-h1"])
+def test_generation_loop_rows_get_llama_cpp_greedy_tokens(name):
     """Rows join while others decode and leave at different lengths; each gets llama.cpp's
     greedy tokens and what it gets alone. Batched rows share one forward pass (each row's
-    state its own), the others run one at a time."""
+    state its own)."""
     import llama_cpp
 
     path = FIXTURES / f"{name}.f32.gguf"
     model = load_model(str(path))[0]
     generator = BatchGenerator(model, None, max_batch=4, prefill_step=16)
-    assert generator.batched == batched
-    assert all(batch_window(kind) is not False for kind in model.make_cache()) == batched
+    assert generator.batched
+    assert all(batch_window(kind) is not False for kind in model.make_cache())
     prompts = [token_ids(name, n) for n in (5, 37, 20)]
     limits = [12, 6, 9]
     out = run(generator, prompts, limits, {0: [0, 1], 4: [2]})
@@ -118,7 +117,7 @@ def test_generation_loop_rows_get_llama_cpp_greedy_tokens(name, batched):
         llm.close()
 
 
-@pytest.mark.parametrize("name", ["mamba2", "lfm2"])
+@pytest.mark.parametrize("name", ["mamba2", "lfm2", "falcon-h1"])
 def test_prefix_cache_reuses_a_state_at_its_exact_length(name):
     """A finished row's state serves a prompt that continues everything the row fed (a
     chat's next turn): the prompt starts past it and decodes what a fresh prefill does. A

@@ -4,9 +4,8 @@ the layer's FFN or experts as in any decoder (llama.cpp's granite-hybrid.cpp, lf
 
 Attention layers keep keys and values (KVCache, or RotatingKVCache where they slide); the
 others carry a RecurrentCache, Falcon-H1's layers a KVRecurrentCache. Rows of a batch share a
-forward pass where every kind has a batched form (`mlxllm.cache.batch_window`): attention
-masks come from the attention layers' caches, a recurrent state is each row's own. Falcon-H1's
-combined cache has none: the generation loop runs its rows one at a time."""
+forward pass (every kind has a batched form, `mlxllm.cache.batch_window`): attention masks
+come from the attention layers' caches, a recurrent state is each row's own."""
 
 from __future__ import annotations
 
