@@ -573,3 +573,14 @@ def test_openai_reasoning_content(oa):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == message.content
     plain = oa.chat.completions.create(**{**kwargs, "extra_body": {}})  # the template's default: closed at once
     assert "reasoning_content" not in plain.choices[0].message.model_extra
+
+
+def test_ollama_generate_thinks_as_chat_does(ol):
+    options = {**OPTIONS, "reasoning_budget": 8}
+    chat = ol.chat(THINK_MODEL, messages=QUESTION, think=True, options=options)
+    gen = ol.generate(THINK_MODEL, QUESTION[0]["content"], think=True, options=options)
+    assert gen.thinking and (gen.thinking, gen.response) == (chat.message.thinking, chat.message.content)
+    parts = list(ol.generate(THINK_MODEL, QUESTION[0]["content"], think=True, options=options, stream=True))
+    assert "".join(p.thinking or "" for p in parts) == gen.thinking and "".join(p.response for p in parts) == gen.response
+    plain = ol.generate(THINK_MODEL, QUESTION[0]["content"], options=OPTIONS)  # no think: the template's default
+    assert not plain.thinking and plain.response

@@ -95,20 +95,36 @@ def ollama_final(model: str, stats: dict) -> dict:
 
 async def ollama_respond(request: web.Request, req: Request, stream: bool,
                          chunk: Callable[[str], dict], final: Callable[[str, dict], dict]) -> web.StreamResponse:
-    """Run a generation and answer in Ollama's shape: NDJSON chunks, or one object."""
+    """Run a generation and answer in Ollama's shape: NDJSON chunks, or one object; the
+    reasoning of a thinking template's reply, split off, goes in `thinking`."""
     run = await start(request.app, req)
+    reply = run.shape.reply()
+    show = run.shape.show_reasoning
+
+    def shaped(make: Callable[..., dict], deltas: list[Delta], *args) -> dict:
+        out = make("".join(d.text for d in deltas if d.kind == "content"), *args)
+        thinking = "".join(d.text for d in deltas if d.kind == "reasoning")
+        if thinking and show:
+            out["thinking"] = thinking
+        return out
+
     try:
         if not stream:
-            text = []
+            deltas: list[Delta] = []
             async for kind, value in run.events():
                 if kind == "text":
-                    text.append(value)
+                    deltas += reply.feed(value)
                 else:
-                    return web.json_response(final("".join(text), value))
+                    return web.json_response(shaped(final, deltas + reply.close(), value))
         response = await ndjson_stream(request)
         try:
             async for kind, value in run.events():
-                await response.write(line(chunk(value) if kind == "text" else final("", value)))
+                if kind == "text":
+                    deltas = reply.feed(value)
+                    if deltas:
+                        await response.write(line(shaped(chunk, deltas)))
+                else:
+                    await response.write(line(shaped(final, reply.close(), value)))
         except ApiError as e:  # headers are sent: the error goes in the stream
             await response.write(line({"error": e.message}))
         await response.write_eof()
@@ -161,7 +177,11 @@ async def api_generate(request: web.Request) -> web.StreamResponse:
             text = render(tokenizer, messages, template)
         return list(context) + encode_prompt(tokenizer, text, limit)
 
-    req = ollama_request(body, model, build, defaults)
+    chat = None
+    if body.get("think") is not None and not raw and not context:  # rendered with the template's switch
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        chat = ollama_chat({"think": body["think"]}, messages, template)
+    req = ollama_request(body, model, None if chat else build, defaults, chat)
     if not prompt and not context:
         return await ollama_load_only(request, body, model, {"response": ""})
 
