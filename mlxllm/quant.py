@@ -8,7 +8,9 @@ Three ways a GGUF tensor can land in MLX:
   `mx.dequantize` read them directly.
 - "packed": everything MLX cannot express (sub-blocks of 16, codebooks, ternary packs) keeps
   the GGUF bytes unchanged, uint8 (rows, bytes_per_row). `mlxllm.kernels` reads them; its
-  pure-MLX reference dequantizer is the portable path.
+  pure-MLX reference dequantizer is the portable path. On the CPU with mlxllm's kernels,
+  2-D tensors of the native types stay packed too (`keeps_blocks_on_cpu`): the kernels
+  there read GGUF blocks as stored, so memory is the file's.
 
 Every converter below mirrors the block layout in ggml-quants.c / gguf-py's quants.py, and
 the tests check each type bit for bit against `gguf.quants.dequantize`.
