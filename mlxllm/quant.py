@@ -143,11 +143,18 @@ QUANT_TABLE: dict[T, Layout] = {
 def keeps_blocks_on_cpu(qtype: T, shape: tuple[int, ...]) -> bool:
     """Whether a tensor loads as its GGUF blocks, unchanged, for mlxllm's CPU kernels
     (kernels/cpu/gguf.cpp): on MLX's CPU with the kernels built, for a 2-D tensor of a type
-    they read. Experts (3-D) keep MLX's layouts, which the gather kernels read.
-    MLXLLM_CPU_BLOCKS=0 turns this off (the affine / widened layouts of before)."""
+    with integer dot products there (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K).
+    Experts (3-D) keep MLX's layouts, which the gather kernels read. The other packed types
+    keep their widened image (kernels/widen.py): their block kernels decode to floats and
+    run 3-20x slower per decoded token than the widened matvec (measured, one core), so
+    they trade memory for that speed until they get integer kernels.
+    MLXLLM_CPU_BLOCKS=0 turns this off (the affine / widened layouts of before);
+    MLXLLM_CPU_BLOCKS=all keeps every type the kernels read as blocks (memory = file)."""
     cpu = kernels.cpu.active()
-    return (cpu is not None and len(shape) == 2 and os.environ.get("MLXLLM_CPU_BLOCKS", "1") != "0"
-            and QUANT_TABLE.get(qtype, FLOAT).kind in ("affine", "packed") and cpu.gguf_has_kernel(int(qtype)))
+    choice = os.environ.get("MLXLLM_CPU_BLOCKS", "1")
+    if cpu is None or len(shape) != 2 or choice == "0" or QUANT_TABLE.get(qtype, FLOAT).kind not in ("affine", "packed"):
+        return False
+    return cpu.gguf_has_kernel(int(qtype)) if choice == "all" else cpu.gguf_integer_dots(int(qtype))
 
 
 def mode_of(qtype: T, weight: mx.array | None, widened: bool) -> str:
