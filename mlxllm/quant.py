@@ -143,7 +143,8 @@ QUANT_TABLE: dict[T, Layout] = {
 def keeps_blocks_on_cpu(qtype: T, shape: tuple[int, ...]) -> bool:
     """Whether a tensor loads as its GGUF blocks, unchanged, for mlxllm's CPU kernels
     (kernels/cpu/gguf.cpp): on MLX's CPU with the kernels built, for a 2-D tensor of a type
-    with integer dot products there (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K).
+    with integer dot products there (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL,
+    IQ4_XS).
     Experts (3-D) keep MLX's layouts, which the gather kernels read. The other packed types
     keep their widened image (kernels/widen.py): their block kernels decode to floats and
     run 3-20x slower per decoded token than the widened matvec (measured, one core), so

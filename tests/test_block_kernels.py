@@ -33,7 +33,7 @@ INTEGER = [t for t in TYPES if K.gguf_integer_dots(int(t))]
 def test_every_type_with_a_block_decoder_has_a_kernel():
     expected = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, *source.kernel_types()}
     assert set(TYPES) == expected
-    assert set(INTEGER) == {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K}
+    assert set(INTEGER) == {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS}
 
 
 def _weight(qtype: Q, rows: int, blocks_per_row: int, seed: int, edge: bool = False) -> tuple[np.ndarray, int]:
@@ -153,8 +153,8 @@ def test_bad_arguments_raise():
 # Peak resident memory of loading a file, over the file's size: the GGUF blocks are the
 # weights, so loading holds little more than the file. Three file types of SmolLM2 written
 # by llama.cpp (its 576 columns make k-quant files mostly 32-block types; Gemma 3's Q4_K_M
-# is checked in test_real_models.py); MLXLLM_CPU_BLOCKS=all for an i-quant, whose blocks
-# stay as stored only on request (see quant.keeps_blocks_on_cpu).
+# is checked in test_real_models.py), with MLXLLM_CPU_BLOCKS=all so that every type present
+# stays blocks (see quant.keeps_blocks_on_cpu).
 RSS_TYPES = ["Q4_0", "Q5_1", "IQ4_XS"]
 
 

@@ -8,9 +8,10 @@
 // where the build targets it, a portable loop elsewhere, which compilers vectorize for
 // NEON), scaled once per block in float. Codes are used as stored, unsigned; a type's zero
 // point (Q4_0's 8, Q6_K's 32) comes back through the activation block's sum, and Q4_1/Q5_1/
-// Q4_K/Q5_K's minimums the same way. Every activation row reuses a weight row while it is
-// in L1; the threads split output rows.
-// Types without an integer kernel here (IQ*, TQ*, NVFP4, Q2_K, Q3_K) decode each block to
+// Q4_K/Q5_K's minimums the same way; IQ4_NL/IQ4_XS codes become their signed values through
+// one byte shuffle. Every activation row reuses a weight row while it is in L1; the threads
+// split output rows.
+// Types without an integer kernel here (IQ1-3, TQ*, NVFP4, Q2_K, Q3_K) decode each block to
 // floats with the shared decoders of ../blocks/*.h and multiply float activations.
 //
 // Prefill (more rows): a tile of weight rows is dequantized (bit-exact to gguf-py) and
@@ -110,8 +111,8 @@ bool type_info(int t, TypeInfo& info) {
     case Q3_K: info = {QK_Q3_K, BYTES_Q3_K, Path::FLOAT, dq8_q3_k}; return true;
     case TQ1_0: info = {QK_TQ1_0, BYTES_TQ1_0, Path::FLOAT, dq8_tq1_0}; return true;
     case TQ2_0: info = {QK_TQ2_0, BYTES_TQ2_0, Path::FLOAT, dq8_tq2_0}; return true;
-    case IQ4_NL: info = {QK_IQ4_NL, BYTES_IQ4_NL, Path::FLOAT, dq8_iq4_nl}; return true;
-    case IQ4_XS: info = {QK_IQ4_XS, BYTES_IQ4_XS, Path::FLOAT, dq8_iq4_xs}; return true;
+    case IQ4_NL: info = {QK_IQ4_NL, BYTES_IQ4_NL, Path::Q8_32, dq8_iq4_nl}; return true;
+    case IQ4_XS: info = {QK_IQ4_XS, BYTES_IQ4_XS, Path::Q8_256, dq8_iq4_xs}; return true;
     case NVFP4: info = {QK_NVFP4, BYTES_NVFP4, Path::FLOAT, dq8_nvfp4}; return true;
     case IQ1_S: info = {QK_IQ1_S, BYTES_IQ1_S, Path::FLOAT, dq8_iq1_s}; return true;
     case IQ1_M: info = {QK_IQ1_M, BYTES_IQ1_M, Path::FLOAT, dq8_iq1_m}; return true;
@@ -302,6 +303,39 @@ struct Q8Rows {
 // dot_T(row, x, nb): one weight row of nb blocks against one quantized activation row.
 
 // Portable versions: the reference arithmetic, and the path on non-AVX2 builds.
+// IQ4_NL / IQ4_XS: codes index the 16 signed values of `table`; sub-block scales (XS).
+float dot_iq4_portable(int t, const uint8_t* row, const Q8Row& x, int nb, const uint8_t* table) {
+  const int8_t* kv = reinterpret_cast<const int8_t*>(table);
+  float total = 0.f;
+  for (int blk = 0; blk < nb; ++blk) {
+    if (t == IQ4_NL) {
+      const uint8_t* b = row + 18 * blk;
+      const int8_t* y = x.q + 32 * blk;
+      int32_t dot = 0;
+      for (int i = 0; i < 16; ++i) {
+        dot += kv[b[2 + i] & 15] * y[i] + kv[b[2 + i] >> 4] * y[i + 16];
+      }
+      total += f16_at(b) * x.d[blk] * static_cast<float>(dot);
+    } else {
+      const uint8_t* b = row + 136 * blk;
+      const int8_t* y = x.q + 256 * blk;
+      const int scales_h = b[2] | (b[3] << 8);
+      int32_t sumi = 0;
+      for (int sb = 0; sb < 8; ++sb) {
+        const int ls = (((b[4 + sb / 2] >> (4 * (sb & 1))) & 15) | (((scales_h >> (2 * sb)) & 3) << 4)) - 32;
+        const uint8_t* qs = b + 8 + 16 * sb;
+        int32_t dot = 0;
+        for (int i = 0; i < 16; ++i) {
+          dot += kv[qs[i] & 15] * y[32 * sb + i] + kv[qs[i] >> 4] * y[32 * sb + i + 16];
+        }
+        sumi += ls * dot;
+      }
+      total += f16_at(b) * x.d[blk] * static_cast<float>(sumi);
+    }
+  }
+  return total;
+}
+
 float dot_portable(int t, const uint8_t* row, const Q8Row& x, int nb) {
   float total = 0.f;
   if (t == Q4_K || t == Q5_K || t == Q6_K) {
@@ -423,6 +457,39 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
+// Signed codes x signed activations, as sums of 4 products in 8 int32 (|w| <= 127 here).
+inline __m256i dot_s8s8(__m256i w, __m256i y) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w)),
+                           _mm256_set1_epi16(1));
+}
+
+float dot_iq4_avx2(int t, const uint8_t* row, const Q8Row& x, int nb, const uint8_t* table) {
+  const __m128i kv128 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(table));
+  const __m256i kv = _mm256_set_m128i(kv128, kv128);
+  __m256 acc = _mm256_setzero_ps();
+  for (int blk = 0; blk < nb; ++blk) {
+    if (t == IQ4_NL) {
+      const uint8_t* b = row + 18 * blk;
+      const __m256i w = _mm256_shuffle_epi8(kv, nibbles32(b + 2));
+      const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * blk));
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b) * x.d[blk]), _mm256_cvtepi32_ps(dot_s8s8(w, y)), acc);
+    } else {
+      const uint8_t* b = row + 136 * blk;
+      const int8_t* y = x.q + 256 * blk;
+      const int scales_h = b[2] | (b[3] << 8);
+      __m256i sumi = _mm256_setzero_si256();
+      for (int sb = 0; sb < 8; ++sb) {
+        const int ls = (((b[4 + sb / 2] >> (4 * (sb & 1))) & 15) | (((scales_h >> (2 * sb)) & 3) << 4)) - 32;
+        const __m256i w = _mm256_shuffle_epi8(kv, nibbles32(b + 8 + 16 * sb));
+        const __m256i p = dot_s8s8(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y + 32 * sb)));
+        sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p, _mm256_set1_epi32(ls)));
+      }
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b) * x.d[blk]), _mm256_cvtepi32_ps(sumi), acc);
+    }
+  }
+  return hsum_ps(acc);
+}
+
 float dot_legacy_avx2(int t, const uint8_t* row, const Q8Row& x, int nb) {
   TypeInfo info;
   type_info(t, info);
@@ -535,13 +602,17 @@ float dot_k_avx2(int t, const uint8_t* row, const Q8Row& x, int nb) {
 // x86-64-v3); tests turn them off to check the portable path on the same machine.
 bool g_use_simd = true;
 
-float dot_q8(int t, const uint8_t* row, const Q8Row& x, int nb) {
+float dot_q8(int t, const uint8_t* row, const Q8Row& x, int nb, const uint8_t* table) {
+  const bool iq4 = t == IQ4_NL || t == IQ4_XS;
 #if defined(__AVX2__)
+  if (g_use_simd && iq4) {
+    return dot_iq4_avx2(t, row, x, nb, table);
+  }
   if (g_use_simd) {
     return (t == Q4_K || t == Q5_K || t == Q6_K) ? dot_k_avx2(t, row, x, nb) : dot_legacy_avx2(t, row, x, nb);
   }
 #endif
-  return dot_portable(t, row, x, nb);
+  return iq4 ? dot_iq4_portable(t, row, x, nb, table) : dot_portable(t, row, x, nb);
 }
 
 // ------------------------------------------------------------------ the products
@@ -587,7 +658,7 @@ void matvec(int t, const TypeInfo& info, const float* x, const uint8_t* w, const
     for (long o = r0; o < r1; ++o) {
       const uint8_t* row = w + o * row_bytes;
       for (int b = 0; b < B; ++b) {
-        y[static_cast<long>(b) * O + o] = dot_q8(t, row, rows[b], nb);
+        y[static_cast<long>(b) * O + o] = dot_q8(t, row, rows[b], nb, table);
       }
     }
   });
