@@ -3,11 +3,11 @@ dispatch between architectures and kernels.
 
 Architectures call `matmul(x, w)` / `embed(ids, w)` with a `QuantizedTensor`, and
 `attention` / `gated` for the rest; this module picks how.
-- The CPU (MLX's CPU backend) with our compiled kernels (cpu/): 2-D weights stay GGUF
-  blocks as stored (quant.keeps_blocks_on_cpu) and go to `gguf_matmul` (cpu/gguf.cpp):
-  llama.cpp's integer arithmetic for a few rows (decode), dequantized tiles + GEMM for more
-  (prefill). Experts keep MLX's affine layouts (native types, widened packed ones) for our
-  affine matvec / dequantize. Every float GEMM (prefill, attention) runs on the BLAS our
+- The CPU (MLX's CPU backend) with our compiled kernels (cpu/): 2-D weights of the types
+  with integer kernels stay GGUF blocks as stored (quant.keeps_blocks_on_cpu) and go to
+  `gguf_matmul` (cpu/gguf.cpp): llama.cpp's integer arithmetic for a few rows (decode),
+  dequantized tiles + GEMM for more (prefill). Experts and the other packed types keep MLX's
+  affine layouts (native types, widened packed ones) for our affine matvec / dequantize. Every float GEMM (prefill, attention) runs on the BLAS our
   module binds itself (`_bind_blas`), never on the one MLX links, so the order of imports
   cannot make it slow; softmax and gates run on ours.
 - A GPU: layouts MLX holds natively go to MLX's own `quantized_matmul`; the packed GGUF
