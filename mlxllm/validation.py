@@ -68,11 +68,13 @@ DIMENSION_KEYS = (
 POSITIVE_KEYS = (Keys.LLM.EMBEDDING_LENGTH, Keys.Attention.KEY_LENGTH, Keys.Attention.VALUE_LENGTH,
                  Keys.Attention.KEY_LENGTH_MLA, Keys.Attention.VALUE_LENGTH_MLA,
                  Keys.Attention.KEY_LENGTH_SWA, Keys.Attention.VALUE_LENGTH_SWA,
-                 Keys.SSM.CONV_KERNEL, Keys.SSM.INNER_SIZE, Keys.SSM.STATE_SIZE, Keys.SSM.TIME_STEP_RANK)
+                 Keys.SSM.CONV_KERNEL, Keys.SSM.INNER_SIZE, Keys.SSM.STATE_SIZE, Keys.SSM.TIME_STEP_RANK,
+                 Keys.Rope.SCALING_ORIG_CTX_LEN)
 # Keys that are layer counts: no more than the file's blocks.
 LAYER_KEYS = (Keys.LLM.LEADING_DENSE_BLOCK_COUNT, Keys.LLM.NEXTN_PREDICT_LAYERS, Keys.Attention.SHARED_KV_LAYERS)
 # Keys a layer divides by or takes a logarithm of: zero or less is refused where present.
-POSITIVE_FLOATS = (Keys.Rope.FREQ_BASE, Keys.Rope.FREQ_BASE_SWA)
+POSITIVE_FLOATS = (Keys.Rope.FREQ_BASE, Keys.Rope.FREQ_BASE_SWA, Keys.Rope.SCALING_YARN_BETA_FAST,
+                   Keys.Rope.SCALING_YARN_BETA_SLOW)
 NONZERO_FLOATS = (Keys.LLM.LOGIT_SCALE,)
 
 
@@ -226,6 +228,8 @@ def check_args(args: Any) -> None:
             if isinstance(h, int) and h > 0 and heads % h:
                 raise HyperparameterError(f"attention.head_count_kv = {h} does not divide attention.head_count = {heads}")
     _check_qk_norms(args)
+    _check_embedding_widths(args)
+    _check_expert_groups(getattr(args, "moe", None))
     sliding, window = getattr(args, "sliding", None), getattr(args, "sliding_window", None)
     if isinstance(window, int) and isinstance(sliding, tuple) and any(sliding) and window <= 0:
         raise HyperparameterError(f"attention.sliding_window = {window} must be positive for sliding layers")
@@ -252,6 +256,30 @@ def _check_qk_norms(args: Any) -> None:
             if shape is not None and shape[-1] not in (head_dim, n * head_dim):
                 raise HyperparameterError(f"blk.{i}.{leaf}.weight has width {shape[-1]}, neither the head size "
                                           f"{head_dim} nor the {n} heads' {n * head_dim}")
+
+
+def _check_embedding_widths(args: Any) -> None:
+    """Embeddings added to the token embedding (learned positions, token types) take their
+    shape from the file: their width must be the model's."""
+    tensors, dim = getattr(args, "tensors", None), getattr(args, "dim", None)
+    if not isinstance(tensors, dict) or not isinstance(dim, int):
+        return
+    for name in ("position_embd.weight", "token_types.weight"):
+        shape = tensors.get(name)
+        if shape is not None and shape[-1] != dim:  # (n, dim), or (dim,) for a single token type
+            raise HyperparameterError(f"{name} has width {shape[-1]}, not embedding_length = {dim}")
+
+
+def _check_expert_groups(moe: Any) -> None:
+    """Grouped routing (DeepSeek V3, GLM-4.5): groups divide the experts and at most all
+    groups are used."""
+    groups, used, experts = (getattr(moe, f, None) for f in ("n_groups", "n_group_used", "n_experts"))
+    if not isinstance(groups, int) or groups <= 0 or not isinstance(experts, int):
+        return
+    if experts % groups:
+        raise HyperparameterError(f"expert_group_count = {groups} does not divide expert_count = {experts}")
+    if isinstance(used, int) and not 0 < used <= groups:
+        raise HyperparameterError(f"expert_group_used_count = {used} is not in 1..{groups}")
 
 
 def _walk(value: Any, path: list[str]) -> None:

@@ -3,7 +3,8 @@ crashes as regression cases, the findings of issue 19 by name, and the CPU kerne
 refusing sizes they cannot serve.
 
 Every case runs in a child forked from a process that has imported mlxllm but evaluated
-nothing, under a memory limit and a timeout; only two outcomes pass: the path `mlxllm run`
+nothing (so the forking cases come before the kernel tests, which evaluate), under a memory
+limit and a timeout; only two outcomes pass: the path `mlxllm run`
 takes succeeded, or it ended in a one-line user error (GGUFError, LoadError, ...)."""
 
 from __future__ import annotations
@@ -102,59 +103,6 @@ def test_a_short_fuzz_run_finds_nothing():
     assert counts["ok"] > 0 and counts["error"] > 0, counts
 
 
-# --- the CPU kernels: sizes they cannot serve are exceptions, never out-of-bounds access ----
-
-K = cpu.KERNELS
-needs_kernels = pytest.mark.skipif(K is None, reason=f"CPU kernels unavailable: {cpu.UNAVAILABLE}")
-
-
-@needs_kernels
-def test_rope_refuses_a_table_wider_than_the_head_even_past_int32():
-    """2 * (2^30 pairs) wrapped to a negative int and passed the bounds check (the SIGSEGV
-    of rope.dimension_count = 2^31). The tables are lazy: nothing is allocated."""
-    x = mx.zeros((1, 2, 2, 64))
-    for pairs in (33, 2**30, 2**31 - 1):
-        table = mx.zeros((2, pairs))
-        with pytest.raises(ValueError, match="rope"):
-            K.rope(x, table, table, True)
-
-
-@needs_kernels
-def test_affine_kernels_refuse_rows_past_int32_and_empty_rows():
-    """2^28 words of 4-bit codes are 2^31 weights a row: past an int, as the row length was
-    computed (lazy arrays: nothing is allocated)."""
-    for w, s in ((mx.zeros((2, 2**28), mx.uint32), mx.zeros((2, 2**26))), (mx.zeros((2, 0), mx.uint32), mx.zeros((2, 0)))):
-        with pytest.raises(ValueError, match="groups"):
-            K.affine_dequantize(w, s, s, 4)
-        with pytest.raises(ValueError, match="groups"):
-            K.affine_matvec(mx.zeros((1, 8)), w, s, s, 4)
-
-
-@needs_kernels
-def test_affine_gather_marks_an_expert_index_out_of_range_instead_of_reading_it():
-    w, scales, biases = mx.quantize(mx.ones((2 * 8, 64)), group_size=32, bits=4)
-    w, scales, biases = (a.reshape(2, 8, -1) for a in (w, scales, biases))
-    y = K.affine_gather_matvec(mx.ones((1, 64)), w, scales, biases, mx.array([[1, 7]], mx.uint32), 4)
-    assert mx.all(mx.isnan(y[0, 1])).item() and not mx.any(mx.isnan(y[0, 0])).item()
-
-
-@needs_kernels
-def test_zero_width_rows_are_refused():
-    with pytest.raises(ValueError, match="rms_norm"):
-        K.rms_norm(mx.zeros((3, 0)), mx.zeros((0,)), 1e-5)
-    with pytest.raises(ValueError, match="masked_softmax"):
-        K.masked_softmax(mx.zeros((2, 0)), 1.0, 1, False)
-
-
-@needs_kernels
-def test_thread_count_is_bounded():
-    before = K.num_threads()
-    for n in (0, -1, 10**6):
-        with pytest.raises(ValueError, match="set_num_threads"):
-            K.set_num_threads(n)
-    assert K.num_threads() == before
-
-
 def test_a_window_longer_than_the_context_within_twice_it_loads():
     """Real files state windows past their context (Phi-3.5: 262,144 for 131,072): up to
     twice the context loads and runs; past it, the cache it would hold is refused."""
@@ -165,3 +113,56 @@ def test_a_window_longer_than_the_context_within_twice_it_loads():
     assert _one([["set", "kv:gpt-oss.attention.sliding_window", 2 * ctx]], seed)["outcome"] == "ok"
     result = _one([["set", "kv:gpt-oss.attention.sliding_window", 2 * ctx + 1]], seed)
     assert result["outcome"] == "error" and "sliding_window" in result["message"], result
+
+
+# --- the CPU kernels: sizes they cannot serve are exceptions, never out-of-bounds access ----
+
+K = cpu.KERNELS
+needs_kernels = pytest.mark.skipif(K is None, reason=f"CPU kernels unavailable: {cpu.UNAVAILABLE}")
+
+
+@needs_kernels
+def test_kernel_rope_refuses_a_table_wider_than_the_head_even_past_int32():
+    """2 * (2^30 pairs) wrapped to a negative int and passed the bounds check (the SIGSEGV
+    of rope.dimension_count = 2^31). The tables are lazy: nothing is allocated."""
+    x = mx.zeros((1, 2, 2, 64))
+    for pairs in (33, 2**30, 2**31 - 1):
+        table = mx.zeros((2, pairs))
+        with pytest.raises(ValueError, match="rope"):
+            K.rope(x, table, table, True)
+
+
+@needs_kernels
+def test_kernel_affine_refuses_rows_past_int32_and_empty_rows():
+    """2^28 words of 4-bit codes are 2^31 weights a row: past an int, as the row length was
+    computed (lazy arrays: nothing is allocated)."""
+    for w, s in ((mx.zeros((2, 2**28), mx.uint32), mx.zeros((2, 2**26))), (mx.zeros((2, 0), mx.uint32), mx.zeros((2, 0)))):
+        with pytest.raises(ValueError, match="groups"):
+            K.affine_dequantize(w, s, s, 4)
+        with pytest.raises(ValueError, match="groups"):
+            K.affine_matvec(mx.zeros((1, 8)), w, s, s, 4)
+
+
+@needs_kernels
+def test_kernel_affine_gather_marks_an_expert_index_out_of_range_instead_of_reading_it():
+    w, scales, biases = mx.quantize(mx.ones((2 * 8, 64)), group_size=32, bits=4)
+    w, scales, biases = (a.reshape(2, 8, -1) for a in (w, scales, biases))
+    y = K.affine_gather_matvec(mx.ones((1, 64)), w, scales, biases, mx.array([[1, 7]], mx.uint32), 4)
+    assert mx.all(mx.isnan(y[0, 1])).item() and not mx.any(mx.isnan(y[0, 0])).item()
+
+
+@needs_kernels
+def test_kernel_zero_width_rows_are_refused():
+    with pytest.raises(ValueError, match="rms_norm"):
+        K.rms_norm(mx.zeros((3, 0)), mx.zeros((0,)), 1e-5)
+    with pytest.raises(ValueError, match="masked_softmax"):
+        K.masked_softmax(mx.zeros((2, 0)), 1.0, 1, False)
+
+
+@needs_kernels
+def test_kernel_thread_count_is_bounded():
+    before = K.num_threads()
+    for n in (0, -1, 10**6):
+        with pytest.raises(ValueError, match="set_num_threads"):
+            K.set_num_threads(n)
+    assert K.num_threads() == before
