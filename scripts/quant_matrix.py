@@ -198,12 +198,19 @@ CHUNK = 256  # positions per forward, through the KV cache as generation runs a 
 
 
 def mlxllm_logits(model, tokens: list[int]) -> np.ndarray:
-    """mlxllm's logits at every position of `tokens`, (positions, vocab)."""
+    """mlxllm's logits at every position of `tokens`, (positions, vocab). Every chunk is a
+    prompt's many rows: a last chunk of a few rows joins the one before, since a few rows
+    take decode's path on the CPU (activations rounded to 8 bits, as llama.cpp's CPU
+    matmuls round them), which would blur the comparison with a float32 copy at the tail."""
     import mlx.core as mx
+    from mlxllm.kernels import CPU_MATVEC_ROWS
 
+    starts = list(range(0, len(tokens), CHUNK))
+    if len(starts) > 1 and len(tokens) - starts[-1] <= CPU_MATVEC_ROWS:
+        starts.pop()
+    ends = starts[1:] + [len(tokens)]
     cache = model.make_cache()
-    return np.concatenate([np.array(model(mx.array([tokens[i:i + CHUNK]]), cache=cache)[0])
-                           for i in range(0, len(tokens), CHUNK)])
+    return np.concatenate([np.array(model(mx.array([tokens[a:b]]), cache=cache)[0]) for a, b in zip(starts, ends)])
 
 
 def compare(model, sequences: list[list[int]], logits: list[np.ndarray]) -> tuple[float, float]:
