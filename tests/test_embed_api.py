@@ -161,7 +161,7 @@ def test_ollama_empty_input_loads_the_model(ol, server):
     ({"model": BERT, "input": "a", "options": {"num_ctx": 0}}, 400, "num_ctx"),
     ({"model": BERT, "input": "a", "keep_alive": "soon"}, 400, "keep_alive"),
     ({"input": "a"}, 400, "model"),
-    ({"model": str(FIXTURES / "no-such.gguf"), "input": "a"}, 404, "no such file"),
+    ({"model": str(FIXTURES / "no-such.gguf"), "input": "a"}, 404, "not found"),  # (a 404 names no server path)
 ])
 def test_ollama_embed_bad_requests(server, body, status, words):
     r = post(server, "/api/embed", body)
