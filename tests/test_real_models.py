@@ -2,6 +2,7 @@
 tensors equal to gguf-py's dequantization of the same bytes."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,12 +74,13 @@ def test_all_native_file_peak_rss_within_1_5x_file_size():
 
 
 def test_packed_types_peak_rss_within_the_widening():
-    # Gemma 3's Q6_K tensors are a packed type. With the CPU kernels every 2-D tensor stays
-    # GGUF blocks as stored (kernels/cpu/gguf.cpp): the weights are the file's size. Without
-    # them a packed type loads as its wider exact image (kernels/widen.py), so the weights
-    # outgrow the file by the widening factor. Either way the load itself must add little.
+    # Gemma 3's Q6_K tensors are a packed type. With the CPU kernels' blocks (opt-in,
+    # MLXLLM_CPU_BLOCKS=1) every 2-D tensor stays GGUF blocks as stored (kernels/cpu/gguf.cpp):
+    # the weights are the file's size. Without them a packed type loads as its wider exact
+    # image (kernels/widen.py), so the weights outgrow the file by the widening factor. Either
+    # way the load itself must add little.
     r = subprocess.run([sys.executable, str(SCRIPTS / "measure_load.py"), "--one", "gemma3:270m"],
-                       capture_output=True, text=True, check=True)
+                       capture_output=True, text=True, check=True, env={**os.environ, "MLXLLM_CPU_BLOCKS": "1"})
     m = json.loads(r.stdout)
     assert m["loaded"] == "model"
     if cpu_kernels.KERNELS is not None:
