@@ -42,3 +42,13 @@ def pytest_terminal_summary(terminalreporter):
     tr.write_line(f"{'type':<9}{'layout':<8}{'MLX bpw':>9}{'GGUF bpw':>10}  result")
     for name, (kind, bpw, gguf_bpw, result) in sorted(_QUANT_REPORT.items()):
         tr.write_line(f"{name:<9}{kind:<8}{bpw:>9}{gguf_bpw:>10}  {result}")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """tests/test_fuzz.py's cases fork children from this process, which is only safe before
+    anything has evaluated an MLX array (MLX's worker threads do not survive a fork: a
+    forked child of a process that ran other tests hangs). So they run first."""
+    forking = [item for item in items if item.nodeid.startswith("tests/test_fuzz.py") and "kernel" not in item.name]
+    if forking:
+        rest = [item for item in items if item not in set(forking)]
+        items[:] = forking + rest
