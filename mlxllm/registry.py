@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
@@ -89,29 +90,43 @@ class Entry:
 class Registry:
     def __init__(self) -> None:
         self._entries: dict[str, Entry] | None = None
+        # The server resolves architectures from executor threads: discovery and imports run
+        # under one lock so no thread sees a half-filled table.
+        self._lock = threading.RLock()
 
     def refresh(self) -> None:
         """Forget what was discovered (after a package was installed or removed)."""
-        self._entries = None
-        importlib.invalidate_caches()
+        with self._lock:
+            self._entries = None
+            importlib.invalidate_caches()
 
     @property
     def entries(self) -> dict[str, Entry]:
-        if self._entries is None:
-            self._entries = {}
-            seen: set[tuple[str, str, str]] = set()
-            for ep in entry_points(group=GROUP):
-                dist = ep.dist.name if ep.dist is not None else "<unknown>"
-                if (ep.name, dist, ep.value) in seen:  # the same distribution found twice on sys.path
-                    continue
-                seen.add((ep.name, dist, ep.value))
-                entry = self._entries.setdefault(ep.name, Entry(ep.name, [], []))
-                entry.distributions.append(dist)
-                entry.targets.append(ep.value)
-                entry._entry_points.append(ep)
-        return self._entries
+        with self._lock:
+            if self._entries is None:
+                self._entries = self._discover()
+            return self._entries
+
+    @staticmethod
+    def _discover() -> dict[str, Entry]:
+        entries: dict[str, Entry] = {}
+        seen: set[tuple[str, str, str]] = set()
+        for ep in entry_points(group=GROUP):
+            dist = ep.dist.name if ep.dist is not None else "<unknown>"
+            if (ep.name, dist, ep.value) in seen:  # the same distribution found twice on sys.path
+                continue
+            seen.add((ep.name, dist, ep.value))
+            entry = entries.setdefault(ep.name, Entry(ep.name, [], []))
+            entry.distributions.append(dist)
+            entry.targets.append(ep.value)
+            entry._entry_points.append(ep)
+        return entries
 
     def _load(self, entry: Entry) -> Arch | None:
+        with self._lock:
+            return self._import(entry)
+
+    def _import(self, entry: Entry) -> Arch | None:
         if entry.arch is not None or entry.error is not None:
             return entry.arch
         if len(entry.distributions) > 1:
@@ -136,9 +151,10 @@ class Registry:
 
     def all(self) -> list[Entry]:
         """Every discovered entry, each imported (used by `mlxllm archs`)."""
-        for entry in self.entries.values():
+        entries = list(self.entries.values())
+        for entry in entries:
             self._load(entry)
-        return sorted(self.entries.values(), key=lambda e: e.name)
+        return sorted(entries, key=lambda e: e.name)
 
     def get(self, name: str) -> Arch:
         """The architecture for a GGUF `general.architecture` (or one of its aliases)."""
