@@ -6,8 +6,9 @@ private GEMM (blas.cpp).
 - gguf_matmul equals a float64 product within float32 tolerance: decode rows (the
   integer path quantizes activations to 8 bits per block, so the reference there is
   the product with those 8-bit activations, computed here in numpy the way llama.cpp
-  defines q8_0 / q8_K) and prefill rows (dequantized tiles + GEMM), on every ISA path this
-  machine runs (AVX2 and the portable one).
+  defines q8_0 / q8_K) and prefill rows (the same 8-bit activations, dequantized tiles +
+  GEMM), on every ISA path this machine runs (AVX2 and the portable one); a row gives the
+  same product alone or among many.
 - Bad shapes, types and tables are exceptions, never reads out of bounds.
 """
 
@@ -91,15 +92,31 @@ def test_matvec_against_float64(qtype, rows, isa):
     assert (np.abs(ours - ref) <= tol).all(), np.abs(ours - ref).max()
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q6_K, Q.IQ4_XS], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q6_K, Q.IQ4_XS, Q.Q3_K], ids=lambda t: t.name)
 def test_prefill_tiles_against_float64(qtype):
-    """More than 16 rows: dequantized tiles and a GEMM; float activations, exact weights.
+    """More than 16 rows: dequantized tiles and a GEMM, exact weights; the activations
+    rounded to the same 8-bit blocks as decode's integer path for the types that have one.
     3000 weight rows span several tiles."""
     raw, cols = _weight(qtype, 3000, 1 if GGML_QUANT_SIZES[qtype][0] == 256 else 8, seed=5)
     x = np.random.default_rng(5).standard_normal((2, 40, cols)).astype(np.float32)
-    ref = x.astype(np.float64) @ gq.dequantize(raw, qtype).astype(np.float64).T
+    block = 32 if GGML_QUANT_SIZES[qtype][0] == 32 else 256
+    xq = _q8_rows(x.reshape(-1, cols), block).reshape(x.shape) if qtype in INTEGER else x.astype(np.float64)
+    ref = xq @ gq.dequantize(raw, qtype).astype(np.float64).T
     ours = np.array(K.gguf_matmul(mx.array(x), mx.array(raw), int(qtype), _table(qtype)))
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("qtype", INTEGER, ids=lambda t: t.name)
+def test_prefill_rows_equal_decode_rows(qtype, isa):
+    """A prompt's logits do not depend on its chunking: the same activation row gives the
+    same product whether it runs alone (integer dots) or among 40 (tiles + GEMM)."""
+    raw, cols = _weight(qtype, 96, 2 if GGML_QUANT_SIZES[qtype][0] == 256 else 16, seed=7)
+    x = np.random.default_rng(7).standard_normal((40, cols)).astype(np.float32)
+    together = np.array(K.gguf_matmul(mx.array(x), mx.array(raw), int(qtype), _table(qtype)))
+    alone = np.concatenate([np.array(K.gguf_matmul(mx.array(x[i:i + 1]), mx.array(raw), int(qtype), _table(qtype)))
+                            for i in range(len(x))])
+    scale = np.abs(together).max()
+    assert np.abs(together - alone).max() <= 2e-6 * scale * np.sqrt(cols / 32)
 
 
 def test_integer_path_follows_the_8_bit_activations():

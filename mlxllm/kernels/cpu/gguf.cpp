@@ -14,8 +14,10 @@
 // Types without an integer kernel here (IQ1-3, TQ*, NVFP4, Q2_K, Q3_K) decode each block to
 // floats with the shared decoders of ../blocks/*.h and multiply float activations.
 //
-// Prefill (more rows): a tile of weight rows is dequantized (bit-exact to gguf-py) and
-// multiplied by BLAS (blas.cpp), tile after tile, so no float copy of the weight exists.
+// Prefill (more rows): the activations are rounded to the same 8-bit blocks first (as
+// llama.cpp's prefill does too), then a tile of weight rows is dequantized (bit-exact to
+// gguf-py) and multiplied by BLAS (blas.cpp), tile after tile, so no float copy of the
+// weight exists and a prompt's logits do not depend on how it was chunked.
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -261,6 +263,18 @@ struct Q8Rows {
         s[blk * (qk / 16) + g] = sum;
       }
     }
+  }
+
+  // d * q: the rounded activations as floats. A float product of these with the dequantized
+  // weight is the integer dot's value up to float rounding (d * q is exact for the fp16
+  // scales of the 32-blocks, one rounding for the 256-blocks' float scales; then the order
+  // of the sums), which lets prefill keep BLAS and still compute what decode computes.
+  std::vector<float> dequantized() const {
+    std::vector<float> x(q.size());
+    for (size_t i = 0; i < q.size(); ++i) {
+      x[i] = d[i / qk] * static_cast<float>(q[i]);
+    }
+    return x;
   }
 
   Q8Row row(int b) const {
@@ -688,6 +702,11 @@ constexpr int kTileRows = 64;
 
 void matmul_tiles(int t, const TypeInfo& info, const float* x, const uint8_t* w, const uint8_t* table, float* y, int B,
                   int I, int O) {
+  std::vector<float> rounded;
+  if (info.path != Path::FLOAT) { // the activations decode's integer dots see, so prefill agrees with decode
+    rounded = Q8Rows(x, B, I, info.path == Path::Q8_32 ? 32 : 256).dequantized();
+    x = rounded.data();
+  }
   const long row_bytes = static_cast<long>(I / info.qk) * info.bytes;
   const long tiles = (O + kTileRows - 1) / kTileRows;
   parallel_ranges(tiles, 4L * B * I, [&](long t0, long t1) {
