@@ -632,15 +632,16 @@ def normalizer_flags(conv: Converter, w: gguf.GGUFWriter) -> None:
             w.add_bool(key, bool(flags[name]))
 
 
-def special_vocab(conv: Converter, **kw: Any) -> gguf.SpecialVocab:
+def special_vocab(conv: Converter, generation_eos: bool = True, **kw: Any) -> gguf.SpecialVocab:
     """gguf-py's reading of special ids, add_bos/add_eos, merges and the chat template;
-    generation_config.json's EOS id where nothing else names one."""
+    generation_config.json's EOS id where nothing else names one (unless generation_eos is
+    false: converters of llama.cpp that build their SpecialVocab themselves do not look)."""
     # only the kinds this gguf-py can write (it has no key for e.g. a CLS id)
     kw.setdefault("special_token_types", [t for t in ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
                                           if hasattr(gguf.GGUFWriter, f"add_{t}_token_id")])
     sv = gguf.SpecialVocab(conv.dir, **kw)
     gen_path = conv.dir / "generation_config.json"
-    if "eos" not in sv.special_token_ids and gen_path.is_file():
+    if generation_eos and "eos" not in sv.special_token_ids and gen_path.is_file():
         eos = json.loads(gen_path.read_text(encoding="utf-8")).get("eos_token_id")
         eos = eos[0] if isinstance(eos, list) and eos else eos
         if isinstance(eos, int):

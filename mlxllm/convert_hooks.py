@@ -20,6 +20,7 @@ from .convert import (
     Tensor,
     bpe_vocab,
     sentencepiece_vocab,
+    special_vocab,
     wordpiece_vocab,
 )
 
@@ -1597,3 +1598,90 @@ class MPT(Converter):
                 raise ConvertError(f"tensor {name} has no GGUF name for mpt")
             return [(new.replace("scales", "act.scales"), t)]
         return super().tensors(name, t, bid)
+
+
+class InternLM2(Converter):
+    """InternLM2: the fused wqkv, stored per kv group ([q heads of the group, k, v]), split
+    into q, k and v with Llama's row order; its own SentencePiece reading (a NUL piece
+    stored as U+1F409, [UNUSED pieces unused, added tokens literal, <|im_end|> as EOS)."""
+
+    CHAT_EOS = "<|im_end|>"
+    NUL_STANDIN = "\U0001F409"  # llama.cpp cannot hold an empty string as a token text
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        if bid is None or not name.endswith("attention.wqkv.weight"):
+            return super().tensors(name, t, bid)
+        c = self.config
+        n_head, n_kv, n_embd = c["num_attention_heads"], c["num_key_value_heads"], c["hidden_size"]
+        per_kv, head_dim = n_head // n_kv, n_embd // n_head
+        if t.shape != ((per_kv + 2) * n_kv * head_dim, n_embd):
+            raise ConvertError(f"{name}: shape {t.shape} is not {n_kv} groups of {per_kv} q + k + v heads of {head_dim}")
+
+        def part(a: np.ndarray, rows: slice) -> np.ndarray:
+            return np.ascontiguousarray(a.reshape(n_kv, per_kv + 2, head_dim, n_embd)[:, rows].reshape(-1, n_embd))
+
+        q = t.map(lambda a: part(a, slice(0, per_kv)), shape=(n_head * head_dim, n_embd))
+        k = t.map(lambda a: part(a, slice(per_kv, per_kv + 1)), shape=(n_kv * head_dim, n_embd))
+        v = t.map(lambda a: part(a, slice(per_kv + 1, per_kv + 2)), shape=(n_kv * head_dim, n_embd))
+        T = MODEL_TENSOR
+        return [(self.tensor_name(T.ATTN_Q, bid), rope_pairs_adjacent(q, n_head)),
+                (self.tensor_name(T.ATTN_K, bid), rope_pairs_adjacent(k, n_kv)),
+                (self.tensor_name(T.ATTN_V, bid), v)]
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        from sentencepiece import SentencePieceProcessor
+        from sentencepiece import sentencepiece_model_pb2 as spm_proto
+
+        from gguf import TokenType
+
+        path = self.dir / "tokenizer.model"
+        if not path.is_file():
+            raise ConvertError(f"{self.dir}: InternLM2 needs tokenizer.model")
+        proto = spm_proto.ModelProto()
+        proto.ParseFromString(path.read_bytes())
+        sp = SentencePieceProcessor()
+        sp.LoadFromFile(str(path))
+        n_vocab = self.config.get("vocab_size", sp.vocab_size())
+        if n_vocab > sp.vocab_size():
+            raise ConvertError(f"vocab_size {n_vocab} exceeds tokenizer.model's {sp.vocab_size()} pieces")
+        tokens, scores, types = [], [], []
+        for i in range(n_vocab):
+            piece = sp.IdToPiece(i)
+            tokens.append((self.NUL_STANDIN if piece == "\x00" else piece).encode())
+            scores.append(sp.GetScore(i))
+            types.append(TokenType.UNUSED if piece.startswith("[UNUSED") else
+                         TokenType.UNKNOWN if sp.IsUnknown(i) else TokenType.CONTROL if sp.IsControl(i)
+                         else TokenType.UNUSED if sp.IsUnused(i) else TokenType.BYTE if sp.IsByte(i)
+                         else TokenType.NORMAL)
+        added_path = self.dir / "added_tokens.json"
+        if added_path.is_file():  # appended in the file's order, as llama.cpp does (ids not read)
+            for content in json.loads(added_path.read_text(encoding="utf-8")):
+                tokens.append(content.encode())
+                scores.append(-1000.0)
+                types.append(TokenType.USER_DEFINED)
+        chat_eos = None
+        added: list[dict] = []
+        config_path, json_path = self.dir / "tokenizer_config.json", self.dir / "tokenizer.json"
+        if config_path.is_file():
+            decoder = json.loads(config_path.read_text(encoding="utf-8")).get("added_tokens_decoder", {})
+            added += [{**t, "id": int(i)} for i, t in decoder.items()]
+        if json_path.is_file():
+            added += json.loads(json_path.read_text(encoding="utf-8")).get("added_tokens", [])
+        for t in added:
+            i = int(t["id"])
+            if i >= len(tokens):
+                raise ConvertError(f"added token {t['content']!r} has id {i}, past the {len(tokens)} tokens")
+            if t["content"] == self.CHAT_EOS:
+                chat_eos = i
+            tokens[i], scores[i] = t["content"].encode(), -1000.0
+            types[i] = TokenType.CONTROL if t.get("special") else TokenType.USER_DEFINED
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
+        sv = special_vocab(self, generation_eos=False, n_vocab=len(tokens))
+        if chat_eos is not None:  # chat models end a turn with <|im_end|>: llama.cpp makes it the EOS
+            sv.special_token_ids["eos"] = chat_eos
+        sv.add_to_gguf(w, quiet=True)

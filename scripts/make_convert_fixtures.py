@@ -120,7 +120,26 @@ FIXTURES: dict[str, tuple] = {
     "glm4moe": ("glm4moe", "bfloat16", None),
     "granitehybrid": ("granitehybrid", "bfloat16", None),
     "hunyuan-moe": ("hunyuan-moe", "bfloat16", None),
+    "internlm2": ("internlm2", "bfloat16", None),
 }
+
+
+# Rewritten checkpoints (make_arch_fixtures' `rewrite`) saved in the entry's dtype rather than
+# float32 (half the bytes; the fixtures made before this set stay float32 as committed).
+CAST_REWRITES = {"internlm2"}
+
+
+def _cast_safetensors(d: Path, dtype) -> None:
+    import json as _json
+
+    from safetensors.torch import load_file, save_file
+
+    for f in d.glob("*.safetensors"):
+        tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in load_file(f).items()}
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    config = _json.loads((d / "config.json").read_text())
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (d / "config.json").write_text(_json.dumps(config, indent=1))
 
 
 def write_pre_table() -> None:
@@ -221,9 +240,12 @@ def make(name: str) -> None:
         if spec.get("encoder"):  # sentence-transformers' pooling files
             F._write_pooling(build, spec.get("pooling"), model.config.get_text_config().hidden_size)
         if spec.get("rewrite"):  # a checkpoint rewritten in another layout: kept as written (float32)
-            dtype = "float32"
+            if name not in CAST_REWRITES:
+                dtype = "float32"
             for f in build.iterdir():
                 (shutil.copytree if f.is_dir() else shutil.copy)(f, d / f.name)
+            if name in CAST_REWRITES:
+                _cast_safetensors(d, getattr(torch, dtype))
         else:
             model = model.to(getattr(torch, dtype))
             kw = {"max_shard_size": shard} if shard else {}

@@ -108,7 +108,7 @@ ARCHS = (
     Arch(name="smollm3", args=smollm3, model=Decoder, hf_architectures=("SmolLM3ForCausalLM",), convert=convert_hooks.Llama,
          description="SmolLM3: Llama with no RoPE on every 4th layer"),
     Arch(name="internlm2", args=llama, model=Decoder, hf_architectures=("InternLM2ForCausalLM",),
-         description="InternLM2 (the converter splits its grouped wqkv)"),
+         convert=convert_hooks.InternLM2, description="InternLM2 (the converter splits its grouped wqkv)"),
     Arch(name="arcee", args=arcee, model=Decoder, hf_architectures=("ArceeForCausalLM",), convert=convert_hooks.Llama,
          description="Arcee AFM: Llama with a plain ReLU² FFN"),
     Arch(name="granite", args=granite, model=Decoder, hf_architectures=("GraniteForCausalLM",), convert=convert_hooks.Granite,
