@@ -1685,3 +1685,55 @@ class InternLM2(Converter):
         if chat_eos is not None:  # chat models end a turn with <|im_end|>: llama.cpp makes it the EOS
             sv.special_token_ids["eos"] = chat_eos
         sv.add_to_gguf(w, quiet=True)
+
+
+class ChatGLM(Converter):
+    """GLM-4-9B in transformers' layout (GlmForCausalLM) and ChatGLM's remote-code layout
+    (transformer.* names): llama.cpp's own key list (context from seq_length, else n_embd;
+    the RMS epsilon from layernorm_epsilon; base 10000 times rope_ratio; half the head
+    rotated), no BOS added; <|endoftext|> as EOS and UNK, <|user|> as EOT where the configs
+    name none. ChatGLM3's SentencePiece tokenizer (remote code) is not converted."""
+
+    def rename(self, name: str) -> str:
+        return super().rename(name.removeprefix("transformer."))
+
+    def skip(self, name: str) -> bool:
+        return name.endswith(".rotary_pos_emb.inv_freq") or super().skip(name)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        c = self.config
+        n_embd = c.get("hidden_size", c.get("n_embed"))
+        n_head = c.get("n_head", c.get("num_attention_heads"))
+        if n_embd is None or n_head is None:
+            raise ConvertError("config.json names no hidden_size/n_embed or num_attention_heads/n_head")
+        w.add_context_length(c.get("seq_length", n_embd))
+        w.add_embedding_length(n_embd)
+        w.add_feed_forward_length(c.get("ffn_hidden_size", c.get("intermediate_size", 4 * n_embd)))
+        w.add_block_count(self.n_layers)
+        w.add_head_count(n_head)
+        w.add_head_count_kv(c.get("multi_query_group_num", c.get("num_key_value_heads", n_head)))
+        w.add_layer_norm_rms_eps(c.get("layernorm_epsilon", 1e-5))
+        rope_dim = c["attention_dim"] if "attention_dim" in c else c["hidden_size"] // c["num_attention_heads"]
+        w.add_rope_dimension_count(int(rope_dim * self.rope.get("partial_rotary_factor", 0.5)))
+        w.add_add_bos_token(False)
+        w.add_rope_freq_base(10000 * c.get("rope_ratio", 1))
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        if "THUDM/chatglm3-6b" in self.config.get("_name_or_path", ""):
+            raise ConvertError("ChatGLM3's tokenizer (remote code over SentencePiece) is not converted yet")
+        if not (self.dir / "tokenizer.json").is_file():
+            raise ConvertError(f"{self.dir}: ChatGLM needs tokenizer.json (the tiktoken tokenizer is not converted yet)")
+        spec = json.loads((self.dir / "tokenizer.json").read_text(encoding="utf-8"))
+        added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+        for token in ("<|endoftext|>", "<|user|>"):
+            if token not in added:
+                raise ConvertError(f"ChatGLM tokenizer has no {token} token")
+        n_vocab = self.config.get("padded_vocab_size", self.config["vocab_size"])
+        if max(max(spec["model"]["vocab"].values()), *added.values()) >= n_vocab:
+            raise ConvertError(f"tokenizer.json has ids past the vocabulary size {n_vocab}")
+        bpe_vocab(self, w)
+        K = gguf.Keys.Tokenizer
+        for key, add, token in ((K.EOS_ID, w.add_eos_token_id, "<|endoftext|>"), (K.EOT_ID, w.add_eot_token_id, "<|user|>"),
+                                (K.UNK_ID, w.add_unk_token_id, "<|endoftext|>")):
+            if key not in w.kv_data[0]:  # the configs' own id wins, as in gguf-py's SpecialVocab
+                add(added[token])

@@ -121,6 +121,7 @@ FIXTURES: dict[str, tuple] = {
     "granitehybrid": ("granitehybrid", "bfloat16", None),
     "hunyuan-moe": ("hunyuan-moe", "bfloat16", None),
     "internlm2": ("internlm2", "bfloat16", None),
+    "chatglm": ("chatglm", "bfloat16", None),
 }
 
 

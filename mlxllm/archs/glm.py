@@ -37,5 +37,5 @@ ARCHS = (
     Arch(name="glm4moe", args=glm4moe, model=Decoder, hf_architectures=("Glm4MoeForCausalLM",),
          description="GLM-4.5 / 4.6 / 4.7 (Air) MoE", convert=convert_hooks.Glm4Moe),
     Arch(name="chatglm", args=glm, model=Decoder, hf_architectures=("GlmForCausalLM", "ChatGLMModel"),
-         description="ChatGLM3 / GLM-4-9B"),
+         description="ChatGLM3 / GLM-4-9B", convert=convert_hooks.ChatGLM),
 )
