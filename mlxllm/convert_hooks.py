@@ -1737,3 +1737,21 @@ class ChatGLM(Converter):
                                 (K.UNK_ID, w.add_unk_token_id, "<|endoftext|>")):
             if key not in w.kv_data[0]:  # the configs' own id wins, as in gguf-py's SpecialVocab
                 add(added[token])
+
+
+class MiniMaxM2(Converter):
+    """MiniMax-M2: per-expert w1/w2/w3 stacked per layer, the experts' width from
+    intermediate_size, partial rotary from rotary_dim; the selection bias renamed as
+    DeepSeek's (the driver's rename)."""
+
+    EXPERTS = (MIXTRAL_EXPERTS[0], "model.layers.{bid}.block_sparse_moe.experts.{w}.weight")
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        super().hparams(w)
+        w.add_expert_feed_forward_length(self.find("intermediate_size"))
+        w.add_rope_dimension_count(self.find("rotary_dim"))
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        if "block_sparse_moe.experts." in name:
+            return self.stack_experts(name, t, bid, self.find("num_local_experts", "num_experts"), *self.EXPERTS)
+        return super().tensors(name, t, bid)

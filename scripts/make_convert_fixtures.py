@@ -122,6 +122,7 @@ FIXTURES: dict[str, tuple] = {
     "hunyuan-moe": ("hunyuan-moe", "bfloat16", None),
     "internlm2": ("internlm2", "bfloat16", None),
     "chatglm": ("chatglm", "bfloat16", None),
+    "minimax-m2": ("minimax-m2", "bfloat16", None),
 }
 
 

@@ -5,6 +5,7 @@ renormalized."""
 
 from __future__ import annotations
 
+from .. import convert_hooks
 from ..gguf import GGUFFile
 from ..nn import Decoder, DecoderArgs
 from ..registry import Arch
@@ -19,4 +20,5 @@ def minimax_m2(gf: GGUFFile) -> DecoderArgs:
 
 
 ARCH = Arch(name="minimax-m2", args=minimax_m2, model=Decoder, hf_architectures=("MiniMaxM2ForCausalLM",),
-            description="MiniMax-M2 (230B-A10B): full-width q/k norms, sigmoid routing with a selection bias")
+            description="MiniMax-M2 (230B-A10B): full-width q/k norms, sigmoid routing with a selection bias",
+            convert=convert_hooks.MiniMaxM2)
