@@ -76,6 +76,10 @@ class Tensor:
     shape: tuple[int, ...]
     dtype: np.dtype
     load: Callable[[], np.ndarray]
+    # set when the checkpoint holds the tensor quantized already (gpt-oss's MXFP4 experts):
+    # `load` gives that type's bytes, `shape` is in elements, and it is written as it is
+    # whatever the outtype (as llama.cpp's converter writes it)
+    qtype: QT | None = None
 
     def map(self, fn: Callable[[np.ndarray], np.ndarray], shape: tuple[int, ...] | None = None,
             dtype: Any = None) -> Tensor:
@@ -155,8 +159,10 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
             a = np.memmap(path, dtype=raw, mode="r", offset=offset, shape=shape) if math.prod(shape) else np.zeros(shape, raw)
             return _widen_bf16(a) if bf16 else np.array(a)
 
-        # llama.cpp computes in float16 or float32 and widens any other dtype to float32 first
-        dtype = np.dtype(np.float32) if bf16 or raw.kind != "f" or raw == np.float64 else raw
+        # llama.cpp computes in float16 or float32 and widens any other dtype to float32 first;
+        # bytes (U8) stay bytes: they are packed quantized data (MXFP4 blocks and scales),
+        # which hooks repack without a float32 copy four times their size
+        dtype = np.dtype(np.float32) if bf16 or (raw.kind != "f" and raw != np.uint8) or raw == np.float64 else raw
         loader = load if dtype == raw or bf16 else (lambda load=load, dtype=dtype: load().astype(dtype))
         tensors[name] = Tensor(shape, dtype, loader)
     return tensors
@@ -291,6 +297,10 @@ class Converter:
         left = sorted(n for group in self._experts.values() for n in group)
         if left:
             raise ConvertError(f"experts never completed: {left[0]} and {len(left) - 1} more (missing expert tensors?)")
+
+    def file_type(self, file_type: LlamaFileType) -> LlamaFileType:
+        """general.file_type for the outtype's (a checkpoint quantized already may say otherwise)."""
+        return file_type
 
     def keep_f32(self, name: str, bid: int | None) -> bool:
         """Whether a GGUF tensor stays F32 whatever the outtype."""
@@ -702,12 +712,17 @@ def _plan(conv: Converter, tensors: dict[str, Tensor]) -> Iterator[tuple[str, Te
 
 def _lazy_output(t: Tensor, qtype: QT) -> tuple[gguf.LazyNumpyTensor, QT]:
     """What the writer holds: a gguf-py lazy array whose bytes are made at write time."""
-    if qtype in (QT.F32, QT.F16):
+    if qtype in (QT.F32, QT.F16) and t.qtype is None:
         dtype, shape = np.dtype(np.float32 if qtype == QT.F32 else np.float16), t.shape
     else:
         dtype, shape = np.dtype(np.uint8), gguf.quant_shape_to_byte_shape(t.shape, qtype)
 
     def make() -> np.ndarray:
+        if t.qtype is not None:
+            data = t.load()
+            if data.dtype != np.uint8 or data.shape != tuple(shape):
+                raise ConvertError(f"pre-quantized {t.qtype.name} tensor has {data.dtype} {data.shape}, not uint8 {tuple(shape)}")
+            return data
         return gguf.quants.quantize(t.load(), qtype)
 
     meta = gguf.LazyNumpyTensor.meta_with_dtype_and_shape(dtype, tuple(shape))
@@ -743,9 +758,10 @@ def convert(hf_dir: str | os.PathLike, out: str | os.PathLike | None = None, out
     out = Path(out) if out is not None else hf_dir.resolve().parent / f"{hf_dir.resolve().name}-{outtype}.gguf"
 
     conv = hook(hf_dir, config, arch_name)
+    file_type = conv.file_type(file_type)
     writer = gguf.GGUFWriter(path=None, arch=arch_name)
     for name, t, quantizable in _plan(conv, checkpoint_tensors(hf_dir)):
-        chosen = _choose_type(t, quantizable, qtype)
+        chosen = t.qtype or _choose_type(t, quantizable, qtype)
         data, raw = _lazy_output(t, chosen)
         writer.add_tensor(name, data, raw_shape=None, raw_dtype=raw)
 

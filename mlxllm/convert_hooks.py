@@ -1755,3 +1755,95 @@ class MiniMaxM2(Converter):
         if "block_sparse_moe.experts." in name:
             return self.stack_experts(name, t, bid, self.find("num_local_experts", "num_experts"), *self.EXPERTS)
         return super().tensors(name, t, bid)
+
+
+def mxfp4_repacked(blocks: Tensor, scales: Tensor) -> Tensor:
+    """OpenAI's MXFP4 ([..., rows, n_block, 16] bytes holding values 2j and 2j + 1 in the low
+    and high nibble, [..., rows, n_block] exponent bytes) as ggml's block_mxfp4 rows (the
+    exponent byte, then 16 bytes holding values j and j + 16): the same codes and exponents,
+    moved, as llama.cpp's converter moves them."""
+    *lead, rows, n_block, width = blocks.shape
+    if width != 16 or tuple(scales.shape) != (*lead, rows, n_block):
+        raise ConvertError(f"MXFP4 blocks {blocks.shape} and scales {scales.shape} do not pair")
+
+    def repack(b: np.ndarray, e: np.ndarray) -> np.ndarray:
+        b = b.astype(np.uint8, copy=False)
+        codes = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(*b.shape[:-1], 32)
+        packed = codes[..., :16] | (codes[..., 16:] << 4)
+        out = np.concatenate([e.astype(np.uint8, copy=False)[..., None], packed], axis=-1)
+        return np.ascontiguousarray(out.reshape(*b.shape[:-2], n_block * 17))
+
+    return Tensor((*lead, rows, n_block * 32), np.dtype(np.uint8), lambda: repack(blocks.load(), scales.load()),
+                  qtype=gguf.GGMLQuantizationType.MXFP4)
+
+
+class GptOss(Converter):
+    """gpt-oss: attention sinks, the experts' fused gate_up (gate and up interleaved row by
+    row) split; MXFP4 experts (blocks + scales) repacked into ggml's MXFP4 and kept so at
+    every outtype (the file type then says MXFP4 MoE), unquantized ones ([E, in, out])
+    transposed."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.mxfp4 = (self.raw_config.get("quantization_config") or {}).get("quant_method") == "mxfp4"
+        self._blocks: dict[str, Tensor] = {}
+
+    def file_type(self, file_type: gguf.LlamaFileType) -> gguf.LlamaFileType:
+        LFT = gguf.LlamaFileType
+        if self.mxfp4 and file_type in (LFT.ALL_F32, LFT.MOSTLY_F16, LFT.MOSTLY_BF16):
+            return LFT.MOSTLY_MXFP4_MOE
+        return file_type
+
+    def rename(self, name: str) -> str:
+        if name.endswith(".sinks"):
+            name += ".weight"
+        return super().rename(name)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        super().hparams(w)
+        w.add_sliding_window(self.config["sliding_window"])
+        w.add_expert_feed_forward_length(self.config["intermediate_size"])
+
+    def finish(self) -> None:
+        if self._blocks:
+            raise ConvertError(f"{next(iter(self._blocks))} has no _scales tensor")
+        super().finish()
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        def swap_last(x: Tensor) -> Tensor:
+            return x.map(lambda a: np.ascontiguousarray(np.swapaxes(a, -1, -2)),
+                         shape=(*x.shape[:-2], x.shape[-1], x.shape[-2]))
+
+        def rows(x: Tensor, start: int, axis: int) -> Tensor:  # every other row along an axis
+            shape = list(x.shape)
+            shape[axis] //= 2
+            index = (slice(None),) * (axis % len(x.shape)) + (slice(start, None, 2),)
+            return x.map(lambda a: np.ascontiguousarray(a[index]), shape=tuple(shape))
+
+        stem = name.rsplit(".", 1)[0]
+        if name.endswith(("_blocks", "_scales")):
+            if not self.mxfp4:
+                raise ConvertError(f"{name}: MXFP4 blocks, but config.json's quantization_config is not mxfp4")
+            key = name.removesuffix("_blocks").removesuffix("_scales")
+            if name.endswith("_blocks"):
+                self._blocks[key] = t
+                return []
+            if key not in self._blocks:
+                raise ConvertError(f"{name} comes before its _blocks tensor")
+            blocks, scales = self._blocks.pop(key), t
+            if key.endswith("down_proj"):
+                return [(self.map_name(f"{key}.weight"), mxfp4_repacked(blocks, scales))]
+            gate_up = key.removesuffix(".gate_up_proj")
+            return [(self.map_name(f"{gate_up}.{w}_proj.weight"), mxfp4_repacked(rows(blocks, i, 1), rows(scales, i, 1)))
+                    for i, w in enumerate(("gate", "up"))]
+        if name.endswith("experts.down_proj_bias"):
+            return super().tensors(f"{stem}.down_proj.bias", t, bid)
+        if name.endswith("experts.down_proj"):
+            return super().tensors(f"{name}.weight", swap_last(t), bid)
+        if name.endswith("experts.gate_up_proj_bias"):
+            return [item for i, w in enumerate(("gate", "up"))  # (a comprehension: no zero-argument super)
+                    for item in Converter.tensors(self, f"{stem}.{w}_proj.bias", rows(t, i, -1), bid)]
+        if name.endswith("experts.gate_up_proj"):
+            return [item for i, w in enumerate(("gate", "up"))
+                    for item in Converter.tensors(self, f"{stem}.{w}_proj.weight", rows(swap_last(t), i, 1), bid)]
+        return super().tensors(name, t, bid)

@@ -45,6 +45,57 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 VALUES_KEPT = (".ssm_a",)
 N_IDS = 16
 
+# Rewritten checkpoints (make_arch_fixtures' `rewrite`) saved in the entry's dtype rather than
+# float32 (half the bytes; the fixtures made before this set stay float32 as committed).
+CAST_REWRITES = {"internlm2", "gpt-oss"}
+
+FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # E2M1 codes 0-7 (8-15: negated)
+
+
+def _mxfp4_pack(w):
+    """OpenAI's MXFP4 of w [..., cols] (torch, float): blocks [..., cols / 32, 16] holding
+    values 2j and 2j + 1 in the low and high nibble, scales [..., cols / 32] (2^(s - 127)),
+    the layout transformers' integrations/mxfp4.py reads back."""
+    import numpy as np
+    import torch
+
+    x = w.detach().float().numpy().reshape(*w.shape[:-1], w.shape[-1] // 32, 32)
+    amax = np.abs(x).max(-1)
+    exp = np.where(amax > 0, np.ceil(np.log2(np.maximum(amax, 1e-30) / 6.0)), -127).astype(np.int32)
+    exp = np.clip(exp, -127, 127)
+    scaled = x / np.ldexp(1.0, exp)[..., None]
+    lut = np.array(FP4_MAGNITUDES)
+    codes = np.abs(np.abs(scaled)[..., None] - lut).argmin(-1).astype(np.uint8)
+    codes |= np.where((scaled < 0) & (codes > 0), 8, 0).astype(np.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return torch.from_numpy(np.ascontiguousarray(blocks)), torch.from_numpy((exp + 127).astype(np.uint8))
+
+
+def _gpt_oss_mxfp4_checkpoint(model, config: dict, d: Path) -> dict:
+    """The saved gpt-oss checkpoint with its experts in MXFP4, as openai/gpt-oss-* ship them:
+    per layer gate_up_proj_blocks/_scales (rows = the interleaved gate/up outputs) and
+    down_proj_blocks/_scales, biases kept, quantization_config mxfp4."""
+    import torch
+    from safetensors.torch import save_file
+
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().contiguous()
+        if k.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, in, out] -> rows = outputs
+            blocks, scales = _mxfp4_pack(v.transpose(1, 2))
+            out[k + "_blocks"], out[k + "_scales"] = blocks, scales
+        else:
+            out[k] = v
+    for f in d.glob("*.safetensors"):
+        f.unlink()
+    save_file({k: v.contiguous() for k, v in out.items()}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    config["quantization_config"] = {"quant_method": "mxfp4",
+                                     "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                                "model.embed_tokens", "lm_head"]}
+    (d / "config.json").write_text(json.dumps(config, indent=1))
+    return config
+
+
 # name -> (make_arch_fixtures spec name or a spec, checkpoint dtype, max shard size)
 FIXTURES: dict[str, tuple] = {
     "llama": ("llama", "bfloat16", None),
@@ -123,12 +174,9 @@ FIXTURES: dict[str, tuple] = {
     "internlm2": ("internlm2", "bfloat16", None),
     "chatglm": ("chatglm", "bfloat16", None),
     "minimax-m2": ("minimax-m2", "bfloat16", None),
+    # the experts in MXFP4 as the released checkpoints hold them (the rest cast to bfloat16)
+    "gpt-oss": ({**F.ARCHS["gpt-oss"], "rewrite": _gpt_oss_mxfp4_checkpoint}, "bfloat16", None),
 }
-
-
-# Rewritten checkpoints (make_arch_fixtures' `rewrite`) saved in the entry's dtype rather than
-# float32 (half the bytes; the fixtures made before this set stay float32 as committed).
-CAST_REWRITES = {"internlm2"}
 
 
 def _cast_safetensors(d: Path, dtype) -> None:
@@ -142,6 +190,17 @@ def _cast_safetensors(d: Path, dtype) -> None:
     config = _json.loads((d / "config.json").read_text())
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (d / "config.json").write_text(_json.dumps(config, indent=1))
+
+
+def _float32_copy(src: Path, dst: Path) -> Path:
+    """llama.cpp's own dequantization of src: its quantizer with ftype ALL_F32."""
+    import llama_cpp as lc
+
+    params = lc.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize, params.nthread = lc.LLAMA_FTYPE_ALL_F32, True, 2
+    if lc.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
+        raise RuntimeError(f"llama_model_quantize could not dequantize {src}")
+    return dst
 
 
 def write_pre_table() -> None:
@@ -269,8 +328,15 @@ def make(name: str) -> None:
             llamacpp_convert(d, path, outtype)
             reference["outtypes"][outtype] = digest(path)
         ids = F.eval_ids(seed)[:N_IDS]
+        f32 = Path(td) / f"{name}.f32.gguf"
+        if any(t["type"] not in ("F32", "F16", "BF16") for t in reference["outtypes"]["f32"]["tensors"].values()):
+            # tensors the checkpoint held quantized (gpt-oss's MXFP4 experts) stay so in the F32
+            # file, where llama.cpp rounds activations to 8 bits before their products: the
+            # reference is llama.cpp on its own float32 copy of that file (exact arithmetic)
+            f32 = _float32_copy(f32, Path(td) / f"{name}.dequantized.gguf")
+            reference["logits_from"] = "llama.cpp's float32 copy of its F32 file (llama_model_quantize ALL_F32)"
         # a decoder's logits, an encoder's hidden states (pooling none)
-        logits = (F.llama_hidden if spec.get("encoder") else F.llama_logits)(Path(td) / f"{name}.f32.gguf", ids)
+        logits = (F.llama_hidden if spec.get("encoder") else F.llama_logits)(f32, ids)
     reference["eval_ids"] = ids
     (d / "reference.json").write_text(json.dumps(reference, indent=0, ensure_ascii=False))
     np.save(d / "logits.npy", logits.astype(np.float32))

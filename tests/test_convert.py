@@ -301,6 +301,56 @@ def test_fused_expert_layout_converts_to_the_same_file(tmp_path, outtype):
         reference("qwen3moe")["outtypes"][outtype]["tensors"]
 
 
+def test_gpt_oss_unquantized_experts_convert_to_the_mxfp4_values(tmp_path):
+    """gpt-oss checkpoints with float experts (HF's [E, in, out] layout, gate and up
+    interleaved by output): the MXFP4 fixture's experts dequantized as transformers reads
+    them (low nibble first) and saved so convert to F32 experts equal, value for value, to
+    gguf-py's dequantization of the MXFP4 tensors converted from the blocks (which equal
+    llama.cpp's); every other tensor unchanged."""
+    from mlxllm.convert import checkpoint_tensors
+
+    lut = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+
+    def dequantized(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:  # -> [E, in, out]
+        codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-2], -1)
+        exps = np.repeat(scales.astype(np.int32) - 127, 32, axis=-1)
+        return np.ascontiguousarray(np.ldexp(lut[codes], exps).astype(np.float32).swapaxes(1, 2))
+
+    d = _copy("gpt-oss", tmp_path)
+    tensors = {n: t.load() for n, t in checkpoint_tensors(d).items()}
+    plain = {}
+    for name, a in tensors.items():
+        if name.endswith("_scales"):
+            continue
+        if name.endswith("_blocks"):
+            stem = name.removesuffix("_blocks")
+            plain[stem] = dequantized(a, tensors[stem + "_scales"])
+        else:
+            plain[name] = a
+    for f in d.glob("model*.safetensors"):
+        f.unlink()
+    _write_safetensors(d / "model.safetensors", plain)
+    config = json.loads((d / "config.json").read_text())
+    del config["quantization_config"]
+    (d / "config.json").write_text(json.dumps(config))
+
+    mxfp4 = gguf.GGUFReader(str(convert(FIXTURES / "gpt-oss", tmp_path / "mxfp4.gguf", outtype="f32", progress=False)))
+    ours = gguf.GGUFReader(str(convert(d, tmp_path / "plain.gguf", outtype="f32", progress=False)))
+    want = {t.name: t for t in mxfp4.tensors}
+    assert sorted(want) == sorted(t.name for t in ours.tensors)
+    experts = 0
+    for t in ours.tensors:
+        ref = want[t.name]
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32
+        if ref.tensor_type == gguf.GGMLQuantizationType.MXFP4:
+            experts += 1
+            expected = gguf.quants.dequantize(ref.data, ref.tensor_type)
+        else:
+            expected = np.asarray(ref.data)
+        assert np.array_equal(np.asarray(t.data), expected), t.name
+    assert experts == 3 * reference("gpt-oss")["outtypes"]["f32"]["metadata"]["gpt-oss.block_count"]
+
+
 # ---- tokenizers
 
 

@@ -8,6 +8,7 @@ import dataclasses
 
 from gguf import Keys
 
+from .. import convert_hooks
 from ..gguf import GGUFFile
 from ..nn import Decoder, DecoderArgs
 from ..registry import Arch
@@ -25,4 +26,4 @@ def gpt_oss(gf: GGUFFile) -> DecoderArgs:
 
 
 ARCH = Arch(name="gpt-oss", args=gpt_oss, model=Decoder, hf_architectures=("GptOssForCausalLM",),
-            description="OpenAI gpt-oss (20b, 120b)")
+            description="OpenAI gpt-oss (20b, 120b)", convert=convert_hooks.GptOss)
