@@ -1847,3 +1847,87 @@ class GptOss(Converter):
             return [item for i, w in enumerate(("gate", "up"))
                     for item in Converter.tensors(self, f"{stem}.{w}_proj.weight", rows(swap_last(t), i, 1), bid)]
         return super().tensors(name, t, bid)
+
+
+class FalconH1(Converter):
+    """Falcon-H1: Mamba-2 mixers converted as Mamba-2's (d_ssm need not be 2 x hidden), the
+    muP multipliers baked into the weights in float32 as llama.cpp's converter bakes them
+    (k_proj twice rounded, in_proj's z/x/B/C/dt row blocks each scaled), Mamba-2's keys
+    with the attention's over them; byte-level BPE."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.n_group = self.find("n_groups", "mamba_n_groups")
+        self.d_inner = self.find("mamba_d_ssm")
+        self.d_head = self.find("d_head", "mamba_d_head")
+        if self.d_inner % self.d_head:
+            raise ConvertError(f"Falcon-H1 SSM inner size {self.d_inner} is not a multiple of its head size {self.d_head}")
+        if self.config.get("hidden_act") not in (None, "silu"):
+            raise ConvertError(f"Falcon-H1 with hidden_act {self.config['hidden_act']!r}: only SiLU is supported")
+
+    def rename(self, name: str) -> str:
+        if name.endswith(".dt_bias"):
+            name = name.removesuffix(".dt_bias") + ".dt_proj.bias"
+        return super().rename(name)
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        bpe_vocab(self, w)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        c = self.config
+        w.add_context_length(c.get("max_position_embeddings", 0))
+        w.add_embedding_length(self.find("hidden_size", "d_model", "dim"))
+        w.add_feed_forward_length(c["intermediate_size"])
+        w.add_head_count(c["num_attention_heads"])
+        w.add_block_count(self.n_layers)
+        w.add_ssm_conv_kernel(self.find("conv_kernel", "d_conv", "mamba_conv_kernel", "mamba_d_conv", default=None) or 4)
+        w.add_ssm_inner_size(self.d_inner)
+        w.add_ssm_state_size(self.find("state_size", "d_state", "mamba_state_size", "mamba_d_state", default=None) or 128)
+        head_dim = self.find("mamba_d_head", "head_dim", default=None) or 64  # (Mamba-2's reading, as llama.cpp)
+        w.add_ssm_time_step_rank(self.d_inner // head_dim)
+        w.add_ssm_group_count(self.n_group)
+        w.add_layer_norm_rms_eps(self.find("layer_norm_epsilon", "rms_norm_eps", default=None) or 1e-5)
+        w.add_vocab_size(c["vocab_size"])
+        w.add_head_count_kv(c["num_key_value_heads"])
+        w.add_key_length(c["head_dim"])
+        w.add_value_length(c["head_dim"])
+        w.add_rope_freq_base(self.rope["rope_theta"])
+
+    def _multipliers(self, name: str) -> list[tuple[slice, tuple[float, ...]]] | None:
+        """The factors llama.cpp multiplies a tensor by, in order, per row range."""
+        c, f = self.config, self.find
+        every = slice(None)
+        for key, factors in (("down_proj", lambda: (c["mlp_multipliers"][1],)),
+                             ("gate_proj", lambda: (c["mlp_multipliers"][0],)),
+                             ("k_proj", lambda: (f("key_multiplier"), f("attention_in_multiplier"))),
+                             ("q_proj", lambda: (f("attention_in_multiplier"),)),
+                             ("v_proj", lambda: (f("attention_in_multiplier"),)),
+                             ("o_proj", lambda: (f("attention_out_multiplier"),)),
+                             ("out_proj", lambda: (f("ssm_out_multiplier"),)),
+                             ("in_proj", None),
+                             ("lm_head", lambda: (c["lm_head_multiplier"],)),
+                             ("embed_tokens", lambda: (c["embedding_multiplier"],))):
+            if key not in name:
+                continue
+            if factors is not None:
+                return [(every, factors())]
+            d, gs = c["mamba_d_ssm"], c["mamba_n_groups"] * c["mamba_d_state"]
+            bounds = (0, d, 2 * d, 2 * d + gs, 2 * d + 2 * gs, None)
+            return [(every, (f("ssm_in_multiplier"),))] + [
+                (slice(lo, hi), (m,)) for lo, hi, m in zip(bounds, bounds[1:], c["ssm_multipliers"])]
+        return None
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        [(new_name, t)] = Mamba2.mamba2_tensors(self, name, t, bid)
+        steps = self._multipliers(name)
+        if steps is None:
+            return [(new_name, t)]
+
+        def scaled(a: np.ndarray) -> np.ndarray:
+            a = a.astype(np.float32)  # (a new array: the reader's may be a view of the file)
+            for rows, factors in steps:
+                for factor in factors:  # one float32 rounding per factor, as torch computes them
+                    a[rows] *= np.float32(factor)
+            return a
+
+        return [(new_name, t.map(scaled, dtype=np.float32))]

@@ -176,6 +176,7 @@ FIXTURES: dict[str, tuple] = {
     "minimax-m2": ("minimax-m2", "bfloat16", None),
     # the experts in MXFP4 as the released checkpoints hold them (the rest cast to bfloat16)
     "gpt-oss": ({**F.ARCHS["gpt-oss"], "rewrite": _gpt_oss_mxfp4_checkpoint}, "bfloat16", None),
+    "falcon-h1": ("falcon-h1", "bfloat16", None),
 }
 
 

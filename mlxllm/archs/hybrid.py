@@ -138,7 +138,7 @@ ARCHS = (
          hf_architectures=("GraniteMoeHybridForCausalLM", "BambaForCausalLM"), convert=convert_hooks.GraniteHybrid,
          description="IBM Granite 4.0-H (Mamba-2 + attention, dense or MoE) and Bamba"),
     Arch(name="falcon-h1", args=falcon_h1, model=HybridDecoder, hf_architectures=("FalconH1ForCausalLM",),
-         description="TII Falcon-H1 (attention and Mamba-2 side by side in every layer)"),
+         description="TII Falcon-H1 (attention and Mamba-2 side by side in every layer)", convert=convert_hooks.FalconH1),
     Arch(name="nemotron_h", args=nemotron_h, model=HybridDecoder, hf_architectures=("NemotronHForCausalLM",),
          description="NVIDIA Nemotron-H (Mamba-2, attention and ReLU² FFN layers)"),
     Arch(name="jamba", args=jamba, model=HybridDecoder, hf_architectures=("JambaForCausalLM",), convert=convert_hooks.Jamba,
