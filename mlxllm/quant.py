@@ -140,24 +140,36 @@ QUANT_TABLE: dict[T, Layout] = {
 }
 
 
+def cpu_blocks_mode() -> str:
+    """MLXLLM_CPU_BLOCKS: "1" (the default: the types with dedicated kernels stay blocks, float
+    activations), "int8" (the same with llama.cpp's 8-bit activations and integer dots),
+    "all" (every type the kernels read stays blocks, memory = file; the types without
+    dedicated kernels decode each block to floats, slower), "0" (MLX's affine / widened
+    layouts)."""
+    choice = os.environ.get("MLXLLM_CPU_BLOCKS", "1")
+    if choice not in ("0", "1", "int8", "all"):
+        raise ValueError(f"MLXLLM_CPU_BLOCKS={choice!r}: expected 0, 1, int8 or all")
+    return choice
+
+
 def keeps_blocks_on_cpu(qtype: T, shape: tuple[int, ...]) -> bool:
     """Whether a tensor loads as its GGUF blocks, unchanged, for mlxllm's CPU kernels
     (kernels/cpu/gguf.cpp): on MLX's CPU with the kernels built, for a 2-D tensor of a type
-    with integer dot products there (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL,
-    IQ4_XS).
+    with dedicated kernels there (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL,
+    IQ4_XS). Memory is then the file's, and no affine scale/bias overhead is read.
     Experts (3-D) keep MLX's layouts, which the gather kernels read. The other packed types
-    keep their widened image (kernels/widen.py): their block kernels decode to floats and
-    run 3-20x slower per decoded token than the widened matvec (measured, one core), so
-    they trade memory for that speed until they get integer kernels.
-    Off by default (MLXLLM_CPU_BLOCKS=0: the affine / widened layouts): decode's 8-bit
-    activations move Gemma 3 270M's argmax agreement with llama.cpp's F32 logits from >= 98%
-    to 93% on tests/test_gemma3.py's prompts, and make a prompt's logits depend on how it was
-    chunked (decode rows take the integer path, prefill rows the float one); until both
-    agree, fidelity wins. MLXLLM_CPU_BLOCKS=1 turns it on for the types with integer dots;
-    MLXLLM_CPU_BLOCKS=all keeps every type the kernels read as blocks (memory = file)."""
+    keep their widened image (kernels/widen.py) unless MLXLLM_CPU_BLOCKS=all: their block
+    kernels decode to floats and run 3-20x slower per decoded token than the widened matvec
+    (measured, one core), so they trade memory for that speed until they get dedicated kernels.
+    Activations stay float by default: llama.cpp's 8-bit rounding (MLXLLM_CPU_BLOCKS=int8)
+    moves Gemma 3 270M's argmax agreement with llama.cpp's F32 logits from >= 98% to 93% on
+    tests/test_gemma3.py's prompts, and brings us no nearer llama.cpp's own quantized run
+    (the roundings flip on float noise, scripts/quant_matrix.py)."""
     cpu = kernels.cpu.active()
-    choice = os.environ.get("MLXLLM_CPU_BLOCKS", "0")
-    if cpu is None or len(shape) != 2 or choice == "0" or QUANT_TABLE.get(qtype, FLOAT).kind not in ("affine", "packed"):
+    if cpu is None or len(shape) != 2 or QUANT_TABLE.get(qtype, FLOAT).kind not in ("affine", "packed"):
+        return False
+    choice = cpu_blocks_mode()
+    if choice == "0":
         return False
     return cpu.gguf_has_kernel(int(qtype)) if choice == "all" else cpu.gguf_integer_dots(int(qtype))
 

@@ -3,12 +3,12 @@ private GEMM (blas.cpp).
 
 - gguf_dequantize equals gguf.quants.dequantize bit for bit on random blocks (every bit
   random but finite scales, edge scales included), for every type the kernels take.
-- gguf_matmul equals a float64 product within float32 tolerance: decode rows (the
-  integer path quantizes activations to 8 bits per block, so the reference there is
-  the product with those 8-bit activations, computed here in numpy the way llama.cpp
-  defines q8_0 / q8_K) and prefill rows (the same 8-bit activations, dequantized tiles +
-  GEMM), on every ISA path this machine runs (AVX2 and the portable one); a row gives the
-  same product alone or among many.
+- gguf_matmul equals a float64 product within float32 tolerance, in both arithmetics:
+  float activations (the default) and int8 (activations quantized to 8 bits per block, so
+  the reference there is the product with those 8-bit activations, computed here in numpy
+  the way llama.cpp defines q8_0 / q8_K); decode rows (blocks read in place) and prefill
+  rows (dequantized tiles + GEMM), on every ISA path this machine runs (AVX2 and the
+  portable one); a row gives the same product alone or among many.
 - Bad shapes, types and tables are exceptions, never reads out of bounds.
 """
 
@@ -76,56 +76,72 @@ def isa(request):
     K.gguf_use_simd(True)
 
 
+@pytest.fixture(params=["float", "int8"])
+def int8(request):
+    return request.param == "int8"
+
+
+def _activations(x: np.ndarray, qtype: Q, int8: bool) -> np.ndarray:
+    """x as the kernels multiply it: float, or rounded to q8_0 / q8_K blocks in int8 mode
+    for the types with integer dots."""
+    if int8 and qtype in INTEGER:
+        return _q8_rows(x.reshape(-1, x.shape[-1]), 32 if GGML_QUANT_SIZES[qtype][0] == 32 else 256).reshape(x.shape)
+    return x.astype(np.float64)
+
+
 @pytest.mark.parametrize("rows", [1, 3, 16], ids=lambda r: f"{r}rows")
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_matvec_against_float64(qtype, rows, isa):
+def test_matvec_against_float64(qtype, rows, isa, int8):
     if isa == "portable" and qtype not in INTEGER:
         pytest.skip("one path: the float decoders")
+    if int8 and qtype not in INTEGER:
+        pytest.skip("float decoders in either mode")
     raw, cols = _weight(qtype, 75, 2 if GGML_QUANT_SIZES[qtype][0] == 256 else 9, seed=rows)
     x = np.random.default_rng(rows).standard_normal((rows, cols)).astype(np.float32)
     w64 = gq.dequantize(raw, qtype).astype(np.float64)
-    xq = _q8_rows(x, 32 if GGML_QUANT_SIZES[qtype][0] == 32 else 256) if qtype in INTEGER else x.astype(np.float64)
+    xq = _activations(x, qtype, int8)
     ref = xq @ w64.T
-    ours = np.array(K.gguf_matmul(mx.array(x), mx.array(raw), int(qtype), _table(qtype)))
+    ours = np.array(K.gguf_matmul(mx.array(x), mx.array(raw), int(qtype), _table(qtype), int8))
     assert ours.shape == (rows, 75)
     tol = 2e-5 * (np.abs(xq) @ np.abs(w64).T) + 1e-6
     assert (np.abs(ours - ref) <= tol).all(), np.abs(ours - ref).max()
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q6_K, Q.IQ4_XS, Q.Q3_K], ids=lambda t: t.name)
-def test_prefill_tiles_against_float64(qtype):
-    """More than 16 rows: dequantized tiles and a GEMM, exact weights; the activations
-    rounded to the same 8-bit blocks as decode's integer path for the types that have one.
+def test_prefill_tiles_against_float64(qtype, int8):
+    """More than 16 rows: dequantized tiles and a GEMM, exact weights; in int8 mode the
+    activations rounded to the same 8-bit blocks as decode's integer path.
     3000 weight rows span several tiles."""
     raw, cols = _weight(qtype, 3000, 1 if GGML_QUANT_SIZES[qtype][0] == 256 else 8, seed=5)
     x = np.random.default_rng(5).standard_normal((2, 40, cols)).astype(np.float32)
-    block = 32 if GGML_QUANT_SIZES[qtype][0] == 32 else 256
-    xq = _q8_rows(x.reshape(-1, cols), block).reshape(x.shape) if qtype in INTEGER else x.astype(np.float64)
-    ref = xq @ gq.dequantize(raw, qtype).astype(np.float64).T
-    ours = np.array(K.gguf_matmul(mx.array(x), mx.array(raw), int(qtype), _table(qtype)))
+    ref = _activations(x, qtype, int8) @ gq.dequantize(raw, qtype).astype(np.float64).T
+    ours = np.array(K.gguf_matmul(mx.array(x), mx.array(raw), int(qtype), _table(qtype), int8))
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("qtype", INTEGER, ids=lambda t: t.name)
-def test_prefill_rows_equal_decode_rows(qtype, isa):
+def test_prefill_rows_equal_decode_rows(qtype, isa, int8):
     """A prompt's logits do not depend on its chunking: the same activation row gives the
-    same product whether it runs alone (integer dots) or among 40 (tiles + GEMM)."""
+    same product (to float rounding) whether it runs alone (blocks read in place) or among
+    40 (tiles + GEMM)."""
     raw, cols = _weight(qtype, 96, 2 if GGML_QUANT_SIZES[qtype][0] == 256 else 16, seed=7)
     x = np.random.default_rng(7).standard_normal((40, cols)).astype(np.float32)
-    together = np.array(K.gguf_matmul(mx.array(x), mx.array(raw), int(qtype), _table(qtype)))
-    alone = np.concatenate([np.array(K.gguf_matmul(mx.array(x[i:i + 1]), mx.array(raw), int(qtype), _table(qtype)))
-                            for i in range(len(x))])
-    scale = np.abs(together).max()
-    assert np.abs(together - alone).max() <= 2e-6 * scale * np.sqrt(cols / 32)
+
+    def product(rows):
+        return np.array(K.gguf_matmul(mx.array(rows), mx.array(raw), int(qtype), _table(qtype), int8))
+
+    together = product(x)
+    alone = np.concatenate([product(x[i:i + 1]) for i in range(len(x))])
+    assert np.abs(together - alone).max() <= 2e-6 * np.abs(together).max() * np.sqrt(cols / 32)
 
 
 def test_integer_path_follows_the_8_bit_activations():
-    """The decode result is the product with 8-bit activations: nearer that than the float
+    """int8 mode's decode result is the product with 8-bit activations: nearer that than the float
     product (the quantization step is what llama.cpp's CPU results carry too)."""
     raw, cols = _weight(Q.Q8_0, 64, 8, seed=3)
     x = np.random.default_rng(3).standard_normal((1, cols)).astype(np.float32)
     w64 = gq.dequantize(raw, Q.Q8_0).astype(np.float64)
-    ours = np.array(K.gguf_matmul(mx.array(x), mx.array(raw), int(Q.Q8_0), _table(Q.Q8_0)))
+    ours = np.array(K.gguf_matmul(mx.array(x), mx.array(raw), int(Q.Q8_0), _table(Q.Q8_0), True))
     assert np.abs(ours - _q8_rows(x, 32) @ w64.T).max() < 1e-2 * np.abs(ours - x.astype(np.float64) @ w64.T).max()
 
 

@@ -4,9 +4,10 @@ dispatch between architectures and kernels.
 Architectures call `matmul(x, w)` / `embed(ids, w)` with a `QuantizedTensor`, and
 `attention` / `gated` for the rest; this module picks how.
 - The CPU (MLX's CPU backend) with our compiled kernels (cpu/): 2-D weights of the types
-  with integer kernels stay GGUF blocks as stored (quant.keeps_blocks_on_cpu) and go to
-  `gguf_matmul` (cpu/gguf.cpp): llama.cpp's integer arithmetic for a few rows (decode),
-  dequantized tiles + GEMM for more (prefill). Experts and the other packed types keep MLX's
+  with dedicated kernels stay GGUF blocks as stored (quant.keeps_blocks_on_cpu) and go to
+  `gguf_matmul` (cpu/gguf.cpp): blocks read in place for a few rows (decode; float
+  activations, or llama.cpp's 8-bit ones with MLXLLM_CPU_BLOCKS=int8), dequantized tiles
+  + GEMM for more (prefill). Experts and the other packed types keep MLX's
   affine layouts (native types, widened packed ones) for our affine matvec / dequantize. Every float GEMM (prefill, attention) runs on the BLAS our
   module binds itself (`_bind_blas`), never on the one MLX links, so the order of imports
   cannot make it slow; softmax and gates run on ours.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
 import warnings
 from typing import TYPE_CHECKING
@@ -257,7 +259,8 @@ def matmul(x: mx.array, w: QuantizedTensor) -> mx.array:
     rows = x.size // x.shape[-1]
     blocks = _cpu_blocks(w)
     if blocks is not None:
-        return cpu.KERNELS.gguf_matmul(x, blocks, int(w.qtype), _table(w.qtype)).astype(x.dtype)
+        int8 = os.environ.get("MLXLLM_CPU_BLOCKS") == "int8"  # quant.cpu_blocks_mode
+        return cpu.KERNELS.gguf_matmul(x, blocks, int(w.qtype), _table(w.qtype), int8).astype(x.dtype)
     parts = _cpu_affine_parts(w)
     if parts is not None:
         if rows <= CPU_MATVEC_ROWS:

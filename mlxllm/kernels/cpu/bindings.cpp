@@ -24,7 +24,7 @@ NB_MODULE(_cpu, m) {
   m.def("rms_norm", &mlxllm_cpu::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("rope", &mlxllm_cpu::rope, "x"_a, "cos"_a, "sin"_a, "traditional"_a, nb::kw_only(),
         "stream"_a = nb::none());
-  m.def("gguf_matmul", &mlxllm_cpu::gguf_matmul, "x"_a, "w"_a, "qtype"_a, "table"_a, nb::kw_only(),
+  m.def("gguf_matmul", &mlxllm_cpu::gguf_matmul, "x"_a, "w"_a, "qtype"_a, "table"_a, "int8"_a = false, nb::kw_only(),
         "stream"_a = nb::none());
   m.def("gguf_dequantize", &mlxllm_cpu::gguf_dequantize, "w"_a, "qtype"_a, "in_features"_a, "table"_a,
         nb::kw_only(), "stream"_a = nb::none());

@@ -1,23 +1,30 @@
 // GGUF blocks as stored, on the CPU: a weight (out, in) is uint8 (out, bytes per row), the
 // file's bytes unchanged, so the memory a model takes is the file's.
 //
-// Decode (a few activation rows): llama.cpp's CPU arithmetic. Each activation row is
-// quantized once per call to 8 bits per block (blocks of 32 with one scale for the 32-block
-// types, as q8_0; blocks of 256 with sums per 16 for the K types, as q8_K); each weight
-// block's codes then meet those bytes in integer dot products (AVX2's u8 x s8 multiply-add
-// where the build targets it, a portable loop elsewhere, which compilers vectorize for
-// NEON), scaled once per block in float. Codes are used as stored, unsigned; a type's zero
-// point (Q4_0's 8, Q6_K's 32) comes back through the activation block's sum, and Q4_1/Q5_1/
-// Q4_K/Q5_K's minimums the same way; IQ4_NL/IQ4_XS codes become their signed values through
-// one byte shuffle. Every activation row reuses a weight row while it is in L1; the threads
-// split output rows.
-// Types without an integer kernel here (IQ1-3, TQ*, NVFP4, Q2_K, Q3_K) decode each block to
-// floats with the shared decoders of ../blocks/*.h and multiply float activations.
+// Decode (a few activation rows) reads each weight row's blocks in place; every activation
+// row reuses a weight row while it is in L1; the threads split output rows. Two arithmetics:
+// - Float activations (the default): codes unpacked with AVX2, widened to floats and
+//   multiplied by x, scaled once per (sub-)block; a type's zero point (Q4_0's 8, Q6_K's 32)
+//   and Q4_1/Q5_1/Q4_K/Q5_K's minimums come back through sums of x per 16. The result is the
+//   dequantized weight's product to float rounding, as prefill's GEMM gives it, so logits do
+//   not depend on how a prompt was chunked and agree with llama.cpp's F32 run as the dense path does.
+// - int8 (opt-in): llama.cpp's CPU arithmetic. Each activation row is quantized once per
+//   call to 8 bits per block (blocks of 32 with one scale for the 32-block types, as q8_0;
+//   blocks of 256 with sums per 16 for the K types, as q8_K); each weight block's codes then
+//   meet those bytes in integer dot products (AVX2's u8 x s8 multiply-add where the build
+//   targets it, a portable loop elsewhere, which compilers vectorize for NEON), scaled once
+//   per block in float. Faster, but the rounding moves logits as far as llama.cpp's own
+//   quantized run is from its F32 run (scripts/quant_matrix.py explains why it cannot
+//   bring us nearer llama.cpp's own quantized logits).
+// IQ4_NL/IQ4_XS codes become their signed values through one byte shuffle. Types without a
+// dedicated kernel here (IQ1-3, TQ*, NVFP4, Q2_K, Q3_K), and every type on a build without
+// AVX2 in float mode, decode each block to floats with the shared decoders of
+// ../blocks/*.h and multiply float activations.
 //
-// Prefill (more rows): the activations are rounded to the same 8-bit blocks first (as
-// llama.cpp's prefill does too), then a tile of weight rows is dequantized (bit-exact to
-// gguf-py) and multiplied by BLAS (blas.cpp), tile after tile, so no float copy of the
-// weight exists and a prompt's logits do not depend on how it was chunked.
+// Prefill (more rows): a tile of weight rows is dequantized (bit-exact to gguf-py) and
+// multiplied by BLAS (blas.cpp), tile after tile, so no float copy of the weight exists.
+// In int8 mode the activations are first rounded to decode's 8-bit blocks (as llama.cpp's
+// prefill rounds them too), so each product is the one decode computes.
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -310,6 +317,32 @@ struct Q8Rows {
       ++h; // a carry into the exponent is the right rounding too
     }
     return static_cast<uint16_t>(sign | h);
+  }
+};
+
+// An activation row as floats, with its sums over each 16, which zero points and minimums need.
+struct FloatRow {
+  const float* x;
+  const float* s;
+};
+
+struct FloatRows {
+  const float* x;
+  std::vector<float> s;
+  int I;
+
+  FloatRows(const float* x_, int B, int I_) : x(x_), s(static_cast<size_t>(B) * I_ / 16), I(I_) {
+    for (size_t g = 0; g < s.size(); ++g) {
+      float sum = 0.f;
+      for (int i = 0; i < 16; ++i) {
+        sum += x[16 * g + i];
+      }
+      s[g] = sum;
+    }
+  }
+
+  FloatRow row(int b) const {
+    return {x + static_cast<long>(b) * I, s.data() + static_cast<long>(b) * I / 16};
   }
 };
 
@@ -610,6 +643,152 @@ float dot_k_avx2(int t, const uint8_t* row, const Q8Row& x, int nb) {
   }
   return hsum_ps(acc) + extra;
 }
+
+// ------------------------------------------------------------------ float activations
+// The same weight blocks against float activations (the default: no activation rounding,
+// so results are those of the dequantized weight to float rounding, as the dense path
+// and prefill compute them). Codes are unpacked as above, widened to floats and multiplied
+// by x; zero points and minimums come back through sums of x per 16.
+
+// acc += 16 codes (u8, or s8 where Signed) * x[0:16], as 8 lanes of partial sums.
+template <bool Signed>
+inline __m256 fma16(__m128i codes, const float* x, __m256 acc) {
+  auto widen = [](__m128i v) { return _mm256_cvtepi32_ps(Signed ? _mm256_cvtepi8_epi32(v) : _mm256_cvtepu8_epi32(v)); };
+  acc = _mm256_fmadd_ps(widen(codes), _mm256_loadu_ps(x), acc);
+  return _mm256_fmadd_ps(widen(_mm_srli_si128(codes, 8)), _mm256_loadu_ps(x + 8), acc);
+}
+
+template <bool Signed>
+inline __m256 fma32(__m256i codes, const float* x, __m256 acc) {
+  return fma16<Signed>(_mm256_extracti128_si256(codes, 1), x + 16, fma16<Signed>(_mm256_castsi256_si128(codes), x, acc));
+}
+
+float fdot_iq4_avx2(int t, const uint8_t* row, const FloatRow& x, int nb, const uint8_t* table) {
+  const __m128i kv128 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(table));
+  const __m256i kv = _mm256_set_m128i(kv128, kv128);
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 acc = zero;
+  for (int blk = 0; blk < nb; ++blk) {
+    if (t == IQ4_NL) {
+      const uint8_t* b = row + 18 * blk;
+      const __m256 part = fma32<true>(_mm256_shuffle_epi8(kv, nibbles32(b + 2)), x.x + 32 * blk, zero);
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b)), part, acc);
+    } else {
+      const uint8_t* b = row + 136 * blk;
+      const float* y = x.x + 256 * blk;
+      const int scales_h = b[2] | (b[3] << 8);
+      const float d = f16_at(b);
+      for (int sb = 0; sb < 8; ++sb) {
+        const int ls = (((b[4 + sb / 2] >> (4 * (sb & 1))) & 15) | (((scales_h >> (2 * sb)) & 3) << 4)) - 32;
+        const __m256 part = fma32<true>(_mm256_shuffle_epi8(kv, nibbles32(b + 8 + 16 * sb)), y + 32 * sb, zero);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * static_cast<float>(ls)), part, acc);
+      }
+    }
+  }
+  return hsum_ps(acc);
+}
+
+float fdot_legacy_avx2(int t, const uint8_t* row, const FloatRow& x, int nb) {
+  TypeInfo info;
+  type_info(t, info);
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 acc = zero;
+  float extra = 0.f; // zero points and minimums: per block, scalar
+  for (int blk = 0; blk < nb; ++blk) {
+    const uint8_t* b = row + info.bytes * blk;
+    const float* y = x.x + 32 * blk;
+    const float ysum = x.s[2 * blk] + x.s[2 * blk + 1];
+    const float d = f16_at(b);
+    __m256 part;
+    switch (t) {
+      case Q4_0:
+        part = fma32<false>(nibbles32(b + 2), y, zero);
+        extra -= 8.f * d * ysum;
+        break;
+      case Q4_1:
+        part = fma32<false>(nibbles32(b + 4), y, zero);
+        extra += f16_at(b + 2) * ysum;
+        break;
+      case Q5_0: {
+        uint32_t qh;
+        std::memcpy(&qh, b + 2, 4);
+        part = fma32<false>(_mm256_or_si256(nibbles32(b + 6), bit4_of(qh)), y, zero);
+        extra -= 16.f * d * ysum;
+        break;
+      }
+      case Q5_1: {
+        uint32_t qh;
+        std::memcpy(&qh, b + 4, 4);
+        part = fma32<false>(_mm256_or_si256(nibbles32(b + 8), bit4_of(qh)), y, zero);
+        extra += f16_at(b + 2) * ysum;
+        break;
+      }
+      default: // Q8_0
+        part = fma32<true>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2)), y, zero);
+    }
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), part, acc);
+  }
+  return hsum_ps(acc) + extra;
+}
+
+float fdot_k_avx2(int t, const uint8_t* row, const FloatRow& x, int nb) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 acc = zero;
+  float extra = 0.f;
+  auto ld = [](const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
+  for (int blk = 0; blk < nb; ++blk) {
+    const float* y = x.x + 256 * blk;
+    const float* s = x.s + 16 * blk;
+    if (t == Q6_K) {
+      const uint8_t* b = row + 210 * blk;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+      const float d = f16_at(b + 208);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i ql0 = ld(b + 64 * h), ql1 = ld(b + 64 * h + 32), qh = ld(b + 128 + 32 * h);
+        for (int q = 0; q < 4; ++q) {
+          const __m256i ql = q & 1 ? ql1 : ql0;
+          const __m256i lo = _mm256_and_si256(q >> 1 ? _mm256_srli_epi16(ql, 4) : ql, low4);
+          const __m256i hi = _mm256_slli_epi16(
+              _mm256_and_si256(_mm256_srli_epi16(qh, 2 * q), _mm256_set1_epi8(3)), 4);
+          const __m256i code = _mm256_or_si256(lo, hi);
+          const float* yq = y + 128 * h + 32 * q;
+          const int g = 8 * h + 2 * q; // the 32 codes span scale groups g and g + 1
+          acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc[g]), fma16<false>(_mm256_castsi256_si128(code), yq, zero), acc);
+          acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc[g + 1]),
+                                fma16<false>(_mm256_extracti128_si256(code, 1), yq + 16, zero), acc);
+        }
+      }
+      float corr = 0.f;
+      for (int g = 0; g < 16; ++g) {
+        corr += static_cast<float>(sc[g]) * s[g];
+      }
+      extra -= 32.f * d * corr;
+    } else {
+      const bool five = t == Q5_K;
+      const uint8_t* b = row + (five ? 176 : 144) * blk;
+      const uint8_t* qs = b + (five ? 48 : 16);
+      const __m256i qh = five ? ld(b + 16) : _mm256_setzero_si256();
+      const float d = f16_at(b), dmin = f16_at(b + 2);
+      for (int k = 0; k < 4; ++k) {
+        const __m256i bytes = ld(qs + 32 * k);
+        for (int half = 0; half < 2; ++half) {
+          const int j = 2 * k + half;
+          int sc, m;
+          k_scale_min(b + 4, j, sc, m);
+          __m256i code = _mm256_and_si256(half ? _mm256_srli_epi16(bytes, 4) : bytes, low4);
+          if (five) {
+            code = _mm256_or_si256(code, _mm256_slli_epi16(
+                _mm256_and_si256(_mm256_srli_epi16(qh, j), _mm256_set1_epi8(1)), 4));
+          }
+          acc = _mm256_fmadd_ps(_mm256_set1_ps(d * static_cast<float>(sc)), fma32<false>(code, y + 32 * j, zero), acc);
+          extra -= dmin * static_cast<float>(m) * (s[2 * j] + s[2 * j + 1]);
+        }
+      }
+    }
+  }
+  return hsum_ps(acc) + extra;
+}
 #endif
 
 // Whether the AVX2 kernels run (they are compiled in on x86-64, whose build targets
@@ -629,15 +808,48 @@ float dot_q8(int t, const uint8_t* row, const Q8Row& x, int nb, const uint8_t* t
   return iq4 ? dot_iq4_portable(t, row, x, nb, table) : dot_portable(t, row, x, nb);
 }
 
+// Whether float activations meet type t's blocks in a dedicated kernel here (else they go
+// through the block decoders, the portable float path).
+bool float_kernel(int t, const TypeInfo& info) {
+#if defined(__AVX2__)
+  return g_use_simd && info.path != Path::FLOAT;
+#else
+  return false;
+#endif
+}
+
+float dot_float(int t, const uint8_t* row, const FloatRow& x, int nb, const uint8_t* table) {
+#if defined(__AVX2__)
+  if (t == IQ4_NL || t == IQ4_XS) {
+    return fdot_iq4_avx2(t, row, x, nb, table);
+  }
+  return (t == Q4_K || t == Q5_K || t == Q6_K) ? fdot_k_avx2(t, row, x, nb) : fdot_legacy_avx2(t, row, x, nb);
+#else
+  throw std::logic_error("dot_float without a float kernel");
+#endif
+}
+
 // ------------------------------------------------------------------ the products
 
 constexpr int kMatvecRows = 16; // up to this many activation rows the matvec runs
 
 void matvec(int t, const TypeInfo& info, const float* x, const uint8_t* w, const uint8_t* table, float* y, int B,
-            int I, int O) {
+            int I, int O, bool int8) {
   const int nb = I / info.qk;
   const long row_bytes = static_cast<long>(nb) * info.bytes;
-  if (info.path == Path::FLOAT) {
+  if (!int8 && float_kernel(t, info)) {
+    const FloatRows rows(x, B, I);
+    parallel_ranges(O, row_bytes * B, [&](long r0, long r1) {
+      for (long o = r0; o < r1; ++o) {
+        const uint8_t* row = w + o * row_bytes;
+        for (int b = 0; b < B; ++b) {
+          y[static_cast<long>(b) * O + o] = dot_float(t, row, rows.row(b), nb, table);
+        }
+      }
+    });
+    return;
+  }
+  if (info.path == Path::FLOAT || !int8) {
     parallel_ranges(O, row_bytes * B, [&](long r0, long r1) {
       std::vector<float> v(I);
       for (long o = r0; o < r1; ++o) {
@@ -701,9 +913,9 @@ void dequantize(int t, const TypeInfo& info, const uint8_t* w, const uint8_t* ta
 constexpr int kTileRows = 64;
 
 void matmul_tiles(int t, const TypeInfo& info, const float* x, const uint8_t* w, const uint8_t* table, float* y, int B,
-                  int I, int O) {
+                  int I, int O, bool int8) {
   std::vector<float> rounded;
-  if (info.path != Path::FLOAT) { // the activations decode's integer dots see, so prefill agrees with decode
+  if (int8 && info.path != Path::FLOAT) { // the activations decode's integer dots see, so prefill agrees with decode
     rounded = Q8Rows(x, B, I, info.path == Path::Q8_32 ? 32 : 256).dequantized();
     x = rounded.data();
   }
@@ -739,20 +951,20 @@ TypeInfo check_blocks(const mx::array& w, int qtype, int in_features, const char
 
 class GgufMatmul : public CpuPrimitive {
  public:
-  GgufMatmul(mx::Stream s, int qtype) : CpuPrimitive(s), qtype_(qtype) {}
+  GgufMatmul(mx::Stream s, int qtype, bool int8) : CpuPrimitive(s), qtype_(qtype), int8_(int8) {}
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto e = begin_eval(stream(), inputs, out);
     const auto &x = e.inputs[0], &w = e.inputs[1], &table = e.inputs[2];
     const int I = x.shape(-1), O = w.shape(0);
     const int B = static_cast<int>(x.size() / I);
     e.encoder.dispatch([xp = x.data<float>(), wp = w.data<uint8_t>(), tp = table.data<uint8_t>(),
-                        yp = out.data<float>(), B, I, O, t = qtype_]() {
+                        yp = out.data<float>(), B, I, O, t = qtype_, int8 = int8_]() {
       TypeInfo info;
       type_info(t, info);
       if (B <= kMatvecRows) {
-        matvec(t, info, xp, wp, tp, yp, B, I, O);
+        matvec(t, info, xp, wp, tp, yp, B, I, O, int8);
       } else {
-        matmul_tiles(t, info, xp, wp, tp, yp, B, I, O);
+        matmul_tiles(t, info, xp, wp, tp, yp, B, I, O, int8);
       }
     });
   }
@@ -763,11 +975,13 @@ class GgufMatmul : public CpuPrimitive {
   }
   const char* name() const override { return "GgufMatmul"; }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return qtype_ == static_cast<const GgufMatmul&>(other).qtype_;
+    auto& o = static_cast<const GgufMatmul&>(other);
+    return qtype_ == o.qtype_ && int8_ == o.int8_;
   }
 
  private:
   int qtype_;
+  bool int8_;
 };
 
 class GgufDequantize : public CpuPrimitive {
@@ -813,7 +1027,7 @@ void check_table(const mx::array& table, int qtype, const char* op) {
 
 } // namespace
 
-mx::array gguf_matmul(const mx::array& x, const mx::array& w, int qtype, const mx::array& table,
+mx::array gguf_matmul(const mx::array& x, const mx::array& w, int qtype, const mx::array& table, bool int8,
                       mx::StreamOrDevice s) {
   const char* op = "gguf_matmul";
   if (x.ndim() < 1) {
@@ -825,7 +1039,7 @@ mx::array gguf_matmul(const mx::array& x, const mx::array& w, int qtype, const m
   auto shape = x.shape();
   shape.back() = w.shape(0);
   std::vector<mx::array> inputs = {mx::astype(x, mx::float32, stream), w, mx::flatten(table, stream)};
-  return mx::array(std::move(shape), mx::float32, std::make_shared<GgufMatmul>(stream, qtype), std::move(inputs));
+  return mx::array(std::move(shape), mx::float32, std::make_shared<GgufMatmul>(stream, qtype, int8), std::move(inputs));
 }
 
 mx::array gguf_dequantize(const mx::array& w, int qtype, int in_features, const mx::array& table,

@@ -54,15 +54,16 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::S
 
 // GGUF blocks as stored (gguf.cpp): w uint8 (out, bytes per row) of GGML type `qtype`
 // (its enum value), table the type's codebook bytes (kernels/source.py; any one byte for
-// types without). x (..., in) @ W.T -> (..., out): for up to 16 rows llama.cpp's integer
-// arithmetic (activations quantized per block to 8 bits), more rows dequantize tiles for a GEMM.
-mx::array gguf_matmul(const mx::array& x, const mx::array& w, int qtype, const mx::array& table,
+// types without). x (..., in) @ W.T -> (..., out): up to 16 rows read the blocks in place,
+// more rows dequantize tiles for a GEMM. Float activations by default; int8: llama.cpp's
+// integer arithmetic (activations rounded per block to 8 bits, prefill's too).
+mx::array gguf_matmul(const mx::array& x, const mx::array& w, int qtype, const mx::array& table, bool int8 = false,
                       mx::StreamOrDevice s = {});
 // W as float32 (out, in_features), bit-exact to gguf-py's dequantize.
 mx::array gguf_dequantize(const mx::array& w, int qtype, int in_features, const mx::array& table,
                           mx::StreamOrDevice s = {});
 bool gguf_has_kernel(int qtype);     // whether gguf_matmul takes this type
-bool gguf_integer_dots(int qtype);   // whether its matvec is integer (else float, by block decoders)
+bool gguf_integer_dots(int qtype);   // whether it has dedicated matvec kernels (integer dots for int8, float)
 void gguf_use_simd(bool on);         // off: the portable dot products (for tests)
 
 // float32 a (..., M, K) @ b (..., K, N), or b.T for b (..., N, K), on the BLAS that
