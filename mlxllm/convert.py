@@ -759,7 +759,8 @@ def convert(hf_dir: str | os.PathLike, out: str | os.PathLike | None = None, out
 
     conv = hook(hf_dir, config, arch_name)
     file_type = conv.file_type(file_type)
-    writer = gguf.GGUFWriter(path=None, arch=arch_name)
+    # (a hook may pick another architecture of the same Hugging Face class: Nemotron-H's MoE)
+    writer = gguf.GGUFWriter(path=None, arch=conv.arch_name)
     for name, t, quantizable in _plan(conv, checkpoint_tensors(hf_dir)):
         chosen = t.qtype or _choose_type(t, quantizable, qtype)
         data, raw = _lazy_output(t, chosen)

@@ -1931,3 +1931,99 @@ class FalconH1(Converter):
             return a
 
         return [(new_name, t.map(scaled, dtype=np.float32))]
+
+
+class NemotronH(GraniteHybrid):
+    """Nemotron-H (dense) and Nemotron 3 (MoE, written as nemotron_h_moe): one mixer per layer
+    (Mamba-2, attention or a feed-forward / expert layer) as the layer pattern says (NVIDIA's
+    string, or transformers' layers_block_type); converted as llama.cpp's NemotronHModel,
+    which builds on Granite hybrid's (q/k rows in Llama's order, Mamba-2 mixers as
+    Mamba-2's); ReLU² experts (up and down) stacked per layer. A checkpoint is MoE when its
+    config has num_experts_per_tok, unless layers_block_type lists no "moe" layer
+    (transformers 5 writes the MoE keys for every Nemotron-H). MTP heads are not converted."""
+
+    hf_classes = None
+    MOE_KEYS = ("num_experts_per_tok", "n_routed_experts", "n_shared_experts", "moe_intermediate_size",
+                "moe_shared_expert_intermediate_size", "n_group", "topk_group")
+    SSM_KINDS, ATTN_KINDS = ("mamba", "linear_attention"), ("attention", "full_attention")
+    EXPERTS = (r"mixer\.experts\.(?P<xid>\d+)\.(?P<w>up_proj|down_proj)\.weight$", "model.layers.{bid}.mlp.experts.{w}.weight")
+
+    def __init__(self, hf_dir, config: dict, arch_name: str) -> None:
+        config = {**config, **(config.get("llm_config") or {})}
+        kinds = config.get("layers_block_type")
+        self.is_moe = "num_experts_per_tok" in config and not (isinstance(kinds, list) and "moe" not in kinds)
+        if not self.is_moe:
+            config = {k: v for k, v in config.items() if k not in self.MOE_KEYS}
+        if kinds is not None:
+            config["num_hidden_layers"] = len(kinds)
+        Converter.__init__(self, hf_dir, config, "nemotron_h_moe" if self.is_moe else "nemotron_h")
+        c = self.config
+        self.head_dim_attn = c.get("head_dim", c.get("attention_head_dim"))
+        if self.head_dim_attn is None:
+            raise ConvertError("config.json names no head_dim or attention_head_dim")
+        pattern = c.get("hybrid_override_pattern") or kinds
+        if pattern is None:
+            raise ConvertError("Nemotron-H config has neither hybrid_override_pattern nor layers_block_type")
+        if len(pattern) != self.n_layers:
+            raise ConvertError(f"Nemotron-H layer pattern has {len(pattern)} layers, not {self.n_layers}")
+        if isinstance(pattern, str):
+            mlp = "E" if self.is_moe else "-"
+            is_ssm, is_attn, is_mlp = (lambda k: k == "M"), (lambda k: k == "*"), (lambda k: k == mlp)
+        else:
+            mlp = "moe" if self.is_moe else "mlp"
+            is_ssm, is_attn, is_mlp = (lambda k: k in self.SSM_KINDS), (lambda k: k in self.ATTN_KINDS), (lambda k: k == mlp)
+        self.attn_layers = [i for i, k in enumerate(pattern) if is_attn(k)]
+        self.ssm_layers = [i for i, k in enumerate(pattern) if is_ssm(k)]
+        self.mlp_layers = [i for i, k in enumerate(pattern) if is_mlp(k)]
+        self.n_group = self.find("n_groups", "num_groups", "mamba_n_groups", "mamba_num_groups")
+        self.d_inner = self.find("num_heads", "mamba_num_heads") * self.find("mamba_head_dim", "hidden_size", "d_model")
+        if self.d_inner % (self.find("d_head", "mamba_d_head", default=None) or 64):
+            raise ConvertError(f"Nemotron-H SSM inner size {self.d_inner} is not a multiple of its head size")
+
+    def skip(self, name: str) -> bool:
+        if name.startswith("mtp."):
+            raise ConvertError("Nemotron-H multi-token-prediction heads (mtp.*) are not converted yet")
+        return super().skip(name)
+
+    def rename(self, name: str) -> str:
+        if name.startswith("model.layers.") and ".mixer." in name:  # PEFT's names
+            name = name.replace("model.layers.", "backbone.layers.", 1)
+        return super().rename(name)
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        pad = 8
+        self.config["vocab_size"] = -(self.config["vocab_size"] // -pad) * pad
+        bpe_vocab(self, w)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        c = self.config
+        super().hparams(w)
+        w.add_key_length(self.head_dim_attn)
+        w.add_value_length(self.head_dim_attn)
+        self.forget(w, gguf.Keys.LLM.FEED_FORWARD_LENGTH)
+        if not self.is_moe:
+            n_ff = self.find("intermediate_size", "n_inner", "hidden_dim", "mamba_intermediate_size", "mamba_n_inner",
+                             "mamba_hidden_dim")
+            w.add_feed_forward_length([n_ff if i in self.mlp_layers else 0 for i in range(self.n_layers)])
+            return
+        for key in (gguf.Keys.LLM.EXPERT_USED_COUNT, gguf.Keys.LLM.EXPERT_COUNT, gguf.Keys.LLM.EXPERT_GROUP_COUNT):
+            self.forget(w, key)
+        n_ff = c["moe_intermediate_size"]
+        w.add_feed_forward_length([n_ff if i in self.mlp_layers else 0 for i in range(self.n_layers)])
+        w.add_expert_used_count(c["num_experts_per_tok"])
+        w.add_expert_feed_forward_length(n_ff)
+        w.add_expert_shared_feed_forward_length(c["moe_shared_expert_intermediate_size"])
+        w.add_expert_count(c["n_routed_experts"])
+        w.add_expert_shared_count(c["n_shared_experts"])
+        w.add_expert_weights_norm(c["norm_topk_prob"])
+        w.add_expert_weights_scale(c["routed_scaling_factor"])
+        w.add_expert_group_count(c["n_group"])
+        if (latent := c.get("moe_latent_size")) is not None:
+            w.add_moe_latent_size(latent)
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        if self.is_moe and bid is not None and "mixer.experts." in name:
+            return self.stack_experts(name, t, bid, self.config["n_routed_experts"], *self.EXPERTS)
+        if bid is not None and bid not in self.ssm_layers and bid not in self.attn_layers:
+            return Converter.tensors(self, name, t, bid)  # feed-forward / expert layers: names only
+        return super().tensors(name, t, bid)

@@ -177,6 +177,8 @@ FIXTURES: dict[str, tuple] = {
     # the experts in MXFP4 as the released checkpoints hold them (the rest cast to bfloat16)
     "gpt-oss": ({**F.ARCHS["gpt-oss"], "rewrite": _gpt_oss_mxfp4_checkpoint}, "bfloat16", None),
     "falcon-h1": ("falcon-h1", "bfloat16", None),
+    "nemotron_h": ("nemotron_h", "bfloat16", None),
+    "nemotron_h_moe": ("nemotron_h_moe", "bfloat16", None),
 }
 
 

@@ -140,9 +140,9 @@ ARCHS = (
     Arch(name="falcon-h1", args=falcon_h1, model=HybridDecoder, hf_architectures=("FalconH1ForCausalLM",),
          description="TII Falcon-H1 (attention and Mamba-2 side by side in every layer)", convert=convert_hooks.FalconH1),
     Arch(name="nemotron_h", args=nemotron_h, model=HybridDecoder, hf_architectures=("NemotronHForCausalLM",),
-         description="NVIDIA Nemotron-H (Mamba-2, attention and ReLU² FFN layers)"),
+         description="NVIDIA Nemotron-H (Mamba-2, attention and ReLU² FFN layers)", convert=convert_hooks.NemotronH),
     Arch(name="jamba", args=jamba, model=HybridDecoder, hf_architectures=("JambaForCausalLM",), convert=convert_hooks.Jamba,
          description="AI21 Jamba (Mamba-1 + attention, MoE every other layer)"),
     Arch(name="nemotron_h_moe", args=nemotron_h, model=HybridDecoder, hf_architectures=("NemotronHForCausalLM",),
-         description="NVIDIA Nemotron 3 Nano / Super (Mamba-2, attention and ReLU² expert layers)"),
+         description="NVIDIA Nemotron 3 Nano / Super (Mamba-2, attention and ReLU² expert layers)", convert=convert_hooks.NemotronH),
 )
