@@ -2027,3 +2027,150 @@ class NemotronH(GraniteHybrid):
         if bid is not None and bid not in self.ssm_layers and bid not in self.attn_layers:
             return Converter.tensors(self, name, t, bid)  # feed-forward / expert layers: names only
         return super().tensors(name, t, bid)
+
+
+class Qwen3Next(QwenMoe):
+    """Qwen3-Next: gated delta net layers (A = -exp(A_log), conv1d squeezed, in_proj_qkvz's
+    per-key-head [q, k, v, z] regrouped into one qkv and the z gate) beside gated attention;
+    RMSNorms stored as 1 + w (not the delta net's own norm); experts as Qwen MoE's; the
+    multi-token-prediction block kept as the last layer (llama.cpp's converter refuses a
+    checkpoint without one)."""
+
+    hf_classes = ("Qwen3NextForCausalLM",)
+    MTP_RENAMES = {"fc": "eh_proj", "pre_fc_norm_embedding": "enorm", "pre_fc_norm_hidden": "hnorm",
+                   "norm": "shared_head.norm"}
+    NEXTN = {"eh_proj.weight": MODEL_TENSOR.NEXTN_EH_PROJ, "enorm.weight": MODEL_TENSOR.NEXTN_ENORM,
+             "hnorm.weight": MODEL_TENSOR.NEXTN_HNORM, "shared_head.norm.weight": MODEL_TENSOR.NEXTN_SHARED_HEAD_NORM}
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        from .convert import checkpoint_tensors
+
+        self.base_layers = self.config["num_hidden_layers"]
+        self.n_mtp = self.config.get("mtp_num_hidden_layers", 0)
+        if not self.n_mtp:  # Qwen3-Next's config does not say: the checkpoint's mtp.layers.N do
+            found = {int(m[1]) for n in checkpoint_tensors(self.dir)
+                     if (m := re.match(r"(?:model\.)?mtp\.layers\.(\d+)\.", n))}
+            self.n_mtp = max(found) + 1 if found else 0
+        if not self.n_mtp:
+            raise ConvertError(f"{self.config.get('architectures', ['Qwen3-Next'])[0]} checkpoint without its "
+                               "multi-token-prediction layers (mtp.*): llama.cpp's converter refuses it too")
+        self.n_layers = self.base_layers + self.n_mtp
+        self.tensor_map = gguf.get_tensor_name_map(self.gguf_arch, self.n_layers)
+
+    def skip(self, name: str) -> bool:  # the vision tower of the multimodal checkpoints
+        return "visual." in name or "vision." in name or "vision_" in name or super().skip(name)
+
+    def rename(self, name: str) -> str:
+        name = super().rename(name)
+        if name.startswith("model.mtp."):
+            name = name.removeprefix("model.")
+        if name.startswith("mtp."):
+            parts = name.split(".", 3)
+            if len(parts) == 4 and parts[1] == "layers" and parts[2].isdecimal():
+                return f"model.layers.{self.base_layers + int(parts[2])}.{parts[3]}"
+            if len(parts) == 3 and parts[1] in self.MTP_RENAMES:
+                return f"model.layers.{self.base_layers}.{self.MTP_RENAMES[parts[1]]}.{parts[2]}"
+        return name
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        from .archs.qwen3next import RECURRENT_LAYERS
+
+        c = self.config
+        super().hparams(w)
+        w.add_nextn_predict_layers(self.n_mtp)
+        w.add_ssm_conv_kernel(c["linear_conv_kernel_dim"])
+        w.add_ssm_state_size(c["linear_key_head_dim"])
+        w.add_ssm_group_count(c["linear_num_key_heads"])
+        w.add_ssm_time_step_rank(c["linear_num_value_heads"])
+        w.add_ssm_inner_size(c["linear_value_head_dim"] * c["linear_num_value_heads"])
+        if (kinds := c.get("layer_types")) is not None:
+            if len(kinds) != self.base_layers:
+                raise ConvertError(f"layer_types has {len(kinds)} entries, not num_hidden_layers ({self.base_layers})")
+            w.add_array(RECURRENT_LAYERS.format(arch=w.arch), [k == "linear_attention" for k in kinds] + [False] * self.n_mtp)
+        w.add_full_attention_interval(c.get("full_attention_interval", 4))
+        rope_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        w.add_rope_dimension_count(int(rope_dim * self.rope.get("partial_rotary_factor", 0.25)))
+
+    def reordered(self, name: str, t: Tensor) -> Tensor:
+        """Qwen3.5's value heads reordered (Qwen3-Next keeps HF's order)."""
+        return t
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        if "linear_attn." in name:
+            t = self.reordered(name, t)
+        if name.endswith(".A_log"):
+            t = t.map(neg_exp)
+        elif name.endswith(".dt_bias"):
+            name = name.removesuffix(".dt_bias") + ".dt_proj.bias"
+        elif "conv1d" in name:
+            squeezed = tuple(n for n in t.shape if n != 1)
+            t = t.map(lambda a: a.reshape(squeezed), shape=squeezed)
+        elif name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+            t = plus_one(t)
+        if bid is not None and (nextn := self.NEXTN.get(name.removeprefix(f"model.layers.{bid}."))) is not None:
+            # (named directly: gguf-py releases before the MTP tensors' mapping lack them)
+            return [(self.tensor_name(nextn, bid), t)]
+        if "in_proj_qkvz.weight" in name:
+            c = self.config
+            hk, hv = c["linear_key_head_dim"], c["linear_value_head_dim"]
+            n_k, n_v, n_embd = c["linear_num_key_heads"], c["linear_num_value_heads"], c["hidden_size"]
+            sizes = [hk, hk, n_v // n_k * hv, n_v // n_k * hv]
+            if t.shape != (n_k * sum(sizes), n_embd):
+                raise ConvertError(f"{name}: shape {t.shape} is not {n_k} key heads of q, k, v, z {sizes} x {n_embd}")
+            bounds = np.cumsum([0, *sizes])
+
+            def part(a: np.ndarray, i: int) -> np.ndarray:
+                return a.reshape(n_k, sum(sizes), n_embd)[:, bounds[i]:bounds[i + 1]].reshape(-1, n_embd)
+
+            qkv = t.map(lambda a: np.ascontiguousarray(np.concatenate([part(a, i) for i in range(3)])),
+                        shape=(n_k * sum(sizes[:3]), n_embd))
+            z = t.map(lambda a: np.ascontiguousarray(part(a, 3)), shape=(n_k * sizes[3], n_embd))
+            return [(self.tensor_name(MODEL_TENSOR.ATTN_QKV, bid), qkv), (self.tensor_name(MODEL_TENSOR.ATTN_GATE, bid), z)]
+        return super().tensors(name, t, bid)
+
+
+class Qwen35(Qwen3Next):
+    """Qwen3.5 dense and MoE: Qwen3-Next's conversion with the delta net's value heads
+    reordered from grouped by key head to tiled (where there are more value heads than
+    key heads) and M-RoPE's sections written (llama.cpp's default 11, 11, 10)."""
+
+    hf_classes = None
+    DEFAULT_MROPE_SECTIONS = [11, 11, 10, 0]
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        super().hparams(w)
+        sections = self.rope.get("mrope_section")
+        w.add_rope_dimension_sections((list(sections) + [0] * 4)[:4] if sections is not None
+                                      else self.DEFAULT_MROPE_SECTIONS)
+
+    def reordered(self, name: str, t: Tensor) -> Tensor:
+        c = self.config
+        n_k, n_v = c.get("linear_num_key_heads", 0), c.get("linear_num_value_heads", 0)
+        if not (n_k and n_v and n_k != n_v):
+            return t
+        hk, hv, per_k = c["linear_key_head_dim"], c["linear_value_head_dim"], n_v // n_k
+
+        def tiled(a: np.ndarray, axis: int, head_dim: int) -> np.ndarray:
+            """[n_k, per_k, head_dim] along `axis` as [per_k, n_k, head_dim]."""
+            axis %= a.ndim
+            shape = a.shape[:axis] + (n_k, per_k, head_dim) + a.shape[axis + 1:]
+            return np.ascontiguousarray(np.swapaxes(a.reshape(shape), axis, axis + 1).reshape(a.shape))
+
+        if ".in_proj_qkv." in name:
+            qk = 2 * n_k * hk
+            return t.map(lambda a: np.concatenate([a[:qk], tiled(a[qk:], 0, hv)]))
+        if ".in_proj_z." in name:
+            return t.map(lambda a: tiled(a, 0, hv))
+        if ".in_proj_b." in name or ".in_proj_a." in name:
+            return t.map(lambda a: tiled(a, 0, 1))
+        if ".A_log" in name or ".dt_bias" in name or ".dt_proj" in name:
+            return t.map(lambda a: tiled(a, 0 if a.ndim == 1 else -1, 1))
+        if ".conv1d" in name:
+            squeezed = tuple(n for n in t.shape if n != 1)
+            qk = 2 * n_k * hk
+            return t.map(lambda a: np.concatenate([a.reshape(squeezed)[:qk], tiled(a.reshape(squeezed)[qk:], 0, hv)]),
+                          shape=squeezed)
+        if ".out_proj." in name:
+            return t.map(lambda a: tiled(a, 1, hv))
+        return t

@@ -47,7 +47,7 @@ N_IDS = 16
 
 # Rewritten checkpoints (make_arch_fixtures' `rewrite`) saved in the entry's dtype rather than
 # float32 (half the bytes; the fixtures made before this set stay float32 as committed).
-CAST_REWRITES = {"internlm2", "gpt-oss"}
+CAST_REWRITES = {"internlm2", "gpt-oss", "qwen3next", "qwen35", "qwen35moe"}
 
 FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # E2M1 codes 0-7 (8-15: negated)
 
@@ -69,6 +69,17 @@ def _mxfp4_pack(w):
     codes |= np.where((scaled < 0) & (codes > 0), 8, 0).astype(np.uint8)
     blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
     return torch.from_numpy(np.ascontiguousarray(blocks)), torch.from_numpy((exp + 127).astype(np.uint8))
+
+
+def _two_layer_gdn(name: str) -> dict:
+    """A gated-delta-net spec of make_arch_fixtures with one layer of each kind (a delta net,
+    a full attention) instead of two and experts half as wide: half the bytes, every tensor
+    kind still converted (the rewrite adds the multi-token-prediction layer after them)."""
+    spec = dict(F.ARCHS[name])
+    spec["kw"] = {**spec["kw"], "num_hidden_layers": 2, "layer_types": ["linear_attention", "full_attention"]}
+    if "moe_intermediate_size" in spec["kw"]:  # experts half as wide (they are most of the bytes)
+        spec["kw"].update(moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    return spec
 
 
 def _gpt_oss_mxfp4_checkpoint(model, config: dict, d: Path) -> dict:
@@ -179,6 +190,9 @@ FIXTURES: dict[str, tuple] = {
     "falcon-h1": ("falcon-h1", "bfloat16", None),
     "nemotron_h": ("nemotron_h", "bfloat16", None),
     "nemotron_h_moe": ("nemotron_h_moe", "bfloat16", None),
+    "qwen3next": (_two_layer_gdn("qwen3next"), "bfloat16", None),
+    "qwen35": (_two_layer_gdn("qwen35"), "bfloat16", None),
+    "qwen35moe": (_two_layer_gdn("qwen35moe"), "bfloat16", None),
 }
 
 
@@ -191,7 +205,8 @@ def _cast_safetensors(d: Path, dtype) -> None:
         tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in load_file(f).items()}
         save_file(tensors, str(f), metadata={"format": "pt"})
     config = _json.loads((d / "config.json").read_text())
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
+        config[key] = str(dtype).removeprefix("torch.")
     (d / "config.json").write_text(_json.dumps(config, indent=1))
 
 

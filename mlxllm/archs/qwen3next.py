@@ -21,6 +21,7 @@ import dataclasses
 
 from gguf import Keys
 
+from .. import convert_hooks
 from ..gguf import GGUFFile
 from ..nn import DecoderArgs
 from ..nn.deltanet import DeltaNetArgs, DeltaNetDecoder, DeltaNetHybridArgs
@@ -73,11 +74,11 @@ def qwen3next(gf: GGUFFile) -> DeltaNetHybridArgs:
 
 ARCHS = (
     Arch(name="qwen3next", args=qwen3next, model=DeltaNetDecoder, hf_architectures=("Qwen3NextForCausalLM",),
-         description="Qwen3-Next (gated delta net + gated attention, MoE)"),
+         description="Qwen3-Next (gated delta net + gated attention, MoE)", convert=convert_hooks.Qwen3Next),
     Arch(name="qwen35", args=qwen3next, model=DeltaNetDecoder,
          hf_architectures=("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration"),
-         description="Qwen3.5 dense (gated delta net + gated attention)"),
+         description="Qwen3.5 dense (gated delta net + gated attention)", convert=convert_hooks.Qwen35),
     Arch(name="qwen35moe", args=qwen3next, model=DeltaNetDecoder,
          hf_architectures=("Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration"),
-         description="Qwen3.5 MoE (gated delta net + gated attention, MoE)"),
+         description="Qwen3.5 MoE (gated delta net + gated attention, MoE)", convert=convert_hooks.Qwen35),
 )
