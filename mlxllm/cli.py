@@ -538,12 +538,26 @@ def serve(host: str, port: int, keep_alive: str, parallel: int, preload: tuple[s
           allowed_origins: tuple[str, ...], draft_name: str | None, prompt_lookup: bool, draft_tokens: int,
           kv_bits: str | None, models_dirs: tuple[str, ...] = ()) -> None:
     """Serve the Ollama (/api) and OpenAI (/v1) APIs; models load on demand by name or path.
-    Speculation (--draft, --prompt-lookup) applies while one greedy request is decoding."""
+    Speculation (--draft, --prompt-lookup) applies while one greedy request is decoding.
+    Under mlx.launch: rank 0 serves the --preload model, the other ranks run their stages
+    of it (see mlxllm.distributed)."""
+    from . import distributed
     from .server import Security
     from .server import serve as run_server
 
     if draft_name and prompt_lookup:
         raise click.BadParameter("choose --draft or --prompt-lookup, not both")
+    group = distributed.cli_group()  # one rank of several (mlx.launch): a pipeline
+    pool_class = None
+    if group is not None:
+        if len(preload) != 1:
+            raise ValueError("across several ranks, name the one model to serve with --preload")
+        if draft_name or prompt_lookup:
+            raise ValueError("speculative decoding does not run across pipeline ranks")
+        if group.rank() != 0:  # no HTTP here: this rank's stage, driven by rank 0
+            distributed.follow(preload[0], group, parallel, int(kv_bits) if kv_bits else None)
+            return
+        pool_class = distributed.pipeline_pool(group, preload[0])
     if draft_name:  # an unknown draft model is a start-up error, not every load's
         from .models import resolve
         resolve(draft_name)
@@ -551,7 +565,8 @@ def serve(host: str, port: int, keep_alive: str, parallel: int, preload: tuple[s
                max_body=int(max_body_mb * (1 << 20)), prefix_cache_bytes=int(prefix_cache_mb * (1 << 20)),
                speculation={"draft": draft_name, "prompt_lookup": prompt_lookup, "draft_tokens": draft_tokens},
                kv_bits=int(kv_bits) if kv_bits else None,
-               security=Security.from_env(api_key, allowed_hosts, allowed_origins), models_dirs=models_dirs)
+               security=Security.from_env(api_key, allowed_hosts, allowed_origins), models_dirs=models_dirs,
+               **({"pool_class": pool_class} if pool_class is not None else {}))
 
 
 # pull, list, rm, cp, ps, stop

@@ -21,24 +21,38 @@ Every model on the shared decoder stack (`nn.Decoder` and its subclasses that ke
 forward pass) can be split; one with a forward pass of its own (Mamba, the encoders) is
 refused.
 
+Serving (`mlxllm serve` under mlx.launch): rank 0 answers HTTP and runs the server's
+engine, whose generation loop (`mlxllm.generate.BatchGenerator`) every other rank runs too,
+driven by rank 0 through a `Lockstep`: at the start of each step rank 0 sends what joined
+(request id, prompt ids) and left (cancellations), and after each read of sampled tokens
+each row's token and whether it finished; the followers take the same steps on the same
+rows with those decisions, so their caches hold the same rows in the same order, and need
+no tokenizer, sampler, grammar or HTTP. Only rank 0 samples: the last rank's logits go to
+it alone. While idle, rank 0 runs an empty step every quarter of the timeout (a heartbeat):
+a lost rank is found within the timeout even without requests. SIGTERM or SIGINT on rank 0
+stops the server; rank 0 then sends a stop, and the others exit with status 0.
+
 Failure: each forward pass runs under a watchdog. A rank that dies makes its neighbours'
 transfers fail at once; one that stalls makes them wait past MLXLLM_PIPELINE_TIMEOUT
 seconds (default 120; MLXLLM_PIPELINE_LOAD_TIMEOUT, default 1800, while the ranks load).
 Either way every rank still running writes one `error:` line to stderr and exits with
 status 1: a pipeline with a stage missing cannot go on, and none waits forever. (mlx.launch
 itself exits 0 whatever its ranks did; it also ends the other ranks once one exits with
-an error.)
+an error.) When serving, rank 0 first ends every request in flight with that error (each API
+answers it in its own error shape) and exits a moment later, once the answers are out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
+import logging
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
@@ -120,14 +134,33 @@ def cli_group() -> mx.distributed.Group | None:
     return group
 
 
+FATAL_GRACE = 2.0  # seconds a serving rank 0 gives its clients' error answers before it exits
+_on_fatal: Callable[[str], None] | None = None  # set by a serving rank 0: tells the clients
+_fatal_lock = threading.Lock()
+_fatal_started = False
+
+
 def _fatal(group: mx.distributed.Group | None, message: str) -> None:
     """One line on stderr, then exit at once: the other ranks' transfers to this one fail,
-    so they follow within moments instead of waiting on a stage that is gone."""
+    so they follow within moments instead of waiting on a stage that is gone. A serving
+    rank 0 first hands the error to every request in flight (`_on_fatal`) and exits
+    FATAL_GRACE seconds later; the calling thread never returns either way."""
+    global _fatal_started
     where = f"pipeline rank {group.rank()} of {group.size()}" if group is not None else "pipeline"
     with suppress(Exception):  # exiting anyway
         sys.stdout.flush()
-    os.write(2, f"error: {where}: {message}\n".encode(errors="replace"))
-    os._exit(1)
+    with _fatal_lock:
+        first, _fatal_started = not _fatal_started, True
+    if first:
+        os.write(2, f"error: {where}: {message}\n".encode(errors="replace"))
+    hook = _on_fatal
+    if hook is None:
+        os._exit(1)
+    if first:
+        with suppress(Exception):  # the exit below must come whatever the hook does
+            hook(f"{where}: {message}")
+        threading.Timer(FATAL_GRACE, os._exit, (1,)).start()
+    threading.Event().wait()  # this thread's work cannot go on: the timer ends the process
 
 
 class Watchdog:
@@ -333,6 +366,7 @@ class PipelineModel(nn.Module):
         object.__setattr__(self, "hidden_in", None)  # dtype of the hidden states this stage receives
         object.__setattr__(self, "logits_dtype", None)
         object.__setattr__(self, "_batchable", getattr(inner, "batchable", False))
+        object.__setattr__(self, "leader_samples", False)  # serving: the logits go to rank 0 alone
 
     def __getattr__(self, key: str):
         try:
@@ -396,14 +430,22 @@ class PipelineModel(nn.Module):
             if stage.last:
                 logits = mx.distributed.send(inner.head(h), 0, group=group)
                 mx.eval(logits)
-                return logits
+                return self._nothing(B, L) if self.leader_samples else logits
             mx.eval(mx.distributed.send(h, self._next(), group=group))
+            if self.leader_samples and not stage.first:
+                return self._nothing(B, L)
             logits = mx.distributed.recv((B, L, inner.args.vocab_size), self.logits_dtype, self._logits_from(),
                                          group=group)
-            if self._forwards_logits():
+            if self._forwards_logits() and not self.leader_samples:
                 logits = mx.distributed.send(logits, self._next(), group=group)
             mx.eval(logits)
             return logits
+
+    @staticmethod
+    def _nothing(B: int, L: int) -> mx.array:
+        """A follower's logits while rank 0 samples: one zero per position (the loop's
+        sampling of them is cheap, and `Lockstep` replaces what it picks)."""
+        return mx.zeros((B, L, 1), mx.float32)
 
     # -- start
 
@@ -440,7 +482,10 @@ class PipelineModel(nn.Module):
                 object.__setattr__(self, "logits_dtype", self.inner.head(h).dtype)
                 mx.eval(mx.distributed.send(mx.array([DTYPES.index(self.logits_dtype)], mx.int32), 0, group=group))
             seed = int.from_bytes(os.urandom(3), "little") if stage.first else 0
-            agreed = mx.distributed.all_sum(mx.array([seed, int(self._batchable)], mx.int32), group=group).tolist()
+            # batched rows need every stage's caches to have a batched form, not only this one's
+            from .generate import batch_forms
+            batchable = self._batchable and batch_forms(self.inner)
+            agreed = mx.distributed.all_sum(mx.array([seed, int(batchable)], mx.int32), group=group).tolist()
         mx.random.seed(agreed[0])
         # rows share a forward pass only where every stage's caches allow it
         object.__setattr__(self, "_batchable", agreed[1] == stage.size)
@@ -473,3 +518,213 @@ def load(model: str, dtype: mx.Dtype = mx.float32, dense: bool | None = None,
     pipeline.gguf = gf
     pipeline.load_stats = LoadStats(stats.seconds, stats.nbytes)
     return pipeline, Tokenizer.from_metadata(gf.metadata)
+
+
+# ---------------------------------------------------------------------------- serving
+
+PLAN, ACCEPTED, STOP = 1, 2, 3  # what rank 0 sends: a step's start, the rows' tokens, the end
+INSERT, CANCEL = 1, 2  # a plan's entries
+FINISHES = (None, "stop", "length", "error")  # a row's finish, as sent
+
+
+class Stopped(Exception):
+    """Rank 0 stopped serving: a follower's loop ends here."""
+
+
+class Lockstep:
+    """One generation loop run by every rank of a pipeline (BatchGenerator's `lockstep`).
+    Rank 0, the leader, records the requests that join (`inserted`) and leave (`cancelled`)
+    and sends them at the start of each step (`begin`); after it reads the tokens of a
+    step it sends each row's token and finish (`accepted`). The followers wait for both at
+    the same points of the same loop and apply them (`begin`, `follow`).
+
+    Messages are int32 arrays summed over the group (rank 0 gives the values, the others
+    zeros): a fixed header [kind, payload length], then the payload. Every rank takes part
+    in each, so a rank that is gone or stalled stops the exchange: the watchdog and the
+    transfers' errors end the pipeline as they do for a forward pass."""
+
+    def __init__(self, model: PipelineModel) -> None:
+        self.model = model
+        self.leader = model.stage.first
+        self.ops: list[int] = []  # the leader's plan for the next step
+        self.heartbeat = model.timeout / 4  # seconds between the leader's steps while idle
+
+    # -- the leader's records (a follower's own calls, replaying them, are not recorded)
+
+    def inserted(self, row) -> None:
+        if self.leader:
+            prompt = row.request.prompt
+            self.ops += [INSERT, row.uid, int(row.paced), len(prompt), *prompt]
+
+    def cancelled(self, uid: int) -> None:
+        if self.leader:
+            self.ops += [CANCEL, uid]
+
+    # -- the exchanges
+
+    def _exchange(self, kind: int, payload: Sequence[int], what: str,
+                  seconds: float | None = None) -> tuple[int, list[int]]:
+        group = self.model.group
+        with self.model._watched(what, seconds):
+            head = mx.array([kind, len(payload)] if self.leader else [0, 0], mx.int32)
+            kind, n = mx.distributed.all_sum(head, group=group, stream=mx.cpu).tolist()
+            body: list[int] = []
+            if n:
+                values = mx.array(payload, mx.int32) if self.leader else mx.zeros((n,), mx.int32)
+                body = mx.distributed.all_sum(values, group=group, stream=mx.cpu).tolist()
+        return kind, body
+
+    def _out_of_step(self, what: str) -> None:
+        _fatal(self.model.group, f"the ranks are out of step ({what}); the pipeline cannot go on")
+
+    def begin(self, generator) -> None:
+        """A step starts: the leader sends its plan, a follower applies it (raises Stopped
+        when the leader stopped). A follower waits as long as the timeout: the leader's
+        heartbeat comes four times as often."""
+        if self.leader:
+            ops, self.ops = self.ops, []
+            self._exchange(PLAN, ops, "sending a step's plan")
+            return
+        kind, body = self._exchange(0, (), "waiting for rank 0's next step")
+        if kind == STOP:
+            raise Stopped
+        if kind != PLAN:
+            self._out_of_step(f"a plan expected, message {kind} came")
+        from .generate import GenerationRequest
+        from .sample import SamplingParams
+        i = 0
+        while i < len(body):
+            if body[i] == INSERT:
+                uid, paced, n = body[i + 1:i + 4]
+                prompt = body[i + 4:i + 4 + n]
+                # sampling and limits are rank 0's: the row only needs its prompt
+                if generator.insert(GenerationRequest(prompt, SamplingParams(temperature=0), 2 ** 31 - 1)) != uid:
+                    self._out_of_step(f"request {uid} has another id here")
+                generator.waiting[-1].paced = bool(paced)
+                i += 4 + n
+            elif body[i] == CANCEL:
+                generator.cancel(body[i + 1])
+                i += 2
+            else:
+                self._out_of_step(f"unknown plan entry {body[i]}")
+
+    def accepted(self, rows: list) -> None:
+        """The leader's rows took their tokens (or failed): the followers learn which and how
+        each ended."""
+        if not self.leader:
+            self._out_of_step("a follower's own step failed")
+        if not rows:
+            return
+        payload: list[int] = []
+        for row in rows:
+            payload += [-1, FINISHES.index("error")] if row.finish == "error" else \
+                [row.last, FINISHES.index(row.finish)]
+        self._exchange(ACCEPTED, payload, "sending the step's tokens")
+
+    def follow(self, rows: list) -> list:
+        """A follower's rows take the leader's tokens and finishes."""
+        if not rows:
+            return []
+        kind, body = self._exchange(0, (), "waiting for rank 0's tokens")
+        if kind != ACCEPTED or len(body) != 2 * len(rows):
+            self._out_of_step(f"the tokens of {len(rows)} rows expected, message {kind} of {len(body)} values came")
+        return [row.follow(None if body[2 * i] < 0 else body[2 * i], FINISHES[body[2 * i + 1]])
+                for i, row in enumerate(rows)]
+
+    def stop(self) -> None:
+        """The leader stops serving: the followers' loops end."""
+        self._exchange(STOP, (), "telling the other ranks to stop")
+
+    def fatal(self, message: str) -> None:
+        """The leader's step failed midway: the followers are somewhere inside it, and no
+        message can bring them back in step."""
+        _fatal(self.model.group, message)
+
+
+def serving(model: PipelineModel) -> Lockstep:
+    """Make a loaded stage serve: only rank 0 samples (the logits go to it alone)."""
+    object.__setattr__(model, "leader_samples", True)
+    return Lockstep(model)
+
+
+def follow(model: str, group: mx.distributed.Group, parallel: int, kv_bits: int | None) -> None:
+    """`mlxllm serve` on a rank other than 0: load this rank's stage and run the server's
+    generation loop as rank 0 drives it, until rank 0 stops (then return: exit status 0)."""
+    from .generate import BatchGenerator, batch_forms
+
+    # Ctrl-C reaches every rank of a terminal's launch: rank 0 stops the others in order
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    net, _ = load(model, group=group)
+    lockstep = serving(net)
+    generator = BatchGenerator(net, None, parallel, kv_bits=kv_bits if batch_forms(net) else None, lockstep=lockstep)
+    try:
+        while True:
+            generator.step()
+    except Stopped:
+        mx.synchronize()
+
+
+def pipeline_pool(group: mx.distributed.Group, model: str):
+    """The server's `ModelPool` for rank 0 of a pipeline (`serve_async`'s pool_class): it
+    serves `model` alone, loaded as rank 0's stage, kept loaded until the server stops, its
+    engine driving the other ranks (`Lockstep`). When the pipeline fails, every request in
+    flight ends with the error and new ones are refused (503) until the process exits."""
+    from .server.common import ApiError
+    from .server.engine import Engine
+    from .server.pool import Loaded, ModelPool, file_digest, model_path
+
+    class PipelinePool(ModelPool):
+        def __init__(self, **options) -> None:
+            options["keep_alive"] = None  # the other ranks hold their stages as long as the server runs
+            options["prefix_cache_bytes"] = 0  # see BatchGenerator: not across ranks
+            super().__init__(**options)
+            self.path = model_path(model)
+            self.lockstep: Lockstep | None = None
+            self.broken: str | None = None
+            global _on_fatal
+            _on_fatal = self._fail_requests
+
+        def _load(self, name: str, path: str) -> Loaded:  # on the worker thread
+            from .generate import batch_forms
+            start = time.perf_counter()
+            net, tokenizer = load(path, group=group)
+            self.lockstep = serving(net)
+            engine = Engine(net, tokenizer, name, self.parallel, 0,
+                            kv_bits=self.kv_bits if batch_forms(net) else None, lockstep=self.lockstep)
+            self.worker.engines.append(engine)
+            self.worker.idle_tick = self.lockstep.heartbeat
+            seconds = time.perf_counter() - start
+            stage = net.stage
+            logging.getLogger("mlxllm.server").info("loaded %s (%s) in %.2f s: rank 0 of a %d-rank pipeline (layers %d-%d here), %s", name, path,
+                      seconds, stage.size, stage.start, stage.stop - 1,
+                      "continuous batching" if engine.batched else "one forward per request per step")
+            return Loaded(name, path, net, tokenizer, engine, int(seconds * 1e9), file_digest(path))
+
+        def _unload(self, loaded: Loaded) -> None:  # on the worker thread: the server stops
+            super()._unload(loaded)
+            self.worker.idle_tick = None
+            if self.lockstep is not None:
+                self.lockstep.stop()
+                self.lockstep = None
+
+        async def acquire(self, name: str, keep_alive=None):
+            if self.broken:
+                raise ApiError(503, f"the pipeline failed: {self.broken}", "server")
+            path = await asyncio.get_running_loop().run_in_executor(None, model_path, name)
+            if path != self.path:
+                raise ApiError(400, f"this server runs {model!r} across {group.size()} ranks and loads no other "
+                                    "model", "model", "model_not_supported")
+            return await super().acquire(name, None)
+
+        def _fail_requests(self, message: str) -> None:  # on whichever thread found the failure
+            self.broken = message
+            for engine in list(self.worker.engines):
+                jobs = []
+                for _ in range(10):  # the worker thread may still be changing them
+                    with suppress(RuntimeError):
+                        jobs = list(engine.jobs.values())
+                        break
+                for job in jobs:
+                    job.emit(("error", f"the pipeline failed: {message}"))
+
+    return PipelinePool

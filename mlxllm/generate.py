@@ -181,6 +181,9 @@ class _Row:
         self.processors = make_logits_processors(params)
         self.greedy = params.temperature == 0 and not self.processors and request.constraint is None \
             and request.logprobs is None and request.reasoning_budget is None
+        # Its next token depends on reading this one (a grammar masks by it, a budget may force
+        # it): no step is queued ahead of it. (A pipeline's follower learns it from rank 0.)
+        self.paced = request.constraint is not None or request.reasoning_budget is not None
         self.forced: list[int] = []  # tokens written for the model (a reasoning budget's close)
         self.reasoned = 0  # tokens inside the reasoning block, while the budget watches it
         if request.reasoning_budget is not None and request.reasoning_budget[0] <= 0:
@@ -304,6 +307,15 @@ class _Row:
         self.finish = "error"
         return Event(self.uid, "", None, "error", None, message)
 
+    def follow(self, token: int | None, finish: str | None) -> Event:
+        """A pipeline follower's `accept`: rank 0 accepted `token` (None: none, the row
+        failed) and decided `finish`; the row's history and state become what they are there."""
+        if token is not None:
+            self.generated += 1
+            self.history.append(token)
+        self.finish = finish
+        return Event(self.uid, "", token, finish)
+
 
 DRAFT_TOKENS = 4  # tokens drafted per speculative step
 
@@ -373,12 +385,19 @@ class BatchGenerator:
     `prefix_cache_bytes`, finished rows' caches serve later prompts that share a prefix.
     kv_bits (8 or 4) stores keys and values quantized (see `BatchKVCache`). A draft model
     or prompt lookup speculates one greedy row's decoding (`_speculate`).
+
+    lockstep: the same loop run by every rank of a pipeline (`mlxllm.distributed.Lockstep`):
+    rank 0 (the leader) samples and accepts tokens and tells the other ranks, at the start
+    of each step, which requests joined and left, and after each read of tokens, what each
+    row got and whether it finished; the followers run the same steps with those decisions,
+    so that their caches take the same rows in the same order for their stage's layers.
     """
 
     def __init__(self, model: nn.Module, tokenizer, max_batch: int = 16, prefill_step: int = PREFILL_STEP,
                  prefix_cache_bytes: int = 0, draft_model: nn.Module | None = None, prompt_lookup: bool = False,
-                 draft_tokens: int = DRAFT_TOKENS, kv_bits: int | None = None) -> None:
+                 draft_tokens: int = DRAFT_TOKENS, kv_bits: int | None = None, lockstep: Any = None) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.lockstep = lockstep
         self.max_batch, self.prefill_step = max_batch, prefill_step
         # The embedding table's rows: an id past them would read outside it.
         self.vocab_size = getattr(getattr(model, "args", None), "vocab_size", None) or \
@@ -395,8 +414,12 @@ class BatchGenerator:
         self.rows: list[_Row] = []  # decoding, in the batch caches' row order
         self._caches: list[BatchKVCache] | None = None
         self._launched: _Launch | None = None
-        self._uids = itertools.count()
+        self._next_uid = 0
         self.speculation = self._speculation(draft_model, prompt_lookup, draft_tokens)
+        if lockstep is not None and (self.speculation is not None or self.prefixes is not None):
+            # the followers cannot see drafts, and each rank's prefix cache would count its own
+            # layers' bytes against the budget and so evict other entries than rank 0's
+            raise ValueError("across pipeline ranks there is no speculative decoding or prefix cache")
 
     def _speculation(self, draft_model, prompt_lookup: bool, draft_tokens: int) -> Speculation | None:
         if draft_model is None and not prompt_lookup:
@@ -436,8 +459,11 @@ class BatchGenerator:
             raise ValueError("the prompt is empty: at least one token (e.g. BOS) is needed")
         if self.vocab_size and not all(0 <= t < self.vocab_size for t in request.prompt):
             raise ValueError(f"the prompt holds a token id outside the vocabulary (0-{self.vocab_size - 1})")
-        row = _Row(next(self._uids), request, self.tokenizer)
+        row = _Row(self._next_uid, request, self.tokenizer)
+        self._next_uid += 1  # spent only by a row that was made: a pipeline's ranks count alike
         self.waiting.append(row)
+        if self.lockstep is not None:
+            self.lockstep.inserted(row)
         return row.uid
 
     def cancel(self, uid: int) -> None:
@@ -445,10 +471,14 @@ class BatchGenerator:
         for row in itertools.chain(self.waiting, self.prefilling, self.rows):
             if row.uid == uid:
                 row.cancelled = True
+        if self.lockstep is not None:
+            self.lockstep.cancelled(uid)
 
     def step(self) -> list[Event]:
         """One prefill chunk and one token for every decoding row; the events they made."""
         events: list[Event] = []
+        if self.lockstep is not None:  # the leader sends what joined and left, a follower applies it
+            self.lockstep.begin(self)
         self._reap()
         while self.waiting and self.active < self.max_batch:
             self.prefilling.append(self.waiting.popleft())
@@ -501,10 +531,12 @@ class BatchGenerator:
                 return
             token, logprobs = row.choose(logits)
             mx.eval(token, logprobs)
-            event = row.accept(int(token.item()), None if logprobs is None else logprobs[0].tolist())
+            event = self._accept([row], [int(token.item())], [logprobs])[0]
         except Exception as e:  # noqa: BLE001  (a bad prompt must not take the others down)
             self.prefilling.popleft()
             events.append(row.fail(f"generation failed: {type(e).__name__}: {e}"))
+            if self.lockstep is not None:  # the followers learn that it failed where they wait for its token
+                self.lockstep.accepted([row])
             return
         self.prefilling.popleft()
         events.append(event)
@@ -534,8 +566,7 @@ class BatchGenerator:
         """Whether the next step may be queued before this one's tokens are read: not when
         a grammar needs this token to mask the next, or a reasoning budget may force it,
         nor when the next step speculates."""
-        return all(r.request.constraint is None and r.request.reasoning_budget is None for r in self.rows) \
-            and not self._speculates()
+        return not any(r.paced for r in self.rows) and not self._speculates()
 
     def _decode(self, events: list[Event]) -> None:
         if self._launched is None and self._speculates() and self._speculate(self.rows[0], events):
@@ -546,12 +577,24 @@ class BatchGenerator:
             self._launched = self._launch(self._feed(current))
         tokens = current.tokens.tolist()
         logprobs = current.logprobs or [None] * len(tokens)
-        for row, token, values in zip(current.rows, tokens, logprobs):
-            if row.finish is None and not row.cancelled:
-                events.append(row.accept(token, None if values is None else values[0].tolist()))
+        live = [i for i, row in enumerate(current.rows) if row.finish is None and not row.cancelled]
+        events.extend(self._accept([current.rows[i] for i in live], [tokens[i] for i in live],
+                                   [logprobs[i] for i in live]))
         done = [i for i, r in enumerate(self.rows) if r.finish]
         if done:
             self._remove(done, store=True)
+
+    def _accept(self, rows: list[_Row], tokens: list[int], logprobs: list) -> list[Event]:
+        """Each row takes its token: its text, stop strings and limits decide its event. In
+        a pipeline the leader's decisions are the followers': they take the leader's tokens
+        and finishes (theirs, sampled from no logits, mean nothing)."""
+        if self.lockstep is not None and not self.lockstep.leader:
+            return self.lockstep.follow(rows)
+        events = [row.accept(token, None if values is None else values[0].tolist())
+                  for row, token, values in zip(rows, tokens, logprobs)]
+        if self.lockstep is not None:
+            self.lockstep.accepted(rows)
+        return events
 
     def _feed(self, current: _Launch) -> mx.array:
         """The tokens (B,) the rows feed next: the launched step's, still unread, and for

@@ -6,6 +6,7 @@ import asyncio
 import errno
 import logging
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -68,7 +69,7 @@ class StartError(ValueError):
 
 
 async def serve_async(host: str, port: int, preload: tuple[str, ...] = (), security: Security | None = None,
-                      **pool_options: Any) -> None:
+                      pool_class: Callable[..., ModelPool] = ModelPool, **pool_options: Any) -> None:
     max_body = pool_options.pop("max_body", 16 << 20)
     security = security or Security.from_env()
     # requests name models; paths are the operator's: --models-dir folders, --preload, --draft
@@ -78,7 +79,7 @@ async def serve_async(host: str, port: int, preload: tuple[str, ...] = (), secur
             model_path(name)
         except ApiError as e:
             raise StartError(f"--preload {name}: {e.message}") from None
-    app = make_app(ModelPool(**pool_options), max_body, security)
+    app = make_app(pool_class(**pool_options), max_body, security)
     runner = web.AppRunner(app, access_log_format=ACCESS_LOG_FORMAT, handler_cancellation=True,
                            keepalive_timeout=IDLE_TIMEOUT)
     await runner.setup()
@@ -119,10 +120,12 @@ async def serve_async(host: str, port: int, preload: tuple[str, ...] = (), secur
 def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, keep_alive: float | None = DEFAULT_KEEP_ALIVE,
           parallel: int = DEFAULT_PARALLEL, preload: tuple[str, ...] = (), max_body: int = 16 << 20,
           prefix_cache_bytes: int = 512 << 20, speculation: dict | None = None, kv_bits: int | None = None,
-          security: Security | None = None, models_dirs: tuple[str, ...] = ()) -> None:
+          security: Security | None = None, models_dirs: tuple[str, ...] = (),
+          pool_class: Callable[..., ModelPool] = ModelPool) -> None:
     """Run the server until SIGINT or SIGTERM. Requests name models; `models_dirs`: folders
-    whose .gguf files requests may name too."""
+    whose .gguf files requests may name too. pool_class: what holds the models (rank 0 of a
+    pipeline: `mlxllm.distributed.pipeline_pool`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve_async(host, port, preload, security, keep_alive=keep_alive, parallel=parallel,
                             prefix_cache_bytes=prefix_cache_bytes, max_body=max_body, speculation=speculation,
-                            kv_bits=kv_bits, models_dirs=models_dirs))
+                            kv_bits=kv_bits, models_dirs=models_dirs, pool_class=pool_class))

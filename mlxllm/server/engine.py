@@ -92,6 +92,8 @@ class Engine:
             events = self.generator.step()
         except Exception as e:  # a bug or an MLX error: fail these jobs, keep serving
             log.exception("engine %s: step failed", self.name)
+            if self.generator.lockstep is not None:  # other ranks are midway through this step: the
+                self.generator.lockstep.fatal(f"a step failed: {type(e).__name__}: {e}")  # pipeline ends
             events = self.generator.fail_all(f"generation failed: {type(e).__name__}: {e}")
         for event in events:
             self._deliver(event)
@@ -142,6 +144,9 @@ class Worker:
 
     def __init__(self) -> None:
         self.engines: list[Engine] = []
+        # Seconds between ticks while no engine is busy (None: none): a pipeline's heartbeat,
+        # its empty steps telling the other ranks rank 0 is alive and finding a lost rank.
+        self.idle_tick: float | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="mlxllm-worker", daemon=True)
         self._thread.start()
@@ -173,7 +178,7 @@ class Worker:
         while True:
             busy = any(e.busy for e in self.engines)
             try:
-                item = self._inbox.get_nowait() if busy else self._inbox.get()
+                item = self._inbox.get_nowait() if busy else self._inbox.get(timeout=self.idle_tick)
                 while True:
                     if item is None:
                         for engine in self.engines:
