@@ -54,7 +54,9 @@ OUTTYPES = {
 # Tensors llama.cpp's converter and quantizer keep in F32 whatever the outtype (routers,
 # positions, convolutions: small, and read as F32 by the runtime).
 ALWAYS_F32 = (MODEL_TENSOR.FFN_GATE_INP, MODEL_TENSOR.FFN_GATE_INP_SHEXP, MODEL_TENSOR.POS_EMBD,
-              MODEL_TENSOR.TOKEN_TYPES, MODEL_TENSOR.SSM_CONV1D, MODEL_TENSOR.SHORTCONV_CONV)
+              MODEL_TENSOR.TOKEN_TYPES, MODEL_TENSOR.SSM_CONV1D, MODEL_TENSOR.SHORTCONV_CONV,
+              MODEL_TENSOR.TIME_MIX_FIRST, MODEL_TENSOR.TIME_MIX_W1, MODEL_TENSOR.TIME_MIX_W2,
+              MODEL_TENSOR.TIME_MIX_DECAY_W1, MODEL_TENSOR.TIME_MIX_DECAY_W2, MODEL_TENSOR.TIME_MIX_LERP_FUSED)
 
 # Checkpoint tensors no GGUF holds (buffers transformers saves along).
 IGNORED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")

@@ -2174,3 +2174,218 @@ class Qwen35(Qwen3Next):
         if ".out_proj." in name:
             return t.map(lambda a: tiled(a, 1, hv))
         return t
+
+
+# The RWKV "world" chat format (User: / Assistant: turns separated by blank lines, the last
+# system message first, an assistant's reasoning before </think> dropped), for checkpoints
+# whose files carry no chat template: what llama.cpp's converter writes from its own template
+# file (tests/test_convert.py renders both on the same conversations).
+RWKV_WORLD_TEMPLATE = (
+    "{%- set ns = namespace(system='') -%}"
+    "{%- for m in messages if m['role'] == 'system' -%}{%- set ns.system = m['content'] -%}{%- endfor -%}"
+    "{{- bos_token -}}"
+    "{%- if ns.system != '' -%}{{- 'System: ' + ns.system + '\\n\\n' -}}{%- endif -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}{{- 'User: ' + m['content'] | trim + '\\n\\n' -}}"
+    "{%- elif m['role'] == 'assistant' and m['content'] is not none -%}"
+    "{{- 'Assistant: ' + m['content'].split('</think>')[-1] | trim + '\\n\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt is not defined or add_generation_prompt -%}"
+    "{{- 'Assistant:' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- ' <think>\\n</think>' -}}"
+    "{%- elif enable_thinking is defined and enable_thinking is true -%}{{- ' <think>' -}}{%- endif -%}"
+    "{%- endif -%}")
+RWKV_WORLD_EOT = 261  # "\n\n" in the world vocabulary: llama.cpp's end of a turn
+
+
+def rwkv_world_vocab(conv: Converter, w: gguf.GGUFWriter) -> None:
+    """rwkv_vocab_v20230424.txt (`id repr(bytes) length` per line) after a <s> control token,
+    each token stored as its escaped repr text (which llama.cpp's RWKV tokenizer unescapes);
+    BOS = EOS = 0 and "\\n\\n" as EOT, as llama.cpp's converter sets them."""
+    import ast
+
+    path = conv.dir / "rwkv_vocab_v20230424.txt"
+    if not path.is_file():
+        raise ConvertError(f"{conv.dir}: no rwkv_vocab_v20230424.txt (the RWKV world vocabulary)")
+    tokens, types = [b"<s>"], [gguf.TokenType.CONTROL]
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(True), 1):
+        parts = line.split(" ")
+        try:
+            token, length = ast.literal_eval(" ".join(parts[1:-1])), int(parts[-1])
+        except (ValueError, SyntaxError, IndexError):
+            raise ConvertError(f"{path.name} line {number}: not `id token length`") from None
+        token = token.encode("utf-8") if isinstance(token, str) else token
+        if not isinstance(token, bytes) or len(token) != length:
+            raise ConvertError(f"{path.name} line {number}: the token is not {length} bytes")
+        tokens.append(repr(token)[2:-1].encode("utf-8"))
+        types.append(gguf.TokenType.NORMAL)
+    n_vocab = conv.config.get("vocab_size", 65536)
+    if len(tokens) > n_vocab:
+        raise ConvertError(f"{path.name} has {len(tokens)} tokens, more than vocab_size {n_vocab}")
+    for i in range(len(tokens), n_vocab):
+        tokens.append(f"[PAD{i}]".encode())
+        types.append(gguf.TokenType.UNUSED)
+    w.add_tokenizer_model("rwkv")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    sv = special_vocab(conv, generation_eos=False, load_merges=False)
+    if sv.chat_template is None:
+        sv.chat_template = RWKV_WORLD_TEMPLATE
+    sv._set_special_token("eot", RWKV_WORLD_EOT)
+    sv.special_token_ids["bos"] = sv.special_token_ids["eos"] = 0
+    sv.add_to_gguf(w, quiet=True)
+
+
+class Rwkv6(Converter):
+    """RWKV-6 (Finch), the remote code's layout: LoRA matrices transposed, token-shift mixes
+    squeezed and the five data-dependent ones fused into one tensor, the output and FFN value
+    of layer i divided by 2^(i // rescale_every); the world vocabulary."""
+
+    LERPS = ("w", "k", "v", "r", "g")
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._lerps: dict[int, dict[str, Tensor]] = {}
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        rwkv_world_vocab(self, w)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        c = self.config
+        hidden = c["hidden_size"]
+        w.add_context_length(1048576)  # no position limit
+        w.add_embedding_length(hidden)
+        w.add_block_count(self.n_layers)
+        w.add_layer_norm_eps(c["layer_norm_epsilon"])
+        w.add_rescale_every_n_layers(c["rescale_every"])
+        w.add_wkv_head_size(c["head_size"])
+        w.add_time_mix_extra_dim(64 if hidden == 4096 else 32)
+        w.add_time_decay_extra_dim(128 if hidden == 4096 else 64)
+        n_ff = c.get("intermediate_size")
+        w.add_feed_forward_length(n_ff if n_ff is not None else int((hidden * 3.5) // 32 * 32))
+        w.add_head_count(0)
+
+    def finish(self) -> None:
+        if left := [n for group in self._lerps.values() for n in group]:
+            raise ConvertError(f"token-shift mixes never completed: {left[0]} and {len(left) - 1} more")
+        super().finish()
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        new_name = self.map_name(name)
+        if not new_name.endswith((".weight", ".bias")):
+            new_name += ".weight"
+        if new_name.endswith(("time_mix_w1.weight", "time_mix_decay_w1.weight", "time_mix_decay_w2.weight")):
+            t = transposed(t)
+        elif new_name.endswith("time_mix_w2.weight"):
+            t = t.map(lambda a: np.ascontiguousarray(a.transpose(0, 2, 1)), shape=(t.shape[0], t.shape[2], t.shape[1]))
+        if new_name.endswith("time_mix_decay.weight") or "lerp" in new_name:
+            squeezed = tuple(n for n in t.shape if n != 1)
+            t = t.map(lambda a: a.reshape(squeezed), shape=squeezed)
+        every = self.config.get("rescale_every", 0)
+        if every > 0 and new_name.endswith(("time_mix_output.weight", "channel_mix_value.weight")):
+            t = t.map(lambda a: a / a.dtype.type(2 ** int(bid // every)))  # exact: a power of two
+        if bid is not None and "time_mix_lerp" in new_name and "time_mix_lerp_x" not in new_name:
+            group = self._lerps.setdefault(bid, {})
+            group[new_name] = t
+            names = [f"blk.{bid}.time_mix_lerp_{x}.weight" for x in self.LERPS]
+            if not all(n in group for n in names):
+                return []
+            parts = [group.pop(n) for n in names]
+            del self._lerps[bid]
+            fused = Tensor.stack(parts)  # [5, D]
+            return [(f"blk.{bid}.time_mix_lerp_fused.weight",
+                     fused.map(lambda a: a.reshape(len(parts), 1, 1, -1), shape=(len(parts), 1, 1, fused.shape[-1])))]
+        return [(new_name, t)]
+
+
+class Rwkv7(Converter):
+    """RWKV-7 (Goose), RWKV7ForCausalLM's and fla-hub's layouts: names unified, LoRA matrices
+    transposed (fla-hub's already are), token-shift interpolations fused, r_k flattened,
+    layer 0's missing value-residual LoRA filled with its in-context-learning-rate one (as
+    llama.cpp fills it: unused there); the world vocabulary."""
+
+    LORAS = tuple(f"time_mix_{x}{i}.weight" for x in "wavg" for i in (1, 2))
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._lerps: dict[int, dict[str, Tensor]] = {}
+        self.lora_transposed = True
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        rwkv_world_vocab(self, w)
+
+    def rename(self, name: str) -> str:
+        name = name.replace("blocks", "layers").replace("ffn", "feed_forward")
+        name = name.replace("self_attn", "attention").replace("attn", "attention").replace("time_mixer.", "")
+        name = name.replace("feed_forward_norm", "ln2").replace("g_norm", "ln_x")
+        return super().rename(name)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        c = self.config
+        hidden = c["hidden_size"]
+
+        def rank(value: int | None, exponent: float, multiplier: float) -> int:
+            return value if value is not None else max(1, round(hidden ** exponent * multiplier / 32)) * 32
+
+        if all(k in c for k in ("head_size", "layer_norm_epsilon")):
+            head_size, eps = c["head_size"], c["layer_norm_epsilon"]
+        else:
+            head_size, eps = c["head_dim"], c["norm_eps"]
+        keys = ("lora_rank_decay", "lora_rank_iclr", "lora_rank_value_residual_mix", "lora_rank_gate")
+        if not all(k in c for k in keys):  # fla-hub's names
+            keys = ("decay_low_rank_dim", "a_low_rank_dim", "v_low_rank_dim", "gate_low_rank_dim")
+        missing = [k for k in keys if k not in c]
+        if missing:
+            raise ConvertError(f"config.json has no {missing[0]}")
+        w.add_context_length(1048576)  # no position limit
+        w.add_embedding_length(hidden)
+        w.add_block_count(self.n_layers)
+        w.add_layer_norm_eps(eps)
+        w.add_wkv_head_size(head_size)
+        w.add_decay_lora_rank(rank(c[keys[0]], 0.5, 1.8))
+        w.add_iclr_lora_rank(rank(c[keys[1]], 0.5, 1.8))
+        w.add_value_residual_mix_lora_rank(rank(c[keys[2]], 0.5, 1.3))
+        w.add_gate_lora_rank(rank(c[keys[3]], 0.8, 0.6))
+        n_ff = c.get("intermediate_size")
+        w.add_feed_forward_length(n_ff if n_ff is not None else hidden * 4)
+        w.add_head_count(0)
+
+    def finish(self) -> None:
+        if left := [n for group in self._lerps.values() for n in group]:
+            raise ConvertError(f"token-shift interpolations never completed: {left[0]} and {len(left) - 1} more")
+        super().finish()
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        if "_lora.lora" in name:  # fla-hub's LoRA modules hold the matrices transposed already
+            self.lora_transposed = False
+        name = name.replace("_lora.lora.0.weight", "1.weight").replace("_lora.lora.2.weight", "2.weight")
+        name = name.replace("_lora.lora.2.bias", "0.weight")
+        if "attention.v" in name and bid == 0 and "value" not in self.map_name(name):
+            return []  # some checkpoints hold an unused value-residual LoRA on layer 0
+        lerps = ("r", "w", "k", "v", "a", "g") if self.config.get("wkv_has_gate", True) else ("r", "w", "k", "v", "a")
+        if bid is not None and "attention.x_" in name:
+            fused_name = f"blk.{bid}.time_mix_lerp_fused.weight"
+            if "attention.x_x" in name:  # fused already
+                return [(fused_name, t.map(lambda a: a.reshape(len(lerps), 1, 1, -1),
+                                           shape=(len(lerps), 1, 1, math.prod(t.shape) // len(lerps))))]
+            group = self._lerps.setdefault(bid, {})
+            group[name] = t
+            names = [f"model.layers.{bid}.attention.x_{x}" for x in lerps]
+            if not all(n in group for n in names):
+                return []
+            parts = [group.pop(n) for n in names]
+            del self._lerps[bid]
+            return [(fused_name, Tensor.stack(parts))]
+        squeezed = tuple(n for n in t.shape if n != 1)
+        t = t.map(lambda a: a.reshape(squeezed), shape=squeezed)
+        new_name = self.map_name(name)
+        if not new_name.endswith((".weight", ".bias")):
+            new_name += ".weight"
+        if self.lora_transposed and new_name.endswith(self.LORAS):
+            t = transposed(t)
+        if "r_k" in new_name:
+            t = t.map(lambda a: a.reshape(-1), shape=(math.prod(t.shape),))
+        if bid == 0 and "time_mix_a" in new_name:  # layer 0's value-residual LoRA: a stand-in
+            return [(new_name.replace("time_mix_a", "time_mix_v"), t), (new_name, t)]
+        return [(new_name, t)]

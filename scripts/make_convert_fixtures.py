@@ -47,7 +47,7 @@ N_IDS = 16
 
 # Rewritten checkpoints (make_arch_fixtures' `rewrite`) saved in the entry's dtype rather than
 # float32 (half the bytes; the fixtures made before this set stay float32 as committed).
-CAST_REWRITES = {"internlm2", "gpt-oss", "qwen3next", "qwen35", "qwen35moe"}
+CAST_REWRITES = {"internlm2", "gpt-oss", "qwen3next", "qwen35", "qwen35moe", "rwkv6", "rwkv7"}
 
 FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # E2M1 codes 0-7 (8-15: negated)
 
@@ -79,6 +79,26 @@ def _two_layer_gdn(name: str) -> dict:
     spec["kw"] = {**spec["kw"], "num_hidden_layers": 2, "layer_types": ["linear_attention", "full_attention"]}
     if "moe_intermediate_size" in spec["kw"]:  # experts half as wide (they are most of the bytes)
         spec["kw"].update(moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    return spec
+
+
+def _one_head_rwkv7() -> dict:
+    """make_arch_fixtures' RWKV-7 spec at half the width: one head of 64 (ggml's SIMD wkv7
+    needs heads of 64) over hidden 64, a quarter of the bytes; the converter's transforms do
+    not depend on the head count."""
+    spec = dict(F.ARCHS["rwkv7"])
+    spec["kw"] = {**spec["kw"], "hidden_size": F.HIDDEN, "attention_hidden_size": F.HIDDEN}
+    rewrite = spec["rewrite"]
+
+    def narrow(model, config: dict, d: Path) -> dict:
+        saved = F.RWKV7_HIDDEN
+        F.RWKV7_HIDDEN = F.HIDDEN  # (the rewrite reads the module's width)
+        try:
+            return rewrite(model, config, d)
+        finally:
+            F.RWKV7_HIDDEN = saved
+
+    spec["rewrite"] = narrow
     return spec
 
 
@@ -193,6 +213,8 @@ FIXTURES: dict[str, tuple] = {
     "qwen3next": (_two_layer_gdn("qwen3next"), "bfloat16", None),
     "qwen35": (_two_layer_gdn("qwen35"), "bfloat16", None),
     "qwen35moe": (_two_layer_gdn("qwen35moe"), "bfloat16", None),
+    "rwkv6": ("rwkv6", "bfloat16", None),
+    "rwkv7": (_one_head_rwkv7(), "bfloat16", None),
 }
 
 

@@ -43,6 +43,10 @@ METADATA_DIFFERENCES = {
        "llama.cpp computes when the keys are absent; ours reads config.json as the checkpoint states it"
        for fixture in ("nomic-bert", "jina-bert-v2")  # (fixture name = architecture name)
        for key in (f"{fixture}.attention.key_length", f"{fixture}.attention.value_length")},
+    **{(fixture, "tokenizer.chat_template"):
+       "a checkpoint without a chat template: llama.cpp's converter copies its repository's RWKV world "
+       "template file, ours writes its own template of that format (test_rwkv_world_template_renders_as_"
+       "llama_cpps renders both)" for fixture in ("rwkv6", "rwkv7")},
     **{(fixture, "general.file_type"):
        "llama.cpp's converter for this architecture omits it (its hyperparameters skip add_file_type); "
        "ours writes it, as llama.cpp's other converters do" for fixture in ("gptneox", "mpt")},
@@ -349,6 +353,37 @@ def test_gpt_oss_unquantized_experts_convert_to_the_mxfp4_values(tmp_path):
             expected = np.asarray(ref.data)
         assert np.array_equal(np.asarray(t.data), expected), t.name
     assert experts == 3 * reference("gpt-oss")["outtypes"]["f32"]["metadata"]["gpt-oss.block_count"]
+
+
+@pytest.mark.parametrize("name", ["rwkv6", "rwkv7"])
+def test_rwkv_world_template_renders_as_llama_cpps(name, converted):
+    """The RWKV world chat template our converter writes renders every conversation as the
+    template llama.cpp's converter wrote (reference.json) renders it."""
+    import jinja2.sandbox
+
+    from mlxllm.chat_template import render_chat_template
+
+    theirs = reference(name)["outtypes"]["f32"]["metadata"]["tokenizer.chat_template"]
+    with GGUFFile(converted(name, "f32")) as gf:
+        ours = gf.metadata["tokenizer.chat_template"]
+    conversations = [
+        [{"role": "user", "content": "  Hello there \n"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "<think>hmm</think>\n Hello! "}, {"role": "user", "content": "More?"}],
+        [{"role": "system", "content": "first"}, {"role": "system", "content": "last"},
+         {"role": "assistant", "content": None}, {"role": "user", "content": "x</think>y"}],
+        [{"role": "system", "content": ""}, {"role": "tool", "content": "ignored"}],
+    ]
+    for messages in conversations:
+        for generation in (True, False):
+            for thinking in ({}, {"enable_thinking": True}, {"enable_thinking": False}):
+                kw = dict(add_generation_prompt=generation, bos_token="<s>", **thinking)
+                assert render_chat_template(ours, messages, **kw) == render_chat_template(theirs, messages, **kw), \
+                    (messages, kw)
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        # add_generation_prompt undefined: both add the prompt
+        assert env.from_string(ours).render(messages=messages, bos_token="<s>") == \
+            env.from_string(theirs).render(messages=messages, bos_token="<s>")
 
 
 # ---- tokenizers

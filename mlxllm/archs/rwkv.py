@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from gguf import Keys
 
+from .. import convert_hooks
 from ..gguf import GGUFFile
 from ..nn.rwkv import RWKV6, RWKV7, RWKV6Args, RWKV7Args
 from ..registry import Arch
@@ -46,7 +47,7 @@ def rwkv7(gf: GGUFFile) -> RWKV7Args:
 
 ARCHS = (
     Arch(name="rwkv6", args=rwkv6, model=RWKV6, hf_architectures=("Rwkv6ForCausalLM",),
-         description="RWKV-6 Finch (attention-free: WKV-6 recurrence)"),
+         description="RWKV-6 Finch (attention-free: WKV-6 recurrence)", convert=convert_hooks.Rwkv6),
     Arch(name="rwkv7", args=rwkv7, model=RWKV7, hf_architectures=("Rwkv7ForCausalLM", "RWKV7ForCausalLM"),
-         description="RWKV-7 Goose (attention-free: generalized delta rule)"),
+         description="RWKV-7 Goose (attention-free: generalized delta rule)", convert=convert_hooks.Rwkv7),
 )
