@@ -1786,7 +1786,7 @@ class GptOss(Converter):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.mxfp4 = (self.raw_config.get("quantization_config") or {}).get("quant_method") == "mxfp4"
-        self._blocks: dict[str, Tensor] = {}
+        self._blocks: dict[str, dict[str, Tensor]] = {}  # MXFP4 blocks / scales waiting for their partner
 
     def file_type(self, file_type: gguf.LlamaFileType) -> gguf.LlamaFileType:
         LFT = gguf.LlamaFileType
@@ -1805,8 +1805,8 @@ class GptOss(Converter):
         w.add_expert_feed_forward_length(self.config["intermediate_size"])
 
     def finish(self) -> None:
-        if self._blocks:
-            raise ConvertError(f"{next(iter(self._blocks))} has no _scales tensor")
+        for key, group in self._blocks.items():
+            raise ConvertError(f"{key}_{next(iter(group))} has no {'_scales' if 'blocks' in group else '_blocks'} tensor")
         super().finish()
 
     def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
@@ -1824,13 +1824,13 @@ class GptOss(Converter):
         if name.endswith(("_blocks", "_scales")):
             if not self.mxfp4:
                 raise ConvertError(f"{name}: MXFP4 blocks, but config.json's quantization_config is not mxfp4")
-            key = name.removesuffix("_blocks").removesuffix("_scales")
-            if name.endswith("_blocks"):
-                self._blocks[key] = t
+            key, part = name.rsplit("_", 1)
+            group = self._blocks.setdefault(key, {})
+            group[part] = t
+            if len(group) < 2:  # (its partner may come later, from another shard)
                 return []
-            if key not in self._blocks:
-                raise ConvertError(f"{name} comes before its _blocks tensor")
-            blocks, scales = self._blocks.pop(key), t
+            del self._blocks[key]
+            blocks, scales = group["blocks"], group["scales"]
             if key.endswith("down_proj"):
                 return [(self.map_name(f"{key}.weight"), mxfp4_repacked(blocks, scales))]
             gate_up = key.removesuffix(".gate_up_proj")

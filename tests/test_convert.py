@@ -355,6 +355,26 @@ def test_gpt_oss_unquantized_experts_convert_to_the_mxfp4_values(tmp_path):
     assert experts == 3 * reference("gpt-oss")["outtypes"]["f32"]["metadata"]["gpt-oss.block_count"]
 
 
+def test_gpt_oss_blocks_without_scales_is_one_line(tmp_path):
+    from mlxllm.convert import checkpoint_tensors
+
+    d = _copy("gpt-oss", tmp_path)
+    tensors = {n: t.load() for n, t in checkpoint_tensors(d).items() if not n.endswith("layers.1.mlp.experts.down_proj_scales")}
+    (d / "model.safetensors").unlink()
+    header, offset, blobs = {}, 0, []
+    for name, a in tensors.items():  # (U8 too: _write_safetensors writes floats only)
+        kind = {"float32": "F32", "uint8": "U8"}[a.dtype.name]
+        header[name] = {"dtype": kind, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        blobs.append(a.tobytes())
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    (d / "model.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob + b"".join(blobs))
+    with pytest.raises(ConvertError, match=r"model\.layers\.1\.mlp\.experts\.down_proj_blocks has no _scales tensor") as e:
+        convert(d, tmp_path / "out.gguf", progress=False)
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("name", ["rwkv6", "rwkv7"])
 def test_rwkv_world_template_renders_as_llama_cpps(name, converted):
     """The RWKV world chat template our converter writes renders every conversation as the
