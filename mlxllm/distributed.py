@@ -525,6 +525,7 @@ def load(model: str, dtype: mx.Dtype = mx.float32, dense: bool | None = None,
 PLAN, ACCEPTED, STOP = 1, 2, 3  # what rank 0 sends: a step's start, the rows' tokens, the end
 INSERT, CANCEL = 1, 2  # a plan's entries
 FINISHES = (None, "stop", "length", "error")  # a row's finish, as sent
+INLINE = 62  # payload values a message's header carries (the header: 64 int32)
 
 
 class Stopped(Exception):
@@ -539,9 +540,10 @@ class Lockstep:
     the same points of the same loop and apply them (`begin`, `follow`).
 
     Messages are int32 arrays summed over the group (rank 0 gives the values, the others
-    zeros): a fixed header [kind, payload length], then the payload. Every rank takes part
-    in each, so a rank that is gone or stalled stops the exchange: the watchdog and the
-    transfers' errors end the pipeline as they do for a forward pass."""
+    zeros): a fixed header [kind, payload length, the payload's start], then the rest of a
+    longer payload. Every rank takes part in each, so a rank that is gone or stalled stops
+    the exchange: the watchdog and the transfers' errors end the pipeline as they do for a
+    forward pass."""
 
     def __init__(self, model: PipelineModel) -> None:
         self.model = model
@@ -564,14 +566,19 @@ class Lockstep:
 
     def _exchange(self, kind: int, payload: Sequence[int], what: str,
                   seconds: float | None = None) -> tuple[int, list[int]]:
+        """One message from the leader to every rank: (kind, payload). Its header carries the
+        first INLINE values, so that a step's usual messages (a plan with nothing new, the
+        tokens of up to INLINE / 2 rows) take one collective, not two."""
         group = self.model.group
         with self.model._watched(what, seconds):
-            head = mx.array([kind, len(payload)] if self.leader else [0, 0], mx.int32)
-            kind, n = mx.distributed.all_sum(head, group=group, stream=mx.cpu).tolist()
-            body: list[int] = []
-            if n:
-                values = mx.array(payload, mx.int32) if self.leader else mx.zeros((n,), mx.int32)
-                body = mx.distributed.all_sum(values, group=group, stream=mx.cpu).tolist()
+            head = [0] * (2 + INLINE)
+            if self.leader:
+                head[:2], head[2:2 + min(len(payload), INLINE)] = [kind, len(payload)], payload[:INLINE]
+            head = mx.distributed.all_sum(mx.array(head, mx.int32), group=group, stream=mx.cpu).tolist()
+            kind, n, body = head[0], head[1], head[2:2 + min(head[1], INLINE)]
+            if n > INLINE:
+                rest = mx.array(payload[INLINE:], mx.int32) if self.leader else mx.zeros((n - INLINE,), mx.int32)
+                body += mx.distributed.all_sum(rest, group=group, stream=mx.cpu).tolist()
         return kind, body
 
     def _out_of_step(self, what: str) -> None:

