@@ -650,96 +650,129 @@ float dot_k_avx2(int t, const uint8_t* row, const Q8Row& x, int nb) {
 // and prefill compute them). Codes are unpacked as above, widened to floats and multiplied
 // by x; zero points and minimums come back through sums of x per 16.
 
-// acc += 16 codes (u8, or s8 where Signed) * x[0:16], as 8 lanes of partial sums.
-template <bool Signed>
-inline __m256 fma16(__m128i codes, const float* x, __m256 acc) {
-  auto widen = [](__m128i v) { return _mm256_cvtepi32_ps(Signed ? _mm256_cvtepi8_epi32(v) : _mm256_cvtepu8_epi32(v)); };
-  acc = _mm256_fmadd_ps(widen(codes), _mm256_loadu_ps(x), acc);
-  return _mm256_fmadd_ps(widen(_mm_srli_si128(codes, 8)), _mm256_loadu_ps(x + 8), acc);
+// 16 codes (u8, or s8 where `sign`) as two vectors of 8 floats, widened once per weight
+// block and multiplied into up to kRowsPerPass activation rows.
+struct Codes16 {
+  __m256 lo, hi;
+};
+
+inline Codes16 widen16(__m128i codes, bool sign) {
+  const __m128i up = _mm_srli_si128(codes, 8);
+  if (sign) {
+    return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(up))};
+  }
+  return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(up))};
 }
 
-template <bool Signed>
-inline __m256 fma32(__m256i codes, const float* x, __m256 acc) {
-  return fma16<Signed>(_mm256_extracti128_si256(codes, 1), x + 16, fma16<Signed>(_mm256_castsi256_si128(codes), x, acc));
+inline __m256 fma16(const Codes16& c, const float* x, __m256 acc) {
+  return _mm256_fmadd_ps(c.hi, _mm256_loadu_ps(x + 8), _mm256_fmadd_ps(c.lo, _mm256_loadu_ps(x), acc));
 }
 
-float fdot_iq4_avx2(int t, const uint8_t* row, const FloatRow& x, int nb, const uint8_t* table) {
+// 32 codes: elements 0-15 in the low 128 bits, 16-31 in the high ones.
+struct Codes32 {
+  Codes16 lo, hi;
+  Codes32(__m256i codes, bool sign)
+      : lo(widen16(_mm256_castsi256_si128(codes), sign)), hi(widen16(_mm256_extracti128_si256(codes, 1), sign)) {}
+  __m256 dot(const float* x) const { return fma16(hi, x + 16, fma16(lo, x, _mm256_setzero_ps())); }
+};
+
+constexpr int kRowsPerPass = 4; // activation rows sharing one unpacking of a weight row
+
+// out[r] = row . x[r] for NR activation rows.
+template <int NR>
+void fdot_iq4_avx2(int t, const uint8_t* row, const FloatRow* x, int nb, const uint8_t* table, float* out) {
   const __m128i kv128 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(table));
   const __m256i kv = _mm256_set_m128i(kv128, kv128);
-  const __m256 zero = _mm256_setzero_ps();
-  __m256 acc = zero;
+  __m256 acc[NR];
+  for (auto& a : acc) {
+    a = _mm256_setzero_ps();
+  }
   for (int blk = 0; blk < nb; ++blk) {
     if (t == IQ4_NL) {
       const uint8_t* b = row + 18 * blk;
-      const __m256 part = fma32<true>(_mm256_shuffle_epi8(kv, nibbles32(b + 2)), x.x + 32 * blk, zero);
-      acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b)), part, acc);
+      const Codes32 c(_mm256_shuffle_epi8(kv, nibbles32(b + 2)), true);
+      const __m256 d = _mm256_set1_ps(f16_at(b));
+      for (int r = 0; r < NR; ++r) {
+        acc[r] = _mm256_fmadd_ps(d, c.dot(x[r].x + 32 * blk), acc[r]);
+      }
     } else {
       const uint8_t* b = row + 136 * blk;
-      const float* y = x.x + 256 * blk;
       const int scales_h = b[2] | (b[3] << 8);
       const float d = f16_at(b);
       for (int sb = 0; sb < 8; ++sb) {
         const int ls = (((b[4 + sb / 2] >> (4 * (sb & 1))) & 15) | (((scales_h >> (2 * sb)) & 3) << 4)) - 32;
-        const __m256 part = fma32<true>(_mm256_shuffle_epi8(kv, nibbles32(b + 8 + 16 * sb)), y + 32 * sb, zero);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * static_cast<float>(ls)), part, acc);
+        const Codes32 c(_mm256_shuffle_epi8(kv, nibbles32(b + 8 + 16 * sb)), true);
+        const __m256 scale = _mm256_set1_ps(d * static_cast<float>(ls));
+        for (int r = 0; r < NR; ++r) {
+          acc[r] = _mm256_fmadd_ps(scale, c.dot(x[r].x + 256 * blk + 32 * sb), acc[r]);
+        }
       }
     }
   }
-  return hsum_ps(acc);
+  for (int r = 0; r < NR; ++r) {
+    out[r] = hsum_ps(acc[r]);
+  }
 }
 
-float fdot_legacy_avx2(int t, const uint8_t* row, const FloatRow& x, int nb) {
+template <int NR>
+void fdot_legacy_avx2(int t, const uint8_t* row, const FloatRow* x, int nb, float* out) {
   TypeInfo info;
   type_info(t, info);
-  const __m256 zero = _mm256_setzero_ps();
-  __m256 acc = zero;
-  float extra = 0.f; // zero points and minimums: per block, scalar
+  __m256 acc[NR];
+  float extra[NR] = {}; // zero points and minimums: per block, scalar
+  for (auto& a : acc) {
+    a = _mm256_setzero_ps();
+  }
   for (int blk = 0; blk < nb; ++blk) {
     const uint8_t* b = row + info.bytes * blk;
-    const float* y = x.x + 32 * blk;
-    const float ysum = x.s[2 * blk] + x.s[2 * blk + 1];
     const float d = f16_at(b);
-    __m256 part;
+    float per_sum = 0.f; // what each block's sum of x is multiplied by
+    __m256i codes;
+    uint32_t qh;
     switch (t) {
       case Q4_0:
-        part = fma32<false>(nibbles32(b + 2), y, zero);
-        extra -= 8.f * d * ysum;
+        codes = nibbles32(b + 2);
+        per_sum = -8.f * d;
         break;
       case Q4_1:
-        part = fma32<false>(nibbles32(b + 4), y, zero);
-        extra += f16_at(b + 2) * ysum;
+        codes = nibbles32(b + 4);
+        per_sum = f16_at(b + 2);
         break;
-      case Q5_0: {
-        uint32_t qh;
+      case Q5_0:
         std::memcpy(&qh, b + 2, 4);
-        part = fma32<false>(_mm256_or_si256(nibbles32(b + 6), bit4_of(qh)), y, zero);
-        extra -= 16.f * d * ysum;
+        codes = _mm256_or_si256(nibbles32(b + 6), bit4_of(qh));
+        per_sum = -16.f * d;
         break;
-      }
-      case Q5_1: {
-        uint32_t qh;
+      case Q5_1:
         std::memcpy(&qh, b + 4, 4);
-        part = fma32<false>(_mm256_or_si256(nibbles32(b + 8), bit4_of(qh)), y, zero);
-        extra += f16_at(b + 2) * ysum;
+        codes = _mm256_or_si256(nibbles32(b + 8), bit4_of(qh));
+        per_sum = f16_at(b + 2);
         break;
-      }
       default: // Q8_0
-        part = fma32<true>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2)), y, zero);
+        codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
     }
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), part, acc);
+    const Codes32 c(codes, t == Q8_0);
+    const __m256 vd = _mm256_set1_ps(d);
+    for (int r = 0; r < NR; ++r) {
+      acc[r] = _mm256_fmadd_ps(vd, c.dot(x[r].x + 32 * blk), acc[r]);
+      extra[r] += per_sum * (x[r].s[2 * blk] + x[r].s[2 * blk + 1]);
+    }
   }
-  return hsum_ps(acc) + extra;
+  for (int r = 0; r < NR; ++r) {
+    out[r] = hsum_ps(acc[r]) + extra[r];
+  }
 }
 
-float fdot_k_avx2(int t, const uint8_t* row, const FloatRow& x, int nb) {
+template <int NR>
+void fdot_k_avx2(int t, const uint8_t* row, const FloatRow* x, int nb, float* out) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const __m256 zero = _mm256_setzero_ps();
-  __m256 acc = zero;
-  float extra = 0.f;
+  __m256 acc[NR];
+  float extra[NR] = {};
+  for (auto& a : acc) {
+    a = _mm256_setzero_ps();
+  }
   auto ld = [](const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
   for (int blk = 0; blk < nb; ++blk) {
-    const float* y = x.x + 256 * blk;
-    const float* s = x.s + 16 * blk;
     if (t == Q6_K) {
       const uint8_t* b = row + 210 * blk;
       const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
@@ -751,19 +784,23 @@ float fdot_k_avx2(int t, const uint8_t* row, const FloatRow& x, int nb) {
           const __m256i lo = _mm256_and_si256(q >> 1 ? _mm256_srli_epi16(ql, 4) : ql, low4);
           const __m256i hi = _mm256_slli_epi16(
               _mm256_and_si256(_mm256_srli_epi16(qh, 2 * q), _mm256_set1_epi8(3)), 4);
-          const __m256i code = _mm256_or_si256(lo, hi);
-          const float* yq = y + 128 * h + 32 * q;
+          const Codes32 c(_mm256_or_si256(lo, hi), false);
           const int g = 8 * h + 2 * q; // the 32 codes span scale groups g and g + 1
-          acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc[g]), fma16<false>(_mm256_castsi256_si128(code), yq, zero), acc);
-          acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc[g + 1]),
-                                fma16<false>(_mm256_extracti128_si256(code, 1), yq + 16, zero), acc);
+          const __m256 s0 = _mm256_set1_ps(d * sc[g]), s1 = _mm256_set1_ps(d * sc[g + 1]);
+          for (int r = 0; r < NR; ++r) {
+            const float* y = x[r].x + 256 * blk + 128 * h + 32 * q;
+            acc[r] = _mm256_fmadd_ps(s0, fma16(c.lo, y, _mm256_setzero_ps()), acc[r]);
+            acc[r] = _mm256_fmadd_ps(s1, fma16(c.hi, y + 16, _mm256_setzero_ps()), acc[r]);
+          }
         }
       }
-      float corr = 0.f;
-      for (int g = 0; g < 16; ++g) {
-        corr += static_cast<float>(sc[g]) * s[g];
+      for (int r = 0; r < NR; ++r) {
+        float corr = 0.f;
+        for (int g = 0; g < 16; ++g) {
+          corr += static_cast<float>(sc[g]) * x[r].s[16 * blk + g];
+        }
+        extra[r] -= 32.f * d * corr;
       }
-      extra -= 32.f * d * corr;
     } else {
       const bool five = t == Q5_K;
       const uint8_t* b = row + (five ? 176 : 144) * blk;
@@ -781,13 +818,31 @@ float fdot_k_avx2(int t, const uint8_t* row, const FloatRow& x, int nb) {
             code = _mm256_or_si256(code, _mm256_slli_epi16(
                 _mm256_and_si256(_mm256_srli_epi16(qh, j), _mm256_set1_epi8(1)), 4));
           }
-          acc = _mm256_fmadd_ps(_mm256_set1_ps(d * static_cast<float>(sc)), fma32<false>(code, y + 32 * j, zero), acc);
-          extra -= dmin * static_cast<float>(m) * (s[2 * j] + s[2 * j + 1]);
+          const Codes32 c(code, false);
+          const __m256 scale = _mm256_set1_ps(d * static_cast<float>(sc));
+          const float minimum = dmin * static_cast<float>(m);
+          for (int r = 0; r < NR; ++r) {
+            acc[r] = _mm256_fmadd_ps(scale, c.dot(x[r].x + 256 * blk + 32 * j), acc[r]);
+            extra[r] -= minimum * (x[r].s[16 * blk + 2 * j] + x[r].s[16 * blk + 2 * j + 1]);
+          }
         }
       }
     }
   }
-  return hsum_ps(acc) + extra;
+  for (int r = 0; r < NR; ++r) {
+    out[r] = hsum_ps(acc[r]) + extra[r];
+  }
+}
+
+template <int NR>
+void fdot_avx2(int t, const uint8_t* row, const FloatRow* x, int nb, const uint8_t* table, float* out) {
+  if (t == IQ4_NL || t == IQ4_XS) {
+    fdot_iq4_avx2<NR>(t, row, x, nb, table, out);
+  } else if (t == Q4_K || t == Q5_K || t == Q6_K) {
+    fdot_k_avx2<NR>(t, row, x, nb, out);
+  } else {
+    fdot_legacy_avx2<NR>(t, row, x, nb, out);
+  }
 }
 #endif
 
@@ -818,12 +873,15 @@ bool float_kernel(int t, const TypeInfo& info) {
 #endif
 }
 
-float dot_float(int t, const uint8_t* row, const FloatRow& x, int nb, const uint8_t* table) {
+// out[r] = row . x[r] for nr (1 to kRowsPerPass) activation rows, one unpacking of the row.
+void dot_float(int t, const uint8_t* row, const FloatRow* x, int nr, int nb, const uint8_t* table, float* out) {
 #if defined(__AVX2__)
-  if (t == IQ4_NL || t == IQ4_XS) {
-    return fdot_iq4_avx2(t, row, x, nb, table);
+  switch (nr) {
+    case 1: return fdot_avx2<1>(t, row, x, nb, table, out);
+    case 2: return fdot_avx2<2>(t, row, x, nb, table, out);
+    case 3: return fdot_avx2<3>(t, row, x, nb, table, out);
+    default: return fdot_avx2<4>(t, row, x, nb, table, out);
   }
-  return (t == Q4_K || t == Q5_K || t == Q6_K) ? fdot_k_avx2(t, row, x, nb) : fdot_legacy_avx2(t, row, x, nb);
 #else
   throw std::logic_error("dot_float without a float kernel");
 #endif
@@ -840,10 +898,19 @@ void matvec(int t, const TypeInfo& info, const float* x, const uint8_t* w, const
   if (!int8 && float_kernel(t, info)) {
     const FloatRows rows(x, B, I);
     parallel_ranges(O, row_bytes * B, [&](long r0, long r1) {
+      FloatRow pass[kRowsPerPass];
+      float out[kRowsPerPass];
       for (long o = r0; o < r1; ++o) {
         const uint8_t* row = w + o * row_bytes;
-        for (int b = 0; b < B; ++b) {
-          y[static_cast<long>(b) * O + o] = dot_float(t, row, rows.row(b), nb, table);
+        for (int b0 = 0; b0 < B; b0 += kRowsPerPass) {
+          const int nr = std::min(kRowsPerPass, B - b0);
+          for (int r = 0; r < nr; ++r) {
+            pass[r] = rows.row(b0 + r);
+          }
+          dot_float(t, row, pass, nr, nb, table, out);
+          for (int r = 0; r < nr; ++r) {
+            y[static_cast<long>(b0 + r) * O + o] = out[r];
+          }
         }
       }
     });
