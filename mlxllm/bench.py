@@ -28,29 +28,38 @@ def _no_progress(label: str) -> None:
 
 
 def bench(model, tokenizer, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3,
-          kv_bits: int | None = None, progress: Callable[[str], None] = _no_progress) -> dict[str, dict]:
+          kv_bits: int | None = None, progress: Callable[[str], None] = _no_progress,
+          depth: int = 0) -> dict[str, dict]:
     """{"pp512": {"mean", "stdev", "runs"}, "tg128": {...}} after one warm-up of each;
-    kv_bits: tg with a quantized KV cache. pp and tg runs alternate (a machine that slows
-    down slows both alike); progress(label) is called as each of the 2 * (repetitions + 1)
-    runs starts."""
+    kv_bits: tg with a quantized KV cache; depth: both measured after a context of that many
+    tokens already in the cache (llama-bench's -d; keys "pp512@d4096", ...), whose prefill is
+    not timed. pp and tg runs alternate (a machine that slows down slows both alike);
+    progress(label) is called as each of the 2 * (repetitions + 1) runs starts."""
     rng = random.Random(0)
 
+    def random_tokens(n: int) -> list[int]:
+        return [rng.randrange(tokenizer.vocab_size) for _ in range(n)]
+
     def pp() -> float:
-        tokens = mx.array([rng.randrange(tokenizer.vocab_size) for _ in range(n_prompt)], mx.int32)
+        cache = model.make_cache()
+        if depth:
+            mx.eval(prefill(model, mx.array(random_tokens(depth), mx.int32), cache))
+        tokens = mx.array(random_tokens(n_prompt), mx.int32)
         start = time.perf_counter()
-        mx.eval(prefill(model, tokens, model.make_cache()))
+        mx.eval(prefill(model, tokens, cache))
         return n_prompt / (time.perf_counter() - start)
 
     def tg() -> float:
-        steps = generate_step(model, [tokenizer.bos_id or 0], SamplingParams(temperature=0), max_tokens=n_gen + 1,
-                              kv_bits=kv_bits)
-        next(steps)  # the first token comes from the one-token prefill
+        context = [tokenizer.bos_id or 0] + random_tokens(depth)
+        steps = generate_step(model, context, SamplingParams(temperature=0), max_tokens=n_gen + 1, kv_bits=kv_bits)
+        next(steps)  # the first token comes from the context's prefill
         start = time.perf_counter()
         for _ in steps:
             pass
         return n_gen / (time.perf_counter() - start)
 
-    tests = ((f"pp{n_prompt}", pp), (f"tg{n_gen}", tg))
+    at = f"@d{depth}" if depth else ""
+    tests = ((f"pp{n_prompt}{at}", pp), (f"tg{n_gen}{at}", tg))
     for name, fn in tests:  # warm-up: first calls pay for allocations
         progress(f"{name} warm-up")
         fn()

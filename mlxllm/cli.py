@@ -95,6 +95,16 @@ def load_model(model: str, **kwargs):
         return load(model, **kwargs)
 
 
+def _blas_state() -> str:
+    """The BLAS the weight products run on: the one our CPU kernels bind (kernels.BLAS),
+    else the one slipped under MLX (_blas), else MLX's wheel's own (reference on Linux)."""
+    from . import kernels
+
+    if kernels.cpu.active() is not None and kernels.BLAS:
+        return kernels.BLAS
+    return _blas.loaded or "MLX's own (reference BLAS on Linux)"
+
+
 def _cpu_kernels_state() -> str:
     from .kernels import cpu
 
@@ -349,7 +359,7 @@ def run(model: str, prompt: str | None, max_tokens: int, ctx_size: int | None, s
         raise ValueError(f"{model} does not support thinking (its template and vocabulary have no <think>)")
     if verbose:
         stats = net.load_stats
-        click.echo(f"loaded {model} in {stats.seconds:.2f} s ({stats.nbytes / 1e6:.0f} MB of weights; BLAS: {_blas.loaded or 'reference'}; {_cpu_kernels_state()})", err=True)
+        click.echo(f"loaded {model} in {stats.seconds:.2f} s ({stats.nbytes / 1e6:.0f} MB of weights; BLAS: {_blas_state()}; {_cpu_kernels_state()})", err=True)
     settings = chat.Settings(params=params, max_tokens=None if max_tokens == -1 else max_tokens, num_ctx=ctx_size,
                              system=system, schema=schema, think=think, hide_thinking=hidethinking,
                              verbose=verbose, raw=raw, speculation=speculation)
@@ -453,10 +463,12 @@ def _spread(r: dict) -> str:
 @click.option("-o", "--output", type=click.Choice(["text", "json", "md"]), default="text", show_default=True,
               help="Output format (llama-bench's -o): a table, JSON, or a markdown table.")
 @click.option("--json", "as_json", is_flag=True, help="Same as -o json.")
+@click.option("-d", "--depth", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Tokens already in the context before each test (llama-bench's -d).")
 @click.option("--layout", type=click.Choice(["auto", "dense", "quantized"]), default="auto", show_default=True,
               help="Weights as float32 (dense) or in their quantized layouts; auto: the device's default.")
 @speculation_options
-def bench(model: str, n_prompt: int, n_gen: int, repetitions: int, output: str, as_json: bool, layout: str,
+def bench(model: str, n_prompt: int, n_gen: int, repetitions: int, output: str, as_json: bool, depth: int, layout: str,
           draft_name: str | None, prompt_lookup: bool, draft_tokens: int, kv_bits: str | None) -> None:
     """Prompt processing (pp) and generation (tg) speed, llama-bench style. With --draft or
     --prompt-lookup, also greedy generation with and without speculation on one prompt."""
@@ -472,18 +484,18 @@ def bench(model: str, n_prompt: int, n_gen: int, repetitions: int, output: str, 
     speculates = speculation["draft_model"] is not None or prompt_lookup
     with phases(2 * (repetitions + 1) * (2 if speculates else 1)) as progress:
         results = run_bench(net, tokenizer, n_prompt, n_gen, repetitions, kv_bits=int(kv_bits) if kv_bits else None,
-                            progress=progress)
+                            progress=progress, depth=depth)
         if speculates:
             from .bench import bench_speculation
             results.update(bench_speculation(net, tokenizer, n_gen, repetitions, progress=progress, **speculation))
     info = {"model": model, "layout": layout, "load_s": net.load_stats.seconds, "weights_mb": net.load_stats.nbytes / 1e6,
-            "peak_memory_gb": mx.get_peak_memory() / 1e9, "blas": _blas.loaded,
+            "peak_memory_gb": mx.get_peak_memory() / 1e9, "blas": _blas_state(),
             "cpu_kernels": _cpu_kernels_state(), "repetitions": repetitions, "tokens_per_s": results}
     if output == "json":
         click.echo(json.dumps(info, indent=2))
         return
     click.echo(f"model {model}: load {info['load_s']:.2f} s, weights {info['weights_mb']:.0f} MB, "
-               f"peak memory {info['peak_memory_gb']:.2f} GB, BLAS {info['blas'] or 'reference'}, {info['cpu_kernels']}"
+               f"peak memory {info['peak_memory_gb']:.2f} GB, BLAS {info['blas']}, {info['cpu_kernels']}"
                + ("" if repetitions > 1 else " (1 run each: no spread)"))
     if output == "md":
         click.echo("\n| model | layout | test | t/s |\n| --- | --- | ---: | ---: |")

@@ -8,6 +8,7 @@ lose most when a core is taken, and the best runs are the least disturbed.
     python scripts/bench_vs_llamacpp.py smollm2:135m gemma3:270m [-r 3]
     python scripts/bench_vs_llamacpp.py /work/models/qwen3moe-bench.q4_k_m.gguf   # any GGUF path
     python scripts/bench_vs_llamacpp.py --mlx-first   # import mlx.core before mlxllm: same figures
+    python scripts/bench_vs_llamacpp.py --depth 4096  # both after a 4096-token context (llama-bench -d)
 
 --mlx-first imports `mlx.core` before `mlxllm`, as a user's script may: then no BLAS can be
 slipped under MLX's own matmul, and the figures show that mlxllm's products do not need it.
@@ -25,24 +26,27 @@ import time
 N_PROMPT, N_GEN = 512, 128
 
 
-def bench_llama_cpp(path: str, reps: int, threads: int) -> dict[str, list[float]]:
+def bench_llama_cpp(path: str, reps: int, threads: int, depth: int = 0) -> dict[str, list[float]]:
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=path, n_ctx=N_PROMPT + N_GEN + 8, n_batch=N_PROMPT, n_threads=threads,
+    llm = llama_cpp.Llama(model_path=path, n_ctx=depth + N_PROMPT + N_GEN + 8, n_batch=N_PROMPT, n_threads=threads,
                           n_threads_batch=threads, verbose=False)
     rng = random.Random(0)
     vocab = llm.n_vocab()
 
+    def context() -> None:  # eval() after reset() drops the KV cache past position 0
+        llm.reset()
+        llm.eval([llm.token_bos()] + [rng.randrange(vocab) for _ in range(depth)])
+
     def pp() -> float:
-        llm.reset()  # eval() then drops the KV cache past position 0
+        context()
         tokens = [rng.randrange(vocab) for _ in range(N_PROMPT)]
         start = time.perf_counter()
         llm.eval(tokens)
         return N_PROMPT / (time.perf_counter() - start)
 
     def tg() -> float:
-        llm.reset()  # eval() then drops the KV cache past position 0
-        llm.eval([llm.token_bos()])
+        context()
         start = time.perf_counter()
         for _ in range(N_GEN):
             llm.eval([rng.randrange(vocab)])
@@ -52,13 +56,14 @@ def bench_llama_cpp(path: str, reps: int, threads: int) -> dict[str, list[float]
     return {"pp": [pp() for _ in range(reps)], "tg": [tg() for _ in range(reps)]}
 
 
-def bench_mlxllm(name: str, reps: int) -> dict[str, list[float]]:
+def bench_mlxllm(name: str, reps: int, depth: int = 0) -> dict[str, list[float]]:
     from mlxllm import load
     from mlxllm.bench import bench
 
     model, tokenizer = load(name)
-    r = bench(model, tokenizer, N_PROMPT, N_GEN, reps)
-    return {"pp": r[f"pp{N_PROMPT}"]["runs"], "tg": r[f"tg{N_GEN}"]["runs"]}
+    r = bench(model, tokenizer, N_PROMPT, N_GEN, reps, depth=depth)
+    at = f"@d{depth}" if depth else ""
+    return {"pp": r[f"pp{N_PROMPT}{at}"]["runs"], "tg": r[f"tg{N_GEN}{at}"]["runs"]}
 
 
 def main() -> None:
@@ -74,20 +79,23 @@ def main() -> None:
     ap.add_argument("-r", "--repetitions", type=int, default=3)
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
     ap.add_argument("--mlx-first", action="store_true", help="import mlx.core before mlxllm")
+    ap.add_argument("-d", "--depth", type=int, default=0, help="tokens already in the context (llama-bench -d)")
     args = ap.parse_args()
     if mlxllm.kernels.cpu.KERNELS is not None:  # the same threads on both sides
         mlxllm.kernels.cpu.KERNELS.set_num_threads(args.threads)
     print(f"threads: {args.threads}; MLX's BLAS: {_blas.loaded or 'as its wheel links it'}; mlxllm's CPU kernels' BLAS: "
           f"{BLAS or 'none (their own GEMM)'}; CPU kernels: {mlxllm.kernels.cpu.UNAVAILABLE or 'on'}")
     width = max(14, *(len(os.path.basename(n)) + 1 for n in args.models))
-    print(f"{'model':<{width}}{'test':<7}{'llama.cpp':>11}{'mlxllm':>10}{'ratio':>8}{'best':>9}{'best':>9}{'ratio':>8}"
+    test_width = 7 + (len(f"@d{args.depth}") if args.depth else 0)
+    print(f"{'model':<{width}}{'test':<{test_width}}{'llama.cpp':>11}{'mlxllm':>10}{'ratio':>8}{'best':>9}{'best':>9}{'ratio':>8}"
           f"   (tokens/s: means of {args.repetitions}, then the best runs of llama.cpp and mlxllm)")
     for name in args.models:
-        theirs = bench_llama_cpp(resolve(name), args.repetitions, args.threads)
-        ours = bench_mlxllm(name, args.repetitions)
-        for test, label in (("pp", f"pp{N_PROMPT}"), ("tg", f"tg{N_GEN}")):
+        theirs = bench_llama_cpp(resolve(name), args.repetitions, args.threads, args.depth)
+        ours = bench_mlxllm(name, args.repetitions, args.depth)
+        at = f"@d{args.depth}" if args.depth else ""
+        for test, label in (("pp", f"pp{N_PROMPT}{at}"), ("tg", f"tg{N_GEN}{at}")):
             t, o = statistics.mean(theirs[test]), statistics.mean(ours[test])
-            print(f"{os.path.basename(name):<{width}}{label:<7}{t:>11.1f}{o:>10.1f}{o / t:>8.2f}"
+            print(f"{os.path.basename(name):<{width}}{label:<{test_width}}{t:>11.1f}{o:>10.1f}{o / t:>8.2f}"
                   f"{max(theirs[test]):>9.1f}{max(ours[test]):>9.1f}{max(ours[test]) / max(theirs[test]):>8.2f}", flush=True)
 
 

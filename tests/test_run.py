@@ -137,3 +137,24 @@ def test_bench_reports_pp_tg_load_and_memory():
     assert set(info["tokens_per_s"]) == {"pp16", "tg4"}
     assert all(v["mean"] > 0 and len(v["runs"]) == 2 for v in info["tokens_per_s"].values())
     assert info["load_s"] > 0 and info["peak_memory_gb"] > 0
+    assert "openblas" in info["blas"].lower() or "mkl" in info["blas"].lower() or "own" in info["blas"]
+
+
+def test_bench_at_a_depth_measures_after_that_context(monkeypatch):
+    """llama-bench's -d: pp and tg after 40 tokens already in the cache, named for it."""
+    from mlxllm import load
+    from mlxllm.bench import bench
+
+    model, tokenizer = load(MODEL)
+    calls, forward = [], type(model).__call__
+
+    def recorded(self, x, cache=None):
+        calls.append((x.shape[1], cache[0].offset))
+        return forward(self, x, cache=cache)
+
+    monkeypatch.setattr(type(model), "__call__", recorded)
+    results = bench(model, tokenizer, n_prompt=8, n_gen=3, repetitions=1, depth=40)
+    assert set(results) == {"pp8@d40", "tg3@d40"}
+    assert all(r["mean"] > 0 for r in results.values())
+    # the timed prompt (7 tokens, then its last) and the decode steps start after the context
+    assert (7, 40) in calls and (1, 47) in calls and (1, 42) in calls
