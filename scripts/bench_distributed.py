@@ -7,6 +7,13 @@ on 127.0.0.1, and prints per run: tokens/s (and the ratio to one process in the 
 run), and per rank its layers, bytes of weights and peak RSS. `worker` is also what
 tests/test_distributed.py launches.
 
+    python scripts/bench_distributed.py serve MODEL [--ranks 1,2] [--clients 1,4] [--tokens 64]
+
+runs `mlxllm serve --preload MODEL` alone and under `mlx.launch` per rank count, sends each
+count of concurrent greedy /api/generate requests (different prompts), and prints the
+aggregate decode tokens/s, each request's own (its eval_count / eval_duration) and the
+wall time, then stops the server with SIGTERM and reports how every rank exited.
+
     python scripts/bench_distributed.py worker MODEL OUT_DIR [--tokens N]
 
 loads MODEL (its stage, when launched as one of several ranks), then writes
@@ -21,15 +28,20 @@ stdout (the failure test kills a rank meanwhile).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 PROMPT = "The capital of France is"
@@ -135,6 +147,79 @@ def run_worker(model: str, ranks: int, out: Path, tokens: int, port: int, env: d
     return results
 
 
+SERVE_PROMPTS = ("Once upon a time", "The history of Rome", "A recipe for bread:", "Dear diary,",
+                 "In the year 2050,", "The best way to learn", "My favourite animal is", "Rules of chess:")
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=900) as response:
+        return json.loads(response.read())
+
+
+def serve_bench(model: str, ranks: int, clients: list[int], tokens: int, port: int) -> tuple[dict, str]:
+    """`mlxllm serve` on `ranks` ranks: per count of concurrent clients, (aggregate decode
+    tokens/s, each request's own, median); and how the ranks exited on SIGTERM."""
+    mlxllm = str(Path(sys.executable).with_name("mlxllm"))
+    command = [mlxllm, "serve", "--port", "0", "--preload", model]
+    if ranks > 1:
+        command = launch_command(ranks, port, *command)
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "MLXLLM_NO_PROGRESS": "1"}, start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(line.decode(errors="replace") for line in proc.stderr),
+                     daemon=True).start()
+    figures: dict[int, tuple[float, float]] = {}
+    try:
+        deadline = time.monotonic() + 600
+        while not re.search(r"loaded .* in [\d.]+ s", "".join(lines)):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start:\n" + "".join(lines))
+            time.sleep(0.2)
+        url = re.search(r"serving on (http://[\d.]+:\d+)", "".join(lines)).group(1) + "/api/generate"
+        _post(url, {"model": model, "prompt": "Hi", "raw": True, "stream": False,
+                    "options": {"temperature": 0, "num_predict": 2}})  # warm up
+        for n in clients:
+            results: list[dict] = [{}] * n
+
+            def one(i: int) -> None:
+                results[i] = _post(url, {"model": model, "prompt": SERVE_PROMPTS[i % len(SERVE_PROMPTS)],
+                                         "raw": True, "stream": False,
+                                         "options": {"temperature": 0, "num_predict": tokens}})
+            start = time.perf_counter()
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - start
+            generated = sum(r["eval_count"] for r in results)
+            own = statistics.median(r["eval_count"] / (r["eval_duration"] / 1e9) for r in results)
+            figures[n] = (generated / wall, own)
+    finally:
+        pids = [int(p) for p in subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True,
+                                               text=True).stdout.split()]
+        rank0 = next((p for p in pids if _environ_rank(p) == 0), proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rank0, signal.SIGTERM)  # rank 0 stops the others
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        failed = [line.strip() for line in lines if "exited with code" in line or "was killed" in line
+                  or line.startswith("error")]
+    return figures, "every rank exited with status 0" if not failed else "; ".join(failed)
+
+
+def _environ_rank(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((int(e.split(b"=")[1]) for e in env if e.startswith(b"MLX_RANK=")), None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model")
@@ -174,7 +259,31 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "worker":
+    if len(sys.argv) > 1 and sys.argv[1] == "serve":
+        p = argparse.ArgumentParser()
+        p.add_argument("cmd")
+        p.add_argument("model")
+        p.add_argument("--ranks", default="1,2")
+        p.add_argument("--clients", default="1,4")
+        p.add_argument("--tokens", type=int, default=64)
+        p.add_argument("--port", type=int, default=43310)
+        p.add_argument("--repeat", type=int, default=1, help="rounds over the rank counts, interleaved: medians")
+        a = p.parse_args()
+        counts, clients = [int(n) for n in a.ranks.split(",")], [int(n) for n in a.clients.split(",")]
+        rounds: dict[int, list[dict]] = {r: [] for r in counts}
+        for k in range(a.repeat):
+            for r in counts:
+                figures, stopped = serve_bench(a.model, r, clients, a.tokens, a.port + 10 * k + r)
+                rounds[r].append(figures)
+                shown = ", ".join(f"{n} client(s) {t:.1f} ({own:.1f} each)" for n, (t, own) in figures.items())
+                print(f"round {k + 1}, {r} rank(s): tokens/s {shown}; on SIGTERM {stopped}", flush=True)
+        for r in counts:
+            for n in clients:
+                aggregate = statistics.median(f[n][0] for f in rounds[r])
+                own = statistics.median(f[n][1] for f in rounds[r])
+                print(f"{r} rank(s), {n} client(s): {aggregate:.1f} tokens/s in aggregate, each request's own "
+                      f"decode {own:.1f} tokens/s" + (f" (medians of {a.repeat})" if a.repeat > 1 else ""))
+    elif len(sys.argv) > 1 and sys.argv[1] == "worker":
         p = argparse.ArgumentParser()
         p.add_argument("cmd")
         p.add_argument("model")
