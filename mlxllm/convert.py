@@ -214,6 +214,10 @@ class Converter:
     # the Hugging Face classes this hook converts, where it serves only some of its
     # architecture's hf_architectures (None: all of them)
     hf_classes: tuple[str, ...] | None = None
+    # hooks for other Hugging Face classes of the same architecture that convert differently
+    # (bert's DistilBERT and RoBERTa): the driver picks the one whose hf_classes names the
+    # checkpoint's class, else this hook
+    variants: tuple[type[Converter], ...] = ()
 
     def __init__(self, hf_dir: Path, config: dict, arch_name: str) -> None:
         self.dir = hf_dir
@@ -677,10 +681,13 @@ def find_converter(config: dict) -> tuple[str, type[Converter]]:
         arch = entry.arch
         if arch is None or not any(n in arch.hf_architectures for n in names):
             continue
-        classes = getattr(arch.convert, "hf_classes", None)
-        if arch.convert is None or (classes is not None and not any(n in classes for n in names)):
+        hook = arch.convert
+        if hook is not None:
+            hook = next((v for v in hook.variants if any(n in v.hf_classes for n in names)), hook)
+        classes = getattr(hook, "hf_classes", None)
+        if hook is None or (classes is not None and not any(n in classes for n in names)):
             raise ConvertError(f"{names[0]} runs as {arch.name!r} but has no converter yet")
-        return arch.name, arch.convert
+        return arch.name, hook
     raise ConvertError(f"unsupported architecture {names[0]}: no registered architecture converts it")
 
 

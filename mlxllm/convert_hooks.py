@@ -9,6 +9,7 @@ import json
 import math
 import re
 from collections.abc import Iterable
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -332,9 +333,11 @@ def pooling_type(conv: Converter) -> gguf.PoolingType | None:
 
 class Bert(Converter):
     """BERT encoders (MiniLM, bge, e5): bidirectional, pooling from sentence-transformers'
-    files, WordPiece vocabulary; the pooler and the masked-LM head are not kept."""
+    files, WordPiece vocabulary; the pooler and the masked-LM head are not kept. A sequence
+    classifier keeps its head and labels. DistilBERT and RoBERTa checkpoints convert to the
+    same architecture through their own hooks (`variants`, set below them)."""
 
-    hf_classes = ("BertModel",)  # DistilBERT and RoBERTa convert differently
+    hf_classes = ("BertModel",)
     DROPPED = ("embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias")
 
     def skip(self, name: str) -> bool:
@@ -347,6 +350,9 @@ class Bert(Converter):
             name = name.removesuffix(".gamma") + ".weight"
         elif name.endswith(".beta"):
             name = name.removesuffix(".beta") + ".bias"
+        if name in ("classifier.weight", "classifier.bias") and classifier_labels(self) is not None:
+            # a classifier straight on the pooled state: the head's output projection
+            name = name.replace("classifier.", "classifier.out_proj.")
         return super().tensors(name, t, bid)
 
     def hparams(self, w: gguf.GGUFWriter) -> None:
@@ -354,9 +360,70 @@ class Bert(Converter):
         w.add_causal_attention(False)
         if (pooling := pooling_type(self)) is not None:
             w.add_pooling_type(pooling)
+        if (labels := classifier_labels(self)) is not None:
+            w.add_classifier_output_labels(labels)
 
     def vocab(self, w: gguf.GGUFWriter) -> None:
         wordpiece_vocab(self, w)
+
+
+# DistilBERT's LayerNorm epsilon: fixed in its modeling code, absent from its config
+DISTILBERT_NORM_EPS = 1e-12
+
+
+class DistilBert(Bert):
+    """DistilBERT as bert: no token-type table, the `distilbert.` prefix and the masked-LM
+    head (vocab_transform, vocab_layer_norm, vocab_projector) dropped, its fixed norm epsilon
+    written; a sequence classifier's pre_classifier and classifier become cls and cls.output."""
+
+    hf_classes = ("DistilBertModel", "DistilBertForMaskedLM", "DistilBertForSequenceClassification")
+
+    def rename(self, name: str) -> str:
+        return super().rename(name.removeprefix("distilbert."))
+
+    def skip(self, name: str) -> bool:
+        return name.startswith("vocab_") or super().skip(name)
+
+    def hparams(self, w: gguf.GGUFWriter) -> None:
+        if self.config.get("layer_norm_eps") is None:
+            w.add_layer_norm_eps(DISTILBERT_NORM_EPS)
+        super().hparams(w)
+
+
+class Roberta(Bert):
+    """RoBERTa as bert: the `roberta.` prefix dropped, the position table cut by
+    pad_token_id + 1 rows (RoBERTa numbers positions from there; llama.cpp from 0) and the
+    context length with it; a byte-level BPE vocabulary from tokenizer.json, else vocab.txt's
+    WordPiece."""
+
+    hf_classes = ("RobertaModel", "RobertaForSequenceClassification")
+
+    def __init__(self, hf_dir: Path, config: dict, arch_name: str) -> None:
+        super().__init__(hf_dir, config, arch_name)
+        pad = self.config.get("pad_token_id")
+        self.position_offset = None if pad is None else pad + 1
+        if self.position_offset is not None and "max_position_embeddings" in self.config:
+            self.config["max_position_embeddings"] -= self.position_offset  # (self.config is a copy)
+
+    def rename(self, name: str) -> str:
+        return super().rename(name.removeprefix("roberta."))
+
+    def tensors(self, name: str, t: Tensor, bid: int | None) -> Iterable[tuple[str, Tensor]]:
+        if name == "embeddings.position_embeddings.weight" and self.position_offset:
+            cut = self.position_offset
+            if cut >= t.shape[0]:
+                raise ConvertError(f"pad_token_id {cut - 1} leaves no rows of the {t.shape[0]}-row position table")
+            t = t.map(lambda a: np.ascontiguousarray(a[cut:]), shape=(t.shape[0] - cut, *t.shape[1:]))
+        return super().tensors(name, t, bid)
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        if not (self.dir / "tokenizer.json").is_file():
+            return super().vocab(w)
+        bpe_vocab(self, w)
+        w.add_token_type_count(self.config.get("type_vocab_size", 1))
+
+
+Bert.variants = (DistilBert, Roberta)
 
 
 def sentence_pooling(conv: Converter, w: gguf.GGUFWriter) -> None:
@@ -374,11 +441,12 @@ def sentence_pooling(conv: Converter, w: gguf.GGUFWriter) -> None:
         w.add_uint32(CLASSIFIER_POOLING.format(arch=w.arch), POOLING_MODES[before_head])
 
 
-def classifier_labels(conv: Converter, w: gguf.GGUFWriter) -> None:
+def classifier_labels(conv: Converter) -> list[str] | None:
     """A sequence classifier's labels, unless they are the two placeholders AutoConfig adds."""
     labels = conv.config.get("id2label")
     if labels and not (len(labels) == 2 and labels.get("0", labels.get(0)) == "LABEL_0"):
-        w.add_classifier_output_labels([v for _, v in sorted(labels.items(), key=lambda kv: int(kv[0]))])
+        return [v for _, v in sorted(labels.items(), key=lambda kv: int(kv[0]))]
+    return None
 
 
 class ModernBert(Converter):
@@ -398,7 +466,8 @@ class ModernBert(Converter):
         super().hparams(w)
         w.add_causal_attention(False)
         sentence_pooling(self, w)
-        classifier_labels(self, w)
+        if (labels := classifier_labels(self)) is not None:
+            w.add_classifier_output_labels(labels)
         w.add_sliding_window(self.config["local_attention"])
         if (pattern := self.config.get("global_attn_every_n_layers")) is not None:
             w.add_sliding_window_pattern(pattern)

@@ -155,6 +155,11 @@ FIXTURES: dict[str, tuple] = {
     "olmo3": ("olmo3", "bfloat16", None),
     "olmoe": ("olmoe", "bfloat16", None),
     "bert": ("bert", "bfloat16", None),
+    "distilbert": ("distilbert", "bfloat16", None),
+    # under the masked-LM head: the distilbert. prefix and the head's vocab_* tensors dropped
+    "distilbert-mlm": ({**F.ARCHS["distilbert"], "model": "DistilBertForMaskedLM"}, "bfloat16", None),
+    "roberta": ("roberta", "bfloat16", None),
+    "roberta-rerank": ("roberta-rerank", "bfloat16", None),
     "command-r": ("command-r", "bfloat16", None),
     "cohere2": ("cohere2", "bfloat16", None),
     "stablelm": ("stablelm", "bfloat16", None),

@@ -102,7 +102,7 @@ def _arch(name: str, args, hf: tuple[str, ...], description: str, convert=None) 
 
 
 ARCHS = (
-    _arch("bert", bert, ("BertModel", "DistilBertModel", "RobertaModel"),
+    _arch("bert", bert, tuple(c for hook in (convert_hooks.Bert, *convert_hooks.Bert.variants) for c in hook.hf_classes),
           "BERT, DistilBERT, RoBERTa encoders (MiniLM, bge, e5)", convert=convert_hooks.Bert),
     _arch("nomic-bert", nomic_bert, ("NomicBertModel",), "nomic-embed-text v1 / v1.5", convert=convert_hooks.NomicBert),
     _arch("jina-bert-v2", jina_bert_v2, convert_hooks.JinaBertV2.hf_classes, "jina-embeddings-v2 (ALiBi)",
