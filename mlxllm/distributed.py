@@ -2,6 +2,7 @@
 
     mlx.launch -n 2 --backend ring "$(command -v mlxllm)" run MODEL PROMPT
     mlx.launch --hostfile hosts.json --backend ring "$(command -v mlxllm)" run MODEL PROMPT
+    mlx.launch -n 2 --backend ring "$(command -v mlxllm)" serve --preload MODEL
 
 Every rank runs the same generation loop (`mlxllm.generate`) on a `PipelineModel`: rank r
 builds and loads only its contiguous range of the decoder's layers (its memory is its

