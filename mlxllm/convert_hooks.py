@@ -13,13 +13,14 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from gguf import MODEL_TENSOR
+from gguf import MODEL_TENSOR, TokenType
 
 from .convert import (
     Converter,
     ConvertError,
     Tensor,
     bpe_vocab,
+    normalizer_flags,
     sentencepiece_vocab,
     special_vocab,
     wordpiece_vocab,
@@ -423,7 +424,66 @@ class Roberta(Bert):
         w.add_token_type_count(self.config.get("type_vocab_size", 1))
 
 
-Bert.variants = (DistilBert, Roberta)
+# XLM-R's tokenizer ids are sentencepiece's shifted by one, with fairseq's four specials
+# first (transformers' XLMRobertaTokenizer): <s> <pad> </s> <unk>, then piece 3 onwards
+XLMR_SPECIALS = ((b"<s>", TokenType.CONTROL), (b"<pad>", TokenType.CONTROL), (b"</s>", TokenType.CONTROL),
+                 (b"<unk>", TokenType.UNKNOWN))
+SPM_UNIGRAM = 1  # sentencepiece's TrainerSpec.ModelType.UNIGRAM
+
+
+class XLMRoberta(Roberta):
+    """XLM-RoBERTa (bge-m3, multilingual-e5) as bert: RoBERTa's prefix and position cut,
+    with sentencepiece.bpe.model's unigram vocabulary realigned to the ids transformers
+    gives (llama.cpp's UGM tokenizer, "t5") and its normalizer settings."""
+
+    hf_classes = ("XLMRobertaModel", "XLMRobertaForSequenceClassification")
+
+    def __init__(self, hf_dir: Path, config: dict, arch_name: str) -> None:
+        if config.get("lora_adaptations"):
+            raise ConvertError("jina-embeddings-v3 (XLM-RoBERTa with LoRA adapters) is not converted yet")
+        super().__init__(hf_dir, config, arch_name)
+
+    def vocab(self, w: gguf.GGUFWriter) -> None:
+        path = self.dir / "sentencepiece.bpe.model"
+        if not path.is_file():
+            raise ConvertError(f"{self.dir}: no sentencepiece.bpe.model (an XLM-RoBERTa tokenizer.json alone is not converted yet)")
+        from sentencepiece import SentencePieceProcessor
+        from sentencepiece import sentencepiece_model_pb2 as spm_proto
+
+        proto = spm_proto.ModelProto()
+        proto.ParseFromString(path.read_bytes())
+        if proto.trainer_spec.model_type != SPM_UNIGRAM:
+            raise ConvertError(f"{path.name}: sentencepiece model type {proto.trainer_spec.model_type} is not unigram")
+        sp = SentencePieceProcessor()
+        sp.LoadFromFile(str(path))
+        n_vocab = max(self.config.get("vocab_size", 0), sp.vocab_size())
+        tokens = [f"[PAD{i}]".encode() for i in range(n_vocab)]
+        scores = [-10000.0] * n_vocab
+        types = [TokenType.UNUSED] * n_vocab
+        for i in range(sp.vocab_size()):
+            tokens[i], scores[i] = sp.IdToPiece(i).encode(), sp.GetScore(i)
+            types[i] = (TokenType.UNKNOWN if sp.IsUnknown(i) else TokenType.CONTROL if sp.IsControl(i)
+                        else TokenType.UNUSED if sp.IsUnused(i) else TokenType.BYTE if sp.IsByte(i)
+                        else TokenType.NORMAL)
+        # (the last entry drops off the end, as in llama.cpp: the list keeps n_vocab entries)
+        tokens = [t for t, _ in XLMR_SPECIALS] + tokens[3:-1]
+        scores = [0.0] * len(XLMR_SPECIALS) + scores[3:-1]
+        types = [k for _, k in XLMR_SPECIALS] + types[3:-1]
+        w.add_tokenizer_model("t5")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
+        w.add_token_type_count(self.config.get("type_vocab_size", 1))
+        w.add_remove_extra_whitespaces(proto.normalizer_spec.remove_extra_whitespaces)
+        if proto.normalizer_spec.precompiled_charsmap:
+            w.add_precompiled_charsmap(proto.normalizer_spec.precompiled_charsmap)
+        special_vocab(self, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+        normalizer_flags(self, w)
+
+
+Bert.variants = (DistilBert, Roberta, XLMRoberta)
 
 
 def sentence_pooling(conv: Converter, w: gguf.GGUFWriter) -> None:

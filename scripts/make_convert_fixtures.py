@@ -47,7 +47,7 @@ N_IDS = 16
 
 # Rewritten checkpoints (make_arch_fixtures' `rewrite`) saved in the entry's dtype rather than
 # float32 (half the bytes; the fixtures made before this set stay float32 as committed).
-CAST_REWRITES = {"internlm2", "gpt-oss", "qwen3next", "qwen35", "qwen35moe", "rwkv6", "rwkv7"}
+CAST_REWRITES = {"internlm2", "gpt-oss", "qwen3next", "qwen35", "qwen35moe", "rwkv6", "rwkv7", "xlm-roberta"}
 
 FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # E2M1 codes 0-7 (8-15: negated)
 
@@ -127,6 +127,42 @@ def _gpt_oss_mxfp4_checkpoint(model, config: dict, d: Path) -> dict:
     return config
 
 
+XLMR_SPM_VOCAB = F.VOCAB - 2  # transformers' XLM-R ids: 4 specials + pieces 3.. + <mask> = VOCAB
+# A few normalization rules (code points -> replacement): a precompiled charsmap of about 1 KB,
+# where the rules XLM-R ships (nmt_nfkc) make one of about 240 KB
+XLMR_NORMALIZATION = (("FF21", "41"), ("FF22", "42"), ("3000", "20"), ("2026", "2E 2E 2E"))
+
+
+def _xlmr_tokenizer(model, config: dict, d: Path) -> dict:
+    """The checkpoint with XLM-R's tokenizer files: a unigram sentencepiece.bpe.model (ids
+    0-2 <unk> <s> </s>, as XLM-R's) trained on make_arch_fixtures' text, and
+    XLMRobertaTokenizer's tokenizer_config.json, in place of the spm tokenizer."""
+    import io
+
+    import sentencepiece as spmlib
+
+    for f in ("tokenizer.model", "tokenizer_config.json"):
+        (d / f).unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory() as td:
+        rules = Path(td) / "rules.tsv"
+        rules.write_text("".join(f"{src}\t{dst}\n" for src, dst in XLMR_NORMALIZATION))
+        buf = io.BytesIO()
+        spmlib.SentencePieceTrainer.train(
+            sentence_iterator=iter(F._training_text()), model_writer=buf, vocab_size=XLMR_SPM_VOCAB,
+            model_type="unigram", character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            normalization_rule_tsv=str(rules), num_threads=1, minloglevel=2)
+    (d / "sentencepiece.bpe.model").write_bytes(buf.getvalue())
+    cfg = {"tokenizer_class": "XLMRobertaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>",
+           "cls_token": "<s>", "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask>",
+           "model_max_length": F.ENC_POS - 2}
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
+    return config
+
+
+XLM_ROBERTA = {"arch": "bert", "cfg": "XLMRobertaConfig", "model": "XLMRobertaModel", "tok": "spm", "encoder": True,
+               "pooling": "cls", "merge": {}, "rewrite": _xlmr_tokenizer,
+               "kw": F._bert_kw(type_vocab_size=1, layer_norm_eps=1e-5, bos_token_id=0, pad_token_id=1, eos_token_id=2)}
+
 # name -> (make_arch_fixtures spec name or a spec, checkpoint dtype, max shard size)
 FIXTURES: dict[str, tuple] = {
     "llama": ("llama", "bfloat16", None),
@@ -160,6 +196,8 @@ FIXTURES: dict[str, tuple] = {
     "distilbert-mlm": ({**F.ARCHS["distilbert"], "model": "DistilBertForMaskedLM"}, "bfloat16", None),
     "roberta": ("roberta", "bfloat16", None),
     "roberta-rerank": ("roberta-rerank", "bfloat16", None),
+    # XLM-R's sentencepiece vocabulary (llama.cpp's UGM tokenizer) under RoBERTa's layers
+    "xlm-roberta": (XLM_ROBERTA, "bfloat16", None),
     "command-r": ("command-r", "bfloat16", None),
     "cohere2": ("cohere2", "bfloat16", None),
     "stablelm": ("stablelm", "bfloat16", None),

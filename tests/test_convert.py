@@ -104,6 +104,24 @@ def test_every_registered_converter_is_checked_here():
     assert {"llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "qwen2moe", "qwen3moe", "bert"} <= with_hook
 
 
+def test_every_per_class_hook_is_checked_here():
+    """And each per-class hook of an architecture (bert's DistilBERT, RoBERTa and XLM-R
+    variants) has a fixture of a class it converts, dispatched to it."""
+    from mlxllm.convert import find_converter
+    from mlxllm.registry import REGISTRY
+
+    by_class = {reference(n)["hf_class"]: n for n in NAMES}
+    variants = [v for e in REGISTRY.all() if e.arch is not None and e.arch.convert is not None
+                for v in e.arch.convert.variants]
+    assert {v.__name__ for v in variants} >= {"DistilBert", "Roberta", "XLMRoberta"}
+    for hook in variants:
+        fixtures = [by_class[c] for c in hook.hf_classes if c in by_class]
+        assert fixtures, f"no fixture for {hook.__name__} ({', '.join(hook.hf_classes)})"
+        for name in fixtures:
+            config = json.loads((FIXTURES / name / "config.json").read_text())
+            assert find_converter(config)[1] is hook, name
+
+
 @pytest.mark.parametrize("outtype", OUTTYPES)
 @pytest.mark.parametrize("name", NAMES)
 def test_same_tensors_as_llama_cpp(name, outtype, converted):
@@ -195,6 +213,25 @@ def test_unsupported_architecture_is_one_line(tmp_path):
     config["architectures"] = ["FrobnicatorForCausalLM"]
     (d / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConvertError, match="unsupported architecture FrobnicatorForCausalLM"):
+        convert(d, tmp_path / "out.gguf", progress=False)
+
+
+def test_xlm_roberta_without_its_sentencepiece_model_is_one_line(tmp_path):
+    d = _copy("xlm-roberta", tmp_path)
+    (d / "sentencepiece.bpe.model").unlink()
+    with pytest.raises(ConvertError, match="no sentencepiece.bpe.model") as e:
+        convert(d, tmp_path / "out.gguf", progress=False)
+    assert "\n" not in str(e.value)
+    assert not list(tmp_path.glob("*.gguf*")) and not list(tmp_path.glob(".out.gguf*"))
+
+
+def test_xlm_roberta_with_lora_adapters_is_one_line(tmp_path):
+    """jina-embeddings-v3 (XLM-R with task LoRAs, llama.cpp's jina-bert-v3): refused by name."""
+    d = _copy("xlm-roberta", tmp_path)
+    config = json.loads((d / "config.json").read_text())
+    config["lora_adaptations"] = ["retrieval.query", "retrieval.passage"]
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConvertError, match="jina-embeddings-v3"):
         convert(d, tmp_path / "out.gguf", progress=False)
 
 
