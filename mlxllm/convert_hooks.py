@@ -338,7 +338,7 @@ class Bert(Converter):
     classifier keeps its head and labels. DistilBERT and RoBERTa checkpoints convert to the
     same architecture through their own hooks (`variants`, set below them)."""
 
-    hf_classes = ("BertModel",)
+    hf_classes = ("BertModel", "BertForMaskedLM", "BertForSequenceClassification")
     DROPPED = ("embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias")
 
     def skip(self, name: str) -> bool:

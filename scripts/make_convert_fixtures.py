@@ -191,6 +191,9 @@ FIXTURES: dict[str, tuple] = {
     "olmo3": ("olmo3", "bfloat16", None),
     "olmoe": ("olmoe", "bfloat16", None),
     "bert": ("bert", "bfloat16", None),
+    # under the masked-LM head (bert. prefix, cls.predictions dropped) and a classifier head
+    "bert-mlm": ({**F.ARCHS["bert"], "model": "BertForMaskedLM"}, "bfloat16", None),
+    "bert-classifier": ("bert-classifier", "bfloat16", None),
     "distilbert": ("distilbert", "bfloat16", None),
     # under the masked-LM head: the distilbert. prefix and the head's vocab_* tensors dropped
     "distilbert-mlm": ({**F.ARCHS["distilbert"], "model": "DistilBertForMaskedLM"}, "bfloat16", None),
