@@ -197,6 +197,10 @@ FIXTURES: dict[str, tuple] = {
     "distilbert": ("distilbert", "bfloat16", None),
     # under the masked-LM head: the distilbert. prefix and the head's vocab_* tensors dropped
     "distilbert-mlm": ({**F.ARCHS["distilbert"], "model": "DistilBertForMaskedLM"}, "bfloat16", None),
+    # a classifier with named labels: pre_classifier -> cls, classifier -> cls.output
+    "distilbert-classifier": ({**F.ARCHS["distilbert"], "model": "DistilBertForSequenceClassification", "pooling": None,
+                               "kw": {**F.ARCHS["distilbert"]["kw"], "id2label": {0: "negative", 1: "positive"},
+                                      "label2id": {"negative": 0, "positive": 1}}}, "bfloat16", None),
     "roberta": ("roberta", "bfloat16", None),
     "roberta-rerank": ("roberta-rerank", "bfloat16", None),
     # XLM-R's sentencepiece vocabulary (llama.cpp's UGM tokenizer) under RoBERTa's layers

@@ -37,7 +37,8 @@ METADATA_DIFFERENCES = {
        "llama.cpp's converter refuses a WordPiece tokenizer whose check-text hash it does not know (the "
        "fixture script patches that refusal to 'gpt-2'); ours writes 'default', and llama.cpp's WordPiece "
        "tokenizer does not read the key"
-       for fixture in ("bert", "bert-mlm", "bert-classifier", "distilbert", "distilbert-mlm", "nomic-bert", "jina-bert-v2")},
+       for fixture in ("bert", "bert-mlm", "bert-classifier", "distilbert", "distilbert-mlm", "distilbert-classifier",
+                       "nomic-bert", "jina-bert-v2")},
     **{(fixture, key):
        "llama.cpp's converter reads the config through transformers' AutoConfig, whose generic config for a "
        "remote-code model_type adds head_dim = n_embd / n_head, written as key and value length: the value "
