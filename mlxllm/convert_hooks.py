@@ -602,6 +602,7 @@ class NomicBert(Bert):
     converted yet)."""
 
     hf_classes = ("NomicBertModel",)
+    variants = ()  # (not bert's DistilBERT/RoBERTa hooks)
 
     def hparams(self, w: gguf.GGUFWriter) -> None:
         c = self.config
@@ -629,6 +630,7 @@ class JinaBertV2(Bert):
     BPE (RobertaTokenizer, the code model) vocabularies."""
 
     hf_classes = ("JinaBertModel", "JinaBertForMaskedLM")
+    variants = ()  # (not bert's DistilBERT/RoBERTa hooks)
 
     def vocab(self, w: gguf.GGUFWriter) -> None:
         kind = json.loads((self.dir / "tokenizer_config.json").read_text(encoding="utf-8"))["tokenizer_class"]
