@@ -127,6 +127,7 @@ class Run:
         self.queue: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
         self.jobs: list[Job] = []
         self.shape = ReplyShape()
+        self.prompt_tokens = 0  # the prompt's length once start() has built it (before any token)
         self.finished = False
         self._released = False
 
@@ -295,6 +296,7 @@ async def start(app: web.Application, request: Request) -> Run:
     try:
         ids, max_tokens, constraints, run.shape, budget = await asyncio.get_running_loop().run_in_executor(
             None, prepare, loaded, request)
+        run.prompt_tokens = len(ids)
         loop = asyncio.get_running_loop()
 
         def emitter(index: int) -> Callable[[tuple[str, Any]], None]:

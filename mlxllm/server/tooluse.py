@@ -1,7 +1,7 @@
 """What the Anthropic Messages and OpenAI Responses routes share: the request's tools and
 template switches as a `generation.Chat`, an assistant prefill (Anthropic's final
-assistant message), and `start_run`, which is `generation.start` for one choice that also
-keeps the prompt's token count (Anthropic's message_start reports it before any token)."""
+assistant message), and the prompt's token count (count_tokens; a started Run keeps it as
+prompt_tokens, which Anthropic's message_start reports before any token)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ from ..chat_template import ChatTemplateError
 from ..generate import encode_prompt
 from ..tools import Choice, ToolError, choice_of, tools_of
 from .common import ApiError
-from .engine import Job
-from .generation import Chat, Request, Run, prepare, render_chat
+from .generation import Chat, Request, render_chat, start
 from .pool import Loaded, ModelPool, refuse_embedding_model
 
 
@@ -84,28 +83,5 @@ async def count_prompt(app: web.Application, request: Request) -> int:
         pool.release(loaded)
 
 
-async def start_run(app: web.Application, request: Request) -> Run:
-    """`generation.start` for one choice; the Run's prompt_tokens is the prompt's length.
-    The caller must close() the Run."""
-    await refuse_embedding_model(request.model)
-    pool: ModelPool = app["pool"]
-    loaded, load_ns = await pool.acquire(request.model, request.keep_alive)
-    run = Run(pool, loaded, load_ns, request)
-    loop = asyncio.get_running_loop()
-    try:
-        ids, max_tokens, constraints, run.shape, budget = await loop.run_in_executor(None, prepare, loaded, request)
-        run.prompt_tokens = len(ids)
-
-        def emit(event: tuple[str, Any]) -> None:  # on the worker thread
-            try:
-                loop.call_soon_threadsafe(run.queue.put_nowait, event)
-            except RuntimeError:  # the event loop is closed: the server is stopping
-                pass
-
-        run.jobs.append(Job(ids, request.params, max_tokens, request.stop, emit, constraints[0],
-                            reasoning_budget=budget))
-        pool.worker.submit(loaded.engine, run.jobs[0])
-    except BaseException:
-        run.close()
-        raise
-    return run
+# The routes' name for generation.start (one choice: a Request's n is 1 unless a route sets it).
+start_run = start
