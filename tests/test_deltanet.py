@@ -12,14 +12,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from arch_reference import FIXTURES, llama_cpp_greedy, token_ids
-from mlxllm.cache import RecurrentCache, batch_window
-from mlxllm.generate import BatchGenerator, GenerationRequest, generate_step
+from arch_reference import (FIXTURES, check_long_continuation, check_prefix_cache_reuses_a_state,
+                            check_rows_get_llama_cpp_greedy_tokens, token_ids)
+from mlxllm.cache import RecurrentCache
 from mlxllm.loader import load_model
-from mlxllm.sample import SamplingParams
-from test_ssm import CONTINUATION, PROMPT, TOLERANCE, llama_cpp_last_logits, long_ids, run
-
-GREEDY = SamplingParams(temperature=0.0, repeat_penalty=1.0)
 
 
 # grouped (qwen3next) and tiled (qwen35) key heads per value head
@@ -27,20 +23,7 @@ GREEDY = SamplingParams(temperature=0.0, repeat_penalty=1.0)
 def test_long_continuation_matches_llama_cpp(name):
     """A 100-token prompt (two chunks, the second partial), then 1,000 tokens one at a time
     through the caches: the last position's logits are llama.cpp's."""
-    path = FIXTURES / f"{name}.f32.gguf"
-    ids = long_ids(name)
-    ref = llama_cpp_last_logits(path, ids)
-    model = load_model(str(path))[0]
-    cache = model.make_cache()
-    assert any(isinstance(c, RecurrentCache) for c in cache)
-    model(mx.array([ids[:PROMPT]]), cache=cache)
-    for token in ids[PROMPT:-1]:
-        model(mx.array([[token]]), cache=cache)
-        mx.eval([c.state for c in cache])
-    ours = np.array(model(mx.array([ids[-1:]]), cache=cache)[0, -1])
-    assert all(c.offset == PROMPT + CONTINUATION for c in cache)
-    diff = np.abs(ours - ref).max() / ref.std()
-    assert ours.argmax() == ref.argmax() and diff <= TOLERANCE, f"{name}: {diff:.2e} × std after {len(ids)} tokens"
+    check_long_continuation(name, (RecurrentCache,))
 
 
 def test_state_has_a_fixed_size():
@@ -58,24 +41,7 @@ def test_generation_loop_rows_get_llama_cpp_greedy_tokens(name):
     """Rows join while others decode and leave at different lengths, sharing forward passes
     (each row's state its own, the attention layers' keys padded): each gets llama.cpp's
     greedy tokens and what it gets alone."""
-    import llama_cpp
-
-    path = FIXTURES / f"{name}.f32.gguf"
-    model = load_model(str(path))[0]
-    generator = BatchGenerator(model, None, max_batch=4, prefill_step=16)
-    assert generator.batched
-    assert all(batch_window(kind) is not False for kind in model.make_cache())
-    prompts = [token_ids(name, n) for n in (5, 37, 20)]
-    limits = [12, 6, 9]
-    out = run(generator, prompts, limits, {0: [0, 1], 4: [2]})
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=2, type_k=0, type_v=0,
-                          verbose=False)
-    try:
-        for uid, (prompt, n) in enumerate(zip(prompts, limits)):
-            assert out[uid] == llama_cpp_greedy(llm, prompt, n), f"row {uid}"
-            assert out[uid] == list(generate_step(model, prompt, GREEDY, max_tokens=n))
-    finally:
-        llm.close()
+    check_rows_get_llama_cpp_greedy_tokens(name)
 
 
 def test_prompt_in_chunks_equals_token_by_token():
@@ -107,21 +73,4 @@ def test_prefix_cache_reuses_the_states_and_keys_at_their_exact_length():
     """A finished row's caches (attention layers' keys and values, delta net layers' states)
     serve a prompt that continues everything the row fed: it decodes what a fresh prefill
     does. A prompt that forks earlier starts fresh (a state holds no earlier position)."""
-    model = load_model(str(FIXTURES / "qwen35.f32.gguf"))[0]
-    generator = BatchGenerator(model, None, max_batch=2, prefix_cache_bytes=1 << 24)
-    first = token_ids("qwen35", 30)
-    out = run(generator, [first], [6], {0: [0]})
-    turn = first + out[0] + long_ids("qwen35")[:12]
-    fork = first[:20] + long_ids("qwen35")[12:24]
-    held = {len(first) + len(out[0]) - 1, len(first) + len(out[0])}
-    for prompt, reused in ((turn, held), (fork, {0})):
-        generator.insert(GenerationRequest(prompt, GREEDY, 8))
-        tokens, stats = [], None
-        while generator.busy:
-            for event in generator.step():
-                assert event.error is None, event.error
-                if event.token is not None:
-                    tokens.append(event.token)
-                stats = event.stats or stats
-        assert stats.cached_tokens in reused
-        assert tokens == list(generate_step(model, prompt, GREEDY, max_tokens=8))
+    check_prefix_cache_reuses_a_state("qwen35")

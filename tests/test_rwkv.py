@@ -9,34 +9,16 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from arch_reference import FIXTURES, llama_cpp_greedy, token_ids
-from mlxllm.cache import RecurrentCache, batch_window
-from mlxllm.generate import BatchGenerator, generate_step
+from arch_reference import FIXTURES, check_long_continuation, check_rows_get_llama_cpp_greedy_tokens, token_ids
+from mlxllm.cache import RecurrentCache
 from mlxllm.loader import load_model
-from mlxllm.sample import SamplingParams
-from test_ssm import CONTINUATION, PROMPT, TOLERANCE, llama_cpp_last_logits, long_ids, run
-
-GREEDY = SamplingParams(temperature=0.0, repeat_penalty=1.0)
-
 
 RWKV = ["rwkv6", "rwkv7"]
 
 
 @pytest.mark.parametrize("name", RWKV)
 def test_long_continuation_matches_llama_cpp(name):
-    path = FIXTURES / f"{name}.f32.gguf"
-    ids = long_ids(name)
-    ref = llama_cpp_last_logits(path, ids)
-    model = load_model(str(path))[0]
-    cache = model.make_cache()
-    model(mx.array([ids[:PROMPT]]), cache=cache)
-    for token in ids[PROMPT:-1]:
-        model(mx.array([[token]]), cache=cache)
-        mx.eval([c.state for c in cache])
-    ours = np.array(model(mx.array([ids[-1:]]), cache=cache)[0, -1])
-    assert all(c.offset == PROMPT + CONTINUATION for c in cache)
-    diff = np.abs(ours - ref).max() / ref.std()
-    assert ours.argmax() == ref.argmax() and diff <= TOLERANCE, f"{name}: {diff:.2e} × std after {len(ids)} tokens"
+    check_long_continuation(name)
 
 
 def test_state_has_a_fixed_size():
@@ -54,24 +36,7 @@ def test_state_has_a_fixed_size():
 def test_generation_loop_rows_get_llama_cpp_greedy_tokens(name):
     """Rows join while others decode and leave at different lengths, sharing forward passes
     (each row's states its own): each gets llama.cpp's greedy tokens and what it gets alone."""
-    import llama_cpp
-
-    path = FIXTURES / f"{name}.f32.gguf"
-    model = load_model(str(path))[0]
-    generator = BatchGenerator(model, None, max_batch=4, prefill_step=16)
-    assert generator.batched
-    assert all(batch_window(kind) is not False for kind in model.make_cache())
-    prompts = [token_ids(name, n) for n in (5, 37, 20)]
-    limits = [12, 6, 9]
-    out = run(generator, prompts, limits, {0: [0, 1], 4: [2]})
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=2, type_k=0, type_v=0,
-                          verbose=False)
-    try:
-        for uid, (prompt, n) in enumerate(zip(prompts, limits)):
-            assert out[uid] == llama_cpp_greedy(llm, prompt, n), f"row {uid}"
-            assert out[uid] == list(generate_step(model, prompt, GREEDY, max_tokens=n))
-    finally:
-        llm.close()
+    check_rows_get_llama_cpp_greedy_tokens(name)
 
 
 @pytest.mark.parametrize("version", [6, 7])
