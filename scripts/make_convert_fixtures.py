@@ -17,6 +17,14 @@ sizes, random weights and tokenizers):
     python scripts/make_convert_fixtures.py            # every fixture
     python scripts/make_convert_fixtures.py llama qwen3
     python scripts/make_convert_fixtures.py --pre-table  # rewrite mlxllm/_bpe_pre.py
+    python scripts/make_convert_fixtures.py --hf-outputs [NAMES]  # hf_logits.npy only
+
+`--hf-outputs` loads each committed checkpoint with transformers (float32, eager attention)
+and saves its own outputs for reference.json's token ids as `hf_logits.npy` beside
+logits.npy (a decoder's logits, an encoder's last hidden states), the checkpoint's truth
+that tests/test_convert.py holds our converted file to; it prints how far llama.cpp's
+logits.npy is from them. A checkpoint transformers has no class for (remote code) is
+reported and skipped.
 
 `--pre-table` reads the pre-tokenizer hashes (sha256 of the token ids of a fixed text ->
 tokenizer.ggml.pre) out of llama.cpp's converter source into mlxllm/_bpe_pre.py: data,
@@ -44,6 +52,10 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 # differ in the last bit, so their values are kept for a comparison in units in the last place.
 VALUES_KEPT = (".ssm_a",)
 N_IDS = 16
+# hf_logits.npy is stored in float16 where that rounding moves no value by more than this
+# times the outputs' std (a fifth of tests/test_convert.py's 5e-3 bound; about 60% of the
+# files, 1.1 MB in all instead of 1.7 MB), else in float32
+F16_STORAGE_ERROR = 1e-3
 
 # Rewritten checkpoints (make_arch_fixtures' `rewrite`) saved in the entry's dtype rather than
 # float32 (half the bytes; the fixtures made before this set stay float32 as committed).
@@ -434,7 +446,90 @@ def make(name: str) -> None:
     print(f"[{name}] ok {size / 1024:.0f} KB", flush=True)
 
 
+class NoTransformersClass(Exception):
+    """The checkpoint is remote code: transformers has no class that loads it."""
+
+
+def hf_outputs(name: str):
+    """transformers' own run of the committed checkpoint tests/fixtures/hf/<name>/, float32
+    weights and eager attention, on reference.json's token ids: a decoder's logits, an
+    encoder's last hidden states (the encoder under a task head: its base model's, as
+    llama.cpp's pooling-none embeddings are)."""
+    import torch
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    d = OUT / name
+    ref = json.loads((d / "reference.json").read_text())
+    config = json.loads((d / "config.json").read_text())
+    cls_name = (config.get("architectures") or [""])[0]
+    if cls_name.lower() == ref["hf_class"].lower():  # the remote code's spelling (MPTForCausalLM) of
+        cls_name = ref["hf_class"]                   # transformers' class (MptForCausalLM)
+    cls = getattr(transformers, cls_name, None)
+    if cls is None or config.get("model_type") not in CONFIG_MAPPING or "auto_map" in config:
+        raise NoTransformersClass(f"{cls_name} ({config.get('model_type')}) is not a transformers class")
+    kw = {}
+    if config.get("quantization_config", {}).get("quant_method") == "mxfp4":  # no GPU kernels: dequantize
+        kw["quantization_config"] = transformers.Mxfp4Config(dequantize=True)
+    model, info = cls.from_pretrained(d, dtype=torch.float32, attn_implementation="eager",
+                                      output_loading_info=True, **kw)
+    if info["missing_keys"] or info["mismatched_keys"]:  # transformers would run random weights
+        raise RuntimeError(f"transformers does not load {sorted(info['missing_keys'])[:4]} "
+                           f"{info['mismatched_keys'][:4]} from the checkpoint")
+    model = model.float().eval()
+    for m in model.modules():
+        if hasattr(m, "config") and hasattr(m.config, "_attn_implementation"):
+            m.config._attn_implementation = "eager"
+    ids = torch.tensor([ref["eval_ids"]])
+    with torch.no_grad():
+        if ref.get("kind") == "encoder":
+            out = model.base_model(ids).last_hidden_state[0]
+        else:
+            out = model(ids, use_cache=False).logits[0]
+    return out.float().numpy()
+
+
+def write_hf_outputs(names: list[str]) -> int:
+    """hf_logits.npy for each fixture, stored in float16 where that rounding stays under
+    F16_STORAGE_ERROR x std, keeps the top token and llama.cpp's run is within the bound
+    (half the files' bytes), else float32."""
+    import numpy as np
+
+    skipped, failed = [], []
+    for name in names:
+        try:
+            hf = hf_outputs(name)
+        except NoTransformersClass as e:
+            print(f"[{name}] skipped: {e}", flush=True)
+            skipped.append(name)
+            continue
+        except Exception as e:  # noqa: BLE001 - report and go on with the others
+            print(f"[{name}] FAILED: {type(e).__name__}: {str(e)[-2000:]}", flush=True)
+            failed.append(name)
+            continue
+        std = float(hf.std())
+        llama = np.load(OUT / name / "logits.npy")
+        half = hf.astype(np.float16)
+        exact = half.astype(np.float32)
+        decoder = llama.shape[-1] == F.VOCAB
+        top2 = np.sort(exact, -1)[:, -2:]
+        stored = half if (np.abs(exact - hf).max() <= F16_STORAGE_ERROR * std
+                          # no near-tie for the top token turned or made by the rounding
+                          and (not decoder or (np.array_equal(exact.argmax(-1), hf.argmax(-1))
+                                               and (top2[:, 1] > top2[:, 0]).all()))
+                          # a departure of llama.cpp's that the test lists by its value: exact
+                          and np.abs(llama - hf).max() <= F16_STORAGE_ERROR * 5 * std) else hf
+        np.save(OUT / name / "hf_logits.npy", stored)
+        argmax = "" if llama.shape[-1] != F.VOCAB else f" argmax agree {np.mean(llama.argmax(-1) == hf.argmax(-1)):.3f}"
+        print(f"[{name}] {stored.dtype} llama.cpp vs transformers: max|d|/std "
+              f"{np.abs(llama - hf).max() / std:.3g}{argmax}", flush=True)
+    print(f"done; skipped (no transformers class): {skipped}; failed: {failed}")
+    return 1 if failed else 0
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--hf-outputs"]:
+        return write_hf_outputs(argv[1:] or sorted(p.parent.name for p in OUT.glob("*/reference.json")))
     if argv[:1] == ["--_convert"]:
         _convert_main(*argv[1:4])
         return 0
