@@ -24,8 +24,8 @@ from .common import (
     sse_stream,
     stop_list,
 )
-from .generation import Request, Run
-from .tooluse import Tooling, count_prompt, start_run
+from .generation import Request, Run, start
+from .tooluse import Tooling, count_prompt
 
 log = logging.getLogger("mlxllm.server")
 
@@ -316,7 +316,7 @@ def message_head(ident: str, model: str) -> dict:
 
 async def messages_respond(request: web.Request, body: dict, req: Request) -> web.StreamResponse:
     ident = "msg_" + uuid.uuid4().hex[:24]
-    run = await start_run(request.app, req)
+    run = await start(request.app, req)
     reply, blocks = run.shape.reply(), Blocks()
 
     def pieces(deltas: list[Delta]) -> list[Delta]:  # thinking turned off: its text is dropped

@@ -25,8 +25,8 @@ from .common import (
     sampling,
     sse_stream,
 )
-from .generation import Request
-from .tooluse import Tooling, start_run
+from .generation import Request, start
+from .tooluse import Tooling
 
 log = logging.getLogger("mlxllm.server")
 
@@ -359,7 +359,7 @@ async def responses_respond(request: web.Request, body: dict, req: Request, tool
                             conversation: list[dict]) -> web.StreamResponse:
     ident = "resp_" + uuid.uuid4().hex
     response = response_object(ident, body, req.model, int(time.time()), tooling)
-    run = await start_run(request.app, req)
+    run = await start(request.app, req)
     reply, items = run.shape.reply(), Items()
     try:
         if not body.get("stream"):

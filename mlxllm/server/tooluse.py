@@ -15,7 +15,7 @@ from ..chat_template import ChatTemplateError
 from ..generate import encode_prompt
 from ..tools import Choice, ToolError, choice_of, tools_of
 from .common import ApiError
-from .generation import Chat, Request, render_chat, start
+from .generation import Chat, Request, render_chat
 from .pool import Loaded, ModelPool, refuse_embedding_model
 
 
@@ -82,6 +82,3 @@ async def count_prompt(app: web.Application, request: Request) -> int:
     finally:
         pool.release(loaded)
 
-
-# The routes' name for generation.start (one choice: a Request's n is 1 unless a route sets it).
-start_run = start
