@@ -51,10 +51,12 @@ def one_line(message: str, limit: int = MAX_MESSAGE) -> str:
 
 
 # Keys whose values are tensor dimensions (or parts of one): none exceeds the largest
-# dimension of any tensor in the file.
+# dimension of any tensor in the file. Not feed_forward_length: a MoE file carries its dense
+# sibling's width there with no tensor of it (Qwen3-30B-A3B: 6144, experts 768), and a
+# dense FFN's tensors are checked against it anyway.
 DIMENSION_KEYS = (
     Keys.LLM.VOCAB_SIZE, Keys.LLM.EMBEDDING_LENGTH, Keys.LLM.EMBEDDING_LENGTH_OUT, Keys.LLM.FEATURES_LENGTH,
-    Keys.LLM.FEED_FORWARD_LENGTH, Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH,
+    Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH,
     Keys.LLM.EXPERT_COUNT, Keys.LLM.EXPERT_USED_COUNT, Keys.LLM.EXPERT_SHARED_COUNT, Keys.LLM.EXPERT_GROUP_COUNT,
     Keys.LLM.EXPERT_GROUP_USED_COUNT, Keys.LLM.MOE_LATENT_SIZE,
     Keys.Attention.HEAD_COUNT, Keys.Attention.HEAD_COUNT_KV, Keys.Attention.KEY_LENGTH, Keys.Attention.VALUE_LENGTH,

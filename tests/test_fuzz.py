@@ -81,6 +81,13 @@ def test_absurd_hyperparameter_is_a_one_line_error_naming_the_key(ops, names):
     assert names in result["message"]
 
 
+def test_a_moe_file_may_declare_a_dense_width_no_tensor_has():
+    """Qwen3-30B-A3B's files say feed_forward_length = 6144 (its dense sibling's) beside
+    experts of 768 and no dense FFN: llama.cpp loads them, and so must we."""
+    result = _one([["set", "kv:qwen3moe.feed_forward_length", 6144]], seed="tests/fixtures/archs/qwen3moe.f32.gguf")
+    assert result["outcome"] == "ok", result
+
+
 def test_corrupt_string_length_does_not_fill_the_error_message():
     """A key length pointing megabytes ahead used to quote every byte in the error."""
     buf = (ROOT / LLAMA).read_bytes()
