@@ -605,8 +605,11 @@ class Lockstep:
             if body[i] == INSERT:
                 uid, paced, n = body[i + 1:i + 4]
                 prompt = body[i + 4:i + 4 + n]
-                # sampling and limits are rank 0's: the row only needs its prompt
-                if generator.insert(GenerationRequest(prompt, SamplingParams(temperature=0), 2 ** 31 - 1)) != uid:
+                # Sampling and limits are rank 0's: the row only needs its prompt. Greedy with
+                # no penalties: a follower's logits are a 1-wide placeholder, which a penalty's
+                # scatter over the prompt's token ids would write past (heap corruption).
+                params = SamplingParams(temperature=0, repeat_penalty=1.0)
+                if generator.insert(GenerationRequest(prompt, params, 2 ** 31 - 1)) != uid:
                     self._out_of_step(f"request {uid} has another id here")
                 generator.waiting[-1].paced = bool(paced)
                 i += 4 + n
@@ -616,11 +619,11 @@ class Lockstep:
             else:
                 self._out_of_step(f"unknown plan entry {body[i]}")
 
-    def accepted(self, rows: list) -> None:
+    def accepted(self, rows: list, failure: str | None = None) -> None:
         """The leader's rows took their tokens (or failed): the followers learn which and how
-        each ended."""
+        each ended. failure: why this rank's own step failed, when it did."""
         if not self.leader:
-            self._out_of_step("a follower's own step failed")
+            self._out_of_step(f"a follower's own step failed: {failure}")
         if not rows:
             return
         payload: list[int] = []

@@ -536,7 +536,7 @@ class BatchGenerator:
             self.prefilling.popleft()
             events.append(row.fail(f"generation failed: {type(e).__name__}: {e}"))
             if self.lockstep is not None:  # the followers learn that it failed where they wait for its token
-                self.lockstep.accepted([row])
+                self.lockstep.accepted([row], failure=f"{type(e).__name__}: {e}")
             return
         self.prefilling.popleft()
         events.append(event)

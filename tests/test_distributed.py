@@ -21,8 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import httpx
@@ -170,7 +168,10 @@ def test_lockstep_keeps_a_follower_in_step():
     messages: list = []
     leader = BatchGenerator(model, tokenizer, max_batch=3, prefill_step=48, lockstep=Wire(True, messages))
     follower = BatchGenerator(model, None, max_batch=3, prefill_step=48, lockstep=Wire(False, messages))
-    greedy = SamplingParams(temperature=0)
+    # Plain greedy on the leader too: this follower holds the whole model and embeds the
+    # tokens it picks itself (a real follower's stage reads rank 0's hidden states instead),
+    # and a follower picks without penalties.
+    greedy = SamplingParams(temperature=0, repeat_penalty=1.0)
     long_prompt = encode_prompt(tokenizer, "Here is a long list of words: " + ", ".join(["apple", "river", "stone"] * 30))
     assert len(long_prompt) > max(distributed.INLINE, 48)
 
@@ -182,6 +183,8 @@ def test_lockstep_keeps_a_follower_in_step():
         follower.step()
         assert not messages  # the follower read every message the leader sent, no more
         assert _rows(follower) == _rows(leader)
+        # a follower's rows only take rank 0's tokens: no sampler, no penalties over its logits
+        assert all(r.greedy and not r.processors for r in [*follower.rows, *follower.prefilling])
         for a, b in zip(follower._caches or [], leader._caches or []):
             assert all(mx.array_equal(x, y).item() for x, y in zip(a.state, b.state))
 
