@@ -171,7 +171,11 @@ def keeps_blocks_on_cpu(qtype: T, shape: tuple[int, ...]) -> bool:
     choice = cpu_blocks_mode()
     if choice == "0":
         return False
-    return cpu.gguf_has_kernel(int(qtype)) if choice == "all" else cpu.gguf_integer_dots(int(qtype))
+    if choice == "all":
+        return cpu.gguf_has_kernel(int(qtype))
+    # A build without AVX2 (NEON) multiplies float activations through the block decoders,
+    # 3-20x slower than the affine matvec: there only int8 mode keeps the blocks.
+    return cpu.gguf_integer_dots(int(qtype)) if choice == "int8" else cpu.gguf_float_kernel(int(qtype))
 
 
 def mode_of(qtype: T, weight: mx.array | None, widened: bool) -> str:

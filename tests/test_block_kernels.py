@@ -14,6 +14,8 @@ private GEMM (blas.cpp).
 
 from __future__ import annotations
 
+import platform
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -35,6 +37,9 @@ def test_every_type_with_a_block_decoder_has_a_kernel():
     expected = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, *source.kernel_types()}
     assert set(TYPES) == expected
     assert set(INTEGER) == {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS}
+    # float activations have dedicated kernels for the same types where the build has AVX2
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert {t for t in TYPES if K.gguf_float_kernel(int(t))} == set(INTEGER)
 
 
 def _weight(qtype: Q, rows: int, blocks_per_row: int, seed: int, edge: bool = False) -> tuple[np.ndarray, int]:
@@ -89,7 +94,7 @@ def _activations(x: np.ndarray, qtype: Q, int8: bool) -> np.ndarray:
     return x.astype(np.float64)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 16], ids=lambda r: f"{r}rows")
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16], ids=lambda r: f"{r}rows")  # passes of 4 rows: full, partial
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_matvec_against_float64(qtype, rows, isa, int8):
     if isa == "portable" and qtype not in INTEGER:

@@ -30,6 +30,7 @@ NB_MODULE(_cpu, m) {
         nb::kw_only(), "stream"_a = nb::none());
   m.def("gguf_has_kernel", &mlxllm_cpu::gguf_has_kernel, "qtype"_a);
   m.def("gguf_integer_dots", &mlxllm_cpu::gguf_integer_dots, "qtype"_a);
+  m.def("gguf_float_kernel", &mlxllm_cpu::gguf_float_kernel, "qtype"_a);
   m.def("gguf_use_simd", &mlxllm_cpu::gguf_use_simd, "on"_a);
   m.def("matmul", &mlxllm_cpu::matmul, "a"_a, "b"_a, "transpose_b"_a = false, nb::kw_only(),
         "stream"_a = nb::none());

@@ -1129,6 +1129,15 @@ bool gguf_integer_dots(int qtype) {
   return type_info(qtype, info) && info.path != Path::FLOAT;
 }
 
+bool gguf_float_kernel(int qtype) {
+#if defined(__AVX2__)
+  return gguf_integer_dots(qtype); // the same types, unpacked to floats
+#else
+  (void)qtype;
+  return false;
+#endif
+}
+
 void gguf_use_simd(bool on) {
   g_use_simd = on;
 }

@@ -63,7 +63,8 @@ mx::array gguf_matmul(const mx::array& x, const mx::array& w, int qtype, const m
 mx::array gguf_dequantize(const mx::array& w, int qtype, int in_features, const mx::array& table,
                           mx::StreamOrDevice s = {});
 bool gguf_has_kernel(int qtype);     // whether gguf_matmul takes this type
-bool gguf_integer_dots(int qtype);   // whether it has dedicated matvec kernels (integer dots for int8, float)
+bool gguf_integer_dots(int qtype);   // whether int8 mode has integer dots for it (else float, by block decoders)
+bool gguf_float_kernel(int qtype);   // whether float activations meet its blocks in a dedicated kernel on this build
 void gguf_use_simd(bool on);         // off: the portable dot products (for tests)
 
 // float32 a (..., M, K) @ b (..., K, N), or b.T for b (..., N, K), on the BLAS that
