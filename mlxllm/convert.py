@@ -276,6 +276,9 @@ class Converter:
         pattern = pattern.format(bid=bid)
         return name == pattern or name.rsplit(".", 1)[0] == pattern  # with or without .weight/.bias
 
+    def is_any(self, name: str, bid: int | None, *keys: MODEL_TENSOR) -> bool:
+        return any(self.is_tensor(name, key, bid) for key in keys)
+
     def map_name(self, name: str) -> str:
         new = self.tensor_map.get_name(key=name, try_suffixes=(".weight", ".bias"))
         if new is None:

@@ -2373,7 +2373,8 @@ class Rwkv6(Converter):
     squeezed and the five data-dependent ones fused into one tensor, the output and FFN value
     of layer i divided by 2^(i // rescale_every); the world vocabulary."""
 
-    LERPS = ("w", "k", "v", "r", "g")
+    LERPS = (MODEL_TENSOR.TIME_MIX_LERP_W, MODEL_TENSOR.TIME_MIX_LERP_K, MODEL_TENSOR.TIME_MIX_LERP_V,
+             MODEL_TENSOR.TIME_MIX_LERP_R, MODEL_TENSOR.TIME_MIX_LERP_G)  # fused in this order
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -2406,26 +2407,27 @@ class Rwkv6(Converter):
         new_name = self.map_name(name)
         if not new_name.endswith((".weight", ".bias")):
             new_name += ".weight"
-        if new_name.endswith(("time_mix_w1.weight", "time_mix_decay_w1.weight", "time_mix_decay_w2.weight")):
+        if self.is_any(new_name, bid, MODEL_TENSOR.TIME_MIX_W1, MODEL_TENSOR.TIME_MIX_DECAY_W1,
+                       MODEL_TENSOR.TIME_MIX_DECAY_W2):
             t = transposed(t)
-        elif new_name.endswith("time_mix_w2.weight"):
+        elif self.is_tensor(new_name, MODEL_TENSOR.TIME_MIX_W2, bid):
             t = t.map(lambda a: np.ascontiguousarray(a.transpose(0, 2, 1)), shape=(t.shape[0], t.shape[2], t.shape[1]))
-        if new_name.endswith("time_mix_decay.weight") or "lerp" in new_name:
+        if self.is_tensor(new_name, MODEL_TENSOR.TIME_MIX_DECAY, bid) or "lerp" in new_name:
             squeezed = tuple(n for n in t.shape if n != 1)
             t = t.map(lambda a: a.reshape(squeezed), shape=squeezed)
-        every = self.config.get("rescale_every", 0)
-        if every > 0 and new_name.endswith(("time_mix_output.weight", "channel_mix_value.weight")):
+        every = self.config["rescale_every"]
+        if every > 0 and self.is_any(new_name, bid, MODEL_TENSOR.TIME_MIX_OUTPUT, MODEL_TENSOR.CHANNEL_MIX_VALUE):
             t = t.map(lambda a: a / a.dtype.type(2 ** int(bid // every)))  # exact: a power of two
         if bid is not None and "time_mix_lerp" in new_name and "time_mix_lerp_x" not in new_name:
             group = self._lerps.setdefault(bid, {})
             group[new_name] = t
-            names = [f"blk.{bid}.time_mix_lerp_{x}.weight" for x in self.LERPS]
+            names = [self.tensor_name(key, bid) for key in self.LERPS]
             if not all(n in group for n in names):
                 return []
             parts = [group.pop(n) for n in names]
             del self._lerps[bid]
             fused = Tensor.stack(parts)  # [5, D]
-            return [(f"blk.{bid}.time_mix_lerp_fused.weight",
+            return [(self.tensor_name(MODEL_TENSOR.TIME_MIX_LERP_FUSED, bid),
                      fused.map(lambda a: a.reshape(len(parts), 1, 1, -1), shape=(len(parts), 1, 1, fused.shape[-1])))]
         return [(new_name, t)]
 
@@ -2436,7 +2438,8 @@ class Rwkv7(Converter):
     layer 0's missing value-residual LoRA filled with its in-context-learning-rate one (as
     llama.cpp fills it: unused there); the world vocabulary."""
 
-    LORAS = tuple(f"time_mix_{x}{i}.weight" for x in "wavg" for i in (1, 2))
+    LORAS = (MODEL_TENSOR.TIME_MIX_W1, MODEL_TENSOR.TIME_MIX_W2, MODEL_TENSOR.TIME_MIX_A1, MODEL_TENSOR.TIME_MIX_A2,
+             MODEL_TENSOR.TIME_MIX_V1, MODEL_TENSOR.TIME_MIX_V2, MODEL_TENSOR.TIME_MIX_G1, MODEL_TENSOR.TIME_MIX_G2)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -2496,7 +2499,7 @@ class Rwkv7(Converter):
             return []  # some checkpoints hold an unused value-residual LoRA on layer 0
         lerps = ("r", "w", "k", "v", "a", "g") if self.config.get("wkv_has_gate", True) else ("r", "w", "k", "v", "a")
         if bid is not None and "attention.x_" in name:
-            fused_name = f"blk.{bid}.time_mix_lerp_fused.weight"
+            fused_name = self.tensor_name(MODEL_TENSOR.TIME_MIX_LERP_FUSED, bid)
             if "attention.x_x" in name:  # fused already
                 return [(fused_name, t.map(lambda a: a.reshape(len(lerps), 1, 1, -1),
                                            shape=(len(lerps), 1, 1, math.prod(t.shape) // len(lerps))))]
@@ -2513,7 +2516,7 @@ class Rwkv7(Converter):
         new_name = self.map_name(name)
         if not new_name.endswith((".weight", ".bias")):
             new_name += ".weight"
-        if self.lora_transposed and new_name.endswith(self.LORAS):
+        if self.lora_transposed and self.is_any(new_name, bid, *self.LORAS):
             t = transposed(t)
         if "r_k" in new_name:
             t = t.map(lambda a: a.reshape(-1), shape=(math.prod(t.shape),))
