@@ -769,20 +769,26 @@ def convert(hf_dir: str | os.PathLike, out: str | os.PathLike | None = None, out
     file_type, qtype = OUTTYPES[outtype]
     out = Path(out) if out is not None else hf_dir.resolve().parent / f"{hf_dir.resolve().name}-{outtype}.gguf"
 
-    conv = hook(hf_dir, config, arch_name)
-    file_type = conv.file_type(file_type)
-    # (a hook may pick another architecture of the same Hugging Face class: Nemotron-H's MoE)
-    writer = gguf.GGUFWriter(path=None, arch=conv.arch_name)
-    for name, t, quantizable in _plan(conv, checkpoint_tensors(hf_dir)):
-        chosen = t.qtype or _choose_type(t, quantizable, qtype)
-        data, raw = _lazy_output(t, chosen)
-        writer.add_tensor(name, data, raw_shape=None, raw_dtype=raw)
+    try:
+        conv = hook(hf_dir, config, arch_name)
+        file_type = conv.file_type(file_type)
+        # (a hook may pick another architecture of the same Hugging Face class: Nemotron-H's MoE)
+        writer = gguf.GGUFWriter(path=None, arch=conv.arch_name)
+        for name, t, quantizable in _plan(conv, checkpoint_tensors(hf_dir)):
+            chosen = t.qtype if t.qtype is not None else _choose_type(t, quantizable, qtype)
+            data, raw = _lazy_output(t, chosen)
+            writer.add_tensor(name, data, raw_shape=None, raw_dtype=raw)
 
-    _general_metadata(writer, hf_dir, file_type)
-    conv.hparams(writer)
-    writer.add_file_type(file_type)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    conv.vocab(writer)
+        _general_metadata(writer, hf_dir, file_type)
+        conv.hparams(writer)
+        writer.add_file_type(file_type)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        conv.vocab(writer)
+    except KeyError as e:  # a hook reads config[key] where llama.cpp's converter requires it
+        key = e.args[0] if e.args else None
+        if not isinstance(key, str) or key in config:
+            raise
+        raise ConvertError(f"{config_path}: no {key!r}, which the {arch_name} converter needs") from None
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)

@@ -289,6 +289,18 @@ def test_unsupported_architecture_is_one_line(tmp_path):
         convert(d, tmp_path / "out.gguf", progress=False)
 
 
+@pytest.mark.parametrize(("fixture", "key"), [("gemma", "rms_norm_eps"), ("rwkv6", "rescale_every")])
+def test_config_without_a_key_its_converter_needs_is_one_line(tmp_path, fixture, key):
+    d = _copy(fixture, tmp_path)
+    config = json.loads((d / "config.json").read_text())
+    del config[key]
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConvertError, match=f"no '{key}', which the") as e:
+        convert(d, tmp_path / "out.gguf", progress=False)
+    assert "\n" not in str(e.value)
+    assert not list(tmp_path.glob("*.gguf*")) and not list(tmp_path.glob(".out.gguf*"))
+
+
 def test_xlm_roberta_without_its_sentencepiece_model_is_one_line(tmp_path):
     d = _copy("xlm-roberta", tmp_path)
     (d / "sentencepiece.bpe.model").unlink()
