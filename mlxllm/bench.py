@@ -40,18 +40,20 @@ def bench(model, tokenizer, n_prompt: int = 512, n_gen: int = 128, repetitions: 
     def random_tokens(n: int) -> list[int]:
         return [rng.randrange(tokenizer.vocab_size) for _ in range(n)]
 
+    def context() -> list[int]:  # BOS and `depth` random tokens, as llama-bench's
+        return [tokenizer.bos_id or 0] + random_tokens(depth)
+
     def pp() -> float:
         cache = model.make_cache()
         if depth:
-            mx.eval(prefill(model, mx.array(random_tokens(depth), mx.int32), cache))
+            mx.eval(prefill(model, mx.array(context(), mx.int32), cache))
         tokens = mx.array(random_tokens(n_prompt), mx.int32)
         start = time.perf_counter()
         mx.eval(prefill(model, tokens, cache))
         return n_prompt / (time.perf_counter() - start)
 
     def tg() -> float:
-        context = [tokenizer.bos_id or 0] + random_tokens(depth)
-        steps = generate_step(model, context, SamplingParams(temperature=0), max_tokens=n_gen + 1, kv_bits=kv_bits)
+        steps = generate_step(model, context(), SamplingParams(temperature=0), max_tokens=n_gen + 1, kv_bits=kv_bits)
         next(steps)  # the first token comes from the context's prefill
         start = time.perf_counter()
         for _ in steps:

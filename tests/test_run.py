@@ -157,4 +157,5 @@ def test_bench_at_a_depth_measures_after_that_context(monkeypatch):
     assert set(results) == {"pp8@d40", "tg3@d40"}
     assert all(r["mean"] > 0 for r in results.values())
     # the timed prompt (7 tokens, then its last) and the decode steps start after the context
-    assert (7, 40) in calls and (1, 47) in calls and (1, 42) in calls
+    # (BOS and 40 tokens)
+    assert (7, 41) in calls and (1, 48) in calls and (1, 42) in calls
