@@ -505,6 +505,25 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
 }
 
 // Signed codes x signed activations, as sums of 4 products in 8 int32 (|w| <= 127 here).
+// Q6_K: the 32 codes (0-63) of quarter q of a 128-element half, from its low-bit bytes
+// (ql0, ql1: 64 bytes) and high-bit bytes (qh: 32 bytes).
+inline __m256i q6k_codes(__m256i ql0, __m256i ql1, __m256i qh, int q) {
+  const __m256i ql = q & 1 ? ql1 : ql0;
+  const __m256i lo = _mm256_and_si256(q >> 1 ? _mm256_srli_epi16(ql, 4) : ql, _mm256_set1_epi8(0x0F));
+  const __m256i hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * q), _mm256_set1_epi8(3)), 4);
+  return _mm256_or_si256(lo, hi);
+}
+
+// Q4_K / Q5_K: the 32 codes of sub-block j = 2k + half, from the 32 nibble bytes of k and,
+// for Q5_K (five), bit j of each high-bit byte in qh.
+inline __m256i q45k_codes(__m256i bytes, __m256i qh, int half, int j, bool five) {
+  __m256i code = _mm256_and_si256(half ? _mm256_srli_epi16(bytes, 4) : bytes, _mm256_set1_epi8(0x0F));
+  if (five) {
+    code = _mm256_or_si256(code, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, j), _mm256_set1_epi8(1)), 4));
+  }
+  return code;
+}
+
 inline __m256i dot_s8s8(__m256i w, __m256i y) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w)),
                            _mm256_set1_epi16(1));
@@ -584,7 +603,6 @@ float dot_legacy_avx2(int t, const uint8_t* row, const Q8Row& x, int nb) {
 }
 
 float dot_k_avx2(int t, const uint8_t* row, const Q8Row& x, int nb) {
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
   __m256 acc = _mm256_setzero_ps();
   float extra = 0.f;
   for (int blk = 0; blk < nb; ++blk) {
@@ -598,11 +616,7 @@ float dot_k_avx2(int t, const uint8_t* row, const Q8Row& x, int nb) {
       for (int h = 0; h < 2; ++h) {
         const __m256i ql0 = ld(b + 64 * h), ql1 = ld(b + 64 * h + 32), qh = ld(b + 128 + 32 * h);
         for (int q = 0; q < 4; ++q) {
-          const __m256i ql = q & 1 ? ql1 : ql0;
-          const __m256i lo = _mm256_and_si256(q >> 1 ? _mm256_srli_epi16(ql, 4) : ql, low4);
-          const __m256i hi = _mm256_slli_epi16(
-              _mm256_and_si256(_mm256_srli_epi16(qh, 2 * q), _mm256_set1_epi8(3)), 4);
-          const __m256i p16 = _mm256_maddubs_epi16(_mm256_or_si256(lo, hi), ld(y + 128 * h + 32 * q));
+          const __m256i p16 = _mm256_maddubs_epi16(q6k_codes(ql0, ql1, qh, q), ld(y + 128 * h + 32 * q));
           const int g = 8 * h + 2 * q;
           const __m256i scales = _mm256_set_m128i(_mm_set1_epi16(sc[g + 1]), _mm_set1_epi16(sc[g]));
           sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p16, scales));
@@ -627,12 +641,7 @@ float dot_k_avx2(int t, const uint8_t* row, const Q8Row& x, int nb) {
           const int j = 2 * k + half;
           int sc, m;
           k_scale_min(b + 4, j, sc, m);
-          __m256i code = _mm256_and_si256(half ? _mm256_srli_epi16(bytes, 4) : bytes, low4);
-          if (five) {
-            code = _mm256_or_si256(code, _mm256_slli_epi16(
-                _mm256_and_si256(_mm256_srli_epi16(qh, j), _mm256_set1_epi8(1)), 4));
-          }
-          const __m256i p16 = _mm256_maddubs_epi16(code, ld(y + 32 * j));
+          const __m256i p16 = _mm256_maddubs_epi16(q45k_codes(bytes, qh, half, j, five), ld(y + 32 * j));
           sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p16, _mm256_set1_epi16(static_cast<int16_t>(sc))));
           summ += m * (s[2 * j] + s[2 * j + 1]);
         }
@@ -765,7 +774,6 @@ void fdot_legacy_avx2(int t, const uint8_t* row, const FloatRow* x, int nb, floa
 
 template <int NR>
 void fdot_k_avx2(int t, const uint8_t* row, const FloatRow* x, int nb, float* out) {
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
   __m256 acc[NR];
   float extra[NR] = {};
   for (auto& a : acc) {
@@ -780,11 +788,7 @@ void fdot_k_avx2(int t, const uint8_t* row, const FloatRow* x, int nb, float* ou
       for (int h = 0; h < 2; ++h) {
         const __m256i ql0 = ld(b + 64 * h), ql1 = ld(b + 64 * h + 32), qh = ld(b + 128 + 32 * h);
         for (int q = 0; q < 4; ++q) {
-          const __m256i ql = q & 1 ? ql1 : ql0;
-          const __m256i lo = _mm256_and_si256(q >> 1 ? _mm256_srli_epi16(ql, 4) : ql, low4);
-          const __m256i hi = _mm256_slli_epi16(
-              _mm256_and_si256(_mm256_srli_epi16(qh, 2 * q), _mm256_set1_epi8(3)), 4);
-          const Codes32 c(_mm256_or_si256(lo, hi), false);
+          const Codes32 c(q6k_codes(ql0, ql1, qh, q), false);
           const int g = 8 * h + 2 * q; // the 32 codes span scale groups g and g + 1
           const __m256 s0 = _mm256_set1_ps(d * sc[g]), s1 = _mm256_set1_ps(d * sc[g + 1]);
           for (int r = 0; r < NR; ++r) {
@@ -813,12 +817,7 @@ void fdot_k_avx2(int t, const uint8_t* row, const FloatRow* x, int nb, float* ou
           const int j = 2 * k + half;
           int sc, m;
           k_scale_min(b + 4, j, sc, m);
-          __m256i code = _mm256_and_si256(half ? _mm256_srli_epi16(bytes, 4) : bytes, low4);
-          if (five) {
-            code = _mm256_or_si256(code, _mm256_slli_epi16(
-                _mm256_and_si256(_mm256_srli_epi16(qh, j), _mm256_set1_epi8(1)), 4));
-          }
-          const Codes32 c(code, false);
+          const Codes32 c(q45k_codes(bytes, qh, half, j, five), false);
           const __m256 scale = _mm256_set1_ps(d * static_cast<float>(sc));
           const float minimum = dmin * static_cast<float>(m);
           for (int r = 0; r < NR; ++r) {
