@@ -108,11 +108,12 @@ def run_rows(generator: BatchGenerator, prompts: list[list[int]], limits: list[i
     return out
 
 
-def check_long_continuation(name: str, state: tuple[type, ...] = ()) -> None:
+def check_long_continuation(name: str, state: tuple[type, ...] = (), path: Path | None = None) -> None:
     """The fixture's STATE_PROMPT-token prompt, then STATE_CONTINUATION tokens one at a time
     through the caches (some of them of the `state` types): the last position's logits are
-    llama.cpp's (its argmax, within STATE_TOLERANCE × std)."""
-    path = FIXTURES / f"{name}.f32.gguf"
+    llama.cpp's (its argmax, within STATE_TOLERANCE × std). `path`: a file in place of the
+    fixture's F32 one (a copy with other weights), the fixture's ids still."""
+    path = path or FIXTURES / f"{name}.f32.gguf"
     ids = long_ids(name)
     ref = llama_cpp_last_logits(path, ids)
     model = load_model(str(path))[0]
