@@ -16,13 +16,16 @@ import mlx.nn as nn
 
 from . import kernels
 from .kernels.widen import Part
-from .quant import QUANT_TABLE, QuantizedTensor, mode_of
+from .quant import QUANT_TABLE, QuantizedTensor, cpu_blocks_mode, mode_of
 
 
 class _Quantized(nn.Module):
     def __init__(self, w: QuantizedTensor):
         super().__init__()
         self.qtype = w.qtype
+        # MLXLLM_CPU_BLOCKS=int8: llama.cpp's 8-bit activations for these blocks, chosen
+        # at load with the layout, as the blocks themselves are.
+        self.int8 = cpu_blocks_mode() == "int8"
         self.experts = w.shape[0] if len(w.shape) == 3 else None  # (experts, out, in): SwitchLinear's twin
         self.rows, self.cols = w.shape[-2:]  # (out, in) / (vocab, dim)
         if w.weight is not None:
@@ -45,6 +48,22 @@ class _Quantized(nn.Module):
             return None
         return [Part(a["weight"], a["scales"], a.get("biases"), *layout)
                 for a, layout in zip(self.part_arrays, self.part_layouts)]
+
+    def cpu_blocks(self) -> mx.array | None:
+        """`kernels.blocks_of(self)`, worked out once per weight array: a decode step asks it
+        for every product, and the answer only changes when the arrays are replaced."""
+        source = self["part_arrays"][0]["weight"] if "part_arrays" in self else self.get("weight")
+        known = self.__dict__.get("_blocks")
+        if known is None or known[0] is not source:
+            known = (source, kernels.blocks_of(self))
+            object.__setattr__(self, "_blocks", known)  # a plain attribute, not module state
+        return known[1]
+
+    def __setitem__(self, key: str, value) -> None:
+        # Replaced arrays (stacking's row views, Module.update) must not stay alive in the
+        # memo: stacking would otherwise hold every projection twice.
+        self.__dict__.pop("_blocks", None)
+        super().__setitem__(key, value)
 
     @property
     def shape(self) -> tuple[int, ...]:

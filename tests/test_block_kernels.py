@@ -150,6 +150,27 @@ def test_integer_path_follows_the_8_bit_activations():
     assert np.abs(ours - _q8_rows(x, 32) @ w64.T).max() < 1e-2 * np.abs(ours - x.astype(np.float64) @ w64.T).max()
 
 
+@pytest.mark.parametrize("mode", ["1", "int8"])
+def test_linear_layer_keeps_its_load_time_mode(mode, monkeypatch):
+    """A QuantizedLinear multiplies with the arithmetic MLXLLM_CPU_BLOCKS chose when it was
+    built (a later change of the variable does not reach it), and its memoized blocks follow
+    a replaced weight."""
+    from mlxllm.layers import QuantizedLinear
+    from mlxllm.quant import QuantizedTensor
+
+    raw, cols = _weight(Q.Q4_K, 8, 2, seed=5)
+    x = mx.array(np.random.default_rng(5).standard_normal((1, cols)).astype(np.float32))
+    monkeypatch.setenv("MLXLLM_CPU_BLOCKS", mode)
+    layer = QuantizedLinear(QuantizedTensor(Q.Q4_K, (8, cols), mx.array(raw)))
+    monkeypatch.setenv("MLXLLM_CPU_BLOCKS", "int8" if mode == "1" else "1")
+    expected = K.gguf_matmul(x, mx.array(raw), int(Q.Q4_K), _table(Q.Q4_K), mode == "int8")
+    assert np.array_equal(np.array(layer(x)), np.array(expected))
+    other, _ = _weight(Q.Q4_K, 8, 2, seed=6)
+    layer.weight = mx.array(other)
+    expected = K.gguf_matmul(x, mx.array(other), int(Q.Q4_K), _table(Q.Q4_K), mode == "int8")
+    assert np.array_equal(np.array(layer(x)), np.array(expected))
+
+
 @pytest.mark.parametrize("transpose_b", [False, True])
 def test_gemm_on_strided_views(transpose_b):
     rng = np.random.default_rng(0)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import sys
 import warnings
 from typing import TYPE_CHECKING
@@ -116,6 +115,11 @@ def _cpu_blocks(w: QuantizedTensor) -> mx.array | None:
     stacked from packed weights), else None."""
     if cpu.active() is None:
         return None
+    return w.cpu_blocks() if hasattr(w, "cpu_blocks") else blocks_of(w)
+
+
+def blocks_of(w: QuantizedTensor) -> mx.array | None:
+    """`_cpu_blocks` worked out anew (layers.QuantizedLinear keeps the answer per weight)."""
     if w.mode == "packed":
         blocks = w.weight
     elif w.mode == "widened" and len(w.parts) == 1 and w.parts[0].mode == "gguf":
@@ -259,7 +263,7 @@ def matmul(x: mx.array, w: QuantizedTensor) -> mx.array:
     rows = x.size // x.shape[-1]
     blocks = _cpu_blocks(w)
     if blocks is not None:
-        int8 = os.environ.get("MLXLLM_CPU_BLOCKS") == "int8"  # quant.cpu_blocks_mode
+        int8 = getattr(w, "int8", False)  # fixed at load (layers._Quantized)
         return cpu.KERNELS.gguf_matmul(x, blocks, int(w.qtype), _table(w.qtype), int8).astype(x.dtype)
     parts = _cpu_affine_parts(w)
     if parts is not None:
