@@ -21,8 +21,9 @@ from mlxllm.loader import load_model
 # One fixture per way of carrying state (the others share these mixers; tests/test_archs.py
 # runs each through the cache in chunks): Mamba-1 (token by token), Mamba-2 (prompts in
 # chunks), LFM2's short convolution beside KV caches, Falcon-H1's KV cache and state in one
-# layer, Nemotron-H MoE's single-branch layers (FFN layers with an empty state)
-RECURRENT = ["mamba", "mamba2", "lfm2", "falcon-h1", "nemotron_h_moe"]
+# layer, Nemotron-H MoE's single-branch layers (FFN layers with an empty state); and
+# Falcon-Mamba's files (Mamba-1 with RMS norms on dt, B and C), which the issue names.
+RECURRENT = ["mamba", "falcon-mamba", "mamba2", "lfm2", "falcon-h1", "nemotron_h_moe"]
 
 
 @pytest.mark.parametrize("name", RECURRENT)
