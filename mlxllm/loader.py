@@ -186,6 +186,8 @@ def load_model(path: str, dtype: mx.Dtype = mx.float32, dense: bool | None = Non
                         f"missing {quote(missing[:5])}{'...' if len(missing) > 5 else ''}")
     for name, param in expected.items():
         have = gf.tensors[name].shape
+        if 0 in have:  # a model may take a tensor's length as given (rope factors): none is empty
+            raise LoadError(f"{path}: tensor {name!r} has shape {list(have)}: an empty dimension")
         if tuple(have) != tuple(param.shape):
             raise LoadError(f"{path}: tensor {name!r} has shape {list(have)}, {arch.name} expects {list(param.shape)}")
     nbytes = 0
