@@ -240,12 +240,22 @@ RUN_PARAMETERS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "r
                   "frequency_penalty", "seed")
 
 
-def apply_model_defaults(config: ModelConfig, opts: dict, system: str | None) -> str | None:
-    """`run` with a pulled model: flags left at their defaults take the manifest's parameters,
-    and without --system its system prompt applies (as `ollama run` does)."""
+def apply_model_defaults(config: ModelConfig, opts: dict, system: str | None,
+                         max_tokens: int) -> tuple[str | None, int, list[str]]:
+    """`run` with a pulled model, as `ollama run` applies its manifest: flags left at their
+    defaults take its parameters (`num_predict` for --max-tokens), its `stop` strings apply, and
+    without --system its system prompt. (system, max_tokens, stop)."""
     ctx = click.get_current_context()
+
+    def unset(key: str) -> bool:
+        return ctx.get_parameter_source(key) == click.core.ParameterSource.DEFAULT
+
     for key in RUN_PARAMETERS:
-        if key in config.params and key in opts and \
-                ctx.get_parameter_source(key) == click.core.ParameterSource.DEFAULT:
+        if key in config.params and key in opts and unset(key):
             opts[key] = config.params[key]
-    return system if system is not None else config.system
+    n = config.params.get("num_predict")
+    if isinstance(n, int) and not isinstance(n, bool) and (n > 0 or n == -1) and unset("max_tokens"):
+        max_tokens = n
+    stop = config.params.get("stop", [])
+    stop = [stop] if isinstance(stop, str) else [x for x in stop if isinstance(x, str)] if isinstance(stop, list) else []
+    return (system if system is not None else config.system), max_tokens, stop

@@ -156,12 +156,10 @@ def download_blob(registry: Registry, name: ModelName, store: Store, layer: Laye
         return
     store.blobs.mkdir(parents=True, exist_ok=True)
     partial = store.partial_path(layer.digest)
-    with open(partial, "ab+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    with _locked_partial(partial) as f:
         if final.is_file():  # another pull finished it while we waited
             with contextlib.suppress(OSError):
-                if os.stat(partial).st_ino == os.fstat(f.fileno()).st_ino:
-                    os.unlink(partial)
+                os.unlink(partial)  # ours: _locked_partial checked the path names the file we hold
             progress({"status": status, "digest": layer.digest, "total": layer.size, "completed": layer.size})
             return
         have = os.fstat(f.fileno()).st_size
@@ -183,6 +181,30 @@ def download_blob(registry: Registry, name: ModelName, store: Store, layer: Laye
         f.flush()
         os.fsync(f.fileno())
         os.replace(partial, final)
+
+
+@contextlib.contextmanager
+def _locked_partial(partial: Path):
+    """The partial file, opened and locked; the lock is on the file the path names now. A pull
+    that held it before us may have unlinked it (a digest mismatch) and a third pull made a new
+    one: a lock on the unlinked file would let us rename that third pull's half-written file
+    into the blob's final name."""
+    while True:
+        f = open(partial, "ab+")  # noqa: SIM115  (closed below or by the caller's with)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                same = os.stat(partial).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            f.close()
+            raise
+        if same:
+            break
+        f.close()
+    with f:
+        yield f
 
 
 def _fetch_into(registry, name, layer, f, have, digest, status, progress):
@@ -254,10 +276,17 @@ def pull(text: str, insecure: bool = False, progress: Progress = _quiet, store: 
 _SPLIT = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
 
 
+def _inside(filename: str) -> bool:
+    """A repo file name that stays inside the folder it is joined to: relative, no `..`."""
+    parts = filename.split("/")
+    return "\\" not in filename and "\0" not in filename and all(p not in ("", ".", "..") for p in parts)
+
+
 def choose_gguf(files: list[str], quant: str) -> str:
     """The repo's GGUF for a tag: `latest` is Q4_K_M where the repo has one (llama.cpp's and
     Ollama's default), else the only file; otherwise the file whose name holds the tag."""
-    ggufs = [f for f in files if f.lower().endswith(".gguf") and "mmproj" not in f.lower()]
+    # a file name from the hub becomes a path under the download folder: none that could leave it
+    ggufs = [f for f in files if f.lower().endswith(".gguf") and "mmproj" not in f.lower() and _inside(f)]
     if not ggufs:
         raise PullError("the repository has no GGUF file")
     wanted = "q4_k_m" if quant == "latest" else quant.lower()

@@ -8,6 +8,8 @@ in for the hub (this machine has no network), implementing the endpoints hugging
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import hashlib
 import http.server
 import json
@@ -33,6 +35,10 @@ pytestmark = pytest.mark.skipif(BINARY is None, reason="docker-registry (Debian'
                                 "installed: apt-get install docker-registry (scripts/test.sh does)")
 SMOLLM2 = "smollm2:135m"
 TINY = Path(__file__).parent / "fixtures" / "archs" / "llama-tied.q8_0.gguf"
+# other small files, each its own blob in the registry (which shares blobs across repos, so
+# the tampered-blob test's flipped byte in TINY's blob must not reach these)
+ARCEE = Path(__file__).parent / "fixtures" / "archs" / "arcee.q8_0.gguf"
+APERTUS = Path(__file__).parent / "fixtures" / "archs" / "apertus.q8_0.gguf"
 SYSTEM = "Answer in French."
 # A Go template of the form Ollama's older models use, which the server's render applies.
 TEMPLATE = ("{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
@@ -113,6 +119,53 @@ def test_run_pulls_then_list_pull_again_rm(registry, env, gguf):
     assert [f for f in store_files(env) if f.startswith("blobs/")] == []  # its blobs went with it
     missing = mlxllm("rm", registry.plain, env=env)
     assert missing.returncode == 1 and missing.stderr.startswith("error: ") and len(missing.stderr.splitlines()) == 1
+
+
+def test_run_and_show_apply_a_pulled_manifest(registry, env):
+    """`run` on a model whose manifest has a system prompt, `temperature 0` and `num_predict 6`:
+    as the bare model given them on the command line (run's own defaults: temperature 0.8 with
+    a random seed, 512 tokens); `show NAME` reports the manifest's template, system prompt,
+    parameters and license."""
+    prompt = ["Name one color.", "--local"]
+    tuned = mlxllm("run", registry.tuned, *prompt, env=env)
+    assert tuned.returncode == 0, tuned.stderr
+    explicit = mlxllm("run", registry.plain, *prompt, "--max-tokens", "6", "--temperature", "0", "--system", SYSTEM,
+                      env=env)
+    longer = mlxllm("run", registry.plain, *prompt, "--max-tokens", "12", "--temperature", "0", "--system", SYSTEM,
+                    env=env)
+    bare = mlxllm("run", registry.plain, *prompt, "--max-tokens", "6", "--temperature", "0", env=env)
+    assert tuned.stdout == explicit.stdout and tuned.stdout.strip()
+    assert explicit.stdout not in (longer.stdout, bare.stdout)  # num_predict and the system prompt both tell
+
+    def show(*args: str) -> str:
+        shown = mlxllm("show", registry.tuned, *args, env=env)
+        assert shown.returncode == 0, shown.stderr
+        return shown.stdout
+
+    assert show("--template") == TEMPLATE + "\n" and show("--system") == SYSTEM + "\n"
+    assert show("--license") == "Apache 2.0\n"
+    assert show("--parameters").splitlines() == ['temperature                    0', 'num_predict                    6',
+                                                 'stop                           "<|im_end|>"']
+    modelfile = show("--modelfile")
+    assert f'SYSTEM """{SYSTEM}"""' in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    info = show()
+    assert "architecture      llama" in info and SYSTEM in info
+    plain = mlxllm("show", registry.plain, "--parameters", env=env).stdout  # no params layer: the file's own
+    assert "temperature" not in plain and "stop" in plain
+
+
+def test_insecure_is_plain_http(registry, env):
+    """`--insecure` talks plain HTTP to a registry; without it HTTPS, except on a loopback
+    address. `127.1` is 127.0.0.1 to the resolver but not to the loopback check, so here it
+    stands for a registry on another host."""
+    registry.push_model("library/plain-http", "x", ARCEE)
+    name = f"127.1:{registry.port}/library/plain-http:x"
+    refused = mlxllm("pull", name, env=env)
+    assert refused.returncode == 1 and f"cannot reach https://127.1:{registry.port}" in refused.stderr
+    assert len(refused.stderr.splitlines()) == 1
+    pulled = mlxllm("pull", "--insecure", name, env=env)
+    assert pulled.returncode == 0, pulled.stderr
+    assert sha256_of(Path(lookup(name).path)) == sha256_of(ARCEE)
 
 
 def test_progress_on_a_terminal(registry, env):
@@ -316,6 +369,56 @@ def test_concurrent_pulls_of_one_model(registry, env, gguf):
     assert len([f for f in store_files(env) if f.startswith("manifests/")]) == 1
 
 
+def openers(path: Path) -> int:
+    """How many of this process's file descriptors are open on `path`."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+    return count
+
+
+def test_a_waiting_pull_locks_the_file_the_path_names(registry, env):
+    """A pull waits on a blob's partial file while the pull holding it discards it (a digest
+    mismatch unlinks it) and a third pull starts a new one: the waiter must wait for the new
+    file, not keep its lock on the unlinked one and rename the third pull's half-written
+    bytes into the blob's final name."""
+    manifest = registry.push_model("library/race", "x", APERTUS)
+    digest = manifest["layers"][0]["digest"]
+    st = Store(env["MLXLLM_MODELS"])
+    st.blobs.mkdir(parents=True)
+    partial, final = st.partial_path(digest), st.blob_path(digest)
+    first = open(partial, "ab+")  # noqa: SIM115  (the pull that will discard its file)
+    fcntl.flock(first, fcntl.LOCK_EX)
+    errors: list[Exception] = []
+
+    def waiter() -> None:
+        try:
+            pull(f"{registry.host}/library/race:x")
+        except Exception as e:  # noqa: BLE001  (the test reports it)
+            errors.append(e)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    deadline = time.time() + 60
+    while openers(partial) < 2 and time.time() < deadline:  # the waiter has opened the same file
+        time.sleep(0.02)
+    assert openers(partial) == 2
+    os.unlink(partial)
+    third = open(partial, "ab+")  # noqa: SIM115  (a third pull, halfway)
+    fcntl.flock(third, fcntl.LOCK_EX)
+    third.write(b"half")
+    third.flush()
+    first.close()  # the discarding pull lets go
+    time.sleep(1.5)
+    assert thread.is_alive() and not final.exists()  # waiting on the third pull's file
+    third.truncate(0)
+    third.close()
+    thread.join(120)
+    assert errors == [] and sha256_of(final) == digest == sha256_of(APERTUS)
+    assert not partial.exists()
+
+
 @pytest.fixture
 def server(env, tmp_path):
     srv = Server(tmp_path, env=env)
@@ -385,6 +488,16 @@ def test_server_pull_show_generate_copy_delete(registry, server):
     assert httpx.post(server.url + "/api/copy", json={"source": "nope:x", "destination": "y"}).status_code == 404
     assert httpx.post(server.url + "/api/copy", json={"source": registry.tuned,
                                                       "destination": "../x"}).status_code == 400
+
+    # `insecure`: plain HTTP to a registry that is not on a loopback name (see test_insecure_is_plain_http)
+    registry.push_model("library/plain-http", "x", ARCEE)
+    elsewhere = f"127.1:{registry.port}/library/plain-http:x"
+    https = httpx.post(server.url + "/api/pull", json={"model": elsewhere, "stream": False}, timeout=60)
+    assert https.status_code == 502 and "cannot reach https://" in https.json()["error"]
+    plain = httpx.post(server.url + "/api/pull", json={"model": elsewhere, "stream": False, "insecure": True},
+                       timeout=60)
+    assert plain.json() == {"status": "success"}
+    assert elsewhere in {m["name"] for m in httpx.get(server.url + "/api/tags").json()["models"]}
 
 
 def test_ollamas_client_pulls_lists_shows_copies_deletes(registry, server):
@@ -520,6 +633,10 @@ def test_hf_digest_mismatch(env, gguf):
     (["only-f16.gguf"], "latest", "only-f16.gguf"),
     (["a-Q4_0.gguf", "mmproj-a-f16.gguf"], "latest", "a-Q4_0.gguf"),
     (["a-Q4_K_M-00001-of-00002.gguf", "a-Q4_K_M-00002-of-00002.gguf"], "Q4_K_M", None),
+    # a hub's file names become paths under the download folder: none that leaves it
+    (["../../evil-Q4_K_M.gguf", "/tmp/evil-Q4_K_M.gguf", "a/../../evil-Q4_K_M.gguf", "a-Q8_0.gguf"], "Q4_K_M", None),
+    (["../evil-Q4_K_M.gguf", "sub/a-Q4_K_M.gguf"], "latest", "sub/a-Q4_K_M.gguf"),
+    (["..\\evil-Q8_0.gguf"], "latest", None),
 ])
 def test_choose_gguf(files, quant, chosen):
     if chosen is None:
