@@ -478,6 +478,8 @@ def test_server_pull_show_generate_copy_delete(registry, server):
     assert deleted.status_code == 200
     gone = httpx.request("DELETE", server.url + "/api/delete", json={"model": "mine:copy"})
     assert gone.status_code == 404 and "not found" in gone.json()["error"]
+    for hostile in ("../../etc/passwd", "/etc/passwd", "a/b/c/d"):
+        assert httpx.request("DELETE", server.url + "/api/delete", json={"model": hostile}).status_code == 400
 
     assert httpx.post(server.url + "/api/pull", json={"model": "../../etc/passwd"}).status_code == 400
     nope = f"{registry.host}/library/smol:nope"

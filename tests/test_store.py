@@ -189,6 +189,21 @@ def test_strays_in_the_manifests_folder_are_not_models(stores):
     assert [str(e.name) for e in st.entries()] == ["real:a"]
 
 
+def test_store_locations(tmp_path, monkeypatch):
+    """Ours at ~/.mlxllm/models and Ollama's at ~/.ollama/models unless MLXLLM_MODELS and
+    OLLAMA_MODELS move them; one folder named by both is one store, ours."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("MLXLLM_MODELS", raising=False)
+    monkeypatch.delenv("OLLAMA_MODELS", raising=False)
+    assert [(s.root, s.writable) for s in store.stores()] == [(tmp_path / ".mlxllm" / "models", True),
+                                                              (tmp_path / ".ollama" / "models", False)]
+    monkeypatch.setenv("MLXLLM_MODELS", str(tmp_path / "mine"))
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "theirs"))
+    assert [s.root for s in store.stores()] == [tmp_path / "mine", tmp_path / "theirs"]
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "mine"))
+    assert [(s.root, s.writable) for s in store.stores()] == [(tmp_path / "mine", True)]
+
+
 # --- an Ollama store, read in place ---
 
 SMOLLM2 = "smollm2:135m"
