@@ -244,6 +244,39 @@ def test_tool_grammar(smollm2_tokenizer, smollm2_vocab, fmt, choice, parallel, t
 
 
 @needs_smollm2
+def test_gpt_oss_think_levels_and_analysis_channel():
+    """No small gpt-oss file here: SmolLM2's tokenizer under gpt-oss's template, through the
+    server's own chat rendering and reply shaping. Ollama's think "low"/"high" is the
+    template's reasoning effort; without tools offered the reply is still read as harmony,
+    so the analysis channel streams as reasoning, the final channel as content."""
+    import types
+
+    from mlxllm.gguf import GGUFFile
+    from mlxllm.models import resolve
+    from mlxllm.server.generation import render_chat, reply_shape
+    from mlxllm.server.ollama import ollama_chat
+    from mlxllm.tokenizer import Tokenizer
+
+    with GGUFFile(resolve(MODEL)) as gf:
+        metadata = dict(gf.metadata)
+    metadata["tokenizer.chat_template"] = (TEMPLATES / "openai-gpt-oss-120b.jinja").read_text()
+    loaded = types.SimpleNamespace(tokenizer=Tokenizer.from_metadata(metadata), name="gpt-oss-template")
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    for think, effort in (("low", "low"), ("high", "high"), (True, "medium")):
+        chat = ollama_chat({"think": think}, messages, None)
+        prompt = render_chat(loaded, chat)
+        assert f"Reasoning: {effort}\n" in prompt and prompt.endswith("<|start|>assistant")
+    shape = reply_shape(loaded, chat, prompt)
+    assert shape.tools is HARMONY and shape.show_reasoning
+    text = "<|channel|>analysis<|message|>Two and two.<|end|><|start|>assistant<|channel|>final<|message|>Four."
+    for size in (1, 4, 9):
+        reply = shape.reply()
+        deltas = [d for i in range(0, len(text), size) for d in reply.feed(text[i:i + size])] + reply.close()
+        assert "".join(d.text for d in deltas if d.kind == "reasoning") == "Two and two."
+        assert "".join(d.text for d in deltas if d.kind == "content") == "Four."
+
+
+@needs_smollm2
 def test_tool_grammar_after_reasoning(smollm2_tokenizer, smollm2_vocab):
     vocab = smollm2_vocab
     grammar = HERMES.grammar(TOOLS, Choice("required"), think=THINK, inside=True)
@@ -392,6 +425,28 @@ def test_n_choices_seed_and_usage(oa):
     stopped = oa.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=20,
                                          stop=["a", "e", "i", "o"])
     assert not any(v in stopped.choices[0].message.content for v in "aeio")
+
+
+def test_sampling_defaults_are_each_apis_own(oa, ol):
+    """A seeded draw that sets nothing but the seed: on /v1 it is the draw with OpenAI's
+    values (temperature 1, top-p 1, no top-k, no repetition penalty) set explicitly through
+    Ollama's route; on /api/chat, the draw with Ollama's (0.8, 0.9, 40, 1.1 over 64 tokens)
+    set explicitly through /v1. The two defaults draw differently here, so each equality
+    tells them apart."""
+    messages = [{"role": "user", "content": "Write a short poem about the sea."}]
+    seed, n = 7, 24
+    openai_values = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0}
+    ollama_values = {"temperature": 0.8, "top_p": 0.9, "top_k": 40, "min_p": 0.0, "repeat_penalty": 1.1,
+                     "repeat_last_n": 64}
+    v1 = oa.chat.completions.create(model=MODEL, messages=messages, seed=seed, max_tokens=n).choices[0].message.content
+    assert v1 == ol.chat(MODEL, messages=messages, options={**openai_values, "seed": seed, "num_predict": n}).message.content
+    api = ol.chat(MODEL, messages=messages, options={"seed": seed, "num_predict": n}).message.content
+    extensions = {k: ollama_values[k] for k in ("top_k", "min_p", "repeat_penalty", "repeat_last_n")}
+    as_ollama = oa.chat.completions.create(model=MODEL, messages=messages, seed=seed, max_tokens=n,
+                                           temperature=ollama_values["temperature"], top_p=ollama_values["top_p"],
+                                           extra_body=extensions)
+    assert api == as_ollama.choices[0].message.content
+    assert v1 != api
 
 
 # -- tools
