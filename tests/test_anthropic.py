@@ -172,6 +172,20 @@ def test_max_tokens_stop_reason(client):
     assert m.stop_reason == "max_tokens" and m.usage.output_tokens == 3
 
 
+def test_sampling_defaults_are_anthropics():
+    """Unset, the sampling is the API's own: temperature 1, no top-k, top-p or repetition
+    penalty (mlxllm's own defaults are llama.cpp's); what the request sets replaces them."""
+    from mlxllm.server.anthropic import messages_request
+    from mlxllm.server.tooluse import Tooling
+
+    def params(**extra):
+        p = messages_request({**BODY, **extra}, MODEL, Tooling()).params
+        return (p.temperature, p.top_k, p.top_p, p.min_p, p.repeat_penalty, p.presence_penalty, p.frequency_penalty)
+
+    assert params() == (1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0)
+    assert params(temperature=0.5, top_k=5, top_p=0.7) == (0.5, 5, 0.7, 0.0, 1.0, 0.0, 0.0)
+
+
 def test_structured_output(client):
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
               "required": ["city"], "additionalProperties": False}
@@ -302,6 +316,7 @@ TOOL_BAD = [
     {"tool_choice": {"type": "any"}},  # no tools to call
     {"tools": [WEATHER, WEATHER]},
     {"messages": [{"role": "user", "content": [{"type": "tool_use", "id": "x", "name": "f", "input": {}}]}]},
+    {"tools": [WEATHER], "messages": [*ASK, {"role": "assistant", "content": "Let me"}]},  # a prefill with tools
 ]
 
 

@@ -161,6 +161,20 @@ def test_previous_response_id_continues_the_conversation(oa):
         oa.responses.retrieve(unstored.id)
 
 
+def test_sampling_defaults_are_openais():
+    """Unset, the sampling is OpenAI's: temperature 1, top-p 1, no top-k or repetition
+    penalty (mlxllm's own defaults are llama.cpp's); what the request sets replaces them."""
+    from mlxllm.server.responses import responses_request
+    from mlxllm.server.tooluse import Tooling
+
+    def params(**extra):
+        p = responses_request({**BODY, **extra}, MODEL, [{"role": "user", "content": "hi"}], Tooling()).params
+        return (p.temperature, p.top_k, p.top_p, p.min_p, p.repeat_penalty, p.presence_penalty, p.frequency_penalty)
+
+    assert params() == (1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0)
+    assert params(temperature=0.5, top_p=0.7) == (0.5, 0, 0.7, 0.0, 1.0, 0.0, 0.0)
+
+
 def test_structured_output(oa):
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
               "required": ["city"], "additionalProperties": False}
