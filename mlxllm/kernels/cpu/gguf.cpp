@@ -833,6 +833,98 @@ void fdot_k_avx2(int t, const uint8_t* row, const FloatRow* x, int nb, float* ou
   }
 }
 
+// v[0..31] = scale * codes (+ offset): `dequantize_block`'s arithmetic on 32 unpacked codes
+// (the same expressions, so the same roundings: bit for bit gguf-py's values).
+inline void scale32(float* v, __m256i codes, bool sign, float scale) {
+  const Codes32 c(codes, sign);
+  const __m256 d = _mm256_set1_ps(scale);
+  _mm256_storeu_ps(v, _mm256_mul_ps(d, c.lo.lo));
+  _mm256_storeu_ps(v + 8, _mm256_mul_ps(d, c.lo.hi));
+  _mm256_storeu_ps(v + 16, _mm256_mul_ps(d, c.hi.lo));
+  _mm256_storeu_ps(v + 24, _mm256_mul_ps(d, c.hi.hi));
+}
+
+inline void scale32(float* v, __m256i codes, float scale, float offset) {
+  const Codes32 c(codes, false);
+  const __m256 d = _mm256_set1_ps(scale), m = _mm256_set1_ps(offset);
+  _mm256_storeu_ps(v, _mm256_add_ps(_mm256_mul_ps(d, c.lo.lo), m));
+  _mm256_storeu_ps(v + 8, _mm256_add_ps(_mm256_mul_ps(d, c.lo.hi), m));
+  _mm256_storeu_ps(v + 16, _mm256_add_ps(_mm256_mul_ps(d, c.hi.lo), m));
+  _mm256_storeu_ps(v + 24, _mm256_add_ps(_mm256_mul_ps(d, c.hi.hi), m));
+}
+
+// One block of a type with float kernels as floats, with the float kernels' unpacking:
+// prefill's tiles and batches past kMatvecRows dequantize every weight once per product.
+void dequantize_block_avx2(int t, const uint8_t* b, const uint8_t* table, float* v) {
+  auto ld = [](const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
+  // IQ4's 16 signed values (table bytes 0..15; the other types have no table)
+  auto kv = [table] { return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table))); };
+  uint32_t qh;
+  switch (t) {
+    case Q4_0:
+      return scale32(v, _mm256_sub_epi8(nibbles32(b + 2), _mm256_set1_epi8(8)), true, f16_at(b));
+    case Q4_1:
+      return scale32(v, nibbles32(b + 4), f16_at(b), f16_at(b + 2));
+    case Q5_0:
+      std::memcpy(&qh, b + 2, 4);
+      return scale32(v, _mm256_sub_epi8(_mm256_or_si256(nibbles32(b + 6), bit4_of(qh)), _mm256_set1_epi8(16)), true,
+                     f16_at(b));
+    case Q5_1:
+      std::memcpy(&qh, b + 4, 4);
+      return scale32(v, _mm256_or_si256(nibbles32(b + 8), bit4_of(qh)), f16_at(b), f16_at(b + 2));
+    case Q8_0:
+      return scale32(v, ld(b + 2), true, f16_at(b));
+    case IQ4_NL:
+      return scale32(v, _mm256_shuffle_epi8(kv(), nibbles32(b + 2)), true, f16_at(b));
+    case IQ4_XS: {
+      const int scales_h = b[2] | (b[3] << 8);
+      const __m256i values = kv();
+      for (int sb = 0; sb < 8; ++sb) {
+        const int ls = (((b[4 + sb / 2] >> (4 * (sb & 1))) & 15) | (((scales_h >> (2 * sb)) & 3) << 4)) - 32;
+        scale32(v + 32 * sb, _mm256_shuffle_epi8(values, nibbles32(b + 8 + 16 * sb)), true,
+                f16_at(b) * static_cast<float>(ls));
+      }
+      return;
+    }
+    case Q6_K: {
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+      const float d = f16_at(b + 208);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i ql0 = ld(b + 64 * h), ql1 = ld(b + 64 * h + 32), qh6 = ld(b + 128 + 32 * h);
+        for (int q = 0; q < 4; ++q) {
+          // codes - 32, signed; each 16 has its own scale
+          const __m256i codes = _mm256_sub_epi8(q6k_codes(ql0, ql1, qh6, q), _mm256_set1_epi8(32));
+          const int g = 8 * h + 2 * q;
+          float* out = v + 128 * h + 32 * q;
+          const Codes32 c(codes, true);
+          const __m256 s0 = _mm256_set1_ps(d * static_cast<float>(sc[g])), s1 = _mm256_set1_ps(d * static_cast<float>(sc[g + 1]));
+          _mm256_storeu_ps(out, _mm256_mul_ps(s0, c.lo.lo));
+          _mm256_storeu_ps(out + 8, _mm256_mul_ps(s0, c.lo.hi));
+          _mm256_storeu_ps(out + 16, _mm256_mul_ps(s1, c.hi.lo));
+          _mm256_storeu_ps(out + 24, _mm256_mul_ps(s1, c.hi.hi));
+        }
+      }
+      return;
+    }
+    default: { // Q4_K, Q5_K
+      const bool five = t == Q5_K;
+      const uint8_t* qs = b + (five ? 48 : 16);
+      const __m256i qh45 = five ? ld(b + 16) : _mm256_setzero_si256();
+      const float d = f16_at(b), dmin = f16_at(b + 2);
+      for (int k = 0; k < 4; ++k) {
+        const __m256i bytes = ld(qs + 32 * k);
+        for (int half = 0; half < 2; ++half) {
+          const int j = 2 * k + half;
+          int sc, m;
+          k_scale_min(b + 4, j, sc, m);
+          scale32(v + 32 * j, q45k_codes(bytes, qh45, half, j, five), d * static_cast<float>(sc),
+                  -(dmin * static_cast<float>(m)));
+        }
+      }
+    }
+  }
+}
+
 template <int NR>
 void fdot_avx2(int t, const uint8_t* row, const FloatRow* x, int nb, const uint8_t* table, float* out) {
   if (t == IQ4_NL || t == IQ4_XS) {
@@ -960,9 +1052,15 @@ void dequantize_rows(int t, const TypeInfo& info, const uint8_t* w, const uint8_
                      long r1) {
   const int nb = I / info.qk;
   const long row_bytes = static_cast<long>(nb) * info.bytes;
+  auto block = &dequantize_block;
+#if defined(__AVX2__)
+  if (float_kernel(t, info)) {
+    block = &dequantize_block_avx2;
+  }
+#endif
   for (long o = r0; o < r1; ++o) {
     for (int blk = 0; blk < nb; ++blk) {
-      dequantize_block(t, w + o * row_bytes + blk * info.bytes, table, out + o * I + static_cast<long>(blk) * info.qk);
+      block(t, w + o * row_bytes + blk * info.bytes, table, out + o * I + static_cast<long>(blk) * info.qk);
     }
   }
 }
