@@ -157,7 +157,8 @@ def keeps_blocks_on_cpu(qtype: T, shape: tuple[int, ...]) -> bool:
     (kernels/cpu/gguf.cpp): on MLX's CPU with the kernels built, for a 2-D tensor of a type
     with dedicated kernels there (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL,
     IQ4_XS). Memory is then the file's, and no affine scale/bias overhead is read.
-    Experts (3-D) keep MLX's layouts, which the gather kernels read. The other packed types
+    Experts (3-D) of those types too, where the build has the float kernels
+    (`kernels.gather_matmul`; in int8 mode as well: the experts' products stay float). The other packed types
     keep their widened image (kernels/widen.py) unless MLXLLM_CPU_BLOCKS=all: their block
     kernels decode to floats and run 3-20x slower per decoded token than the widened matvec
     (measured, one core), so they trade memory for that speed until they get dedicated kernels.
@@ -166,11 +167,13 @@ def keeps_blocks_on_cpu(qtype: T, shape: tuple[int, ...]) -> bool:
     tests/test_gemma3.py's prompts, and brings us no nearer llama.cpp's own quantized run
     (the roundings flip on float noise, scripts/quant_matrix.py)."""
     cpu = kernels.cpu.active()
-    if cpu is None or len(shape) != 2 or QUANT_TABLE.get(qtype, FLOAT).kind not in ("affine", "packed"):
+    if cpu is None or len(shape) not in (2, 3) or QUANT_TABLE.get(qtype, FLOAT).kind not in ("affine", "packed"):
         return False
     choice = cpu_blocks_mode()
     if choice == "0":
         return False
+    if len(shape) == 3:  # experts: gguf_gather_matvec multiplies float activations only
+        return cpu.gguf_float_kernel(int(qtype))
     if choice == "all":
         return cpu.gguf_has_kernel(int(qtype))
     # A build without AVX2 (NEON) multiplies float activations through the block decoders,

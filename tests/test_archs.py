@@ -85,13 +85,14 @@ def test_q8_0_logits_near_llama_cpp(name, runs, fidelity_report):
     fidelity_report.append((f"{name} Q8_0", len(ids), f"{agree:.2%}", f"{diff.max():.1e}×std"))
 
 
+@pytest.mark.parametrize("blocks", ["1", "0"], ids=["gguf_blocks", "mlx_layouts"])
 @pytest.mark.parametrize("name", MOE)
-def test_quantized_experts_equal_their_float_image(name, monkeypatch):
-    """Experts kept in Q8_0 (gather_qmm over the chosen experts' rows) compute what the same
-    weights widened to float32 compute. The other weights load in MLX's affine layout too
-    (not as GGUF blocks, whose decode products round activations to 8 bits as llama.cpp's
-    do), so only the experts' path is compared."""
-    monkeypatch.setenv("MLXLLM_CPU_BLOCKS", "0")
+def test_quantized_experts_equal_their_float_image(name, blocks, monkeypatch):
+    """Experts kept in Q8_0 compute what the same weights widened to float32 compute: as
+    GGUF blocks (the default: gguf_gather_matvec reads the chosen experts' rows in place)
+    and in MLX's affine layout (affine_gather_matvec, gather_qmm). The 2-D weights follow
+    the same setting; their products take float activations either way."""
+    monkeypatch.setenv("MLXLLM_CPU_BLOCKS", blocks)
     path = str(FIXTURES / f"{name}.q8_0.gguf")
     ids = token_ids(name)
     quantized_model = load_model(path, dense=False)[0]
@@ -174,13 +175,12 @@ def test_other_quantizations_near_llama_cpp(name, quant, tmp_path, monkeypatch):
     assert (kept.argmax(-1) == exact.argmax(-1)).all()
     assert np.abs(kept - exact).max() <= F32_TOLERANCE * exact.std()
     dense = mlxllm_logits(load_model(str(path), dense=True)[0], ids)
-    # The 2-D weights as MLX layouts too (GGUF blocks round decode's activations to 8 bits,
-    # as llama.cpp does, which the checks above cover), so only the experts' paths compare.
-    monkeypatch.setenv("MLXLLM_CPU_BLOCKS", "0")
-    kept_model = load_model(str(path), dense=False)[0]
-    for chunk in (0, 7):
-        kept = mlxllm_logits(kept_model, ids, chunk)
-        assert np.abs(kept - dense).max() <= 1e-4 * dense.std(), f"chunk {chunk}"
+    for blocks in ("1", "0"):  # the experts as GGUF blocks (the default), then in MLX's layouts
+        monkeypatch.setenv("MLXLLM_CPU_BLOCKS", blocks)
+        kept_model = load_model(str(path), dense=False)[0]
+        for chunk in (0, 7):
+            kept = mlxllm_logits(kept_model, ids, chunk)
+            assert np.abs(kept - dense).max() <= 1e-4 * dense.std(), f"blocks {blocks}, chunk {chunk}"
 
 
 def test_wide_moe_fixture_holds_k_quant_experts():

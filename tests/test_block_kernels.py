@@ -112,6 +112,30 @@ def test_matvec_against_float64(qtype, rows, isa, int8):
     assert (np.abs(ours - ref) <= tol).all(), np.abs(ours - ref).max()
 
 
+@pytest.mark.parametrize("qtype", [t for t in TYPES if K is not None and K.gguf_float_kernel(int(t))] or [Q.Q4_0],
+                         ids=lambda t: t.name)
+def test_gather_matvec_reads_the_chosen_experts(qtype, isa):
+    """Experts as GGUF blocks (E, out, bytes): each row's chosen experts against a float64
+    reference; repeated and unordered choices; an index past the experts is NaN, never a read."""
+    E, out = 5, 24
+    raw, cols = _weight(qtype, E * out, 2 if GGML_QUANT_SIZES[qtype][0] == 256 else 9, seed=11)
+    w64 = gq.dequantize(raw, qtype).astype(np.float64).reshape(E, out, cols)
+    x = np.random.default_rng(11).standard_normal((3, cols)).astype(np.float32)
+    indices = np.array([[4, 0], [2, 2], [1, E]], np.int32)
+    ours = np.array(K.gguf_gather_matvec(mx.array(x), mx.array(raw.reshape(E, out, -1)), int(qtype), _table(qtype),
+                                         mx.array(indices)))
+    assert ours.shape == (3, 2, out)
+    for n in range(3):
+        for j in range(2):
+            e = indices[n, j]
+            if e == E:
+                assert np.isnan(ours[n, j]).all()
+                continue
+            ref = w64[e] @ x[n]
+            tol = 2e-5 * (np.abs(w64[e]) @ np.abs(x[n])) + 1e-6
+            assert (np.abs(ours[n, j] - ref) <= tol).all(), (n, j, np.abs(ours[n, j] - ref).max())
+
+
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q6_K, Q.IQ4_XS, Q.Q3_K], ids=lambda t: t.name)
 def test_prefill_tiles_against_float64(qtype, int8):
     """More than 16 rows: dequantized tiles and a GEMM, exact weights; in int8 mode the
@@ -193,6 +217,15 @@ def test_gemm_on_strided_views(transpose_b):
 def test_bad_arguments_raise():
     raw, cols = _weight(Q.Q4_K, 4, 1, seed=0)
     w, x = mx.array(raw), mx.zeros((1, cols))
+    experts, choice = w.reshape(2, 2, -1), mx.zeros((1, 1), mx.int32)
+    with pytest.raises(ValueError, match="must be uint8 \\(experts"):
+        K.gguf_gather_matvec(x, w, int(Q.Q4_K), _table(Q.Q4_K), choice)
+    with pytest.raises(ValueError, match="do not hold"):
+        K.gguf_gather_matvec(mx.zeros((1, cols - 32)), experts, int(Q.Q4_K), _table(Q.Q4_K), choice)
+    with pytest.raises(ValueError, match="indices"):
+        K.gguf_gather_matvec(x, experts, int(Q.Q4_K), _table(Q.Q4_K), mx.zeros((2, 1), mx.int32))
+    with pytest.raises(ValueError, match="indices"):
+        K.gguf_gather_matvec(x, experts, int(Q.Q4_K), _table(Q.Q4_K), mx.zeros((1, 1), mx.float32))
     with pytest.raises(ValueError, match="no CPU kernel"):
         K.gguf_matmul(x, w, int(Q.MXFP4), _table(Q.Q4_K))
     with pytest.raises(ValueError, match="do not hold"):

@@ -285,6 +285,8 @@ def gather_matmul(x: mx.array, w: mx.array | QuantizedTensor, indices: mx.array)
     """x (N, in) @ W[e].T for each expert e in indices (N, k), W of shape (experts, out, in)
     as floats or a quantized layout -> (N, k, out). Only the chosen experts' rows are read."""
     xe = x[:, None, None, :]  # (N, 1, 1, in): one row, broadcast over the k choices
+    if not isinstance(w, mx.array) and w.mode == "packed" and _cpu_expert_blocks(w):
+        return _gather_blocks_cpu(x, w, indices)
     parts = None if isinstance(w, mx.array) else _cpu_affine_parts(w)
     if parts is not None:
         return _gather_matmul_cpu(x, parts, indices)
@@ -306,30 +308,53 @@ def gather_matmul(x: mx.array, w: mx.array | QuantizedTensor, indices: mx.array)
     return (x[:, None, None, :] @ dense.astype(x.dtype).swapaxes(-1, -2)).squeeze(-2)
 
 
+def _cpu_expert_blocks(w: QuantizedTensor) -> bool:
+    """Whether the CPU kernels read these experts' GGUF blocks in place."""
+    return cpu.active() is not None and w.weight.ndim == 3 and cpu.KERNELS.gguf_float_kernel(int(w.qtype))
+
+
+def _by_expert(x: mx.array, indices: mx.array, product) -> mx.array:
+    """x's rows grouped by chosen expert, `product(e, rows)` -> (rows, out) once per chosen
+    expert e, put back as (N, k, out). Grouping reads the router's choices on the host."""
+    N, k = indices.shape
+    flat = np.array(indices).reshape(-1)  # (N * k,) expert of each (row, slot)
+    order = np.argsort(flat, kind="stable")
+    starts = np.flatnonzero(np.diff(flat[order])) + 1
+    products = [product(int(flat[group[0]]), x[mx.array(group // k)]) for group in np.split(order, starts)]
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(order.size)
+    out = mx.concatenate(products)
+    return out[mx.array(inverse)].reshape(N, k, out.shape[-1])
+
+
+def _gather_blocks_cpu(x: mx.array, w: QuantizedTensor, indices: mx.array) -> mx.array:
+    """`gather_matmul` over experts kept as GGUF blocks (E, out, bytes per row): few rows
+    read each chosen expert's rows in place; more rows dequantize each chosen expert once
+    (the matvec's unpacking) for one BLAS product with its rows."""
+    qtype, table = int(w.qtype), _table(w.qtype)
+    if x.shape[0] <= CPU_MATVEC_ROWS:
+        return cpu.KERNELS.gguf_gather_matvec(x, w.weight, qtype, table, indices).astype(x.dtype)
+    in_features = w.shape[-1]
+    return _by_expert(x, indices, lambda e, rows: _dense_matmul(
+        rows, cpu.KERNELS.gguf_dequantize(w.weight[e], qtype, in_features, table).astype(x.dtype)))
+
+
 def _gather_matmul_cpu(x: mx.array, parts: list[Part], indices: mx.array) -> mx.array:
     """`gather_matmul` on the CPU kernels (MLX's CPU gather_qmm reads ~0.5 GB/s).
 
     Few rows (decode): one matvec over every row's chosen experts, read in place.
     More rows (prefill): rows grouped by expert, each chosen expert dequantized once for one
     BLAS product; grouping reads the router's choices on the host."""
-    N, k = indices.shape
-    out_features = parts[0].weight.shape[1]
-    if N <= CPU_MATVEC_ROWS:
+    if x.shape[0] <= CPU_MATVEC_ROWS:
         return widen.sum_in_order(cpu.KERNELS.affine_gather_matvec(x, p.weight, p.scales, p.biases, indices, p.bits)
                                   for p in parts).astype(x.dtype)
-    flat = np.array(indices).reshape(-1)  # (N * k,) expert of each (row, slot)
-    order = np.argsort(flat, kind="stable")
-    starts = np.flatnonzero(np.diff(flat[order])) + 1
-    products = []
-    for group in np.split(order, starts):
-        e = int(flat[group[0]])
+
+    def product(e: int, rows: mx.array) -> mx.array:
         weight = widen.sum_in_order(
             cpu.KERNELS.affine_dequantize(p.weight[e], p.scales[e], None if p.biases is None else p.biases[e], p.bits)
             for p in parts)
-        products.append(_dense_matmul(x[mx.array(group // k)], weight.astype(x.dtype)))  # (rows of e, out)
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(order.size)
-    return mx.concatenate(products)[mx.array(inverse)].reshape(N, k, out_features)
+        return _dense_matmul(rows, weight.astype(x.dtype))
+    return _by_expert(x, indices, product)
 
 
 # Causal attention over at least this many queries runs in CAUSAL_BLOCKS blocks of queries,

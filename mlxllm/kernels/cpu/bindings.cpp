@@ -26,6 +26,8 @@ NB_MODULE(_cpu, m) {
         "stream"_a = nb::none());
   m.def("gguf_matmul", &mlxllm_cpu::gguf_matmul, "x"_a, "w"_a, "qtype"_a, "table"_a, "int8"_a = false, nb::kw_only(),
         "stream"_a = nb::none());
+  m.def("gguf_gather_matvec", &mlxllm_cpu::gguf_gather_matvec, "x"_a, "w"_a, "qtype"_a, "table"_a, "indices"_a,
+        nb::kw_only(), "stream"_a = nb::none());
   m.def("gguf_dequantize", &mlxllm_cpu::gguf_dequantize, "w"_a, "qtype"_a, "in_features"_a, "table"_a,
         nb::kw_only(), "stream"_a = nb::none());
   m.def("gguf_has_kernel", &mlxllm_cpu::gguf_has_kernel, "qtype"_a);

@@ -27,6 +27,7 @@
 // prefill rounds them too), so each product is the one decode computes.
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -1048,6 +1049,43 @@ void matvec(int t, const TypeInfo& info, const float* x, const uint8_t* w, const
   });
 }
 
+// y[n, j] = x[n] @ W[e].T for e = indices[n, j], W's experts (E, O, bytes per row) read where
+// they lie, only the chosen ones: a decode step's experts, in float activations. The output
+// rows of all (n, j) form one range that the threads split, so k experts keep them all busy.
+void gather_matvec(int t, const TypeInfo& info, const float* x, const uint8_t* w, const uint8_t* table,
+                   const uint32_t* indices, float* y, int N, int k, int I, int O, int E) {
+  const int nb = I / info.qk;
+  const long row_bytes = static_cast<long>(nb) * info.bytes;
+  const bool dedicated = float_kernel(t, info);
+  const FloatRows rows(x, N, I);
+  parallel_ranges(static_cast<long>(N) * k * O, row_bytes, [&](long r0, long r1) {
+    std::vector<float> v(dedicated ? 0 : I);
+    for (long u = r0; u < r1; ++u) {
+      const long slot = u / O, n = slot / k;
+      const uint32_t e = indices[slot];
+      if (e >= static_cast<uint32_t>(E)) { // no such expert: a visible NaN, never a stray read
+        y[u] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
+      const uint8_t* row = w + (static_cast<long>(e) * O + u % O) * row_bytes;
+      if (dedicated) {
+        const FloatRow xr = rows.row(static_cast<int>(n));
+        dot_float(t, row, &xr, 1, nb, table, y + u);
+        continue;
+      }
+      for (int blk = 0; blk < nb; ++blk) {
+        dequantize_block(t, row + blk * info.bytes, table, v.data() + static_cast<long>(blk) * info.qk);
+      }
+      const float* xn = x + n * I;
+      float acc = 0.f;
+      for (int i = 0; i < I; ++i) {
+        acc += v[i] * xn[i];
+      }
+      y[u] = acc;
+    }
+  });
+}
+
 void dequantize_rows(int t, const TypeInfo& info, const uint8_t* w, const uint8_t* table, float* out, int I, long r0,
                      long r1) {
   const int nb = I / info.qk;
@@ -1174,6 +1212,32 @@ class GgufDequantize : public CpuPrimitive {
   int qtype_, in_;
 };
 
+class GgufGatherMatvec : public CpuPrimitive {
+ public:
+  GgufGatherMatvec(mx::Stream s, int qtype) : CpuPrimitive(s), qtype_(qtype) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    auto e = begin_eval(stream(), inputs, out);
+    const auto &x = e.inputs[0], &w = e.inputs[1], &table = e.inputs[2], &idx = e.inputs[3];
+    e.encoder.dispatch([xp = x.data<float>(), wp = w.data<uint8_t>(), tp = table.data<uint8_t>(),
+                        ip = idx.data<uint32_t>(), yp = out.data<float>(), N = x.shape(0), k = idx.shape(1),
+                        I = x.shape(1), O = w.shape(1), E = w.shape(0), t = qtype_]() {
+      TypeInfo info;
+      type_info(t, info);
+      gather_matvec(t, info, xp, wp, tp, ip, yp, N, k, I, O, E);
+    });
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {{inputs[0].shape(0), inputs[3].shape(1), inputs[1].shape(1)}};
+  }
+  const char* name() const override { return "GgufGatherMatvec"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return qtype_ == static_cast<const GgufGatherMatvec&>(other).qtype_;
+  }
+
+ private:
+  int qtype_;
+};
+
 // The codebook a type reads must hold what its decoder indexes (source.py's tables).
 void check_table(const mx::array& table, int qtype, const char* op) {
   static const struct { int t; long bytes; } sizes[] = {
@@ -1204,6 +1268,27 @@ mx::array gguf_matmul(const mx::array& x, const mx::array& w, int qtype, const m
   shape.back() = w.shape(0);
   std::vector<mx::array> inputs = {mx::astype(x, mx::float32, stream), w, mx::flatten(table, stream)};
   return mx::array(std::move(shape), mx::float32, std::make_shared<GgufMatmul>(stream, qtype, int8), std::move(inputs));
+}
+
+mx::array gguf_gather_matvec(const mx::array& x, const mx::array& w, int qtype, const mx::array& table,
+                             const mx::array& indices, mx::StreamOrDevice s) {
+  const char* op = "gguf_gather_matvec";
+  if (x.ndim() != 2) {
+    throw std::invalid_argument("[gguf_gather_matvec] x must be (rows, in_features)");
+  }
+  if (w.ndim() != 3) {
+    throw std::invalid_argument("[gguf_gather_matvec] w must be uint8 (experts, rows, bytes per row)");
+  }
+  check_blocks(mx::reshape(w, {-1, w.shape(2)}), qtype, x.shape(1), op);
+  check_table(table, qtype, op);
+  if (indices.ndim() != 2 || indices.shape(0) != x.shape(0) || !mx::issubdtype(indices.dtype(), mx::integer)) {
+    throw std::invalid_argument("[gguf_gather_matvec] indices must be integers (rows, k)");
+  }
+  auto stream = cpu_stream(s, op);
+  mx::Shape shape = {x.shape(0), indices.shape(1), w.shape(1)};
+  std::vector<mx::array> inputs = {mx::astype(x, mx::float32, stream), w, mx::flatten(table, stream),
+                                   mx::astype(indices, mx::uint32, stream)};
+  return mx::array(std::move(shape), mx::float32, std::make_shared<GgufGatherMatvec>(stream, qtype), std::move(inputs));
 }
 
 mx::array gguf_dequantize(const mx::array& w, int qtype, int in_features, const mx::array& table,

@@ -59,6 +59,11 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::S
 // integer arithmetic (activations rounded per block to 8 bits, prefill's too).
 mx::array gguf_matmul(const mx::array& x, const mx::array& w, int qtype, const mx::array& table, bool int8 = false,
                       mx::StreamOrDevice s = {});
+// Experts: y[n, j] = x[n] @ W[e].T for e = indices[n, j], w uint8 (experts, out, bytes per
+// row), only the chosen experts' rows read, float activations; an index past the experts
+// gives NaN. x (rows, in) -> (rows, k, out).
+mx::array gguf_gather_matvec(const mx::array& x, const mx::array& w, int qtype, const mx::array& table,
+                             const mx::array& indices, mx::StreamOrDevice s = {});
 // W as float32 (out, in_features), bit-exact to gguf-py's dequantize.
 mx::array gguf_dequantize(const mx::array& w, int qtype, int in_features, const mx::array& table,
                           mx::StreamOrDevice s = {});
