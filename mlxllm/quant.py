@@ -156,9 +156,10 @@ def keeps_blocks_on_cpu(qtype: T, shape: tuple[int, ...]) -> bool:
     """Whether a tensor loads as its GGUF blocks, unchanged, for mlxllm's CPU kernels
     (kernels/cpu/gguf.cpp): on MLX's CPU with the kernels built, for a 2-D tensor of a type
     with dedicated kernels there (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL,
-    IQ4_XS). Memory is then the file's, and no affine scale/bias overhead is read.
+    IQ4_XS, MXFP4). Memory is then the file's, and no affine scale/bias overhead is read.
     Experts (3-D) of those types too, where the build has the float kernels
-    (`kernels.gather_matmul`; in int8 mode as well: the experts' products stay float). The other packed types
+    (`kernels.gather_matmul`; in int8 mode as well: the experts' products stay float;
+    MLX's CPU gather_qmm read gpt-oss's MXFP4 experts at 75-98 ms a token). The other packed types
     keep their widened image (kernels/widen.py) unless MLXLLM_CPU_BLOCKS=all: their block
     kernels decode to floats and run 3-20x slower per decoded token than the widened matvec
     (measured, one core), so they trade memory for that speed until they get dedicated kernels.
@@ -167,7 +168,7 @@ def keeps_blocks_on_cpu(qtype: T, shape: tuple[int, ...]) -> bool:
     tests/test_gemma3.py's prompts, and brings us no nearer llama.cpp's own quantized run
     (the roundings flip on float noise, scripts/quant_matrix.py)."""
     cpu = kernels.cpu.active()
-    if cpu is None or len(shape) not in (2, 3) or QUANT_TABLE.get(qtype, FLOAT).kind not in ("affine", "packed"):
+    if cpu is None or len(shape) not in (2, 3) or QUANT_TABLE.get(qtype, FLOAT).kind not in ("affine", "mxfp4", "packed"):
         return False
     choice = cpu_blocks_mode()
     if choice == "0":
@@ -188,7 +189,8 @@ def mode_of(qtype: T, weight: mx.array | None, widened: bool) -> str:
     if widened:
         return "widened"
     kind = QUANT_TABLE[qtype].kind
-    return "packed" if kind == "affine" and weight is not None and weight.dtype == mx.uint8 else kind
+    blocks = kind in ("affine", "mxfp4") and weight is not None and weight.dtype == mx.uint8
+    return "packed" if blocks else kind
 
 
 class UnsupportedTypeError(ValueError):
@@ -300,7 +302,7 @@ def to_mlx(raw: np.ndarray, qtype: T, shape: tuple[int, ...],
         np_dtype = {T.F32: np.float32, T.F16: np.float16, T.BF16: np.uint16}[qtype]
         outputs = [((rows, cols), mx.float32 if qtype == T.F32 else mx.float16 if qtype == T.F16 else mx.uint16)]
         convert = lambda r: (r.view(np_dtype),)  # noqa: E731
-    elif layout.kind == "packed" or (blocks and layout.kind == "affine"):
+    elif layout.kind == "packed" or (blocks and layout.kind in ("affine", "mxfp4")):
         outputs = [((rows, raw2d.shape[1]), mx.uint8)]
         convert = lambda r: (r,)  # noqa: E731
     else:

@@ -34,9 +34,9 @@ INTEGER = [t for t in TYPES if K.gguf_integer_dots(int(t))]
 
 
 def test_every_type_with_a_block_decoder_has_a_kernel():
-    expected = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, *source.kernel_types()}
+    expected = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.MXFP4, *source.kernel_types()}
     assert set(TYPES) == expected
-    assert set(INTEGER) == {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS}
+    assert set(INTEGER) == {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS, Q.MXFP4}
     # float activations have dedicated kernels for the same types where the build has AVX2
     if platform.machine() in ("x86_64", "AMD64"):
         assert {t for t in TYPES if K.gguf_float_kernel(int(t))} == set(INTEGER)
@@ -227,7 +227,7 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="indices"):
         K.gguf_gather_matvec(x, experts, int(Q.Q4_K), _table(Q.Q4_K), mx.zeros((1, 1), mx.float32))
     with pytest.raises(ValueError, match="no CPU kernel"):
-        K.gguf_matmul(x, w, int(Q.MXFP4), _table(Q.Q4_K))
+        K.gguf_matmul(x, w, int(Q.Q8_1), _table(Q.Q4_K))
     with pytest.raises(ValueError, match="do not hold"):
         K.gguf_matmul(mx.zeros((1, cols - 32)), w, int(Q.Q4_K), _table(Q.Q4_K))
     with pytest.raises(ValueError, match="do not hold"):

@@ -81,7 +81,7 @@ def _kvalues(cls: type) -> np.ndarray:
 # Table layout per type (byte offsets the headers rely on, checked by the tests):
 #   IQ2_XXS grid 256x8 | signs 128 at 2048     IQ2_XS grid 512x8 | signs 128 at 4096
 #   IQ3_XXS grid 256x4 | signs 128 at 1024     IQ2_S grid 1024x8   IQ3_S grid 512x4
-#   IQ1_S / IQ1_M grid 2048x8 (int8)           IQ4_NL / IQ4_XS / NVFP4 kvalues 16 (int8)
+#   IQ1_S / IQ1_M grid 2048x8 (int8)           IQ4_NL / IQ4_XS / NVFP4 / MXFP4 kvalues 16 (int8)
 _TABLES = {
     _Q.IQ2_XXS: lambda: np.concatenate([_grid_bytes(gq.IQ2_XXS), _signs()]),
     _Q.IQ2_XS: lambda: np.concatenate([_grid_bytes(gq.IQ2_XS), _signs()]),
@@ -93,6 +93,7 @@ _TABLES = {
     _Q.IQ4_NL: lambda: _kvalues(gq.IQ4_NL),
     _Q.IQ4_XS: lambda: _kvalues(gq.IQ4_NL),
     _Q.NVFP4: lambda: _kvalues(gq.NVFP4),
+    _Q.MXFP4: lambda: _kvalues(gq.MXFP4),  # the CPU kernels' (GPUs take MLX's mxfp4 layout)
 }
 
 

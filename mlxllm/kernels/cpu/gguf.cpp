@@ -16,7 +16,8 @@
 //   per block in float. Faster, but the rounding moves logits as far as llama.cpp's own
 //   quantized run is from its F32 run (scripts/quant_matrix.py explains why it cannot
 //   bring us nearer llama.cpp's own quantized logits).
-// IQ4_NL/IQ4_XS codes become their signed values through one byte shuffle. Types without a
+// IQ4_NL/IQ4_XS codes become their signed values through one byte shuffle; MXFP4 is IQ4_NL
+// with E2M1's (doubled) values and a power-of-two scale (E8M0). Types without a
 // dedicated kernel here (IQ1-3, TQ*, NVFP4, Q2_K, Q3_K), and every type on a build without
 // AVX2 in float mode, decode each block to floats with the shared decoders of
 // ../blocks/*.h and multiply float activations.
@@ -93,8 +94,23 @@ inline float f16_at(const uint8_t* p) {
 enum Type {
   Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14,
   IQ2_XXS = 16, IQ2_XS = 17, IQ3_XXS = 18, IQ1_S = 19, IQ4_NL = 20, IQ3_S = 21, IQ2_S = 22, IQ4_XS = 23,
-  IQ1_M = 29, TQ1_0 = 34, TQ2_0 = 35, NVFP4 = 40,
+  IQ1_M = 29, TQ1_0 = 34, TQ2_0 = 35, MXFP4 = 39, NVFP4 = 40,
 };
+
+// MXFP4's scale: 2^(e - 127) halved (the values are doubled), as ggml_e8m0_to_fp32_half and
+// gguf-py build it from the bits: e < 2 gives the subnormals 2^-128 and 2^-127.
+inline float e8m0_half(uint8_t e) {
+  const uint32_t bits = e < 2 ? 0x00200000u << e : static_cast<uint32_t>(e - 1) << 23;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// A 32-weight block of IQ4_NL (fp16 scale, then 16 bytes of nibbles) or of MXFP4 (E8M0
+// scale byte, then the same nibbles): its size, its scale and where its nibbles start.
+inline int nl_bytes(int t) { return t == MXFP4 ? 17 : 18; }
+inline float nl_scale(int t, const uint8_t* b) { return t == MXFP4 ? e8m0_half(b[0]) : f16_at(b); }
+inline const uint8_t* nl_codes(int t, const uint8_t* b) { return b + (t == MXFP4 ? 1 : 2); }
 
 // How a type's matvec runs: integer dots against q8 blocks of 32 or of 256, or floats.
 enum class Path { Q8_32, Q8_256, FLOAT };
@@ -122,6 +138,7 @@ bool type_info(int t, TypeInfo& info) {
     case TQ1_0: info = {QK_TQ1_0, BYTES_TQ1_0, Path::FLOAT, dq8_tq1_0}; return true;
     case TQ2_0: info = {QK_TQ2_0, BYTES_TQ2_0, Path::FLOAT, dq8_tq2_0}; return true;
     case IQ4_NL: info = {QK_IQ4_NL, BYTES_IQ4_NL, Path::Q8_32, dq8_iq4_nl}; return true;
+    case MXFP4: info = {32, 17, Path::Q8_32, nullptr}; return true;
     case IQ4_XS: info = {QK_IQ4_XS, BYTES_IQ4_XS, Path::Q8_256, dq8_iq4_xs}; return true;
     case NVFP4: info = {QK_NVFP4, BYTES_NVFP4, Path::FLOAT, dq8_nvfp4}; return true;
     case IQ1_S: info = {QK_IQ1_S, BYTES_IQ1_S, Path::FLOAT, dq8_iq1_s}; return true;
@@ -191,6 +208,15 @@ void dequantize_block(int t, const uint8_t* b, const uint8_t* table, float* v) {
       const float d = f16_at(b);
       for (int i = 0; i < 32; ++i) {
         v[i] = d * static_cast<float>(static_cast<int8_t>(b[2 + i]));
+      }
+      return;
+    }
+    case MXFP4: {
+      const int8_t* kv = reinterpret_cast<const int8_t*>(table);
+      const float d = e8m0_half(b[0]);
+      for (int i = 0; i < 16; ++i) {
+        v[i] = d * static_cast<float>(kv[b[1 + i] & 15]);
+        v[i + 16] = d * static_cast<float>(kv[b[1 + i] >> 4]);
       }
       return;
     }
@@ -356,14 +382,15 @@ float dot_iq4_portable(int t, const uint8_t* row, const Q8Row& x, int nb, const 
   const int8_t* kv = reinterpret_cast<const int8_t*>(table);
   float total = 0.f;
   for (int blk = 0; blk < nb; ++blk) {
-    if (t == IQ4_NL) {
-      const uint8_t* b = row + 18 * blk;
+    if (t != IQ4_XS) {
+      const uint8_t* b = row + nl_bytes(t) * blk;
+      const uint8_t* qs = nl_codes(t, b);
       const int8_t* y = x.q + 32 * blk;
       int32_t dot = 0;
       for (int i = 0; i < 16; ++i) {
-        dot += kv[b[2 + i] & 15] * y[i] + kv[b[2 + i] >> 4] * y[i + 16];
+        dot += kv[qs[i] & 15] * y[i] + kv[qs[i] >> 4] * y[i + 16];
       }
-      total += f16_at(b) * x.d[blk] * static_cast<float>(dot);
+      total += nl_scale(t, b) * x.d[blk] * static_cast<float>(dot);
     } else {
       const uint8_t* b = row + 136 * blk;
       const int8_t* y = x.q + 256 * blk;
@@ -535,11 +562,11 @@ float dot_iq4_avx2(int t, const uint8_t* row, const Q8Row& x, int nb, const uint
   const __m256i kv = _mm256_set_m128i(kv128, kv128);
   __m256 acc = _mm256_setzero_ps();
   for (int blk = 0; blk < nb; ++blk) {
-    if (t == IQ4_NL) {
-      const uint8_t* b = row + 18 * blk;
-      const __m256i w = _mm256_shuffle_epi8(kv, nibbles32(b + 2));
+    if (t != IQ4_XS) {
+      const uint8_t* b = row + nl_bytes(t) * blk;
+      const __m256i w = _mm256_shuffle_epi8(kv, nibbles32(nl_codes(t, b)));
       const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * blk));
-      acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b) * x.d[blk]), _mm256_cvtepi32_ps(dot_s8s8(w, y)), acc);
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(nl_scale(t, b) * x.d[blk]), _mm256_cvtepi32_ps(dot_s8s8(w, y)), acc);
     } else {
       const uint8_t* b = row + 136 * blk;
       const int8_t* y = x.q + 256 * blk;
@@ -698,10 +725,10 @@ void fdot_iq4_avx2(int t, const uint8_t* row, const FloatRow* x, int nb, const u
     a = _mm256_setzero_ps();
   }
   for (int blk = 0; blk < nb; ++blk) {
-    if (t == IQ4_NL) {
-      const uint8_t* b = row + 18 * blk;
-      const Codes32 c(_mm256_shuffle_epi8(kv, nibbles32(b + 2)), true);
-      const __m256 d = _mm256_set1_ps(f16_at(b));
+    if (t != IQ4_XS) {
+      const uint8_t* b = row + nl_bytes(t) * blk;
+      const Codes32 c(_mm256_shuffle_epi8(kv, nibbles32(nl_codes(t, b))), true);
+      const __m256 d = _mm256_set1_ps(nl_scale(t, b));
       for (int r = 0; r < NR; ++r) {
         acc[r] = _mm256_fmadd_ps(d, c.dot(x[r].x + 32 * blk), acc[r]);
       }
@@ -876,7 +903,8 @@ void dequantize_block_avx2(int t, const uint8_t* b, const uint8_t* table, float*
     case Q8_0:
       return scale32(v, ld(b + 2), true, f16_at(b));
     case IQ4_NL:
-      return scale32(v, _mm256_shuffle_epi8(kv(), nibbles32(b + 2)), true, f16_at(b));
+    case MXFP4:
+      return scale32(v, _mm256_shuffle_epi8(kv(), nibbles32(nl_codes(t, b))), true, nl_scale(t, b));
     case IQ4_XS: {
       const int scales_h = b[2] | (b[3] << 8);
       const __m256i values = kv();
@@ -928,7 +956,7 @@ void dequantize_block_avx2(int t, const uint8_t* b, const uint8_t* table, float*
 
 template <int NR>
 void fdot_avx2(int t, const uint8_t* row, const FloatRow* x, int nb, const uint8_t* table, float* out) {
-  if (t == IQ4_NL || t == IQ4_XS) {
+  if (t == IQ4_NL || t == IQ4_XS || t == MXFP4) {
     fdot_iq4_avx2<NR>(t, row, x, nb, table, out);
   } else if (t == Q4_K || t == Q5_K || t == Q6_K) {
     fdot_k_avx2<NR>(t, row, x, nb, out);
@@ -943,7 +971,7 @@ void fdot_avx2(int t, const uint8_t* row, const FloatRow* x, int nb, const uint8
 bool g_use_simd = true;
 
 float dot_q8(int t, const uint8_t* row, const Q8Row& x, int nb, const uint8_t* table) {
-  const bool iq4 = t == IQ4_NL || t == IQ4_XS;
+  const bool iq4 = t == IQ4_NL || t == IQ4_XS || t == MXFP4;
 #if defined(__AVX2__)
   if (g_use_simd && iq4) {
     return dot_iq4_avx2(t, row, x, nb, table);
@@ -1242,7 +1270,7 @@ class GgufGatherMatvec : public CpuPrimitive {
 void check_table(const mx::array& table, int qtype, const char* op) {
   static const struct { int t; long bytes; } sizes[] = {
       {IQ2_XXS, 2048 + 128}, {IQ2_XS, 4096 + 128}, {IQ2_S, 8192}, {IQ3_XXS, 1024 + 128}, {IQ3_S, 2048},
-      {IQ1_S, 16384}, {IQ1_M, 16384}, {IQ4_NL, 16}, {IQ4_XS, 16}, {NVFP4, 16}};
+      {IQ1_S, 16384}, {IQ1_M, 16384}, {IQ4_NL, 16}, {IQ4_XS, 16}, {MXFP4, 16}, {NVFP4, 16}};
   long need = 1;
   for (const auto& s : sizes) {
     need = s.t == qtype ? s.bytes : need;
