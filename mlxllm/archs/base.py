@@ -10,6 +10,7 @@ from gguf import Keys
 
 from ..gguf import GGUFFile
 from ..nn import DecoderArgs, RopeArgs
+from ..nn.decoder import ROPE_FACTOR_TENSORS
 from ..nn.moe import MoEArgs
 
 
@@ -82,6 +83,11 @@ def decoder_args(gf: GGUFFile, *, norm: str = "rms", rope: str | None = "norm", 
     if rope is not None:
         dims = m.get(Keys.Rope.DIMENSION_COUNT, head_dim)
         kw["rope"] = RopeArgs.from_gguf(m, dims, traditional=rope == "norm", **(rope_options or {}))
+        for factors in ROPE_FACTOR_TENSORS:  # one divisor per rotated pair, as llama.cpp loads them
+            shape = gf.tensors[f"{factors}.weight"].shape if f"{factors}.weight" in gf.tensors else None
+            if shape is not None and tuple(shape) != (dims // 2,):
+                raise ValueError(f"{factors} holds {list(shape)} values, rope.dimension_count = {dims} rotates "
+                                 f"{dims // 2} pairs")
         for factors in ("rope_freqs", "rope_factors_short"):
             if f"{factors}.weight" in gf.tensors:
                 kw["rope_factors"] = factors
