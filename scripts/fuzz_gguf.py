@@ -419,11 +419,13 @@ class Pool:
         while True:
             now = time.monotonic()
             for run in self.running:
-                if now - run.start > self.timeout:
+                # a child that has ended is judged by its result, however late this process
+                # looks (a paused fuzzer would otherwise call every finished child a hang)
+                pid, status = os.waitpid(run.pid, os.WNOHANG)
+                if not pid and now - run.start > self.timeout:
                     os.kill(run.pid, signal.SIGKILL)
                     os.waitpid(run.pid, 0)
                     return self._done(run, {"outcome": "hang", "seconds": round(now - run.start, 1)})
-                pid, status = os.waitpid(run.pid, os.WNOHANG)
                 if pid:
                     out = _read_all(run.fd)
                     if os.WIFSIGNALED(status):
