@@ -24,8 +24,8 @@ class _Quantized(nn.Module):
         super().__init__()
         self.qtype = w.qtype
         # MLXLLM_CPU_BLOCKS=int8: llama.cpp's 8-bit activations for these blocks, chosen
-        # at load with the layout, as the blocks themselves are.
-        self.int8 = cpu_blocks_mode() == "int8"
+        # at load with the layout, as the blocks themselves are (the CPU kernels' setting).
+        self.int8 = kernels.cpu.active() is not None and cpu_blocks_mode() == "int8"
         self.experts = w.shape[0] if len(w.shape) == 3 else None  # (experts, out, in): SwitchLinear's twin
         self.rows, self.cols = w.shape[-2:]  # (out, in) / (vocab, dim)
         if w.weight is not None:

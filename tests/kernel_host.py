@@ -3,7 +3,8 @@ the Metal and CUDA kernels include is run and checked against gguf-py here, wher
 
 `HostKernels.dequantize` runs dq8_<type> over every chunk (what the dequantize kernels do per
 thread); `HostKernels.matvec` runs rowdot_<type> per simulated SIMD lane and sums the lanes
-(what the fused matrix-vector kernels do per row).
+(what the fused matrix-vector kernels do per row); `HostKernels.gather_matvec` does the same
+per (row of x, chosen expert) slot with gpu.py's expert indexing (the gather kernel).
 """
 
 from __future__ import annotations
@@ -46,6 +47,25 @@ extern "C" void matvec_{name}(const uint8_t* w, const float* x, int out_features
             for (int r = 0; r < batch; ++r) total[r] += acc[r];
         }}
         for (int r = 0; r < batch; ++r) out[r * out_features + o] = total[r];
+    }}
+}}
+extern "C" void gather_{name}(const uint8_t* w, const float* x, const uint32_t* indices, int experts,
+                             int out_features, int in_features, int rows, int k, int lanes,
+                             const uint8_t* table, float* out) {{
+    const long row_bytes = (long)in_features / QK_{NAME} * BYTES_{NAME};
+    for (int slot = 0; slot < rows * k; ++slot) {{
+        const uint32_t expert = indices[slot];
+        for (int o = 0; o < out_features; ++o) {{
+            if (expert >= (uint32_t)experts) {{ out[(long)slot * out_features + o] = __builtin_nanf(""); continue; }}
+            float total = 0;
+            for (int lane = 0; lane < lanes; ++lane) {{
+                float acc[QMAX_BATCH] = {{0}};
+                rowdot_{name}(w + ((long)expert * out_features + o) * row_bytes, x + (long)(slot / k) * in_features,
+                              in_features, 1, lane, lanes, table, acc);
+                total += acc[0];
+            }}
+            out[(long)slot * out_features + o] = total;
+        }}
     }}
 }}
 """
@@ -91,6 +111,18 @@ class HostKernels:
         codebook = table(qtype)
         getattr(self._lib, f"matvec_{KERNEL_NAMES[qtype]}")(
             _ptr(raw), _ptr(x), out_features, in_features, batch, LANES, _ptr(codebook), _ptr(out))
+        return out
+
+    def gather_matvec(self, qtype, raw: np.ndarray, x: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """x (N, in) @ W[e].T for each expert e of indices (N, k), packed W (E, out, bytes)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        raw = np.ascontiguousarray(raw, dtype=np.uint8)
+        indices = np.ascontiguousarray(indices, dtype=np.uint32)
+        (rows, in_features), (experts, out_features, _), k = x.shape, raw.shape, indices.shape[1]
+        out = np.empty((rows, k, out_features), np.float32)
+        getattr(self._lib, f"gather_{KERNEL_NAMES[qtype]}")(
+            _ptr(raw), _ptr(x), _ptr(indices), experts, out_features, in_features, rows, k, LANES,
+            _ptr(table(qtype)), _ptr(out))
         return out
 
 

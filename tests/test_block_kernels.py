@@ -214,6 +214,20 @@ def test_gemm_on_strided_views(transpose_b):
                                ref, rtol=1e-5, atol=1e-4)
 
 
+def test_experts_kept_as_blocks_dequantize_whole():
+    """kernels.dequantize of experts held as GGUF blocks (E, out, bytes): gguf-py's values."""
+    from mlxllm import kernels
+    from mlxllm.layers import QuantizedSwitchLinear
+    from mlxllm.quant import QuantizedTensor
+
+    E, out = 3, 8
+    raw, cols = _weight(Q.Q8_0, E * out, 4, seed=2)
+    experts = QuantizedSwitchLinear(QuantizedTensor(Q.Q8_0, (E, out, cols), mx.array(raw.reshape(E, out, -1))))
+    assert experts.mode == "packed"
+    ours = np.array(kernels.dequantize(experts))
+    assert_bit_identical(ours.reshape(-1), gq.dequantize(raw, Q.Q8_0).reshape(-1))
+
+
 def test_bad_arguments_raise():
     raw, cols = _weight(Q.Q4_K, 4, 1, seed=0)
     w, x = mx.array(raw), mx.zeros((1, cols))
@@ -226,6 +240,10 @@ def test_bad_arguments_raise():
         K.gguf_gather_matvec(x, experts, int(Q.Q4_K), _table(Q.Q4_K), mx.zeros((2, 1), mx.int32))
     with pytest.raises(ValueError, match="indices"):
         K.gguf_gather_matvec(x, experts, int(Q.Q4_K), _table(Q.Q4_K), mx.zeros((1, 1), mx.float32))
+    with pytest.raises(ValueError, match="32-bit"):  # 2**32 + 1 would wrap onto expert 1
+        K.gguf_gather_matvec(x, experts, int(Q.Q4_K), _table(Q.Q4_K), mx.array([[2**32 + 1]], mx.int64))
+    with pytest.raises(ValueError, match="must be uint8 \\(experts"):
+        K.gguf_gather_matvec(x, experts.astype(mx.float32), int(Q.Q4_K), _table(Q.Q4_K), choice)
     with pytest.raises(ValueError, match="no CPU kernel"):
         K.gguf_matmul(x, w, int(Q.Q8_1), _table(Q.Q4_K))
     with pytest.raises(ValueError, match="do not hold"):

@@ -2,7 +2,7 @@
 
 - blocks/*.h compiled for the host (kernel_host.py): every packed type's decoder equals
   gguf.quants.dequantize bit for bit, and the fused row-dot loop equals
-  dequantize-then-matmul within float tolerance, batch 1 to 8.
+  dequantize-then-matmul within float tolerance, batch 1 to 8, and over chosen experts.
 - The Metal and CUDA kernel sources, wrapped exactly as mx.fast.metal_kernel /
   mx.fast.cuda_kernel wrap them, compile: CUDA with nvcc (skipped where it is absent),
   Metal through a syntax check with g++ and a header declaring the Metal names they use.
@@ -22,7 +22,7 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from kernel_host import host_kernels
 from mlxllm.kernels.cuda import CUDA
-from mlxllm.kernels.gpu import dequantize_source, matvec_source
+from mlxllm.kernels.gpu import SOURCES
 from mlxllm.kernels.metal import METAL
 from mlxllm.kernels.source import KERNEL_NAMES, kernel_types, table
 from quant_blocks import assert_bit_identical, random_blocks, with_zero_scales
@@ -68,6 +68,27 @@ def test_fused_rowdot_matches_dequantize_then_matmul(host, qtype, batch):
     assert np.all(np.abs(ours - expected) <= 1e-5 * scale + 1e-30), qtype.name
 
 
+@pytest.mark.parametrize("qtype", TYPES, ids=IDS)
+def test_gather_rowdot_reads_the_chosen_experts(host, qtype):
+    """The gather kernel's indexing: each (row, chosen expert) slot against that expert's
+    weight; repeated choices; an index past the experts is NaN."""
+    block_size, _ = GGML_QUANT_SIZES[qtype]
+    experts, out_features, in_features = 4, 8, 2 * 256
+    raw = random_blocks(qtype, experts * out_features * in_features // block_size, seed=5)
+    weight = gguf_dequantize(raw, qtype).astype(np.float64).reshape(experts, out_features, in_features)
+    x = np.random.default_rng(5).standard_normal((3, in_features)).astype(np.float32)
+    indices = np.array([[3, 0], [1, 1], [2, experts]])
+    ours = host.gather_matvec(qtype, raw.reshape(experts, out_features, -1), x, indices)
+    for n, j in np.ndindex(*indices.shape):
+        e = indices[n, j]
+        if e == experts:
+            assert np.isnan(ours[n, j]).all()
+            continue
+        expected = weight[e] @ x[n].astype(np.float64)
+        scale = np.abs(weight[e]) @ np.abs(x[n]).astype(np.float64)
+        assert np.all(np.abs(ours[n, j] - expected) <= 1e-5 * scale + 1e-30), (qtype.name, n, j)
+
+
 def test_codebook_layouts():
     # The byte offsets blocks/iquants.h reads its sign masks and codebooks at.
     from gguf import GGMLQuantizationType as Q
@@ -86,16 +107,15 @@ METAL_ATTRIBUTES = ("thread_position_in_grid", "thread_index_in_simdgroup")  # t
 
 def _kernel_parts(kind: str, qtype) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(inputs, outputs) as (name, element type) in the order gpu.py passes them."""
-    inputs = [("w", "uint8_t"), ("table", "uint8_t")] if kind == "dequantize" else \
-        [("w", "uint8_t"), ("x", "float"), ("table", "uint8_t")]
-    return inputs, [("out", "float")]
+    types = {"w": "uint8_t", "x": "float", "indices": "uint32_t", "table": "uint8_t"}
+    return [(name, types[name]) for name in SOURCES[kind][1]], [("out", "float")]
 
 
 def metal_translation_unit(kind: str, qtype) -> str:
     """What mx.fast.metal_kernel hands the Metal compiler: its preamble, our header, then a
     generated [[kernel]] signature (inputs, their _shape where the body names it, outputs,
     the thread attributes the body names) around our body."""
-    body = (dequantize_source if kind == "dequantize" else matvec_source)(METAL, qtype)
+    body = SOURCES[kind][0](METAL, qtype)
     inputs, outputs = _kernel_parts(kind, qtype)
     params, slot = [], 0
     for name, ctype in inputs:
@@ -120,7 +140,7 @@ def cuda_translation_unit(kind: str, qtype) -> str:
     """What mx.fast.cuda_kernel hands NVRTC: MLX's default header, our header, then a
     __global__ function in mlx::core::cu with the inputs (and their Shape where the body names
     it) and outputs around our body."""
-    body = (dequantize_source if kind == "dequantize" else matvec_source)(CUDA, qtype)
+    body = SOURCES[kind][0](CUDA, qtype)
     inputs, outputs = _kernel_parts(kind, qtype)
     params = []
     for name, ctype in inputs:
@@ -140,7 +160,7 @@ def test_metal_sources_pass_a_syntax_check(tmp_path):
     compiler = shutil.which("g++")
     if compiler is None:
         pytest.skip("g++ is not installed")
-    for kind in ("dequantize", "matvec"):
+    for kind in SOURCES:
         for qtype in TYPES:
             unit = tmp_path / f"{kind}_{qtype.name}.metal.cpp"
             unit.write_text(metal_translation_unit(kind, qtype))
@@ -153,7 +173,7 @@ def test_metal_sources_pass_a_syntax_check(tmp_path):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (the CUDA toolkit) is not installed")
 def test_cuda_sources_compile_with_nvcc(tmp_path):
     units = []
-    for kind in ("dequantize", "matvec"):
+    for kind in SOURCES:
         for qtype in TYPES:
             unit = tmp_path / f"{kind}_{qtype.name}.cu"
             unit.write_text(cuda_translation_unit(kind, qtype))

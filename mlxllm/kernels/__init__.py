@@ -155,8 +155,9 @@ def _dequantize_packed(w: QuantizedTensor, data: mx.array, shape: tuple[int, ...
     kernels = gpu_kernels()
     if kernels is not None:
         return kernels.dequantize(w.qtype, data, shape)
-    if cpu.active() is not None and data.ndim == 2 and cpu.KERNELS.gguf_has_kernel(int(w.qtype)):
-        return cpu.KERNELS.gguf_dequantize(data, int(w.qtype), shape[-1], _table(w.qtype)).reshape(shape)
+    if cpu.active() is not None and cpu.KERNELS.gguf_has_kernel(int(w.qtype)):  # rows of blocks, experts' too
+        rows = data.reshape(-1, data.shape[-1])
+        return cpu.KERNELS.gguf_dequantize(rows, int(w.qtype), shape[-1], _table(w.qtype)).reshape(shape)
     return reference.dequantize(w.qtype, data, shape)
 
 
@@ -301,11 +302,13 @@ def gather_matmul(x: mx.array, w: mx.array | QuantizedTensor, indices: mx.array)
     if w.mode == "mxfp4":
         return mx.gather_qmm(xe, w.weight, w.scales, None, rhs_indices=indices, transpose=True,
                              group_size=GROUP, bits=w.bits, mode=w.mode).squeeze(-2)
-    # packed GGUF blocks (a GPU): the chosen experts' blocks, dequantized
-    out_features, in_features = w.shape[1:]
-    rows = w.weight[indices]  # (N, k, out, bytes)
-    dense = _dequantize_packed(w, rows.reshape(-1, rows.shape[-1]), (*indices.shape, out_features, in_features))
-    return (x[:, None, None, :] @ dense.astype(x.dtype).swapaxes(-1, -2)).squeeze(-2)
+    # packed GGUF blocks (a GPU): few rows through the fused gather kernel; a prompt's rows
+    # grouped by expert, each chosen expert dequantized once for one product
+    kernels = gpu_kernels()
+    if kernels is not None and x.shape[0] <= CPU_MATVEC_ROWS:
+        return kernels.gather_matvec(w.qtype, w.weight, x.astype(mx.float32), indices).astype(x.dtype)
+    shape = tuple(w.shape[1:])
+    return _by_expert(x, indices, lambda e, rows: rows @ _dequantize_packed(w, w.weight[e], shape).astype(x.dtype).T)
 
 
 def _cpu_expert_blocks(w: QuantizedTensor) -> bool:
@@ -329,14 +332,14 @@ def _by_expert(x: mx.array, indices: mx.array, product) -> mx.array:
 
 def _gather_blocks_cpu(x: mx.array, w: QuantizedTensor, indices: mx.array) -> mx.array:
     """`gather_matmul` over experts kept as GGUF blocks (E, out, bytes per row): few rows
-    read each chosen expert's rows in place; more rows dequantize each chosen expert once
-    (the matvec's unpacking) for one BLAS product with its rows."""
+    read each chosen expert's rows in place; more rows go to each chosen expert's own
+    `gguf_matmul` (its rows' matvec, or dequantized tiles and BLAS past 16): no float copy
+    of an expert, and a row's result the same whichever way its prompt was chunked."""
     qtype, table = int(w.qtype), _table(w.qtype)
     if x.shape[0] <= CPU_MATVEC_ROWS:
         return cpu.KERNELS.gguf_gather_matvec(x, w.weight, qtype, table, indices).astype(x.dtype)
-    in_features = w.shape[-1]
-    return _by_expert(x, indices, lambda e, rows: _dense_matmul(
-        rows, cpu.KERNELS.gguf_dequantize(w.weight[e], qtype, in_features, table).astype(x.dtype)))
+    return _by_expert(x, indices, lambda e, rows: cpu.KERNELS.gguf_matmul(
+        rows, w.weight[e], qtype, table).astype(x.dtype))
 
 
 def _gather_matmul_cpu(x: mx.array, parts: list[Part], indices: mx.array) -> mx.array:

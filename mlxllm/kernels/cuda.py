@@ -23,7 +23,9 @@ CUDA = Backend(
     prelude=PRELUDE,
     index_x="(blockIdx.x * blockDim.x + threadIdx.x)",
     index_y="(blockIdx.y * blockDim.y + threadIdx.y)",
+    index_z="(blockIdx.z * blockDim.z + threadIdx.z)",
     lane="threadIdx.x",
     simd_sum="qwarp_sum({})",
+    nan="__int_as_float(0x7fc00000)",
     make_kernel=mx.fast.cuda_kernel,
 )

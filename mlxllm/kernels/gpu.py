@@ -30,8 +30,10 @@ class Backend:
     prelude: str  # defines QDEV / QTHR / QFN / qhalf before blocks/*.h
     index_x: str  # global thread index along x
     index_y: str  # global thread index along y
+    index_z: str  # global thread index along z
     lane: str  # index within the SIMD group / warp (x extent is SIMD_WIDTH)
     simd_sum: str  # expression summing a float over the SIMD group / warp, "{}" = operand
+    nan: str  # a quiet NaN
     make_kernel: Callable[..., Callable]  # mx.fast.metal_kernel / mx.fast.cuda_kernel
 
     def header(self) -> str:
@@ -67,6 +69,29 @@ MATVEC_BODY = """
 """
 
 
+# Experts (E, out, row bytes): grid z is the (row of x, chosen expert) slot, y the weight row;
+# the matvec's lanes over that expert's row alone. An index past the experts writes NaN and
+# reads nothing (the CPU kernels' rule).
+GATHER_MATVEC_BODY = """
+    const int row = {index_y};
+    const int slot = {index_z};
+    const int lane = {lane};
+    const int out_features = w_shape[1];
+    const int in_features = x_shape[1];
+    if (row >= out_features) return;  // whole SIMD groups / warps only: rows are per group
+    const uint expert = indices[slot];
+    if (expert >= (uint)w_shape[0]) {{
+        if (lane == 0) out[(size_t)slot * out_features + row] = {nan};
+        return;
+    }}
+    float acc[QMAX_BATCH] = {{0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f}};
+    rowdot_{name}(w + ((size_t)expert * out_features + row) * w_shape[2],
+                  x + (size_t)(slot / indices_shape[1]) * in_features, in_features, 1, lane, {simd}, table, acc);
+    const float total = {sum};
+    if (lane == 0) out[(size_t)slot * out_features + row] = total;
+"""
+
+
 def dequantize_source(backend: Backend, qtype: GGMLQuantizationType) -> str:
     name = KERNEL_NAMES[qtype]
     return DEQUANTIZE_BODY.format(name=name, NAME=name.upper(), index_x=backend.index_x)
@@ -78,6 +103,16 @@ def matvec_source(backend: Backend, qtype: GGMLQuantizationType) -> str:
                               simd=SIMD_WIDTH, sum=backend.simd_sum.format("acc[r]"))
 
 
+def gather_matvec_source(backend: Backend, qtype: GGMLQuantizationType) -> str:
+    name = KERNEL_NAMES[qtype]
+    return GATHER_MATVEC_BODY.format(name=name, index_y=backend.index_y, index_z=backend.index_z, lane=backend.lane,
+                                     simd=SIMD_WIDTH, sum=backend.simd_sum.format("acc[0]"), nan=backend.nan)
+
+
+SOURCES = {"dequantize": (dequantize_source, ["w", "table"]), "matvec": (matvec_source, ["w", "x", "table"]),
+           "gather_matvec": (gather_matvec_source, ["w", "x", "indices", "table"])}
+
+
 class GpuKernels:
     """The packed-type kernels of one backend, compiled on first use per type."""
 
@@ -86,8 +121,8 @@ class GpuKernels:
 
     @functools.cache
     def _kernel(self, kind: str, qtype: GGMLQuantizationType) -> Callable:
-        source = (dequantize_source if kind == "dequantize" else matvec_source)(self.backend, qtype)
-        inputs = ["w", "table"] if kind == "dequantize" else ["w", "x", "table"]
+        make_source, inputs = SOURCES[kind]
+        source = make_source(self.backend, qtype)
         return self.backend.make_kernel(name=f"mlxllm_{kind}_{KERNEL_NAMES[qtype]}", input_names=inputs,
                                         output_names=["out"], source=source, header=self.backend.header())
 
@@ -109,5 +144,16 @@ class GpuKernels:
         (out,) = self._kernel("matvec", qtype)(
             inputs=[w, x, self._table(qtype)], grid=(SIMD_WIDTH, out_features, 1),
             threadgroup=(SIMD_WIDTH, ROWS_PER_GROUP, 1), output_shapes=[(x.shape[0], out_features)],
+            output_dtypes=[mx.float32])
+        return out
+
+    def gather_matvec(self, qtype: GGMLQuantizationType, w: mx.array, x: mx.array, indices: mx.array) -> mx.array:
+        """x (N, in) float32 @ W[e].T for each expert e in indices (N, k), packed experts w
+        (E, out, row_bytes) -> (N, k, out): only the chosen experts' rows are read."""
+        N, k = indices.shape
+        out_features = w.shape[1]
+        (out,) = self._kernel("gather_matvec", qtype)(
+            inputs=[w, x, indices.astype(mx.uint32), self._table(qtype)], grid=(SIMD_WIDTH, out_features, N * k),
+            threadgroup=(SIMD_WIDTH, ROWS_PER_GROUP, 1), output_shapes=[(N, k, out_features)],
             output_dtypes=[mx.float32])
         return out

@@ -18,7 +18,9 @@ METAL = Backend(
     prelude=PRELUDE,
     index_x="thread_position_in_grid.x",
     index_y="thread_position_in_grid.y",
+    index_z="thread_position_in_grid.z",
     lane="thread_index_in_simdgroup",
     simd_sum="simd_sum({})",
+    nan="NAN",
     make_kernel=mx.fast.metal_kernel,
 )

@@ -112,6 +112,15 @@ inline int nl_bytes(int t) { return t == MXFP4 ? 17 : 18; }
 inline float nl_scale(int t, const uint8_t* b) { return t == MXFP4 ? e8m0_half(b[0]) : f16_at(b); }
 inline const uint8_t* nl_codes(int t, const uint8_t* b) { return b + (t == MXFP4 ? 1 : 2); }
 
+// The types whose nibbles index a 16-value codebook (`table`).
+inline bool is_iq4(int t) { return t == IQ4_NL || t == IQ4_XS || t == MXFP4; }
+
+// IQ4_XS: sub-block sb's scale, 6 bits (low 4 in scales_l, high 2 in scales_h) minus 32.
+inline int iq4xs_scale(const uint8_t* b, int sb) {
+  const int scales_h = b[2] | (b[3] << 8);
+  return (((b[4 + sb / 2] >> (4 * (sb & 1))) & 15) | (((scales_h >> (2 * sb)) & 3) << 4)) - 32;
+}
+
 // How a type's matvec runs: integer dots against q8 blocks of 32 or of 256, or floats.
 enum class Path { Q8_32, Q8_256, FLOAT };
 
@@ -377,7 +386,7 @@ struct FloatRows {
 // dot_T(row, x, nb): one weight row of nb blocks against one quantized activation row.
 
 // Portable versions: the reference arithmetic, and the path on non-AVX2 builds.
-// IQ4_NL / IQ4_XS: codes index the 16 signed values of `table`; sub-block scales (XS).
+// IQ4_NL / IQ4_XS / MXFP4: codes index the 16 signed values of `table`; sub-block scales (XS).
 float dot_iq4_portable(int t, const uint8_t* row, const Q8Row& x, int nb, const uint8_t* table) {
   const int8_t* kv = reinterpret_cast<const int8_t*>(table);
   float total = 0.f;
@@ -394,10 +403,9 @@ float dot_iq4_portable(int t, const uint8_t* row, const Q8Row& x, int nb, const 
     } else {
       const uint8_t* b = row + 136 * blk;
       const int8_t* y = x.q + 256 * blk;
-      const int scales_h = b[2] | (b[3] << 8);
       int32_t sumi = 0;
       for (int sb = 0; sb < 8; ++sb) {
-        const int ls = (((b[4 + sb / 2] >> (4 * (sb & 1))) & 15) | (((scales_h >> (2 * sb)) & 3) << 4)) - 32;
+        const int ls = iq4xs_scale(b, sb);
         const uint8_t* qs = b + 8 + 16 * sb;
         int32_t dot = 0;
         for (int i = 0; i < 16; ++i) {
@@ -570,10 +578,9 @@ float dot_iq4_avx2(int t, const uint8_t* row, const Q8Row& x, int nb, const uint
     } else {
       const uint8_t* b = row + 136 * blk;
       const int8_t* y = x.q + 256 * blk;
-      const int scales_h = b[2] | (b[3] << 8);
       __m256i sumi = _mm256_setzero_si256();
       for (int sb = 0; sb < 8; ++sb) {
-        const int ls = (((b[4 + sb / 2] >> (4 * (sb & 1))) & 15) | (((scales_h >> (2 * sb)) & 3) << 4)) - 32;
+        const int ls = iq4xs_scale(b, sb);
         const __m256i w = _mm256_shuffle_epi8(kv, nibbles32(b + 8 + 16 * sb));
         const __m256i p = dot_s8s8(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y + 32 * sb)));
         sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p, _mm256_set1_epi32(ls)));
@@ -734,10 +741,9 @@ void fdot_iq4_avx2(int t, const uint8_t* row, const FloatRow* x, int nb, const u
       }
     } else {
       const uint8_t* b = row + 136 * blk;
-      const int scales_h = b[2] | (b[3] << 8);
       const float d = f16_at(b);
       for (int sb = 0; sb < 8; ++sb) {
-        const int ls = (((b[4 + sb / 2] >> (4 * (sb & 1))) & 15) | (((scales_h >> (2 * sb)) & 3) << 4)) - 32;
+        const int ls = iq4xs_scale(b, sb);
         const Codes32 c(_mm256_shuffle_epi8(kv, nibbles32(b + 8 + 16 * sb)), true);
         const __m256 scale = _mm256_set1_ps(d * static_cast<float>(ls));
         for (int r = 0; r < NR; ++r) {
@@ -861,16 +867,20 @@ void fdot_k_avx2(int t, const uint8_t* row, const FloatRow* x, int nb, float* ou
   }
 }
 
-// v[0..31] = scale * codes (+ offset): `dequantize_block`'s arithmetic on 32 unpacked codes
-// (the same expressions, so the same roundings: bit for bit gguf-py's values).
-inline void scale32(float* v, __m256i codes, bool sign, float scale) {
+// v[0..31] = scale * codes (+ offset), codes 0-15 scaled by `scale`, 16-31 by `scale_hi`:
+// `dequantize_block`'s arithmetic on 32 unpacked codes. Every product is exact (an fp16 or
+// power-of-two scale times a code of at most 8 bits), so the one rounding is the add, fused
+// or not: bit for bit gguf-py's values.
+inline void scale32(float* v, __m256i codes, bool sign, float scale, float scale_hi) {
   const Codes32 c(codes, sign);
-  const __m256 d = _mm256_set1_ps(scale);
+  const __m256 d = _mm256_set1_ps(scale), dh = _mm256_set1_ps(scale_hi);
   _mm256_storeu_ps(v, _mm256_mul_ps(d, c.lo.lo));
   _mm256_storeu_ps(v + 8, _mm256_mul_ps(d, c.lo.hi));
-  _mm256_storeu_ps(v + 16, _mm256_mul_ps(d, c.hi.lo));
-  _mm256_storeu_ps(v + 24, _mm256_mul_ps(d, c.hi.hi));
+  _mm256_storeu_ps(v + 16, _mm256_mul_ps(dh, c.hi.lo));
+  _mm256_storeu_ps(v + 24, _mm256_mul_ps(dh, c.hi.hi));
 }
+
+inline void scale32(float* v, __m256i codes, bool sign, float scale) { scale32(v, codes, sign, scale, scale); }
 
 inline void scale32(float* v, __m256i codes, float scale, float offset) {
   const Codes32 c(codes, false);
@@ -906,10 +916,9 @@ void dequantize_block_avx2(int t, const uint8_t* b, const uint8_t* table, float*
     case MXFP4:
       return scale32(v, _mm256_shuffle_epi8(kv(), nibbles32(nl_codes(t, b))), true, nl_scale(t, b));
     case IQ4_XS: {
-      const int scales_h = b[2] | (b[3] << 8);
       const __m256i values = kv();
       for (int sb = 0; sb < 8; ++sb) {
-        const int ls = (((b[4 + sb / 2] >> (4 * (sb & 1))) & 15) | (((scales_h >> (2 * sb)) & 3) << 4)) - 32;
+        const int ls = iq4xs_scale(b, sb);
         scale32(v + 32 * sb, _mm256_shuffle_epi8(values, nibbles32(b + 8 + 16 * sb)), true,
                 f16_at(b) * static_cast<float>(ls));
       }
@@ -924,18 +933,13 @@ void dequantize_block_avx2(int t, const uint8_t* b, const uint8_t* table, float*
           // codes - 32, signed; each 16 has its own scale
           const __m256i codes = _mm256_sub_epi8(q6k_codes(ql0, ql1, qh6, q), _mm256_set1_epi8(32));
           const int g = 8 * h + 2 * q;
-          float* out = v + 128 * h + 32 * q;
-          const Codes32 c(codes, true);
-          const __m256 s0 = _mm256_set1_ps(d * static_cast<float>(sc[g])), s1 = _mm256_set1_ps(d * static_cast<float>(sc[g + 1]));
-          _mm256_storeu_ps(out, _mm256_mul_ps(s0, c.lo.lo));
-          _mm256_storeu_ps(out + 8, _mm256_mul_ps(s0, c.lo.hi));
-          _mm256_storeu_ps(out + 16, _mm256_mul_ps(s1, c.hi.lo));
-          _mm256_storeu_ps(out + 24, _mm256_mul_ps(s1, c.hi.hi));
+          scale32(v + 128 * h + 32 * q, codes, true, d * static_cast<float>(sc[g]), d * static_cast<float>(sc[g + 1]));
         }
       }
       return;
     }
-    default: { // Q4_K, Q5_K
+    case Q4_K:
+    case Q5_K: {
       const bool five = t == Q5_K;
       const uint8_t* qs = b + (five ? 48 : 16);
       const __m256i qh45 = five ? ld(b + 16) : _mm256_setzero_si256();
@@ -950,13 +954,16 @@ void dequantize_block_avx2(int t, const uint8_t* b, const uint8_t* table, float*
                   -(dmin * static_cast<float>(m)));
         }
       }
+      return;
     }
+    default:
+      dequantize_block(t, b, table, v);
   }
 }
 
 template <int NR>
 void fdot_avx2(int t, const uint8_t* row, const FloatRow* x, int nb, const uint8_t* table, float* out) {
-  if (t == IQ4_NL || t == IQ4_XS || t == MXFP4) {
+  if (is_iq4(t)) {
     fdot_iq4_avx2<NR>(t, row, x, nb, table, out);
   } else if (t == Q4_K || t == Q5_K || t == Q6_K) {
     fdot_k_avx2<NR>(t, row, x, nb, out);
@@ -971,7 +978,7 @@ void fdot_avx2(int t, const uint8_t* row, const FloatRow* x, int nb, const uint8
 bool g_use_simd = true;
 
 float dot_q8(int t, const uint8_t* row, const Q8Row& x, int nb, const uint8_t* table) {
-  const bool iq4 = t == IQ4_NL || t == IQ4_XS || t == MXFP4;
+  const bool iq4 = is_iq4(t);
 #if defined(__AVX2__)
   if (g_use_simd && iq4) {
     return dot_iq4_avx2(t, row, x, nb, table);
@@ -1009,6 +1016,28 @@ void dot_float(int t, const uint8_t* row, const FloatRow* x, int nr, int nb, con
 
 // ------------------------------------------------------------------ the products
 
+// Where no dedicated kernel runs: a weight row decoded to floats (v, I of them), then its
+// products with activation rows, 8 partial sums each.
+void decode_row(int t, const TypeInfo& info, const uint8_t* row, const uint8_t* table, float* v, int I) {
+  for (int blk = 0; blk < I / info.qk; ++blk) {
+    dequantize_block(t, row + blk * info.bytes, table, v + static_cast<long>(blk) * info.qk);
+  }
+}
+
+float dot_decoded(const float* v, const float* x, int I) {
+  float acc[8] = {};
+  for (int i = 0; i < I; i += 8) {
+    for (int k = 0; k < 8; ++k) {
+      acc[k] += v[i + k] * x[i + k];
+    }
+  }
+  float s = 0.f;
+  for (float a : acc) {
+    s += a;
+  }
+  return s;
+}
+
 constexpr int kMatvecRows = 16; // up to this many activation rows the matvec runs
 
 void matvec(int t, const TypeInfo& info, const float* x, const uint8_t* w, const uint8_t* table, float* y, int B,
@@ -1040,23 +1069,9 @@ void matvec(int t, const TypeInfo& info, const float* x, const uint8_t* w, const
     parallel_ranges(O, row_bytes * B, [&](long r0, long r1) {
       std::vector<float> v(I);
       for (long o = r0; o < r1; ++o) {
-        const uint8_t* row = w + o * row_bytes;
-        for (int blk = 0; blk < nb; ++blk) {
-          dequantize_block(t, row + blk * info.bytes, table, v.data() + static_cast<long>(blk) * info.qk);
-        }
+        decode_row(t, info, w + o * row_bytes, table, v.data(), I);
         for (int b = 0; b < B; ++b) {
-          const float* xb = x + static_cast<long>(b) * I;
-          float acc[8] = {};
-          for (int i = 0; i < I; i += 8) {
-            for (int k = 0; k < 8; ++k) {
-              acc[k] += v[i + k] * xb[i + k];
-            }
-          }
-          float s = 0.f;
-          for (float a : acc) {
-            s += a;
-          }
-          y[static_cast<long>(b) * O + o] = s;
+          y[static_cast<long>(b) * O + o] = dot_decoded(v.data(), x + static_cast<long>(b) * I, I);
         }
       }
     });
@@ -1101,15 +1116,8 @@ void gather_matvec(int t, const TypeInfo& info, const float* x, const uint8_t* w
         dot_float(t, row, &xr, 1, nb, table, y + u);
         continue;
       }
-      for (int blk = 0; blk < nb; ++blk) {
-        dequantize_block(t, row + blk * info.bytes, table, v.data() + static_cast<long>(blk) * info.qk);
-      }
-      const float* xn = x + n * I;
-      float acc = 0.f;
-      for (int i = 0; i < I; ++i) {
-        acc += v[i] * xn[i];
-      }
-      y[u] = acc;
+      decode_row(t, info, row, table, v.data(), I);
+      y[u] = dot_decoded(v.data(), x + n * I, I);
     }
   });
 }
@@ -1304,13 +1312,15 @@ mx::array gguf_gather_matvec(const mx::array& x, const mx::array& w, int qtype, 
   if (x.ndim() != 2) {
     throw std::invalid_argument("[gguf_gather_matvec] x must be (rows, in_features)");
   }
-  if (w.ndim() != 3) {
+  if (w.ndim() != 3 || w.dtype() != mx::uint8 || w.shape(2) == 0) {
     throw std::invalid_argument("[gguf_gather_matvec] w must be uint8 (experts, rows, bytes per row)");
   }
   check_blocks(mx::reshape(w, {-1, w.shape(2)}), qtype, x.shape(1), op);
   check_table(table, qtype, op);
-  if (indices.ndim() != 2 || indices.shape(0) != x.shape(0) || !mx::issubdtype(indices.dtype(), mx::integer)) {
-    throw std::invalid_argument("[gguf_gather_matvec] indices must be integers (rows, k)");
+  // 32-bit: the kernel reads uint32, and a wider index must not wrap onto a real expert
+  if (indices.ndim() != 2 || indices.shape(0) != x.shape(0) || !mx::issubdtype(indices.dtype(), mx::integer) ||
+      indices.itemsize() > 4) {
+    throw std::invalid_argument("[gguf_gather_matvec] indices must be 32-bit integers (rows, k)");
   }
   auto stream = cpu_stream(s, op);
   mx::Shape shape = {x.shape(0), indices.shape(1), w.shape(1)};
