@@ -101,9 +101,13 @@ def decoder_args(gf: GGUFFile, *, norm: str = "rms", rope: str | None = "norm", 
             used = used[0]
         if not 0 < used <= n_experts:
             raise ValueError(f"expert_used_count {used} is not in 1..{n_experts}")
-        for name, info in gf.tensors.items():  # the routers and experts the file holds (llama.cpp: {n_expert, ...})
-            if name.endswith(("ffn_gate_inp.weight", "_exps.weight")) and info.shape[0] != n_experts:
-                raise ValueError(f"{name} holds {info.shape[0]} experts, expert_count = {n_experts}")
+        # the routers and experts the file holds, {n_expert, ...} in llama.cpp, and the
+        # per-expert router biases, {n_expert} (some converters write {n_expert, 1})
+        for name, info in gf.tensors.items():
+            held = info.shape[0] if name.endswith(("ffn_gate_inp.weight", "_exps.weight", "_exps.bias")) else \
+                info.shape[-1] if name.endswith(("ffn_gate_inp.bias", "exp_probs_b.bias")) else n_experts
+            if held != n_experts:
+                raise ValueError(f"{name} holds {held} experts, expert_count = {n_experts}")
         kw["moe"] = MoEArgs(n_experts=n_experts, n_used=used, n_groups=m.get(Keys.LLM.EXPERT_GROUP_COUNT, 0),
                             n_group_used=m.get(Keys.LLM.EXPERT_GROUP_USED_COUNT, 0), **(moe or {}))
     kw.update(overrides)

@@ -64,6 +64,11 @@ class RopeArgs:
             log_mul = meta.get(Keys.Rope.SCALING_YARN_LOG_MUL, 0.0) if yarn_log_mul else 0.0
             if log_mul:
                 mscale /= _mscale(factor, log_mul)
+            # YaRN's ramp divides by log(freq_base) and takes logs of the original context
+            if not (isinstance(base, (int, float)) and base > 1.0):
+                raise ValueError(f"rope.freq_base = {base} must be above 1 for YaRN scaling")
+            if not (yarn.orig_ctx > 0 and yarn.beta_fast > 0 and yarn.beta_slow > 0):
+                raise ValueError("YaRN's original context and betas must be positive")
             return cls(dims, traditional, base, freq_scale=1.0 / factor, yarn=yarn, attn_factor=mscale * attn_factor)
         raise ValueError(f"rope scaling {kind!r} is not supported")
 
