@@ -200,7 +200,10 @@ class Block(nn.Module):
             self.ffn_up_shexp = self._linear("ffn_up_shexp", d, shared)
             self.ffn_down_shexp = self._linear("ffn_down_shexp", shared, d)
         if has("ffn_gate_inp_shexp.weight"):  # Qwen2-MoE: a sigmoid gate on the shared expert
-            self.ffn_gate_inp_shexp = {"weight": mx.zeros(t[f"blk.{i}.ffn_gate_inp_shexp.weight"])}
+            shape = t[f"blk.{i}.ffn_gate_inp_shexp.weight"]  # {n_embd} in llama.cpp ({n_embd, 1} too)
+            if math.prod(shape) != d:
+                raise ValueError(f"blk.{i}.ffn_gate_inp_shexp holds {list(shape)}, not one weight per {d} dims")
+            self.ffn_gate_inp_shexp = {"weight": mx.zeros(shape)}
 
     @property
     def SHARED_INPUT_PROJECTIONS(self) -> tuple[tuple[str, ...], ...]:  # noqa: N802 (the loader's name)
