@@ -560,6 +560,24 @@ inline __m256i q45k_codes(__m256i bytes, __m256i qh, int half, int j, bool five)
   return code;
 }
 
+// A Q4_K / Q5_K block's 8 sub-blocks of 32: visit(j, codes, d * scale_j, dmin * min_j), the
+// walk the float kernels and the dequantizer share.
+template <class Visit>
+inline void q45k_subblocks(const uint8_t* b, bool five, Visit&& visit) {
+  const uint8_t* qs = b + (five ? 48 : 16);
+  const __m256i qh = five ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)) : _mm256_setzero_si256();
+  const float d = f16_at(b), dmin = f16_at(b + 2);
+  for (int k = 0; k < 4; ++k) {
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * k));
+    for (int half = 0; half < 2; ++half) {
+      const int j = 2 * k + half;
+      int sc, m;
+      k_scale_min(b + 4, j, sc, m);
+      visit(j, q45k_codes(bytes, qh, half, j, five), d * static_cast<float>(sc), dmin * static_cast<float>(m));
+    }
+  }
+}
+
 inline __m256i dot_s8s8(__m256i w, __m256i y) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w)),
                            _mm256_set1_epi16(1));
@@ -841,25 +859,14 @@ void fdot_k_avx2(int t, const uint8_t* row, const FloatRow* x, int nb, float* ou
       }
     } else {
       const bool five = t == Q5_K;
-      const uint8_t* b = row + (five ? 176 : 144) * blk;
-      const uint8_t* qs = b + (five ? 48 : 16);
-      const __m256i qh = five ? ld(b + 16) : _mm256_setzero_si256();
-      const float d = f16_at(b), dmin = f16_at(b + 2);
-      for (int k = 0; k < 4; ++k) {
-        const __m256i bytes = ld(qs + 32 * k);
-        for (int half = 0; half < 2; ++half) {
-          const int j = 2 * k + half;
-          int sc, m;
-          k_scale_min(b + 4, j, sc, m);
-          const Codes32 c(q45k_codes(bytes, qh, half, j, five), false);
-          const __m256 scale = _mm256_set1_ps(d * static_cast<float>(sc));
-          const float minimum = dmin * static_cast<float>(m);
-          for (int r = 0; r < NR; ++r) {
-            acc[r] = _mm256_fmadd_ps(scale, c.dot(x[r].x + 256 * blk + 32 * j), acc[r]);
-            extra[r] -= minimum * (x[r].s[16 * blk + 2 * j] + x[r].s[16 * blk + 2 * j + 1]);
-          }
+      q45k_subblocks(row + (five ? 176 : 144) * blk, five, [&](int j, __m256i codes, float sc, float minimum) {
+        const Codes32 c(codes, false);
+        const __m256 scale = _mm256_set1_ps(sc);
+        for (int r = 0; r < NR; ++r) {
+          acc[r] = _mm256_fmadd_ps(scale, c.dot(x[r].x + 256 * blk + 32 * j), acc[r]);
+          extra[r] -= minimum * (x[r].s[16 * blk + 2 * j] + x[r].s[16 * blk + 2 * j + 1]);
         }
-      }
+      });
     }
   }
   for (int r = 0; r < NR; ++r) {
@@ -939,23 +946,10 @@ void dequantize_block_avx2(int t, const uint8_t* b, const uint8_t* table, float*
       return;
     }
     case Q4_K:
-    case Q5_K: {
-      const bool five = t == Q5_K;
-      const uint8_t* qs = b + (five ? 48 : 16);
-      const __m256i qh45 = five ? ld(b + 16) : _mm256_setzero_si256();
-      const float d = f16_at(b), dmin = f16_at(b + 2);
-      for (int k = 0; k < 4; ++k) {
-        const __m256i bytes = ld(qs + 32 * k);
-        for (int half = 0; half < 2; ++half) {
-          const int j = 2 * k + half;
-          int sc, m;
-          k_scale_min(b + 4, j, sc, m);
-          scale32(v + 32 * j, q45k_codes(bytes, qh45, half, j, five), d * static_cast<float>(sc),
-                  -(dmin * static_cast<float>(m)));
-        }
-      }
-      return;
-    }
+    case Q5_K:
+      return q45k_subblocks(b, t == Q5_K, [v](int j, __m256i codes, float sc, float minimum) {
+        scale32(v + 32 * j, codes, sc, -minimum);
+      });
     default:
       dequantize_block(t, b, table, v);
   }
