@@ -14,7 +14,9 @@ build the tokenizer, encode, render the chat template, then one forward pass. Ou
     ok         everything ran
     error      a one-line user error (what the CLI and server print: GGUFError, LoadError, ...)
     traceback  any other exception, or an error text over MAX_ERROR_CHARS or with a newline
-    hang       still running at the timeout
+    hang       past the timeout in CPU seconds (a loop), or past WALL_FACTOR times it on the
+               clock (blocked); CPU time, so a case starved by other work on the machine is
+               not called a hang
     signal     killed by a signal (SIGSEGV, SIGABRT, or the memory limit's SIGKILL)
 
 Usage:
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import resource
@@ -49,7 +52,8 @@ sys.path.insert(0, str(ROOT))
 
 MAX_ERROR_CHARS = 2000  # a clean error is one line of at most this many characters
 MEMORY_LIMIT = 3 << 30  # bytes of address space per case
-TIMEOUT_S = 20.0
+TIMEOUT_S = 20.0  # CPU seconds per case
+WALL_FACTOR = 10  # ... and this many times that on the clock, for a child that blocks without computing
 FIXTURES = ROOT / "tests" / "fixtures" / "archs"
 
 # --- the file's layout: where each header field lives --------------------------------
@@ -405,6 +409,8 @@ class Pool:
             try:
                 resource.setrlimit(resource.RLIMIT_AS, (self.memory, self.memory))
                 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+                cpu = math.ceil(self.timeout)  # SIGXCPU at the timeout, SIGKILL soon after
+                resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
                 os.environ["MLXLLM_FUZZ"] = "1"
                 result = _run_case(path)
             except BaseException as e:  # noqa: BLE001
@@ -421,15 +427,18 @@ class Pool:
             for run in self.running:
                 # a child that has ended is judged by its result, however late this process
                 # looks (a paused fuzzer would otherwise call every finished child a hang)
-                pid, status = os.waitpid(run.pid, os.WNOHANG)
-                if not pid and now - run.start > self.timeout:
+                pid, status, usage = os.wait4(run.pid, os.WNOHANG)
+                if not pid and now - run.start > self.timeout * WALL_FACTOR:
                     os.kill(run.pid, signal.SIGKILL)
                     os.waitpid(run.pid, 0)
                     return self._done(run, {"outcome": "hang", "seconds": round(now - run.start, 1)})
                 if pid:
                     out = _read_all(run.fd)
+                    cpu = usage.ru_utime + usage.ru_stime
                     if os.WIFSIGNALED(status):
                         sig = os.WTERMSIG(status)
+                        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu >= self.timeout):
+                            return self._done(run, {"outcome": "hang", "cpu_seconds": round(cpu, 1)})
                         return self._done(run, {"outcome": "signal", "signal": signal.Signals(sig).name})
                     try:
                         result = json.loads(out)

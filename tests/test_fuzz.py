@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -108,6 +109,40 @@ def test_a_short_fuzz_run_finds_nothing():
     assert set(counts) <= {"ok", "error"}, [f for f in found if f.startswith("FINDING")][:5]
     assert sum(counts.values()) >= 500, counts  # the run did real work
     assert counts["ok"] > 0 and counts["error"] > 0, counts
+
+
+def _pool_outcome(monkeypatch, tmp_path, case_body, timeout: float, wall_factor: int = 10) -> dict:
+    """One case through the fuzzer's pool, its body replaced (the forked child runs it)."""
+    monkeypatch.setattr(fuzz_gguf, "_run_case", case_body)
+    monkeypatch.setattr(fuzz_gguf, "WALL_FACTOR", wall_factor)
+    pool = fuzz_gguf.Pool(1, timeout, fuzz_gguf.MEMORY_LIMIT, str(tmp_path))
+    pool.submit({"id": 0}, b"")
+    return pool.wait_one()[1]
+
+
+def _spin(path):
+    while True:
+        pass
+
+
+def _block(path):
+    time.sleep(60)
+
+
+def _slow_on_the_clock(path):
+    time.sleep(2.5)  # past the CPU timeout on the clock, but computing nothing
+    return {"outcome": "ok"}
+
+
+def test_a_hang_is_cpu_time_or_a_child_blocked_far_past_the_timeout(monkeypatch, tmp_path):
+    """A loop is a hang once it has used the timeout in CPU seconds; a child that blocks is one
+    after WALL_FACTOR times it on the clock; a case only slow on the clock (the machine busy
+    with other work, as when a benchmark runs beside a long fuzz run) is judged by its result."""
+    spin = _pool_outcome(monkeypatch, tmp_path, _spin, timeout=1)
+    assert spin["outcome"] == "hang" and spin["cpu_seconds"] >= 1, spin
+    blocked = _pool_outcome(monkeypatch, tmp_path, _block, timeout=1, wall_factor=2)
+    assert blocked["outcome"] == "hang" and blocked["seconds"] >= 2, blocked
+    assert _pool_outcome(monkeypatch, tmp_path, _slow_on_the_clock, timeout=1)["outcome"] == "ok"
 
 
 def test_a_window_longer_than_the_context_within_twice_it_loads():
