@@ -244,12 +244,23 @@ class BatchKVCache:
     def _each(parts: list[mx.array] | None, fn) -> list[mx.array] | None:
         return None if parts is None else [fn(p) for p in parts]
 
+    def start_padded(self, pads: list[int]) -> None:
+        """Before the first update: prompts of different lengths fed as one batch, each
+        left-padded to the longest. Row b's first pads[b] slots are padding: masked, stored
+        as zeros (as `extend` pads), and its positions count from the slot after them."""
+        if self.keys is not None:
+            raise ValueError("start_padded is for an empty cache")
+        self.pad, self.lengths = list(pads), [-p for p in pads]
+
     # -- updates
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         B, H, L, _ = keys.shape
         if not self.lengths:
             self.pad, self.lengths = [0] * B, [0] * B
+        if self.size == 0 and any(self.pad):  # a padded first update: whatever the padding computed is not kept
+            real = (mx.arange(L)[None, :] >= mx.array(self.pad)[:, None])[:, None, :, None]  # (B, 1, L, 1)
+            keys, values = mx.where(real, keys, 0).astype(keys.dtype), mx.where(real, values, 0).astype(values.dtype)
         drop = self._dropped(L)
         new_keys, new_values = self._pack(keys), self._pack(values)
         prev = self.size

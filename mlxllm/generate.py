@@ -483,7 +483,11 @@ class BatchGenerator:
         while self.waiting and self.active < self.max_batch:
             self.prefilling.append(self.waiting.popleft())
         if self.prefilling:
-            self._prefill_chunk(self.prefilling[0], events)
+            together = self._joinable()
+            if len(together) > 1:
+                self._prefill_together(together, events)
+            else:
+                self._prefill_chunk(self.prefilling[0], events)
         if self.rows:
             self._decode(events)
         return events
@@ -514,13 +518,116 @@ class BatchGenerator:
             return [batch_cache(w, self.kv_bits) for w in self.windows]
         return self.model.make_cache()
 
+    def _chunk_size(self) -> int:
+        """Prompt tokens this step prefills: a full chunk while nothing else runs, a shared
+        one while rows decode or other prompts wait."""
+        alone = not self.rows and len(self.prefilling) == 1
+        return self.prefill_step if alone else min(self.prefill_step, SHARED_PREFILL_STEP)
+
+    def _stored_prefix(self, row: _Row) -> int:
+        prompt = row.request.prompt
+        return self.prefixes.lookup(prompt, limit=len(prompt) - 1)[0] if self.prefixes is not None else 0
+
+    def _joinable(self) -> list[_Row]:
+        """Prompts that can prefill together in one forward pass (requests arriving at once)
+        and then decode together from the next step: fresh prompts, left-padded to the
+        longest of them, or prompts whose stored prefixes leave the same number of tokens
+        to feed. Only on attention caches (padding would enter a recurrent state), outside
+        a pipeline, within this step's chunk of tokens."""
+        if not self.batched or self.lockstep is not None or any(map(is_recurrent, self.windows)):
+            return []
+        budget = self.prefill_step if not self.rows else min(self.prefill_step, SHARED_PREFILL_STEP)
+        group: list[_Row] = []
+        left = None  # tokens each member feeds (None: fresh prompts, padded)
+        width = 0
+        for row in self.prefilling:
+            if row.caches is not None:  # a prompt part-way in continues chunk by chunk
+                continue
+            prompt = row.request.prompt
+            stored = self._stored_prefix(row)
+            to_feed = len(prompt) - stored if stored else None
+            if group and to_feed != left:
+                continue
+            wider = max(width, len(prompt) if to_feed is None else to_feed)
+            if wider * (len(group) + 1) > budget:
+                continue
+            group.append(row)
+            left, width = to_feed, wider
+        return group
+
+    def _prefill_together(self, rows: list[_Row], events: list[Event]) -> None:
+        """The group `_joinable` chose, in one forward pass; each row then chooses its first token."""
+        for row in rows:
+            row.started = time.perf_counter()
+        stored = self._stored_prefix(rows[0])
+        if stored:  # each row from its stored prefix, the same count of tokens left
+            left = len(rows[0].request.prompt) - stored
+            feeds, caches = [], None
+            for row in list(rows):
+                own = self._start_caches(row)
+                if len(row.request.prompt) - row.position != left:
+                    row.caches = own  # its stored state did not serve after all: it goes on alone
+                    rows.remove(row)
+                    continue
+                feeds.append(row.request.prompt[row.position:])
+                if caches is None:
+                    caches = own
+                else:
+                    for mine, theirs in zip(caches, own):
+                        mine.extend(theirs)
+        else:  # fresh prompts, left-padded; the padding repeats each prompt's first token (a real id)
+            prompts = [row.request.prompt for row in rows]
+            longest = max(map(len, prompts))
+            pads = [longest - len(p) for p in prompts]
+            caches = [batch_cache(w, self.kv_bits) for w in self.windows]
+            for c in caches:
+                c.start_padded(pads)
+            feeds = [[p[0]] * pad + p for p, pad in zip(prompts, pads)]
+        if not rows:
+            return
+        for row in rows:
+            self.prefilling.remove(row)
+        tokens = mx.array(feeds, mx.int32)
+        try:
+            logits = self.model(tokens, cache=caches)[:, -1, :]
+            mx.eval(logits)
+        except Exception as e:  # noqa: BLE001  (the server goes on with the other requests)
+            events.extend(row.fail(f"generation failed: {type(e).__name__}: {e}") for row in rows)
+            return
+        chosen, picked = [], []
+        for i, row in enumerate(rows):
+            row.position = len(row.request.prompt)
+            try:  # one row's sampler or grammar failing ends that row alone
+                token, logprobs = row.choose(logits[i:i + 1])
+                mx.eval(token, logprobs)
+            except Exception as e:  # noqa: BLE001
+                events.append(row.fail(f"generation failed: {type(e).__name__}: {e}"))
+                continue
+            chosen.append(i)
+            picked.append((int(token.item()), logprobs))
+        events.extend(self._accept([rows[i] for i in chosen], [t for t, _ in picked], [lp for _, lp in picked]))
+        for i in chosen:
+            if rows[i].finish:
+                self._store(rows[i], caches, i)
+        going = [i for i in chosen if not rows[i].finish]
+        if not going:
+            return
+        if len(going) < len(rows):
+            for c in caches:
+                c.keep_rows(going)
+        if self._caches is None:
+            self._caches = caches
+        else:
+            for mine, theirs in zip(self._caches, caches):
+                mine.extend(theirs)
+        self.rows.extend(rows[i] for i in going)
+
     def _prefill_chunk(self, row: _Row, events: list[Event]) -> None:
         if row.caches is None:
             row.started = time.perf_counter()
             row.caches = self._start_caches(row)
         prompt = row.request.prompt
-        alone = not self.rows and len(self.prefilling) == 1
-        size = self.prefill_step if alone else min(self.prefill_step, SHARED_PREFILL_STEP)
+        size = self._chunk_size()
         chunk = mx.array(prompt[row.position:row.position + size], mx.int32)
         row.position += chunk.size
         try:

@@ -8,7 +8,8 @@ private GEMM (blas.cpp).
   the reference there is the product with those 8-bit activations, computed here in numpy
   the way llama.cpp defines q8_0 / q8_K); decode rows (blocks read in place) and prefill
   rows (dequantized tiles + GEMM), on every ISA path this machine runs (AVX2 and the
-  portable one); a row gives the same product alone or among many.
+  portable one); a row gives the same product alone or among many, and in float mode
+  bit for bit the same alone or in any decode batch.
 - Bad shapes, types and tables are exceptions, never reads out of bounds.
 """
 
@@ -162,6 +163,24 @@ def test_prefill_rows_equal_decode_rows(qtype, isa, int8):
     together = product(x)
     alone = np.concatenate([product(x[i:i + 1]) for i in range(len(x))])
     assert np.abs(together - alone).max() <= 2e-6 * np.abs(together).max() * np.sqrt(cols / 32)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_decode_rows_are_batch_invariant(qtype, isa):
+    """Float activations, 1-16 rows (decode, where a server batches requests): a row's
+    product is bit for bit the same alone or in a batch of any size, whichever kernel the
+    batch size picks (blocks multiplied as they unpack, or decoded rows in register tiles),
+    so a request's greedy answer does not depend on who else is being served."""
+    raw, cols = _weight(qtype, 37, 2 if GGML_QUANT_SIZES[qtype][0] == 256 else 16, seed=9)
+    x = np.random.default_rng(9).standard_normal((16, cols)).astype(np.float32)
+
+    def product(rows):
+        return np.array(K.gguf_matmul(mx.array(rows), mx.array(raw), int(qtype), _table(qtype)))
+
+    alone = np.concatenate([product(x[i:i + 1]) for i in range(len(x))])
+    for batch in (2, 3, 4, 5, 7, 16):
+        together = np.concatenate([product(x[i:i + batch]) for i in range(0, len(x), batch)])
+        np.testing.assert_array_equal(together, alone, err_msg=f"batches of {batch}")
 
 
 def test_integer_path_follows_the_8_bit_activations():

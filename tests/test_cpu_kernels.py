@@ -163,6 +163,41 @@ def test_attention_dispatch_matches_mlx_sdpa(H, H_kv, L, T, mask):
 
 
 @needs_kernels
+@pytest.mark.parametrize("L", [1, 7])
+def test_attention_with_each_sequences_mask_matches_mlx_sdpa(L):
+    """A batch whose rows are left-padded to the longest (BatchKVCache.make_mask: (B, 1, L, T),
+    one mask per sequence): the kernels' softmax takes it, as MLX's attention does, a
+    padding query that sees nothing included."""
+    B, H, H_kv, T, D = 3, 6, 2, 20, 32
+    q = mx.random.normal((B, H, L, D), key=mx.random.key(13))
+    k = mx.random.normal((B, H_kv, T, D), key=mx.random.key(14))
+    v = mx.random.normal((B, H_kv, T, D), key=mx.random.key(15))
+    pad = mx.array([0, 5, 17])[:, None, None]
+    qpos, kpos = mx.arange(T - L, T)[:, None], mx.arange(T)[None, :]
+    mask = ((kpos <= qpos)[None] & (kpos[None] >= pad))[:, None]  # (B, 1, L, T)
+    got = kernels.attention(q, k, v, D ** -0.5, mask)
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=D ** -0.5, mask=mask)
+    sees = mask.any(axis=-1, keepdims=True)  # (B, 1, L, 1): a padding query may see nothing,
+    assert mx.allclose(mx.where(sees, got, 0.0), mx.where(sees, want, 0.0), atol=2e-5).item()
+    assert (mx.where(sees, 0.0, got) == 0).all().item()  # ... and then gets zeros here (MLX: some mean)
+    with pytest.raises(ValueError, match="batch"):
+        K.masked_softmax(mx.zeros((2, 4, 3)), 1.0, 2, False, mx.ones((3, 2, 3), mx.bool_))
+
+
+@needs_kernels
+@pytest.mark.parametrize("traditional", [True, False])
+def test_rope_with_each_rows_offset_matches_mlx_rope(traditional):
+    """A batch whose rows are at different positions (offset (B,)): one table row per row
+    and position, as mx.fast.rope takes an offset per row."""
+    x = mx.random.normal((3, 4, 2, 64), key=mx.random.key(21))  # (B, L, H, D)
+    offset = mx.array([0, 9, 130])
+    got = kernels.rope(x, 64, traditional=traditional, base=10000.0, scale=1.0, offset=offset)
+    want = mx.fast.rope(x.swapaxes(1, 2), 64, traditional=traditional, base=10000.0, scale=1.0,
+                        offset=offset).swapaxes(1, 2)
+    assert mx.allclose(got, want, atol=1e-4).item()
+
+
+@needs_kernels
 @pytest.mark.parametrize("traditional", [True, False])
 @pytest.mark.parametrize("D,dims,offset,scale,with_freqs", [(64, 64, 0, 1.0, False), (256, 256, 700, 0.125, False),
                                                             (128, 96, 3, 1.0, False), (64, 64, 5000, 1.0, True)])

@@ -58,6 +58,25 @@ def test_rows_joining_and_leaving_match_each_alone(model):
         assert out[uid] == alone(model, request.prompt, request.params, request.max_tokens), f"row {uid}"
 
 
+def test_prompts_arriving_together_prefill_as_one_batch(model, monkeypatch):
+    """Prompts waiting at once are prefilled in one left-padded forward pass (their padding
+    masked and stored as zeros, each row's positions from 0) and decode together from the
+    next step; with penalties on one row, past gemma2's 16-token window, and beside rows
+    already decoding, each row's tokens are the ones it gets alone."""
+    calls = []
+    together = BatchGenerator._prefill_together
+    monkeypatch.setattr(BatchGenerator, "_prefill_together", lambda self, rows, events: (
+        calls.append(len(rows)), together(self, rows, events)))
+    prompts = [token_ids("gemma2", n)[:n] for n in (5, 30, 17, 41, 9, 3)]
+    params = [GREEDY, GREEDY, PENALIZED, GREEDY, GREEDY, GREEDY]
+    requests = [GenerationRequest(p, s, 10) for p, s in zip(prompts, params)]
+    generator = BatchGenerator(model, None, max_batch=8, prefill_step=256)
+    out, _ = run(generator, {0: requests[:4], 4: requests[4:]})
+    assert calls == [4, 2]  # four at once, then two more while those decode (41 + 41 > the shared chunk)
+    for uid, request in enumerate(requests):
+        assert out[uid] == alone(model, request.prompt, request.params, request.max_tokens), f"row {uid}"
+
+
 def test_unbatched_models_interleave_with_the_same_tokens(model, monkeypatch):
     """A model that does not declare `batchable` runs one forward per row, on its own caches."""
     monkeypatch.setattr(type(model), "batchable", False)
@@ -144,6 +163,24 @@ def test_prefix_cache_reuse_equals_a_fresh_run(model):
                 reused = event.stats.cached_tokens
     assert reused == len(first) + len(out[0]) - 1 and uid == 1
     assert tokens == alone(model, follow, n=6)
+
+
+def test_next_turns_with_stored_prefixes_prefill_together(model, monkeypatch):
+    """Next turns arriving at once, each starting past its stored prefix with the same count
+    of tokens left to feed: one forward pass from their stored caches (their rows at their
+    own positions), and each row's tokens equal a fresh run's."""
+    generator = BatchGenerator(model, None, max_batch=4, prefix_cache_bytes=64 << 20)
+    firsts = [token_ids("llama", n) for n in (12, 30, 21)]
+    out, _ = run(generator, {0: [GenerationRequest(p, GREEDY, 5) for p in firsts]})
+    follows = [p + out[uid] + token_ids("gemma2", 6) for uid, p in enumerate(firsts)]
+    calls = []
+    together = BatchGenerator._prefill_together
+    monkeypatch.setattr(BatchGenerator, "_prefill_together", lambda self, rows, events: (
+        calls.append(len(rows)), together(self, rows, events)))
+    again, _ = run(generator, {0: [GenerationRequest(f, GREEDY, 6) for f in follows]})
+    assert calls == [3]
+    for uid, follow in zip(sorted(again), follows):
+        assert again[uid] == alone(model, follow, n=6)
 
 
 class FailingGrammar:

@@ -380,11 +380,12 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
     B, H, L, D = q.shape
     H_kv, T = k.shape[1], k.shape[2]
     rep = H // H_kv
-    plain_mask = not isinstance(mask, mx.array) or mask.shape == (L, T)
-    if kernels is None or not plain_mask:
+    if kernels is None or not _kernel_mask(mask, B, L, T):
         if not softcap and bias is None and sinks is None:
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
         return _attention_reference(q, k, v, scale, mask, softcap, bias, sinks)
+    if isinstance(mask, mx.array) and mask.ndim == 4:  # (B, 1, L, T): each sequence's own, e.g. a batch's padding
+        mask = mask[:, 0]
     # Each key/value head's query heads stacked as rows: one BLAS product per kv head.
     q = q.reshape(B, H_kv, rep, L, D)
     if bias is not None:
@@ -401,12 +402,12 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
             scores, softmax_scale = softcap * mx.tanh(scores * (scale / softcap)), 1.0
         if bias is not None:
             scores = scores + (bias[:, :, start:end, :keys] / softmax_scale).reshape(H_kv, rep * n, keys)
-        keep = mask[start:end, :keys] if isinstance(mask, mx.array) else None
+        keep = mask[..., start:end, :keys] if isinstance(mask, mx.array) else None
         if sinks is not None:  # the sink as key column 0: visible to every query, causal alignment kept
             column = mx.broadcast_to(sinks / softmax_scale, (B, H_kv, rep, n, 1)).reshape(B, H_kv, rep * n, 1)
             scores = mx.concatenate([column.astype(scores.dtype), scores], axis=-1)
             if keep is not None:
-                keep = mx.concatenate([mx.ones((n, 1), mx.bool_), keep], axis=-1)
+                keep = mx.concatenate([mx.ones((*keep.shape[:-1], 1), mx.bool_), keep], axis=-1)
         p = kernels.masked_softmax(scores, softmax_scale, n, isinstance(mask, str), keep)
         if sinks is not None:
             p = p[..., 1:]
@@ -419,6 +420,12 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
     else:
         out = block(0, L, T)
     return out.reshape(B, H, L, v.shape[-1]).astype(q.dtype)
+
+
+def _kernel_mask(mask: mx.array | str | None, B: int, L: int, T: int) -> bool:
+    """Whether masked_softmax takes this mask: none, causal, one (L, T) for every sequence
+    and head, or one per sequence (B, 1, L, T), shared by its heads."""
+    return not isinstance(mask, mx.array) or mask.shape == (L, T) or mask.shape == (B, 1, L, T)
 
 
 def _attention_reference(q, k, v, scale: float, mask, softcap: float, bias: mx.array | None,
@@ -452,14 +459,16 @@ def _attention_reference(q, k, v, scale: float, mask, softcap: float, bias: mx.a
 _ROPE_TABLES: dict[tuple, tuple[mx.array | None, mx.array, mx.array]] = {}
 
 
-def _rope_tables(L: int, offset: int, dims: int, base: float | None, scale: float,
+def _rope_tables(L: int, offsets: tuple[int, ...], dims: int, base: float | None, scale: float,
                  freqs: mx.array | None, mscale: float) -> tuple[mx.array, mx.array]:
-    key = (L, offset, dims, base, scale, None if freqs is None else id(freqs), mscale)
+    """cos and sin (len(offsets) * L, dims / 2): positions offset + l for each offset."""
+    key = (L, offsets, dims, base, scale, None if freqs is None else id(freqs), mscale)
     if key not in _ROPE_TABLES:
         if len(_ROPE_TABLES) >= 32:
             _ROPE_TABLES.clear()
         inv = 1.0 / freqs if freqs is not None else base ** (-mx.arange(0, dims, 2, dtype=mx.float32) / dims)
-        theta = (mx.arange(offset, offset + L, dtype=mx.float32) * scale)[:, None] * inv[None, :]
+        positions = (mx.array(offsets, mx.float32)[:, None] + mx.arange(L, dtype=mx.float32)).reshape(-1)
+        theta = (positions * scale)[:, None] * inv[None, :]
         cos, sin = mx.cos(theta), mx.sin(theta)
         if mscale != 1.0:  # ggml rope_yarn scales cos and sin: the rotated entries grow
             cos, sin = cos * mscale, sin * mscale
@@ -474,13 +483,15 @@ def rope(x: mx.array, dims: int, *, traditional: bool, base: float | None, scale
     parameters (freqs: per-pair wavelengths instead of base), the first `dims` entries of
     each head multiplied by mscale (YaRN). Returns (B, L, H, D)."""
     kernels = cpu.active()
-    if kernels is None or not isinstance(offset, int):
+    if kernels is None:
         y = mx.fast.rope(x.swapaxes(1, 2), dims, traditional=traditional, base=base, scale=scale,
                          offset=offset, freqs=freqs).swapaxes(1, 2)
         if mscale != 1.0:
             y = mx.concatenate([y[..., :dims] * mscale, y[..., dims:]], axis=-1)
         return y
-    cos, sin = _rope_tables(x.shape[1], offset, dims, base, scale, freqs, mscale)
+    # A batch's rows at their own positions (offset (B,)): one table row per (row, position).
+    offsets = (offset,) if isinstance(offset, int) else tuple(offset.tolist())
+    cos, sin = _rope_tables(x.shape[1], offsets, dims, base, scale, freqs, mscale)
     return kernels.rope(x, cos, sin, traditional).astype(x.dtype)
 
 

@@ -135,8 +135,12 @@ mx::array masked_softmax(const mx::array& scores, float scale, int queries, bool
   }
   std::vector<mx::array> inputs = {mx::astype(scores, mx::float32, stream)};
   if (mask) {
-    if (causal || mask->ndim() != 2 || mask->shape(0) != queries || mask->shape(1) != T) {
-      throw std::invalid_argument("[masked_softmax] mask must be (queries, keys) and excludes causal");
+    // (queries, keys) for every row, or (batch, queries, keys): one per index of scores' axis 0
+    const bool shared = mask->ndim() == 2;
+    const bool batched = mask->ndim() == 3 && scores.ndim() >= 3 && mask->shape(0) == scores.shape(0);
+    if (causal || !(shared || batched) || mask->shape(-2) != queries || mask->shape(-1) != T) {
+      throw std::invalid_argument(
+          "[masked_softmax] mask must be (queries, keys) or (batch, queries, keys) and excludes causal");
     }
     inputs.push_back(mx::astype(*mask, mx::bool_, stream));
   }
@@ -150,14 +154,17 @@ void MaskedSoftmax::eval_cpu(const std::vector<mx::array>& inputs, mx::array& ou
   const int T = scores.shape(-1);
   const long rows = static_cast<long>(scores.size() / T);
   const bool* keep = e.inputs.size() > 1 ? e.inputs[1].data<bool>() : nullptr;
+  // Rows per mask: all of them for a (queries, keys) mask, one batch entry's for (batch, ...).
+  const long rows_per_mask = keep && e.inputs[1].ndim() == 3 ? rows / e.inputs[1].shape(0) : rows;
   e.encoder.dispatch(
-      [sp = scores.data<float>(), op = out.data<float>(), keep, T, rows, scale = scale_, L = queries_,
-       causal = causal_]() {
+      [sp = scores.data<float>(), op = out.data<float>(), keep, T, rows, rows_per_mask, scale = scale_,
+       L = queries_, causal = causal_]() {
         parallel_ranges(rows, static_cast<long>(T) * 4, [&](long begin, long end) {
           for (long r = begin; r < end; ++r) {
             const int i = static_cast<int>(r % L); // the query this row belongs to
             if (keep) {
-              softmax_masked(sp + r * T, keep + static_cast<long>(i) * T, op + r * T, T, scale);
+              const long mask_row = (r / rows_per_mask) * L + i;
+              softmax_masked(sp + r * T, keep + mask_row * T, op + r * T, T, scale);
             } else {
               // Causal: the L queries are the last L positions of the T keys.
               softmax_prefix(sp + r * T, op + r * T, T, causal ? T - L + i + 1 : T, scale);

@@ -356,32 +356,6 @@ struct Q8Rows {
   }
 };
 
-// An activation row as floats, with its sums over each 16, which zero points and minimums need.
-struct FloatRow {
-  const float* x;
-  const float* s;
-};
-
-struct FloatRows {
-  const float* x;
-  std::vector<float> s;
-  int I;
-
-  FloatRows(const float* x_, int B, int I_) : x(x_), s(static_cast<size_t>(B) * I_ / 16), I(I_) {
-    for (size_t g = 0; g < s.size(); ++g) {
-      float sum = 0.f;
-      for (int i = 0; i < 16; ++i) {
-        sum += x[16 * g + i];
-      }
-      s[g] = sum;
-    }
-  }
-
-  FloatRow row(int b) const {
-    return {x + static_cast<long>(b) * I, s.data() + static_cast<long>(b) * I / 16};
-  }
-};
-
 // ------------------------------------------------------------------ integer dot products
 // dot_T(row, x, nb): one weight row of nb blocks against one quantized activation row.
 
@@ -707,226 +681,84 @@ float dot_k_avx2(int t, const uint8_t* row, const Q8Row& x, int nb) {
 }
 
 // ------------------------------------------------------------------ float activations
-// The same weight blocks against float activations (the default: no activation rounding,
-// so results are those of the dequantized weight to float rounding, as the dense path
-// and prefill compute them). Codes are unpacked as above, widened to floats and multiplied
-// by x; zero points and minimums come back through sums of x per 16.
+// The same weight blocks against float activations (the default: no activation rounding).
+// Each block is unpacked with AVX2 into its dequantized values, bit for bit gguf-py's, 8 at
+// a time, and handed to a sink: prefill's tiles store them; decode multiplies them straight
+// into one to kFusedRows activation rows, or, for more rows, stores a few weight rows and
+// multiplies them in register tiles. Every path sums each output in one order (one 8-lane
+// partial sum per output, 8 weights at a time from the left), so a row's product is bit for
+// bit the same alone or in any batch: the dequantized weight's product, as the dense path
+// computes it, to float rounding.
 
-// 16 codes (u8, or s8 where `sign`) as two vectors of 8 floats, widened once per weight
-// block and multiplied into up to kRowsPerPass activation rows.
-struct Codes16 {
-  __m256 lo, hi;
-};
-
-inline Codes16 widen16(__m128i codes, bool sign) {
-  const __m128i up = _mm_srli_si128(codes, 8);
-  if (sign) {
-    return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(up))};
-  }
-  return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(up))};
-}
-
-inline __m256 fma16(const Codes16& c, const float* x, __m256 acc) {
-  return _mm256_fmadd_ps(c.hi, _mm256_loadu_ps(x + 8), _mm256_fmadd_ps(c.lo, _mm256_loadu_ps(x), acc));
-}
-
-// 32 codes: elements 0-15 in the low 128 bits, 16-31 in the high ones.
+// 32 codes (u8, or s8 where `sign`) as four vectors of 8 floats, in order.
 struct Codes32 {
-  Codes16 lo, hi;
-  Codes32(__m256i codes, bool sign)
-      : lo(widen16(_mm256_castsi256_si128(codes), sign)), hi(widen16(_mm256_extracti128_si256(codes, 1), sign)) {}
-  __m256 dot(const float* x) const { return fma16(hi, x + 16, fma16(lo, x, _mm256_setzero_ps())); }
+  __m256 v[4];
+  Codes32(__m256i codes, bool sign) {
+    const __m128i lo = _mm256_castsi256_si128(codes), hi = _mm256_extracti128_si256(codes, 1);
+    const __m128i part[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int k = 0; k < 4; ++k) {
+      v[k] = _mm256_cvtepi32_ps(sign ? _mm256_cvtepi8_epi32(part[k]) : _mm256_cvtepu8_epi32(part[k]));
+    }
+  }
 };
 
-constexpr int kRowsPerPass = 4; // activation rows sharing one unpacking of a weight row
-
-// out[r] = row . x[r] for NR activation rows.
-template <int NR>
-void fdot_iq4_avx2(int t, const uint8_t* row, const FloatRow* x, int nb, const uint8_t* table, float* out) {
-  const __m128i kv128 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(table));
-  const __m256i kv = _mm256_set_m128i(kv128, kv128);
-  __m256 acc[NR];
-  for (auto& a : acc) {
-    a = _mm256_setzero_ps();
-  }
-  for (int blk = 0; blk < nb; ++blk) {
-    if (t != IQ4_XS) {
-      const uint8_t* b = row + nl_bytes(t) * blk;
-      const Codes32 c(_mm256_shuffle_epi8(kv, nibbles32(nl_codes(t, b))), true);
-      const __m256 d = _mm256_set1_ps(nl_scale(t, b));
-      for (int r = 0; r < NR; ++r) {
-        acc[r] = _mm256_fmadd_ps(d, c.dot(x[r].x + 32 * blk), acc[r]);
-      }
-    } else {
-      const uint8_t* b = row + 136 * blk;
-      const float d = f16_at(b);
-      for (int sb = 0; sb < 8; ++sb) {
-        const int ls = iq4xs_scale(b, sb);
-        const Codes32 c(_mm256_shuffle_epi8(kv, nibbles32(b + 8 + 16 * sb)), true);
-        const __m256 scale = _mm256_set1_ps(d * static_cast<float>(ls));
-        for (int r = 0; r < NR; ++r) {
-          acc[r] = _mm256_fmadd_ps(scale, c.dot(x[r].x + 256 * blk + 32 * sb), acc[r]);
-        }
-      }
-    }
-  }
-  for (int r = 0; r < NR; ++r) {
-    out[r] = hsum_ps(acc[r]);
-  }
-}
-
-template <int NR>
-void fdot_legacy_avx2(int t, const uint8_t* row, const FloatRow* x, int nb, float* out) {
-  TypeInfo info;
-  type_info(t, info);
-  __m256 acc[NR];
-  float extra[NR] = {}; // zero points and minimums: per block, scalar
-  for (auto& a : acc) {
-    a = _mm256_setzero_ps();
-  }
-  for (int blk = 0; blk < nb; ++blk) {
-    const uint8_t* b = row + info.bytes * blk;
-    const float d = f16_at(b);
-    float per_sum = 0.f; // what each block's sum of x is multiplied by
-    __m256i codes;
-    uint32_t qh;
-    switch (t) {
-      case Q4_0:
-        codes = nibbles32(b + 2);
-        per_sum = -8.f * d;
-        break;
-      case Q4_1:
-        codes = nibbles32(b + 4);
-        per_sum = f16_at(b + 2);
-        break;
-      case Q5_0:
-        std::memcpy(&qh, b + 2, 4);
-        codes = _mm256_or_si256(nibbles32(b + 6), bit4_of(qh));
-        per_sum = -16.f * d;
-        break;
-      case Q5_1:
-        std::memcpy(&qh, b + 4, 4);
-        codes = _mm256_or_si256(nibbles32(b + 8), bit4_of(qh));
-        per_sum = f16_at(b + 2);
-        break;
-      default: // Q8_0
-        codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
-    }
-    const Codes32 c(codes, t == Q8_0);
-    const __m256 vd = _mm256_set1_ps(d);
-    for (int r = 0; r < NR; ++r) {
-      acc[r] = _mm256_fmadd_ps(vd, c.dot(x[r].x + 32 * blk), acc[r]);
-      extra[r] += per_sum * (x[r].s[2 * blk] + x[r].s[2 * blk + 1]);
-    }
-  }
-  for (int r = 0; r < NR; ++r) {
-    out[r] = hsum_ps(acc[r]) + extra[r];
-  }
-}
-
-template <int NR>
-void fdot_k_avx2(int t, const uint8_t* row, const FloatRow* x, int nb, float* out) {
-  __m256 acc[NR];
-  float extra[NR] = {};
-  for (auto& a : acc) {
-    a = _mm256_setzero_ps();
-  }
-  auto ld = [](const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
-  for (int blk = 0; blk < nb; ++blk) {
-    if (t == Q6_K) {
-      const uint8_t* b = row + 210 * blk;
-      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
-      const float d = f16_at(b + 208);
-      for (int h = 0; h < 2; ++h) {
-        const __m256i ql0 = ld(b + 64 * h), ql1 = ld(b + 64 * h + 32), qh = ld(b + 128 + 32 * h);
-        for (int q = 0; q < 4; ++q) {
-          const Codes32 c(q6k_codes(ql0, ql1, qh, q), false);
-          const int g = 8 * h + 2 * q; // the 32 codes span scale groups g and g + 1
-          const __m256 s0 = _mm256_set1_ps(d * sc[g]), s1 = _mm256_set1_ps(d * sc[g + 1]);
-          for (int r = 0; r < NR; ++r) {
-            const float* y = x[r].x + 256 * blk + 128 * h + 32 * q;
-            acc[r] = _mm256_fmadd_ps(s0, fma16(c.lo, y, _mm256_setzero_ps()), acc[r]);
-            acc[r] = _mm256_fmadd_ps(s1, fma16(c.hi, y + 16, _mm256_setzero_ps()), acc[r]);
-          }
-        }
-      }
-      for (int r = 0; r < NR; ++r) {
-        float corr = 0.f;
-        for (int g = 0; g < 16; ++g) {
-          corr += static_cast<float>(sc[g]) * x[r].s[16 * blk + g];
-        }
-        extra[r] -= 32.f * d * corr;
-      }
-    } else {
-      const bool five = t == Q5_K;
-      q45k_subblocks(row + (five ? 176 : 144) * blk, five, [&](int j, __m256i codes, float sc, float minimum) {
-        const Codes32 c(codes, false);
-        const __m256 scale = _mm256_set1_ps(sc);
-        for (int r = 0; r < NR; ++r) {
-          acc[r] = _mm256_fmadd_ps(scale, c.dot(x[r].x + 256 * blk + 32 * j), acc[r]);
-          extra[r] -= minimum * (x[r].s[16 * blk + 2 * j] + x[r].s[16 * blk + 2 * j + 1]);
-        }
-      });
-    }
-  }
-  for (int r = 0; r < NR; ++r) {
-    out[r] = hsum_ps(acc[r]) + extra[r];
-  }
-}
-
-// v[0..31] = scale * codes (+ offset), codes 0-15 scaled by `scale`, 16-31 by `scale_hi`:
-// `dequantize_block`'s arithmetic on 32 unpacked codes. Every product is exact (an fp16 or
-// power-of-two scale times a code of at most 8 bits), so the one rounding is the add, fused
-// or not: bit for bit gguf-py's values.
-inline void scale32(float* v, __m256i codes, bool sign, float scale, float scale_hi) {
+// Elements at..at+31 = scale * codes (+ offset), codes 0-15 scaled by `scale`, 16-31 by
+// `scale_hi`, to sink(i, 8 floats) in order: `dequantize_block`'s arithmetic on 32 unpacked
+// codes. Every product is exact (an fp16 or power-of-two scale times a code of at most 8
+// bits), so the one rounding is the add, fused or not: bit for bit gguf-py's values.
+template <class Sink>
+inline void scale32(Sink& sink, int at, __m256i codes, bool sign, float scale, float scale_hi) {
   const Codes32 c(codes, sign);
   const __m256 d = _mm256_set1_ps(scale), dh = _mm256_set1_ps(scale_hi);
-  _mm256_storeu_ps(v, _mm256_mul_ps(d, c.lo.lo));
-  _mm256_storeu_ps(v + 8, _mm256_mul_ps(d, c.lo.hi));
-  _mm256_storeu_ps(v + 16, _mm256_mul_ps(dh, c.hi.lo));
-  _mm256_storeu_ps(v + 24, _mm256_mul_ps(dh, c.hi.hi));
+  for (int k = 0; k < 4; ++k) {
+    sink(at + 8 * k, _mm256_mul_ps(k < 2 ? d : dh, c.v[k]));
+  }
 }
 
-inline void scale32(float* v, __m256i codes, bool sign, float scale) { scale32(v, codes, sign, scale, scale); }
+template <class Sink>
+inline void scale32(Sink& sink, int at, __m256i codes, bool sign, float scale) {
+  scale32(sink, at, codes, sign, scale, scale);
+}
 
-inline void scale32(float* v, __m256i codes, float scale, float offset) {
+template <class Sink>
+inline void scale32_offset(Sink& sink, int at, __m256i codes, float scale, float offset) {
   const Codes32 c(codes, false);
   const __m256 d = _mm256_set1_ps(scale), m = _mm256_set1_ps(offset);
-  _mm256_storeu_ps(v, _mm256_add_ps(_mm256_mul_ps(d, c.lo.lo), m));
-  _mm256_storeu_ps(v + 8, _mm256_add_ps(_mm256_mul_ps(d, c.lo.hi), m));
-  _mm256_storeu_ps(v + 16, _mm256_add_ps(_mm256_mul_ps(d, c.hi.lo), m));
-  _mm256_storeu_ps(v + 24, _mm256_add_ps(_mm256_mul_ps(d, c.hi.hi), m));
+  for (int k = 0; k < 4; ++k) {
+    sink(at + 8 * k, _mm256_add_ps(_mm256_mul_ps(d, c.v[k]), m));
+  }
 }
 
-// One block of a type with float kernels as floats, with the float kernels' unpacking:
-// prefill's tiles and batches past kMatvecRows dequantize every weight once per product.
-void dequantize_block_avx2(int t, const uint8_t* b, const uint8_t* table, float* v) {
+// One block of a type with float kernels, unpacked: sink(i, elements i..i+7), i rising.
+template <class Sink>
+inline __attribute__((always_inline)) void unpack_block_avx2(int t, const uint8_t* b, const uint8_t* table,
+                                                             Sink&& sink) {
   auto ld = [](const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
   // IQ4's 16 signed values (table bytes 0..15; the other types have no table)
   auto kv = [table] { return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table))); };
   uint32_t qh;
   switch (t) {
     case Q4_0:
-      return scale32(v, _mm256_sub_epi8(nibbles32(b + 2), _mm256_set1_epi8(8)), true, f16_at(b));
+      return scale32(sink, 0, _mm256_sub_epi8(nibbles32(b + 2), _mm256_set1_epi8(8)), true, f16_at(b));
     case Q4_1:
-      return scale32(v, nibbles32(b + 4), f16_at(b), f16_at(b + 2));
+      return scale32_offset(sink, 0, nibbles32(b + 4), f16_at(b), f16_at(b + 2));
     case Q5_0:
       std::memcpy(&qh, b + 2, 4);
-      return scale32(v, _mm256_sub_epi8(_mm256_or_si256(nibbles32(b + 6), bit4_of(qh)), _mm256_set1_epi8(16)), true,
-                     f16_at(b));
+      return scale32(sink, 0, _mm256_sub_epi8(_mm256_or_si256(nibbles32(b + 6), bit4_of(qh)), _mm256_set1_epi8(16)),
+                     true, f16_at(b));
     case Q5_1:
       std::memcpy(&qh, b + 4, 4);
-      return scale32(v, _mm256_or_si256(nibbles32(b + 8), bit4_of(qh)), f16_at(b), f16_at(b + 2));
+      return scale32_offset(sink, 0, _mm256_or_si256(nibbles32(b + 8), bit4_of(qh)), f16_at(b), f16_at(b + 2));
     case Q8_0:
-      return scale32(v, ld(b + 2), true, f16_at(b));
+      return scale32(sink, 0, ld(b + 2), true, f16_at(b));
     case IQ4_NL:
     case MXFP4:
-      return scale32(v, _mm256_shuffle_epi8(kv(), nibbles32(nl_codes(t, b))), true, nl_scale(t, b));
+      return scale32(sink, 0, _mm256_shuffle_epi8(kv(), nibbles32(nl_codes(t, b))), true, nl_scale(t, b));
     case IQ4_XS: {
       const __m256i values = kv();
       for (int sb = 0; sb < 8; ++sb) {
         const int ls = iq4xs_scale(b, sb);
-        scale32(v + 32 * sb, _mm256_shuffle_epi8(values, nibbles32(b + 8 + 16 * sb)), true,
+        scale32(sink, 32 * sb, _mm256_shuffle_epi8(values, nibbles32(b + 8 + 16 * sb)), true,
                 f16_at(b) * static_cast<float>(ls));
       }
       return;
@@ -940,29 +772,68 @@ void dequantize_block_avx2(int t, const uint8_t* b, const uint8_t* table, float*
           // codes - 32, signed; each 16 has its own scale
           const __m256i codes = _mm256_sub_epi8(q6k_codes(ql0, ql1, qh6, q), _mm256_set1_epi8(32));
           const int g = 8 * h + 2 * q;
-          scale32(v + 128 * h + 32 * q, codes, true, d * static_cast<float>(sc[g]), d * static_cast<float>(sc[g + 1]));
+          scale32(sink, 128 * h + 32 * q, codes, true, d * static_cast<float>(sc[g]), d * static_cast<float>(sc[g + 1]));
         }
       }
       return;
     }
     case Q4_K:
     case Q5_K:
-      return q45k_subblocks(b, t == Q5_K, [v](int j, __m256i codes, float sc, float minimum) {
-        scale32(v + 32 * j, codes, sc, -minimum);
+      return q45k_subblocks(b, t == Q5_K, [&sink](int j, __m256i codes, float sc, float minimum) {
+        scale32_offset(sink, 32 * j, codes, sc, -minimum);
       });
     default:
-      dequantize_block(t, b, table, v);
+      throw std::logic_error("unpack_block_avx2: a type without a float kernel");
   }
 }
 
-template <int NR>
-void fdot_avx2(int t, const uint8_t* row, const FloatRow* x, int nb, const uint8_t* table, float* out) {
-  if (is_iq4(t)) {
-    fdot_iq4_avx2<NR>(t, row, x, nb, table, out);
-  } else if (t == Q4_K || t == Q5_K || t == Q6_K) {
-    fdot_k_avx2<NR>(t, row, x, nb, out);
-  } else {
-    fdot_legacy_avx2<NR>(t, row, x, nb, out);
+// One block as floats, with the float kernels' unpacking (prefill's tiles, decode's batches).
+inline __attribute__((always_inline)) void dequantize_block_avx2(int t, const uint8_t* b, const uint8_t* table,
+                                                                 float* v) {
+  unpack_block_avx2(t, b, table, [v](int i, __m256 x) { _mm256_storeu_ps(v + i, x); });
+}
+
+// Consecutive blocks of type T (rows laid end to end are consecutive blocks) as floats.
+template <int T>
+void dequantize_blocks_avx2(const uint8_t* b, const uint8_t* table, float* v, long blocks, const TypeInfo& info) {
+  for (long blk = 0; blk < blocks; ++blk) {
+    dequantize_block_avx2(T, b + blk * info.bytes, table, v + blk * info.qk);
+  }
+}
+
+// out[r] = row . x[r] for NR activation rows: each 8 weights unpacked once and multiplied
+// into every row, in the order the register tiles below use.
+template <int T, int NR>
+__attribute__((noinline)) void fused_dots_avx2(const uint8_t* row, const float* const* x, int nb, const uint8_t* table,
+                                               float* out) {
+  TypeInfo info;
+  type_info(T, info);
+  __m256 acc[NR];
+  for (auto& a : acc) {
+    a = _mm256_setzero_ps();
+  }
+  for (int blk = 0; blk < nb; ++blk) {
+    const long base = static_cast<long>(blk) * info.qk;
+    unpack_block_avx2(T, row + static_cast<long>(blk) * info.bytes, table, [&](int i, __m256 w) {
+      for (int r = 0; r < NR; ++r) {
+        acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x[r] + base + i), acc[r]);
+      }
+    });
+  }
+  for (int r = 0; r < NR; ++r) {
+    out[r] = hsum_ps(acc[r]);
+  }
+}
+
+template <int T>
+void fused_dots_t(const uint8_t* row, const float* const* x, int nr, int nb, const uint8_t* table, float* out) {
+  switch (nr) {
+    case 1: return fused_dots_avx2<T, 1>(row, x, nb, table, out);
+    case 2: return fused_dots_avx2<T, 2>(row, x, nb, table, out);
+    case 3: return fused_dots_avx2<T, 3>(row, x, nb, table, out);
+    case 4: return fused_dots_avx2<T, 4>(row, x, nb, table, out);
+    case 5: return fused_dots_avx2<T, 5>(row, x, nb, table, out);
+    default: return fused_dots_avx2<T, 6>(row, x, nb, table, out);
   }
 }
 #endif
@@ -994,42 +865,113 @@ bool float_kernel(int t, const TypeInfo& info) {
 #endif
 }
 
-// out[r] = row . x[r] for nr (1 to kRowsPerPass) activation rows, one unpacking of the row.
-void dot_float(int t, const uint8_t* row, const FloatRow* x, int nr, int nb, const uint8_t* table, float* out) {
+constexpr int kFusedRows = 6; // up to this many activation rows multiply a row's blocks as they unpack
+                              // (measured even with the register tiles at 7-8 rows)
+
+// out[r] = row . x[r] for nr (1 to kFusedRows) activation rows, one unpacking of the row.
+void fused_dots(int t, const uint8_t* row, const float* const* x, int nr, int nb, const uint8_t* table, float* out) {
 #if defined(__AVX2__)
-  switch (nr) {
-    case 1: return fdot_avx2<1>(t, row, x, nb, table, out);
-    case 2: return fdot_avx2<2>(t, row, x, nb, table, out);
-    case 3: return fdot_avx2<3>(t, row, x, nb, table, out);
-    default: return fdot_avx2<4>(t, row, x, nb, table, out);
+  switch (t) {
+    case Q4_0: return fused_dots_t<Q4_0>(row, x, nr, nb, table, out);
+    case Q4_1: return fused_dots_t<Q4_1>(row, x, nr, nb, table, out);
+    case Q5_0: return fused_dots_t<Q5_0>(row, x, nr, nb, table, out);
+    case Q5_1: return fused_dots_t<Q5_1>(row, x, nr, nb, table, out);
+    case Q8_0: return fused_dots_t<Q8_0>(row, x, nr, nb, table, out);
+    case Q4_K: return fused_dots_t<Q4_K>(row, x, nr, nb, table, out);
+    case Q5_K: return fused_dots_t<Q5_K>(row, x, nr, nb, table, out);
+    case Q6_K: return fused_dots_t<Q6_K>(row, x, nr, nb, table, out);
+    case IQ4_NL: return fused_dots_t<IQ4_NL>(row, x, nr, nb, table, out);
+    case IQ4_XS: return fused_dots_t<IQ4_XS>(row, x, nr, nb, table, out);
+    case MXFP4: return fused_dots_t<MXFP4>(row, x, nr, nb, table, out);
+    default: break;
   }
-#else
-  throw std::logic_error("dot_float without a float kernel");
 #endif
+  throw std::logic_error("fused_dots without a float kernel");
 }
 
 // ------------------------------------------------------------------ the products
 
-// Where no dedicated kernel runs: a weight row decoded to floats (v, I of them), then its
-// products with activation rows, 8 partial sums each.
+// A weight row decoded to floats (v, I of them): bit for bit gguf-py's values, with the
+// float kernels' AVX2 unpacking where the type has it, else the shared block decoders.
+void dequantize_rows(int t, const TypeInfo& info, const uint8_t* w, const uint8_t* table, float* out, int I, long r0,
+                     long r1);
+
 void decode_row(int t, const TypeInfo& info, const uint8_t* row, const uint8_t* table, float* v, int I) {
-  for (int blk = 0; blk < I / info.qk; ++blk) {
-    dequantize_block(t, row + blk * info.bytes, table, v + static_cast<long>(blk) * info.qk);
+  dequantize_rows(t, info, row, table, v, I, 0, 1);
+}
+
+// out[m * NR + r] = v[m] . x[r] for MR decoded weight rows and NR activation rows: a
+// register tile, so each load of v or x feeds several multiply-adds (one activation row
+// per weight row would be bound by reloading x from L2). I is a multiple of 32 (every
+// block holds 32 or 256 weights).
+#if defined(__AVX2__)
+template <int MR, int NR>
+__attribute__((noinline)) void tile_avx2(const float* const* v, const float* const* x, int I, float* out) {
+  __m256 acc[MR][NR];
+  for (auto& row : acc) {
+    for (auto& a : row) {
+      a = _mm256_setzero_ps();
+    }
+  }
+  for (int i = 0; i < I; i += 8) {
+    __m256 xs[NR];
+    for (int r = 0; r < NR; ++r) {
+      xs[r] = _mm256_loadu_ps(x[r] + i);
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m256 w = _mm256_loadu_ps(v[m] + i);
+      for (int r = 0; r < NR; ++r) {
+        acc[m][r] = _mm256_fmadd_ps(w, xs[r], acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    for (int r = 0; r < NR; ++r) {
+      out[m * NR + r] = hsum_ps(acc[m][r]);
+    }
   }
 }
 
-float dot_decoded(const float* v, const float* x, int I) {
-  float acc[8] = {};
-  for (int i = 0; i < I; i += 8) {
-    for (int k = 0; k < 8; ++k) {
-      acc[k] += v[i + k] * x[i + k];
+template <int MR>
+void tile_rows_avx2(const float* const* v, const float* const* x, int nr, int I, float* out) {
+  switch (nr) {
+    case 1: return tile_avx2<MR, 1>(v, x, I, out);
+    case 2: return tile_avx2<MR, 2>(v, x, I, out);
+    default: return tile_avx2<MR, 3>(v, x, I, out);
+  }
+}
+#endif
+
+constexpr int kTileM = 4; // decoded weight rows per register tile
+constexpr int kTileN = 3; // activation rows per register tile
+
+// out[m * nr + r] = v[m] . x[r] for mr <= kTileM weight rows and nr <= kTileN activation rows.
+void dots_decoded(const float* const* v, const float* const* x, int mr, int nr, int I, float* out) {
+#if defined(__AVX2__)
+  if (g_use_simd) {
+    switch (mr) {
+      case 1: return tile_rows_avx2<1>(v, x, nr, I, out);
+      case 2: return tile_rows_avx2<2>(v, x, nr, I, out);
+      case 3: return tile_rows_avx2<3>(v, x, nr, I, out);
+      default: return tile_rows_avx2<4>(v, x, nr, I, out);
     }
   }
-  float s = 0.f;
-  for (float a : acc) {
-    s += a;
+#endif
+  for (int m = 0; m < mr; ++m) {
+    for (int r = 0; r < nr; ++r) { // 8 partial sums: the compiler vectorizes them
+      float acc[8] = {};
+      for (int i = 0; i < I; i += 8) {
+        for (int k = 0; k < 8; ++k) {
+          acc[k] += v[m][i + k] * x[r][i + k];
+        }
+      }
+      float sum = 0.f;
+      for (float a : acc) {
+        sum += a;
+      }
+      out[m * nr + r] = sum;
+    }
   }
-  return s;
 }
 
 constexpr int kMatvecRows = 16; // up to this many activation rows the matvec runs
@@ -1038,34 +980,42 @@ void matvec(int t, const TypeInfo& info, const float* x, const uint8_t* w, const
             int I, int O, bool int8) {
   const int nb = I / info.qk;
   const long row_bytes = static_cast<long>(nb) * info.bytes;
-  if (!int8 && float_kernel(t, info)) {
-    const FloatRows rows(x, B, I);
-    parallel_ranges(O, row_bytes * B, [&](long r0, long r1) {
-      FloatRow pass[kRowsPerPass];
-      float out[kRowsPerPass];
-      for (long o = r0; o < r1; ++o) {
-        const uint8_t* row = w + o * row_bytes;
-        for (int b0 = 0; b0 < B; b0 += kRowsPerPass) {
-          const int nr = std::min(kRowsPerPass, B - b0);
-          for (int r = 0; r < nr; ++r) {
-            pass[r] = rows.row(b0 + r);
-          }
-          dot_float(t, row, pass, nr, nb, table, out);
-          for (int r = 0; r < nr; ++r) {
-            y[static_cast<long>(b0 + r) * O + o] = out[r];
+  if (info.path == Path::FLOAT || !int8) {
+    std::vector<const float*> xs(B);
+    for (int b = 0; b < B; ++b) {
+      xs[b] = x + static_cast<long>(b) * I;
+    }
+    if (float_kernel(t, info) && B <= kFusedRows) { // each weight row's blocks meet every x as they unpack
+      parallel_ranges(O, row_bytes * B, [&](long r0, long r1) {
+        float out[kFusedRows];
+        for (long o = r0; o < r1; ++o) {
+          fused_dots(t, w + o * row_bytes, xs.data(), B, nb, table, out);
+          for (int b = 0; b < B; ++b) {
+            y[static_cast<long>(b) * O + o] = out[b];
           }
         }
-      }
-    });
-    return;
-  }
-  if (info.path == Path::FLOAT || !int8) {
+      });
+      return;
+    }
+    // More rows: kTileM weight rows decoded to floats (in L1), then register tiles over x.
     parallel_ranges(O, row_bytes * B, [&](long r0, long r1) {
-      std::vector<float> v(I);
-      for (long o = r0; o < r1; ++o) {
-        decode_row(t, info, w + o * row_bytes, table, v.data(), I);
-        for (int b = 0; b < B; ++b) {
-          y[static_cast<long>(b) * O + o] = dot_decoded(v.data(), x + static_cast<long>(b) * I, I);
+      std::vector<float> v(static_cast<size_t>(kTileM) * I);
+      const float* vs[kTileM];
+      float out[kTileM * kTileN];
+      for (long o0 = r0; o0 < r1; o0 += kTileM) {
+        const int mr = static_cast<int>(std::min<long>(kTileM, r1 - o0));
+        for (int m = 0; m < mr; ++m) {
+          vs[m] = v.data() + static_cast<long>(m) * I;
+          decode_row(t, info, w + (o0 + m) * row_bytes, table, v.data() + static_cast<long>(m) * I, I);
+        }
+        for (int b0 = 0, nr; b0 < B; b0 += nr) {
+          nr = B - b0 == 4 ? 2 : std::min(kTileN, B - b0); // 4 rows as 2 + 2, not 3 + a lone 1
+          dots_decoded(vs, xs.data() + b0, mr, nr, I, out);
+          for (int m = 0; m < mr; ++m) {
+            for (int r = 0; r < nr; ++r) {
+              y[static_cast<long>(b0 + r) * O + o0 + m] = out[m * nr + r];
+            }
+          }
         }
       }
     });
@@ -1094,7 +1044,6 @@ void gather_matvec(int t, const TypeInfo& info, const float* x, const uint8_t* w
   const int nb = I / info.qk;
   const long row_bytes = static_cast<long>(nb) * info.bytes;
   const bool dedicated = float_kernel(t, info);
-  const FloatRows rows(x, N, I);
   parallel_ranges(static_cast<long>(N) * k * O, row_bytes, [&](long r0, long r1) {
     std::vector<float> v(dedicated ? 0 : I);
     for (long u = r0; u < r1; ++u) {
@@ -1105,13 +1054,14 @@ void gather_matvec(int t, const TypeInfo& info, const float* x, const uint8_t* w
         continue;
       }
       const uint8_t* row = w + (static_cast<long>(e) * O + u % O) * row_bytes;
+      const float* xr = x + n * I;
       if (dedicated) {
-        const FloatRow xr = rows.row(static_cast<int>(n));
-        dot_float(t, row, &xr, 1, nb, table, y + u);
+        fused_dots(t, row, &xr, 1, nb, table, y + u);
         continue;
       }
       decode_row(t, info, row, table, v.data(), I);
-      y[u] = dot_decoded(v.data(), x + n * I, I);
+      const float* vr = v.data();
+      dots_decoded(&vr, &xr, 1, 1, I, y + u);
     }
   });
 }
@@ -1120,15 +1070,30 @@ void dequantize_rows(int t, const TypeInfo& info, const uint8_t* w, const uint8_
                      long r1) {
   const int nb = I / info.qk;
   const long row_bytes = static_cast<long>(nb) * info.bytes;
-  auto block = &dequantize_block;
 #if defined(__AVX2__)
   if (float_kernel(t, info)) {
-    block = &dequantize_block_avx2;
+    const long blocks = (r1 - r0) * nb;
+    w += r0 * row_bytes;
+    out += r0 * I;
+    switch (t) { // the type a constant in each loop: the block's unpacking inlined, no call per block
+      case Q4_0: return dequantize_blocks_avx2<Q4_0>(w, table, out, blocks, info);
+      case Q4_1: return dequantize_blocks_avx2<Q4_1>(w, table, out, blocks, info);
+      case Q5_0: return dequantize_blocks_avx2<Q5_0>(w, table, out, blocks, info);
+      case Q5_1: return dequantize_blocks_avx2<Q5_1>(w, table, out, blocks, info);
+      case Q8_0: return dequantize_blocks_avx2<Q8_0>(w, table, out, blocks, info);
+      case Q4_K: return dequantize_blocks_avx2<Q4_K>(w, table, out, blocks, info);
+      case Q5_K: return dequantize_blocks_avx2<Q5_K>(w, table, out, blocks, info);
+      case Q6_K: return dequantize_blocks_avx2<Q6_K>(w, table, out, blocks, info);
+      case IQ4_NL: return dequantize_blocks_avx2<IQ4_NL>(w, table, out, blocks, info);
+      case IQ4_XS: return dequantize_blocks_avx2<IQ4_XS>(w, table, out, blocks, info);
+      case MXFP4: return dequantize_blocks_avx2<MXFP4>(w, table, out, blocks, info);
+      default: break;
+    }
   }
 #endif
   for (long o = r0; o < r1; ++o) {
     for (int blk = 0; blk < nb; ++blk) {
-      block(t, w + o * row_bytes + blk * info.bytes, table, out + o * I + static_cast<long>(blk) * info.qk);
+      dequantize_block(t, w + o * row_bytes + blk * info.bytes, table, out + o * I + static_cast<long>(blk) * info.qk);
     }
   }
 }

@@ -41,9 +41,11 @@ mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin, b
                mx::StreamOrDevice s) {
   auto stream = cpu_stream(s, "rope");
   // 64-bit: 2 * (dims / 2) wraps around in an int for a table of 2^30 pairs
-  if (x.ndim() != 4 || cos.ndim() != 2 || cos.shape() != sin.shape() || cos.shape(0) != x.shape(1) ||
+  // cos/sin: (L, dims / 2), every sequence at the same positions, or (B * L, dims / 2), each its own
+  if (x.ndim() != 4 || cos.ndim() != 2 || cos.shape() != sin.shape() ||
+      (cos.shape(0) != x.shape(1) && static_cast<int64_t>(cos.shape(0)) != static_cast<int64_t>(x.shape(0)) * x.shape(1)) ||
       2 * static_cast<int64_t>(cos.shape(1)) > x.shape(3)) {
-    throw std::invalid_argument("[rope] x must be (B, L, H, D) and cos/sin (L, dims / 2) with dims <= D");
+    throw std::invalid_argument("[rope] x must be (B, L, H, D) and cos/sin (L or B * L, dims / 2) with dims <= D");
   }
   std::vector<mx::array> inputs = {mx::astype(x, mx::float32, stream), mx::astype(cos, mx::float32, stream),
                                    mx::astype(sin, mx::float32, stream)};
@@ -54,11 +56,11 @@ void Rope::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   auto e = begin_eval(stream(), inputs, out);
   const auto &x = e.inputs[0], &c = e.inputs[1], &s = e.inputs[2];
   e.encoder.dispatch([xp = x.data<float>(), cp = c.data<float>(), sp = s.data<float>(), op = out.data<float>(),
-                rows = x.shape(0) * x.shape(1), L = x.shape(1), H = x.shape(2), D = x.shape(3),
-                half = c.shape(1), traditional = traditional_]() {
+                rows = static_cast<long>(x.shape(0)) * x.shape(1), L = x.shape(1), H = x.shape(2), D = x.shape(3),
+                half = c.shape(1), per_row = c.shape(0) != x.shape(1), traditional = traditional_]() {
     parallel_ranges(rows, static_cast<long>(H) * D * 4, [&](long begin, long end) {
       for (long r = begin; r < end; ++r) {
-        const long l = r % L; // the position's row of the tables
+        const long l = per_row ? r : r % L; // the position's row of the tables
         for (int h = 0; h < H; ++h) {
           const long at = (r * H + h) * D;
           rotate(xp + at, cp + l * half, sp + l * half, op + at, D, 2 * half, traditional);
