@@ -265,7 +265,11 @@ class BatchKVCache:
         new_keys, new_values = self._pack(keys), self._pack(values)
         prev = self.size
         if self.keys is None or prev + L > self.keys[0].shape[2]:
-            grow = (L + self.step - 1) // self.step * self.step
+            if self.window is not None:  # it drops what its window has passed only when it grows
+                grow = (L + self.step - 1) // self.step * self.step
+            else:  # room for L and then as many again as held, up to `step`: 16 rows growing by
+                # 256 slots at once spent 0.4 s on fresh memory they might never use
+                grow = L + min(self.step, max(32, prev - drop))
 
             def grown(old: list[mx.array] | None, new: list[mx.array]) -> list[mx.array]:
                 zeros = [mx.zeros((B, H, grow, n.shape[-1]), n.dtype) for n in new]
@@ -327,24 +331,26 @@ class BatchKVCache:
         cache.pad, cache.lengths, cache.size = [0], [n], n - need
         return cache
 
-    def extend(self, other: BatchKVCache) -> None:
-        """Append other's rows; the shorter side is padded on the left."""
-        if self.keys is None:
-            self.keys, self.values, self.size = other.keys, other.values, other.size
-            self.pad, self.lengths = list(other.pad), list(other.lengths)
+    def extend(self, *others: BatchKVCache) -> None:
+        """Append the others' rows (one copy of each array however many join); shorter
+        caches are padded on the left."""
+        parts = [c for c in (self, *others) if c.keys is not None]
+        if not parts:
             return
-        n = max(self.size, other.size)
+        n = max(c.size for c in parts)
 
         def left_pad(x: mx.array, size: int) -> mx.array:
             x = x[..., :size, :]
             return mx.pad(x, ((0, 0), (0, 0), (n - size, 0), (0, 0))) if n > size else x
 
-        self.keys = [mx.concatenate([left_pad(a, self.size), left_pad(b, other.size)])
-                     for a, b in zip(self.keys, other.keys)]
-        self.values = [mx.concatenate([left_pad(a, self.size), left_pad(b, other.size)])
-                       for a, b in zip(self.values, other.values)]
-        self.pad = [p + n - self.size for p in self.pad] + [p + n - other.size for p in other.pad]
-        self.lengths = self.lengths + other.lengths
+        def joined(arrays: list[list[mx.array]]) -> list[mx.array]:  # arrays[cache][part]
+            if len(arrays) == 1:
+                return [left_pad(a, parts[0].size) for a in arrays[0]]
+            return [mx.concatenate([left_pad(a, c.size) for a, c in zip(same, parts)]) for same in zip(*arrays)]
+
+        self.keys, self.values = joined([c.keys for c in parts]), joined([c.values for c in parts])
+        self.pad = [p + n - c.size for c in parts for p in c.pad]
+        self.lengths = [length for c in parts for length in c.lengths]
         self.size = n
 
     def keep_rows(self, rows: list[int]) -> None:

@@ -562,7 +562,7 @@ class BatchGenerator:
         stored = self._stored_prefix(rows[0])
         if stored:  # each row from its stored prefix, the same count of tokens left
             left = len(rows[0].request.prompt) - stored
-            feeds, caches = [], None
+            feeds, owns = [], []
             for row in list(rows):
                 own = self._start_caches(row)
                 if len(row.request.prompt) - row.position != left:
@@ -570,11 +570,10 @@ class BatchGenerator:
                     rows.remove(row)
                     continue
                 feeds.append(row.request.prompt[row.position:])
-                if caches is None:
-                    caches = own
-                else:
-                    for mine, theirs in zip(caches, own):
-                        mine.extend(theirs)
+                owns.append(own)
+            caches = owns[0] if owns else None
+            for layer, first in enumerate(caches or ()):
+                first.extend(*(own[layer] for own in owns[1:]))
         else:  # fresh prompts, left-padded; the padding repeats each prompt's first token (a real id)
             prompts = [row.request.prompt for row in rows]
             longest = max(map(len, prompts))

@@ -133,15 +133,6 @@ void gemm_serial(bool transpose_b, int M, int N, int K, const float* A, int lda,
 // Column blocks of C claimed by the pool's threads, each a single-threaded product.
 constexpr int kGemmColumns = 64;
 
-void gemm(bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc) {
-  const long blocks = (N + kGemmColumns - 1) / kGemmColumns;
-  parallel_ranges(blocks, 4L * M * K, [&](long b0, long b1) {
-    const int n0 = static_cast<int>(b0 * kGemmColumns), n1 = static_cast<int>(std::min<long>(N, b1 * kGemmColumns));
-    const float* Bn = transpose_b ? B + static_cast<long>(n0) * ldb : B + n0;
-    gemm_serial(transpose_b, M, n1 - n0, K, A, lda, Bn, ldb, C + n0, ldc);
-  });
-}
-
 namespace {
 
 // A matrix operand as stored: the last axis contiguous, rows `ld` apart, batch entries at
@@ -231,10 +222,17 @@ void Matmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     matrix_view(b, vb);
     const int M = a.shape(-2), K = a.shape(-1), N = out.shape(-1);
     float* c = out.data<float>();
-    for (size_t i = 0; i < va.offsets.size(); ++i) {
-      gemm(tb, M, N, K, va.data + va.offsets[i], va.ld, vb.data + vb.offsets[i], vb.ld,
-           c + static_cast<long>(i) * M * N, N);
-    }
+    // (batch entry, column block) pairs in one hand-off: attention's products are many small
+    // ones (16 sequences x 3 heads per layer in a decode batch), one dispatch each was a cost
+    const long blocks = (N + kGemmColumns - 1) / kGemmColumns;
+    parallel_ranges(static_cast<long>(va.offsets.size()) * blocks, 4L * M * K, [&](long u0, long u1) {
+      for (long u = u0; u < u1; ++u) {
+        const long i = u / blocks;
+        const int n0 = static_cast<int>(u % blocks) * kGemmColumns, n = std::min(kGemmColumns, N - n0);
+        const float* bp = vb.data + vb.offsets[i] + (tb ? static_cast<long>(n0) * vb.ld : n0);
+        gemm_serial(tb, M, n, K, va.data + va.offsets[i], va.ld, bp, vb.ld, c + i * M * N + n0, N);
+      }
+    });
   });
 }
 
