@@ -12,6 +12,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -102,9 +103,85 @@ void set_blas_threads(int n) {
   }
 }
 
+namespace {
+
+constexpr int kFewRows = 8;       // products with at most this many rows of A ...
+constexpr int kFewRowsSide = 256; // ... and a side this short (a head's dimension) skip BLAS
+
+// C (M, N) = A (M, K) @ B (K, N), 8 columns at a time: C[m][n0:n0+8] = sum_k A[m][k] * B[k][n0:n0+8].
+template <int M>
+void rows_times(int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc) {
+  for (int n0 = 0; n0 < N; n0 += 8) {
+    const int w = std::min(8, N - n0);
+    f32x8 acc[M];
+    for (auto& a : acc) {
+      a = splat(0.f);
+    }
+    for (int k = 0; k < K; ++k) {
+      const float* row = B + static_cast<long>(k) * ldb + n0;
+      f32x8 b = splat(0.f);
+      if (w == 8) {
+        b = load<f32x8>(row);
+      } else {
+        std::memcpy(&b, row, sizeof(float) * w);
+      }
+      for (int m = 0; m < M; ++m) {
+        acc[m] += A[static_cast<long>(m) * lda + k] * b;
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      std::memcpy(C + static_cast<long>(m) * ldc + n0, &acc[m], sizeof(float) * w);
+    }
+  }
+}
+
+// C = A @ B.T (transpose_b) or A @ B for M <= kFewRows rows: a decode step's attention (a
+// head group's queries against its keys, then its values), where BLAS's packing of the
+// operands costs more than the product. Each output is one dot product (8 partial sums,
+// then the tail), or one running sum per column over A's row: no dependence on N or on
+// the other rows, so a sequence's attention is the same alone or in a batch.
+void gemm_few_rows(bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
+                   int ldc) {
+  if (transpose_b) { // C[m][n] = A[m] . B[n]
+    const int K8 = K / 8 * 8;
+    for (int n = 0; n < N; ++n) {
+      const float* b = B + static_cast<long>(n) * ldb;
+      for (int m = 0; m < M; ++m) {
+        const float* a = A + static_cast<long>(m) * lda;
+        f32x8 acc = splat(0.f);
+        for (int k = 0; k < K8; k += 8) {
+          acc += load<f32x8>(a + k) * load<f32x8>(b + k);
+        }
+        float sum = hsum(acc);
+        for (int k = K8; k < K; ++k) {
+          sum += a[k] * b[k];
+        }
+        C[static_cast<long>(m) * ldc + n] = sum;
+      }
+    }
+    return;
+  }
+  switch (M) { // the row count a constant: the sums stay in registers
+    case 1: return rows_times<1>(N, K, A, lda, B, ldb, C, ldc);
+    case 2: return rows_times<2>(N, K, A, lda, B, ldb, C, ldc);
+    case 3: return rows_times<3>(N, K, A, lda, B, ldb, C, ldc);
+    case 4: return rows_times<4>(N, K, A, lda, B, ldb, C, ldc);
+    case 5: return rows_times<5>(N, K, A, lda, B, ldb, C, ldc);
+    case 6: return rows_times<6>(N, K, A, lda, B, ldb, C, ldc);
+    case 7: return rows_times<7>(N, K, A, lda, B, ldb, C, ldc);
+    default: return rows_times<8>(N, K, A, lda, B, ldb, C, ldc);
+  }
+}
+
+} // namespace
+
 void gemm_serial(bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
                  int ldc) {
   if (M == 0 || N == 0) {
+    return;
+  }
+  if (M <= kFewRows && std::min(N, K) <= kFewRowsSide) {
+    gemm_few_rows(transpose_b, M, N, K, A, lda, B, ldb, C, ldc);
     return;
   }
   if (K == 0) {
