@@ -252,7 +252,8 @@ class BatchKVCache:
     def start_padded(self, pads: list[int]) -> None:
         """Before the first update: prompts of different lengths fed as one batch, each
         left-padded to the longest. Row b's first pads[b] slots are padding: masked, stored
-        as zeros (as `extend` pads), and its positions count from the slot after them."""
+        as zeros (as `extend` pads), and its positions count from the slot after them (the
+        padding's own are negative: what it computes from them is never kept or seen)."""
         if self.keys is not None:
             raise ValueError("start_padded is for an empty cache")
         self.pad, self.lengths = list(pads), [-p for p in pads]
@@ -336,8 +337,8 @@ class BatchKVCache:
         return cache
 
     def extend(self, *others: BatchKVCache) -> None:
-        """Append the others' rows (one copy of each array however many join); shorter
-        caches are padded on the left."""
+        """Append the others' rows, all in one join however many there are; shorter caches
+        are padded on the left."""
         parts = [c for c in (self, *others) if c.keys is not None]
         if not parts:
             return
@@ -370,9 +371,9 @@ class BatchKVCache:
         self.pad = [self.pad[i] for i in rows]
         self.lengths = [self.lengths[i] for i in rows]
         trim = min(self.pad)
-        if trim:
-            self.keys = self._each(self.keys, lambda p: p[..., trim:self.size, :])
-            self.values = self._each(self.values, lambda p: p[..., trim:self.size, :])
+        if trim:  # the free slots past size stay
+            self.keys = self._each(self.keys, lambda p: p[..., trim:, :])
+            self.values = self._each(self.values, lambda p: p[..., trim:, :])
             self.pad = [p - trim for p in self.pad]
             self.size -= trim
 

@@ -540,8 +540,10 @@ class BatchGenerator:
         group: list[_Row] = []
         left = None  # tokens each member feeds (None: fresh prompts, padded)
         width = 0
-        for row in self.prefilling:
+        for row in self.prefilling:  # led by the first in line, so none waits behind groups
             if row.caches is not None:  # a prompt part-way in continues chunk by chunk
+                if not group:
+                    return []
                 continue
             prompt = row.request.prompt
             stored = self._stored_prefix(row)
@@ -550,6 +552,8 @@ class BatchGenerator:
                 continue
             wider = max(width, len(prompt) if to_feed is None else to_feed)
             if wider * (len(group) + 1) > budget:
+                if not group:
+                    return []
                 continue
             group.append(row)
             left, width = to_feed, wider

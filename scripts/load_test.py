@@ -4,7 +4,8 @@ Starts the server on a free loopback port (or uses --url), then:
 1. reference answers: each prompt alone, greedy, not streamed;
 2. one streaming client: its tokens/s;
 3. N concurrent streaming clients (OpenAI SSE): every response must be complete (a
-   finish_reason, usage, `data: [DONE]`) and equal its reference answer; aggregate tokens/s;
+   finish_reason, usage, `data: [DONE]`) and equal its reference answer; aggregate tokens/s,
+   and the rate while all N streams run (the batched step at N rows, no prompt joining);
 4. a client that disconnects mid-stream: seconds until /health shows its slot free;
 5. a long prompt (--long-prompt tokens, ~3,000) prefilling: a 2-token request sent while
    it prefills, its seconds to the full answer; then a client that disconnects while its
@@ -88,7 +89,7 @@ async def ask(session: aiohttp.ClientSession, url: str, args, prompt: str) -> st
 async def stream(session: aiohttp.ClientSession, url: str, args, prompt: str) -> dict:
     """One streaming request: text, token count, time to first token, end time, completeness."""
     start = time.perf_counter()
-    result = {"text": "", "tokens": 0, "ttft": None, "finish": None, "done": False}
+    result = {"text": "", "tokens": 0, "ttft": None, "finish": None, "done": False, "times": []}
     async with session.post(url + route(args), json=body(args, prompt, True)) as r:
         if r.status != 200:
             raise RuntimeError(f"{r.status}: {await r.text()}")
@@ -104,6 +105,8 @@ async def stream(session: aiohttp.ClientSession, url: str, args, prompt: str) ->
             if "error" in chunk:
                 raise RuntimeError(chunk["error"])
             text = piece(args, chunk)
+            if text:
+                result["times"].append(time.perf_counter())
             if text and result["ttft"] is None:
                 result["ttft"] = time.perf_counter() - start
             result["text"] += text
@@ -140,6 +143,17 @@ async def disconnect(session: aiohttp.ClientSession, url: str, args) -> float:
             raise RuntimeError("the disconnected client's slot was not freed within 30 s")
         await asyncio.sleep(0.05)
     return time.perf_counter() - closed
+
+
+def decode_rates(results: list[dict], single: dict) -> tuple[float, float, int]:
+    """Tokens/s while every client's stream is running (from the last first chunk to the
+    first last chunk: the batch is whole, no prompt joins), against the single client's
+    rate over its own stream; and the chunks counted in that window."""
+    begin = max(r["times"][0] for r in results)
+    end = min(r["times"][-1] for r in results)
+    inside = sum(sum(begin < t <= end for t in r["times"]) for r in results)
+    alone = (len(single["times"]) - 1) / (single["times"][-1] - single["times"][0])
+    return (inside / (end - begin) if end > begin else 0.0), alone, inside
 
 
 def long_text(tokens: int) -> str:
@@ -234,6 +248,9 @@ async def main(args) -> None:
     print(f"{args.clients:>2} concurrent clients: {total} tokens in {wall:.2f} s = {total / wall:.1f} tokens/s aggregate "
           f"({total / wall / single_tps:.2f}x single); time to first token median {statistics.median(ttfts):.2f} s, "
           f"max {max(ttfts):.2f} s")
+    whole, alone, counted = decode_rates(results, single)
+    print(f"while all {args.clients} decode: {whole:.1f} text chunks/s ({whole / alone:.2f}x the single client's "
+          f"{alone:.1f} over its stream; {counted} chunks counted)")
     print(f"complete responses : {complete}/{args.clients}")
     if correct is not None:
         print(f"equal to the answer served alone: {correct}/{args.clients}")

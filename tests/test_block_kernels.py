@@ -183,6 +183,14 @@ def test_decode_rows_are_batch_invariant(qtype, isa):
         np.testing.assert_array_equal(together, alone, err_msg=f"batches of {batch}")
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+def test_no_rows_give_an_empty_product(int8):
+    raw, cols = _weight(Q.Q8_0, 8, 2, seed=1)
+    out = K.gguf_matmul(mx.zeros((0, cols)), mx.array(raw), int(Q.Q8_0), _table(Q.Q8_0), int8)
+    assert out.shape == (0, 8)
+    mx.eval(out)
+
+
 def test_integer_path_follows_the_8_bit_activations():
     """int8 mode's decode result is the product with 8-bit activations: nearer that than the float
     product (the quantization step is what llama.cpp's CPU results carry too)."""

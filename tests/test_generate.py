@@ -77,6 +77,23 @@ def test_prompts_arriving_together_prefill_as_one_batch(model, monkeypatch):
         assert out[uid] == alone(model, request.prompt, request.params, request.max_tokens), f"row {uid}"
 
 
+def test_a_long_prompt_is_not_starved_by_short_ones_joining(model):
+    """Short prompts arriving at every step form groups behind a long prompt being fed chunk
+    by chunk: a group only forms when its leader is first in line, so the long prompt keeps
+    its turns and finishes."""
+    generator = BatchGenerator(model, None, max_batch=64, prefill_step=32)
+    long_uid = generator.insert(GenerationRequest(token_ids("llama", 300), GREEDY, 2))
+    finished, step = {}, 0
+    while long_uid not in finished and step < 200:
+        for n in (5, 7):
+            generator.insert(GenerationRequest(token_ids("gemma2", n), GREEDY, 1))
+        for event in generator.step():
+            if event.finish_reason:
+                finished[event.uid] = step
+        step += 1
+    assert long_uid in finished and finished[long_uid] < 100
+
+
 def test_unbatched_models_interleave_with_the_same_tokens(model, monkeypatch):
     """A model that does not declare `batchable` runs one forward per row, on its own caches."""
     monkeypatch.setattr(type(model), "batchable", False)

@@ -180,10 +180,6 @@ void gemm_serial(bool transpose_b, int M, int N, int K, const float* A, int lda,
   if (M == 0 || N == 0) {
     return;
   }
-  if (M <= kFewRows && std::min(N, K) <= kFewRowsSide) {
-    gemm_few_rows(transpose_b, M, N, K, A, lda, B, ldb, C, ldc);
-    return;
-  }
   if (K == 0) {
     for (int m = 0; m < M; ++m) {
       std::fill(C + static_cast<long>(m) * ldc, C + static_cast<long>(m) * ldc + N, 0.f);
@@ -302,12 +298,17 @@ void Matmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     // (batch entry, column block) pairs in one hand-off: attention's products are many small
     // ones (16 sequences x 3 heads per layer in a decode batch), one dispatch each was a cost
     const long blocks = (N + kGemmColumns - 1) / kGemmColumns;
+    const bool few = M <= kFewRows && std::min(N, K) <= kFewRowsSide; // the whole product's sides decide
     parallel_ranges(static_cast<long>(va.offsets.size()) * blocks, 4L * M * K, [&](long u0, long u1) {
       for (long u = u0; u < u1; ++u) {
         const long i = u / blocks;
         const int n0 = static_cast<int>(u % blocks) * kGemmColumns, n = std::min(kGemmColumns, N - n0);
         const float* bp = vb.data + vb.offsets[i] + (tb ? static_cast<long>(n0) * vb.ld : n0);
-        gemm_serial(tb, M, n, K, va.data + va.offsets[i], va.ld, bp, vb.ld, c + i * M * N + n0, N);
+        if (few) {
+          gemm_few_rows(tb, M, n, K, va.data + va.offsets[i], va.ld, bp, vb.ld, c + i * M * N + n0, N);
+        } else {
+          gemm_serial(tb, M, n, K, va.data + va.offsets[i], va.ld, bp, vb.ld, c + i * M * N + n0, N);
+        }
       }
     });
   });

@@ -1,13 +1,15 @@
 // GGUF blocks as stored, on the CPU: a weight (out, in) is uint8 (out, bytes per row), the
 // file's bytes unchanged, so the memory a model takes is the file's.
 //
-// Decode (a few activation rows) reads each weight row's blocks in place; every activation
-// row reuses a weight row while it is in L1; the threads split output rows. Two arithmetics:
-// - Float activations (the default): codes unpacked with AVX2, widened to floats and
-//   multiplied by x, scaled once per (sub-)block; a type's zero point (Q4_0's 8, Q6_K's 32)
-//   and Q4_1/Q5_1/Q4_K/Q5_K's minimums come back through sums of x per 16. The result is the
-//   dequantized weight's product to float rounding, as prefill's GEMM gives it, so logits do
-//   not depend on how a prompt was chunked and agree with llama.cpp's F32 run as the dense path does.
+// Decode (a few activation rows) reads each weight row's blocks in place; the threads split
+// output rows. Two arithmetics:
+// - Float activations (the default): codes unpacked with AVX2 into the dequantized values,
+//   exactly gguf-py's, multiplied into up to 6 activation rows as they unpack, or for more
+//   rows decoded 4 weight rows at a time into L1 and multiplied in register tiles. Each
+//   output is summed in one order on every path, so a row's product is the same alone or in
+//   a batch, and it is the dequantized weight's product to float rounding, as prefill's GEMM
+//   gives it: logits do not depend on how a prompt was chunked and agree with llama.cpp's F32
+//   run as the dense path does.
 // - int8 (opt-in): llama.cpp's CPU arithmetic. Each activation row is quantized once per
 //   call to 8 bits per block (blocks of 32 with one scale for the 32-block types, as q8_0;
 //   blocks of 256 with sums per 16 for the K types, as q8_K); each weight block's codes then
@@ -903,7 +905,7 @@ void decode_row(int t, const TypeInfo& info, const uint8_t* row, const uint8_t* 
 // out[m * NR + r] = v[m] . x[r] for MR decoded weight rows and NR activation rows: a
 // register tile, so each load of v or x feeds several multiply-adds (one activation row
 // per weight row would be bound by reloading x from L2). I is a multiple of 32 (every
-// block holds 32 or 256 weights).
+// block holds a multiple of 32 weights).
 #if defined(__AVX2__)
 template <int MR, int NR>
 __attribute__((noinline)) void tile_avx2(const float* const* v, const float* const* x, int I, float* out) {
@@ -980,6 +982,9 @@ void matvec(int t, const TypeInfo& info, const float* x, const uint8_t* w, const
             int I, int O, bool int8) {
   const int nb = I / info.qk;
   const long row_bytes = static_cast<long>(nb) * info.bytes;
+  if (B == 0) {
+    return;
+  }
   if (info.path == Path::FLOAT || !int8) {
     std::vector<const float*> xs(B);
     for (int b = 0; b < B; ++b) {
