@@ -5,6 +5,7 @@ progress on a terminal and not in a pipe; `show`'s views; `bench`'s outputs; hel
 import json
 import os
 import socket
+import signal
 import subprocess
 import sys
 import time
@@ -41,9 +42,15 @@ def home(tmp_path):
     return dict(os.environ, HOME=str(tmp_path), MLXLLM_NO_PROGRESS="1")
 
 
+def _terminal_signals() -> None:
+    """Ctrl-C as a user's terminal delivers it: a suite started in the background (bash makes
+    its background jobs ignore SIGINT) would otherwise hand the chat an ignored SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def chat(env, *flags, timeout=120):
     child = pexpect.spawn(sys.executable, ["-m", "mlxllm", "run", MODEL, *flags], encoding="utf-8",
-                          timeout=timeout, env=env, dimensions=(50, 200))
+                          timeout=timeout, env=env, dimensions=(50, 200), preexec_fn=_terminal_signals)
     child.expect_exact(PROMPT)
     return child
 
