@@ -184,6 +184,62 @@ def test_attention_with_each_sequences_mask_matches_mlx_sdpa(L):
         K.masked_softmax(mx.zeros((2, 4, 3)), 1.0, 2, False, mx.ones((3, 2, 3), mx.bool_))
 
 
+def _decode_operands(B: int, H: int, H_kv: int, L: int, T: int, D: int, seed: int):
+    """q as the decoder hands it (a transposed view of (B, L, H, D)) and keys and values as
+    a KV cache's slices: its first T of more stored positions."""
+    q = mx.random.normal((B, L, H, D), key=mx.random.key(seed)).transpose(0, 2, 1, 3)
+    k = mx.random.normal((B, H_kv, T + 11, D), key=mx.random.key(seed + 1))[:, :, :T]
+    v = mx.random.normal((B, H_kv, T + 11, D + 8), key=mx.random.key(seed + 2))[:, :, :T]
+    return q, k, v
+
+
+@needs_kernels
+@pytest.mark.parametrize("B,H,H_kv,L,T", [(1, 9, 3, 1, 40), (16, 9, 3, 1, 100), (2, 4, 1, 2, 9), (3, 8, 8, 1, 300),
+                                         (1, 4, 2, 4, 4)])
+@pytest.mark.parametrize("mask", [None, "causal", "shared", "each"])
+def test_few_query_attention_is_the_three_ops_bit_for_bit(monkeypatch, B, H, H_kv, L, T, mask):
+    """Decode's attention as one op (`K.attention`) computes what the score product,
+    masked_softmax and value product compute for a head group of at most 8 query rows, bit
+    for bit, with q a transposed view and keys and values a cache's slices read in place."""
+    q, k, v = _decode_operands(B, H, H_kv, L, T, 32, seed=30)
+    if mask == "causal" and L == 1:
+        mask = None
+    elif mask == "shared":
+        mask = mx.random.uniform(shape=(L, T), key=mx.random.key(33)) > 0.2
+    elif mask == "each":  # left padding, one sequence's queries seeing nothing
+        mask = (mx.arange(T)[None, None, None, :] >= mx.array([0, 3, T, 1] * 4)[:B, None, None, None])
+        mask = mx.broadcast_to(mask, (B, 1, L, T))
+    one_op = kernels.attention(q, k, v, 0.2, mask)
+    monkeypatch.setattr(kernels, "FEW_QUERIES", 0)
+    three_ops = kernels.attention(q, k, v, 0.2, mask)
+    assert one_op.shape == three_ops.shape == (B, H, L, v.shape[-1])
+    assert mx.array_equal(one_op, three_ops).item()
+
+
+@needs_kernels
+def test_few_query_attention_row_is_the_same_alone_or_in_a_batch():
+    """The threads split a lone sequence's query rows finer than a batch's: each output is
+    still summed in one order, so a sequence's attention does not depend on its company,
+    and more rows than one product takes (a speculative step's 5 queries x 4 heads) are right."""
+    q, k, v = _decode_operands(6, 8, 2, 5, 50, 64, seed=40)
+    batch = K.attention(q, k, v, 0.125, True)
+    for b in range(6):
+        alone = K.attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], 0.125, True)
+        assert mx.array_equal(alone[0], batch[b]).item()
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal").transpose(0, 2, 1, 3)
+    assert mx.allclose(batch, want, atol=2e-5).item()
+
+
+@needs_kernels
+def test_few_query_attention_bad_shapes_are_one_line_errors():
+    q, k, v = _decode_operands(2, 6, 3, 2, 5, 16, seed=50)
+    for args, match in [((q[0], k, v, 1.0, False), "4-D"), ((q, k[:1], v, 1.0, False), "H_kv"),
+                        ((q[:, :5], k, v, 1.0, False), "multiple"), ((q, k[:, :, :1], v[:, :, :1], 1.0, True), "causal"),
+                        ((q, k, v, 1.0, False, mx.ones((3, 5), mx.bool_)), "mask")]:
+        with pytest.raises(ValueError, match=match):
+            K.attention(*args)
+
+
 @needs_kernels
 @pytest.mark.parametrize("traditional", [True, False])
 def test_rope_with_each_rows_offset_matches_mlx_rope(traditional):
@@ -259,3 +315,7 @@ def test_strided_inputs_are_read_in_place_of_copies(view):
     xr = mx.random.normal((2, 5, 3, 16), key=mx.random.key(17))
     cos, sin = mx.cos(mx.random.normal((5, 8))), mx.sin(mx.random.normal((5, 8)))
     same(lambda x, c, s: K.rope(x, c, s, False), xr, cos, sin)
+    qa = mx.random.normal((2, 4, 3, 16), key=mx.random.key(18))
+    ka, va = (mx.random.normal((2, 2, 6, 16), key=mx.random.key(n))[:, :, :4] for n in (19, 20))  # a cache's slice
+    keep = mx.random.uniform(shape=(2, 3, 4), key=mx.random.key(22)) > 0.3
+    same(lambda q, k, v, m: K.attention(q, k, v, 0.5, False, m), qa, ka, va, keep)

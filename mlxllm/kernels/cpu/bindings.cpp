@@ -19,6 +19,8 @@ NB_MODULE(_cpu, m) {
         nb::kw_only(), "stream"_a = nb::none());
   m.def("masked_softmax", &mlxllm_cpu::masked_softmax, "scores"_a, "scale"_a, "queries"_a, "causal"_a,
         "mask"_a = nb::none(), nb::kw_only(), "stream"_a = nb::none());
+  m.def("attention", &mlxllm_cpu::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a, "mask"_a = nb::none(),
+        nb::kw_only(), "stream"_a = nb::none());
   m.def("gated_activation", &mlxllm_cpu::gated_activation, "gate"_a, "up"_a, "kind"_a, nb::kw_only(),
         "stream"_a = nb::none());
   m.def("rms_norm", &mlxllm_cpu::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none());

@@ -105,8 +105,7 @@ void set_blas_threads(int n) {
 
 namespace {
 
-constexpr int kFewRows = 8;       // products with at most this many rows of A ...
-constexpr int kFewRowsSide = 256; // ... and a side this short (a head's dimension) skip BLAS
+constexpr int kFewRowsSide = 256; // products of at most kFewRows rows with a side this short (a head's dimension) skip BLAS
 
 // C (M, N) = A (M, K) @ B (K, N), 8 columns at a time: C[m][n0:n0+8] = sum_k A[m][k] * B[k][n0:n0+8].
 template <int M>
@@ -135,28 +134,64 @@ void rows_times(int N, int K, const float* A, int lda, const float* B, int ldb, 
   }
 }
 
+// Lane j of the result: the sum of v[j]'s 8 lanes, added pairwise (AVX's hadd pattern).
+inline f32x8 sum_lanes_each(const f32x8 (&v)[8]) {
+  auto hadd = [](f32x8 a, f32x8 b) {
+    return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+           __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+  };
+  const f32x8 lo = hadd(hadd(v[0], v[1]), hadd(v[2], v[3])); // [v0..v3 low halves, v0..v3 high halves]
+  const f32x8 hi = hadd(hadd(v[4], v[5]), hadd(v[6], v[7]));
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// C[m][n0:n0+w] = A[m] . B[n] for w <= 8 rows of B: 8 partial sums per output over K's
+// multiple of 8, added by sum_lanes_each, then the tail in order. The same sums in the
+// same order for a full group and for the last, shorter one.
+template <bool Full>
+inline void dots_of_8(int w, int K, const float* a, const float* B, int ldb, float* c) {
+  const int K8 = K / 8 * 8;
+  f32x8 acc[8];
+  for (auto& x : acc) {
+    x = splat(0.f);
+  }
+  for (int k = 0; k < K8; k += 8) {
+    const f32x8 av = load<f32x8>(a + k);
+    for (int j = 0; j < (Full ? 8 : w); ++j) {
+      acc[j] += av * load<f32x8>(B + static_cast<long>(j) * ldb + k);
+    }
+  }
+  f32x8 sums = sum_lanes_each(acc);
+  for (int j = 0; j < w; ++j) {
+    const float* b = B + static_cast<long>(j) * ldb;
+    for (int k = K8; k < K; ++k) {
+      sums[j] += a[k] * b[k];
+    }
+  }
+  std::memcpy(c, &sums, sizeof(float) * w);
+}
+
+} // namespace
+
 // C = A @ B.T (transpose_b) or A @ B for M <= kFewRows rows: a decode step's attention (a
 // head group's queries against its keys, then its values), where BLAS's packing of the
-// operands costs more than the product. Each output is one dot product (8 partial sums,
-// then the tail), or one running sum per column over A's row: no dependence on N or on
-// the other rows, so a sequence's attention is the same alone or in a batch.
+// operands costs more than the product. Each output is summed in one order that depends on
+// neither N nor the other rows, so a sequence's attention is the same alone or in a batch.
 void gemm_few_rows(bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
                    int ldc) {
-  if (transpose_b) { // C[m][n] = A[m] . B[n]
-    const int K8 = K / 8 * 8;
-    for (int n = 0; n < N; ++n) {
-      const float* b = B + static_cast<long>(n) * ldb;
+  if (transpose_b) { // C[m][n] = A[m] . B[n], 8 rows of B at a time (in L1 for every row of A)
+    for (int n0 = 0; n0 < N; n0 += 8) {
+      const int w = std::min(8, N - n0);
+      const float* b = B + static_cast<long>(n0) * ldb;
       for (int m = 0; m < M; ++m) {
         const float* a = A + static_cast<long>(m) * lda;
-        f32x8 acc = splat(0.f);
-        for (int k = 0; k < K8; k += 8) {
-          acc += load<f32x8>(a + k) * load<f32x8>(b + k);
+        float* c = C + static_cast<long>(m) * ldc + n0;
+        if (w == 8) {
+          dots_of_8<true>(8, K, a, b, ldb, c);
+        } else {
+          dots_of_8<false>(w, K, a, b, ldb, c);
         }
-        float sum = hsum(acc);
-        for (int k = K8; k < K; ++k) {
-          sum += a[k] * b[k];
-        }
-        C[static_cast<long>(m) * ldc + n] = sum;
       }
     }
     return;
@@ -172,8 +207,6 @@ void gemm_few_rows(bool transpose_b, int M, int N, int K, const float* A, int ld
     default: return rows_times<8>(N, K, A, lda, B, ldb, C, ldc);
   }
 }
-
-} // namespace
 
 void gemm_serial(bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
                  int ldc) {

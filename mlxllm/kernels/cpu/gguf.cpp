@@ -44,9 +44,6 @@
 
 namespace mlxllm_cpu {
 
-void gemm_serial(bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
-                 int ldc);
-
 namespace {
 
 // ------------------------------------------------------------------ the shared decoders

@@ -39,6 +39,15 @@ mx::array affine_dequantize(const mx::array& w, const mx::array& scales, const m
 mx::array masked_softmax(const mx::array& scores, float scale, int queries, bool causal,
                          const std::optional<mx::array>& mask, mx::StreamOrDevice s = {});
 
+// Attention for a few queries (decode, a speculative step's verification) in one op:
+// softmax(scale * q @ k.T, masked) @ v for q (B, H, L, D), k (B, H_kv, T, D), v (B, H_kv, T, Dv),
+// H a multiple of H_kv -> (B, L, H, Dv). The same products and softmax as matmul and
+// masked_softmax compute for these shapes, bit for bit, without their graph nodes and
+// hand-offs. Keys and values are read in place from any view whose rows are contiguous (a
+// KV cache's slice). causal and mask as in masked_softmax, the mask (L, T) or (B, L, T).
+mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
+                    const std::optional<mx::array>& mask, mx::StreamOrDevice s = {});
+
 // act(gate) * up, act "silu" or "gelu_tanh".
 mx::array gated_activation(const mx::array& gate, const mx::array& up, const std::string& kind,
                            mx::StreamOrDevice s = {});
@@ -80,6 +89,17 @@ mx::array matmul(const mx::array& a, const mx::array& b, bool transpose_b, mx::S
 bool bind_blas(const std::string& path, const std::string& prefix);
 std::string blas_library();  // the bound library's path, "" when our own GEMM runs
 void set_blas_threads(int n);
+
+// Routines the kernels share (blas.cpp).
+
+// C (M, N) = A @ B.T (transpose_b, B (N, K)) or A @ B (B (K, N)) on one thread: the bound
+// BLAS, else our blocked GEMM. Leading dimensions as in CBLAS.
+void gemm_serial(bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
+                 int ldc);
+// The same for M <= kFewRows without BLAS, each output summed in one order whatever M and N.
+constexpr int kFewRows = 8;
+void gemm_few_rows(bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
+                   int ldc);
 
 // What every op here does on the way in and every eval_cpu on the way out.
 
