@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -29,13 +30,19 @@ import time
 
 import aiohttp
 
+# Open-ended prompts, so that every answer runs to --tokens: the batch then stays whole and
+# "while all N decode" counts the batched step at N rows over most of the stream.
 PROMPTS = [
-    "Name a fruit and describe it.", "What is the capital of France?", "Write a haiku about the sea.",
-    "Count from 1 to 10.", "Explain gravity in one sentence.", "Name three colors.", "What is 2+2?",
-    "Tell me a joke.", "Describe a cat.", "What is Python?", "Give me a recipe for tea.",
-    "Why is the sky blue?", "Name a planet.", "What do bees make?", "Suggest a name for a dog.",
-    "What is the opposite of hot?", "How many legs does a spider have?", "Write a short poem about rain.",
-    "What is the largest ocean?", "Describe a sunset.",
+    "Write a story about a dragon who learns to cook.", "Describe a day in the life of a lighthouse keeper.",
+    "Explain how a bicycle works, step by step.", "Write a letter to a friend about your summer holiday.",
+    "Describe the city of Paris to someone who has never been there.", "Explain why people enjoy music.",
+    "Write a story about a robot who wants to become a gardener.", "Describe how bread is made, in detail.",
+    "Explain the water cycle to a child.", "Write a diary entry of a sailor crossing the ocean.",
+    "Describe your ideal house, room by room.", "Explain how the internet works, in simple words.",
+    "Write a story about a cat who becomes the mayor of a small town.", "Describe the four seasons.",
+    "Explain how to plant a tree and care for it.", "Write a speech for the opening of a new library.",
+    "Describe a busy market in the morning.", "Explain the history of the bicycle.",
+    "Write a story about two friends lost in a forest.", "Describe what the world might look like in 100 years.",
 ]
 
 
@@ -145,6 +152,16 @@ async def disconnect(session: aiohttp.ClientSession, url: str, args) -> float:
     return time.perf_counter() - closed
 
 
+def cpu_seconds(server: subprocess.Popen | None) -> tuple[float, float]:
+    """CPU seconds used so far by this process (the clients) and by the server (0 with --url)."""
+    own = time.process_time()
+    if server is None:
+        return own, 0.0
+    with open(f"/proc/{server.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return own, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def decode_rates(results: list[dict], single: dict) -> tuple[float, float, int]:
     """Tokens/s while every client's stream is running (from the last first chunk to the
     first last chunk: the batch is whole, no prompt joins), against the single client's
@@ -226,9 +243,9 @@ async def main(args) -> None:
             single = await stream(session, url, args, prompts[0])
             single_tps = single["tokens"] / (single["end"] - single["start"])
 
-            wall = time.perf_counter()
+            wall, cpu = time.perf_counter(), cpu_seconds(proc)
             results = await asyncio.gather(*(stream(session, url, args, p) for p in prompts))
-            wall = time.perf_counter() - wall
+            wall, cpu = time.perf_counter() - wall, [b - a for a, b in zip(cpu, cpu_seconds(proc))]
             total = sum(r["tokens"] for r in results)
             complete = sum(bool(r["done"] and r["finish"] and r["tokens"]) for r in results)
             correct = sum(r["text"] == reference[p] for r, p in zip(results, prompts)) if reference else None
@@ -251,6 +268,8 @@ async def main(args) -> None:
     whole, alone, counted = decode_rates(results, single)
     print(f"while all {args.clients} decode: {whole:.1f} text chunks/s ({whole / alone:.2f}x the single client's "
           f"{alone:.1f} over its stream; {counted} chunks counted)")
+    print(f"CPU while {args.clients} streamed: server {cpu[1]:.1f} s, clients {cpu[0]:.1f} s in {wall:.1f} s of "
+          f"{os.cpu_count()} cores (the clients' share is taken from the server on a small machine)")
     print(f"complete responses : {complete}/{args.clients}")
     if correct is not None:
         print(f"equal to the answer served alone: {correct}/{args.clients}")
