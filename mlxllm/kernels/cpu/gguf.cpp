@@ -20,7 +20,7 @@
 //   bring us nearer llama.cpp's own quantized logits).
 // IQ4_NL/IQ4_XS codes become their signed values through one byte shuffle; MXFP4 is IQ4_NL
 // with E2M1's (doubled) values and a power-of-two scale (E8M0). Types without a
-// dedicated kernel here (IQ1-3, TQ*, NVFP4, Q2_K, Q3_K), and every type on a build without
+// dedicated kernel here (IQ1-3, TQ*, NVFP4), and every type on a build without
 // AVX2 in float mode, decode each block to floats with the shared decoders of
 // ../blocks/*.h and multiply float activations.
 //
@@ -720,11 +720,36 @@ inline void scale32(Sink& sink, int at, __m256i codes, bool sign, float scale) {
 }
 
 template <class Sink>
-inline void scale32_offset(Sink& sink, int at, __m256i codes, float scale, float offset) {
+inline void scale32_offset(Sink& sink, int at, __m256i codes, float scale, float offset, float scale_hi,
+                           float offset_hi) {
   const Codes32 c(codes, false);
   const __m256 d = _mm256_set1_ps(scale), m = _mm256_set1_ps(offset);
+  const __m256 dh = _mm256_set1_ps(scale_hi), mh = _mm256_set1_ps(offset_hi);
   for (int k = 0; k < 4; ++k) {
-    sink(at + 8 * k, _mm256_add_ps(_mm256_mul_ps(d, c.v[k]), m));
+    sink(at + 8 * k, _mm256_add_ps(_mm256_mul_ps(k < 2 ? d : dh, c.v[k]), k < 2 ? m : mh));
+  }
+}
+
+template <class Sink>
+inline void scale32_offset(Sink& sink, int at, __m256i codes, float scale, float offset) {
+  scale32_offset(sink, at, codes, scale, offset, scale, offset);
+}
+
+// Q3_K's scale of sub-block s (of 16): 4 low bits from scales[s % 8] (high nibble for
+// s >= 8), 2 high bits from scales[8 + s % 4] >> 2(s / 4), minus 32.
+inline float q3k_scale(const uint8_t* scales, int s) {
+  const int lo = (scales[s & 7] >> (4 * (s >> 3))) & 15, hi = (scales[8 + (s & 3)] >> (2 * (s >> 2))) & 3;
+  return static_cast<float>((lo | (hi << 4)) - 32);
+}
+
+// The types unpack_block_avx2 takes: those with float kernels on an AVX2 build.
+constexpr bool unpacks_avx2(int t) {
+  switch (t) {
+    case Q4_0: case Q4_1: case Q5_0: case Q5_1: case Q8_0: case Q2_K: case Q3_K: case Q4_K: case Q5_K: case Q6_K:
+    case IQ4_NL: case IQ4_XS: case MXFP4:
+      return true;
+    default:
+      return false;
   }
 }
 
@@ -772,6 +797,35 @@ inline __attribute__((always_inline)) void unpack_block_avx2(int t, const uint8_
           const __m256i codes = _mm256_sub_epi8(q6k_codes(ql0, ql1, qh6, q), _mm256_set1_epi8(32));
           const int g = 8 * h + 2 * q;
           scale32(sink, 128 * h + 32 * q, codes, true, d * static_cast<float>(sc[g]), d * static_cast<float>(sc[g + 1]));
+        }
+      }
+      return;
+    }
+    case Q2_K: { // 2-bit codes, quarter q of each half at bits 2q; scale and min per 16
+      const float d = f16_at(b + 80), dmin = f16_at(b + 82);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i qs = ld(b + 16 + 32 * h);
+        for (int q = 0; q < 4; ++q) {
+          const __m256i codes = _mm256_and_si256(_mm256_srli_epi16(qs, 2 * q), _mm256_set1_epi8(3));
+          const uint8_t* sc = b + 8 * h + 2 * q;
+          scale32_offset(sink, 128 * h + 32 * q, codes, d * static_cast<float>(sc[0] & 15),
+                         -(dmin * static_cast<float>(sc[0] >> 4)), d * static_cast<float>(sc[1] & 15),
+                         -(dmin * static_cast<float>(sc[1] >> 4)));
+        }
+      }
+      return;
+    }
+    case Q3_K: { // Q2_K's low bits, and 4 subtracted where the code's hmask bit is 0
+      const float d = f16_at(b + 108);
+      const __m256i hmask = ld(b);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i qs = ld(b + 32 + 32 * h);
+        for (int q = 0; q < 4; ++q) {
+          const __m256i low = _mm256_and_si256(_mm256_srli_epi16(qs, 2 * q), _mm256_set1_epi8(3));
+          const __m256i high = _mm256_and_si256(_mm256_srli_epi16(hmask, 4 * h + q), _mm256_set1_epi8(1));
+          const __m256i codes = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 2)), _mm256_set1_epi8(4));
+          const int s = 8 * h + 2 * q;
+          scale32(sink, 128 * h + 32 * q, codes, true, d * q3k_scale(b + 96, s), d * q3k_scale(b + 96, s + 1));
         }
       }
       return;
@@ -858,7 +912,8 @@ float dot_q8(int t, const uint8_t* row, const Q8Row& x, int nb, const uint8_t* t
 // through the block decoders, the portable float path).
 bool float_kernel(int t, const TypeInfo& info) {
 #if defined(__AVX2__)
-  return g_use_simd && info.path != Path::FLOAT;
+  (void)info;
+  return g_use_simd && unpacks_avx2(t);
 #else
   return false;
 #endif
@@ -876,6 +931,8 @@ void fused_dots(int t, const uint8_t* row, const float* const* x, int nr, int nb
     case Q5_0: return fused_dots_t<Q5_0>(row, x, nr, nb, table, out);
     case Q5_1: return fused_dots_t<Q5_1>(row, x, nr, nb, table, out);
     case Q8_0: return fused_dots_t<Q8_0>(row, x, nr, nb, table, out);
+    case Q2_K: return fused_dots_t<Q2_K>(row, x, nr, nb, table, out);
+    case Q3_K: return fused_dots_t<Q3_K>(row, x, nr, nb, table, out);
     case Q4_K: return fused_dots_t<Q4_K>(row, x, nr, nb, table, out);
     case Q5_K: return fused_dots_t<Q5_K>(row, x, nr, nb, table, out);
     case Q6_K: return fused_dots_t<Q6_K>(row, x, nr, nb, table, out);
@@ -1083,6 +1140,8 @@ void dequantize_rows(int t, const TypeInfo& info, const uint8_t* w, const uint8_
       case Q5_0: return dequantize_blocks_avx2<Q5_0>(w, table, out, blocks, info);
       case Q5_1: return dequantize_blocks_avx2<Q5_1>(w, table, out, blocks, info);
       case Q8_0: return dequantize_blocks_avx2<Q8_0>(w, table, out, blocks, info);
+      case Q2_K: return dequantize_blocks_avx2<Q2_K>(w, table, out, blocks, info);
+      case Q3_K: return dequantize_blocks_avx2<Q3_K>(w, table, out, blocks, info);
       case Q4_K: return dequantize_blocks_avx2<Q4_K>(w, table, out, blocks, info);
       case Q5_K: return dequantize_blocks_avx2<Q5_K>(w, table, out, blocks, info);
       case Q6_K: return dequantize_blocks_avx2<Q6_K>(w, table, out, blocks, info);
@@ -1312,7 +1371,7 @@ bool gguf_integer_dots(int qtype) {
 
 bool gguf_float_kernel(int qtype) {
 #if defined(__AVX2__)
-  return gguf_integer_dots(qtype); // the same types, unpacked to floats
+  return unpacks_avx2(qtype);
 #else
   (void)qtype;
   return false;
