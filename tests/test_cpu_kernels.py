@@ -195,7 +195,7 @@ def _decode_operands(B: int, H: int, H_kv: int, L: int, T: int, D: int, seed: in
 
 @needs_kernels
 @pytest.mark.parametrize("B,H,H_kv,L,T", [(1, 9, 3, 1, 40), (16, 9, 3, 1, 100), (2, 4, 1, 2, 9), (3, 8, 8, 1, 300),
-                                         (1, 4, 2, 4, 4)])
+                                         (1, 4, 2, 4, 4), (1, 4, 1, 1, 1), (1, 8, 1, 1, 700)])
 @pytest.mark.parametrize("mask", [None, "causal", "shared", "each"])
 def test_few_query_attention_is_the_three_ops_bit_for_bit(monkeypatch, B, H, H_kv, L, T, mask):
     """Decode's attention as one op (`K.attention`) computes what the score product,
@@ -217,16 +217,26 @@ def test_few_query_attention_is_the_three_ops_bit_for_bit(monkeypatch, B, H, H_k
 
 
 @needs_kernels
-def test_few_query_attention_row_is_the_same_alone_or_in_a_batch():
-    """The threads split a lone sequence's query rows finer than a batch's: each output is
-    still summed in one order, so a sequence's attention does not depend on its company,
-    and more rows than one product takes (a speculative step's 5 queries x 4 heads) are right."""
-    q, k, v = _decode_operands(6, 8, 2, 5, 50, 64, seed=40)
-    batch = K.attention(q, k, v, 0.125, True)
-    for b in range(6):
-        alone = K.attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], 0.125, True)
+@pytest.mark.parametrize("mask", ["causal", "each"])
+def test_few_query_attention_row_is_the_same_alone_or_in_a_batch(mask):
+    """A lone sequence's attention is split finer (key blocks, rows, value columns) than a
+    batch's (whole head groups): each output is still summed in one order, so a sequence's
+    attention does not depend on its company. Keys and values here sit in a (B, T, H_kv, D)
+    cache, rows H_kv * D apart."""
+    B, H, H_kv, L, T, D = 6, 8, 2, 2, 150, 64
+    q = mx.random.normal((B, L, H, D), key=mx.random.key(40)).transpose(0, 2, 1, 3)
+    k, v = (mx.random.normal((B, T + 9, H_kv, D), key=mx.random.key(n))[:, :T].transpose(0, 2, 1, 3) for n in (41, 42))
+    keep = None
+    if mask == "each":
+        keep = mx.arange(T)[None, None, :] >= mx.array([0, 3, 40, 1, 149, 7])[:, None, None]
+        keep = mx.broadcast_to(keep, (B, L, T))
+    batch = K.attention(q, k, v, 0.125, mask == "causal", keep)
+    for b in range(B):
+        alone = K.attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], 0.125, mask == "causal",
+                            None if keep is None else keep[b:b + 1])
         assert mx.array_equal(alone[0], batch[b]).item()
-    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal").transpose(0, 2, 1, 3)
+    sdpa_mask = "causal" if keep is None else keep[:, None]
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=sdpa_mask).transpose(0, 2, 1, 3)
     assert mx.allclose(batch, want, atol=2e-5).item()
 
 
@@ -235,7 +245,8 @@ def test_few_query_attention_bad_shapes_are_one_line_errors():
     q, k, v = _decode_operands(2, 6, 3, 2, 5, 16, seed=50)
     for args, match in [((q[0], k, v, 1.0, False), "4-D"), ((q, k[:1], v, 1.0, False), "H_kv"),
                         ((q[:, :5], k, v, 1.0, False), "multiple"), ((q, k[:, :, :1], v[:, :, :1], 1.0, True), "causal"),
-                        ((q, k, v, 1.0, False, mx.ones((3, 5), mx.bool_)), "mask")]:
+                        ((q, k, v, 1.0, False, mx.ones((3, 5), mx.bool_)), "mask"),
+                        ((q[:, :0], k, v, 1.0, False), "multiple"), ((mx.concatenate([q] * 4, 2), k, v, 1.0, False), "at most")]:
         with pytest.raises(ValueError, match=match):
             K.attention(*args)
 

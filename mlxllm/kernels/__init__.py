@@ -364,9 +364,9 @@ def _gather_matmul_cpu(x: mx.array, parts: list[Part], indices: mx.array) -> mx.
 # each against only the keys it can see: 4 blocks do 5/8 of the score and value products.
 CAUSAL_BLOCKED_QUERIES = 256
 CAUSAL_BLOCKS = 4
-# At most this many queries (decode, a speculative step's verification) take the one-op
-# kernel: the score and value products it shares with the path below are those of few rows.
-FEW_QUERIES = 16
+# At most this many query rows per kv head (query heads per kv head x queries: decode) take
+# the one-op kernel, whose score and value products are the path below's few-row ones.
+FEW_QUERIES = 8
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None,
@@ -389,10 +389,10 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
         return _attention_reference(q, k, v, scale, mask, softcap, bias, sinks)
     if isinstance(mask, mx.array) and mask.ndim == 4:  # (B, 1, L, T): each sequence's own, e.g. a batch's padding
         mask = mask[:, 0]
-    if L <= FEW_QUERIES and not softcap and bias is None and sinks is None:
+    if rep * L <= FEW_QUERIES and not softcap and bias is None and sinks is None:
         keep = mask if isinstance(mask, mx.array) else None
         # (B, L, H, Dv) as a (B, H, L, Dv) view: the caller's transpose back is then free
-        return kernels.attention(q, k, v, scale, mask == "causal", keep).transpose(0, 2, 1, 3).astype(q.dtype)
+        return kernels.attention(q, k, v, scale, isinstance(mask, str), keep).transpose(0, 2, 1, 3).astype(q.dtype)
     # Each key/value head's query heads stacked as rows: one BLAS product per kv head.
     q = q.reshape(B, H_kv, rep, L, D)
     if bias is not None:

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <limits>
 #include <stdexcept>
+#include <string>
 
 #include "ops.h"
 #include "pool.h"
@@ -180,9 +181,14 @@ class Attention : public CpuPrimitive {
   bool causal_;
 };
 
-// Whether the kernel reads x in place: its last axis contiguous, any other strides.
+constexpr int kKeyBlock = 64;     // keys per unit of the score product when groups are few
+constexpr int kValueColumns = 64; // value columns per unit of the value product
+
+// Whether the kernel reads x in place: its last axis contiguous, rows a sane distance apart
+// (a KV cache's slice); anything else is gathered first.
 bool rows_in_place(const mx::array& x) {
-  return x.shape(-1) <= 1 || x.strides().back() == 1;
+  const long ld = x.shape(2) > 1 ? x.strides()[2] : x.shape(3);
+  return (x.shape(3) <= 1 || x.strides()[3] == 1) && ld >= x.shape(3) && ld <= (1L << 30);
 }
 
 } // namespace
@@ -197,8 +203,9 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
   if (k.shape(0) != B || v.shape(0) != B || v.shape(1) != Hk || v.shape(2) != T || k.shape(3) != q.shape(3)) {
     throw std::invalid_argument("[attention] k must be (B, H_kv, T, D) and v (B, H_kv, T, Dv) for q (B, H, L, D)");
   }
-  if (Hk < 1 || H % Hk || T < 1 || L < 1) {
-    throw std::invalid_argument("[attention] needs H a multiple of H_kv >= 1, and at least one query and one key");
+  if (Hk < 1 || H < Hk || H % Hk || T < 1 || L < 1 || static_cast<long>(H / Hk) * L > kFewRows) {
+    throw std::invalid_argument("[attention] needs H a multiple of H_kv >= 1, at least one query and one key, and at most " +
+                                std::to_string(kFewRows) + " queries per kv head (H / H_kv * L)");
   }
   if (causal && (L > T || mask)) {
     throw std::invalid_argument("[attention] a causal mask needs at least as many keys as queries, and no mask");
@@ -246,49 +253,83 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     const bool keep_per_row = keep && in[3].ndim() == 3;
     const int B = q.shape(0), H = q.shape(1), L = q.shape(2), D = q.shape(3);
     const int Hk = k.shape(1), T = k.shape(2), Dv = v.shape(3), rep = H / Hk;
-    // A kv head's rep * L queries, row m being head m / L's query m % L, as matmul would
-    // take them stacked; split into chunks of at most kFewRows rows (gemm_few_rows), and
-    // finer while there are fewer chunks than threads to share them (one sequence's decode).
+    // Group gi = (sequence b, kv head g): its M = rep * L queries stacked as rows, row m
+    // being head g * rep + m / L's query m % L, as the score product would take them.
     const int M = rep * L;
-    int rows = std::min(M, kFewRows);
-    while (rows > 1 && static_cast<long>(B) * Hk * ((M + rows - 1) / rows) < 2L * num_threads()) {
-      rows = (rows + 1) / 2;
-    }
-    const int chunks = (M + rows - 1) / rows;
+    const long groups = static_cast<long>(B) * Hk;
     const auto &qs = q.strides(), &ks = k.strides(), &vs = v.strides();
-    const long ldk = T > 1 ? ks[2] : D, ldv = T > 1 ? vs[2] : Dv;
+    const int ldk = static_cast<int>(T > 1 ? ks[2] : D), ldv = static_cast<int>(T > 1 ? vs[2] : Dv);
     const float *qp = q.data<float>(), *kp = k.data<float>(), *vp = v.data<float>();
     float* op = out.data<float>();
-    parallel_ranges(static_cast<long>(B) * Hk * chunks, 4L * rows * T * (D + Dv), [&](long u0, long u1) {
-      std::vector<float> qbuf(static_cast<size_t>(rows) * D), p(static_cast<size_t>(rows) * T),
-          obuf(static_cast<size_t>(rows) * Dv);
-      for (long u = u0; u < u1; ++u) {
-        const int b = static_cast<int>(u / (static_cast<long>(Hk) * chunks));
-        const int g = static_cast<int>(u / chunks % Hk), m0 = static_cast<int>(u % chunks) * rows;
-        const int n = std::min(rows, M - m0);
-        for (int r = 0; r < n; ++r) { // the chunk's queries, contiguous
-          const int h = g * rep + (m0 + r) / L, l = (m0 + r) % L;
-          const float* src = qp + b * qs[0] + h * qs[1] + l * qs[2];
-          std::copy(src, src + D, qbuf.data() + static_cast<size_t>(r) * D);
-        }
-        const float* keys = kp + b * ks[0] + g * ks[1];
-        const float* values = vp + b * vs[0] + g * vs[1];
-        gemm_few_rows(true, n, T, D, qbuf.data(), D, keys, static_cast<int>(ldk), p.data(), T);
-        for (int r = 0; r < n; ++r) {
-          const int l = (m0 + r) % L;
-          float* row = p.data() + static_cast<size_t>(r) * T;
-          if (keep) { // softmax in place: each entry is read before it is written
-            softmax_masked(row, keep + ((keep_per_row ? static_cast<long>(b) * L : 0) + l) * T, row, T, scale);
-          } else {
-            softmax_prefix(row, row, T, causal ? T - L + l + 1 : T, scale);
+    // Scratch kept by this (MLX's stream) thread: a step's layers reuse it instead of
+    // fresh pages for every call.
+    static thread_local std::vector<float> query_scratch, score_scratch;
+    query_scratch.resize(static_cast<size_t>(groups) * M * D);
+    score_scratch.resize(static_cast<size_t>(groups) * M * T);
+    // Pointers, not the vectors, in the lambdas below: the pool's threads would see their own
+    // (empty) thread_local vectors by name.
+    float *queries = query_scratch.data(), *p = score_scratch.data();
+    for (long gi = 0; gi < groups; ++gi) {
+      for (int m = 0; m < M; ++m) {
+        const float* src = qp + gi / Hk * qs[0] + (gi % Hk * rep + m / L) * qs[1] + m % L * qs[2];
+        std::copy(src, src + D, queries + (gi * M + m) * D);
+      }
+    }
+    auto scores = [&](long gi, int k0, int n) { // keys [k0, k0 + n) of group gi
+      gemm_few_rows(true, M, n, D, queries + gi * M * D, D, kp + gi / Hk * ks[0] + gi % Hk * ks[1] + k0 * ldk,
+                    ldk, p + gi * M * T + k0, T);
+    };
+    auto softmax = [&](long gi, int m) { // in place: each entry is read before it is written
+      float* row = p + (gi * M + m) * T;
+      const int l = m % L;
+      if (keep) {
+        softmax_masked(row, keep + ((keep_per_row ? gi / Hk * L : 0) + l) * T, row, T, scale);
+      } else {
+        softmax_prefix(row, row, T, causal ? T - L + l + 1 : T, scale);
+      }
+    };
+    auto values = [&](long gi, int c0, int n) { // output columns [c0, c0 + n) of group gi
+      float rows[kFewRows * kValueColumns];
+      gemm_few_rows(false, M, n, T, p + gi * M * T, T, vp + gi / Hk * vs[0] + gi % Hk * vs[1] + c0, ldv, rows,
+                    n);
+      for (int m = 0; m < M; ++m) { // to (B, L, H, Dv)
+        const long at = ((gi / Hk * L + m % L) * H + gi % Hk * rep + m / L) * Dv + c0;
+        std::copy(rows + m * n, rows + (m + 1) * n, op + at);
+      }
+    };
+    const long cost = 4L * M * T * (D + Dv);
+    if (groups >= 2L * num_threads()) { // a batch: whole groups, each reading its keys and values once
+      parallel_ranges(groups, cost, [&](long g0, long g1) {
+        for (long gi = g0; gi < g1; ++gi) {
+          scores(gi, 0, T);
+          for (int m = 0; m < M; ++m) {
+            softmax(gi, m);
+          }
+          for (int c0 = 0; c0 < Dv; c0 += kValueColumns) {
+            values(gi, c0, std::min(kValueColumns, Dv - c0));
           }
         }
-        gemm_few_rows(false, n, Dv, T, p.data(), T, values, static_cast<int>(ldv), obuf.data(), Dv);
-        for (int r = 0; r < n; ++r) { // to (B, L, H, Dv)
-          const int h = g * rep + (m0 + r) / L, l = (m0 + r) % L;
-          std::copy(obuf.data() + static_cast<size_t>(r) * Dv, obuf.data() + static_cast<size_t>(r + 1) * Dv,
-                    op + ((static_cast<long>(b) * L + l) * H + h) * Dv);
-        }
+      });
+      return;
+    }
+    // Fewer groups than the threads could share (one sequence's decode): each step split
+    // finer, by key blocks, rows and value columns, still one read of the keys and values.
+    const long key_blocks = (T + kKeyBlock - 1) / kKeyBlock, column_blocks = (Dv + kValueColumns - 1) / kValueColumns;
+    parallel_ranges(groups * key_blocks, cost / key_blocks / 2, [&](long u0, long u1) {
+      for (long u = u0; u < u1; ++u) {
+        const int k0 = static_cast<int>(u % key_blocks) * kKeyBlock;
+        scores(u / key_blocks, k0, std::min(kKeyBlock, T - k0));
+      }
+    });
+    parallel_ranges(groups * M, 16L * T, [&](long u0, long u1) {
+      for (long u = u0; u < u1; ++u) {
+        softmax(u / M, static_cast<int>(u % M));
+      }
+    });
+    parallel_ranges(groups * column_blocks, cost / column_blocks / 2, [&](long u0, long u1) {
+      for (long u = u0; u < u1; ++u) {
+        const int c0 = static_cast<int>(u % column_blocks) * kValueColumns;
+        values(u / column_blocks, c0, std::min(kValueColumns, Dv - c0));
       }
     });
   });

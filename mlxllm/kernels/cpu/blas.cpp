@@ -17,6 +17,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include "ops.h"
 #include "pool.h"
 #include "simd.h"
@@ -134,16 +138,27 @@ void rows_times(int N, int K, const float* A, int lda, const float* B, int ldb, 
   }
 }
 
-// Lane j of the result: the sum of v[j]'s 8 lanes, added pairwise (AVX's hadd pattern).
+// Lane j of the result: the sum of v[j]'s 8 lanes, added pairwise,
+// ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)): AVX's hadd pattern, and the same
+// sums in the same order without it.
 inline f32x8 sum_lanes_each(const f32x8 (&v)[8]) {
-  auto hadd = [](f32x8 a, f32x8 b) {
-    return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
-           __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
-  };
-  const f32x8 lo = hadd(hadd(v[0], v[1]), hadd(v[2], v[3])); // [v0..v3 low halves, v0..v3 high halves]
-  const f32x8 hi = hadd(hadd(v[4], v[5]), hadd(v[6], v[7]));
-  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11) +
-         __builtin_shufflevector(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15);
+#if defined(__AVX__)
+  __m256 w[8];
+  std::memcpy(w, v, sizeof(w));
+  const __m256 lo = _mm256_hadd_ps(_mm256_hadd_ps(w[0], w[1]), _mm256_hadd_ps(w[2], w[3]));
+  const __m256 hi = _mm256_hadd_ps(_mm256_hadd_ps(w[4], w[5]), _mm256_hadd_ps(w[6], w[7]));
+  // lo: v0..v3's low-half sums, then their high-half sums; hi the same for v4..v7
+  const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+  f32x8 out;
+  std::memcpy(&out, &sums, sizeof(out));
+  return out;
+#else
+  f32x8 out;
+  for (int j = 0; j < 8; ++j) {
+    out[j] = ((v[j][0] + v[j][1]) + (v[j][2] + v[j][3])) + ((v[j][4] + v[j][5]) + (v[j][6] + v[j][7]));
+  }
+  return out;
+#endif
 }
 
 // C[m][n0:n0+w] = A[m] . B[n] for w <= 8 rows of B: 8 partial sums per output over K's

@@ -19,7 +19,8 @@
 //   quantized run is from its F32 run (scripts/quant_matrix.py explains why it cannot
 //   bring us nearer llama.cpp's own quantized logits).
 // IQ4_NL/IQ4_XS codes become their signed values through one byte shuffle; MXFP4 is IQ4_NL
-// with E2M1's (doubled) values and a power-of-two scale (E8M0). Types without a
+// with E2M1's (doubled) values and a power-of-two scale (E8M0). Q2_K and Q3_K have float
+// kernels only (in int8 mode their activations stay float). Types without a
 // dedicated kernel here (IQ1-3, TQ*, NVFP4), and every type on a build without
 // AVX2 in float mode, decode each block to floats with the shared decoders of
 // ../blocks/*.h and multiply float activations.

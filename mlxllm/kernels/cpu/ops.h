@@ -39,12 +39,13 @@ mx::array affine_dequantize(const mx::array& w, const mx::array& scales, const m
 mx::array masked_softmax(const mx::array& scores, float scale, int queries, bool causal,
                          const std::optional<mx::array>& mask, mx::StreamOrDevice s = {});
 
-// Attention for a few queries (decode, a speculative step's verification) in one op:
-// softmax(scale * q @ k.T, masked) @ v for q (B, H, L, D), k (B, H_kv, T, D), v (B, H_kv, T, Dv),
-// H a multiple of H_kv -> (B, L, H, Dv). The same products and softmax as matmul and
-// masked_softmax compute for these shapes, bit for bit, without their graph nodes and
-// hand-offs. Keys and values are read in place from any view whose rows are contiguous (a
-// KV cache's slice). causal and mask as in masked_softmax, the mask (L, T) or (B, L, T).
+// Attention for a few queries (decode) in one op: softmax(scale * q @ k.T, masked) @ v for
+// q (B, H, L, D), k (B, H_kv, T, D), v (B, H_kv, T, Dv), H a multiple of H_kv, at most
+// kFewRows queries per kv head (H / H_kv * L) -> (B, L, H, Dv). The same products (few-row
+// ones) and softmax as matmul and masked_softmax compute for these shapes, bit for bit
+// where matmul takes its few-row path (a side of at most 256), without their graph nodes
+// and hand-offs. Keys and values are read in place from any view whose rows are contiguous
+// (a KV cache's slice). causal and mask as in masked_softmax, the mask (L, T) or (B, L, T).
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
                     const std::optional<mx::array>& mask, mx::StreamOrDevice s = {});
 
