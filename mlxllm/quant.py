@@ -156,7 +156,8 @@ def keeps_blocks_on_cpu(qtype: T, shape: tuple[int, ...]) -> bool:
     """Whether a tensor loads as its GGUF blocks, unchanged, for mlxllm's CPU kernels
     (kernels/cpu/gguf.cpp): on MLX's CPU with the kernels built, for a 2-D tensor of a type
     with dedicated kernels there (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
-    IQ4_NL, IQ4_XS, MXFP4; Q2_K and Q3_K in float activations only). Memory is then the file's, and no affine scale/bias overhead is read.
+    IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ4_NL, IQ4_XS, MXFP4; Q2_K, Q3_K and the IQ2/IQ3
+    types in float activations only). Memory is then the file's, and no affine scale/bias overhead is read.
     Experts (3-D) of those types too, where the build has the float kernels
     (`kernels.gather_matmul`; in int8 mode as well: the experts' products stay float;
     MLX's CPU gather_qmm read gpt-oss's MXFP4 experts at 75-98 ms a token). The other packed types

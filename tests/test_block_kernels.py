@@ -38,9 +38,11 @@ def test_every_type_with_a_block_decoder_has_a_kernel():
     expected = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.MXFP4, *source.kernel_types()}
     assert set(TYPES) == expected
     assert set(INTEGER) == {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS, Q.MXFP4}
-    # float activations have dedicated kernels for those types and Q2_K, Q3_K where the build has AVX2
+    # float activations have dedicated kernels for those types, Q2_K, Q3_K and the IQ2/IQ3
+    # codebook types where the build has AVX2
     if platform.machine() in ("x86_64", "AMD64"):
-        assert {t for t in TYPES if K.gguf_float_kernel(int(t))} == {*INTEGER, Q.Q2_K, Q.Q3_K}
+        assert {t for t in TYPES if K.gguf_float_kernel(int(t))} == {
+            *INTEGER, Q.Q2_K, Q.Q3_K, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S}
 
 
 def _weight(qtype: Q, rows: int, blocks_per_row: int, seed: int, edge: bool = False) -> tuple[np.ndarray, int]:

@@ -19,9 +19,10 @@
 //   quantized run is from its F32 run (scripts/quant_matrix.py explains why it cannot
 //   bring us nearer llama.cpp's own quantized logits).
 // IQ4_NL/IQ4_XS codes become their signed values through one byte shuffle; MXFP4 is IQ4_NL
-// with E2M1's (doubled) values and a power-of-two scale (E8M0). Q2_K and Q3_K have float
-// kernels only (in int8 mode their activations stay float). Types without a
-// dedicated kernel here (IQ1-3, TQ*, NVFP4), and every type on a build without
+// with E2M1's (doubled) values and a power-of-two scale (E8M0). Q2_K, Q3_K and the IQ2/IQ3
+// codebook types have float kernels only (in int8 mode their activations stay float); the
+// codebook types' grid entries are loaded into one register per 32 weights and signed there.
+// Types without a dedicated kernel here (IQ1_S, IQ1_M, TQ*, NVFP4), and every type on a build without
 // AVX2 in float mode, decode each block to floats with the shared decoders of
 // ../blocks/*.h and multiply float activations.
 //
@@ -493,6 +494,41 @@ inline float hsum_ps(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// The codebook i-quants (IQ2_XXS/XS/S, IQ3_XXS/S): 32 weights are four chunks of 8 grid
+// magnitudes, each signed by its 8 sign bits. mags holds the 32 magnitudes in order;
+// signs[c] is chunk c's sign byte (bit t: weight t negative). The result: the signed codes.
+inline __m256i signed_grid32(__m256i mags, uint32_t signs) {
+  const __m256i byte_of_chunk = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(signs)), byte_of_chunk);
+  const __m256i negative = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+  return _mm256_sub_epi8(_mm256_xor_si256(mags, negative), negative);
+}
+
+inline uint64_t grid8(const uint8_t* table, int entry) { // an 8-wide entry (IQ2)
+  uint64_t g;
+  std::memcpy(&g, table + 8 * entry, 8);
+  return g;
+}
+
+inline uint32_t grid4(const uint8_t* table, int entry) { // a 4-wide entry (IQ3)
+  uint32_t g;
+  std::memcpy(&g, table + 4 * entry, 4);
+  return g;
+}
+
+inline uint32_t u32_at(const uint8_t* p) {
+  uint32_t x;
+  std::memcpy(&x, p, 4);
+  return x;
+}
+
+inline __m256i grid8x4(const uint8_t* table, const int (&entries)[4]) {
+  return _mm256_setr_epi64x(static_cast<long long>(grid8(table, entries[0])), static_cast<long long>(grid8(table, entries[1])),
+                            static_cast<long long>(grid8(table, entries[2])), static_cast<long long>(grid8(table, entries[3])));
+}
+
 // 16 bytes of packed nibbles -> 32 codes: the low nibbles, then the high ones.
 inline __m256i nibbles32(const uint8_t* p) {
   const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -747,7 +783,7 @@ inline float q3k_scale(const uint8_t* scales, int s) {
 constexpr bool unpacks_avx2(int t) {
   switch (t) {
     case Q4_0: case Q4_1: case Q5_0: case Q5_1: case Q8_0: case Q2_K: case Q3_K: case Q4_K: case Q5_K: case Q6_K:
-    case IQ4_NL: case IQ4_XS: case MXFP4:
+    case IQ2_XXS: case IQ2_XS: case IQ2_S: case IQ3_XXS: case IQ3_S: case IQ4_NL: case IQ4_XS: case MXFP4:
       return true;
     default:
       return false;
@@ -831,6 +867,68 @@ inline __attribute__((always_inline)) void unpack_block_avx2(int t, const uint8_
       }
       return;
     }
+    case IQ2_XXS: // per 32: 4 grid indices, then 4 x 7 sign-index bits and the scale
+      for (int g = 0; g < 8; ++g) {
+        const uint8_t* q = b + 2 + 8 * g;
+        const uint32_t aux = u32_at(q + 4);
+        uint32_t signs = 0;
+        for (int k = 0; k < 4; ++k) {
+          signs |= static_cast<uint32_t>(table[IQ2_XXS_SIGNS + ((aux >> (7 * k)) & 127)]) << (8 * k);
+        }
+        const float db = f16_at(b) * (0.5f + static_cast<float>(aux >> 28)) * 0.25f;
+        scale32(sink, 32 * g, signed_grid32(grid8x4(table, {q[0], q[1], q[2], q[3]}), signs), true, db);
+      }
+      return;
+    case IQ2_XS:
+    case IQ2_S:
+      for (int g = 0; g < 8; ++g) {
+        int entries[4];
+        uint32_t signs = 0;
+        for (int k = 0; k < 4; ++k) {
+          const int j = 4 * g + k;
+          if (t == IQ2_XS) { // 9 bits of grid index, 7 of sign index
+            const int q = b[2 + 2 * j] | (b[3 + 2 * j] << 8);
+            entries[k] = q & 511;
+            signs |= static_cast<uint32_t>(table[IQ2_XS_SIGNS + (q >> 9)]) << (8 * k);
+          } else { // 10 bits of grid index (2 from qh), explicit signs
+            entries[k] = b[2 + j] | (((b[66 + g] >> (2 * k)) & 3) << 8);
+            signs |= static_cast<uint32_t>(b[34 + j]) << (8 * k);
+          }
+        }
+        const int scales = b[t == IQ2_XS ? 66 + g : 74 + g]; // one per 16
+        const float d = f16_at(b);
+        scale32(sink, 32 * g, signed_grid32(grid8x4(table, entries), signs), true,
+                d * (0.5f + static_cast<float>(scales & 15)) * 0.25f, d * (0.5f + static_cast<float>(scales >> 4)) * 0.25f);
+      }
+      return;
+    case IQ3_XXS:
+    case IQ3_S:
+      for (int g = 0; g < 8; ++g) {
+        uint32_t entries[8], signs = 0;
+        float db;
+        if (t == IQ3_XXS) { // 8 one-byte grid indices per 32; the scale word as IQ2_XXS's
+          const uint32_t aux = u32_at(b + 66 + 4 * g);
+          for (int i = 0; i < 8; ++i) {
+            entries[i] = grid4(table, b[2 + 8 * g + i]);
+          }
+          for (int k = 0; k < 4; ++k) {
+            signs |= static_cast<uint32_t>(table[IQ3_XXS_SIGNS + ((aux >> (7 * k)) & 127)]) << (8 * k);
+          }
+          db = f16_at(b) * (0.5f + static_cast<float>(aux >> 28)) * 0.5f;
+        } else { // 9-bit indices (the high bit in qh), explicit signs, a 4-bit scale per 32
+          for (int i = 0; i < 8; ++i) {
+            entries[i] = grid4(table, b[2 + 8 * g + i] | (((b[66 + g] >> i) & 1) << 8));
+          }
+          signs = u32_at(b + 74 + 4 * g);
+          db = f16_at(b) * static_cast<float>(1 + 2 * ((b[106 + g / 2] >> (4 * (g & 1))) & 15));
+        }
+        const __m256i mags = _mm256_setr_epi32(static_cast<int>(entries[0]), static_cast<int>(entries[1]),
+                                               static_cast<int>(entries[2]), static_cast<int>(entries[3]),
+                                               static_cast<int>(entries[4]), static_cast<int>(entries[5]),
+                                               static_cast<int>(entries[6]), static_cast<int>(entries[7]));
+        scale32(sink, 32 * g, signed_grid32(mags, signs), true, db);
+      }
+      return;
     case Q4_K:
     case Q5_K:
       return q45k_subblocks(b, t == Q5_K, [&sink](int j, __m256i codes, float sc, float minimum) {
@@ -934,6 +1032,11 @@ void fused_dots(int t, const uint8_t* row, const float* const* x, int nr, int nb
     case Q8_0: return fused_dots_t<Q8_0>(row, x, nr, nb, table, out);
     case Q2_K: return fused_dots_t<Q2_K>(row, x, nr, nb, table, out);
     case Q3_K: return fused_dots_t<Q3_K>(row, x, nr, nb, table, out);
+    case IQ2_XXS: return fused_dots_t<IQ2_XXS>(row, x, nr, nb, table, out);
+    case IQ2_XS: return fused_dots_t<IQ2_XS>(row, x, nr, nb, table, out);
+    case IQ2_S: return fused_dots_t<IQ2_S>(row, x, nr, nb, table, out);
+    case IQ3_XXS: return fused_dots_t<IQ3_XXS>(row, x, nr, nb, table, out);
+    case IQ3_S: return fused_dots_t<IQ3_S>(row, x, nr, nb, table, out);
     case Q4_K: return fused_dots_t<Q4_K>(row, x, nr, nb, table, out);
     case Q5_K: return fused_dots_t<Q5_K>(row, x, nr, nb, table, out);
     case Q6_K: return fused_dots_t<Q6_K>(row, x, nr, nb, table, out);
@@ -1143,6 +1246,11 @@ void dequantize_rows(int t, const TypeInfo& info, const uint8_t* w, const uint8_
       case Q8_0: return dequantize_blocks_avx2<Q8_0>(w, table, out, blocks, info);
       case Q2_K: return dequantize_blocks_avx2<Q2_K>(w, table, out, blocks, info);
       case Q3_K: return dequantize_blocks_avx2<Q3_K>(w, table, out, blocks, info);
+      case IQ2_XXS: return dequantize_blocks_avx2<IQ2_XXS>(w, table, out, blocks, info);
+      case IQ2_XS: return dequantize_blocks_avx2<IQ2_XS>(w, table, out, blocks, info);
+      case IQ2_S: return dequantize_blocks_avx2<IQ2_S>(w, table, out, blocks, info);
+      case IQ3_XXS: return dequantize_blocks_avx2<IQ3_XXS>(w, table, out, blocks, info);
+      case IQ3_S: return dequantize_blocks_avx2<IQ3_S>(w, table, out, blocks, info);
       case Q4_K: return dequantize_blocks_avx2<Q4_K>(w, table, out, blocks, info);
       case Q5_K: return dequantize_blocks_avx2<Q5_K>(w, table, out, blocks, info);
       case Q6_K: return dequantize_blocks_avx2<Q6_K>(w, table, out, blocks, info);
