@@ -232,19 +232,8 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     const auto& a = inputs[i];
     enc.set_input_array(a);
     // q, k, v in place (a cache's slice, a transposed query); anything else, and the mask, gathered
-    if (a.size() == 0 || (i < 3 ? rows_in_place(a) : a.flags().row_contiguous)) {
-      in.push_back(a);
-      continue;
-    }
-    mx::array copy(a.shape(), a.dtype(), nullptr, {});
-    copy.set_data(mx::allocator::malloc(copy.nbytes()));
-    enc.add_temporary(copy);
-    if (a.itemsize() == 4) {
-      enc.dispatch([a, dst = copy.data<uint32_t>()]() { gather_rows(a, dst); });
-    } else {
-      enc.dispatch([a, dst = copy.data<uint8_t>()]() { gather_rows(a, dst); });
-    }
-    in.push_back(std::move(copy));
+    const bool in_place = a.size() == 0 || (i < 3 ? rows_in_place(a) : a.flags().row_contiguous);
+    in.push_back(in_place ? a : gathered(enc, a));
   }
   enc.set_output_array(out);
   enc.dispatch([in = std::move(in), out, scale = scale_, causal = causal_]() mutable {

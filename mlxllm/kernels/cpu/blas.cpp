@@ -323,15 +323,7 @@ void Matmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   for (const auto& a : inputs) {
     enc.set_input_array(a);
     MatrixView probe;
-    if (a.size() == 0 || matrix_view(a, probe)) {
-      operands.push_back(a);
-      continue;
-    }
-    mx::array copy(a.shape(), a.dtype(), nullptr, {}); // any other view: gathered first
-    copy.set_data(mx::allocator::malloc(copy.nbytes()));
-    enc.add_temporary(copy);
-    enc.dispatch([a, dst = copy.data<float>()]() { gather_rows(a, dst); });
-    operands.push_back(std::move(copy));
+    operands.push_back(a.size() == 0 || matrix_view(a, probe) ? a : gathered(enc, a)); // any other view: gathered first
   }
   enc.set_output_array(out);
   enc.dispatch([a = operands[0], b = operands[1], out, tb = transpose_b_]() mutable {

@@ -157,6 +157,22 @@ struct Eval {
   std::vector<mx::array> inputs;
 };
 
+// a's elements, row-contiguous, in a temporary that a task queued on the encoder (ahead of
+// the kernel's) gathers.
+inline mx::array gathered(mx::cpu::CommandEncoder& enc, const mx::array& a) {
+  mx::array copy(a.shape(), a.dtype(), nullptr, {});
+  copy.set_data(mx::allocator::malloc(copy.nbytes()));
+  enc.add_temporary(copy);
+  if (a.itemsize() == 4) {
+    enc.dispatch([a, dst = copy.data<uint32_t>()]() { gather_rows(a, dst); });
+  } else if (a.itemsize() == 1) {
+    enc.dispatch([a, dst = copy.data<uint8_t>()]() { gather_rows(a, dst); });
+  } else {
+    throw std::invalid_argument("[mlxllm_cpu] inputs must have 4- or 1-byte elements");
+  }
+  return copy;
+}
+
 inline Eval begin_eval(mx::Stream s, const std::vector<mx::array>& inputs, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
   auto& enc = mx::cpu::get_command_encoder(s);
@@ -164,21 +180,7 @@ inline Eval begin_eval(mx::Stream s, const std::vector<mx::array>& inputs, mx::a
   rows.reserve(inputs.size());
   for (const auto& a : inputs) {
     enc.set_input_array(a);
-    if (a.flags().row_contiguous) {
-      rows.push_back(a);
-      continue;
-    }
-    mx::array copy(a.shape(), a.dtype(), nullptr, {});
-    copy.set_data(mx::allocator::malloc(copy.nbytes()));
-    enc.add_temporary(copy);
-    if (a.itemsize() == 4) {
-      enc.dispatch([a, dst = copy.data<uint32_t>()]() { gather_rows(a, dst); });
-    } else if (a.itemsize() == 1) {
-      enc.dispatch([a, dst = copy.data<uint8_t>()]() { gather_rows(a, dst); });
-    } else {
-      throw std::invalid_argument("[mlxllm_cpu] inputs must have 4- or 1-byte elements");
-    }
-    rows.push_back(std::move(copy));
+    rows.push_back(a.flags().row_contiguous ? a : gathered(enc, a));
   }
   enc.set_output_array(out);
   return {enc, std::move(rows)};
