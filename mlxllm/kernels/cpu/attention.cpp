@@ -104,6 +104,17 @@ void softmax_masked(const float* s, const bool* keep, float* out, int T, float s
   }
 }
 
+// Query i of L (the last L of the T keys) over one row of scores: the keep row where a mask
+// is given, else the causal prefix or every key.
+inline void softmax_row(const float* s, float* out, int T, const bool* keep_row, bool causal, int L, int i,
+                        float scale) {
+  if (keep_row) {
+    softmax_masked(s, keep_row, out, T, scale);
+  } else {
+    softmax_prefix(s, out, T, causal ? T - L + i + 1 : T, scale);
+  }
+}
+
 } // namespace
 
 mx::array masked_softmax(const mx::array& scores, float scale, int queries, bool causal,
@@ -148,13 +159,8 @@ void MaskedSoftmax::eval_cpu(const std::vector<mx::array>& inputs, mx::array& ou
         parallel_ranges(rows, static_cast<long>(T) * 4, [&](long begin, long end) {
           for (long r = begin; r < end; ++r) {
             const int i = static_cast<int>(r % L); // the query this row belongs to
-            if (keep) {
-              const long mask_row = (r / rows_per_mask) * L + i;
-              softmax_masked(sp + r * T, keep + mask_row * T, op + r * T, T, scale);
-            } else {
-              // Causal: the L queries are the last L positions of the T keys.
-              softmax_prefix(sp + r * T, op + r * T, T, causal ? T - L + i + 1 : T, scale);
-            }
+            const bool* keep_row = keep ? keep + ((r / rows_per_mask) * L + i) * T : nullptr;
+            softmax_row(sp + r * T, op + r * T, T, keep_row, causal, L, i, scale);
           }
         });
       });
@@ -271,11 +277,8 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     auto softmax = [&](long gi, int m) { // in place: each entry is read before it is written
       float* row = p + (gi * M + m) * T;
       const int l = m % L;
-      if (keep) {
-        softmax_masked(row, keep + ((keep_per_row ? gi / Hk * L : 0) + l) * T, row, T, scale);
-      } else {
-        softmax_prefix(row, row, T, causal ? T - L + l + 1 : T, scale);
-      }
+      const bool* keep_row = keep ? keep + ((keep_per_row ? gi / Hk * L : 0) + l) * T : nullptr;
+      softmax_row(row, row, T, keep_row, causal, L, l, scale);
     };
     auto values = [&](long gi, int c0, int n) { // output columns [c0, c0 + n) of group gi
       float rows[kFewRows * kValueColumns];

@@ -1009,9 +1009,8 @@ float dot_q8(int t, const uint8_t* row, const Q8Row& x, int nb, const uint8_t* t
 
 // Whether float activations meet type t's blocks in a dedicated kernel here (else they go
 // through the block decoders, the portable float path).
-bool float_kernel(int t, const TypeInfo& info) {
+bool float_kernel(int t) {
 #if defined(__AVX2__)
-  (void)info;
   return g_use_simd && unpacks_avx2(t);
 #else
   return false;
@@ -1148,7 +1147,7 @@ void matvec(int t, const TypeInfo& info, const float* x, const uint8_t* w, const
     for (int b = 0; b < B; ++b) {
       xs[b] = x + static_cast<long>(b) * I;
     }
-    if (float_kernel(t, info) && B <= kFusedRows) { // each weight row's blocks meet every x as they unpack
+    if (float_kernel(t) && B <= kFusedRows) { // each weight row's blocks meet every x as they unpack
       parallel_ranges(O, row_bytes * B, [&](long r0, long r1) {
         float out[kFusedRows];
         for (long o = r0; o < r1; ++o) {
@@ -1206,7 +1205,7 @@ void gather_matvec(int t, const TypeInfo& info, const float* x, const uint8_t* w
                    const uint32_t* indices, float* y, int N, int k, int I, int O, int E) {
   const int nb = I / info.qk;
   const long row_bytes = static_cast<long>(nb) * info.bytes;
-  const bool dedicated = float_kernel(t, info);
+  const bool dedicated = float_kernel(t);
   parallel_ranges(static_cast<long>(N) * k * O, row_bytes, [&](long r0, long r1) {
     std::vector<float> v(dedicated ? 0 : I);
     for (long u = r0; u < r1; ++u) {
@@ -1234,7 +1233,7 @@ void dequantize_rows(int t, const TypeInfo& info, const uint8_t* w, const uint8_
   const int nb = I / info.qk;
   const long row_bytes = static_cast<long>(nb) * info.bytes;
 #if defined(__AVX2__)
-  if (float_kernel(t, info)) {
+  if (float_kernel(t)) {
     const long blocks = (r1 - r0) * nb;
     w += r0 * row_bytes;
     out += r0 * I;
