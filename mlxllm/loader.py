@@ -83,15 +83,16 @@ def dense_by_default(gf: GGUFFile) -> bool:
     float32 BLAS matvec for one token, 30-60x slower for a 64-token prompt, 2 cores with
     OpenBLAS). With mlxllm's CPU kernels the quantized layouts are the faster ones (decode
     reads 4-8x fewer bytes; prefill dequantizes for BLAS) and use a fraction of the memory,
-    so weights stay quantized. Without the kernels, or for a file with FP4 types (which they
-    do not read), the weights are widened whenever the float32 model fits in half of the
-    machine's memory. On a GPU they always stay quantized.
+    so weights stay quantized. Without the kernels, or for a file with FP4 tensors they do
+    not read as blocks (MLX's CPU has no fast path for its fp4 layouts; a build without
+    AVX2), the weights are widened whenever the float32 model fits in half of the machine's
+    memory. On a GPU they always stay quantized.
     """
     if mx.default_device() != mx.cpu:
         return False
-    fp4 = any(layout_of(t.qtype).kind == "mxfp4" or t.qtype == GGMLQuantizationType.NVFP4
-              for t in gf.tensors.values())
-    if cpu_kernels.active() is not None and not fp4:
+    unread_fp4 = any((layout_of(t.qtype).kind == "mxfp4" or t.qtype == GGMLQuantizationType.NVFP4)
+                     and not keeps_blocks_on_cpu(t.qtype, tuple(t.shape)) for t in gf.tensors.values())
+    if cpu_kernels.active() is not None and not unread_fp4:
         return False
     fp32_bytes = 4 * sum(t.n_elements for t in gf.tensors.values())
     try:

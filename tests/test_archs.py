@@ -183,6 +183,22 @@ def test_other_quantizations_near_llama_cpp(name, quant, tmp_path, monkeypatch):
             assert np.abs(kept - dense).max() <= 1e-4 * dense.std(), f"blocks {blocks}, chunk {chunk}"
 
 
+def test_fp4_file_stays_blocks_on_the_cpu(monkeypatch):
+    """A file with MXFP4 experts is not widened to float32 by default where the CPU kernels
+    read its blocks; with MLX's layouts instead (MLXLLM_CPU_BLOCKS=0, which MLX's CPU reads
+    slowly) it is, as it fits in memory."""
+    from mlxllm.gguf import GGUFFile
+    from mlxllm.kernels import cpu
+    from mlxllm.loader import dense_by_default
+
+    if cpu.active() is None or not cpu.KERNELS.gguf_float_kernel(39):  # MXFP4
+        pytest.skip("no CPU float kernels for MXFP4 blocks in this build")
+    with GGUFFile(str(FIXTURES / "gpt-oss.mxfp4_moe.gguf")) as gf:
+        assert not dense_by_default(gf)
+        monkeypatch.setenv("MLXLLM_CPU_BLOCKS", "0")
+        assert dense_by_default(gf)
+
+
 def test_wide_moe_fixture_holds_k_quant_experts():
     """qwen3moe-wide's Q4_K_M file really holds k-quant experts (gguf-py reads the types)."""
     import gguf

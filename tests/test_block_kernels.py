@@ -38,11 +38,9 @@ def test_every_type_with_a_block_decoder_has_a_kernel():
     expected = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.MXFP4, *source.kernel_types()}
     assert set(TYPES) == expected
     assert set(INTEGER) == {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS, Q.MXFP4}
-    # float activations have dedicated kernels for those types, Q2_K, Q3_K and the IQ2/IQ3
-    # codebook types where the build has AVX2
+    # float activations have dedicated kernels for every type where the build has AVX2
     if platform.machine() in ("x86_64", "AMD64"):
-        assert {t for t in TYPES if K.gguf_float_kernel(int(t))} == {
-            *INTEGER, Q.Q2_K, Q.Q3_K, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S}
+        assert {t for t in TYPES if K.gguf_float_kernel(int(t))} == set(TYPES)
 
 
 def _weight(qtype: Q, rows: int, blocks_per_row: int, seed: int, edge: bool = False) -> tuple[np.ndarray, int]:
@@ -100,8 +98,8 @@ def _activations(x: np.ndarray, qtype: Q, int8: bool) -> np.ndarray:
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 16], ids=lambda r: f"{r}rows")  # passes of 4 rows: full, partial
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_matvec_against_float64(qtype, rows, isa, int8):
-    if isa == "portable" and qtype not in INTEGER:
-        pytest.skip("one path: the float decoders")
+    if isa == "portable" and qtype not in INTEGER and not K.gguf_float_kernel(int(qtype)):
+        pytest.skip("one path: the block decoders")
     if int8 and qtype not in INTEGER:
         pytest.skip("float decoders in either mode")
     raw, cols = _weight(qtype, 75, 2 if GGML_QUANT_SIZES[qtype][0] == 256 else 9, seed=rows)

@@ -24,7 +24,7 @@ quant_matrix = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(quant_matrix)
 
 # Three file types whose main types the real models leave out (about a minute and a half
-# each): Q2_K (with Q3_K; widened into 6-bit + 1-bit parts), IQ3_S (a sign-and-grid i-quant)
+# each): Q2_K (with Q3_K; 2- and 3-bit blocks), IQ3_S (a sign-and-grid i-quant)
 # and IQ4_XS (a non-linear codebook). The script runs every type.
 TYPES = ["Q2_K", "IQ3_S", "IQ4_XS"]
 

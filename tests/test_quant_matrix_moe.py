@@ -29,7 +29,7 @@ spec = importlib.util.spec_from_file_location("quant_matrix", SCRIPT)
 quant_matrix = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(quant_matrix)
 
-# About 80 s for the three. Experts in three kinds of layout: Q2_K (with Q3_K; widened packed blocks), Q5_K_M (affine
+# About 80 s for the three. Experts in three kinds of layout: Q2_K (with Q3_K; 2- and 3-bit blocks), Q5_K_M (affine
 # Q5_K with a Q6_K ffn_down_exps) and IQ4_XS (a non-linear codebook).
 TYPES = {"Q2_K": {"Q2_K", "Q3_K"}, "Q5_K_M": {"Q5_K", "Q6_K"}, "IQ4_XS": {"IQ4_XS"}}
 

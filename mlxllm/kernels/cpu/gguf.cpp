@@ -779,11 +779,31 @@ inline float q3k_scale(const uint8_t* scales, int s) {
   return static_cast<float>((lo | (hi << 4)) - 32);
 }
 
+// IQ1: 32 grid values g (-1, 0, +1), each chunk of 8 shifted by its delta (+-1/8), as the
+// integer codes 8g +- 1 (the value is then (scale / 8) * code: the same exact product as
+// gguf-py's scale * (g + delta), signed zeros included, as code is never 0). negative[k]:
+// whether chunk k's delta is -1/8.
+inline __m256i iq1_codes(__m256i grid, const bool (&negative)[4]) {
+  const __m256i shift = _mm256_setr_epi64x(negative[0] ? -1LL : 0x0101010101010101LL, negative[1] ? -1LL : 0x0101010101010101LL,
+                                           negative[2] ? -1LL : 0x0101010101010101LL, negative[3] ? -1LL : 0x0101010101010101LL);
+  return _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), grid), shift);
+}
+
+// TQ1_0: digit n of byte x is (uint8(x * 3^n) * 3) >> 8, for 32 bytes and their own 3^n;
+// the byte products wrap mod 256 on purpose (16-bit products, even and odd bytes apart).
+inline __m256i tq1_digits(__m256i bytes, __m256i pow3) {
+  const __m256i low = _mm256_set1_epi16(0xFF), three = _mm256_set1_epi16(3 << 8);
+  const __m256i even = _mm256_and_si256(_mm256_mullo_epi16(bytes, pow3), low);
+  const __m256i odd = _mm256_and_si256(_mm256_mullo_epi16(_mm256_srli_epi16(bytes, 8), _mm256_srli_epi16(pow3, 8)), low);
+  return _mm256_or_si256(_mm256_mulhi_epu16(even, three), _mm256_slli_epi16(_mm256_mulhi_epu16(odd, three), 8));
+}
+
 // The types unpack_block_avx2 takes: those with float kernels on an AVX2 build.
 constexpr bool unpacks_avx2(int t) {
   switch (t) {
     case Q4_0: case Q4_1: case Q5_0: case Q5_1: case Q8_0: case Q2_K: case Q3_K: case Q4_K: case Q5_K: case Q6_K:
-    case IQ2_XXS: case IQ2_XS: case IQ2_S: case IQ3_XXS: case IQ3_S: case IQ4_NL: case IQ4_XS: case MXFP4:
+    case IQ1_S: case IQ1_M: case IQ2_XXS: case IQ2_XS: case IQ2_S: case IQ3_XXS: case IQ3_S: case IQ4_NL: case IQ4_XS:
+    case MXFP4: case NVFP4: case TQ1_0: case TQ2_0:
       return true;
     default:
       return false;
@@ -867,6 +887,65 @@ inline __attribute__((always_inline)) void unpack_block_avx2(int t, const uint8_
       }
       return;
     }
+    case IQ1_S: // per 32: one qh word (3 high index bits per chunk, the scale, the delta sign)
+      for (int g = 0; g < 8; ++g) {
+        const int h = b[34 + 2 * g] | (b[35 + 2 * g] << 8);
+        const bool negative = h & 0x8000;
+        const int entries[4] = {b[2 + 4 * g] | ((h & 7) << 8), b[3 + 4 * g] | (((h >> 3) & 7) << 8),
+                                b[4 + 4 * g] | (((h >> 6) & 7) << 8), b[5 + 4 * g] | (((h >> 9) & 7) << 8)};
+        scale32(sink, 32 * g, iq1_codes(grid8x4(table, entries), {negative, negative, negative, negative}), true,
+                f16_at(b) * static_cast<float>(2 * ((h >> 12) & 7) + 1) * 0.125f);
+      }
+      return;
+    case IQ1_M: { // per chunk of 8: a nibble (3 high index bits, the delta sign); a scale per 16
+      const uint8_t* sc = b + 48;
+      const float d = half_to_float(static_cast<uint16_t>((sc[1] >> 4) | (sc[3] & 0xF0) | ((sc[5] & 0xF0) << 4) |
+                                                          ((sc[7] & 0xF0) << 8))) * 0.125f;
+      for (int g = 0; g < 8; ++g) {
+        const int nibbles = b[32 + 2 * g] | (b[33 + 2 * g] << 8); // chunk k's at bits 4k
+        const int entries[4] = {b[4 * g] | ((nibbles & 7) << 8), b[4 * g + 1] | (((nibbles >> 4) & 7) << 8),
+                                b[4 * g + 2] | (((nibbles >> 8) & 7) << 8), b[4 * g + 3] | (((nibbles >> 12) & 7) << 8)};
+        const bool negative[4] = {(nibbles & 0x8) != 0, (nibbles & 0x80) != 0, (nibbles & 0x800) != 0,
+                                  (nibbles & 0x8000) != 0};
+        const int word = sc[2 * (g >> 1)] | (sc[2 * (g >> 1) + 1] << 8), at = 6 * (g & 1); // scales 2g, 2g + 1
+        scale32(sink, 32 * g, iq1_codes(grid8x4(table, entries), negative), true,
+                d * static_cast<float>(2 * ((word >> at) & 7) + 1), d * static_cast<float>(2 * ((word >> (at + 3)) & 7) + 1));
+      }
+      return;
+    }
+    case TQ1_0: { // base-3 digits: 5 per byte of qs[0..31], then qs[32..47], 4 per byte of qh
+      const float d = f16_at(b + 52);
+      const __m256i first = ld(b);
+      const __m128i second = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32));
+      auto pow3 = [](int lo, int hi) { return _mm256_set_m128i(_mm_set1_epi8(static_cast<char>(hi)), _mm_set1_epi8(static_cast<char>(lo))); };
+      const __m256i sources[8] = {first, first, first, first, first, _mm256_set_m128i(second, second),
+                                  _mm256_set_m128i(second, second),
+                                  _mm256_set_m128i(_mm_set1_epi32(static_cast<int>(u32_at(b + 48))), second)};
+      const __m256i powers[8] = {pow3(1, 1), pow3(3, 3), pow3(9, 9), pow3(27, 27), pow3(81, 81), pow3(1, 3), pow3(9, 27),
+                                 _mm256_set_m128i(_mm_setr_epi8(1, 1, 1, 1, 3, 3, 3, 3, 9, 9, 9, 9, 27, 27, 27, 27),
+                                                  _mm_set1_epi8(81))};
+      for (int c = 0; c < 8; ++c) {
+        scale32(sink, 32 * c, _mm256_sub_epi8(tq1_digits(sources[c], powers[c]), _mm256_set1_epi8(1)), true, d);
+      }
+      return;
+    }
+    case TQ2_0: // Q2_K's 2-bit code layout, one scale, codes - 1
+      for (int h = 0; h < 2; ++h) {
+        const __m256i qs = ld(b + 32 * h);
+        for (int q = 0; q < 4; ++q) {
+          const __m256i codes = _mm256_and_si256(_mm256_srli_epi16(qs, 2 * q), _mm256_set1_epi8(3));
+          scale32(sink, 128 * h + 32 * q, _mm256_sub_epi8(codes, _mm256_set1_epi8(1)), true, f16_at(b + 64));
+        }
+      }
+      return;
+    case NVFP4: // per 32: two sub-blocks of 16, each 8 bytes' low nibbles then their high ones
+      for (int g = 0; g < 2; ++g) {
+        const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 4 + 16 * g));
+        const __m128i lo = _mm_and_si128(t, _mm_set1_epi8(0x0F)), hi = _mm_and_si128(_mm_srli_epi16(t, 4), _mm_set1_epi8(0x0F));
+        const __m256i codes = _mm256_set_m128i(_mm_unpackhi_epi64(lo, hi), _mm_unpacklo_epi64(lo, hi));
+        scale32(sink, 32 * g, _mm256_shuffle_epi8(kv(), codes), true, nvfp4_ue4m3(b[2 * g]), nvfp4_ue4m3(b[2 * g + 1]));
+      }
+      return;
     case IQ2_XXS: // per 32: 4 grid indices, then 4 x 7 sign-index bits and the scale
       for (int g = 0; g < 8; ++g) {
         const uint8_t* q = b + 2 + 8 * g;
@@ -1031,6 +1110,11 @@ void fused_dots(int t, const uint8_t* row, const float* const* x, int nr, int nb
     case Q8_0: return fused_dots_t<Q8_0>(row, x, nr, nb, table, out);
     case Q2_K: return fused_dots_t<Q2_K>(row, x, nr, nb, table, out);
     case Q3_K: return fused_dots_t<Q3_K>(row, x, nr, nb, table, out);
+    case IQ1_S: return fused_dots_t<IQ1_S>(row, x, nr, nb, table, out);
+    case IQ1_M: return fused_dots_t<IQ1_M>(row, x, nr, nb, table, out);
+    case TQ1_0: return fused_dots_t<TQ1_0>(row, x, nr, nb, table, out);
+    case TQ2_0: return fused_dots_t<TQ2_0>(row, x, nr, nb, table, out);
+    case NVFP4: return fused_dots_t<NVFP4>(row, x, nr, nb, table, out);
     case IQ2_XXS: return fused_dots_t<IQ2_XXS>(row, x, nr, nb, table, out);
     case IQ2_XS: return fused_dots_t<IQ2_XS>(row, x, nr, nb, table, out);
     case IQ2_S: return fused_dots_t<IQ2_S>(row, x, nr, nb, table, out);
@@ -1245,6 +1329,11 @@ void dequantize_rows(int t, const TypeInfo& info, const uint8_t* w, const uint8_
       case Q8_0: return dequantize_blocks_avx2<Q8_0>(w, table, out, blocks, info);
       case Q2_K: return dequantize_blocks_avx2<Q2_K>(w, table, out, blocks, info);
       case Q3_K: return dequantize_blocks_avx2<Q3_K>(w, table, out, blocks, info);
+    case IQ1_S: return dequantize_blocks_avx2<IQ1_S>(w, table, out, blocks, info);
+    case IQ1_M: return dequantize_blocks_avx2<IQ1_M>(w, table, out, blocks, info);
+    case TQ1_0: return dequantize_blocks_avx2<TQ1_0>(w, table, out, blocks, info);
+    case TQ2_0: return dequantize_blocks_avx2<TQ2_0>(w, table, out, blocks, info);
+    case NVFP4: return dequantize_blocks_avx2<NVFP4>(w, table, out, blocks, info);
       case IQ2_XXS: return dequantize_blocks_avx2<IQ2_XXS>(w, table, out, blocks, info);
       case IQ2_XS: return dequantize_blocks_avx2<IQ2_XS>(w, table, out, blocks, info);
       case IQ2_S: return dequantize_blocks_avx2<IQ2_S>(w, table, out, blocks, info);
