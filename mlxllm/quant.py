@@ -155,9 +155,9 @@ def cpu_blocks_mode() -> str:
 def keeps_blocks_on_cpu(qtype: T, shape: tuple[int, ...]) -> bool:
     """Whether a tensor loads as its GGUF blocks, unchanged, for mlxllm's CPU kernels
     (kernels/cpu/gguf.cpp): on MLX's CPU with the kernels built, for a 2-D tensor of a type
-    with dedicated kernels there (every packed type on an AVX2 build; the integer-dot types
-    Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS and MXFP4 also in int8
-    mode, the others in float activations only). Memory is then the file's, and no affine
+    with dedicated kernels there (every packed type on an AVX2 build; in int8 mode, the
+    integer-dot types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS and
+    MXFP4 on any build, the others multiplying float activations in either mode). Memory is then the file's, and no affine
     scale/bias overhead is read. Experts (3-D) of those types too, where the build has the
     float kernels (`kernels.gather_matmul`; in int8 mode as well: the experts' products stay
     float; MLX's CPU gather_qmm read gpt-oss's MXFP4 experts at 75-98 ms a token). A build
@@ -179,8 +179,9 @@ def keeps_blocks_on_cpu(qtype: T, shape: tuple[int, ...]) -> bool:
     if choice == "all":
         return cpu.gguf_has_kernel(int(qtype))
     # A build without AVX2 (NEON) multiplies float activations through the block decoders,
-    # 3-20x slower than the affine matvec: there only int8 mode keeps the blocks.
-    return cpu.gguf_integer_dots(int(qtype)) if choice == "int8" else cpu.gguf_float_kernel(int(qtype))
+    # 3-20x slower than the affine matvec: there only int8 mode keeps the blocks (of the
+    # types with integer dots; the others multiply float activations in either mode).
+    return cpu.gguf_float_kernel(int(qtype)) or (choice == "int8" and cpu.gguf_integer_dots(int(qtype)))
 
 
 def mode_of(qtype: T, weight: mx.array | None, widened: bool) -> str:

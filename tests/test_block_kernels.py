@@ -202,6 +202,19 @@ def test_integer_path_follows_the_8_bit_activations():
 
 
 @pytest.mark.parametrize("mode", ["1", "int8"])
+def test_every_type_stays_blocks_where_the_build_has_float_kernels(mode, monkeypatch):
+    """With AVX2 every quantized type loads as its GGUF blocks, weights and experts, in both
+    arithmetics (the types without integer dots multiply float activations in int8 mode)."""
+    from mlxllm.quant import keeps_blocks_on_cpu
+
+    if not all(K.gguf_float_kernel(int(t)) for t in TYPES):
+        pytest.skip("a build without the AVX2 float kernels")
+    monkeypatch.setenv("MLXLLM_CPU_BLOCKS", mode)
+    for t in TYPES:
+        assert keeps_blocks_on_cpu(t, (8, 256)) and keeps_blocks_on_cpu(t, (4, 8, 256)), t.name
+
+
+@pytest.mark.parametrize("mode", ["1", "int8"])
 def test_linear_layer_keeps_its_load_time_mode(mode, monkeypatch):
     """A QuantizedLinear multiplies with the arithmetic MLXLLM_CPU_BLOCKS chose when it was
     built (a later change of the variable does not reach it), and its memoized blocks follow
@@ -291,8 +304,9 @@ def test_bad_arguments_raise():
 # Peak resident memory of loading a file, over the file's size: the GGUF blocks are the
 # weights, so loading holds little more than the file. Three file types of SmolLM2 written
 # by llama.cpp (its 576 columns make k-quant files mostly 32-block types; Gemma 3's Q4_K_M
-# is checked in test_real_models.py), with MLXLLM_CPU_BLOCKS=all so that every type present
-# stays blocks (see quant.keeps_blocks_on_cpu).
+# is checked in test_real_models.py), with MLXLLM_CPU_BLOCKS=all: the default's choice on an
+# AVX2 build, and on one without it every type present still stays blocks (see
+# quant.keeps_blocks_on_cpu).
 RSS_TYPES = ["Q4_0", "Q5_1", "IQ4_XS"]
 
 
