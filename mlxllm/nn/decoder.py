@@ -301,7 +301,7 @@ class Block(nn.Module):
             f = self.feed_forward(self.ffn_norm(x) if self.ffn_norm is not None else attn_in)
             return x + (a + f) * rs if rs != 1.0 else x + a + f
         h = x + a * rs if rs != 1.0 else x + a
-        ffn_norm = self.ffn_norm if self.args.ffn_input_norm == "ffn_norm" else self[self.args.ffn_input_norm]
+        ffn_norm = getattr(self, self.args.ffn_input_norm)  # None: the file has no such norm (as for the others)
         f = self.feed_forward(ffn_norm(h) if ffn_norm is not None else h)
         if self.post_ffw_norm is not None:
             f = self.post_ffw_norm(f)

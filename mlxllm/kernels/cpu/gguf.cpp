@@ -1329,11 +1329,11 @@ void dequantize_rows(int t, const TypeInfo& info, const uint8_t* w, const uint8_
       case Q8_0: return dequantize_blocks_avx2<Q8_0>(w, table, out, blocks, info);
       case Q2_K: return dequantize_blocks_avx2<Q2_K>(w, table, out, blocks, info);
       case Q3_K: return dequantize_blocks_avx2<Q3_K>(w, table, out, blocks, info);
-    case IQ1_S: return dequantize_blocks_avx2<IQ1_S>(w, table, out, blocks, info);
-    case IQ1_M: return dequantize_blocks_avx2<IQ1_M>(w, table, out, blocks, info);
-    case TQ1_0: return dequantize_blocks_avx2<TQ1_0>(w, table, out, blocks, info);
-    case TQ2_0: return dequantize_blocks_avx2<TQ2_0>(w, table, out, blocks, info);
-    case NVFP4: return dequantize_blocks_avx2<NVFP4>(w, table, out, blocks, info);
+      case IQ1_S: return dequantize_blocks_avx2<IQ1_S>(w, table, out, blocks, info);
+      case IQ1_M: return dequantize_blocks_avx2<IQ1_M>(w, table, out, blocks, info);
+      case TQ1_0: return dequantize_blocks_avx2<TQ1_0>(w, table, out, blocks, info);
+      case TQ2_0: return dequantize_blocks_avx2<TQ2_0>(w, table, out, blocks, info);
+      case NVFP4: return dequantize_blocks_avx2<NVFP4>(w, table, out, blocks, info);
       case IQ2_XXS: return dequantize_blocks_avx2<IQ2_XXS>(w, table, out, blocks, info);
       case IQ2_XS: return dequantize_blocks_avx2<IQ2_XS>(w, table, out, blocks, info);
       case IQ2_S: return dequantize_blocks_avx2<IQ2_S>(w, table, out, blocks, info);
