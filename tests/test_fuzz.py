@@ -99,6 +99,27 @@ def test_corrupt_string_length_does_not_fill_the_error_message():
     assert "(" in result["message"] and "characters)" in result["message"], result  # quoted cut short
 
 
+def test_spliced_edits_are_bytearray_slice_edits():
+    """The fuzzer's mutated file (seed runs as views plus replaced runs) holds exactly the
+    bytes bytearray's slice edits give, offsets past the end included, so a recorded recipe
+    replays the same file."""
+    import random
+
+    rng = random.Random(7)
+    for _ in range(300):
+        seed = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
+        ours, ref = fuzz_gguf.Spliced(seed), bytearray(seed)
+        for _ in range(rng.randrange(1, 8)):
+            start = rng.randrange(len(ref) + 8)
+            end = start + rng.randrange(0, 8)
+            data = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 6)))
+            ours.splice(start, end, data)
+            ref[start:end] = data
+            assert bytes(ours) == bytes(ref) and len(ours) == len(ref)
+            a, b = rng.randrange(len(ref) + 4), rng.randrange(len(ref) + 4)
+            assert b"".join(ours.view(a, b)) == bytes(ref[a:b])
+
+
 def test_a_short_fuzz_run_finds_nothing():
     """A few thousand mutated files over every architecture fixture (byte flips,
     truncation, extreme header fields and metadata values, vocabulary entries and chat
