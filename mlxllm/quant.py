@@ -157,13 +157,14 @@ def keeps_blocks_on_cpu(qtype: T, shape: tuple[int, ...]) -> bool:
     (kernels/cpu/gguf.cpp): on MLX's CPU with the kernels built, for a 2-D tensor of a type
     with dedicated kernels there (every packed type on an AVX2 build; in int8 mode, the
     integer-dot types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS and
-    MXFP4 on any build, the others multiplying float activations in either mode). Memory is then the file's, and no affine
-    scale/bias overhead is read. Experts (3-D) of those types too, where the build has the
-    float kernels (`kernels.gather_matmul`; in int8 mode as well: the experts' products stay
-    float; MLX's CPU gather_qmm read gpt-oss's MXFP4 experts at 75-98 ms a token). A build
-    without them (NEON) keeps the widened image (kernels/widen.py) unless
-    MLXLLM_CPU_BLOCKS=all: the block decoders run 3-20x slower per decoded token than the
-    widened matvec (measured, one core), so there memory is traded for that speed.
+    MXFP4 on any build, the others multiplying float activations in either mode). Memory is
+    then the file's, and no affine scale/bias overhead is read. Experts (3-D) of those types
+    too, where the build has the float kernels (`kernels.gather_matmul`; in int8 mode as
+    well: the experts' products stay float; MLX's CPU gather_qmm read gpt-oss's MXFP4 experts
+    at 75-98 ms a token). A build without them (NEON) keeps the widened image
+    (kernels/widen.py) unless MLXLLM_CPU_BLOCKS=all: the block decoders run 3-20x slower per
+    decoded token than the widened matvec (measured, one core), so there memory is traded
+    for that speed.
     Activations stay float by default: llama.cpp's 8-bit rounding (MLXLLM_CPU_BLOCKS=int8)
     moves Gemma 3 270M's argmax agreement with llama.cpp's F32 logits from >= 98% to 93% on
     tests/test_gemma3.py's prompts, and brings us no nearer llama.cpp's own quantized run

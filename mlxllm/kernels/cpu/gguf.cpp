@@ -784,8 +784,9 @@ inline float q3k_scale(const uint8_t* scales, int s) {
 // gguf-py's scale * (g + delta), signed zeros included, as code is never 0). negative[k]:
 // whether chunk k's delta is -1/8.
 inline __m256i iq1_codes(__m256i grid, const bool (&negative)[4]) {
-  const __m256i shift = _mm256_setr_epi64x(negative[0] ? -1LL : 0x0101010101010101LL, negative[1] ? -1LL : 0x0101010101010101LL,
-                                           negative[2] ? -1LL : 0x0101010101010101LL, negative[3] ? -1LL : 0x0101010101010101LL);
+  constexpr long long kPlus = 0x0101010101010101LL, kMinus = -1LL; // +1 or -1 in each byte
+  const __m256i shift = _mm256_setr_epi64x(negative[0] ? kMinus : kPlus, negative[1] ? kMinus : kPlus,
+                                           negative[2] ? kMinus : kPlus, negative[3] ? kMinus : kPlus);
   return _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), grid), shift);
 }
 
@@ -794,7 +795,8 @@ inline __m256i iq1_codes(__m256i grid, const bool (&negative)[4]) {
 inline __m256i tq1_digits(__m256i bytes, __m256i pow3) {
   const __m256i low = _mm256_set1_epi16(0xFF), three = _mm256_set1_epi16(3 << 8);
   const __m256i even = _mm256_and_si256(_mm256_mullo_epi16(bytes, pow3), low);
-  const __m256i odd = _mm256_and_si256(_mm256_mullo_epi16(_mm256_srli_epi16(bytes, 8), _mm256_srli_epi16(pow3, 8)), low);
+  const __m256i odd =
+      _mm256_and_si256(_mm256_mullo_epi16(_mm256_srli_epi16(bytes, 8), _mm256_srli_epi16(pow3, 8)), low);
   return _mm256_or_si256(_mm256_mulhi_epu16(even, three), _mm256_slli_epi16(_mm256_mulhi_epu16(odd, three), 8));
 }
 
@@ -904,12 +906,14 @@ inline __attribute__((always_inline)) void unpack_block_avx2(int t, const uint8_
       for (int g = 0; g < 8; ++g) {
         const int nibbles = b[32 + 2 * g] | (b[33 + 2 * g] << 8); // chunk k's at bits 4k
         const int entries[4] = {b[4 * g] | ((nibbles & 7) << 8), b[4 * g + 1] | (((nibbles >> 4) & 7) << 8),
-                                b[4 * g + 2] | (((nibbles >> 8) & 7) << 8), b[4 * g + 3] | (((nibbles >> 12) & 7) << 8)};
+                                b[4 * g + 2] | (((nibbles >> 8) & 7) << 8),
+                                b[4 * g + 3] | (((nibbles >> 12) & 7) << 8)};
         const bool negative[4] = {(nibbles & 0x8) != 0, (nibbles & 0x80) != 0, (nibbles & 0x800) != 0,
                                   (nibbles & 0x8000) != 0};
         const int word = sc[2 * (g >> 1)] | (sc[2 * (g >> 1) + 1] << 8), at = 6 * (g & 1); // scales 2g, 2g + 1
         scale32(sink, 32 * g, iq1_codes(grid8x4(table, entries), negative), true,
-                d * static_cast<float>(2 * ((word >> at) & 7) + 1), d * static_cast<float>(2 * ((word >> (at + 3)) & 7) + 1));
+                d * static_cast<float>(2 * ((word >> at) & 7) + 1),
+                d * static_cast<float>(2 * ((word >> (at + 3)) & 7) + 1));
       }
       return;
     }
@@ -917,11 +921,12 @@ inline __attribute__((always_inline)) void unpack_block_avx2(int t, const uint8_
       const float d = f16_at(b + 52);
       const __m256i first = ld(b);
       const __m128i second = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32));
-      auto pow3 = [](int lo, int hi) { return _mm256_set_m128i(_mm_set1_epi8(static_cast<char>(hi)), _mm_set1_epi8(static_cast<char>(lo))); };
+      auto pow3 = [](char lo, char hi) { return _mm256_set_m128i(_mm_set1_epi8(hi), _mm_set1_epi8(lo)); };
       const __m256i sources[8] = {first, first, first, first, first, _mm256_set_m128i(second, second),
                                   _mm256_set_m128i(second, second),
                                   _mm256_set_m128i(_mm_set1_epi32(static_cast<int>(u32_at(b + 48))), second)};
-      const __m256i powers[8] = {pow3(1, 1), pow3(3, 3), pow3(9, 9), pow3(27, 27), pow3(81, 81), pow3(1, 3), pow3(9, 27),
+      const __m256i powers[8] = {pow3(1, 1),   pow3(3, 3), pow3(9, 9),  pow3(27, 27),
+                                 pow3(81, 81), pow3(1, 3), pow3(9, 27),
                                  _mm256_set_m128i(_mm_setr_epi8(1, 1, 1, 1, 3, 3, 3, 3, 9, 9, 9, 9, 27, 27, 27, 27),
                                                   _mm_set1_epi8(81))};
       for (int c = 0; c < 8; ++c) {
@@ -941,7 +946,8 @@ inline __attribute__((always_inline)) void unpack_block_avx2(int t, const uint8_
     case NVFP4: // per 32: two sub-blocks of 16, each 8 bytes' low nibbles then their high ones
       for (int g = 0; g < 2; ++g) {
         const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 4 + 16 * g));
-        const __m128i lo = _mm_and_si128(t, _mm_set1_epi8(0x0F)), hi = _mm_and_si128(_mm_srli_epi16(t, 4), _mm_set1_epi8(0x0F));
+        const __m128i lo = _mm_and_si128(t, _mm_set1_epi8(0x0F));
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(t, 4), _mm_set1_epi8(0x0F));
         const __m256i codes = _mm256_set_m128i(_mm_unpackhi_epi64(lo, hi), _mm_unpacklo_epi64(lo, hi));
         scale32(sink, 32 * g, _mm256_shuffle_epi8(kv(), codes), true, nvfp4_ue4m3(b[2 * g]), nvfp4_ue4m3(b[2 * g + 1]));
       }
