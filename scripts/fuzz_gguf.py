@@ -194,8 +194,8 @@ class Spliced:
     def splice(self, start: int, end: int, data: bytes = b"") -> None:
         """out[start:end] = data."""
         n = len(self)
-        end = min(max(end, 0), n)
-        start = min(max(start, 0), end) if start <= n else n
+        start = min(max(start, 0), n)
+        end = min(max(end, start), n)  # an end before the start inserts at the start, as a slice does
         i = self._cut(start)
         j = self._cut(end) if end > start else i
         self.pieces[i:j] = [memoryview(data)] if data else []

@@ -111,7 +111,7 @@ def test_spliced_edits_are_bytearray_slice_edits():
         ours, ref = fuzz_gguf.Spliced(seed), bytearray(seed)
         for _ in range(rng.randrange(1, 8)):
             start = rng.randrange(len(ref) + 8)
-            end = start + rng.randrange(0, 8)
+            end = max(0, start + rng.randrange(-3, 8))  # also before the start (offsets are never negative)
             data = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 6)))
             ours.splice(start, end, data)
             ref[start:end] = data
