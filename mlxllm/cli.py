@@ -551,6 +551,9 @@ def _seconds(value: str) -> float | None:
               help="Largest request body accepted (413 above it).")
 @click.option("--prefix-cache-mb", type=click.FloatRange(min=0), default=512.0, show_default=True,
               help="Memory per model for the KV of finished prompts, reused by requests sharing a prefix (0: off).")
+@click.option("--ctx-size", "--num-ctx", "ctx_size", type=click.IntRange(min=1), default=None,
+              help="Most context per request in tokens, prompt and answer together (default: each model's own); "
+                   "a request's num_ctx may ask for less. An answer with no token limit ends where it is full.")
 @click.option("--api-key", default=None, help="Require this key (Authorization: Bearer KEY) on every route but "
               "/ and /health [env MLXLLM_API_KEY].")
 @click.option("--allowed-host", "allowed_hosts", multiple=True,
@@ -561,7 +564,7 @@ def _seconds(value: str) -> float | None:
                    "[env MLXLLM_ORIGINS or OLLAMA_ORIGINS].")
 @speculation_options
 def serve(host: str, port: int, keep_alive: str, parallel: int, preload: tuple[str, ...], max_body_mb: float,
-          prefix_cache_mb: float, api_key: str | None, allowed_hosts: tuple[str, ...],
+          prefix_cache_mb: float, ctx_size: int | None, api_key: str | None, allowed_hosts: tuple[str, ...],
           allowed_origins: tuple[str, ...], draft_name: str | None, prompt_lookup: bool, draft_tokens: int,
           kv_bits: str | None, models_dirs: tuple[str, ...] = ()) -> None:
     """Serve the Ollama (/api) and OpenAI (/v1) APIs; models load on demand by name or path.
@@ -591,7 +594,7 @@ def serve(host: str, port: int, keep_alive: str, parallel: int, preload: tuple[s
     run_server(host, port, keep_alive=_seconds(keep_alive), parallel=parallel, preload=preload,
                max_body=int(max_body_mb * (1 << 20)), prefix_cache_bytes=int(prefix_cache_mb * (1 << 20)),
                speculation={"draft": draft_name, "prompt_lookup": prompt_lookup, "draft_tokens": draft_tokens},
-               kv_bits=int(kv_bits) if kv_bits else None,
+               kv_bits=int(kv_bits) if kv_bits else None, context_cap=ctx_size,
                security=Security.from_env(api_key, allowed_hosts, allowed_origins), models_dirs=models_dirs,
                **({"pool_class": pool_class} if pool_class is not None else {}))
 

@@ -4,6 +4,7 @@ its bytes flipped), sent to a running server. Every answer must be a 2xx or a 4x
 route's API's error shape, never a 500, a hang or a dead server; afterwards /health must
 show nothing left running.
 
+    mlxllm serve --ctx-size 256 &   # a dropped token limit then ends within 256 tokens
     python scripts/fuzz_http.py --url http://127.0.0.1:11434 --cases 20000 --model smollm2:135m
 
 tests/test_fuzz_http.py runs a few hundred cases in CI; failing cases are written to

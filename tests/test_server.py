@@ -424,6 +424,22 @@ def test_ps_then_keep_alive_zero_unloads(ol):
     assert ol.generate(MODEL, "hi", options={"num_predict": 2}).load_duration > 0  # loads again on demand
 
 
+def test_ctx_size_bounds_every_request(tmp_path):
+    """serve --ctx-size: no request gets more context, whatever its num_ctx; an answer with
+    no token limit ends where the context is full, and a longer prompt is refused."""
+    srv = Server(tmp_path, "--ctx-size", "64")
+    try:
+        client = ollama.Client(host=srv.url, timeout=120)
+        r = client.generate(MODEL, "The numbers from 1 to 500: 1, 2, 3, 4, 5,", raw=True, options={"temperature": 0, "num_ctx": 4096})
+        assert r.done_reason == "length" and r.prompt_eval_count + r.eval_count == 64
+        assert client.ps().models[0].context_length == 64
+        with pytest.raises(ollama.ResponseError) as e:
+            client.generate(MODEL, "one two three " * 30, options={"num_predict": 1})
+        assert e.value.status_code == 400 and "the context holds 64" in e.value.error
+    finally:
+        srv.stop()
+
+
 def test_gemma3_batches_concurrent_requests(tmp_path):
     """A model whose architecture builds masks with cache.make_mask (gemma3) is decoded in
     one batch; each answer equals the one it gets alone."""

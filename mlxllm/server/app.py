@@ -120,7 +120,7 @@ async def serve_async(host: str, port: int, preload: tuple[str, ...] = (), secur
 def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, keep_alive: float | None = DEFAULT_KEEP_ALIVE,
           parallel: int = DEFAULT_PARALLEL, preload: tuple[str, ...] = (), max_body: int = 16 << 20,
           prefix_cache_bytes: int = 512 << 20, speculation: dict | None = None, kv_bits: int | None = None,
-          security: Security | None = None, models_dirs: tuple[str, ...] = (),
+          security: Security | None = None, models_dirs: tuple[str, ...] = (), context_cap: int | None = None,
           pool_class: Callable[..., ModelPool] = ModelPool) -> None:
     """Run the server until SIGINT or SIGTERM. Requests name models; `models_dirs`: folders
     whose .gguf files requests may name too. pool_class: what holds the models (rank 0 of a
@@ -128,4 +128,5 @@ def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, keep_alive: float |
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve_async(host, port, preload, security, keep_alive=keep_alive, parallel=parallel,
                             prefix_cache_bytes=prefix_cache_bytes, max_body=max_body, speculation=speculation,
-                            kv_bits=kv_bits, models_dirs=models_dirs, pool_class=pool_class))
+                            kv_bits=kv_bits, models_dirs=models_dirs, context_cap=context_cap,
+                            pool_class=pool_class))

@@ -37,10 +37,14 @@ class Loaded:
     keep_alive: float | None = DEFAULT_KEEP_ALIVE  # None: forever
     expires: float | None = None  # wall-clock deadline while idle
     vocabulary: Any = None  # constrain.Vocabulary, built on the first JSON request
+    context_cap: int | None = None  # serve --ctx-size: the most context a request gets
 
     @property
     def context_length(self) -> int:
-        return int(self.model.gguf.metadata.get("context_length", 4096))
+        """The context a request may fill, prompt and answer together: the model's own, or
+        the server's cap where that is less."""
+        own = int(self.model.gguf.metadata.get("context_length", 4096))
+        return own if self.context_cap is None else min(own, self.context_cap)
 
     @property
     def nbytes(self) -> int:
@@ -173,8 +177,9 @@ class ModelPool:
 
     def __init__(self, keep_alive: float | None = DEFAULT_KEEP_ALIVE, parallel: int = DEFAULT_PARALLEL,
                  prefix_cache_bytes: int = 512 << 20, speculation: dict | None = None,
-                 kv_bits: int | None = None) -> None:
+                 kv_bits: int | None = None, context_cap: int | None = None) -> None:
         self.keep_alive = keep_alive
+        self.context_cap = context_cap  # serve --ctx-size
         self.kv_bits = kv_bits  # quantized KV caches (8 or 4 bits) for every model that has a batched form
         self.parallel = parallel
         self.prefix_cache_bytes = prefix_cache_bytes
@@ -248,6 +253,7 @@ class ModelPool:
                 except Exception as e:
                     log.exception("loading %s failed", name)
                     raise ApiError(500, f"cannot load model {name!r}: {e}", "model") from None
+                loaded.context_cap = self.context_cap
                 self.loaded[path] = loaded
                 load_ns = loaded.load_ns
             loaded.users += 1
