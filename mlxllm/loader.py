@@ -23,7 +23,7 @@ from .layers import QuantizedEmbedding, QuantizedLinear, QuantizedSwitchLinear, 
 from .nn.moe import SwitchLinear
 from .kernels import cpu as cpu_kernels
 from .kernels.widen import widen
-from .quant import QuantizedTensor, keeps_blocks_on_cpu, layout_of, to_mlx
+from .quant import HALF_TYPES, QuantizedTensor, keeps_blocks_on_cpu, layout_of, to_mlx
 from .registry import Arch, get_arch
 from .validation import HyperparameterError, check_args, check_metadata, one_line, quote
 
@@ -114,6 +114,12 @@ def by_expert(w: QuantizedTensor) -> QuantizedTensor:
     return QuantizedTensor(w.qtype, w.shape, split(w.weight), split(w.scales), split(w.biases), parts=parts)
 
 
+def _takes_blocks(model: nn.Module, name: str) -> bool:
+    """Whether tensor `name` is the weight of a layer that a quantized twin can replace."""
+    owner_path, leaf = name.rsplit(".", 1)
+    return leaf == "weight" and isinstance(_get(model, owner_path), (nn.Linear, nn.Embedding, SwitchLinear))
+
+
 def _walk(model: nn.Module, path: list[str]) -> tuple[object, str | int]:
     """The container holding `path[-1]` and the key into it."""
     node: object = model
@@ -200,10 +206,12 @@ def load_model(path: str, dtype: mx.Dtype = mx.float32, dense: bool | None = Non
         want = expected[name].shape
         if tuple(value.shape) != tuple(want):
             raise LoadError(f"{path}: tensor {name!r} has shape {list(value.shape)}, {arch.name} expects {list(want)}")
+        if isinstance(value, QuantizedTensor) and value.qtype in HALF_TYPES and not _takes_blocks(model, name):
+            value = value.dequantize()  # a half-precision tensor the model reads as floats (a conv, a position table)
         if isinstance(value, QuantizedTensor):
             owner_path, leaf = name.rsplit(".", 1)
             owner = _get(model, owner_path)
-            if leaf != "weight" or not isinstance(owner, (nn.Linear, nn.Embedding, SwitchLinear)):
+            if not _takes_blocks(model, name):
                 raise LoadError(f"{path}: tensor {name!r} is {value.qtype.name}, but {arch.name} needs it as floats")
             if isinstance(owner, SwitchLinear):
                 layer = QuantizedSwitchLinear(by_expert(value))

@@ -121,6 +121,12 @@ def _mxfp4(b: np.ndarray) -> Converted:
 FLOAT = Layout("float")
 PACKED = Layout("packed")
 
+# Half-precision weights. On a GPU they load as MLX arrays. On the CPU, whose matmul wants
+# float32, a matrix whose rows hold whole groups of 32 stays as stored, like a quantized
+# type (`keeps_blocks_on_cpu`), and the block kernels widen it exactly as they read it:
+# memory is the file's, not twice it. Elsewhere they load as float32.
+HALF_TYPES = (T.F16, T.BF16)
+
 QUANT_TABLE: dict[T, Layout] = {
     T.F32: FLOAT, T.F16: FLOAT, T.BF16: FLOAT,
     T.Q4_0: Layout("affine", 4, _q4_0),
@@ -157,8 +163,9 @@ def keeps_blocks_on_cpu(qtype: T, shape: tuple[int, ...]) -> bool:
     (kernels/cpu/gguf.cpp): on MLX's CPU with the kernels built, for a 2-D tensor of a type
     with dedicated kernels there (every packed type on an AVX2 build; in int8 mode, the
     integer-dot types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS and
-    MXFP4 on any build, the others multiplying float activations in either mode). Memory is
-    then the file's, and no affine scale/bias overhead is read. Experts (3-D) of those types
+    MXFP4 on any build, the others multiplying float activations in either mode), and on
+    the same terms F16 / BF16 matrices whose rows hold whole groups of 32 (`HALF_TYPES`).
+    Memory is then the file's, and no affine scale/bias overhead is read. Experts (3-D) of those types
     too, where the build has the float kernels (`kernels.gather_matmul`; in int8 mode as
     well: the experts' products stay float; MLX's CPU gather_qmm read gpt-oss's MXFP4 experts
     at 75-98 ms a token). A build without them (NEON) keeps the widened image
@@ -170,10 +177,15 @@ def keeps_blocks_on_cpu(qtype: T, shape: tuple[int, ...]) -> bool:
     tests/test_gemma3.py's prompts, and brings us no nearer llama.cpp's own quantized run
     (the roundings flip on float noise, scripts/quant_matrix.py)."""
     cpu = kernels.cpu.active()
-    if cpu is None or len(shape) not in (2, 3) or QUANT_TABLE.get(qtype, FLOAT).kind not in ("affine", "mxfp4", "packed"):
+    if cpu is None or len(shape) not in (2, 3):
         return False
     choice = cpu_blocks_mode()
     if choice == "0":
+        return False
+    if qtype in HALF_TYPES:
+        if shape[-1] % GROUP:  # the kernels read halves in blocks of 32
+            return False
+    elif QUANT_TABLE.get(qtype, FLOAT).kind not in ("affine", "mxfp4", "packed"):
         return False
     if len(shape) == 3:  # experts: gguf_gather_matvec multiplies float activations only
         return cpu.gguf_float_kernel(int(qtype))
@@ -187,12 +199,12 @@ def keeps_blocks_on_cpu(qtype: T, shape: tuple[int, ...]) -> bool:
 
 def mode_of(qtype: T, weight: mx.array | None, widened: bool) -> str:
     """A quantized weight's layout: "widened" (parts), "packed" (GGUF blocks as uint8,
-    which the native types also take on the CPU, see `keeps_blocks_on_cpu`), else its
-    type's kind."""
+    which the native and half-precision types also take on the CPU, see
+    `keeps_blocks_on_cpu`), else its type's kind."""
     if widened:
         return "widened"
     kind = QUANT_TABLE[qtype].kind
-    blocks = kind in ("affine", "mxfp4") and weight is not None and weight.dtype == mx.uint8
+    blocks = kind in ("affine", "mxfp4", "float") and weight is not None and weight.dtype == mx.uint8
     return "packed" if blocks else kind
 
 
@@ -300,12 +312,13 @@ def to_mlx(raw: np.ndarray, qtype: T, shape: tuple[int, ...],
     rows, cols = int(np.prod(shape[:-1], dtype=np.int64)), shape[-1]
     raw2d = raw.reshape(rows, -1)  # (rows, bytes_per_row)
     groups = cols // GROUP
-    if layout.kind == "float":
+    blocks = blocks and qtype != T.F32
+    if layout.kind == "float" and not blocks:
         # numpy has no bfloat16: BF16 travels as its bits and is viewed at the end.
         np_dtype = {T.F32: np.float32, T.F16: np.float16, T.BF16: np.uint16}[qtype]
         outputs = [((rows, cols), mx.float32 if qtype == T.F32 else mx.float16 if qtype == T.F16 else mx.uint16)]
         convert = lambda r: (r.view(np_dtype),)  # noqa: E731
-    elif layout.kind == "packed" or (blocks and layout.kind in ("affine", "mxfp4")):
+    elif layout.kind == "packed" or blocks:
         outputs = [((rows, raw2d.shape[1]), mx.uint8)]
         convert = lambda r: (r,)  # noqa: E731
     else:
@@ -326,7 +339,7 @@ def to_mlx(raw: np.ndarray, qtype: T, shape: tuple[int, ...],
         if consumed is not None:
             consumed(r0 * row_bytes, r1 * row_bytes)
 
-    if layout.kind == "float":
+    if layout.kind == "float" and not blocks:
         out = arrays[0].view(mx.bfloat16) if qtype == T.BF16 else arrays[0]
         return out.reshape(shape)
     return QuantizedTensor(qtype, tuple(shape), *arrays)

@@ -37,6 +37,11 @@ def random_blocks(qtype: Q, n_blocks: int, seed: int, edge: bool = False) -> np.
     """(n_blocks, type_size) uint8: all bits random except finite scales."""
     _, type_size = GGML_QUANT_SIZES[qtype]
     rng = np.random.default_rng([seed, int(qtype), int(edge)])
+    if qtype in FLOATS and edge and qtype != Q.F32:  # any finite value: +-0, subnormals, the largest
+        bits = rng.integers(0, 1 << 16, size=n_blocks, dtype=np.uint32).astype(np.uint16)
+        exponent = 0x7C00 if qtype == Q.F16 else 0x7F80
+        bits = np.where((bits & exponent) != exponent, bits, bits & ~np.uint16(exponent))  # inf/nan -> subnormal
+        return bits.view(np.uint8).reshape(n_blocks, 2)
     if qtype in FLOATS:
         values = rng.standard_normal(n_blocks).astype(np.float32) * 10
         if qtype == Q.BF16:  # truncate float32 to its top half: a finite bfloat16

@@ -145,14 +145,19 @@ def test_latent_attention_caches_only_the_latent():
 EXTRA = [(n, q) for n in sorted(MANIFEST) for q in MANIFEST[n].get("extra_quants", ())]
 
 
-def _float32_copy(src: Path, dst: Path) -> Path:
-    """llama.cpp's own dequantization of `src`: its quantizer with ftype ALL_F32."""
+def _llama_quantize(src: Path, dst: Path, ftype: str) -> Path:
+    """`src` written by llama.cpp's quantizer as file type `ftype` (LLAMA_FTYPE_<ftype>)."""
     import llama_cpp as lc
 
     params = lc.llama_model_quantize_default_params()
-    params.ftype, params.allow_requantize, params.nthread = lc.LLAMA_FTYPE_ALL_F32, True, 2
+    params.ftype, params.allow_requantize, params.nthread = getattr(lc, f"LLAMA_FTYPE_{ftype}"), True, 2
     assert lc.llama_model_quantize(str(src).encode(), str(dst).encode(), params) == 0
     return dst
+
+
+def _float32_copy(src: Path, dst: Path) -> Path:
+    """llama.cpp's own dequantization of `src`."""
+    return _llama_quantize(src, dst, "ALL_F32")
 
 
 @pytest.mark.parametrize(("name", "quant"), EXTRA, ids=[f"{n}-{q}" for n, q in EXTRA])
@@ -183,6 +188,62 @@ def test_other_quantizations_near_llama_cpp(name, quant, tmp_path, monkeypatch):
             assert np.abs(kept - dense).max() <= 1e-4 * dense.std(), f"blocks {blocks}, chunk {chunk}"
 
 
+# Dense, learned positions, an SSM (its small matrices stay float), experts (3-D).
+HALF_SAMPLE = ["llama", "gpt2", "mamba", "olmoe"]
+
+
+@pytest.mark.parametrize("ftype", ["F16", "BF16"])
+@pytest.mark.parametrize("name", HALF_SAMPLE)
+def test_half_precision_files(name, ftype, tmp_path, monkeypatch, fidelity_report):
+    """llama.cpp's quantizer writes the F32 fixture as F16 / BF16. Its matrices load as the
+    file's halves where the CPU kernels read them (memory = file, not twice it), computing
+    what their float32 image computes for a whole prompt and through the cache; and the
+    logits are near llama.cpp's on the same file (which rounds the activations to the
+    weights' half type before each product: measured below)."""
+    from gguf import GGMLQuantizationType
+
+    from mlxllm.kernels import cpu
+
+    path = _llama_quantize(FIXTURES / f"{name}.f32.gguf", tmp_path / f"{name}.{ftype.lower()}.gguf", f"MOSTLY_{ftype}")
+    ids = token_ids(name)
+    model = load_model(str(path))[0]
+    halves = [m for _, m in model.named_modules() if getattr(m, "qtype", None) == GGMLQuantizationType[ftype]]
+    if cpu.active() is not None and cpu.KERNELS.gguf_float_kernel(int(GGMLQuantizationType[ftype])):
+        assert halves and all(m.mode == "packed" for m in halves)
+    monkeypatch.setenv("MLXLLM_CPU_BLOCKS", "0")  # every tensor as float32
+    image = mlxllm_logits(load_model(str(path))[0], ids)
+    for chunk in (0, 7):
+        ours = mlxllm_logits(model, ids, chunk)
+        assert np.abs(ours - image).max() <= 1e-4 * image.std(), f"chunk {chunk}"
+    ref = llama_cpp_logits(llama_cpp(path), ids)
+    diff = np.abs(ours - ref) / ref.std()
+    agree = (ours.argmax(-1) == ref.argmax(-1)).mean()
+    assert diff.mean() <= Q8_MEAN_TOLERANCE and agree >= Q8_AGREEMENT, f"mean {diff.mean():.3f} × std, argmax {agree:.1%}"
+    fidelity_report.append((f"{name} {ftype}", len(ids), f"{agree:.2%}", f"{diff.max():.1e}×std"))
+
+
+def test_half_precision_tensors_a_model_reads_as_floats(tmp_path):
+    """F16 matrices that are not a layer's weight (RWKV6's decay and mixing matrices, 2-D
+    and 3-D) load as floats, as from an F32 file: the fixture rewritten with every tensor of
+    2+ dimensions whose rows hold whole groups of 32 as F16."""
+    src = FIXTURES / "rwkv6.f32.gguf"
+    halves = []
+
+    def as_f16(name: str, shape: list[int]) -> bool:
+        if len(shape) >= 2 and shape[-1] % 32 == 0:
+            halves.append(name)
+            return True
+        return False
+
+    dst = _with_metadata(src, tmp_path / "rwkv6.f16.gguf", {}, as_f16)
+    assert any("time_mix_decay_w1" in n for n in halves) and any("time_mix_w2" in n for n in halves)
+    ids = token_ids("rwkv6")
+    ref = mlxllm_logits(load_model(str(src))[0], ids)
+    ours = mlxllm_logits(load_model(str(dst))[0], ids)
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
+    assert np.abs(ours - ref).max() <= 0.05 * ref.std()  # the weights' half-precision rounding
+
+
 def test_fp4_file_stays_blocks_on_the_cpu(monkeypatch):
     """A file with MXFP4 experts is not widened to float32 by default where the CPU kernels
     read its blocks; with MLX's layouts instead (MLXLLM_CPU_BLOCKS=0, which MLX's CPU reads
@@ -208,8 +269,9 @@ def test_wide_moe_fixture_holds_k_quant_experts():
     assert set(experts.values()) == {"Q4_K", "Q6_K"}, experts
 
 
-def _with_metadata(src: Path, out: Path, changes: dict) -> Path:
-    """A copy of a fixture with some metadata values replaced (gguf-py reads and writes it)."""
+def _with_metadata(src: Path, out: Path, changes: dict, as_f16=lambda name, shape: False) -> Path:
+    """A copy of a fixture with some metadata values replaced and the float tensors that
+    `as_f16(name, numpy shape)` picks written as F16 (gguf-py reads and writes it)."""
     import gguf
 
     reader = gguf.GGUFReader(src)
@@ -221,8 +283,11 @@ def _with_metadata(src: Path, out: Path, changes: dict) -> Path:
         sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, value, field.types[0], sub_type=sub)
     for t in reader.tensors:
-        writer.add_tensor(t.name, np.array(t.data), raw_shape=[int(x) for x in reversed(t.shape)],
-                          raw_dtype=t.tensor_type)
+        shape = [int(x) for x in reversed(t.shape)]
+        if t.tensor_type == gguf.GGMLQuantizationType.F32 and as_f16(t.name, shape):
+            writer.add_tensor(t.name, np.array(t.data).reshape(shape).astype(np.float16))
+        else:
+            writer.add_tensor(t.name, np.array(t.data), raw_shape=shape, raw_dtype=t.tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

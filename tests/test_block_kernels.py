@@ -2,7 +2,8 @@
 private GEMM (blas.cpp).
 
 - gguf_dequantize equals gguf.quants.dequantize bit for bit on random blocks (every bit
-  random but finite scales, edge scales included), for every type the kernels take.
+  random but finite scales, edge scales included), for every type the kernels take (F16
+  and BF16 too: any finite value, subnormals and signed zeros included).
 - gguf_matmul equals a float64 product within float32 tolerance, in both arithmetics:
   float activations (the default) and int8 (activations quantized to 8 bits per block, so
   the reference there is the product with those 8-bit activations, computed here in numpy
@@ -35,7 +36,8 @@ INTEGER = [t for t in TYPES if K.gguf_integer_dots(int(t))]
 
 
 def test_every_type_with_a_block_decoder_has_a_kernel():
-    expected = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.MXFP4, *source.kernel_types()}
+    expected = {Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.MXFP4,
+                *source.kernel_types()}
     assert set(TYPES) == expected
     assert set(INTEGER) == {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS, Q.MXFP4}
     # float activations have dedicated kernels for every type where the build has AVX2
@@ -44,8 +46,11 @@ def test_every_type_with_a_block_decoder_has_a_kernel():
 
 
 def _weight(qtype: Q, rows: int, blocks_per_row: int, seed: int, edge: bool = False) -> tuple[np.ndarray, int]:
-    block, _ = GGML_QUANT_SIZES[qtype]
-    raw = random_blocks(qtype, rows * blocks_per_row, seed=seed, edge=edge)
+    """(rows, bytes per row) of random blocks, and the weights per row. F16 and BF16 are
+    stored element by element; the kernels read them in blocks of 32."""
+    per_block = GGML_QUANT_SIZES[qtype][0]
+    block = 32 if per_block == 1 else per_block
+    raw = random_blocks(qtype, rows * blocks_per_row * block // per_block, seed=seed, edge=edge)
     return raw.reshape(rows, -1), block * blocks_per_row
 
 
@@ -302,12 +307,12 @@ def test_bad_arguments_raise():
 
 
 # Peak resident memory of loading a file, over the file's size: the GGUF blocks are the
-# weights, so loading holds little more than the file. Three file types of SmolLM2 written
+# weights, so loading holds little more than the file. Four file types of SmolLM2 written
 # by llama.cpp (its 576 columns make k-quant files mostly 32-block types; Gemma 3's Q4_K_M
-# is checked in test_real_models.py), with MLXLLM_CPU_BLOCKS=all: the default's choice on an
-# AVX2 build, and on one without it every type present still stays blocks (see
-# quant.keeps_blocks_on_cpu).
-RSS_TYPES = ["Q4_0", "Q5_1", "IQ4_XS"]
+# is checked in test_real_models.py; F16 once loaded as float32, twice the file), with
+# MLXLLM_CPU_BLOCKS=all: the default's choice on an AVX2 build, and on one without it every
+# type present still stays blocks (see quant.keeps_blocks_on_cpu).
+RSS_TYPES = ["Q4_0", "Q5_1", "IQ4_XS", "F16"]
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,13 @@
 //   quantized run is from its F32 run (scripts/quant_matrix.py explains why it cannot
 //   bring us nearer llama.cpp's own quantized logits).
 // IQ4_NL/IQ4_XS codes become their signed values through one byte shuffle; MXFP4 is IQ4_NL
-// with E2M1's (doubled) values and a power-of-two scale (E8M0). Q2_K, Q3_K and the IQ2/IQ3
-// codebook types have float kernels only (in int8 mode their activations stay float); the
-// codebook types' grid entries are loaded into one register per 32 weights and signed there.
-// Types without a dedicated kernel here (IQ1_S, IQ1_M, TQ*, NVFP4), and every type on a build without
-// AVX2 in float mode, decode each block to floats with the shared decoders of
-// ../blocks/*.h and multiply float activations.
+// with E2M1's (doubled) values and a power-of-two scale (E8M0). Q2_K, Q3_K, the IQ1/IQ2/IQ3
+// codebook types, TQ1_0, TQ2_0 and NVFP4 have float kernels only (in int8 mode their
+// activations stay float); the codebook types' grid entries are loaded into one register per
+// 32 weights and signed there. F16 and BF16 matrices are read the same way, in blocks of 32
+// halves widened exactly (F16C's conversion; BF16 is float32's top half), so an F16 file
+// needs no float32 copy either. On a build without AVX2, float mode decodes each block to
+// floats with the shared decoders of ../blocks/*.h (F16 / BF16: dq8_f16 / dq8_bf16 below).
 //
 // Prefill (more rows): a tile of weight rows is dequantized (bit-exact to gguf-py) and
 // multiplied by BLAS (blas.cpp), tile after tile, so no float copy of the weight exists.
@@ -93,6 +94,7 @@ inline float f16_at(const uint8_t* p) {
 }
 
 enum Type {
+  F16 = 1, BF16 = 30,
   Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14,
   IQ2_XXS = 16, IQ2_XS = 17, IQ3_XXS = 18, IQ1_S = 19, IQ4_NL = 20, IQ3_S = 21, IQ2_S = 22, IQ4_XS = 23,
   IQ1_M = 29, TQ1_0 = 34, TQ2_0 = 35, MXFP4 = 39, NVFP4 = 40,
@@ -122,6 +124,24 @@ inline int iq4xs_scale(const uint8_t* b, int sb) {
   return (((b[4 + sb / 2] >> (4 * (sb & 1))) & 15) | (((scales_h >> (2 * sb)) & 3) << 4)) - 32;
 }
 
+// F16 and BF16 weights as blocks of 32 halves (GGUF stores them element by element; the
+// loader keeps only matrices whose rows hold whole blocks): half the float32 image's bytes,
+// widened exactly as read.
+constexpr int QK_HALF = 32, BYTES_HALF = 64;
+
+void dq8_f16(const uint8_t* b, int j, const uint8_t*, float* v) {
+  for (int k = 0; k < 8; ++k) {
+    v[k] = f16_at(b + 16 * j + 2 * k);
+  }
+}
+
+void dq8_bf16(const uint8_t* b, int j, const uint8_t*, float* v) { // bfloat16: float32's top half
+  for (int k = 0; k < 8; ++k) {
+    const uint32_t bits = static_cast<uint32_t>(b[16 * j + 2 * k] | (b[16 * j + 2 * k + 1] << 8)) << 16;
+    std::memcpy(v + k, &bits, 4);
+  }
+}
+
 // How a type's matvec runs: integer dots against q8 blocks of 32 or of 256, or floats.
 enum class Path { Q8_32, Q8_256, FLOAT };
 
@@ -135,6 +155,8 @@ struct TypeInfo {
 
 bool type_info(int t, TypeInfo& info) {
   switch (t) {
+    case F16: info = {QK_HALF, BYTES_HALF, Path::FLOAT, dq8_f16}; return true;
+    case BF16: info = {QK_HALF, BYTES_HALF, Path::FLOAT, dq8_bf16}; return true;
     case Q4_0: info = {32, 18, Path::Q8_32, nullptr}; return true;
     case Q4_1: info = {32, 20, Path::Q8_32, nullptr}; return true;
     case Q5_0: info = {32, 22, Path::Q8_32, nullptr}; return true;
@@ -805,7 +827,7 @@ constexpr bool unpacks_avx2(int t) {
   switch (t) {
     case Q4_0: case Q4_1: case Q5_0: case Q5_1: case Q8_0: case Q2_K: case Q3_K: case Q4_K: case Q5_K: case Q6_K:
     case IQ1_S: case IQ1_M: case IQ2_XXS: case IQ2_XS: case IQ2_S: case IQ3_XXS: case IQ3_S: case IQ4_NL: case IQ4_XS:
-    case MXFP4: case NVFP4: case TQ1_0: case TQ2_0:
+    case MXFP4: case NVFP4: case TQ1_0: case TQ2_0: case F16: case BF16:
       return true;
     default:
       return false;
@@ -834,6 +856,17 @@ inline __attribute__((always_inline)) void unpack_block_avx2(int t, const uint8_
       return scale32_offset(sink, 0, _mm256_or_si256(nibbles32(b + 8), bit4_of(qh)), f16_at(b), f16_at(b + 2));
     case Q8_0:
       return scale32(sink, 0, ld(b + 2), true, f16_at(b));
+    case F16:
+      for (int k = 0; k < 4; ++k) {
+        sink(8 * k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 * k))));
+      }
+      return;
+    case BF16:
+      for (int k = 0; k < 4; ++k) {
+        const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 * k)));
+        sink(8 * k, _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16)));
+      }
+      return;
     case IQ4_NL:
     case MXFP4:
       return scale32(sink, 0, _mm256_shuffle_epi8(kv(), nibbles32(nl_codes(t, b))), true, nl_scale(t, b));
@@ -1114,6 +1147,8 @@ void fused_dots(int t, const uint8_t* row, const float* const* x, int nr, int nb
     case Q5_0: return fused_dots_t<Q5_0>(row, x, nr, nb, table, out);
     case Q5_1: return fused_dots_t<Q5_1>(row, x, nr, nb, table, out);
     case Q8_0: return fused_dots_t<Q8_0>(row, x, nr, nb, table, out);
+    case F16: return fused_dots_t<F16>(row, x, nr, nb, table, out);
+    case BF16: return fused_dots_t<BF16>(row, x, nr, nb, table, out);
     case Q2_K: return fused_dots_t<Q2_K>(row, x, nr, nb, table, out);
     case Q3_K: return fused_dots_t<Q3_K>(row, x, nr, nb, table, out);
     case IQ1_S: return fused_dots_t<IQ1_S>(row, x, nr, nb, table, out);
@@ -1333,6 +1368,8 @@ void dequantize_rows(int t, const TypeInfo& info, const uint8_t* w, const uint8_
       case Q5_0: return dequantize_blocks_avx2<Q5_0>(w, table, out, blocks, info);
       case Q5_1: return dequantize_blocks_avx2<Q5_1>(w, table, out, blocks, info);
       case Q8_0: return dequantize_blocks_avx2<Q8_0>(w, table, out, blocks, info);
+      case F16: return dequantize_blocks_avx2<F16>(w, table, out, blocks, info);
+      case BF16: return dequantize_blocks_avx2<BF16>(w, table, out, blocks, info);
       case Q2_K: return dequantize_blocks_avx2<Q2_K>(w, table, out, blocks, info);
       case Q3_K: return dequantize_blocks_avx2<Q3_K>(w, table, out, blocks, info);
       case IQ1_S: return dequantize_blocks_avx2<IQ1_S>(w, table, out, blocks, info);
