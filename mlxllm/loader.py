@@ -209,7 +209,7 @@ def load_model(path: str, dtype: mx.Dtype = mx.float32, dense: bool | None = Non
         if isinstance(value, QuantizedTensor) and value.qtype in HALF_TYPES and not _takes_blocks(model, name):
             value = value.dequantize()  # a half-precision tensor the model reads as floats (a conv, a position table)
         if isinstance(value, QuantizedTensor):
-            owner_path, leaf = name.rsplit(".", 1)
+            owner_path = name.rsplit(".", 1)[0]
             owner = _get(model, owner_path)
             if not _takes_blocks(model, name):
                 raise LoadError(f"{path}: tensor {name!r} is {value.qtype.name}, but {arch.name} needs it as floats")
