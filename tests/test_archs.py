@@ -192,6 +192,15 @@ def test_other_quantizations_near_llama_cpp(name, quant, tmp_path, monkeypatch):
 HALF_SAMPLE = ["llama", "gpt2", "mamba", "olmoe"]
 
 
+def _cpu_reads_as_stored(ftype: str) -> bool:
+    """Whether this build's CPU kernels read matrices of `ftype` as stored (AVX2)."""
+    from gguf import GGMLQuantizationType
+
+    from mlxllm.kernels import cpu
+
+    return cpu.active() is not None and cpu.KERNELS.gguf_float_kernel(int(GGMLQuantizationType[ftype]))
+
+
 @pytest.mark.parametrize("ftype", ["F16", "BF16"])
 @pytest.mark.parametrize("name", HALF_SAMPLE)
 def test_half_precision_files(name, ftype, tmp_path, monkeypatch, fidelity_report):
@@ -202,13 +211,11 @@ def test_half_precision_files(name, ftype, tmp_path, monkeypatch, fidelity_repor
     weights' half type before each product: measured below)."""
     from gguf import GGMLQuantizationType
 
-    from mlxllm.kernels import cpu
-
     path = _llama_quantize(FIXTURES / f"{name}.f32.gguf", tmp_path / f"{name}.{ftype.lower()}.gguf", f"MOSTLY_{ftype}")
     ids = token_ids(name)
     model = load_model(str(path))[0]
     halves = [m for _, m in model.named_modules() if getattr(m, "qtype", None) == GGMLQuantizationType[ftype]]
-    if cpu.active() is not None and cpu.KERNELS.gguf_float_kernel(int(GGMLQuantizationType[ftype])):
+    if _cpu_reads_as_stored(ftype):
         assert halves and all(m.mode == "packed" for m in halves)
     monkeypatch.setenv("MLXLLM_CPU_BLOCKS", "0")  # every tensor as float32
     image = mlxllm_logits(load_model(str(path))[0], ids)
@@ -223,9 +230,12 @@ def test_half_precision_files(name, ftype, tmp_path, monkeypatch, fidelity_repor
 
 
 def test_half_precision_tensors_a_model_reads_as_floats(tmp_path):
-    """F16 matrices that are not a layer's weight (RWKV6's decay and mixing matrices, 2-D
-    and 3-D) load as floats, as from an F32 file: the fixture rewritten with every tensor of
-    2+ dimensions whose rows hold whole groups of 32 as F16."""
+    """RWKV6's fixture rewritten with every tensor of 2+ dimensions whose rows hold whole
+    groups of 32 as F16: its layers' weights stay halves, and its 3-D mixing weights, which
+    are not a layer's weight, load as floats; the logits are the F32 file's to the weights'
+    rounding."""
+    import mlx.core as mx
+
     src = FIXTURES / "rwkv6.f32.gguf"
     halves = []
 
@@ -239,7 +249,12 @@ def test_half_precision_tensors_a_model_reads_as_floats(tmp_path):
     assert any("time_mix_decay_w1" in n for n in halves) and any("time_mix_w2" in n for n in halves)
     ids = token_ids("rwkv6")
     ref = mlxllm_logits(load_model(str(src))[0], ids)
-    ours = mlxllm_logits(load_model(str(dst))[0], ids)
+    model = load_model(str(dst))[0]
+    params = dict(tree_flatten(model.parameters()))
+    assert params["blk.0.time_mix_w2.weight"].dtype == mx.float32  # 3-D, read as plain floats
+    if _cpu_reads_as_stored("F16"):
+        assert dict(model.named_modules())["blk.0.time_mix_decay_w1"].qtype.name == "F16"
+    ours = mlxllm_logits(model, ids)
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
     assert np.abs(ours - ref).max() <= 0.05 * ref.std()  # the weights' half-precision rounding
 
