@@ -206,13 +206,13 @@ def load_model(path: str, dtype: mx.Dtype = mx.float32, dense: bool | None = Non
         want = expected[name].shape
         if tuple(value.shape) != tuple(want):
             raise LoadError(f"{path}: tensor {name!r} has shape {list(value.shape)}, {arch.name} expects {list(want)}")
-        if isinstance(value, QuantizedTensor) and value.qtype in HALF_TYPES and not _takes_blocks(model, name):
+        if isinstance(value, QuantizedTensor) and not _takes_blocks(model, name):
+            if value.qtype not in HALF_TYPES:
+                raise LoadError(f"{path}: tensor {name!r} is {value.qtype.name}, but {arch.name} needs it as floats")
             value = value.dequantize()  # a half-precision tensor the model reads as floats (a conv, a position table)
         if isinstance(value, QuantizedTensor):
             owner_path = name.rsplit(".", 1)[0]
             owner = _get(model, owner_path)
-            if not _takes_blocks(model, name):
-                raise LoadError(f"{path}: tensor {name!r} is {value.qtype.name}, but {arch.name} needs it as floats")
             if isinstance(owner, SwitchLinear):
                 layer = QuantizedSwitchLinear(by_expert(value))
             else:
