@@ -235,15 +235,16 @@ def test_half_precision_tensors_a_model_reads_as_floats(tmp_path):
     are not a layer's weight, load as floats; the logits are the F32 file's to the weights'
     rounding."""
     import mlx.core as mx
+    from gguf import GGMLQuantizationType
 
     src = FIXTURES / "rwkv6.f32.gguf"
     halves = []
 
-    def as_f16(name: str, shape: list[int]) -> bool:
+    def as_f16(name: str, shape: list[int]) -> GGMLQuantizationType | None:
         if len(shape) >= 2 and shape[-1] % 32 == 0:
             halves.append(name)
-            return True
-        return False
+            return GGMLQuantizationType.F16
+        return None
 
     dst = _with_metadata(src, tmp_path / "rwkv6.f16.gguf", {}, as_f16)
     assert any("time_mix_decay_w1" in n for n in halves) and any("time_mix_w2" in n for n in halves)
@@ -257,6 +258,19 @@ def test_half_precision_tensors_a_model_reads_as_floats(tmp_path):
     ours = mlxllm_logits(model, ids)
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
     assert np.abs(ours - ref).max() <= 0.05 * ref.std()  # the weights' half-precision rounding
+
+
+def test_a_quantized_tensor_read_as_floats_is_a_clear_error(tmp_path):
+    """A quantized type where the model needs plain floats (a norm's weight in Q8_0): one
+    line naming the tensor, before anything runs. (F16 / BF16 there are widened instead.)"""
+    from gguf import GGMLQuantizationType
+
+    from mlxllm.loader import LoadError
+
+    path = _with_metadata(FIXTURES / "llama.f32.gguf", tmp_path / "q8-norm.gguf", {},
+                          lambda name, shape: GGMLQuantizationType.Q8_0 if name == "output_norm.weight" else None)
+    with pytest.raises(LoadError, match=r"tensor 'output_norm.weight' is Q8_0, but llama needs it as floats"):
+        load_model(str(path))
 
 
 def test_fp4_file_stays_blocks_on_the_cpu(monkeypatch):
@@ -284,9 +298,10 @@ def test_wide_moe_fixture_holds_k_quant_experts():
     assert set(experts.values()) == {"Q4_K", "Q6_K"}, experts
 
 
-def _with_metadata(src: Path, out: Path, changes: dict, as_f16=lambda name, shape: False) -> Path:
-    """A copy of a fixture with some metadata values replaced and the float tensors that
-    `as_f16(name, numpy shape)` picks written as F16 (gguf-py reads and writes it)."""
+def _with_metadata(src: Path, out: Path, changes: dict, retype=lambda name, shape: None) -> Path:
+    """A copy of a fixture with some metadata values replaced and each float tensor for which
+    `retype(name, numpy shape)` names a type written in that type (gguf-py reads, quantizes
+    and writes it)."""
     import gguf
 
     reader = gguf.GGUFReader(src)
@@ -299,8 +314,10 @@ def _with_metadata(src: Path, out: Path, changes: dict, as_f16=lambda name, shap
         writer.add_key_value(field.name, value, field.types[0], sub_type=sub)
     for t in reader.tensors:
         shape = [int(x) for x in reversed(t.shape)]
-        if t.tensor_type == gguf.GGMLQuantizationType.F32 and as_f16(t.name, shape):
-            writer.add_tensor(t.name, np.array(t.data).reshape(shape).astype(np.float16))
+        qtype = retype(t.name, shape) if t.tensor_type == gguf.GGMLQuantizationType.F32 else None
+        if qtype is not None:
+            data = gguf.quants.quantize(np.array(t.data).reshape(shape), qtype)
+            writer.add_tensor(t.name, data, raw_shape=list(data.shape), raw_dtype=qtype)  # in bytes per row
         else:
             writer.add_tensor(t.name, np.array(t.data), raw_shape=shape, raw_dtype=t.tensor_type)
     writer.write_header_to_file()
