@@ -16,16 +16,16 @@ import mlx.nn as nn
 
 from . import kernels
 from .kernels.widen import Part
-from .quant import QUANT_TABLE, QuantizedTensor, cpu_blocks_mode, mode_of
+from .quant import QUANT_TABLE, QuantizedTensor, cpu_activations, mode_of
 
 
 class _Quantized(nn.Module):
     def __init__(self, w: QuantizedTensor):
         super().__init__()
         self.qtype = w.qtype
-        # MLXLLM_CPU_BLOCKS=int8: llama.cpp's 8-bit activations for these blocks, chosen
-        # at load with the layout, as the blocks themselves are (the CPU kernels' setting).
-        self.int8 = kernels.cpu.active() is not None and cpu_blocks_mode() == "int8"
+        # What the CPU kernels' products multiply (quant.cpu_activations), chosen at load
+        # with the layout, as the blocks themselves are.
+        self.activations = cpu_activations() if kernels.cpu.active() is not None else "float"
         self.experts = w.shape[0] if len(w.shape) == 3 else None  # (experts, out, in): SwitchLinear's twin
         self.rows, self.cols = w.shape[-2:]  # (out, in) / (vocab, dim)
         if w.weight is not None:

@@ -147,14 +147,32 @@ QUANT_TABLE: dict[T, Layout] = {
 
 
 def cpu_blocks_mode() -> str:
-    """MLXLLM_CPU_BLOCKS: "1" (the default: the types with dedicated kernels stay blocks, float
-    activations), "int8" (the same with llama.cpp's 8-bit activations and integer dots),
+    """MLXLLM_CPU_BLOCKS: "1" (the default: the types with dedicated kernels stay blocks),
     "all" (every type the kernels read stays blocks, memory = file; the types without
     dedicated kernels decode each block to floats, slower), "0" (MLX's affine / widened
-    layouts)."""
+    layouts); "int8" is "1" with int8 activations (`cpu_activations`), its older spelling."""
     choice = os.environ.get("MLXLLM_CPU_BLOCKS", "1")
     if choice not in ("0", "1", "int8", "all"):
         raise ValueError(f"MLXLLM_CPU_BLOCKS={choice!r}: expected 0, 1, int8 or all")
+    return choice
+
+
+CPU_ACTIVATIONS = ("float", "int16", "int8")
+
+
+def cpu_activations() -> str:
+    """MLXLLM_CPU_ACTIVATIONS: what the CPU kernels' products over GGUF blocks multiply.
+    "float": the activations as they are, each weight's dequantized value multiplied in
+    (bit for bit the dequantized weight's product, alone or in any batch). "int16": each
+    activation row rounded per block of 32 to 16-bit integers, which meet the weights'
+    integer codes in integer multiply-adds. "int8": llama.cpp's CPU arithmetic (8-bit
+    blocks, integer dots; the types without them multiply floats). MLXLLM_CPU_BLOCKS=int8
+    means int8."""
+    if cpu_blocks_mode() == "int8":
+        return "int8"
+    choice = os.environ.get("MLXLLM_CPU_ACTIVATIONS", "float")
+    if choice not in CPU_ACTIVATIONS:
+        raise ValueError(f"MLXLLM_CPU_ACTIVATIONS={choice!r}: expected one of {', '.join(CPU_ACTIVATIONS)}")
     return choice
 
 
@@ -194,7 +212,7 @@ def keeps_blocks_on_cpu(qtype: T, shape: tuple[int, ...]) -> bool:
     # A build without AVX2 (NEON) multiplies float activations through the block decoders,
     # 3-20x slower than the affine matvec: there only int8 mode keeps the blocks (of the
     # types with integer dots; the others multiply float activations in either mode).
-    return cpu.gguf_float_kernel(int(qtype)) or (choice == "int8" and cpu.gguf_integer_dots(int(qtype)))
+    return cpu.gguf_float_kernel(int(qtype)) or (cpu_activations() == "int8" and cpu.gguf_integer_dots(int(qtype)))
 
 
 def mode_of(qtype: T, weight: mx.array | None, widened: bool) -> str:

@@ -4,13 +4,13 @@ private GEMM (blas.cpp).
 - gguf_dequantize equals gguf.quants.dequantize bit for bit on random blocks (every bit
   random but finite scales, edge scales included), for every type the kernels take (F16
   and BF16 too: any finite value, subnormals and signed zeros included).
-- gguf_matmul equals a float64 product within float32 tolerance, in both arithmetics:
-  float activations (the default) and int8 (activations quantized to 8 bits per block, so
-  the reference there is the product with those 8-bit activations, computed here in numpy
-  the way llama.cpp defines q8_0 / q8_K); decode rows (blocks read in place) and prefill
-  rows (dequantized tiles + GEMM), on every ISA path this machine runs (AVX2 and the
-  portable one); a row gives the same product alone or among many, and in float mode
-  bit for bit the same alone or in any decode batch.
+- gguf_matmul equals a float64 product within float32 tolerance, in the three arithmetics:
+  float activations, int16 (activations rounded to 16 bits per block of 32) and int8
+  (8 bits per block, as llama.cpp defines q8_0 / q8_K), the reference being the product
+  with the activations so rounded, computed here in numpy; decode rows (blocks read in
+  place) and prefill rows (dequantized tiles + GEMM), on every ISA path this machine runs
+  (AVX2 and the portable one); a row gives the same product alone or among many, and in
+  float and int16 mode bit for bit the same alone or in any decode batch.
 - Bad shapes, types and tables are exceptions, never reads out of bounds.
 """
 
@@ -87,32 +87,51 @@ def isa(request):
     K.gguf_use_simd(True)
 
 
-@pytest.fixture(params=["float", "int8"])
-def int8(request):
-    return request.param == "int8"
+def _q16_rows(x: np.ndarray) -> np.ndarray:
+    """x as int16 mode multiplies it: rounded per block of 32 to 16-bit integers with one
+    float32 scale (amax / 32767), back as float64."""
+    xb = x.reshape(x.shape[0], -1, 32).astype(np.float32)
+    amax = np.abs(xb).max(axis=-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(32767) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.clip(np.rint(xb * inv), -32767, 32767)
+    return (q.astype(np.float64) * (amax / np.float32(32767)).astype(np.float64)).reshape(x.shape)
 
 
-def _activations(x: np.ndarray, qtype: Q, int8: bool) -> np.ndarray:
-    """x as the kernels multiply it: float, or rounded to q8_0 / q8_K blocks in int8 mode
-    for the types with integer dots."""
-    if int8 and qtype in INTEGER:
-        return _q8_rows(x.reshape(-1, x.shape[-1]), 32 if GGML_QUANT_SIZES[qtype][0] == 32 else 256).reshape(x.shape)
+@pytest.fixture(params=["float", "int16", "int8"])
+def activations(request):
+    return request.param
+
+
+def _int16_applies(qtype: Q) -> bool:
+    """Whether int16 mode rounds activations for this type now: every type the AVX2 float
+    kernels unpack into integer codes (not F16 / BF16); elsewhere it multiplies floats."""
+    return K.gguf_int16_dots(int(qtype))
+
+
+def _activations(x: np.ndarray, qtype: Q, activations: str) -> np.ndarray:
+    """x as the kernels multiply it: float, rounded to 16-bit blocks in int16 mode, or to
+    q8_0 / q8_K blocks in int8 mode for the types with integer dots."""
+    rows = x.reshape(-1, x.shape[-1])
+    if activations == "int8" and qtype in INTEGER:
+        return _q8_rows(rows, 32 if GGML_QUANT_SIZES[qtype][0] == 32 else 256).reshape(x.shape)
+    if activations == "int16" and _int16_applies(qtype):
+        return _q16_rows(rows).reshape(x.shape)
     return x.astype(np.float64)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 16], ids=lambda r: f"{r}rows")  # passes of 4 rows: full, partial
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_matvec_against_float64(qtype, rows, isa, int8):
+def test_matvec_against_float64(qtype, rows, isa, activations):
     if isa == "portable" and qtype not in INTEGER and not K.gguf_float_kernel(int(qtype)):
         pytest.skip("one path: the block decoders")
-    if int8 and qtype not in INTEGER:
-        pytest.skip("float decoders in either mode")
+    if activations == "int8" and qtype not in INTEGER or activations == "int16" and not _int16_applies(qtype):
+        pytest.skip("float activations in this mode")
     raw, cols = _weight(qtype, 75, 2 if GGML_QUANT_SIZES[qtype][0] == 256 else 9, seed=rows)
     x = np.random.default_rng(rows).standard_normal((rows, cols)).astype(np.float32)
     w64 = gq.dequantize(raw, qtype).astype(np.float64)
-    xq = _activations(x, qtype, int8)
+    xq = _activations(x, qtype, activations)
     ref = xq @ w64.T
-    ours = np.array(K.gguf_matmul(mx.array(x), mx.array(raw), int(qtype), _table(qtype), int8))
+    ours = np.array(K.gguf_matmul(mx.array(x), mx.array(raw), int(qtype), _table(qtype), activations))
     assert ours.shape == (rows, 75)
     tol = 2e-5 * (np.abs(xq) @ np.abs(w64).T) + 1e-6
     assert (np.abs(ours - ref) <= tol).all(), np.abs(ours - ref).max()
@@ -120,7 +139,8 @@ def test_matvec_against_float64(qtype, rows, isa, int8):
 
 @pytest.mark.parametrize("qtype", [t for t in TYPES if K is not None and K.gguf_float_kernel(int(t))] or [Q.Q4_0],
                          ids=lambda t: t.name)
-def test_gather_matvec_reads_the_chosen_experts(qtype, isa):
+@pytest.mark.parametrize("activations", ["float", "int16"])
+def test_gather_matvec_reads_the_chosen_experts(qtype, isa, activations):
     """Experts as GGUF blocks (E, out, bytes): each row's chosen experts against a float64
     reference; repeated and unordered choices; an index past the experts is NaN, never a read."""
     E, out = 5, 24
@@ -129,7 +149,8 @@ def test_gather_matvec_reads_the_chosen_experts(qtype, isa):
     x = np.random.default_rng(11).standard_normal((3, cols)).astype(np.float32)
     indices = np.array([[4, 0], [2, 2], [1, E]], np.int32)
     ours = np.array(K.gguf_gather_matvec(mx.array(x), mx.array(raw.reshape(E, out, -1)), int(qtype), _table(qtype),
-                                         mx.array(indices)))
+                                         mx.array(indices), activations))
+    x64 = _activations(x, qtype, activations)
     assert ours.shape == (3, 2, out)
     for n in range(3):
         for j in range(2):
@@ -137,25 +158,25 @@ def test_gather_matvec_reads_the_chosen_experts(qtype, isa):
             if e == E:
                 assert np.isnan(ours[n, j]).all()
                 continue
-            ref = w64[e] @ x[n]
-            tol = 2e-5 * (np.abs(w64[e]) @ np.abs(x[n])) + 1e-6
+            ref = w64[e] @ x64[n]
+            tol = 2e-5 * (np.abs(w64[e]) @ np.abs(x64[n])) + 1e-6
             assert (np.abs(ours[n, j] - ref) <= tol).all(), (n, j, np.abs(ours[n, j] - ref).max())
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q6_K, Q.IQ4_XS, Q.Q3_K], ids=lambda t: t.name)
-def test_prefill_tiles_against_float64(qtype, int8):
-    """More than 16 rows: dequantized tiles and a GEMM, exact weights; in int8 mode the
-    activations rounded to the same 8-bit blocks as decode's integer path.
+def test_prefill_tiles_against_float64(qtype, activations):
+    """More than 16 rows: dequantized tiles and a GEMM, exact weights; in int16 and int8 mode
+    the activations rounded to the same blocks as decode's integer path.
     3000 weight rows span several tiles."""
     raw, cols = _weight(qtype, 3000, 1 if GGML_QUANT_SIZES[qtype][0] == 256 else 8, seed=5)
     x = np.random.default_rng(5).standard_normal((2, 40, cols)).astype(np.float32)
-    ref = _activations(x, qtype, int8) @ gq.dequantize(raw, qtype).astype(np.float64).T
-    ours = np.array(K.gguf_matmul(mx.array(x), mx.array(raw), int(qtype), _table(qtype), int8))
+    ref = _activations(x, qtype, activations) @ gq.dequantize(raw, qtype).astype(np.float64).T
+    ours = np.array(K.gguf_matmul(mx.array(x), mx.array(raw), int(qtype), _table(qtype), activations))
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("qtype", INTEGER, ids=lambda t: t.name)
-def test_prefill_rows_equal_decode_rows(qtype, isa, int8):
+@pytest.mark.parametrize("qtype", INTEGER + [Q.Q3_K, Q.IQ2_XS, Q.TQ1_0], ids=lambda t: t.name)
+def test_prefill_rows_equal_decode_rows(qtype, isa, activations):
     """A prompt's logits do not depend on its chunking: the same activation row gives the
     same product (to float rounding) whether it runs alone (blocks read in place) or among
     40 (tiles + GEMM)."""
@@ -163,24 +184,26 @@ def test_prefill_rows_equal_decode_rows(qtype, isa, int8):
     x = np.random.default_rng(7).standard_normal((40, cols)).astype(np.float32)
 
     def product(rows):
-        return np.array(K.gguf_matmul(mx.array(rows), mx.array(raw), int(qtype), _table(qtype), int8))
+        return np.array(K.gguf_matmul(mx.array(rows), mx.array(raw), int(qtype), _table(qtype), activations))
 
     together = product(x)
     alone = np.concatenate([product(x[i:i + 1]) for i in range(len(x))])
     assert np.abs(together - alone).max() <= 2e-6 * np.abs(together).max() * np.sqrt(cols / 32)
 
 
+@pytest.mark.parametrize("activations", ["float", "int16"])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_decode_rows_are_batch_invariant(qtype, isa):
-    """Float activations, 1-16 rows (decode, where a server batches requests): a row's
-    product is bit for bit the same alone or in a batch of any size, whichever kernel the
-    batch size picks (blocks multiplied as they unpack, or decoded rows in register tiles),
-    so a request's greedy answer does not depend on who else is being served."""
+def test_decode_rows_are_batch_invariant(qtype, isa, activations):
+    """Float or int16 activations, 1-16 rows (decode, where a server batches requests): a
+    row's product is bit for bit the same alone or in a batch of any size, whichever kernel
+    the batch size picks (blocks multiplied as they unpack, or decoded rows in register
+    tiles; int16's passes of 4 rows), so a request's greedy answer does not depend on who
+    else is being served."""
     raw, cols = _weight(qtype, 37, 2 if GGML_QUANT_SIZES[qtype][0] == 256 else 16, seed=9)
     x = np.random.default_rng(9).standard_normal((16, cols)).astype(np.float32)
 
     def product(rows):
-        return np.array(K.gguf_matmul(mx.array(rows), mx.array(raw), int(qtype), _table(qtype)))
+        return np.array(K.gguf_matmul(mx.array(rows), mx.array(raw), int(qtype), _table(qtype), activations))
 
     alone = np.concatenate([product(x[i:i + 1]) for i in range(len(x))])
     for batch in (2, 3, 4, 5, 7, 16):
@@ -188,10 +211,9 @@ def test_decode_rows_are_batch_invariant(qtype, isa):
         np.testing.assert_array_equal(together, alone, err_msg=f"batches of {batch}")
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
-def test_no_rows_give_an_empty_product(int8):
+def test_no_rows_give_an_empty_product(activations):
     raw, cols = _weight(Q.Q8_0, 8, 2, seed=1)
-    out = K.gguf_matmul(mx.zeros((0, cols)), mx.array(raw), int(Q.Q8_0), _table(Q.Q8_0), int8)
+    out = K.gguf_matmul(mx.zeros((0, cols)), mx.array(raw), int(Q.Q8_0), _table(Q.Q8_0), activations)
     assert out.shape == (0, 8)
     mx.eval(out)
 
@@ -202,41 +224,61 @@ def test_integer_path_follows_the_8_bit_activations():
     raw, cols = _weight(Q.Q8_0, 64, 8, seed=3)
     x = np.random.default_rng(3).standard_normal((1, cols)).astype(np.float32)
     w64 = gq.dequantize(raw, Q.Q8_0).astype(np.float64)
-    ours = np.array(K.gguf_matmul(mx.array(x), mx.array(raw), int(Q.Q8_0), _table(Q.Q8_0), True))
+    ours = np.array(K.gguf_matmul(mx.array(x), mx.array(raw), int(Q.Q8_0), _table(Q.Q8_0), "int8"))
     assert np.abs(ours - _q8_rows(x, 32) @ w64.T).max() < 1e-2 * np.abs(ours - x.astype(np.float64) @ w64.T).max()
 
 
-@pytest.mark.parametrize("mode", ["1", "int8"])
-def test_every_type_stays_blocks_where_the_build_has_float_kernels(mode, monkeypatch):
-    """With AVX2 every quantized type loads as its GGUF blocks, weights and experts, in both
-    arithmetics (the types without integer dots multiply float activations in int8 mode)."""
+def test_int16_rounding_is_far_finer_than_int8():
+    """int16 mode's products stay ~256x nearer the float product than int8 mode's (each
+    activation moves by at most amax / 65534 against amax / 254)."""
+    raw, cols = _weight(Q.Q4_K, 64, 8, seed=3)
+    x = np.random.default_rng(3).standard_normal((1, cols)).astype(np.float32)
+    exact = x.astype(np.float64) @ gq.dequantize(raw, Q.Q4_K).astype(np.float64).T
+
+    def error(activations):
+        return np.abs(np.array(K.gguf_matmul(mx.array(x), mx.array(raw), int(Q.Q4_K), _table(Q.Q4_K),
+                                             activations)) - exact).max()
+
+    assert error("int16") < error("int8") / 50
+
+
+def test_unknown_activations_are_refused():
+    raw, cols = _weight(Q.Q8_0, 8, 2, seed=1)
+    with pytest.raises(ValueError, match="activations must be float, int8 or int16"):
+        K.gguf_matmul(mx.zeros((1, cols)), mx.array(raw), int(Q.Q8_0), _table(Q.Q8_0), "int4")
+
+
+@pytest.mark.parametrize("activations", ["float", "int16", "int8"])
+def test_every_type_stays_blocks_where_the_build_has_float_kernels(activations, monkeypatch):
+    """With AVX2 every quantized type loads as its GGUF blocks, weights and experts, in every
+    arithmetic (the types without integer dots multiply float activations in int8 mode)."""
     from mlxllm.quant import keeps_blocks_on_cpu
 
     if not all(K.gguf_float_kernel(int(t)) for t in TYPES):
         pytest.skip("a build without the AVX2 float kernels")
-    monkeypatch.setenv("MLXLLM_CPU_BLOCKS", mode)
+    monkeypatch.setenv("MLXLLM_CPU_ACTIVATIONS", activations)
     for t in TYPES:
         assert keeps_blocks_on_cpu(t, (8, 256)) and keeps_blocks_on_cpu(t, (4, 8, 256)), t.name
 
 
-@pytest.mark.parametrize("mode", ["1", "int8"])
+@pytest.mark.parametrize("mode", ["float", "int16", "int8"])
 def test_linear_layer_keeps_its_load_time_mode(mode, monkeypatch):
-    """A QuantizedLinear multiplies with the arithmetic MLXLLM_CPU_BLOCKS chose when it was
-    built (a later change of the variable does not reach it), and its memoized blocks follow
-    a replaced weight."""
+    """A QuantizedLinear multiplies with the arithmetic MLXLLM_CPU_ACTIVATIONS chose when it
+    was built (a later change of the variable does not reach it), and its memoized blocks
+    follow a replaced weight."""
     from mlxllm.layers import QuantizedLinear
     from mlxllm.quant import QuantizedTensor
 
     raw, cols = _weight(Q.Q4_K, 8, 2, seed=5)
     x = mx.array(np.random.default_rng(5).standard_normal((1, cols)).astype(np.float32))
-    monkeypatch.setenv("MLXLLM_CPU_BLOCKS", mode)
+    monkeypatch.setenv("MLXLLM_CPU_ACTIVATIONS", mode)
     layer = QuantizedLinear(QuantizedTensor(Q.Q4_K, (8, cols), mx.array(raw)))
-    monkeypatch.setenv("MLXLLM_CPU_BLOCKS", "int8" if mode == "1" else "1")
-    expected = K.gguf_matmul(x, mx.array(raw), int(Q.Q4_K), _table(Q.Q4_K), mode == "int8")
+    monkeypatch.setenv("MLXLLM_CPU_ACTIVATIONS", "int8" if mode == "float" else "float")
+    expected = K.gguf_matmul(x, mx.array(raw), int(Q.Q4_K), _table(Q.Q4_K), mode)
     assert np.array_equal(np.array(layer(x)), np.array(expected))
     other, _ = _weight(Q.Q4_K, 8, 2, seed=6)
     layer.weight = mx.array(other)
-    expected = K.gguf_matmul(x, mx.array(other), int(Q.Q4_K), _table(Q.Q4_K), mode == "int8")
+    expected = K.gguf_matmul(x, mx.array(other), int(Q.Q4_K), _table(Q.Q4_K), mode)
     assert np.array_equal(np.array(layer(x)), np.array(expected))
 
 

@@ -264,8 +264,8 @@ def matmul(x: mx.array, w: QuantizedTensor) -> mx.array:
     rows = x.size // x.shape[-1]
     blocks = _cpu_blocks(w)
     if blocks is not None:
-        int8 = getattr(w, "int8", False)  # fixed at load (layers._Quantized)
-        return cpu.KERNELS.gguf_matmul(x, blocks, int(w.qtype), _table(w.qtype), int8).astype(x.dtype)
+        activations = getattr(w, "activations", "float")  # fixed at load (layers._Quantized)
+        return cpu.KERNELS.gguf_matmul(x, blocks, int(w.qtype), _table(w.qtype), activations).astype(x.dtype)
     parts = _cpu_affine_parts(w)
     if parts is not None:
         if rows <= CPU_MATVEC_ROWS:
@@ -336,10 +336,12 @@ def _gather_blocks_cpu(x: mx.array, w: QuantizedTensor, indices: mx.array) -> mx
     `gguf_matmul` (its rows' matvec, or dequantized tiles and BLAS past 16): no float copy
     of an expert, and a row's result the same whichever way its prompt was chunked."""
     qtype, table = int(w.qtype), _table(w.qtype)
+    # int8 mode's integer dots have no experts' kernel: its experts multiply floats
+    activations = "int16" if getattr(w, "activations", "float") == "int16" else "float"
     if x.shape[0] <= CPU_MATVEC_ROWS:
-        return cpu.KERNELS.gguf_gather_matvec(x, w.weight, qtype, table, indices).astype(x.dtype)
+        return cpu.KERNELS.gguf_gather_matvec(x, w.weight, qtype, table, indices, activations).astype(x.dtype)
     return _by_expert(x, indices, lambda e, rows: cpu.KERNELS.gguf_matmul(
-        rows, w.weight[e], qtype, table).astype(x.dtype))
+        rows, w.weight[e], qtype, table, activations).astype(x.dtype))
 
 
 def _gather_matmul_cpu(x: mx.array, parts: list[Part], indices: mx.array) -> mx.array:

@@ -26,14 +26,15 @@ NB_MODULE(_cpu, m) {
   m.def("rms_norm", &mlxllm_cpu::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("rope", &mlxllm_cpu::rope, "x"_a, "cos"_a, "sin"_a, "traditional"_a, nb::kw_only(),
         "stream"_a = nb::none());
-  m.def("gguf_matmul", &mlxllm_cpu::gguf_matmul, "x"_a, "w"_a, "qtype"_a, "table"_a, "int8"_a = false, nb::kw_only(),
-        "stream"_a = nb::none());
-  m.def("gguf_gather_matvec", &mlxllm_cpu::gguf_gather_matvec, "x"_a, "w"_a, "qtype"_a, "table"_a, "indices"_a,
+  m.def("gguf_matmul", &mlxllm_cpu::gguf_matmul, "x"_a, "w"_a, "qtype"_a, "table"_a, "activations"_a = "float",
         nb::kw_only(), "stream"_a = nb::none());
+  m.def("gguf_gather_matvec", &mlxllm_cpu::gguf_gather_matvec, "x"_a, "w"_a, "qtype"_a, "table"_a, "indices"_a,
+        "activations"_a = "float", nb::kw_only(), "stream"_a = nb::none());
   m.def("gguf_dequantize", &mlxllm_cpu::gguf_dequantize, "w"_a, "qtype"_a, "in_features"_a, "table"_a,
         nb::kw_only(), "stream"_a = nb::none());
   m.def("gguf_has_kernel", &mlxllm_cpu::gguf_has_kernel, "qtype"_a);
   m.def("gguf_integer_dots", &mlxllm_cpu::gguf_integer_dots, "qtype"_a);
+  m.def("gguf_int16_dots", &mlxllm_cpu::gguf_int16_dots, "qtype"_a);
   m.def("gguf_float_kernel", &mlxllm_cpu::gguf_float_kernel, "qtype"_a);
   m.def("gguf_use_simd", &mlxllm_cpu::gguf_use_simd, "on"_a);
   m.def("matmul", &mlxllm_cpu::matmul, "a"_a, "b"_a, "transpose_b"_a = false, nb::kw_only(),

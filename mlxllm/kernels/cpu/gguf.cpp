@@ -31,6 +31,7 @@
 // multiplied by BLAS (blas.cpp), tile after tile, so no float copy of the weight exists.
 // In int8 mode the activations are first rounded to decode's 8-bit blocks (as llama.cpp's
 // prefill rounds them too), so each product is the one decode computes.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -144,6 +145,9 @@ void dq8_bf16(const uint8_t* b, int j, const uint8_t*, float* v) { // bfloat16: 
 
 // How a type's matvec runs: integer dots against q8 blocks of 32 or of 256, or floats.
 enum class Path { Q8_32, Q8_256, FLOAT };
+
+// The activations products multiply: float (exact), llama.cpp's 8-bit blocks, or 16-bit blocks.
+enum class Activations { FLOAT, INT8, INT16 };
 
 using Dq8 = void (*)(const uint8_t*, int, const uint8_t*, float*);
 
@@ -379,6 +383,70 @@ struct Q8Rows {
   }
 };
 
+// ------------------------------------------------------------------ activations to 16 bits
+
+// int16 mode: each activation row rounded per block of 32 to 16-bit integers, scale
+// amax / 32767 kept as a float, so an element moves by at most amax / 65534 (8-bit blocks:
+// amax / 254, 258x as far). Every weight type's codes are integers of at most 8 bits with
+// one exact scale (and offset) per 16 or 32 weights, so they meet these in 16-bit integer
+// multiply-adds (AVX2's madd: 16 products per instruction) and one float multiply-add per
+// 32 weights, where float activations take four, after converting each code to float.
+constexpr int kQ16 = 32;
+
+struct Q16Row {
+  const int16_t* q;
+  const float* d; // per block of 32
+  const int32_t* s; // sum of q over each 16, for the offsets (zero points, minimums)
+};
+
+struct Q16Rows {
+  std::vector<int16_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> s;
+  int I;
+
+  Q16Rows(const float* x, int B, int I_) : I(I_) {
+    const long n = static_cast<long>(B) * I;
+    q.resize(n);
+    d.resize(n / kQ16);
+    s.resize(n / 16);
+    for (long blk = 0; blk < n / kQ16; ++blk) {
+      const float* xb = x + blk * kQ16;
+      float amax = 0.f;
+      for (int i = 0; i < kQ16; ++i) {
+        amax = std::max(amax, std::fabs(xb[i]));
+      }
+      const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+      d[blk] = amax / 32767.f;
+      int16_t* qb = q.data() + blk * kQ16;
+      for (int i = 0; i < kQ16; ++i) {
+        qb[i] = static_cast<int16_t>(std::max(-32767.f, std::min(32767.f, std::nearbyint(xb[i] * inv))));
+      }
+      for (int g = 0; g < kQ16 / 16; ++g) {
+        int32_t sum = 0;
+        for (int i = 0; i < 16; ++i) {
+          sum += qb[16 * g + i];
+        }
+        s[blk * (kQ16 / 16) + g] = sum;
+      }
+    }
+  }
+
+  // d * q: the rounded activations as floats (prefill multiplies these, as decode does).
+  std::vector<float> dequantized() const {
+    std::vector<float> x(q.size());
+    for (size_t i = 0; i < q.size(); ++i) {
+      x[i] = d[i / kQ16] * static_cast<float>(q[i]);
+    }
+    return x;
+  }
+
+  Q16Row row(int b) const {
+    const long at = static_cast<long>(b) * I;
+    return {q.data() + at, d.data() + at / kQ16, s.data() + at / 16};
+  }
+};
+
 // ------------------------------------------------------------------ integer dot products
 // dot_T(row, x, nb): one weight row of nb blocks against one quantized activation row.
 
@@ -500,6 +568,10 @@ float dot_portable(int t, const uint8_t* row, const Q8Row& x, int nb) {
   }
   return total;
 }
+
+// Weight rows unpacked together at nr activation rows: enough independent accumulators to
+// cover the multiply-add's latency (fewer as the activation rows give their own).
+constexpr int fused_weight_rows(int nr) { return nr == 1 ? 4 : nr == 2 ? 2 : 1; }
 
 #if defined(__AVX2__)
 inline int hsum_i32(__m256i v) {
@@ -764,8 +836,18 @@ struct Codes32 {
 // `scale_hi`, to sink(i, 8 floats) in order: `dequantize_block`'s arithmetic on 32 unpacked
 // codes. Every product is exact (an fp16 or power-of-two scale times a code of at most 8
 // bits), so the one rounding is the add, fused or not: bit for bit gguf-py's values.
+// A sink that takes the integer codes themselves (int16 mode's dots) instead of their values.
+template <class Sink>
+concept CodeSink = requires(Sink& s, __m256i c) {
+  s.codes(0, c, true, 0.f, 0.f, 0.f, 0.f);
+  s.codes1(0, c, true, 0.f, 0.f);
+};
+
 template <class Sink>
 inline void scale32(Sink& sink, int at, __m256i codes, bool sign, float scale, float scale_hi) {
+  if constexpr (CodeSink<Sink>) {
+    return sink.codes(at, codes, sign, scale, scale_hi, 0.f, 0.f);
+  }
   const Codes32 c(codes, sign);
   const __m256 d = _mm256_set1_ps(scale), dh = _mm256_set1_ps(scale_hi);
   for (int k = 0; k < 4; ++k) {
@@ -775,12 +857,18 @@ inline void scale32(Sink& sink, int at, __m256i codes, bool sign, float scale, f
 
 template <class Sink>
 inline void scale32(Sink& sink, int at, __m256i codes, bool sign, float scale) {
+  if constexpr (CodeSink<Sink>) {
+    return sink.codes1(at, codes, sign, scale, 0.f);
+  }
   scale32(sink, at, codes, sign, scale, scale);
 }
 
 template <class Sink>
 inline void scale32_offset(Sink& sink, int at, __m256i codes, float scale, float offset, float scale_hi,
                            float offset_hi) {
+  if constexpr (CodeSink<Sink>) {
+    return sink.codes(at, codes, false, scale, scale_hi, offset, offset_hi);
+  }
   const Codes32 c(codes, false);
   const __m256 d = _mm256_set1_ps(scale), m = _mm256_set1_ps(offset);
   const __m256 dh = _mm256_set1_ps(scale_hi), mh = _mm256_set1_ps(offset_hi);
@@ -791,6 +879,9 @@ inline void scale32_offset(Sink& sink, int at, __m256i codes, float scale, float
 
 template <class Sink>
 inline void scale32_offset(Sink& sink, int at, __m256i codes, float scale, float offset) {
+  if constexpr (CodeSink<Sink>) {
+    return sink.codes1(at, codes, false, scale, offset);
+  }
   scale32_offset(sink, at, codes, scale, offset, scale, offset);
 }
 
@@ -1071,39 +1162,140 @@ void dequantize_blocks_avx2(const uint8_t* b, const uint8_t* table, float* v, lo
   }
 }
 
-// out[r] = row . x[r] for NR activation rows: each 8 weights unpacked once and multiplied
-// into every row, in the order the register tiles below use.
-template <int T, int NR>
-__attribute__((noinline)) void fused_dots_avx2(const uint8_t* row, const float* const* x, int nb, const uint8_t* table,
-                                               float* out) {
+// out[m * NR + r] = row m . x[r] for MW consecutive weight rows (row_bytes apart) and NR
+// activation rows: each 8 weights unpacked once and multiplied into every activation row, in
+// the order the register tiles below use. Every output has its own accumulator, so several
+// weight rows are several independent chains of multiply-adds: one row alone waits on the
+// latency of each add to its one accumulator (measured: 2 weights per cycle at one activation
+// row, whatever the type). Each output's sum is the same whatever MW, bit for bit.
+template <int T, int MW, int NR>
+__attribute__((noinline)) void fused_dots_avx2(const uint8_t* row, long row_bytes, const float* const* x, int nb,
+                                               const uint8_t* table, float* out) {
   TypeInfo info;
   type_info(T, info);
-  __m256 acc[NR];
-  for (auto& a : acc) {
-    a = _mm256_setzero_ps();
+  __m256 acc[MW][NR];
+  for (auto& per_row : acc) {
+    for (auto& a : per_row) {
+      a = _mm256_setzero_ps();
+    }
   }
   for (int blk = 0; blk < nb; ++blk) {
     const long base = static_cast<long>(blk) * info.qk;
-    unpack_block_avx2(T, row + static_cast<long>(blk) * info.bytes, table, [&](int i, __m256 w) {
-      for (int r = 0; r < NR; ++r) {
-        acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x[r] + base + i), acc[r]);
-      }
-    });
+#pragma GCC unroll 8 // unrolled, the accumulators stay in registers (else GCC runs rows in the inner loop)
+    for (int m = 0; m < MW; ++m) {
+      unpack_block_avx2(T, row + m * row_bytes + static_cast<long>(blk) * info.bytes, table, [&](int i, __m256 w) {
+        for (int r = 0; r < NR; ++r) {
+          acc[m][r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x[r] + base + i), acc[m][r]);
+        }
+      });
+    }
   }
-  for (int r = 0; r < NR; ++r) {
-    out[r] = hsum_ps(acc[r]);
+  for (int m = 0; m < MW; ++m) {
+    for (int r = 0; r < NR; ++r) {
+      out[m * NR + r] = hsum_ps(acc[m][r]);
+    }
   }
 }
 
 template <int T>
-void fused_dots_t(const uint8_t* row, const float* const* x, int nr, int nb, const uint8_t* table, float* out) {
+void fused_dots_t(const uint8_t* row, long row_bytes, int nw, const float* const* x, int nr, int nb,
+                  const uint8_t* table, float* out) {
+  if (nw == fused_weight_rows(nr) && nw > 1) {
+    return nr == 1 ? fused_dots_avx2<T, fused_weight_rows(1), 1>(row, row_bytes, x, nb, table, out)
+                   : fused_dots_avx2<T, fused_weight_rows(2), 2>(row, row_bytes, x, nb, table, out);
+  }
+  for (int m = 0; m < nw; ++m, row += row_bytes, out += nr) {
+    switch (nr) {
+      case 1: fused_dots_avx2<T, 1, 1>(row, row_bytes, x, nb, table, out); break;
+      case 2: fused_dots_avx2<T, 1, 2>(row, row_bytes, x, nb, table, out); break;
+      case 3: fused_dots_avx2<T, 1, 3>(row, row_bytes, x, nb, table, out); break;
+      case 4: fused_dots_avx2<T, 1, 4>(row, row_bytes, x, nb, table, out); break;
+      case 5: fused_dots_avx2<T, 1, 5>(row, row_bytes, x, nb, table, out); break;
+      default: fused_dots_avx2<T, 1, 6>(row, row_bytes, x, nb, table, out); break;
+    }
+  }
+}
+
+// int16 mode: out[r] = row . x[r] for NR activation rows rounded to 16-bit blocks (Q16Rows).
+// Each 32 codes are widened to 16 bits once and meet every row in two madds; the sums of
+// each 16 or 32 are scaled once, in float. Each output is summed in one order, whatever NR.
+template <int NR>
+struct Q16Sink {
+  const Q16Row* x;
+  long base = 0; // the block's first element
+  __m256 acc[NR];
+  float extra[NR]; // the offsets' part: offset * the activations' sum, per 16 or 32
+
+  __attribute__((always_inline)) void products(int at, __m256i codes, bool sign, __m256i (&p)[NR][2]) const {
+    const __m128i lo = _mm256_castsi256_si128(codes), hi = _mm256_extracti128_si256(codes, 1);
+    const __m256i c0 = sign ? _mm256_cvtepi8_epi16(lo) : _mm256_cvtepu8_epi16(lo);
+    const __m256i c1 = sign ? _mm256_cvtepi8_epi16(hi) : _mm256_cvtepu8_epi16(hi);
+    for (int r = 0; r < NR; ++r) {
+      const int16_t* q = x[r].q + base + at;
+      p[r][0] = _mm256_madd_epi16(c0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+      p[r][1] = _mm256_madd_epi16(c1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 16)));
+    }
+  }
+  // One scale (and offset) for the 32.
+  __attribute__((always_inline)) void codes1(int at, __m256i codes, bool sign, float scale, float offset) {
+    __m256i p[NR][2];
+    products(at, codes, sign, p);
+    const long blk = (base + at) / kQ16;
+    for (int r = 0; r < NR; ++r) {
+      const float d = x[r].d[blk];
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale * d), _mm256_cvtepi32_ps(_mm256_add_epi32(p[r][0], p[r][1])), acc[r]);
+      if (offset != 0.f) {
+        extra[r] += offset * d * static_cast<float>(x[r].s[2 * blk] + x[r].s[2 * blk + 1]);
+      }
+    }
+  }
+  // A scale (and offset) for each 16.
+  __attribute__((always_inline)) void codes(int at, __m256i codes, bool sign, float scale, float scale_hi, float offset,
+                                            float offset_hi) {
+    __m256i p[NR][2];
+    products(at, codes, sign, p);
+    const long blk = (base + at) / kQ16;
+    for (int r = 0; r < NR; ++r) {
+      const float d = x[r].d[blk];
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale * d), _mm256_cvtepi32_ps(p[r][0]), acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale_hi * d), _mm256_cvtepi32_ps(p[r][1]), acc[r]);
+      if (offset != 0.f || offset_hi != 0.f) {
+        extra[r] += d * (offset * static_cast<float>(x[r].s[2 * blk]) + offset_hi * static_cast<float>(x[r].s[2 * blk + 1]));
+      }
+    }
+  }
+  // F16 / BF16 blocks hand over values, not codes; int16 mode never reads them (q16_kernel).
+  void operator()(int, __m256) const { __builtin_unreachable(); }
+};
+
+template <int T, int NR>
+__attribute__((noinline)) void q16_dots_avx2(const uint8_t* row, const Q16Row* x, int nb, const uint8_t* table,
+                                             float* out) {
+  TypeInfo info;
+  type_info(T, info);
+  Q16Sink<NR> sink{x};
+  for (int r = 0; r < NR; ++r) {
+    sink.acc[r] = _mm256_setzero_ps();
+    sink.extra[r] = 0.f;
+  }
+  for (int blk = 0; blk < nb; ++blk) {
+    sink.base = static_cast<long>(blk) * info.qk;
+    unpack_block_avx2(T, row + static_cast<long>(blk) * info.bytes, table, sink);
+  }
+  for (int r = 0; r < NR; ++r) {
+    out[r] = hsum_ps(sink.acc[r]) + sink.extra[r];
+  }
+}
+
+constexpr int kQ16Rows = 4; // activation rows per pass over a weight row in int16 mode
+
+template <int T>
+void q16_dots_t(const uint8_t* row, const Q16Row* x, int nr, int nb, const uint8_t* table, float* out) {
   switch (nr) {
-    case 1: return fused_dots_avx2<T, 1>(row, x, nb, table, out);
-    case 2: return fused_dots_avx2<T, 2>(row, x, nb, table, out);
-    case 3: return fused_dots_avx2<T, 3>(row, x, nb, table, out);
-    case 4: return fused_dots_avx2<T, 4>(row, x, nb, table, out);
-    case 5: return fused_dots_avx2<T, 5>(row, x, nb, table, out);
-    default: return fused_dots_avx2<T, 6>(row, x, nb, table, out);
+    case 1: return q16_dots_avx2<T, 1>(row, x, nb, table, out);
+    case 2: return q16_dots_avx2<T, 2>(row, x, nb, table, out);
+    case 3: return q16_dots_avx2<T, 3>(row, x, nb, table, out);
+    default: return q16_dots_avx2<T, 4>(row, x, nb, table, out);
   }
 }
 #endif
@@ -1138,39 +1330,78 @@ bool float_kernel(int t) {
 constexpr int kFusedRows = 6; // up to this many activation rows multiply a row's blocks as they unpack
                               // (measured even with the register tiles at 7-8 rows)
 
-// out[r] = row . x[r] for nr (1 to kFusedRows) activation rows, one unpacking of the row.
-void fused_dots(int t, const uint8_t* row, const float* const* x, int nr, int nb, const uint8_t* table, float* out) {
+// out[m * nr + r] = row m . x[r] for nw weight rows (row_bytes apart) and nr (1 to kFusedRows)
+// activation rows, one unpacking of each weight row.
+void fused_dots(int t, const uint8_t* row, long row_bytes, int nw, const float* const* x, int nr, int nb,
+                const uint8_t* table, float* out) {
 #if defined(__AVX2__)
   switch (t) {
-    case Q4_0: return fused_dots_t<Q4_0>(row, x, nr, nb, table, out);
-    case Q4_1: return fused_dots_t<Q4_1>(row, x, nr, nb, table, out);
-    case Q5_0: return fused_dots_t<Q5_0>(row, x, nr, nb, table, out);
-    case Q5_1: return fused_dots_t<Q5_1>(row, x, nr, nb, table, out);
-    case Q8_0: return fused_dots_t<Q8_0>(row, x, nr, nb, table, out);
-    case F16: return fused_dots_t<F16>(row, x, nr, nb, table, out);
-    case BF16: return fused_dots_t<BF16>(row, x, nr, nb, table, out);
-    case Q2_K: return fused_dots_t<Q2_K>(row, x, nr, nb, table, out);
-    case Q3_K: return fused_dots_t<Q3_K>(row, x, nr, nb, table, out);
-    case IQ1_S: return fused_dots_t<IQ1_S>(row, x, nr, nb, table, out);
-    case IQ1_M: return fused_dots_t<IQ1_M>(row, x, nr, nb, table, out);
-    case TQ1_0: return fused_dots_t<TQ1_0>(row, x, nr, nb, table, out);
-    case TQ2_0: return fused_dots_t<TQ2_0>(row, x, nr, nb, table, out);
-    case NVFP4: return fused_dots_t<NVFP4>(row, x, nr, nb, table, out);
-    case IQ2_XXS: return fused_dots_t<IQ2_XXS>(row, x, nr, nb, table, out);
-    case IQ2_XS: return fused_dots_t<IQ2_XS>(row, x, nr, nb, table, out);
-    case IQ2_S: return fused_dots_t<IQ2_S>(row, x, nr, nb, table, out);
-    case IQ3_XXS: return fused_dots_t<IQ3_XXS>(row, x, nr, nb, table, out);
-    case IQ3_S: return fused_dots_t<IQ3_S>(row, x, nr, nb, table, out);
-    case Q4_K: return fused_dots_t<Q4_K>(row, x, nr, nb, table, out);
-    case Q5_K: return fused_dots_t<Q5_K>(row, x, nr, nb, table, out);
-    case Q6_K: return fused_dots_t<Q6_K>(row, x, nr, nb, table, out);
-    case IQ4_NL: return fused_dots_t<IQ4_NL>(row, x, nr, nb, table, out);
-    case IQ4_XS: return fused_dots_t<IQ4_XS>(row, x, nr, nb, table, out);
-    case MXFP4: return fused_dots_t<MXFP4>(row, x, nr, nb, table, out);
+    case Q4_0: return fused_dots_t<Q4_0>(row, row_bytes, nw, x, nr, nb, table, out);
+    case Q4_1: return fused_dots_t<Q4_1>(row, row_bytes, nw, x, nr, nb, table, out);
+    case Q5_0: return fused_dots_t<Q5_0>(row, row_bytes, nw, x, nr, nb, table, out);
+    case Q5_1: return fused_dots_t<Q5_1>(row, row_bytes, nw, x, nr, nb, table, out);
+    case Q8_0: return fused_dots_t<Q8_0>(row, row_bytes, nw, x, nr, nb, table, out);
+    case F16: return fused_dots_t<F16>(row, row_bytes, nw, x, nr, nb, table, out);
+    case BF16: return fused_dots_t<BF16>(row, row_bytes, nw, x, nr, nb, table, out);
+    case Q2_K: return fused_dots_t<Q2_K>(row, row_bytes, nw, x, nr, nb, table, out);
+    case Q3_K: return fused_dots_t<Q3_K>(row, row_bytes, nw, x, nr, nb, table, out);
+    case IQ1_S: return fused_dots_t<IQ1_S>(row, row_bytes, nw, x, nr, nb, table, out);
+    case IQ1_M: return fused_dots_t<IQ1_M>(row, row_bytes, nw, x, nr, nb, table, out);
+    case TQ1_0: return fused_dots_t<TQ1_0>(row, row_bytes, nw, x, nr, nb, table, out);
+    case TQ2_0: return fused_dots_t<TQ2_0>(row, row_bytes, nw, x, nr, nb, table, out);
+    case NVFP4: return fused_dots_t<NVFP4>(row, row_bytes, nw, x, nr, nb, table, out);
+    case IQ2_XXS: return fused_dots_t<IQ2_XXS>(row, row_bytes, nw, x, nr, nb, table, out);
+    case IQ2_XS: return fused_dots_t<IQ2_XS>(row, row_bytes, nw, x, nr, nb, table, out);
+    case IQ2_S: return fused_dots_t<IQ2_S>(row, row_bytes, nw, x, nr, nb, table, out);
+    case IQ3_XXS: return fused_dots_t<IQ3_XXS>(row, row_bytes, nw, x, nr, nb, table, out);
+    case IQ3_S: return fused_dots_t<IQ3_S>(row, row_bytes, nw, x, nr, nb, table, out);
+    case Q4_K: return fused_dots_t<Q4_K>(row, row_bytes, nw, x, nr, nb, table, out);
+    case Q5_K: return fused_dots_t<Q5_K>(row, row_bytes, nw, x, nr, nb, table, out);
+    case Q6_K: return fused_dots_t<Q6_K>(row, row_bytes, nw, x, nr, nb, table, out);
+    case IQ4_NL: return fused_dots_t<IQ4_NL>(row, row_bytes, nw, x, nr, nb, table, out);
+    case IQ4_XS: return fused_dots_t<IQ4_XS>(row, row_bytes, nw, x, nr, nb, table, out);
+    case MXFP4: return fused_dots_t<MXFP4>(row, row_bytes, nw, x, nr, nb, table, out);
     default: break;
   }
 #endif
   throw std::logic_error("fused_dots without a float kernel");
+}
+
+// Whether int16 mode's dots take type t: every type the float kernels unpack into integer
+// codes (all but the halves, whose values are not codes).
+bool q16_kernel(int t) { return float_kernel(t) && t != F16 && t != BF16; }
+
+// out[r] = row . x[r] for nr (1 to kQ16Rows) activation rows in int16 mode.
+void q16_dots(int t, const uint8_t* row, const Q16Row* x, int nr, int nb, const uint8_t* table, float* out) {
+#if defined(__AVX2__)
+  switch (t) {
+    case Q4_0: return q16_dots_t<Q4_0>(row, x, nr, nb, table, out);
+    case Q4_1: return q16_dots_t<Q4_1>(row, x, nr, nb, table, out);
+    case Q5_0: return q16_dots_t<Q5_0>(row, x, nr, nb, table, out);
+    case Q5_1: return q16_dots_t<Q5_1>(row, x, nr, nb, table, out);
+    case Q8_0: return q16_dots_t<Q8_0>(row, x, nr, nb, table, out);
+    case Q2_K: return q16_dots_t<Q2_K>(row, x, nr, nb, table, out);
+    case Q3_K: return q16_dots_t<Q3_K>(row, x, nr, nb, table, out);
+    case IQ1_S: return q16_dots_t<IQ1_S>(row, x, nr, nb, table, out);
+    case IQ1_M: return q16_dots_t<IQ1_M>(row, x, nr, nb, table, out);
+    case TQ1_0: return q16_dots_t<TQ1_0>(row, x, nr, nb, table, out);
+    case TQ2_0: return q16_dots_t<TQ2_0>(row, x, nr, nb, table, out);
+    case NVFP4: return q16_dots_t<NVFP4>(row, x, nr, nb, table, out);
+    case IQ2_XXS: return q16_dots_t<IQ2_XXS>(row, x, nr, nb, table, out);
+    case IQ2_XS: return q16_dots_t<IQ2_XS>(row, x, nr, nb, table, out);
+    case IQ2_S: return q16_dots_t<IQ2_S>(row, x, nr, nb, table, out);
+    case IQ3_XXS: return q16_dots_t<IQ3_XXS>(row, x, nr, nb, table, out);
+    case IQ3_S: return q16_dots_t<IQ3_S>(row, x, nr, nb, table, out);
+    case Q4_K: return q16_dots_t<Q4_K>(row, x, nr, nb, table, out);
+    case Q5_K: return q16_dots_t<Q5_K>(row, x, nr, nb, table, out);
+    case Q6_K: return q16_dots_t<Q6_K>(row, x, nr, nb, table, out);
+    case IQ4_NL: return q16_dots_t<IQ4_NL>(row, x, nr, nb, table, out);
+    case IQ4_XS: return q16_dots_t<IQ4_XS>(row, x, nr, nb, table, out);
+    case MXFP4: return q16_dots_t<MXFP4>(row, x, nr, nb, table, out);
+    default: break;
+  }
+#endif
+  throw std::logic_error("q16_dots without an int16 kernel");
 }
 
 // ------------------------------------------------------------------ the products
@@ -1261,24 +1492,48 @@ void dots_decoded(const float* const* v, const float* const* x, int mr, int nr, 
 constexpr int kMatvecRows = 16; // up to this many activation rows the matvec runs
 
 void matvec(int t, const TypeInfo& info, const float* x, const uint8_t* w, const uint8_t* table, float* y, int B,
-            int I, int O, bool int8) {
+            int I, int O, Activations act) {
   const int nb = I / info.qk;
   const long row_bytes = static_cast<long>(nb) * info.bytes;
   if (B == 0) {
     return;
   }
-  if (info.path == Path::FLOAT || !int8) {
+  if (act == Activations::INT16 && q16_kernel(t)) {
+    const Q16Rows q16(x, B, I);
+    std::vector<Q16Row> rows;
+    for (int b = 0; b < B; ++b) {
+      rows.push_back(q16.row(b));
+    }
+    parallel_ranges(O, row_bytes * B, [&](long r0, long r1) {
+      float out[kQ16Rows];
+      for (long o = r0; o < r1; ++o) {
+        for (int b0 = 0; b0 < B; b0 += kQ16Rows) {
+          const int nr = std::min(kQ16Rows, B - b0);
+          q16_dots(t, w + o * row_bytes, rows.data() + b0, nr, nb, table, out);
+          for (int r = 0; r < nr; ++r) {
+            y[static_cast<long>(b0 + r) * O + o] = out[r];
+          }
+        }
+      }
+    });
+    return;
+  }
+  if (info.path == Path::FLOAT || act != Activations::INT8) {
     std::vector<const float*> xs(B);
     for (int b = 0; b < B; ++b) {
       xs[b] = x + static_cast<long>(b) * I;
     }
     if (float_kernel(t) && B <= kFusedRows) { // each weight row's blocks meet every x as they unpack
+      const int together = fused_weight_rows(B);
       parallel_ranges(O, row_bytes * B, [&](long r0, long r1) {
-        float out[kFusedRows];
-        for (long o = r0; o < r1; ++o) {
-          fused_dots(t, w + o * row_bytes, xs.data(), B, nb, table, out);
-          for (int b = 0; b < B; ++b) {
-            y[static_cast<long>(b) * O + o] = out[b];
+        float out[kFusedRows * fused_weight_rows(1)];
+        for (long o = r0; o < r1;) {
+          const int nw = static_cast<int>(std::min<long>(together, r1 - o));
+          fused_dots(t, w + o * row_bytes, row_bytes, nw, xs.data(), B, nb, table, out);
+          for (int m = 0; m < nw; ++m, ++o) {
+            for (int b = 0; b < B; ++b) {
+              y[static_cast<long>(b) * O + o] = out[m * B + b];
+            }
           }
         }
       });
@@ -1327,10 +1582,12 @@ void matvec(int t, const TypeInfo& info, const float* x, const uint8_t* w, const
 // they lie, only the chosen ones: a decode step's experts, in float activations. The output
 // rows of all (n, j) form one range that the threads split, so k experts keep them all busy.
 void gather_matvec(int t, const TypeInfo& info, const float* x, const uint8_t* w, const uint8_t* table,
-                   const uint32_t* indices, float* y, int N, int k, int I, int O, int E) {
+                   const uint32_t* indices, float* y, int N, int k, int I, int O, int E, Activations act) {
   const int nb = I / info.qk;
   const long row_bytes = static_cast<long>(nb) * info.bytes;
   const bool dedicated = float_kernel(t);
+  const bool int16 = act == Activations::INT16 && q16_kernel(t);
+  const Q16Rows q16(x, int16 ? N : 0, I);
   parallel_ranges(static_cast<long>(N) * k * O, row_bytes, [&](long r0, long r1) {
     std::vector<float> v(dedicated ? 0 : I);
     for (long u = r0; u < r1; ++u) {
@@ -1342,8 +1599,15 @@ void gather_matvec(int t, const TypeInfo& info, const float* x, const uint8_t* w
       }
       const uint8_t* row = w + (static_cast<long>(e) * O + u % O) * row_bytes;
       const float* xr = x + n * I;
-      if (dedicated) {
-        fused_dots(t, row, &xr, 1, nb, table, y + u);
+      if (int16) {
+        const Q16Row xq = q16.row(static_cast<int>(n));
+        q16_dots(t, row, &xq, 1, nb, table, y + u);
+        continue;
+      }
+      if (dedicated) { // the expert's next rows together, as far as they stay in this range and slot
+        const int nw = static_cast<int>(std::min({static_cast<long>(fused_weight_rows(1)), r1 - u, O - u % O}));
+        fused_dots(t, row, row_bytes, nw, &xr, 1, nb, table, y + u);
+        u += nw - 1;
         continue;
       }
       decode_row(t, info, row, table, v.data(), I);
@@ -1411,9 +1675,12 @@ void dequantize(int t, const TypeInfo& info, const uint8_t* w, const uint8_t* ta
 constexpr int kTileRows = 64;
 
 void matmul_tiles(int t, const TypeInfo& info, const float* x, const uint8_t* w, const uint8_t* table, float* y, int B,
-                  int I, int O, bool int8) {
-  std::vector<float> rounded;
-  if (int8 && info.path != Path::FLOAT) { // the activations decode's integer dots see, so prefill agrees with decode
+                  int I, int O, Activations act) {
+  std::vector<float> rounded; // the activations decode's integer dots see, so prefill agrees with decode
+  if (act == Activations::INT16 && q16_kernel(t)) {
+    rounded = Q16Rows(x, B, I).dequantized();
+    x = rounded.data();
+  } else if (act == Activations::INT8 && info.path != Path::FLOAT) {
     rounded = Q8Rows(x, B, I, info.path == Path::Q8_32 ? 32 : 256).dequantized();
     x = rounded.data();
   }
@@ -1449,20 +1716,20 @@ TypeInfo check_blocks(const mx::array& w, int qtype, int in_features, const char
 
 class GgufMatmul : public CpuPrimitive {
  public:
-  GgufMatmul(mx::Stream s, int qtype, bool int8) : CpuPrimitive(s), qtype_(qtype), int8_(int8) {}
+  GgufMatmul(mx::Stream s, int qtype, Activations act) : CpuPrimitive(s), qtype_(qtype), act_(act) {}
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto e = begin_eval(stream(), inputs, out);
     const auto &x = e.inputs[0], &w = e.inputs[1], &table = e.inputs[2];
     const int I = x.shape(-1), O = w.shape(0);
     const int B = static_cast<int>(x.size() / I);
     e.encoder.dispatch([xp = x.data<float>(), wp = w.data<uint8_t>(), tp = table.data<uint8_t>(),
-                        yp = out.data<float>(), B, I, O, t = qtype_, int8 = int8_]() {
+                        yp = out.data<float>(), B, I, O, t = qtype_, act = act_]() {
       TypeInfo info;
       type_info(t, info);
       if (B <= kMatvecRows) {
-        matvec(t, info, xp, wp, tp, yp, B, I, O, int8);
+        matvec(t, info, xp, wp, tp, yp, B, I, O, act);
       } else {
-        matmul_tiles(t, info, xp, wp, tp, yp, B, I, O, int8);
+        matmul_tiles(t, info, xp, wp, tp, yp, B, I, O, act);
       }
     });
   }
@@ -1474,12 +1741,12 @@ class GgufMatmul : public CpuPrimitive {
   const char* name() const override { return "GgufMatmul"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const GgufMatmul&>(other);
-    return qtype_ == o.qtype_ && int8_ == o.int8_;
+    return qtype_ == o.qtype_ && act_ == o.act_;
   }
 
  private:
   int qtype_;
-  bool int8_;
+  Activations act_;
 };
 
 class GgufDequantize : public CpuPrimitive {
@@ -1510,16 +1777,16 @@ class GgufDequantize : public CpuPrimitive {
 
 class GgufGatherMatvec : public CpuPrimitive {
  public:
-  GgufGatherMatvec(mx::Stream s, int qtype) : CpuPrimitive(s), qtype_(qtype) {}
+  GgufGatherMatvec(mx::Stream s, int qtype, Activations act) : CpuPrimitive(s), qtype_(qtype), act_(act) {}
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto e = begin_eval(stream(), inputs, out);
     const auto &x = e.inputs[0], &w = e.inputs[1], &table = e.inputs[2], &idx = e.inputs[3];
     e.encoder.dispatch([xp = x.data<float>(), wp = w.data<uint8_t>(), tp = table.data<uint8_t>(),
                         ip = idx.data<uint32_t>(), yp = out.data<float>(), N = x.shape(0), k = idx.shape(1),
-                        I = x.shape(1), O = w.shape(1), E = w.shape(0), t = qtype_]() {
+                        I = x.shape(1), O = w.shape(1), E = w.shape(0), t = qtype_, act = act_]() {
       TypeInfo info;
       type_info(t, info);
-      gather_matvec(t, info, xp, wp, tp, ip, yp, N, k, I, O, E);
+      gather_matvec(t, info, xp, wp, tp, ip, yp, N, k, I, O, E, act);
     });
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
@@ -1527,12 +1794,27 @@ class GgufGatherMatvec : public CpuPrimitive {
   }
   const char* name() const override { return "GgufGatherMatvec"; }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return qtype_ == static_cast<const GgufGatherMatvec&>(other).qtype_;
+    auto& o = static_cast<const GgufGatherMatvec&>(other);
+    return qtype_ == o.qtype_ && act_ == o.act_;
   }
 
  private:
   int qtype_;
+  Activations act_;
 };
+
+Activations activations_of(const std::string& name, const char* op) {
+  if (name == "float") {
+    return Activations::FLOAT;
+  }
+  if (name == "int8") {
+    return Activations::INT8;
+  }
+  if (name == "int16") {
+    return Activations::INT16;
+  }
+  throw std::invalid_argument(std::string("[") + op + "] activations must be float, int8 or int16, not " + name);
+}
 
 // The codebook a type reads must hold what its decoder indexes (source.py's tables).
 void check_table(const mx::array& table, int qtype, const char* op) {
@@ -1551,9 +1833,10 @@ void check_table(const mx::array& table, int qtype, const char* op) {
 
 } // namespace
 
-mx::array gguf_matmul(const mx::array& x, const mx::array& w, int qtype, const mx::array& table, bool int8,
-                      mx::StreamOrDevice s) {
+mx::array gguf_matmul(const mx::array& x, const mx::array& w, int qtype, const mx::array& table,
+                      const std::string& activations, mx::StreamOrDevice s) {
   const char* op = "gguf_matmul";
+  const Activations act = activations_of(activations, op);
   if (x.ndim() < 1) {
     throw std::invalid_argument("[gguf_matmul] x must have at least one dimension");
   }
@@ -1563,12 +1846,13 @@ mx::array gguf_matmul(const mx::array& x, const mx::array& w, int qtype, const m
   auto shape = x.shape();
   shape.back() = w.shape(0);
   std::vector<mx::array> inputs = {mx::astype(x, mx::float32, stream), w, mx::flatten(table, stream)};
-  return mx::array(std::move(shape), mx::float32, std::make_shared<GgufMatmul>(stream, qtype, int8), std::move(inputs));
+  return mx::array(std::move(shape), mx::float32, std::make_shared<GgufMatmul>(stream, qtype, act), std::move(inputs));
 }
 
 mx::array gguf_gather_matvec(const mx::array& x, const mx::array& w, int qtype, const mx::array& table,
-                             const mx::array& indices, mx::StreamOrDevice s) {
+                             const mx::array& indices, const std::string& activations, mx::StreamOrDevice s) {
   const char* op = "gguf_gather_matvec";
+  const Activations act = activations_of(activations, op);
   if (x.ndim() != 2) {
     throw std::invalid_argument("[gguf_gather_matvec] x must be (rows, in_features)");
   }
@@ -1586,7 +1870,7 @@ mx::array gguf_gather_matvec(const mx::array& x, const mx::array& w, int qtype, 
   mx::Shape shape = {x.shape(0), indices.shape(1), w.shape(1)};
   std::vector<mx::array> inputs = {mx::astype(x, mx::float32, stream), w, mx::flatten(table, stream),
                                    mx::astype(indices, mx::uint32, stream)};
-  return mx::array(std::move(shape), mx::float32, std::make_shared<GgufGatherMatvec>(stream, qtype), std::move(inputs));
+  return mx::array(std::move(shape), mx::float32, std::make_shared<GgufGatherMatvec>(stream, qtype, act), std::move(inputs));
 }
 
 mx::array gguf_dequantize(const mx::array& w, int qtype, int in_features, const mx::array& table,
@@ -1607,6 +1891,10 @@ bool gguf_has_kernel(int qtype) {
 bool gguf_integer_dots(int qtype) {
   TypeInfo info;
   return type_info(qtype, info) && info.path != Path::FLOAT;
+}
+
+bool gguf_int16_dots(int qtype) {
+  return q16_kernel(qtype);
 }
 
 bool gguf_float_kernel(int qtype) {

@@ -65,20 +65,23 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::S
 // GGUF blocks as stored (gguf.cpp): w uint8 (out, bytes per row) of GGML type `qtype`
 // (its enum value), table the type's codebook bytes (kernels/source.py; any one byte for
 // types without). x (..., in) @ W.T -> (..., out): up to 16 rows read the blocks in place,
-// more rows dequantize tiles for a GEMM. Float activations by default; int8: llama.cpp's
-// integer arithmetic (activations rounded per block to 8 bits, prefill's too).
-mx::array gguf_matmul(const mx::array& x, const mx::array& w, int qtype, const mx::array& table, bool int8 = false,
-                      mx::StreamOrDevice s = {});
+// more rows dequantize tiles for a GEMM. activations: "float" (exact); "int8", llama.cpp's
+// integer arithmetic (activations rounded per block to 8 bits, prefill's too); "int16", the
+// same with 16-bit blocks and every type the float kernels read but F16 / BF16.
+mx::array gguf_matmul(const mx::array& x, const mx::array& w, int qtype, const mx::array& table,
+                      const std::string& activations = "float", mx::StreamOrDevice s = {});
 // Experts: y[n, j] = x[n] @ W[e].T for e = indices[n, j], w uint8 (experts, out, bytes per
-// row), only the chosen experts' rows read, float activations; an index past the experts
-// gives NaN. x (rows, in) -> (rows, k, out).
+// row), only the chosen experts' rows read, float or (activations "int16") 16-bit activations
+// ("int8" multiplies floats); an index past the experts gives NaN. x (rows, in) -> (rows, k, out).
 mx::array gguf_gather_matvec(const mx::array& x, const mx::array& w, int qtype, const mx::array& table,
-                             const mx::array& indices, mx::StreamOrDevice s = {});
+                             const mx::array& indices, const std::string& activations = "float",
+                             mx::StreamOrDevice s = {});
 // W as float32 (out, in_features), bit-exact to gguf-py's dequantize.
 mx::array gguf_dequantize(const mx::array& w, int qtype, int in_features, const mx::array& table,
                           mx::StreamOrDevice s = {});
 bool gguf_has_kernel(int qtype);     // whether gguf_matmul takes this type
 bool gguf_integer_dots(int qtype);   // whether int8 mode has integer dots for it (else float, by block decoders)
+bool gguf_int16_dots(int qtype);     // whether int16 mode rounds its activations here (else it multiplies floats)
 bool gguf_float_kernel(int qtype);   // whether float activations meet its blocks in a dedicated kernel on this build
 void gguf_use_simd(bool on);         // off: the portable dot products (for tests)
 
