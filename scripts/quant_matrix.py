@@ -15,7 +15,7 @@
    magnitude) when only its KV cache goes from float16 to float32; on the F32 file, by
    0.0025. No implementation that does not repeat llama.cpp's float operations in order can
    agree with it much better than it agrees with itself here. Column "vs KV32" is mlxllm
-   against that float32-KV run. (mlxllm with llama.cpp's 8-bit rounding, MLXLLM_CPU_BLOCKS=int8,
+   against that float32-KV run. (mlxllm with llama.cpp's 8-bit rounding, MLXLLM_CPU_ACTIVATIONS=int8,
    lands as far from llama.cpp's run as float activations do, the README has the figures; with
    that rounding a 1e-6 change of the embeddings moved our logits by 0.18 too.)
 5. The same as 3 against llama.cpp running a float32 copy of that file (its own

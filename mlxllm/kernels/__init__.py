@@ -5,9 +5,9 @@ Architectures call `matmul(x, w)` / `embed(ids, w)` with a `QuantizedTensor`, an
 `attention` / `gated` for the rest; this module picks how.
 - The CPU (MLX's CPU backend) with our compiled kernels (cpu/): 2-D weights of the types
   with dedicated kernels stay GGUF blocks as stored (quant.keeps_blocks_on_cpu) and go to
-  `gguf_matmul` (cpu/gguf.cpp): blocks read in place for a few rows (decode; float
-  activations, or llama.cpp's 8-bit ones with MLXLLM_CPU_BLOCKS=int8), dequantized tiles
-  + GEMM for more (prefill). Experts and the other packed types keep MLX's
+  `gguf_matmul` (cpu/gguf.cpp): blocks read in place for a few rows (decode; activations
+  rounded to 16-bit blocks, float or llama.cpp's 8-bit ones with MLXLLM_CPU_ACTIVATIONS,
+  quant.cpu_activations), dequantized tiles + GEMM for more (prefill). Experts and the other packed types keep MLX's
   affine layouts (native types, widened packed ones) for our affine matvec / dequantize. Every float GEMM (prefill, attention) runs on the BLAS our
   module binds itself (`_bind_blas`), never on the one MLX links, so the order of imports
   cannot make it slow; softmax and gates run on ours.

@@ -2,26 +2,34 @@
 // file's bytes unchanged, so the memory a model takes is the file's.
 //
 // Decode (a few activation rows) reads each weight row's blocks in place; the threads split
-// output rows. Two arithmetics:
-// - Float activations (the default): codes unpacked with AVX2 into the dequantized values,
-//   exactly gguf-py's, multiplied into up to 6 activation rows as they unpack, or for more
-//   rows decoded 4 weight rows at a time into L1 and multiplied in register tiles. Each
-//   output is summed in one order on every path, so a row's product is the same alone or in
-//   a batch, and it is the dequantized weight's product to float rounding, as prefill's GEMM
-//   gives it: logits do not depend on how a prompt was chunked and agree with llama.cpp's F32
-//   run as the dense path does.
-// - int8 (opt-in): llama.cpp's CPU arithmetic. Each activation row is quantized once per
+// output rows. Three arithmetics (the `activations` argument):
+// - int16 (mlxllm's default): each activation row is rounded once per call, per block of 32,
+//   to 16-bit integers with a float scale (amax / 32767). Every type the AVX2 kernels unpack
+//   has integer codes of at most 8 bits with an exact scale (and offset) per 16 or 32, so the
+//   unpacking hands those codes to a sink (Q16Sink) instead of converting them to floats:
+//   two 16-bit madds per 32 weights and each activation row, one float multiply-add per 16
+//   or 32. 1.4-1.8x the float kernels' speed on one core, and an element moves by at most
+//   amax / 65534, 258x less than in 8-bit blocks: agreement with llama.cpp's F32 logits is
+//   the float path's. Each output is summed in one order whatever the batch.
+// - Float activations: codes unpacked with AVX2 into the dequantized values, exactly
+//   gguf-py's, multiplied into up to 6 activation rows as they unpack (4 weight rows at a
+//   time at one activation row), or for more rows decoded 4 weight rows at a time into L1
+//   and multiplied in register tiles. Each output is summed in one order on every path, so a
+//   row's product is the same alone or in a batch, and it is the dequantized weight's
+//   product to float rounding, as prefill's GEMM gives it: logits do not depend on how a
+//   prompt was chunked and agree with llama.cpp's F32 run as the dense path does.
+// - int8: llama.cpp's CPU arithmetic. Each activation row is quantized once per
 //   call to 8 bits per block (blocks of 32 with one scale for the 32-block types, as q8_0;
 //   blocks of 256 with sums per 16 for the K types, as q8_K); each weight block's codes then
 //   meet those bytes in integer dot products (AVX2's u8 x s8 multiply-add where the build
 //   targets it, a portable loop elsewhere, which compilers vectorize for NEON), scaled once
-//   per block in float. Faster, but the rounding moves logits as far as llama.cpp's own
-//   quantized run is from its F32 run (scripts/quant_matrix.py explains why it cannot
-//   bring us nearer llama.cpp's own quantized logits).
+//   per block in float. The rounding moves logits as far as llama.cpp's own quantized run
+//   is from its F32 run (scripts/quant_matrix.py explains why it cannot bring us nearer
+//   llama.cpp's own quantized logits).
 // IQ4_NL/IQ4_XS codes become their signed values through one byte shuffle; MXFP4 is IQ4_NL
 // with E2M1's (doubled) values and a power-of-two scale (E8M0). Q2_K, Q3_K, the IQ1/IQ2/IQ3
-// codebook types, TQ1_0, TQ2_0 and NVFP4 have float kernels only (in int8 mode their
-// activations stay float); the codebook types' grid entries are loaded into one register per
+// codebook types, TQ1_0, TQ2_0 and NVFP4 have no int8 dots (in int8 mode their activations
+// stay float; int16 mode takes them); the codebook types' grid entries are loaded into one register per
 // 32 weights and signed there. F16 and BF16 matrices are read the same way, in blocks of 32
 // halves widened exactly (F16C's conversion; BF16 is float32's top half), so an F16 file
 // needs no float32 copy either. On a build without AVX2, float mode decodes each block to
@@ -29,7 +37,7 @@
 //
 // Prefill (more rows): a tile of weight rows is dequantized (bit-exact to gguf-py) and
 // multiplied by BLAS (blas.cpp), tile after tile, so no float copy of the weight exists.
-// In int8 mode the activations are first rounded to decode's 8-bit blocks (as llama.cpp's
+// In int16 and int8 mode the activations are first rounded to decode's blocks (as llama.cpp's
 // prefill rounds them too), so each product is the one decode computes.
 #include <algorithm>
 #include <cmath>
@@ -396,39 +404,60 @@ constexpr int kQ16 = 32;
 struct Q16Row {
   const int16_t* q;
   const float* d; // per block of 32
-  const int32_t* s; // sum of q over each 16, for the offsets (zero points, minimums)
+  const float* ds; // d * the sum of q, per 16: the offsets' (zero points', minimums') part
 };
 
 struct Q16Rows {
   std::vector<int16_t> q;
-  std::vector<float> d;
-  std::vector<int32_t> s;
+  std::vector<float> d, ds;
   int I;
 
   Q16Rows(const float* x, int B, int I_) : I(I_) {
     const long n = static_cast<long>(B) * I;
     q.resize(n);
     d.resize(n / kQ16);
-    s.resize(n / 16);
+    ds.resize(n / 16);
     for (long blk = 0; blk < n / kQ16; ++blk) {
       const float* xb = x + blk * kQ16;
+      int16_t* qb = q.data() + blk * kQ16;
+      int32_t sums[2];
+#if defined(__AVX2__)
+      __m256 v[4], amax8 = _mm256_setzero_ps();
+      for (int k = 0; k < 4; ++k) {
+        v[k] = _mm256_loadu_ps(xb + 8 * k);
+        amax8 = _mm256_max_ps(amax8, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v[k]));
+      }
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax8), _mm256_extractf128_ps(amax8, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+      const __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+      for (int h = 0; h < 2; ++h) { // cvtps rounds to nearest even, as nearbyint; |x * inv| <= 32767
+        const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(v[2 * h], inv));
+        const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(v[2 * h + 1], inv));
+        const __m256i q16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb + 16 * h), q16);
+        const __m256i pairs = _mm256_madd_epi16(q16, _mm256_set1_epi16(1));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(pairs), _mm256_extracti128_si256(pairs, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        sums[h] = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1)));
+      }
+#else
       float amax = 0.f;
       for (int i = 0; i < kQ16; ++i) {
         amax = std::max(amax, std::fabs(xb[i]));
       }
       const float inv = amax > 0.f ? 32767.f / amax : 0.f;
-      d[blk] = amax / 32767.f;
-      int16_t* qb = q.data() + blk * kQ16;
-      for (int i = 0; i < kQ16; ++i) {
-        qb[i] = static_cast<int16_t>(std::max(-32767.f, std::min(32767.f, std::nearbyint(xb[i] * inv))));
-      }
-      for (int g = 0; g < kQ16 / 16; ++g) {
-        int32_t sum = 0;
-        for (int i = 0; i < 16; ++i) {
-          sum += qb[16 * g + i];
+      for (int h = 0; h < 2; ++h) {
+        sums[h] = 0;
+        for (int i = 16 * h; i < 16 * h + 16; ++i) {
+          qb[i] = static_cast<int16_t>(std::max(-32767.f, std::min(32767.f, std::nearbyint(xb[i] * inv))));
+          sums[h] += qb[i];
         }
-        s[blk * (kQ16 / 16) + g] = sum;
       }
+#endif
+      d[blk] = amax / 32767.f;
+      ds[2 * blk] = d[blk] * static_cast<float>(sums[0]);
+      ds[2 * blk + 1] = d[blk] * static_cast<float>(sums[1]);
     }
   }
 
@@ -443,7 +472,7 @@ struct Q16Rows {
 
   Q16Row row(int b) const {
     const long at = static_cast<long>(b) * I;
-    return {q.data() + at, d.data() + at / kQ16, s.data() + at / 16};
+    return {q.data() + at, d.data() + at / kQ16, ds.data() + at / 16};
   }
 };
 
@@ -840,7 +869,7 @@ struct Codes32 {
 template <class Sink>
 concept CodeSink = requires(Sink& s, __m256i c) {
   s.codes(0, c, true, 0.f, 0.f, 0.f, 0.f);
-  s.codes1(0, c, true, 0.f, 0.f);
+  s.template codes1<true>(0, c, true, 0.f, 0.f);
 };
 
 template <class Sink>
@@ -858,7 +887,7 @@ inline void scale32(Sink& sink, int at, __m256i codes, bool sign, float scale, f
 template <class Sink>
 inline void scale32(Sink& sink, int at, __m256i codes, bool sign, float scale) {
   if constexpr (CodeSink<Sink>) {
-    return sink.codes1(at, codes, sign, scale, 0.f);
+    return sink.template codes1<false>(at, codes, sign, scale, 0.f);
   }
   scale32(sink, at, codes, sign, scale, scale);
 }
@@ -880,7 +909,7 @@ inline void scale32_offset(Sink& sink, int at, __m256i codes, float scale, float
 template <class Sink>
 inline void scale32_offset(Sink& sink, int at, __m256i codes, float scale, float offset) {
   if constexpr (CodeSink<Sink>) {
-    return sink.codes1(at, codes, false, scale, offset);
+    return sink.template codes1<true>(at, codes, false, scale, offset);
   }
   scale32_offset(sink, at, codes, scale, offset, scale, offset);
 }
@@ -933,10 +962,18 @@ inline __attribute__((always_inline)) void unpack_block_avx2(int t, const uint8_
   // IQ4's 16 signed values (table bytes 0..15; the other types have no table)
   auto kv = [table] { return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table))); };
   uint32_t qh;
+  // int16 mode's sink widens the bytes of these from memory itself
+  constexpr bool widens = requires { sink.signed_bytes(0, b, 0.f); };
   switch (t) {
     case Q4_0:
+      if constexpr (widens) {
+        return sink.template nibbles<false>(0, b + 2, 8, f16_at(b), 0.f);
+      }
       return scale32(sink, 0, _mm256_sub_epi8(nibbles32(b + 2), _mm256_set1_epi8(8)), true, f16_at(b));
     case Q4_1:
+      if constexpr (widens) {
+        return sink.template nibbles<true>(0, b + 4, 0, f16_at(b), f16_at(b + 2));
+      }
       return scale32_offset(sink, 0, nibbles32(b + 4), f16_at(b), f16_at(b + 2));
     case Q5_0:
       std::memcpy(&qh, b + 2, 4);
@@ -946,6 +983,9 @@ inline __attribute__((always_inline)) void unpack_block_avx2(int t, const uint8_
       std::memcpy(&qh, b + 4, 4);
       return scale32_offset(sink, 0, _mm256_or_si256(nibbles32(b + 8), bit4_of(qh)), f16_at(b), f16_at(b + 2));
     case Q8_0:
+      if constexpr (widens) {
+        return sink.signed_bytes(0, b + 2, f16_at(b));
+      }
       return scale32(sink, 0, ld(b + 2), true, f16_at(b));
     case F16:
       for (int k = 0; k < 4; ++k) {
@@ -1139,6 +1179,24 @@ inline __attribute__((always_inline)) void unpack_block_avx2(int t, const uint8_
       }
       return;
     case Q4_K:
+      if constexpr (widens) { // each 32 bytes: sub-block 2k's codes are their low nibbles, 2k + 1's the high
+        const float d = f16_at(b), dmin = f16_at(b + 2);
+        for (int k = 0; k < 4; ++k) {
+          const __m256i v0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 + 32 * k)));
+          const __m256i v1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32 + 32 * k)));
+          for (int half = 0; half < 2; ++half) {
+            int sc, m;
+            k_scale_min(b + 4, 2 * k + half, sc, m);
+            const __m256i mask = _mm256_set1_epi16(0x0F);
+            sink.template widened<true>(64 * k + 32 * half,
+                                        half ? _mm256_srli_epi16(v0, 4) : _mm256_and_si256(v0, mask),
+                                        half ? _mm256_srli_epi16(v1, 4) : _mm256_and_si256(v1, mask),
+                                        d * static_cast<float>(sc), -(dmin * static_cast<float>(m)));
+          }
+        }
+        return;
+      }
+      [[fallthrough]];
     case Q5_K:
       return q45k_subblocks(b, t == Q5_K, [&sink](int j, __m256i codes, float sc, float minimum) {
         scale32_offset(sink, 32 * j, codes, sc, -minimum);
@@ -1226,30 +1284,61 @@ struct Q16Sink {
   __m256 acc[NR];
   float extra[NR]; // the offsets' part: offset * the activations' sum, per 16 or 32
 
-  __attribute__((always_inline)) void products(int at, __m256i codes, bool sign, __m256i (&p)[NR][2]) const {
-    const __m128i lo = _mm256_castsi256_si128(codes), hi = _mm256_extracti128_si256(codes, 1);
-    const __m256i c0 = sign ? _mm256_cvtepi8_epi16(lo) : _mm256_cvtepu8_epi16(lo);
-    const __m256i c1 = sign ? _mm256_cvtepi8_epi16(hi) : _mm256_cvtepu8_epi16(hi);
+  // The 32 codes as 16-bit integers, c0 the first 16: their madds with each row's 32.
+  __attribute__((always_inline)) void products(int at, __m256i c0, __m256i c1, __m256i (&p)[NR][2]) const {
     for (int r = 0; r < NR; ++r) {
       const int16_t* q = x[r].q + base + at;
       p[r][0] = _mm256_madd_epi16(c0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
       p[r][1] = _mm256_madd_epi16(c1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 16)));
     }
   }
-  // One scale (and offset) for the 32.
+  __attribute__((always_inline)) void products(int at, __m256i codes, bool sign, __m256i (&p)[NR][2]) const {
+    const __m128i lo = _mm256_castsi256_si128(codes), hi = _mm256_extracti128_si256(codes, 1);
+    products(at, sign ? _mm256_cvtepi8_epi16(lo) : _mm256_cvtepu8_epi16(lo),
+             sign ? _mm256_cvtepi8_epi16(hi) : _mm256_cvtepu8_epi16(hi), p);
+  }
+  // One scale (and, where kOffset, one offset) for the 32.
+  template <bool kOffset>
   __attribute__((always_inline)) void codes1(int at, __m256i codes, bool sign, float scale, float offset) {
     __m256i p[NR][2];
     products(at, codes, sign, p);
+    scaled<kOffset>(at, p, scale, offset);
+  }
+  // Q4_0 / Q4_1: 16 bytes of nibbles (the low ones are the first 16 codes) minus `bias`,
+  // widened straight from memory (3 operations where the generic path takes 8).
+  template <bool kOffset>
+  __attribute__((always_inline)) void nibbles(int at, const uint8_t* bytes, int bias, float scale, float offset) {
+    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+    const __m256i b = _mm256_set1_epi16(static_cast<int16_t>(bias));
+    widened<kOffset>(at, _mm256_sub_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x0F)), b),
+                     _mm256_sub_epi16(_mm256_srli_epi16(v, 4), b), scale, offset);
+  }
+  // 32 codes already 16 bits wide (c0 the first 16), one scale and offset (Q4_K's sub-blocks).
+  template <bool kOffset>
+  __attribute__((always_inline)) void widened(int at, __m256i c0, __m256i c1, float scale, float offset) {
+    __m256i p[NR][2];
+    products(at, c0, c1, p);
+    scaled<kOffset>(at, p, scale, offset);
+  }
+  // Q8_0: 32 signed bytes, widened straight from memory.
+  __attribute__((always_inline)) void signed_bytes(int at, const uint8_t* bytes, float scale) {
+    auto half = [bytes](int k) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16 * k)); };
+    __m256i p[NR][2];
+    products(at, _mm256_cvtepi8_epi16(half(0)), _mm256_cvtepi8_epi16(half(1)), p);
+    scaled<false>(at, p, scale, 0.f);
+  }
+  template <bool kOffset>
+  __attribute__((always_inline)) void scaled(int at, __m256i (&p)[NR][2], float scale, float offset) {
     const long blk = (base + at) / kQ16;
     for (int r = 0; r < NR; ++r) {
       const float d = x[r].d[blk];
       acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale * d), _mm256_cvtepi32_ps(_mm256_add_epi32(p[r][0], p[r][1])), acc[r]);
-      if (offset != 0.f) {
-        extra[r] += offset * d * static_cast<float>(x[r].s[2 * blk] + x[r].s[2 * blk + 1]);
+      if constexpr (kOffset) {
+        extra[r] += offset * (x[r].ds[2 * blk] + x[r].ds[2 * blk + 1]);
       }
     }
   }
-  // A scale (and offset) for each 16.
+  // A scale and an offset for each 16 (offsets 0 where the type has none).
   __attribute__((always_inline)) void codes(int at, __m256i codes, bool sign, float scale, float scale_hi, float offset,
                                             float offset_hi) {
     __m256i p[NR][2];
@@ -1260,7 +1349,7 @@ struct Q16Sink {
       acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale * d), _mm256_cvtepi32_ps(p[r][0]), acc[r]);
       acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale_hi * d), _mm256_cvtepi32_ps(p[r][1]), acc[r]);
       if (offset != 0.f || offset_hi != 0.f) {
-        extra[r] += d * (offset * static_cast<float>(x[r].s[2 * blk]) + offset_hi * static_cast<float>(x[r].s[2 * blk + 1]));
+        extra[r] += offset * x[r].ds[2 * blk] + offset_hi * x[r].ds[2 * blk + 1];
       }
     }
   }
