@@ -164,7 +164,7 @@ def cpu_activations() -> str:
     """MLXLLM_CPU_ACTIVATIONS: what the CPU kernels' products over GGUF blocks multiply.
     "int16" (the default): each activation row rounded per block of 32 to 16-bit integers
     (an element moves by at most 1/65534 of its block's largest), which meet the weights'
-    integer codes in integer multiply-adds: 1.4-1.8x the float kernels' speed on one core,
+    integer codes in integer multiply-adds: 1.2-2.7x the float kernels' speed on one core,
     and the same agreement with llama.cpp's F32 logits as float activations (Gemma 3 270M
     Q4_K_M: 99.93% of 1532 positions either way); F16 / BF16, and builds without AVX2,
     multiply floats. "float": the activations as they are, each weight's dequantized value

@@ -34,7 +34,10 @@ DECODER = str(FIXTURES / "qwen3.f32.gguf")
 RERANKER = str(FIXTURES / "roberta-rerank.f32.gguf")  # one-score classifier head, byte-level BPE
 TEXTS = ["Hello world.", "The quick brown fox jumps over the lazy dog, twice!", "def f(x): return x * 2", "a",
          "Embeddings of many texts run as one batch."]
-ATOL = 1e-6  # the server runs the same function on the same file: only batching differs
+# The server runs the same function on the same file: only batching differs, whose float
+# noise the 16-bit activation blocks of a quantized file's products (the CPU default) turn
+# into steps of 1/32767 of a block's largest (measured up to 4e-6 on the Q8_0 encoder).
+ATOL = 2e-5
 
 
 @pytest.fixture(scope="module")

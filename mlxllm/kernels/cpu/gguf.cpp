@@ -1357,34 +1357,39 @@ struct Q16Sink {
   void operator()(int, __m256) const { __builtin_unreachable(); }
 };
 
+// y[r * O + o] = row o . x[r] for the weight rows o0..o1 (row_bytes apart) and NR activation rows.
 template <int T, int NR>
-__attribute__((noinline)) void q16_dots_avx2(const uint8_t* row, const Q16Row* x, int nb, const uint8_t* table,
-                                             float* out) {
+__attribute__((noinline)) void q16_rows_avx2(const uint8_t* w, long row_bytes, long o0, long o1, const Q16Row* x,
+                                             int nb, const uint8_t* table, float* y, long O) {
   TypeInfo info;
   type_info(T, info);
-  Q16Sink<NR> sink{x};
-  for (int r = 0; r < NR; ++r) {
-    sink.acc[r] = _mm256_setzero_ps();
-    sink.extra[r] = 0.f;
-  }
-  for (int blk = 0; blk < nb; ++blk) {
-    sink.base = static_cast<long>(blk) * info.qk;
-    unpack_block_avx2(T, row + static_cast<long>(blk) * info.bytes, table, sink);
-  }
-  for (int r = 0; r < NR; ++r) {
-    out[r] = hsum_ps(sink.acc[r]) + sink.extra[r];
+  for (long o = o0; o < o1; ++o) {
+    const uint8_t* row = w + o * row_bytes;
+    Q16Sink<NR> sink{x};
+    for (int r = 0; r < NR; ++r) {
+      sink.acc[r] = _mm256_setzero_ps();
+      sink.extra[r] = 0.f;
+    }
+    for (int blk = 0; blk < nb; ++blk) {
+      sink.base = static_cast<long>(blk) * info.qk;
+      unpack_block_avx2(T, row + static_cast<long>(blk) * info.bytes, table, sink);
+    }
+    for (int r = 0; r < NR; ++r) {
+      y[r * O + o] = hsum_ps(sink.acc[r]) + sink.extra[r];
+    }
   }
 }
 
 constexpr int kQ16Rows = 4; // activation rows per pass over a weight row in int16 mode
 
 template <int T>
-void q16_dots_t(const uint8_t* row, const Q16Row* x, int nr, int nb, const uint8_t* table, float* out) {
+void q16_rows_t(const uint8_t* w, long row_bytes, long o0, long o1, const Q16Row* x, int nr, int nb,
+                const uint8_t* table, float* y, long O) {
   switch (nr) {
-    case 1: return q16_dots_avx2<T, 1>(row, x, nb, table, out);
-    case 2: return q16_dots_avx2<T, 2>(row, x, nb, table, out);
-    case 3: return q16_dots_avx2<T, 3>(row, x, nb, table, out);
-    default: return q16_dots_avx2<T, 4>(row, x, nb, table, out);
+    case 1: return q16_rows_avx2<T, 1>(w, row_bytes, o0, o1, x, nb, table, y, O);
+    case 2: return q16_rows_avx2<T, 2>(w, row_bytes, o0, o1, x, nb, table, y, O);
+    case 3: return q16_rows_avx2<T, 3>(w, row_bytes, o0, o1, x, nb, table, y, O);
+    default: return q16_rows_avx2<T, 4>(w, row_bytes, o0, o1, x, nb, table, y, O);
   }
 }
 #endif
@@ -1460,37 +1465,39 @@ void fused_dots(int t, const uint8_t* row, long row_bytes, int nw, const float* 
 // codes (all but the halves, whose values are not codes).
 bool q16_kernel(int t) { return float_kernel(t) && t != F16 && t != BF16; }
 
-// out[r] = row . x[r] for nr (1 to kQ16Rows) activation rows in int16 mode.
-void q16_dots(int t, const uint8_t* row, const Q16Row* x, int nr, int nb, const uint8_t* table, float* out) {
+// y[r * O + o] = row o . x[r] for the weight rows o0..o1 and nr (1 to kQ16Rows) activation
+// rows in int16 mode: one dispatch per range, not per row.
+void q16_rows(int t, const uint8_t* w, long row_bytes, long o0, long o1, const Q16Row* x, int nr, int nb,
+              const uint8_t* table, float* y, long O) {
 #if defined(__AVX2__)
   switch (t) {
-    case Q4_0: return q16_dots_t<Q4_0>(row, x, nr, nb, table, out);
-    case Q4_1: return q16_dots_t<Q4_1>(row, x, nr, nb, table, out);
-    case Q5_0: return q16_dots_t<Q5_0>(row, x, nr, nb, table, out);
-    case Q5_1: return q16_dots_t<Q5_1>(row, x, nr, nb, table, out);
-    case Q8_0: return q16_dots_t<Q8_0>(row, x, nr, nb, table, out);
-    case Q2_K: return q16_dots_t<Q2_K>(row, x, nr, nb, table, out);
-    case Q3_K: return q16_dots_t<Q3_K>(row, x, nr, nb, table, out);
-    case IQ1_S: return q16_dots_t<IQ1_S>(row, x, nr, nb, table, out);
-    case IQ1_M: return q16_dots_t<IQ1_M>(row, x, nr, nb, table, out);
-    case TQ1_0: return q16_dots_t<TQ1_0>(row, x, nr, nb, table, out);
-    case TQ2_0: return q16_dots_t<TQ2_0>(row, x, nr, nb, table, out);
-    case NVFP4: return q16_dots_t<NVFP4>(row, x, nr, nb, table, out);
-    case IQ2_XXS: return q16_dots_t<IQ2_XXS>(row, x, nr, nb, table, out);
-    case IQ2_XS: return q16_dots_t<IQ2_XS>(row, x, nr, nb, table, out);
-    case IQ2_S: return q16_dots_t<IQ2_S>(row, x, nr, nb, table, out);
-    case IQ3_XXS: return q16_dots_t<IQ3_XXS>(row, x, nr, nb, table, out);
-    case IQ3_S: return q16_dots_t<IQ3_S>(row, x, nr, nb, table, out);
-    case Q4_K: return q16_dots_t<Q4_K>(row, x, nr, nb, table, out);
-    case Q5_K: return q16_dots_t<Q5_K>(row, x, nr, nb, table, out);
-    case Q6_K: return q16_dots_t<Q6_K>(row, x, nr, nb, table, out);
-    case IQ4_NL: return q16_dots_t<IQ4_NL>(row, x, nr, nb, table, out);
-    case IQ4_XS: return q16_dots_t<IQ4_XS>(row, x, nr, nb, table, out);
-    case MXFP4: return q16_dots_t<MXFP4>(row, x, nr, nb, table, out);
+    case Q4_0: return q16_rows_t<Q4_0>(w, row_bytes, o0, o1, x, nr, nb, table, y, O);
+    case Q4_1: return q16_rows_t<Q4_1>(w, row_bytes, o0, o1, x, nr, nb, table, y, O);
+    case Q5_0: return q16_rows_t<Q5_0>(w, row_bytes, o0, o1, x, nr, nb, table, y, O);
+    case Q5_1: return q16_rows_t<Q5_1>(w, row_bytes, o0, o1, x, nr, nb, table, y, O);
+    case Q8_0: return q16_rows_t<Q8_0>(w, row_bytes, o0, o1, x, nr, nb, table, y, O);
+    case Q2_K: return q16_rows_t<Q2_K>(w, row_bytes, o0, o1, x, nr, nb, table, y, O);
+    case Q3_K: return q16_rows_t<Q3_K>(w, row_bytes, o0, o1, x, nr, nb, table, y, O);
+    case IQ1_S: return q16_rows_t<IQ1_S>(w, row_bytes, o0, o1, x, nr, nb, table, y, O);
+    case IQ1_M: return q16_rows_t<IQ1_M>(w, row_bytes, o0, o1, x, nr, nb, table, y, O);
+    case TQ1_0: return q16_rows_t<TQ1_0>(w, row_bytes, o0, o1, x, nr, nb, table, y, O);
+    case TQ2_0: return q16_rows_t<TQ2_0>(w, row_bytes, o0, o1, x, nr, nb, table, y, O);
+    case NVFP4: return q16_rows_t<NVFP4>(w, row_bytes, o0, o1, x, nr, nb, table, y, O);
+    case IQ2_XXS: return q16_rows_t<IQ2_XXS>(w, row_bytes, o0, o1, x, nr, nb, table, y, O);
+    case IQ2_XS: return q16_rows_t<IQ2_XS>(w, row_bytes, o0, o1, x, nr, nb, table, y, O);
+    case IQ2_S: return q16_rows_t<IQ2_S>(w, row_bytes, o0, o1, x, nr, nb, table, y, O);
+    case IQ3_XXS: return q16_rows_t<IQ3_XXS>(w, row_bytes, o0, o1, x, nr, nb, table, y, O);
+    case IQ3_S: return q16_rows_t<IQ3_S>(w, row_bytes, o0, o1, x, nr, nb, table, y, O);
+    case Q4_K: return q16_rows_t<Q4_K>(w, row_bytes, o0, o1, x, nr, nb, table, y, O);
+    case Q5_K: return q16_rows_t<Q5_K>(w, row_bytes, o0, o1, x, nr, nb, table, y, O);
+    case Q6_K: return q16_rows_t<Q6_K>(w, row_bytes, o0, o1, x, nr, nb, table, y, O);
+    case IQ4_NL: return q16_rows_t<IQ4_NL>(w, row_bytes, o0, o1, x, nr, nb, table, y, O);
+    case IQ4_XS: return q16_rows_t<IQ4_XS>(w, row_bytes, o0, o1, x, nr, nb, table, y, O);
+    case MXFP4: return q16_rows_t<MXFP4>(w, row_bytes, o0, o1, x, nr, nb, table, y, O);
     default: break;
   }
 #endif
-  throw std::logic_error("q16_dots without an int16 kernel");
+  throw std::logic_error("q16_rows without an int16 kernel");
 }
 
 // ------------------------------------------------------------------ the products
@@ -1594,15 +1601,9 @@ void matvec(int t, const TypeInfo& info, const float* x, const uint8_t* w, const
       rows.push_back(q16.row(b));
     }
     parallel_ranges(O, row_bytes * B, [&](long r0, long r1) {
-      float out[kQ16Rows];
-      for (long o = r0; o < r1; ++o) {
-        for (int b0 = 0; b0 < B; b0 += kQ16Rows) {
-          const int nr = std::min(kQ16Rows, B - b0);
-          q16_dots(t, w + o * row_bytes, rows.data() + b0, nr, nb, table, out);
-          for (int r = 0; r < nr; ++r) {
-            y[static_cast<long>(b0 + r) * O + o] = out[r];
-          }
-        }
+      for (int b0 = 0; b0 < B; b0 += kQ16Rows) {
+        q16_rows(t, w, row_bytes, r0, r1, rows.data() + b0, std::min(kQ16Rows, B - b0), nb, table,
+                 y + static_cast<long>(b0) * O, O);
       }
     });
     return;
@@ -1688,9 +1689,12 @@ void gather_matvec(int t, const TypeInfo& info, const float* x, const uint8_t* w
       }
       const uint8_t* row = w + (static_cast<long>(e) * O + u % O) * row_bytes;
       const float* xr = x + n * I;
-      if (int16) {
+      if (int16) { // the rest of this slot's rows in the range, in one call
         const Q16Row xq = q16.row(static_cast<int>(n));
-        q16_dots(t, row, &xq, 1, nb, table, y + u);
+        const long o = u % O, end = std::min(r1, (slot + 1) * O);
+        q16_rows(t, w + static_cast<long>(e) * O * row_bytes, row_bytes, o, o + (end - u), &xq, 1, nb, table,
+                 y + slot * O, O);
+        u = end - 1;
         continue;
       }
       if (dedicated) { // the expert's next rows together, as far as they stay in this range and slot
