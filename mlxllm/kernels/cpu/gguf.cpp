@@ -298,6 +298,16 @@ void dequantize_block(int t, const uint8_t* b, const uint8_t* table, float* v) {
 
 // ------------------------------------------------------------------ activations to 8 bits
 
+// d[i / qk] * q[i]: activations rounded to integer blocks, back as floats (Q8Rows, Q16Rows).
+template <class Int>
+std::vector<float> scaled_blocks(const std::vector<Int>& q, const std::vector<float>& d, int qk) {
+  std::vector<float> x(q.size());
+  for (size_t i = 0; i < q.size(); ++i) {
+    x[i] = d[i / qk] * static_cast<float>(q[i]);
+  }
+  return x;
+}
+
 // One activation row quantized: q (I) int8, d one scale per block of `qk` (32 or 256), and
 // s the sum of q over each 16, which the zero points and minimums need.
 struct Q8Row {
@@ -347,13 +357,7 @@ struct Q8Rows {
   // weight is the integer dot's value up to float rounding (d * q is exact for the fp16
   // scales of the 32-blocks, one rounding for the 256-blocks' float scales; then the order
   // of the sums), which lets prefill keep BLAS and still compute what decode computes.
-  std::vector<float> dequantized() const {
-    std::vector<float> x(q.size());
-    for (size_t i = 0; i < q.size(); ++i) {
-      x[i] = d[i / qk] * static_cast<float>(q[i]);
-    }
-    return x;
-  }
+  std::vector<float> dequantized() const { return scaled_blocks(q, d, qk); }
 
   Q8Row row(int b) const {
     return {q.data() + static_cast<long>(b) * I, d.data() + static_cast<long>(b) * I / qk,
@@ -462,13 +466,7 @@ struct Q16Rows {
   }
 
   // d * q: the rounded activations as floats (prefill multiplies these, as decode does).
-  std::vector<float> dequantized() const {
-    std::vector<float> x(q.size());
-    for (size_t i = 0; i < q.size(); ++i) {
-      x[i] = d[i / kQ16] * static_cast<float>(q[i]);
-    }
-    return x;
-  }
+  std::vector<float> dequantized() const { return scaled_blocks(q, d, kQ16); }
 
   Q16Row row(int b) const {
     const long at = static_cast<long>(b) * I;
