@@ -267,8 +267,19 @@ class BatchKVCache:
         if self.size == 0 and any(self.pad):  # a padded first update: whatever the padding computed is not kept
             real = (mx.arange(L)[None, :] >= mx.array(self.pad)[:, None])[:, None, :, None]  # (B, 1, L, 1)
             keys, values = mx.where(real, keys, 0).astype(keys.dtype), mx.where(real, values, 0).astype(values.dtype)
-        drop = self._dropped(L)
         new_keys, new_values = self._pack(keys), self._pack(values)
+        prev = self._make_room(B, H, L, [(n.shape[-1], n.dtype) for n in new_keys],
+                               [(n.shape[-1], n.dtype) for n in new_values])
+        for store, new in zip(self.keys + self.values, new_keys + new_values):
+            store[..., prev:self.size, :] = new
+        return self._unpack(self.keys, self.size, keys.dtype), self._unpack(self.values, self.size, values.dtype)
+
+    def _make_room(self, B: int, H: int, L: int, key_parts: list[tuple[int, mx.Dtype]],
+                   value_parts: list[tuple[int, mx.Dtype]]) -> int:
+        """Count L more positions, growing the storage where it is full (and dropping, with a
+        window, what no query can see any more); returns the first slot they take. key_parts /
+        value_parts: each stored array's last axis and dtype."""
+        drop = self._dropped(L)
         prev = self.size
         if self.keys is None or prev + L > self.keys[0].shape[2]:
             if self.window is not None:  # it drops what its window has passed only when it grows
@@ -276,20 +287,36 @@ class BatchKVCache:
             else:
                 grow = L + self._room(prev - drop)
 
-            def grown(old: list[mx.array] | None, new: list[mx.array]) -> list[mx.array]:
-                zeros = [mx.zeros((B, H, grow, n.shape[-1]), n.dtype) for n in new]
+            def grown(old: list[mx.array] | None, parts: list[tuple[int, mx.Dtype]]) -> list[mx.array]:
+                zeros = [mx.zeros((B, H, grow, dim), dtype) for dim, dtype in parts]
                 if old is None:
                     return zeros
                 return [mx.concatenate([o[..., drop:prev, :], z], axis=2) for o, z in zip(old, zeros)]
 
-            self.keys, self.values = grown(self.keys, new_keys), grown(self.values, new_values)
+            self.keys, self.values = grown(self.keys, key_parts), grown(self.values, value_parts)
             self.pad = [max(0, p - drop) for p in self.pad]
             prev -= drop
         self.size = prev + L
         self.lengths = [n + L for n in self.lengths]
-        for store, new in zip(self.keys + self.values, new_keys + new_values):
-            store[..., prev:self.size, :] = new
-        return self._unpack(self.keys, self.size, keys.dtype), self._unpack(self.values, self.size, values.dtype)
+        return prev
+
+    def writes_in_place(self) -> bool:
+        """Whether `update_in_place` can take the next update: float32 storage (or none yet),
+        not the padded first update of a batch of prompts."""
+        return self.bits is None and (self.keys is None or self.keys[0].dtype == mx.float32) and \
+            not (self.size == 0 and any(self.pad))
+
+    def update_in_place(self, B: int, H: int, L: int, key_dim: int, value_dim: int, write):
+        """A fused kernel's update (kernels.cached_attention): room made for L positions as
+        `update_and_fetch` makes it, then write(keys, values, slot) -> (result, keys', values')
+        stores them at slots [slot, slot + L) of the float32 storage, whose outputs replace
+        it (then nothing else holds the old storage and the kernel writes it in place).
+        Returns result. Only where `writes_in_place()`."""
+        if not self.lengths:
+            self.pad, self.lengths = [0] * B, [0] * B
+        slot = self._make_room(B, H, L, [(key_dim, mx.float32)], [(value_dim, mx.float32)])
+        result, self.keys[0], self.values[0] = write(self.keys[0], self.values[0], slot)
+        return result
 
     @property
     def state(self) -> list[mx.array] | None:

@@ -251,6 +251,107 @@ def test_few_query_attention_bad_shapes_are_one_line_errors():
             K.attention(*args)
 
 
+def _cached_operands(B: int, H: int, H_kv: int, L: int, S: int, D: int, Dv: int, seed: int):
+    """q, k, v as one projection's split (views, rows (H + H_kv) * D + H_kv * Dv apart) and a
+    cache's float storage (B, H_kv, S, D) / (B, H_kv, S, Dv) holding earlier keys."""
+    qkv = mx.random.normal((B, L, H * D + H_kv * (D + Dv)), key=mx.random.key(seed))
+    q, k, v = mx.split(qkv, [H * D, (H + H_kv) * D], axis=-1)
+    keys = mx.random.normal((B, H_kv, S, D), key=mx.random.key(seed + 1))
+    values = mx.random.normal((B, H_kv, S, Dv), key=mx.random.key(seed + 2))
+    mx.eval(q, k, v, keys, values)
+    return q, k, v, keys, values
+
+
+@needs_kernels
+@pytest.mark.parametrize("B,H,H_kv,L,slot", [(1, 9, 3, 1, 40), (3, 4, 2, 2, 0), (2, 8, 8, 1, 299), (1, 4, 1, 1, 0)])
+@pytest.mark.parametrize("mask", [None, "causal", "each"])
+@pytest.mark.parametrize("rotary,normed", [(False, False), (True, False), (True, True)])
+def test_cached_attention_is_the_separate_ops_bit_for_bit(B, H, H_kv, L, slot, mask, rotary, normed):
+    """The cache writes and the attention reading the storage (norms and rotation inside)
+    against the ops a decode step runs without them: rms_norm, rope, the slice updates of
+    the storage and attention, bit for bit, each row rotated at its own position where the
+    tables have a row per sequence."""
+    D, Dv, S = 32, 40, 300
+    q, k, v, keys, values = _cached_operands(B, H, H_kv, L, S, D, Dv, seed=60 + L + slot)
+    T = slot + L
+    keep = None
+    if mask == "causal" and L == 1:
+        mask = None
+    elif mask == "each":  # left padding, one sequence seeing one key only
+        keep = mx.broadcast_to(mx.arange(T)[None, None, :] >= mx.array([0, T - 1, 2])[:B, None, None], (B, L, T))
+    rope = norms = None
+    if rotary:
+        cos, sin = kernels.rope_tables(L, mx.array([slot, 7, 130])[:B] if B > 1 else slot, 24, 10000.0, 1.0,
+                                       None, 1.0)
+        rope = (cos, sin, False)
+    if normed:
+        norms = (mx.random.normal((D,), key=mx.random.key(70)), mx.random.normal((D,), key=mx.random.key(71)), 1e-6)
+    old_keys, old_values = mx.array(keys), mx.array(values)
+    cos, sin, traditional = rope or (None, None, False)
+    q_norm, k_norm, eps = norms or (None, None, 1e-6)
+    new_keys = K.cache_write(k, keys, slot, cos, sin, traditional, k_norm, eps)
+    new_values = K.cache_write(v, values, slot)
+    out = K.cached_attention(q, new_keys, new_values, T, 0.3, mask == "causal", keep, cos, sin, traditional, q_norm,
+                             eps)
+
+    q4, k4 = q.reshape(B, L, H, D), k.reshape(B, L, H_kv, D)
+    if normed:
+        q4, k4 = K.rms_norm(q4, norms[0], 1e-6), K.rms_norm(k4, norms[1], 1e-6)
+    if rotary:
+        q4, k4 = K.rope(q4, rope[0], rope[1], False), K.rope(k4, rope[0], rope[1], False)
+    want_keys, want_values = mx.array(old_keys), mx.array(old_values)
+    want_keys[:, :, slot:T] = k4.transpose(0, 2, 1, 3)
+    want_values[:, :, slot:T] = v.reshape(B, L, H_kv, Dv).transpose(0, 2, 1, 3)
+    want = K.attention(q4.transpose(0, 2, 1, 3), want_keys[:, :, :T], want_values[:, :, :T], 0.3, mask == "causal",
+                       keep)
+    assert out.shape == (B, L, H * Dv)
+    assert mx.array_equal(out, want.reshape(B, L, H * Dv)).item()
+    assert mx.array_equal(new_keys, want_keys).item() and mx.array_equal(new_values, want_values).item()
+    # the storage was held here too (keys, values): the write went to a copy, not what others read
+    assert mx.array_equal(keys, old_keys).item() and mx.array_equal(values, old_values).item()
+
+
+@needs_kernels
+def test_cache_write_writes_storage_nothing_else_holds_in_place():
+    """The cache replaces its storage by the write's result: with no other reference left,
+    the new slots go into the old buffer (as MLX's slice_update does), so a decode step does
+    not copy the whole cache. Measured by the memory the evaluation allocates."""
+    B, H_kv, S, D = 1, 2, 8192, 64
+    _, k, _, _, _ = _cached_operands(B, 4, H_kv, 1, 1, D, D, seed=80)
+    storage = mx.zeros((B, H_kv, S, D))
+    mx.eval(storage)
+    for slot in range(3):
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
+        storage = K.cache_write(k, storage, slot)
+        mx.eval(storage)
+        assert mx.get_peak_memory() - before < storage.nbytes / 4, "the storage was copied"
+    rows = storage[0, :, :4]
+    assert mx.array_equal(rows[:, :3], mx.broadcast_to(k.reshape(H_kv, 1, D), (H_kv, 3, D))).item()
+    assert (rows[:, 3] == 0).all().item()
+
+
+@needs_kernels
+def test_cached_attention_bad_arguments_are_one_line_errors():
+    q, k, v, keys, values = _cached_operands(1, 4, 2, 2, 10, 16, 16, seed=90)
+    for args, kw, match in [
+        ((k[0], keys, 0), {}, "must be"), ((k, keys[..., :8], 0), {}, "match"), ((k, keys, 9), {}, "slots"),
+        ((k, keys, -1), {}, "slots"), ((k, keys.astype(mx.float16), 0), {}, "float32"),
+        ((k, keys, 0), {"cos": mx.zeros((2, 8))}, "together"),
+        ((k, keys, 0), {"cos": mx.zeros((2, 9)), "sin": mx.zeros((2, 9))}, "dims"),
+        ((k, keys, 0), {"norm": mx.ones((8,))}, "norm")]:
+        with pytest.raises(ValueError, match=match):
+            K.cache_write(*args, **kw)
+    for args, kw, match in [
+        ((q[0], keys, values, 2), {}, "must be"), ((q, keys[..., :12], values, 2), {}, "match"),
+        ((q, keys, values, 1), {}, "n_keys"), ((q, keys, values, 11), {}, "n_keys"),
+        ((q, keys, values, 2), {"mask": mx.ones((2, 3), mx.bool_)}, "mask"),
+        ((q, keys, values, 2), {"q_norm": mx.ones((8,))}, "norm"),
+        ((mx.concatenate([q] * 4, -1), keys, values, 2), {}, "at most")]:
+        with pytest.raises(ValueError, match=match):
+            K.cached_attention(*args, 1.0, False, **kw)
+
+
 @needs_kernels
 @pytest.mark.parametrize("traditional", [True, False])
 def test_rope_with_each_rows_offset_matches_mlx_rope(traditional):

@@ -431,6 +431,46 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
     return out.reshape(B, H, L, v.shape[-1]).astype(q.dtype)
 
 
+# False: decode attention as separate ops (norms, rotations, cache update, attention), as
+# prefill runs it; the tests compare the two.
+CACHED_ATTENTION = True
+
+
+def cached_attention(q: mx.array, k: mx.array, v: mx.array, cache, n_heads: int, scale: float,
+                     mask: mx.array | str | None, rope: tuple[mx.array, mx.array, bool] | None = None,
+                     norms: tuple[mx.array, mx.array, float] | None = None) -> mx.array | None:
+    """A decode step's attention with the cache update, as three ops (cpu.cache_write for the
+    keys and the values, cpu.cached_attention) instead of a dozen, or None where they do not
+    apply and the caller runs the separate ones. q (B, L, H * D), k (B, L, H_kv * D),
+    v (B, L, H_kv * Dv) as the projections give them; each head of q and k RMS-normalized by
+    norms = (q weight, k weight, eps), then rotated by rope = (cos, sin, traditional)
+    (`rope_tables`); cache a `BatchKVCache` with float storage; mask as `attention` takes
+    it. Returns (B, L, H * Dv)."""
+    kernels = cpu.active()
+    B, L, _ = q.shape
+    D = q.shape[-1] // n_heads
+    kv_heads = k.shape[-1] // D
+    if (kernels is None or not CACHED_ATTENTION or n_heads // kv_heads * L > FEW_QUERIES
+            or not getattr(cache, "writes_in_place", lambda: False)()):
+        return None
+    if isinstance(mask, mx.array):
+        if mask.ndim == 4 and mask.shape[1] == 1:  # (B, 1, L, T): each sequence's own
+            mask = mask[:, 0]
+        elif mask.ndim != 2:
+            return None
+    causal, keep = isinstance(mask, str), mask if isinstance(mask, mx.array) else None
+    cos, sin, traditional = rope if rope is not None else (None, None, False)
+    q_norm, k_norm, eps = norms if norms is not None else (None, None, 0.0)
+
+    def write(keys: mx.array, values: mx.array, slot: int) -> tuple[mx.array, mx.array, mx.array]:
+        keys = kernels.cache_write(k, keys, slot, cos, sin, traditional, k_norm, eps)
+        values = kernels.cache_write(v, values, slot)
+        out = kernels.cached_attention(q, keys, values, slot + L, scale, causal, keep, cos, sin, traditional, q_norm, eps)
+        return out, keys, values
+
+    return cache.update_in_place(B, kv_heads, L, D, v.shape[-1] // kv_heads, write).astype(q.dtype)
+
+
 def _kernel_mask(mask: mx.array | str | None, B: int, L: int, T: int) -> bool:
     """Whether masked_softmax takes this mask: none, causal, one (L, T) for every sequence
     and head, or one per sequence (B, 1, L, T), shared by its heads."""
@@ -468,9 +508,13 @@ def _attention_reference(q, k, v, scale: float, mask, softcap: float, bias: mx.a
 _ROPE_TABLES: dict[tuple, tuple[mx.array | None, mx.array, mx.array]] = {}
 
 
-def _rope_tables(L: int, offsets: tuple[int, ...], dims: int, base: float | None, scale: float,
-                 freqs: mx.array | None, mscale: float) -> tuple[mx.array, mx.array]:
-    """cos and sin (len(offsets) * L, dims / 2): positions offset + l for each offset."""
+def rope_tables(L: int, offset: int | mx.array, dims: int, base: float | None, scale: float,
+                freqs: mx.array | None, mscale: float) -> tuple[mx.array, mx.array]:
+    """cos and sin (L, dims / 2) for positions offset + l, or (B * L, dims / 2) for a batch's
+    rows at their own positions (offset (B,)), with mx.fast.rope's parameters (freqs:
+    per-pair wavelengths instead of base; mscale multiplies both, as YaRN's does). Kept for
+    the next calls: every layer of a forward pass rotates by the same tables."""
+    offsets = (offset,) if isinstance(offset, int) else tuple(offset.tolist())
     key = (L, offsets, dims, base, scale, None if freqs is None else id(freqs), mscale)
     if key not in _ROPE_TABLES:
         if len(_ROPE_TABLES) >= 32:
@@ -498,9 +542,7 @@ def rope(x: mx.array, dims: int, *, traditional: bool, base: float | None, scale
         if mscale != 1.0:
             y = mx.concatenate([y[..., :dims] * mscale, y[..., dims:]], axis=-1)
         return y
-    # A batch's rows at their own positions (offset (B,)): one table row per (row, position).
-    offsets = (offset,) if isinstance(offset, int) else tuple(offset.tolist())
-    cos, sin = _rope_tables(x.shape[1], offsets, dims, base, scale, freqs, mscale)
+    cos, sin = rope_tables(x.shape[1], offset, dims, base, scale, freqs, mscale)
     return kernels.rope(x, cos, sin, traditional).astype(x.dtype)
 
 

@@ -30,7 +30,7 @@ from .. import kernels, layers
 from ..cache import KVCache, RotatingKVCache
 from .ffn import XIELU, activate, gate
 from .moe import MoEArgs, SwitchLinear, experts
-from .norm import norm, unit_rms_norm
+from .norm import RMSNorm, norm, unit_rms_norm
 from .rope import Rope, RopeArgs
 
 
@@ -138,6 +138,18 @@ class Block(nn.Module):
         self.post_ffw_norm = norm_if("post_ffw_norm", d)
         # Slopes as numpy, not a parameter: the file has no such tensor.
         self.alibi = np.array(alibi_slopes(a.n_heads, a.alibi_max_bias)) if a.alibi_max_bias else None
+        # Whether a decode step's attention can run on the kernels that write the cache and
+        # attend in place (kernels.cached_attention): per-head RMS q/k norms before the
+        # rope at most, and none of the variants they do not implement.
+        plain_qk_norms = "attn_q_norm" not in self or (
+            not self.qk_norm_full_width and not a.qk_norm_after_rope
+            and all(isinstance(self[n], RMSNorm) and "bias" not in self[n] and self[n].weight.ndim == 1
+                    for n in ("attn_q_norm", "attn_k_norm")))
+        scaled_queries = a.attn_temperature is not None and (
+            a.attn_temperature_layers is None or a.attn_temperature_layers[i])
+        self.cached_attention = plain_qk_norms and not (
+            a.clamp_qkv or a.attn_output_gate or a.qk_unit_norm or scaled_queries or self.alibi is not None
+            or a.attn_softcap or "attn_sinks" in self)
 
     def _init_attention(self, args: DecoderArgs, i: int) -> None:
         """Projections (split or fused qkv), q/k norms, output, sinks: as the file has them."""
@@ -223,6 +235,14 @@ class Block(nn.Module):
             q, k, v = mx.split(self.attn_qkv(x), self.split, axis=-1)
         else:
             q, k, v = layers.project(x, (self.attn_q, self.attn_k, self.attn_v))
+        scale = a.attn_scale if a.attn_scale is not None else a.head_dim ** -0.5
+        if self.cached_attention and cache is not None:
+            rope = None if self.rope is None else (*self.rope.tables(L, cache.offset, factors), self.rope.args.traditional)
+            norms = (self.attn_q_norm.weight, self.attn_k_norm.weight, self.attn_q_norm.eps) \
+                if "attn_q_norm" in self else None
+            out = kernels.cached_attention(q, k, v, cache, a.n_heads, scale, mask, rope, norms)
+            if out is not None:
+                return self.attn_output(out)
         if a.clamp_qkv:
             q, k, v = (mx.clip(t, -a.clamp_qkv, a.clamp_qkv) for t in (q, k, v))
         if a.attn_output_gate:
@@ -260,7 +280,6 @@ class Block(nn.Module):
             T = k.shape[2]
             distance = mx.abs(mx.arange(T)[None, :] - mx.arange(T - L, T)[:, None])  # (L, T)
             bias = -mx.array(self.alibi)[:, None, None] * distance.astype(mx.float32)  # (H, L, T)
-        scale = a.attn_scale if a.attn_scale is not None else a.head_dim ** -0.5
         sinks = self.attn_sinks["weight"] if "attn_sinks" in self else None
         out = kernels.attention(q, k, v, scale, mask, softcap=a.attn_softcap, bias=bias, sinks=sinks)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, H*Dv)

@@ -120,6 +120,14 @@ class Rope:
         self._derived = (key, freqs, mscale)
         return freqs, mscale
 
+    def tables(self, L: int, offset: int | mx.array, factors: mx.array | None = None) -> tuple[mx.array, mx.array]:
+        """cos and sin for L positions from offset (kernels.rope_tables): what the fused
+        decode attention rotates by."""
+        a = self.args
+        freqs, mscale = self._wavelengths(factors)
+        return kernels.rope_tables(L, offset, a.dims, a.base if freqs is None else None,
+                                   a.freq_scale if freqs is None else 1.0, freqs, mscale)
+
     def __call__(self, x: mx.array, offset: int | mx.array, factors: mx.array | None = None) -> mx.array:
         """x (B, L, H, D) at positions offset + l -> (B, L, H, D)."""
         a = self.args

@@ -79,6 +79,26 @@ void GatedActivation::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
       });
 }
 
+void rms_norm_row(const float* x, const float* w, float* y, int D, float eps) {
+  int j = 0;
+  f32x8 ss8 = {};
+  for (; j + 8 <= D; j += 8) {
+    const f32x8 v = load<f32x8>(x + j);
+    ss8 += v * v;
+  }
+  float ss = hsum(ss8);
+  for (; j < D; ++j) {
+    ss += x[j] * x[j];
+  }
+  const float inv = 1.f / std::sqrt(ss / D + eps);
+  for (j = 0; j + 8 <= D; j += 8) {
+    store(y + j, load<f32x8>(w + j) * (load<f32x8>(x + j) * inv));
+  }
+  for (; j < D; ++j) {
+    y[j] = w[j] * (x[j] * inv);
+  }
+}
+
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s) {
   auto stream = cpu_stream(s, "rms_norm");
   if (x.ndim() < 1 || weight.ndim() != 1 || weight.shape(0) != x.shape(-1) || x.shape(-1) < 1) {
@@ -96,25 +116,7 @@ void RmsNorm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
        rows = static_cast<long>(out.size() / D), eps = eps_]() {
         parallel_ranges(rows, static_cast<long>(D) * 8, [&](long begin, long end) {
           for (long r = begin; r < end; ++r) {
-            const float* x = xp + r * D;
-            float* y = op + r * D;
-            int j = 0;
-            f32x8 ss8 = {};
-            for (; j + 8 <= D; j += 8) {
-              const f32x8 v = load<f32x8>(x + j);
-              ss8 += v * v;
-            }
-            float ss = hsum(ss8);
-            for (; j < D; ++j) {
-              ss += x[j] * x[j];
-            }
-            const float inv = 1.f / std::sqrt(ss / D + eps);
-            for (j = 0; j + 8 <= D; j += 8) {
-              store(y + j, load<f32x8>(wp + j) * (load<f32x8>(x + j) * inv));
-            }
-            for (; j < D; ++j) {
-              y[j] = wp[j] * (x[j] * inv);
-            }
+            rms_norm_row(xp + r * D, wp, op + r * D, D, eps);
           }
         });
       });

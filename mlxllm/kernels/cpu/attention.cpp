@@ -8,6 +8,7 @@
 // the reshapes, three hand-offs to the threads, the scores stored and reloaded between
 // them. `attention` does it in one op, one hand-off, with the same arithmetic.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
@@ -197,6 +198,26 @@ bool rows_in_place(const mx::array& x) {
   return (x.shape(3) <= 1 || x.strides()[3] == 1) && ld >= x.shape(3) && ld <= (1L << 30);
 }
 
+// attend's operands (elements, not bytes): q (B, H, L, D) at strides qs, its last axis
+// contiguous; k (B, Hk, T, D) and v (B, Hk, T, Dv) at strides ks / vs over (B, Hk), their
+// rows ldk / ldv apart; keep (L, T) or, keep_per_row, (B, L, T); out (B, L, H, Dv).
+struct Attend {
+  const float *q, *k, *v;
+  std::array<int64_t, 3> qs;
+  std::array<int64_t, 2> ks, vs;
+  int64_t ldk, ldv;
+  int B, H, L, D, Hk, T, Dv;
+  const bool* keep;
+  bool keep_per_row;
+  float scale;
+  bool causal;
+  float* out;
+};
+
+// softmax(scale * q @ k.T, masked) @ v for few queries per kv head: attention's math, run on
+// the pool from the stream's thread.
+void attend(const Attend& a);
+
 } // namespace
 
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
@@ -244,86 +265,367 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   enc.set_output_array(out);
   enc.dispatch([in = std::move(in), out, scale = scale_, causal = causal_]() mutable {
     const auto &q = in[0], &k = in[1], &v = in[2];
-    const bool* keep = in.size() > 3 ? in[3].data<bool>() : nullptr;
-    const bool keep_per_row = keep && in[3].ndim() == 3;
-    const int B = q.shape(0), H = q.shape(1), L = q.shape(2), D = q.shape(3);
-    const int Hk = k.shape(1), T = k.shape(2), Dv = v.shape(3), rep = H / Hk;
-    // Group gi = (sequence b, kv head g): its M = rep * L queries stacked as rows, row m
-    // being head g * rep + m / L's query m % L, as the score product would take them.
-    const int M = rep * L;
-    const long groups = static_cast<long>(B) * Hk;
+    const int T = k.shape(2);
     const auto &qs = q.strides(), &ks = k.strides(), &vs = v.strides();
-    const int ldk = static_cast<int>(T > 1 ? ks[2] : D), ldv = static_cast<int>(T > 1 ? vs[2] : Dv);
-    const float *qp = q.data<float>(), *kp = k.data<float>(), *vp = v.data<float>();
-    float* op = out.data<float>();
-    // Scratch kept by this (MLX's stream) thread: a step's layers reuse it instead of
-    // fresh pages for every call.
-    static thread_local std::vector<float> query_scratch, score_scratch;
-    query_scratch.resize(static_cast<size_t>(groups) * M * D);
-    score_scratch.resize(static_cast<size_t>(groups) * M * T);
-    // Pointers, not the vectors, in the lambdas below: the pool's threads would see their own
-    // (empty) thread_local vectors by name.
-    float *queries = query_scratch.data(), *p = score_scratch.data();
-    for (long gi = 0; gi < groups; ++gi) {
-      for (int m = 0; m < M; ++m) {
-        const float* src = qp + gi / Hk * qs[0] + (gi % Hk * rep + m / L) * qs[1] + m % L * qs[2];
-        std::copy(src, src + D, queries + (gi * M + m) * D);
-      }
+    attend({q.data<float>(), k.data<float>(), v.data<float>(), {qs[0], qs[1], qs[2]}, {ks[0], ks[1]},
+            {vs[0], vs[1]}, T > 1 ? ks[2] : k.shape(3), T > 1 ? vs[2] : v.shape(3), q.shape(0), q.shape(1),
+            q.shape(2), q.shape(3), k.shape(1), T, v.shape(3), in.size() > 3 ? in[3].data<bool>() : nullptr,
+            in.size() > 3 && in[3].ndim() == 3, scale, causal, out.data<float>()});
+  });
+}
+
+namespace {
+
+void attend(const Attend& a) {
+  const int B = a.B, H = a.H, L = a.L, D = a.D, Hk = a.Hk, T = a.T, Dv = a.Dv, rep = H / Hk;
+  const int64_t ldk = a.ldk, ldv = a.ldv;
+  const bool* keep = a.keep;
+  // Group gi = (sequence b, kv head g): its M = rep * L queries stacked as rows, row m
+  // being head g * rep + m / L's query m % L, as the score product would take them.
+  const int M = rep * L;
+  const long groups = static_cast<long>(B) * Hk;
+  const float *kp = a.k, *vp = a.v;
+  float* op = a.out;
+  // Scratch kept by this (MLX's stream) thread: a step's layers reuse it instead of
+  // fresh pages for every call.
+  static thread_local std::vector<float> query_scratch, score_scratch;
+  query_scratch.resize(static_cast<size_t>(groups) * M * D);
+  score_scratch.resize(static_cast<size_t>(groups) * M * T);
+  // Pointers, not the vectors, in the lambdas below: the pool's threads would see their own
+  // (empty) thread_local vectors by name.
+  float *queries = query_scratch.data(), *p = score_scratch.data();
+  for (long gi = 0; gi < groups; ++gi) {
+    for (int m = 0; m < M; ++m) {
+      const float* src = a.q + gi / Hk * a.qs[0] + (gi % Hk * rep + m / L) * a.qs[1] + m % L * a.qs[2];
+      std::copy(src, src + D, queries + (gi * M + m) * D);
     }
-    auto scores = [&](long gi, int k0, int n) { // keys [k0, k0 + n) of group gi
-      gemm_few_rows(true, M, n, D, queries + gi * M * D, D, kp + gi / Hk * ks[0] + gi % Hk * ks[1] + k0 * ldk,
-                    ldk, p + gi * M * T + k0, T);
-    };
-    auto softmax = [&](long gi, int m) { // in place: each entry is read before it is written
-      float* row = p + (gi * M + m) * T;
-      const int l = m % L;
-      const bool* keep_row = keep ? keep + ((keep_per_row ? gi / Hk * L : 0) + l) * T : nullptr;
-      softmax_row(row, row, T, keep_row, causal, L, l, scale);
-    };
-    auto values = [&](long gi, int c0, int n) { // output columns [c0, c0 + n) of group gi
-      float rows[kFewRows * kValueColumns];
-      gemm_few_rows(false, M, n, T, p + gi * M * T, T, vp + gi / Hk * vs[0] + gi % Hk * vs[1] + c0, ldv, rows,
-                    n);
-      for (int m = 0; m < M; ++m) { // to (B, L, H, Dv)
-        const long at = ((gi / Hk * L + m % L) * H + gi % Hk * rep + m / L) * Dv + c0;
-        std::copy(rows + m * n, rows + (m + 1) * n, op + at);
-      }
-    };
-    const long cost = 4L * M * T * (D + Dv);
-    if (groups >= 2L * num_threads()) { // a batch: whole groups, each reading its keys and values once
-      parallel_ranges(groups, cost, [&](long g0, long g1) {
-        for (long gi = g0; gi < g1; ++gi) {
-          scores(gi, 0, T);
-          for (int m = 0; m < M; ++m) {
-            softmax(gi, m);
-          }
-          for (int c0 = 0; c0 < Dv; c0 += kValueColumns) {
-            values(gi, c0, std::min(kValueColumns, Dv - c0));
-          }
+  }
+  auto scores = [&](long gi, int k0, int n) { // keys [k0, k0 + n) of group gi
+    gemm_few_rows(true, M, n, D, queries + gi * M * D, D, kp + gi / Hk * a.ks[0] + gi % Hk * a.ks[1] + k0 * ldk,
+                  static_cast<int>(ldk), p + gi * M * T + k0, T);
+  };
+  auto softmax = [&](long gi, int m) { // in place: each entry is read before it is written
+    float* row = p + (gi * M + m) * T;
+    const int l = m % L;
+    const bool* keep_row = keep ? keep + ((a.keep_per_row ? gi / Hk * L : 0) + l) * T : nullptr;
+    softmax_row(row, row, T, keep_row, a.causal, L, l, a.scale);
+  };
+  auto values = [&](long gi, int c0, int n) { // output columns [c0, c0 + n) of group gi
+    float rows[kFewRows * kValueColumns];
+    gemm_few_rows(false, M, n, T, p + gi * M * T, T, vp + gi / Hk * a.vs[0] + gi % Hk * a.vs[1] + c0,
+                  static_cast<int>(ldv), rows, n);
+    for (int m = 0; m < M; ++m) { // to (B, L, H, Dv)
+      const long at = ((gi / Hk * L + m % L) * H + gi % Hk * rep + m / L) * Dv + c0;
+      std::copy(rows + m * n, rows + (m + 1) * n, op + at);
+    }
+  };
+  const long cost = 4L * M * T * (D + Dv);
+  if (groups >= 2L * num_threads()) { // a batch: whole groups, each reading its keys and values once
+    parallel_ranges(groups, cost, [&](long g0, long g1) {
+      for (long gi = g0; gi < g1; ++gi) {
+        scores(gi, 0, T);
+        for (int m = 0; m < M; ++m) {
+          softmax(gi, m);
         }
-      });
-      return;
+        for (int c0 = 0; c0 < Dv; c0 += kValueColumns) {
+          values(gi, c0, std::min(kValueColumns, Dv - c0));
+        }
+      }
+    });
+    return;
+  }
+  // Fewer groups than the threads could share (one sequence's decode): each step split
+  // finer, by key blocks, rows and value columns, still one read of the keys and values.
+  const long key_blocks = (T + kKeyBlock - 1) / kKeyBlock, column_blocks = (Dv + kValueColumns - 1) / kValueColumns;
+  parallel_ranges(groups * key_blocks, cost / key_blocks / 2, [&](long u0, long u1) {
+    for (long u = u0; u < u1; ++u) {
+      const int k0 = static_cast<int>(u % key_blocks) * kKeyBlock;
+      scores(u / key_blocks, k0, std::min(kKeyBlock, T - k0));
     }
-    // Fewer groups than the threads could share (one sequence's decode): each step split
-    // finer, by key blocks, rows and value columns, still one read of the keys and values.
-    const long key_blocks = (T + kKeyBlock - 1) / kKeyBlock, column_blocks = (Dv + kValueColumns - 1) / kValueColumns;
-    parallel_ranges(groups * key_blocks, cost / key_blocks / 2, [&](long u0, long u1) {
-      for (long u = u0; u < u1; ++u) {
-        const int k0 = static_cast<int>(u % key_blocks) * kKeyBlock;
-        scores(u / key_blocks, k0, std::min(kKeyBlock, T - k0));
+  });
+  parallel_ranges(groups * M, 16L * T, [&](long u0, long u1) {
+    for (long u = u0; u < u1; ++u) {
+      softmax(u / M, static_cast<int>(u % M));
+    }
+  });
+  parallel_ranges(groups * column_blocks, cost / column_blocks / 2, [&](long u0, long u1) {
+    for (long u = u0; u < u1; ++u) {
+      const int c0 = static_cast<int>(u % column_blocks) * kValueColumns;
+      values(u / column_blocks, c0, std::min(kValueColumns, Dv - c0));
+    }
+  });
+}
+
+} // namespace
+
+
+namespace {
+
+// What a new position's head goes through before it is stored or attends: an RMS norm
+// (norm != nullptr) and a rotation (c != nullptr, the position's table rows), in place in dst.
+struct HeadPrep {
+  const float *norm, *cos, *sin;
+  float eps;
+  int half;             // rotated pairs (table columns)
+  bool per_row;         // tables hold a row per (sequence, position), else per position
+  bool traditional;
+  int L;
+
+  void operator()(const float* src, float* dst, int D, int b, int l) const {
+    if (norm) {
+      rms_norm_row(src, norm, dst, D, eps);
+      src = dst;
+    }
+    if (cos) {
+      const long row = per_row ? static_cast<long>(b) * L + l : l;
+      rotate(src, cos + row * half, sin + row * half, dst, D, 2 * half, traditional);
+    } else if (src != dst) {
+      std::copy(src, src + D, dst);
+    }
+  }
+};
+
+// The optional inputs after the fixed ones, in order: cos and sin (rotary), the norm's weight.
+HeadPrep head_prep(const std::vector<mx::array>& in, size_t next, bool rotary, bool normed, bool traditional,
+                   float eps, int L) {
+  HeadPrep prep{nullptr, nullptr, nullptr, eps, 0, false, traditional, L};
+  if (rotary) {
+    prep.cos = in[next].data<float>(), prep.sin = in[next + 1].data<float>();
+    prep.half = in[next].shape(1), prep.per_row = in[next].shape(0) != L;
+    next += 2;
+  }
+  if (normed) {
+    prep.norm = in[next].data<float>();
+  }
+  return prep;
+}
+
+// Checks and appends the optional inputs: cos/sin (L or B * L, dims / 2), dims <= D, and a (D,) norm.
+void add_head_prep(std::vector<mx::array>& inputs, const char* op, int B, int L, int D,
+                   const std::optional<mx::array>& cos, const std::optional<mx::array>& sin,
+                   const std::optional<mx::array>& norm, mx::Stream stream) {
+  if (cos.has_value() != sin.has_value()) {
+    throw std::invalid_argument(std::string("[") + op + "] cos and sin come together");
+  }
+  if (cos) {
+    if (cos->ndim() != 2 || cos->shape() != sin->shape() ||
+        (cos->shape(0) != L && static_cast<int64_t>(cos->shape(0)) != static_cast<int64_t>(B) * L) ||
+        2 * static_cast<int64_t>(cos->shape(1)) > D) {
+      throw std::invalid_argument(std::string("[") + op + "] cos/sin must be (L or B * L, dims / 2) with dims <= D");
+    }
+    inputs.push_back(mx::astype(*cos, mx::float32, stream));
+    inputs.push_back(mx::astype(*sin, mx::float32, stream));
+  }
+  if (norm) {
+    if (norm->ndim() != 1 || norm->shape(0) != D) {
+      throw std::invalid_argument(std::string("[") + op + "] the norm's weight must be (D,)");
+    }
+    inputs.push_back(mx::astype(*norm, mx::float32, stream));
+  }
+}
+
+// Whether rows of x (B, L, n) are read in place: their entries contiguous.
+bool heads_in_place(const mx::array& x) {
+  return x.shape(2) <= 1 || x.strides()[2] == 1;
+}
+
+class CacheWrite : public CpuPrimitive {
+ public:
+  CacheWrite(mx::Stream s, int slot, bool rotary, bool traditional, bool normed, float eps)
+      : CpuPrimitive(s), slot_(slot), rotary_(rotary), traditional_(traditional), normed_(normed), eps_(eps) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[1].shape()}; }
+  const char* name() const override { return "CacheWrite"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const CacheWrite&>(other);
+    return slot_ == o.slot_ && rotary_ == o.rotary_ && traditional_ == o.traditional_ && normed_ == o.normed_ &&
+           eps_ == o.eps_;
+  }
+
+ private:
+  int slot_;
+  bool rotary_, traditional_, normed_;
+  float eps_;
+};
+
+class CachedAttention : public CpuPrimitive {
+ public:
+  CachedAttention(mx::Stream s, int keys, float scale, bool causal, bool masked, bool rotary, bool traditional,
+                  bool normed, float eps)
+      : CpuPrimitive(s), keys_(keys), scale_(scale), causal_(causal), masked_(masked), rotary_(rotary),
+        traditional_(traditional), normed_(normed), eps_(eps) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    const auto &q = inputs[0], &keys = inputs[1], &values = inputs[2];
+    return {{q.shape(0), q.shape(1), q.shape(2) / keys.shape(3) * values.shape(3)}};
+  }
+  const char* name() const override { return "CachedAttention"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const CachedAttention&>(other);
+    return keys_ == o.keys_ && scale_ == o.scale_ && causal_ == o.causal_ && masked_ == o.masked_ &&
+           rotary_ == o.rotary_ && traditional_ == o.traditional_ && normed_ == o.normed_ && eps_ == o.eps_;
+  }
+
+ private:
+  int keys_;
+  float scale_;
+  bool causal_, masked_, rotary_, traditional_, normed_;
+  float eps_;
+};
+
+// Where storage (B, H, S, D) holds (b, h, slot): its strides, any view whose last axis is contiguous.
+inline int64_t slot_at(const mx::array& storage, int b, int h, int slot) {
+  const auto& st = storage.strides();
+  return b * st[0] + h * st[1] + slot * st[2];
+}
+
+bool storage_in_place(const mx::array& x) {
+  return x.shape(3) <= 1 || x.strides()[3] == 1;
+}
+
+} // namespace
+
+mx::array cache_write(const mx::array& x, const mx::array& storage, int slot, const std::optional<mx::array>& cos,
+                      const std::optional<mx::array>& sin, bool traditional, const std::optional<mx::array>& norm,
+                      float eps, mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s, "cache_write");
+  if (x.ndim() != 3 || storage.ndim() != 4 || storage.dtype() != mx::float32) {
+    throw std::invalid_argument("[cache_write] x must be (B, L, H * D) and storage float32 (B, H, S, D)");
+  }
+  const int B = x.shape(0), L = x.shape(1), H = storage.shape(1), S = storage.shape(2), D = storage.shape(3);
+  if (storage.shape(0) != B || H < 1 || D < 1 || L < 1 || x.shape(2) != static_cast<int64_t>(H) * D) {
+    throw std::invalid_argument("[cache_write] x (B, L, H * D) must match storage (B, H, S, D)");
+  }
+  if (slot < 0 || static_cast<long>(slot) + L > S) {
+    throw std::invalid_argument("[cache_write] slots [slot, slot + L) must lie in the storage's S");
+  }
+  std::vector<mx::array> inputs = {mx::astype(x, mx::float32, stream), storage};
+  add_head_prep(inputs, "cache_write", B, L, D, cos, sin, norm, stream);
+  return mx::array(storage.shape(), mx::float32,
+                   std::make_shared<CacheWrite>(stream, slot, cos.has_value(), traditional, norm.has_value(), eps),
+                   std::move(inputs));
+}
+
+void CacheWrite::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  const auto& old = inputs[1];
+  enc.set_input_array(old);
+  // The storage's buffer becomes the output's when nothing else holds it (the cache replaced
+  // it by this output): the new slots are written in place, as MLX's slice_update does.
+  // Otherwise the output is a copy. (Checked before any reference to it is taken here.)
+  if (old.is_donatable() && storage_in_place(old)) {
+    out.copy_shared_buffer(old);
+  } else {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    enc.dispatch([old, dst = out.data<float>()]() { gather_rows(old, dst); });
+  }
+  std::vector<mx::array> in;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (i == 1) {
+      in.push_back(out); // a placeholder: the storage is written through out
+      continue;
+    }
+    const auto& a = inputs[i];
+    enc.set_input_array(a);
+    const bool in_place = i == 0 ? heads_in_place(a) : a.flags().row_contiguous;
+    in.push_back(in_place ? a : gathered(enc, a));
+  }
+  enc.set_output_array(out);
+  enc.dispatch([in = std::move(in), out, slot = slot_, rotary = rotary_, normed = normed_,
+                traditional = traditional_, eps = eps_]() mutable {
+    const auto& x = in[0];
+    const int B = x.shape(0), L = x.shape(1), H = out.shape(1), D = out.shape(3);
+    const HeadPrep prep = head_prep(in, 2, rotary, normed, traditional, eps, L);
+    const float* xp = x.data<float>();
+    float* sp = out.data<float>();
+    for (int b = 0; b < B; ++b) {
+      for (int l = 0; l < L; ++l) {
+        const float* row = xp + b * x.strides()[0] + l * x.strides()[1];
+        for (int h = 0; h < H; ++h) {
+          prep(row + h * D, sp + slot_at(out, b, h, slot + l), D, b, l);
+        }
       }
-    });
-    parallel_ranges(groups * M, 16L * T, [&](long u0, long u1) {
-      for (long u = u0; u < u1; ++u) {
-        softmax(u / M, static_cast<int>(u % M));
+    }
+  });
+}
+
+mx::array cached_attention(const mx::array& q, const mx::array& keys, const mx::array& values, int n_keys,
+                           float scale, bool causal, const std::optional<mx::array>& mask,
+                           const std::optional<mx::array>& cos, const std::optional<mx::array>& sin, bool traditional,
+                           const std::optional<mx::array>& q_norm, float eps, mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s, "cached_attention");
+  if (q.ndim() != 3 || keys.ndim() != 4 || values.ndim() != 4) {
+    throw std::invalid_argument("[cached_attention] q must be (B, L, H * D) and keys, values (B, H_kv, S, D)");
+  }
+  const int B = q.shape(0), L = q.shape(1), Hk = keys.shape(1), S = keys.shape(2), D = keys.shape(3);
+  const int Dv = values.shape(3), H = D > 0 ? q.shape(2) / D : 0;
+  const bool shapes_ok = D > 0 && Dv > 0 && Hk > 0 && L > 0 && q.shape(2) == H * D && keys.shape(0) == B &&
+                         values.shape(0) == B && values.shape(1) == Hk && values.shape(2) == S;
+  if (!shapes_ok) {
+    throw std::invalid_argument("[cached_attention] q (B, L, H * D) must match keys (B, H_kv, S, D) and "
+                                "values (B, H_kv, S, Dv)");
+  }
+  if (H < Hk || H % Hk || static_cast<long>(H / Hk) * L > kFewRows) {
+    throw std::invalid_argument("[cached_attention] needs H a multiple of H_kv and at most " +
+                                std::to_string(kFewRows) + " queries per kv head (H / H_kv * L)");
+  }
+  if (n_keys < L || n_keys > S) {
+    throw std::invalid_argument("[cached_attention] attends to the first n_keys slots: L <= n_keys <= S");
+  }
+  std::vector<mx::array> inputs = {mx::astype(q, mx::float32, stream), mx::astype(keys, mx::float32, stream),
+                                   mx::astype(values, mx::float32, stream)};
+  if (mask) {
+    const bool shape_ok = (mask->ndim() == 2 || (mask->ndim() == 3 && mask->shape(0) == B)) &&
+                          mask->shape(-2) == L && mask->shape(-1) == n_keys;
+    if (causal || !shape_ok) {
+      throw std::invalid_argument("[cached_attention] mask must be (L, n_keys) or (B, L, n_keys), and not causal");
+    }
+    inputs.push_back(mx::astype(*mask, mx::bool_, stream));
+  }
+  add_head_prep(inputs, "cached_attention", B, L, D, cos, sin, q_norm, stream);
+  return mx::array({B, L, H * Dv}, mx::float32,
+                   std::make_shared<CachedAttention>(stream, n_keys, scale, causal, mask.has_value(), cos.has_value(),
+                                                     traditional, q_norm.has_value(), eps),
+                   std::move(inputs));
+}
+
+void CachedAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  std::vector<mx::array> in;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const auto& a = inputs[i];
+    enc.set_input_array(a);
+    // q's heads and the storage read in place where their last axis is contiguous
+    const bool in_place = i == 0 ? heads_in_place(a) : i < 3 ? storage_in_place(a) : a.flags().row_contiguous;
+    in.push_back(in_place ? a : gathered(enc, a));
+  }
+  enc.set_output_array(out);
+  enc.dispatch([in = std::move(in), out, T = keys_, scale = scale_, causal = causal_, masked = masked_,
+                rotary = rotary_, traditional = traditional_, normed = normed_, eps = eps_]() mutable {
+    const auto &q = in[0], &keys = in[1], &values = in[2];
+    const int B = q.shape(0), L = q.shape(1), Hk = keys.shape(1), D = keys.shape(3), Dv = values.shape(3);
+    const int H = q.shape(2) / D;
+    const bool* keep = masked ? in[3].data<bool>() : nullptr;
+    const bool keep_per_row = masked && in[3].ndim() == 3;
+    const HeadPrep prep = head_prep(in, 3 + masked, rotary, normed, traditional, eps, L);
+    // The queries normalized and rotated, as (B, H, L, D).
+    static thread_local std::vector<float> query_scratch;
+    query_scratch.resize(static_cast<size_t>(B) * H * L * D);
+    float* queries = query_scratch.data();
+    for (int b = 0; b < B; ++b) {
+      for (int l = 0; l < L; ++l) {
+        const float* row = q.data<float>() + b * q.strides()[0] + l * q.strides()[1];
+        for (int h = 0; h < H; ++h) {
+          prep(row + h * D, queries + ((static_cast<long>(b) * H + h) * L + l) * D, D, b, l);
+        }
       }
-    });
-    parallel_ranges(groups * column_blocks, cost / column_blocks / 2, [&](long u0, long u1) {
-      for (long u = u0; u < u1; ++u) {
-        const int c0 = static_cast<int>(u % column_blocks) * kValueColumns;
-        values(u / column_blocks, c0, std::min(kValueColumns, Dv - c0));
-      }
-    });
+    }
+    const auto &ks = keys.strides(), &vs = values.strides();
+    attend({queries, keys.data<float>(), values.data<float>(),
+            {static_cast<int64_t>(H) * L * D, static_cast<int64_t>(L) * D, D}, {ks[0], ks[1]}, {vs[0], vs[1]},
+            keys.shape(2) > 1 ? ks[2] : D, values.shape(2) > 1 ? vs[2] : Dv, B, H, L, D, Hk, T, Dv, keep,
+            keep_per_row, scale, causal, out.data<float>()});
   });
 }
 

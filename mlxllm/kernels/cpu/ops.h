@@ -49,6 +49,26 @@ mx::array masked_softmax(const mx::array& scores, float scale, int queries, bool
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
                     const std::optional<mx::array>& mask, mx::StreamOrDevice s = {});
 
+// A decode step's cache update and attention, as two ops that spare it the graph nodes of
+// the norms, rotations, transposes, slice updates and slices around attention.
+//
+// cache_write: x (B, L, H * D) (a view whose last axis is contiguous: a split of one
+// projection) stored at slots [slot, slot + L) of the float32 storage (B, H, S, D), each
+// head RMS-normalized by norm (D,) where given (eps), then rotated by cos/sin (L or B * L,
+// dims / 2) where given (as `rope`). Returns the storage with the slots written: in the old
+// buffer when nothing else holds it (the cache replaces its storage by the result), as MLX's
+// slice_update does, else in a copy.
+mx::array cache_write(const mx::array& x, const mx::array& storage, int slot, const std::optional<mx::array>& cos,
+                      const std::optional<mx::array>& sin, bool traditional, const std::optional<mx::array>& norm,
+                      float eps, mx::StreamOrDevice s = {});
+// cached_attention: `attention` of q (B, L, H * D) (a view as above; each head normalized by
+// q_norm, then rotated, as cache_write does) against the first n_keys slots of the storage
+// keys (B, H_kv, S, D) / values (B, H_kv, S, Dv), read in place. -> (B, L, H * Dv).
+mx::array cached_attention(const mx::array& q, const mx::array& keys, const mx::array& values, int n_keys,
+                           float scale, bool causal, const std::optional<mx::array>& mask,
+                           const std::optional<mx::array>& cos, const std::optional<mx::array>& sin, bool traditional,
+                           const std::optional<mx::array>& q_norm, float eps, mx::StreamOrDevice s = {});
+
 // act(gate) * up, act "silu" or "gelu_tanh".
 mx::array gated_activation(const mx::array& gate, const mx::array& up, const std::string& kind,
                            mx::StreamOrDevice s = {});
@@ -104,6 +124,14 @@ void gemm_serial(bool transpose_b, int M, int N, int K, const float* A, int lda,
 constexpr int kFewRows = 8;
 void gemm_few_rows(bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
                    int ldc);
+
+// One row's RMS norm, y = w * x / sqrt(mean(x^2) + eps) over D entries (activation.cpp;
+// y may be x).
+void rms_norm_row(const float* x, const float* w, float* y, int D, float eps);
+// One (D,) head vector at one position rotated by the angles whose cos/sin are c/s: pairs
+// (i, i + dims/2), or (2i, 2i + 1) when traditional; entries past `dims` pass through
+// (rope.cpp; out may be x).
+void rotate(const float* x, const float* c, const float* s, float* out, int D, int dims, bool traditional);
 
 // What every op here does on the way in and every eval_cpu on the way out.
 

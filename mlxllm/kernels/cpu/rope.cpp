@@ -11,10 +11,7 @@
 #include "pool.h"
 
 namespace mlxllm_cpu {
-namespace {
 
-// One (D,) head vector at one position: pairs (i, i + dims/2), or (2i, 2i + 1) when
-// traditional; entries past `dims` pass through unchanged.
 void rotate(const float* x, const float* c, const float* s, float* out, int D, int dims, bool traditional) {
   const int half = dims / 2;
   if (traditional) {
@@ -34,8 +31,6 @@ void rotate(const float* x, const float* c, const float* s, float* out, int D, i
     out[i] = x[i];
   }
 }
-
-} // namespace
 
 mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin, bool traditional,
                mx::StreamOrDevice s) {
