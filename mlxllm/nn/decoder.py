@@ -265,11 +265,11 @@ class Block(nn.Module):
             q, k = unit_rms_norm(q, a.norm_eps), unit_rms_norm(k, a.norm_eps)
         if a.attn_temperature is not None and (a.attn_temperature_layers is None or a.attn_temperature_layers[self.index]):
             # llm_graph_input_attn_temp: 1 + scale * ln(floor((p + offset) / floor) + 1)
-            scale, floor = a.attn_temperature
+            temperature, floor = a.attn_temperature
             offset = cache.offset if cache is not None else 0
             positions = mx.arange(L) + (offset[:, None] if isinstance(offset, mx.array) else offset)
             positions = positions + a.attn_temperature_offset
-            q = q * (1 + scale * mx.log(mx.floor(positions / floor) + 1)).reshape(-1, L, 1, 1).astype(q.dtype)
+            q = q * (1 + temperature * mx.log(mx.floor(positions / floor) + 1)).reshape(-1, L, 1, 1).astype(q.dtype)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, L, D)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
