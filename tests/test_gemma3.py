@@ -265,7 +265,11 @@ def test_chunked_prefill_and_decode_match_one_shot(model, long_ids, long_logits)
     assert pos == len(long_ids) and all(c.offset == pos for c in cache)
     # sliding layers hold the window only, global layers everything
     assert cache[0].keys.shape[2] == 512 and cache[5].keys.shape[2] >= len(long_ids)
-    assert worst_chunk < 1e-2 and worst_decode < 1e-2
+    # The 16-bit activation blocks round each product's inputs; the float GEMMs around them
+    # sum in an order that depends on the CPU's OpenBLAS kernels, so chunks and the one-shot
+    # pass differ by a few 1e-3 (measured 6.3e-3 with Haswell kernels, 1.24e-2 on a
+    # Sapphire Rapids). A cache that misplaces a position moves logits by far more.
+    assert worst_chunk < 2e-2 and worst_decode < 2e-2
 
 
 # --- the rotating cache on its own: same result as full attention with a window mask ----
