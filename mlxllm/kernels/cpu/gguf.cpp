@@ -53,6 +53,7 @@
 
 #include "ops.h"
 #include "pool.h"
+#include "simd.h"
 
 namespace mlxllm_cpu {
 
@@ -719,6 +720,7 @@ float dot_iq4_avx2(int t, const uint8_t* row, const Q8Row& x, int nb, const uint
   const __m256i kv = _mm256_set_m128i(kv128, kv128);
   __m256 acc = _mm256_setzero_ps();
   for (int blk = 0; blk < nb; ++blk) {
+    prefetch_ahead(row + (t != IQ4_XS ? nl_bytes(t) : 136) * blk, t != IQ4_XS ? nl_bytes(t) : 136);
     if (t != IQ4_XS) {
       const uint8_t* b = row + nl_bytes(t) * blk;
       const __m256i w = _mm256_shuffle_epi8(kv, nibbles32(nl_codes(t, b)));
@@ -747,6 +749,7 @@ float dot_legacy_avx2(int t, const uint8_t* row, const Q8Row& x, int nb) {
   float extra = 0.f; // zero points and minimums: per block, scalar
   for (int blk = 0; blk < nb; ++blk) {
     const uint8_t* b = row + info.bytes * blk;
+    prefetch_ahead(b, info.bytes);
     const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * blk));
     const float dx = x.d[blk];
     const float ysum = static_cast<float>(x.s[2 * blk] + x.s[2 * blk + 1]);
@@ -789,7 +792,9 @@ float dot_legacy_avx2(int t, const uint8_t* row, const Q8Row& x, int nb) {
 float dot_k_avx2(int t, const uint8_t* row, const Q8Row& x, int nb) {
   __m256 acc = _mm256_setzero_ps();
   float extra = 0.f;
+  const long block_bytes = t == Q6_K ? 210 : t == Q5_K ? 176 : 144;
   for (int blk = 0; blk < nb; ++blk) {
+    prefetch_ahead(row + block_bytes * blk, block_bytes);
     const int8_t* y = x.q + 256 * blk;
     const int32_t* s = x.s + 16 * blk;
     __m256i sumi = _mm256_setzero_si256();
@@ -1239,6 +1244,7 @@ __attribute__((noinline)) void fused_dots_avx2(const uint8_t* row, long row_byte
     const long base = static_cast<long>(blk) * info.qk;
 #pragma GCC unroll 8 // unrolled, the accumulators stay in registers (else GCC runs rows in the inner loop)
     for (int m = 0; m < MW; ++m) {
+      prefetch_ahead(row + m * row_bytes + static_cast<long>(blk) * info.bytes, info.bytes);
       unpack_block_avx2(T, row + m * row_bytes + static_cast<long>(blk) * info.bytes, table, [&](int i, __m256 w) {
         for (int r = 0; r < NR; ++r) {
           acc[m][r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x[r] + base + i), acc[m][r]);
@@ -1370,6 +1376,7 @@ __attribute__((noinline)) void q16_rows_avx2(const uint8_t* w, long row_bytes, l
     }
     for (int blk = 0; blk < nb; ++blk) {
       sink.base = static_cast<long>(blk) * info.qk;
+      prefetch_ahead(row + static_cast<long>(blk) * info.bytes, info.bytes);
       unpack_block_avx2(T, row + static_cast<long>(blk) * info.bytes, table, sink);
     }
     for (int r = 0; r < NR; ++r) {

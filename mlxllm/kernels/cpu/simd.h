@@ -11,6 +11,21 @@
 
 namespace mlxllm_cpu {
 
+// How far ahead of a weight stream the kernels ask for memory. The hardware prefetcher
+// alone fell far behind them on a 2-core Sapphire Rapids VM: a Q4_1 matrix-vector product
+// streamed its weights from L3 at 2.9 GB/s on one core, 9.2 GB/s with 4096 bytes of
+// software prefetch (1024: 7.1, 8192: 8.8), and SmolLM2's decode went from 55 to 101 tok/s.
+constexpr long kPrefetchAhead = 4096;
+
+// Asks for the cache lines of [p, p + bytes) moved kPrefetchAhead bytes on: a block's, when
+// called as each block is read (a hint: never faults).
+inline void prefetch_ahead(const void* p, long bytes = 1) {
+  const char* at = static_cast<const char*>(p) + kPrefetchAhead;
+  for (long i = 0; i < bytes; i += 64) {
+    __builtin_prefetch(at + i, 0, 3);
+  }
+}
+
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
