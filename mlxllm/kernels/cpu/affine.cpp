@@ -115,6 +115,7 @@ void matvec_rows(const MatvecArgs& a, int b0, int r0, int r1) {
       }
     };
     for (int k = 0; k < direct; ++k) {
+      prefetch_ahead(row + k * P::kBytes, P::kBytes);
       superblock(row + k * P::kBytes, k);
     }
     for (int k = direct; k * P::kCodes < a.I; ++k) {

@@ -1362,26 +1362,44 @@ struct Q16Sink {
 };
 
 // y[r * O + o] = row o . x[r] for the weight rows o0..o1 (row_bytes apart) and NR activation rows.
+// Two weight rows at a time at one activation row: two independent chains of multiply-adds
+// (one row alone waits on each add to its accumulators; one core, weights from L3: Q4_K
+// 12.9 -> 13.7 Gweights/s, Q6_K 8.6 -> 10.7, Q4_1 15.1 -> 16.1), but Q8_0's rows one at a
+// time (17.4, 10.9-13.7 in pairs). Each output's sum is the same either way, bit for bit.
 template <int T, int NR>
 __attribute__((noinline)) void q16_rows_avx2(const uint8_t* w, long row_bytes, long o0, long o1, const Q16Row* x,
                                              int nb, const uint8_t* table, float* y, long O) {
   TypeInfo info;
   type_info(T, info);
-  for (long o = o0; o < o1; ++o) {
+  constexpr int MW = NR == 1 && T != Q8_0 ? 2 : 1;
+  long o = o0;
+  auto rows = [&]<int M>() {
+    Q16Sink<NR> sinks[M] = {};
+    for (auto& sink : sinks) {
+      sink.x = x;
+    }
     const uint8_t* row = w + o * row_bytes;
-    Q16Sink<NR> sink{x};
-    for (int r = 0; r < NR; ++r) {
-      sink.acc[r] = _mm256_setzero_ps();
-      sink.extra[r] = 0.f;
-    }
     for (int blk = 0; blk < nb; ++blk) {
-      sink.base = static_cast<long>(blk) * info.qk;
-      prefetch_ahead(row + static_cast<long>(blk) * info.bytes, info.bytes);
-      unpack_block_avx2(T, row + static_cast<long>(blk) * info.bytes, table, sink);
+      const long at = static_cast<long>(blk) * info.bytes;
+#pragma GCC unroll 2
+      for (int m = 0; m < M; ++m) {
+        sinks[m].base = static_cast<long>(blk) * info.qk;
+        prefetch_ahead(row + m * row_bytes + at, info.bytes);
+        unpack_block_avx2(T, row + m * row_bytes + at, table, sinks[m]);
+      }
     }
-    for (int r = 0; r < NR; ++r) {
-      y[r * O + o] = hsum_ps(sink.acc[r]) + sink.extra[r];
+    for (int m = 0; m < M; ++m) {
+      for (int r = 0; r < NR; ++r) {
+        y[r * O + o + m] = hsum_ps(sinks[m].acc[r]) + sinks[m].extra[r];
+      }
     }
+    o += M;
+  };
+  while (o + MW <= o1) {
+    rows.template operator()<MW>();
+  }
+  while (o < o1) {
+    rows.template operator()<1>();
   }
 }
 
