@@ -122,6 +122,7 @@ void rows_times(int N, int K, const float* A, int lda, const float* B, int ldb, 
     }
     for (int k = 0; k < K; ++k) {
       const float* row = B + static_cast<long>(k) * ldb + n0;
+      prefetch_ahead(row); // attention's values: a cache's rows, streamed
       f32x8 b = splat(0.f);
       if (w == 8) {
         b = load<f32x8>(row);
@@ -199,6 +200,7 @@ void gemm_few_rows(bool transpose_b, int M, int N, int K, const float* A, int ld
     for (int n0 = 0; n0 < N; n0 += 8) {
       const int w = std::min(8, N - n0);
       const float* b = B + static_cast<long>(n0) * ldb;
+      prefetch_ahead(b, static_cast<long>(w) * ldb * sizeof(float)); // attention's keys: a cache's rows
       for (int m = 0; m < M; ++m) {
         const float* a = A + static_cast<long>(m) * lda;
         float* c = C + static_cast<long>(m) * ldc + n0;
