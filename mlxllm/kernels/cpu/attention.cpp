@@ -358,11 +358,10 @@ void attend(const Attend& a) {
 
 } // namespace
 
-
 namespace {
 
 // What a new position's head goes through before it is stored or attends: an RMS norm
-// (norm != nullptr) and a rotation (c != nullptr, the position's table rows), in place in dst.
+// (where norm is set) and a rotation (where cos is: the position's rows of the tables), into dst.
 struct HeadPrep {
   const float *norm, *cos, *sin;
   float eps;
@@ -450,9 +449,9 @@ class CacheWrite : public CpuPrimitive {
 
 class CachedAttention : public CpuPrimitive {
  public:
-  CachedAttention(mx::Stream s, int keys, float scale, bool causal, bool masked, bool rotary, bool traditional,
+  CachedAttention(mx::Stream s, int n_keys, float scale, bool causal, bool masked, bool rotary, bool traditional,
                   bool normed, float eps)
-      : CpuPrimitive(s), keys_(keys), scale_(scale), causal_(causal), masked_(masked), rotary_(rotary),
+      : CpuPrimitive(s), n_keys_(n_keys), scale_(scale), causal_(causal), masked_(masked), rotary_(rotary),
         traditional_(traditional), normed_(normed), eps_(eps) {}
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
@@ -462,12 +461,12 @@ class CachedAttention : public CpuPrimitive {
   const char* name() const override { return "CachedAttention"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const CachedAttention&>(other);
-    return keys_ == o.keys_ && scale_ == o.scale_ && causal_ == o.causal_ && masked_ == o.masked_ &&
+    return n_keys_ == o.n_keys_ && scale_ == o.scale_ && causal_ == o.causal_ && masked_ == o.masked_ &&
            rotary_ == o.rotary_ && traditional_ == o.traditional_ && normed_ == o.normed_ && eps_ == o.eps_;
   }
 
  private:
-  int keys_;
+  int n_keys_;
   float scale_;
   bool causal_, masked_, rotary_, traditional_, normed_;
   float eps_;
@@ -601,7 +600,7 @@ void CachedAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
     in.push_back(in_place ? a : gathered(enc, a));
   }
   enc.set_output_array(out);
-  enc.dispatch([in = std::move(in), out, T = keys_, scale = scale_, causal = causal_, masked = masked_,
+  enc.dispatch([in = std::move(in), out, T = n_keys_, scale = scale_, causal = causal_, masked = masked_,
                 rotary = rotary_, traditional = traditional_, normed = normed_, eps = eps_]() mutable {
     const auto &q = in[0], &keys = in[1], &values = in[2];
     const int B = q.shape(0), L = q.shape(1), Hk = keys.shape(1), D = keys.shape(3), Dv = values.shape(3);
