@@ -218,17 +218,18 @@ def test_few_query_attention_is_the_three_ops_bit_for_bit(monkeypatch, B, H, H_k
 
 @needs_kernels
 @pytest.mark.parametrize("mask", ["causal", "each"])
-def test_few_query_attention_row_is_the_same_alone_or_in_a_batch(mask):
-    """A lone sequence's attention is split finer (key blocks, rows, value columns) than a
-    batch's (whole head groups): each output is still summed in one order, so a sequence's
-    attention does not depend on its company. Keys and values here sit in a (B, T, H_kv, D)
-    cache, rows H_kv * D apart."""
-    B, H, H_kv, L, T, D = 6, 8, 2, 2, 150, 64
+@pytest.mark.parametrize("T", [150, 700])
+def test_few_query_attention_row_is_the_same_alone_or_in_a_batch(mask, T):
+    """A lone sequence's attention is split finer (key blocks, rows, value columns and, past
+    256 keys, blocks of the value product's sums) than a batch's (whole head groups): each
+    output is still summed in one order, so a sequence's attention does not depend on its
+    company. Keys and values here sit in a (B, T, H_kv, D) cache, rows H_kv * D apart."""
+    B, H, H_kv, L, D = 6, 8, 2, 2, 64
     q = mx.random.normal((B, L, H, D), key=mx.random.key(40)).transpose(0, 2, 1, 3)
     k, v = (mx.random.normal((B, T + 9, H_kv, D), key=mx.random.key(n))[:, :T].transpose(0, 2, 1, 3) for n in (41, 42))
     keep = None
     if mask == "each":
-        keep = mx.arange(T)[None, None, :] >= mx.array([0, 3, 40, 1, 149, 7])[:, None, None]
+        keep = mx.arange(T)[None, None, :] >= mx.array([0, 3, 40, 1, T - 1, 7])[:, None, None]
         keep = mx.broadcast_to(keep, (B, L, T))
     batch = K.attention(q, k, v, 0.125, mask == "causal", keep)
     for b in range(B):

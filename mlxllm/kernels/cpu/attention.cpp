@@ -335,7 +335,9 @@ void attend(const Attend& a) {
     return;
   }
   // Fewer groups than the threads could share (one sequence's decode): each step split
-  // finer, by key blocks, rows and value columns, still one read of the keys and values.
+  // finer, still one read of the keys and values: scores by key blocks, softmax by rows,
+  // values by column blocks and blocks of kSumTerms keys, whose partial sums are then
+  // added in order, as gemm_few_rows adds them for the whole (so the same sums as a batch's).
   const long key_blocks = (T + kKeyBlock - 1) / kKeyBlock, column_blocks = (Dv + kValueColumns - 1) / kValueColumns;
   parallel_ranges(groups * key_blocks, cost / key_blocks / 2, [&](long u0, long u1) {
     for (long u = u0; u < u1; ++u) {
@@ -348,12 +350,45 @@ void attend(const Attend& a) {
       softmax(u / M, static_cast<int>(u % M));
     }
   });
-  parallel_ranges(groups * column_blocks, cost / column_blocks / 2, [&](long u0, long u1) {
+  const int sum_blocks = (T + kSumTerms - 1) / kSumTerms;
+  if (sum_blocks == 1) {
+    parallel_ranges(groups * column_blocks, cost / column_blocks / 2, [&](long u0, long u1) {
+      for (long u = u0; u < u1; ++u) {
+        const int c0 = static_cast<int>(u % column_blocks) * kValueColumns;
+        values(u / column_blocks, c0, std::min(kValueColumns, Dv - c0));
+      }
+    });
+    return;
+  }
+  // partials[((gi * sum_blocks + s) * M + m) * Dv + c]: group gi's row m, column c, keys of block s
+  static thread_local std::vector<float> partial_scratch;
+  partial_scratch.resize(static_cast<size_t>(groups) * sum_blocks * M * Dv);
+  float* partials = partial_scratch.data();
+  const long units = groups * sum_blocks * column_blocks;
+  parallel_ranges(units, cost / (sum_blocks * column_blocks) / 2, [&](long u0, long u1) {
     for (long u = u0; u < u1; ++u) {
-      const int c0 = static_cast<int>(u % column_blocks) * kValueColumns;
-      values(u / column_blocks, c0, std::min(kValueColumns, Dv - c0));
+      const int c0 = static_cast<int>(u % column_blocks) * kValueColumns, n = std::min(kValueColumns, Dv - c0);
+      const long gs = u / column_blocks; // gi * sum_blocks + s
+      const long gi = gs / sum_blocks;
+      const int k0 = static_cast<int>(gs % sum_blocks) * kSumTerms;
+      gemm_few_rows(false, M, n, std::min(kSumTerms, T - k0), p + gi * M * T + k0, T,
+                    vp + gi / Hk * a.vs[0] + gi % Hk * a.vs[1] + k0 * ldv + c0, static_cast<int>(ldv),
+                    partials + gs * M * Dv + c0, Dv);
     }
   });
+  for (long gi = 0; gi < groups; ++gi) { // the partial sums added in order, to (B, L, H, Dv)
+    for (int m = 0; m < M; ++m) {
+      float* dst = op + ((gi / Hk * L + m % L) * H + gi % Hk * rep + m / L) * Dv;
+      const float* first = partials + (gi * sum_blocks * M + m) * Dv;
+      std::copy(first, first + Dv, dst);
+      for (int s = 1; s < sum_blocks; ++s) {
+        const float* part = partials + ((gi * sum_blocks + s) * M + m) * Dv;
+        for (int c = 0; c < Dv; ++c) {
+          dst[c] += part[c];
+        }
+      }
+    }
+  }
 }
 
 } // namespace

@@ -111,7 +111,8 @@ namespace {
 
 constexpr int kFewRowsSide = 256; // products of at most kFewRows rows with a side this short (a head's dimension) skip BLAS
 
-// C (M, N) = A (M, K) @ B (K, N), 8 columns at a time: C[m][n0:n0+8] = sum_k A[m][k] * B[k][n0:n0+8].
+// C (M, N) = A (M, K) @ B (K, N), 8 columns at a time: C[m][n0:n0+8] = sum_k A[m][k] * B[k][n0:n0+8],
+// summed kSumTerms terms at a time, the partial sums then added in order (gemm_few_rows).
 template <int M>
 void rows_times(int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc) {
   for (int n0 = 0; n0 < N; n0 += 8) {
@@ -120,17 +121,26 @@ void rows_times(int N, int K, const float* A, int lda, const float* B, int ldb, 
     for (auto& a : acc) {
       a = splat(0.f);
     }
-    for (int k = 0; k < K; ++k) {
-      const float* row = B + static_cast<long>(k) * ldb + n0;
-      prefetch_ahead(row); // attention's values: a cache's rows, streamed
-      f32x8 b = splat(0.f);
-      if (w == 8) {
-        b = load<f32x8>(row);
-      } else {
-        std::memcpy(&b, row, sizeof(float) * w);
+    for (int k0 = 0; k0 < K; k0 += kSumTerms) {
+      f32x8 part[M];
+      for (auto& a : part) {
+        a = splat(0.f);
+      }
+      for (int k = k0; k < std::min(K, k0 + kSumTerms); ++k) {
+        const float* row = B + static_cast<long>(k) * ldb + n0;
+        prefetch_ahead(row); // attention's values: a cache's rows, streamed
+        f32x8 b = splat(0.f);
+        if (w == 8) {
+          b = load<f32x8>(row);
+        } else {
+          std::memcpy(&b, row, sizeof(float) * w);
+        }
+        for (int m = 0; m < M; ++m) {
+          part[m] += A[static_cast<long>(m) * lda + k] * b;
+        }
       }
       for (int m = 0; m < M; ++m) {
-        acc[m] += A[static_cast<long>(m) * lda + k] * b;
+        acc[m] = k0 == 0 ? part[m] : acc[m] + part[m];
       }
     }
     for (int m = 0; m < M; ++m) {

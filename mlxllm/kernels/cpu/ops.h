@@ -121,7 +121,12 @@ void set_blas_threads(int n);
 void gemm_serial(bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
                  int ldc);
 // The same for M <= kFewRows without BLAS, each output summed in one order whatever M and N.
+// Without transpose_b (A @ B: attention's value product, K its keys), each output is summed
+// kSumTerms terms at a time and the partial sums added in order, so a product split into
+// those blocks of K (the threads each taking some, as attention does for one sequence)
+// sums exactly as the whole.
 constexpr int kFewRows = 8;
+constexpr int kSumTerms = 256;
 void gemm_few_rows(bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
                    int ldc);
 
