@@ -719,8 +719,9 @@ float dot_iq4_avx2(int t, const uint8_t* row, const Q8Row& x, int nb, const uint
   const __m128i kv128 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(table));
   const __m256i kv = _mm256_set_m128i(kv128, kv128);
   __m256 acc = _mm256_setzero_ps();
+  const long block_bytes = t != IQ4_XS ? nl_bytes(t) : BYTES_IQ4_XS;
   for (int blk = 0; blk < nb; ++blk) {
-    prefetch_ahead(row + (t != IQ4_XS ? nl_bytes(t) : 136) * blk, t != IQ4_XS ? nl_bytes(t) : 136);
+    prefetch_ahead(row + block_bytes * blk, block_bytes);
     if (t != IQ4_XS) {
       const uint8_t* b = row + nl_bytes(t) * blk;
       const __m256i w = _mm256_shuffle_epi8(kv, nibbles32(nl_codes(t, b)));
@@ -792,7 +793,7 @@ float dot_legacy_avx2(int t, const uint8_t* row, const Q8Row& x, int nb) {
 float dot_k_avx2(int t, const uint8_t* row, const Q8Row& x, int nb) {
   __m256 acc = _mm256_setzero_ps();
   float extra = 0.f;
-  const long block_bytes = t == Q6_K ? 210 : t == Q5_K ? 176 : 144;
+  const long block_bytes = t == Q6_K ? BYTES_Q6_K : t == Q5_K ? 176 : 144;
   for (int blk = 0; blk < nb; ++blk) {
     prefetch_ahead(row + block_bytes * blk, block_bytes);
     const int8_t* y = x.q + 256 * blk;
