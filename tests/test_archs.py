@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlxllm  # noqa: F401  (first: puts an optimized BLAS under mlx.core)
+import mlx.core as mx
 import numpy as np
 import pytest
 from gguf import MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES
@@ -19,6 +20,9 @@ from mlx.utils import tree_flatten
 
 from arch_reference import (FIXTURES, MANIFEST, llama_cpp, llama_cpp_greedy, llama_cpp_logits, mlxllm_greedy,
                             mlxllm_logits, token_ids)
+from mlxllm import kernels
+from mlxllm.cache import batch_cache, batch_window
+from mlxllm.kernels import cpu
 from mlxllm.loader import load_model
 from mlxllm.registry import REGISTRY
 
@@ -130,6 +134,41 @@ def test_every_fixture_architecture_is_registered():
     registered = {e.name for e in REGISTRY.all()}
     assert {MANIFEST[n]["gguf_arch"] for n in NAMES} <= registered
     assert len(registered) >= 33
+
+
+@pytest.mark.skipif(cpu.KERNELS is None, reason=f"CPU kernels unavailable: {cpu.UNAVAILABLE}")
+@pytest.mark.parametrize("name", ["llama", "qwen3", "cohere2"])  # plain; q/k norms; sliding and NoPE layers
+def test_decode_attention_kernels_equal_the_separate_ops(name, monkeypatch):
+    """The generation loop's decode attention (kernels.cached_attention: the cache written in
+    place, q/k norms and rotation inside) against the separate ops it replaces, bit for bit:
+    two prompts of different lengths in one batch (left padding: a mask per row, each row at
+    its own positions), then 24 single-token steps, past the fixtures' 16-token window."""
+    model = load_model(str(FIXTURES / f"{name}.f32.gguf"))[0]
+    prompts = [token_ids(name, 20), token_ids(name, 13)]
+    pads = [20 - len(p) for p in prompts]
+    taken = []  # what each call of the kernels returned (None: not taken)
+    fused = kernels.cached_attention
+
+    def counted(*args, **kwargs):
+        taken.append(fused(*args, **kwargs))
+        return taken[-1]
+
+    monkeypatch.setattr(kernels, "cached_attention", counted)
+
+    def logits() -> mx.array:
+        caches = [batch_cache(batch_window(kind)) for kind in model.make_cache()]
+        for c in caches:
+            c.start_padded(pads)
+        out = [model(mx.array([[0] * p + ids for p, ids in zip(pads, prompts)]), caches)[:, -1]]
+        for _ in range(24):
+            out.append(model(mx.argmax(out[-1], axis=-1)[:, None], caches)[:, -1])
+            mx.eval(out[-1])
+        return mx.stack(out)
+
+    one_op = logits()
+    assert sum(t is not None for t in taken) >= 24, "decode did not take the cache-writing kernels"
+    monkeypatch.setattr(kernels, "CACHED_ATTENTION", False)
+    assert mx.array_equal(one_op, logits()).item()
 
 
 def test_latent_attention_caches_only_the_latent():
