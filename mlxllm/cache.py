@@ -262,8 +262,6 @@ class BatchKVCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         B, H, L, _ = keys.shape
-        if not self.lengths:
-            self.pad, self.lengths = [0] * B, [0] * B
         if self.size == 0 and any(self.pad):  # a padded first update: whatever the padding computed is not kept
             real = (mx.arange(L)[None, :] >= mx.array(self.pad)[:, None])[:, None, :, None]  # (B, 1, L, 1)
             keys, values = mx.where(real, keys, 0).astype(keys.dtype), mx.where(real, values, 0).astype(values.dtype)
@@ -279,6 +277,8 @@ class BatchKVCache:
         """Count L more positions, growing the storage where it is full (and dropping, with a
         window, what no query can see any more); returns the first slot they take. key_parts /
         value_parts: each stored array's last axis and dtype."""
+        if not self.lengths:
+            self.pad, self.lengths = [0] * B, [0] * B
         drop = self._dropped(L)
         prev = self.size
         if self.keys is None or prev + L > self.keys[0].shape[2]:
@@ -312,8 +312,6 @@ class BatchKVCache:
         stores them at slots [slot, slot + L) of the float32 storage, whose outputs replace
         it (then nothing else holds the old storage and the kernel writes it in place).
         Returns result. Only where `writes_in_place()`."""
-        if not self.lengths:
-            self.pad, self.lengths = [0] * B, [0] * B
         slot = self._make_room(B, H, L, [(key_dim, mx.float32)], [(value_dim, mx.float32)])
         result, self.keys[0], self.values[0] = write(self.keys[0], self.values[0], slot)
         return result

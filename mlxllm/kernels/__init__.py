@@ -25,6 +25,7 @@ import ctypes
 import functools
 import sys
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
@@ -437,14 +438,16 @@ CACHED_ATTENTION = True
 
 
 def cached_attention(q: mx.array, k: mx.array, v: mx.array, cache, n_heads: int, scale: float,
-                     mask: mx.array | str | None, rope: tuple[mx.array, mx.array, bool] | None = None,
+                     mask: mx.array | str | None,
+                     rope: Callable[[], tuple[mx.array, mx.array, bool]] | None = None,
                      norms: tuple[mx.array, mx.array, float] | None = None) -> mx.array | None:
     """A decode step's attention with the cache update, as three ops (cpu.cache_write for the
     keys and the values, cpu.cached_attention) instead of a dozen, or None where they do not
     apply and the caller runs the separate ones. q (B, L, H * D), k (B, L, H_kv * D),
     v (B, L, H_kv * Dv) as the projections give them; each head of q and k RMS-normalized by
-    norms = (q weight, k weight, eps), then rotated by rope = (cos, sin, traditional)
-    (`rope_tables`); cache a `BatchKVCache` with float storage; mask as `attention` takes
+    norms = (q weight, k weight, eps), then rotated by rope() = (cos, sin, traditional)
+    (`rope_tables`; called only where the kernels apply, so a prompt does not make tables
+    here for nothing); cache a `BatchKVCache` with float storage; mask as `attention` takes
     it. Returns (B, L, H * Dv)."""
     kernels = cpu.active()
     B, L, _ = q.shape
@@ -454,12 +457,12 @@ def cached_attention(q: mx.array, k: mx.array, v: mx.array, cache, n_heads: int,
             or not getattr(cache, "writes_in_place", lambda: False)()):
         return None
     if isinstance(mask, mx.array):
-        if mask.ndim == 4 and mask.shape[1] == 1:  # (B, 1, L, T): each sequence's own
-            mask = mask[:, 0]
-        elif mask.ndim != 2:
+        if not _kernel_mask(mask, B, L, mask.shape[-1]):
             return None
+        if mask.ndim == 4:  # (B, 1, L, T): each sequence's own
+            mask = mask[:, 0]
     causal, keep = isinstance(mask, str), mask if isinstance(mask, mx.array) else None
-    cos, sin, traditional = rope if rope is not None else (None, None, False)
+    cos, sin, traditional = rope() if rope is not None else (None, None, False)
     q_norm, k_norm, eps = norms if norms is not None else (None, None, 0.0)
 
     def write(keys: mx.array, values: mx.array, slot: int) -> tuple[mx.array, mx.array, mx.array]:

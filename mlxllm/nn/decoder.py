@@ -237,7 +237,8 @@ class Block(nn.Module):
             q, k, v = layers.project(x, (self.attn_q, self.attn_k, self.attn_v))
         scale = a.attn_scale if a.attn_scale is not None else a.head_dim ** -0.5
         if self.cached_attention and cache is not None:
-            rope = None if self.rope is None else (*self.rope.tables(L, cache.offset, factors), self.rope.args.traditional)
+            rope = None if self.rope is None else \
+                lambda: (*self.rope.tables(L, cache.offset, factors), self.rope.args.traditional)
             norms = (self.attn_q_norm.weight, self.attn_k_norm.weight, self.attn_q_norm.eps) \
                 if "attn_q_norm" in self else None
             out = kernels.cached_attention(q, k, v, cache, a.n_heads, scale, mask, rope, norms)

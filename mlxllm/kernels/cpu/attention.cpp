@@ -198,6 +198,12 @@ bool rows_in_place(const mx::array& x) {
   return (x.shape(3) <= 1 || x.strides()[3] == 1) && ld >= x.shape(3) && ld <= (1L << 30);
 }
 
+// Whether a keep-mask fits L queries over T keys: (L, T) for every sequence, or (B, L, T).
+bool keep_mask_fits(const mx::array& mask, int B, int L, int T) {
+  return (mask.ndim() == 2 || (mask.ndim() == 3 && mask.shape(0) == B)) && mask.shape(-2) == L &&
+         mask.shape(-1) == T;
+}
+
 // attend's operands (elements, not bytes): q (B, H, L, D) at strides qs, its last axis
 // contiguous; k (B, Hk, T, D) and v (B, Hk, T, Dv) at strides ks / vs over (B, Hk), their
 // rows ldk / ldv apart; keep (L, T) or, keep_per_row, (B, L, T); out (B, L, H, Dv).
@@ -240,9 +246,7 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
   std::vector<mx::array> inputs = {mx::astype(q, mx::float32, stream), mx::astype(k, mx::float32, stream),
                                    mx::astype(v, mx::float32, stream)};
   if (mask) {
-    const bool shape_ok = (mask->ndim() == 2 || (mask->ndim() == 3 && mask->shape(0) == B)) &&
-                          mask->shape(-2) == L && mask->shape(-1) == T;
-    if (!shape_ok) {
+    if (!keep_mask_fits(*mask, B, L, T)) {
       throw std::invalid_argument("[attention] mask must be (L, T) or (B, L, T)");
     }
     inputs.push_back(mx::astype(*mask, mx::bool_, stream));
@@ -609,9 +613,7 @@ mx::array cached_attention(const mx::array& q, const mx::array& keys, const mx::
   std::vector<mx::array> inputs = {mx::astype(q, mx::float32, stream), mx::astype(keys, mx::float32, stream),
                                    mx::astype(values, mx::float32, stream)};
   if (mask) {
-    const bool shape_ok = (mask->ndim() == 2 || (mask->ndim() == 3 && mask->shape(0) == B)) &&
-                          mask->shape(-2) == L && mask->shape(-1) == n_keys;
-    if (causal || !shape_ok) {
+    if (causal || !keep_mask_fits(*mask, B, L, n_keys)) {
       throw std::invalid_argument("[cached_attention] mask must be (L, n_keys) or (B, L, n_keys), and not causal");
     }
     inputs.push_back(mx::astype(*mask, mx::bool_, stream));
