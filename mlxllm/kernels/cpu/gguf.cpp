@@ -1015,6 +1015,9 @@ inline __attribute__((always_inline)) void unpack_block_avx2(int t, const uint8_
       return;
     }
     case Q6_K: {
+      if constexpr (widens) {
+        return sink.q6k_superblock(b);
+      }
       const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
       const float d = f16_at(b + 208);
       for (int h = 0; h < 2; ++h) {
@@ -1183,22 +1186,8 @@ inline __attribute__((always_inline)) void unpack_block_avx2(int t, const uint8_
       }
       return;
     case Q4_K:
-      if constexpr (widens) { // each 32 bytes: sub-block 2k's codes are their low nibbles, 2k + 1's the high
-        const float d = f16_at(b), dmin = f16_at(b + 2);
-        for (int k = 0; k < 4; ++k) {
-          const __m256i v0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 + 32 * k)));
-          const __m256i v1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32 + 32 * k)));
-          for (int half = 0; half < 2; ++half) {
-            int sc, m;
-            k_scale_min(b + 4, 2 * k + half, sc, m);
-            const __m256i mask = _mm256_set1_epi16(0x0F);
-            sink.template widened<true>(64 * k + 32 * half,
-                                        half ? _mm256_srli_epi16(v0, 4) : _mm256_and_si256(v0, mask),
-                                        half ? _mm256_srli_epi16(v1, 4) : _mm256_and_si256(v1, mask),
-                                        d * static_cast<float>(sc), -(dmin * static_cast<float>(m)));
-          }
-        }
-        return;
+      if constexpr (widens) {
+        return sink.q4k_superblock(b);
       }
       [[fallthrough]];
     case Q5_K:
@@ -1331,6 +1320,80 @@ struct Q16Sink {
     __m256i p[NR][2];
     products(at, _mm256_cvtepi8_epi16(half(0)), _mm256_cvtepi8_epi16(half(1)), p);
     scaled<false>(at, p, scale, 0.f);
+  }
+  // A Q4_K super-block whole: per sub-block and in scalars, unpacking each scale and minimum
+  // and scaling them took most of the kernel's time. Here the 8 scales and 8 minimums (6 bits
+  // each, packed in 12 bytes) are unpacked together, each row's 8 activation scales meet
+  // d * scale in one multiply (the product the sub-block walk rounds, lane for lane), and the
+  // minimums' part, -dmin * minimum times each sub-block's activation sum, is one
+  // multiply-add into the accumulator per row.
+  __attribute__((always_inline)) void q4k_superblock(const uint8_t* b) {
+    uint32_t s[3];
+    std::memcpy(s, b + 4, 12);
+    // bytes 0-7: sub-blocks 0-7's scales; bytes 8-15: their minimums
+    const __m128i six_bits = _mm_setr_epi32(
+        static_cast<int>(s[0] & 0x3F3F3F3F), static_cast<int>((s[2] & 0x0F0F0F0F) | ((s[0] >> 6) & 0x03030303) << 4),
+        static_cast<int>(s[1] & 0x3F3F3F3F), static_cast<int>(((s[2] >> 4) & 0x0F0F0F0F) | ((s[1] >> 6) & 0x03030303) << 4));
+    const __m128 d_dmin = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(u32_at(b)))); // exact
+    const __m256 scale = _mm256_mul_ps(_mm256_broadcastss_ps(d_dmin),
+                                       _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(six_bits)));
+    const __m256 minimum = _mm256_mul_ps(_mm256_broadcastss_ps(_mm_sub_ss(_mm_setzero_ps(), _mm_movehdup_ps(d_dmin))),
+                                         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(six_bits, 8))));
+    // hadd pairs the sums per 16 as sub-blocks 0 1 4 5 2 3 6 7: the minimums follow suit
+    const __m256 minimum_hadd_order =
+        _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(minimum), 0xD8));
+    const long blk = base / kQ16;
+    alignas(32) float scales[NR][8];
+    for (int r = 0; r < NR; ++r) {
+      _mm256_store_ps(scales[r], _mm256_mul_ps(scale, _mm256_loadu_ps(x[r].d + blk)));
+      const __m256 sums = _mm256_hadd_ps(_mm256_loadu_ps(x[r].ds + 2 * blk), _mm256_loadu_ps(x[r].ds + 2 * blk + 8));
+      acc[r] = _mm256_fmadd_ps(minimum_hadd_order, sums, acc[r]);
+    }
+    const __m256i mask = _mm256_set1_epi16(0x0F);
+    for (int k = 0; k < 4; ++k) { // each 32 bytes: sub-block 2k's codes are their low nibbles, 2k + 1's the high
+      const __m256i v0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 + 32 * k)));
+      const __m256i v1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32 + 32 * k)));
+      for (int half = 0; half < 2; ++half) {
+        __m256i p[NR][2];
+        products(64 * k + 32 * half, half ? _mm256_srli_epi16(v0, 4) : _mm256_and_si256(v0, mask),
+                 half ? _mm256_srli_epi16(v1, 4) : _mm256_and_si256(v1, mask), p);
+        for (int r = 0; r < NR; ++r) {
+          acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&scales[r][2 * k + half]),
+                                   _mm256_cvtepi32_ps(_mm256_add_epi32(p[r][0], p[r][1])), acc[r]);
+        }
+      }
+    }
+  }
+  // A Q6_K super-block whole, likewise: its 16 scales (int8, one per 16) times d in two
+  // vectors, each row's activation scales (one per 32, so each taken twice) multiplied in
+  // with them, the sums then as the per-16 walk adds them, bit for bit.
+  __attribute__((always_inline)) void q6k_superblock(const uint8_t* b) {
+    const __m256 d = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(b[208] | (b[209] << 8)))); // exact
+    const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192));
+    const __m256 scale_lo = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+    const __m256 scale_hi = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))));
+    const long blk = base / kQ16;
+    alignas(32) float scales[NR][16];
+    for (int r = 0; r < NR; ++r) {
+      const __m256 xd = _mm256_loadu_ps(x[r].d + blk);
+      _mm256_store_ps(scales[r], _mm256_mul_ps(scale_lo, _mm256_permutevar8x32_ps(xd, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3))));
+      _mm256_store_ps(scales[r] + 8,
+                      _mm256_mul_ps(scale_hi, _mm256_permutevar8x32_ps(xd, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7))));
+    }
+    for (int h = 0; h < 2; ++h) {
+      auto ld = [](const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
+      const __m256i ql0 = ld(b + 64 * h), ql1 = ld(b + 64 * h + 32), qh = ld(b + 128 + 32 * h);
+      for (int q = 0; q < 4; ++q) {
+        const __m256i codes = _mm256_sub_epi8(q6k_codes(ql0, ql1, qh, q), _mm256_set1_epi8(32)); // signed
+        __m256i p[NR][2];
+        products(128 * h + 32 * q, codes, true, p);
+        const int g = 8 * h + 2 * q;
+        for (int r = 0; r < NR; ++r) {
+          acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&scales[r][g]), _mm256_cvtepi32_ps(p[r][0]), acc[r]);
+          acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&scales[r][g + 1]), _mm256_cvtepi32_ps(p[r][1]), acc[r]);
+        }
+      }
+    }
   }
   template <bool kOffset>
   __attribute__((always_inline)) void scaled(int at, __m256i (&p)[NR][2], float scale, float offset) {
