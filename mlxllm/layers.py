@@ -1,7 +1,8 @@
 """Linear and embedding layers over GGUF weights kept in a quantized layout.
 
 The loader swaps these in for `nn.Linear` / `nn.Embedding` wherever a GGUF tensor is
-quantized, so architectures are written once, with plain MLX layers. Each layer exposes
+quantized (and `FloatLinear` where a matrix is float), so architectures are written once,
+with plain MLX layers. Each layer exposes
 the `QuantizedTensor` interface (`qtype`, `shape`, `mode`, `bits`, arrays, `parts`) and hands itself
 to `mlxllm.kernels`, which picks the kernel.
 """
@@ -89,6 +90,24 @@ class QuantizedLinear(_Quantized):
 
     def __call__(self, x: mx.array) -> mx.array:
         y = kernels.matmul(x, self)
+        return y + self.bias if "bias" in self else y
+
+
+class FloatLinear(nn.Linear):
+    """An `nn.Linear` given a float matrix (F32 in the file: MoE routers, which llama.cpp's
+    converter keeps F32). Its product runs on the CPU kernels' GEMM where they run, so its
+    speed does not depend on the BLAS that MLX's own matmul found: with `mlx.core` imported
+    before mlxllm, that is netlib's reference BLAS, and a 512-token prompt's router took
+    66 ms a layer instead of 1.2."""
+
+    def __init__(self, weight: mx.array, bias: mx.array | None = None):
+        nn.Module.__init__(self)
+        self.weight = weight
+        if bias is not None:
+            self.bias = bias
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = kernels.dense_matmul(x, self.weight)
         return y + self.bias if "bias" in self else y
 
 

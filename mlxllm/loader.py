@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType
 from mlx.utils import tree_flatten
 
 from .gguf import GGUFError, GGUFFile
-from .layers import QuantizedEmbedding, QuantizedLinear, QuantizedSwitchLinear, stack_projections
+from .layers import FloatLinear, QuantizedEmbedding, QuantizedLinear, QuantizedSwitchLinear, stack_projections
 from .nn.moe import SwitchLinear
 from .kernels import cpu as cpu_kernels
 from .kernels.widen import widen
@@ -222,6 +222,10 @@ def load_model(path: str, dtype: mx.Dtype = mx.float32, dense: bool | None = Non
             if value.dtype != dtype:
                 value = value.astype(dtype)
                 mx.eval(value)
+            owner_path, leaf = name.rsplit(".", 1)
+            owner = _get(model, owner_path)
+            if leaf == "weight" and type(owner) is nn.Linear:
+                _set(model, owner_path, FloatLinear(value, owner.get("bias")))
             _set(model, name, value)
         nbytes += value.nbytes
     for _, module in model.named_modules():

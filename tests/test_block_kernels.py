@@ -17,6 +17,7 @@ private GEMM (blas.cpp).
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -395,3 +396,24 @@ def test_peak_rss_of_loading_is_the_file(name, smollm2_f32):
     m = json.loads(r.stdout)
     assert m["loaded"] == "model" and m["widening"] <= 1.0, m
     assert m["ratio"] <= 1.15, m
+
+
+def test_float_matrices_multiply_on_the_kernels_gemm():
+    """A float matrix in the file (the MoE fixture's F32 routers) loads as FloatLinear, whose
+    product is the kernels' GEMM, bit for bit, not MLX's matmul, whose BLAS follows the order
+    of imports (netlib's reference one when mlx.core came first: 50x slower)."""
+    import mlx.nn as nn
+
+    from mlxllm import load
+    from mlxllm.layers import FloatLinear
+
+    model, _ = load(str(Path(__file__).parent / "fixtures" / "archs" / "qwen3moe-wide.q4_k_m.gguf"))
+    modules = [m for _, m in model.named_modules()]
+    routers = [m for m in modules if isinstance(m, FloatLinear)]
+    assert routers and not any(type(m) is nn.Linear for m in modules)
+    x = mx.array(np.random.default_rng(0).standard_normal((5, routers[0].weight.shape[1])).astype(np.float32))
+    for router in routers:
+        assert np.array_equal(np.array(router(x)), np.array(K.matmul(x, router.weight, True)))
+    bias = mx.arange(routers[0].weight.shape[0], dtype=mx.float32)
+    with_bias = FloatLinear(routers[0].weight, bias)
+    assert np.array_equal(np.array(with_bias(x)), np.array(K.matmul(x, routers[0].weight, True) + bias))

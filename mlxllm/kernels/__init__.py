@@ -97,7 +97,7 @@ def _gemm(a: mx.array, b: mx.array, transpose_b: bool = False) -> mx.array:
     return a @ (b.swapaxes(-1, -2) if transpose_b else b)
 
 
-def _dense_matmul(x: mx.array, w: mx.array) -> mx.array:
+def dense_matmul(x: mx.array, w: mx.array) -> mx.array:
     """x (..., in) @ w.T for a float w (out, in)."""
     if _OWN_GEMM and mx.default_device() == mx.cpu:
         y = cpu.KERNELS.matmul(x.reshape(-1, x.shape[-1]), w, True)
@@ -272,7 +272,7 @@ def matmul(x: mx.array, w: QuantizedTensor) -> mx.array:
         if rows <= CPU_MATVEC_ROWS:
             return widen.sum_in_order(cpu.KERNELS.affine_matvec(x, p.weight, p.scales, p.biases, p.bits)
                                       for p in parts).astype(x.dtype)
-        return _dense_matmul(x, dequantize(w, x.dtype))
+        return dense_matmul(x, dequantize(w, x.dtype))
     if w.mode == "packed":
         return _packed_matmul(x, w)
     if rows >= CPU_DEQUANTIZE_ROWS and mx.default_device() == mx.cpu:
@@ -359,7 +359,7 @@ def _gather_matmul_cpu(x: mx.array, parts: list[Part], indices: mx.array) -> mx.
         weight = widen.sum_in_order(
             cpu.KERNELS.affine_dequantize(p.weight[e], p.scales[e], None if p.biases is None else p.biases[e], p.bits)
             for p in parts)
-        return _dense_matmul(rows, weight.astype(x.dtype))
+        return dense_matmul(rows, weight.astype(x.dtype))
     return _by_expert(x, indices, product)
 
 
