@@ -163,7 +163,9 @@ class BatchKVCache:
     bits (8 or 4): keys and values are stored in MLX's affine layout, groups of 32 along
     the head dimension with float32 scales and biases (1.25 / 0.75 bytes per element
     instead of 4), and dequantized for each attention call. Head dimensions that are not
-    a multiple of 32 are stored as floats.
+    a multiple of 32 are stored as floats. bits 16: stored as float16 (llama.cpp's default
+    F16 cache), each entry rounded once as it is stored and widened exactly as it is read:
+    half the memory, and half the bytes a long context's decode step reads.
 
     One row without a window or bits grows, stores and returns exactly what `KVCache`
     does, so a lone request computes what it would alone.
@@ -172,8 +174,8 @@ class BatchKVCache:
     step = 256
 
     def __init__(self, window: int | None = None, bits: int | None = None) -> None:
-        if bits not in (None, 4, 8):
-            raise ValueError(f"KV cache bits must be 8 or 4, not {bits}")
+        if bits not in (None, 4, 8, 16):
+            raise ValueError(f"KV cache bits must be 16, 8 or 4, not {bits}")
         self.window, self.bits = window, bits
         # Storage: keys and values as lists of arrays that share axes 0-2 (B, H, S): the
         # floats alone, or the codes, scales and biases of the quantized layout.
@@ -217,9 +219,15 @@ class BatchKVCache:
     # -- storage layout
 
     def _quantized(self, x: mx.array) -> bool:
-        return self.bits is not None and x.shape[-1] > 0 and x.shape[-1] % 32 == 0
+        return self.bits in (4, 8) and x.shape[-1] > 0 and x.shape[-1] % 32 == 0
+
+    @property
+    def _float_storage(self) -> mx.Dtype:
+        return mx.float16 if self.bits == 16 else mx.float32
 
     def _pack(self, x: mx.array) -> list[mx.array]:
+        if self.bits == 16:
+            return [x.astype(mx.float16)]
         if not self._quantized(x):
             return [x]
         codes, scales, biases = mx.quantize(x.astype(mx.float32), group_size=32, bits=self.bits)
@@ -228,7 +236,7 @@ class BatchKVCache:
     def _unpack(self, parts: list[mx.array], end: int, dtype: mx.Dtype) -> mx.array:
         """Slots [0, end) as floats (B, H, end, D)."""
         if len(parts) == 1:
-            return parts[0][..., :end, :]
+            return parts[0][..., :end, :].astype(dtype)
         from . import kernels  # the multi-threaded dequantize on the CPU; MLX's elsewhere
 
         codes, scales, biases = (p[..., :end, :] for p in parts)
@@ -301,18 +309,18 @@ class BatchKVCache:
         return prev
 
     def writes_in_place(self) -> bool:
-        """Whether `update_in_place` can take the next update: float32 storage (or none yet),
-        not the padded first update of a batch of prompts."""
-        return self.bits is None and (self.keys is None or self.keys[0].dtype == mx.float32) and \
+        """Whether `update_in_place` can take the next update: float32 or float16 storage (or
+        none yet), not the padded first update of a batch of prompts."""
+        return self.bits in (None, 16) and (self.keys is None or self.keys[0].dtype == self._float_storage) and \
             not (self.size == 0 and any(self.pad))
 
     def update_in_place(self, B: int, H: int, L: int, key_dim: int, value_dim: int, write):
         """A fused kernel's update (kernels.cached_attention): room made for L positions as
         `update_and_fetch` makes it, then write(keys, values, slot) -> (result, keys', values')
-        stores them at slots [slot, slot + L) of the float32 storage, whose outputs replace
+        stores them at slots [slot, slot + L) of the float storage, whose outputs replace
         it (then nothing else holds the old storage and the kernel writes it in place).
         Returns result. Only where `writes_in_place()`."""
-        slot = self._make_room(B, H, L, [(key_dim, mx.float32)], [(value_dim, mx.float32)])
+        slot = self._make_room(B, H, L, [(key_dim, self._float_storage)], [(value_dim, self._float_storage)])
         result, self.keys[0], self.values[0] = write(self.keys[0], self.values[0], slot)
         return result
 
@@ -354,7 +362,8 @@ class BatchKVCache:
             return None
         cache = cls(window, bits)
         head_dim = keys[1].shape[-1] * 32 if len(keys) == 3 else keys[0].shape[-1]
-        if (len(keys) == 3) != cache._quantized(mx.zeros((head_dim,))):
+        if (len(keys) == 3) != cache._quantized(mx.zeros((head_dim,))) or \
+                len(keys) == 1 and keys[0].dtype != cache._float_storage:
             return None
         cache.keys = [p[..., need - first:n - first, :] for p in keys]
         cache.values = [p[..., need - first:n - first, :] for p in values]

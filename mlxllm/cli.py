@@ -282,8 +282,9 @@ def sampling_options(f):
 
 def speculation_options(f):
     """Speculative decoding flags `run`, `bench` and `serve` share."""
-    f = click.option("--kv-bits", type=click.Choice(["8", "4"]), default=None,
-                     help="Store the KV cache quantized (8: 3.2x less memory, 4: 5.3x less; see README).")(f)
+    f = click.option("--kv-bits", type=click.Choice(["16", "8", "4"]), default=None,
+                     help="Store the KV cache in fewer bits (16: float16, as llama.cpp's default, 2x less memory; "
+                          "8: 3.2x less; 4: 5.3x less; see README).")(f)
     f = click.option("--draft-tokens", type=click.IntRange(min=1), default=4, show_default=True,
                      help="Tokens drafted per step when speculating.")(f)
     f = click.option("--prompt-lookup", is_flag=True,

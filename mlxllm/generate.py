@@ -383,7 +383,7 @@ class BatchGenerator:
     and declares cache kinds that have a batched form (`mlxllm.cache.batch_window`);
     otherwise each row runs its own forward on the model's own caches, interleaved. With
     `prefix_cache_bytes`, finished rows' caches serve later prompts that share a prefix.
-    kv_bits (8 or 4) stores keys and values quantized (see `BatchKVCache`). A draft model
+    kv_bits (16, 8 or 4) stores keys and values as float16 or quantized (see `BatchKVCache`). A draft model
     or prompt lookup speculates one greedy row's decoding (`_speculate`).
 
     lockstep: the same loop run by every rank of a pipeline (`mlxllm.distributed.Lockstep`):
@@ -861,7 +861,7 @@ def stream_generate(model: nn.Module, tokenizer, prompt: str | Sequence[int],
     tokens parsed, or token ids) and yield text pieces as they complete, ending with a
     piece that carries finish_reason: the generation loop with one request. A draft model
     (same vocabulary) or prompt lookup speculates greedy decoding: same output, fewer
-    forward passes of the model when drafts are accepted. kv_bits (8 or 4) quantizes the
+    forward passes of the model when drafts are accepted. kv_bits (16, 8 or 4) narrows the
     KV cache."""
     ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
     generator = BatchGenerator(model, tokenizer, max_batch=1, draft_model=draft_model, prompt_lookup=prompt_lookup,

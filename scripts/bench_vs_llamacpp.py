@@ -9,6 +9,11 @@ lose most when a core is taken, and the best runs are the least disturbed.
     python scripts/bench_vs_llamacpp.py /work/models/qwen3moe-bench.q4_k_m.gguf   # any GGUF path
     python scripts/bench_vs_llamacpp.py --mlx-first   # import mlx.core before mlxllm: same figures
     python scripts/bench_vs_llamacpp.py --depth 4096  # both after a 4096-token context (llama-bench -d)
+    python scripts/bench_vs_llamacpp.py --kv f32      # both decode with a float32 KV cache
+
+--kv: the KV cache both sides decode with. f16 (the default) is llama.cpp's default cache,
+mlxllm's `--kv-bits 16`; f32 is mlxllm's default, llama.cpp's type_k / type_v F32.
+llama.cpp's prompts fill the same cache; mlxllm's pp runs (mlxllm.bench) fill a float32 one.
 
 --mlx-first imports `mlx.core` before `mlxllm`, as a user's script may: then no BLAS can be
 slipped under MLX's own matmul, and the figures show that mlxllm's products do not need it.
@@ -26,11 +31,15 @@ import time
 N_PROMPT, N_GEN = 512, 128
 
 
-def bench_llama_cpp(path: str, reps: int, threads: int, depth: int = 0) -> dict[str, list[float]]:
+GGML_TYPE_F32 = 0
+
+
+def bench_llama_cpp(path: str, reps: int, threads: int, depth: int = 0, kv: str = "f16") -> dict[str, list[float]]:
     import llama_cpp
 
+    kv_type = GGML_TYPE_F32 if kv == "f32" else None  # None: llama.cpp's default, F16
     llm = llama_cpp.Llama(model_path=path, n_ctx=depth + N_PROMPT + N_GEN + 8, n_batch=N_PROMPT, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+                          n_threads_batch=threads, type_k=kv_type, type_v=kv_type, verbose=False)
     rng = random.Random(0)
     vocab = llm.n_vocab()
 
@@ -56,12 +65,12 @@ def bench_llama_cpp(path: str, reps: int, threads: int, depth: int = 0) -> dict[
     return {"pp": [pp() for _ in range(reps)], "tg": [tg() for _ in range(reps)]}
 
 
-def bench_mlxllm(name: str, reps: int, depth: int = 0) -> dict[str, list[float]]:
+def bench_mlxllm(name: str, reps: int, depth: int = 0, kv: str = "f16") -> dict[str, list[float]]:
     from mlxllm import load
     from mlxllm.bench import bench
 
     model, tokenizer = load(name)
-    r = bench(model, tokenizer, N_PROMPT, N_GEN, reps, depth=depth)
+    r = bench(model, tokenizer, N_PROMPT, N_GEN, reps, depth=depth, kv_bits=16 if kv == "f16" else None)
     at = f"@d{depth}" if depth else ""
     return {"pp": r[f"pp{N_PROMPT}{at}"]["runs"], "tg": r[f"tg{N_GEN}{at}"]["runs"]}
 
@@ -80,18 +89,20 @@ def main() -> None:
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
     ap.add_argument("--mlx-first", action="store_true", help="import mlx.core before mlxllm")
     ap.add_argument("-d", "--depth", type=int, default=0, help="tokens already in the context (llama-bench -d)")
+    ap.add_argument("--kv", choices=["f16", "f32"], default="f16", help="the KV cache both sides decode with")
     args = ap.parse_args()
     if mlxllm.kernels.cpu.KERNELS is not None:  # the same threads on both sides
         mlxllm.kernels.cpu.KERNELS.set_num_threads(args.threads)
     print(f"threads: {args.threads}; MLX's BLAS: {_blas.loaded or 'as its wheel links it'}; mlxllm's CPU kernels' BLAS: "
-          f"{BLAS or 'none (their own GEMM)'}; CPU kernels: {mlxllm.kernels.cpu.UNAVAILABLE or 'on'}")
+          f"{BLAS or 'none (their own GEMM)'}; CPU kernels: {mlxllm.kernels.cpu.UNAVAILABLE or 'on'}; "
+          f"decode's KV cache: {args.kv} on both sides")
     width = max(14, *(len(os.path.basename(n)) + 1 for n in args.models))
     test_width = 7 + (len(f"@d{args.depth}") if args.depth else 0)
     print(f"{'model':<{width}}{'test':<{test_width}}{'llama.cpp':>11}{'mlxllm':>10}{'ratio':>8}{'best':>9}{'best':>9}{'ratio':>8}"
           f"   (tokens/s: means of {args.repetitions}, then the best runs of llama.cpp and mlxllm)")
     for name in args.models:
-        theirs = bench_llama_cpp(resolve(name), args.repetitions, args.threads, args.depth)
-        ours = bench_mlxllm(name, args.repetitions, args.depth)
+        theirs = bench_llama_cpp(resolve(name), args.repetitions, args.threads, args.depth, args.kv)
+        ours = bench_mlxllm(name, args.repetitions, args.depth, args.kv)
         at = f"@d{args.depth}" if args.depth else ""
         for test, label in (("pp", f"pp{N_PROMPT}{at}"), ("tg", f"tg{N_GEN}{at}")):
             t, o = statistics.mean(theirs[test]), statistics.mean(ours[test])

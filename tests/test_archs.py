@@ -137,12 +137,14 @@ def test_every_fixture_architecture_is_registered():
 
 
 @pytest.mark.skipif(cpu.KERNELS is None, reason=f"CPU kernels unavailable: {cpu.UNAVAILABLE}")
+@pytest.mark.parametrize("bits", [None, 16])  # float32 storage; float16 (--kv-bits 16)
 @pytest.mark.parametrize("name", ["llama", "qwen3", "cohere2"])  # plain; q/k norms; sliding and NoPE layers
-def test_decode_attention_kernels_equal_the_separate_ops(name, monkeypatch):
+def test_decode_attention_kernels_equal_the_separate_ops(name, bits, monkeypatch):
     """The generation loop's decode attention (kernels.cached_attention: the cache written in
     place, q/k norms and rotation inside) against the separate ops it replaces, bit for bit:
     two prompts of different lengths in one batch (left padding: a mask per row, each row at
-    its own positions), then 24 single-token steps, past the fixtures' 16-token window."""
+    its own positions), then 24 single-token steps, past the fixtures' 16-token window. With
+    a float16 cache the kernels round each entry as astype(float16) does and widen it exactly."""
     model = load_model(str(FIXTURES / f"{name}.f32.gguf"))[0]
     prompts = [token_ids(name, 20), token_ids(name, 13)]
     pads = [20 - len(p) for p in prompts]
@@ -156,7 +158,7 @@ def test_decode_attention_kernels_equal_the_separate_ops(name, monkeypatch):
     monkeypatch.setattr(kernels, "cached_attention", counted)
 
     def logits() -> mx.array:
-        caches = [batch_cache(batch_window(kind)) for kind in model.make_cache()]
+        caches = [batch_cache(batch_window(kind), bits) for kind in model.make_cache()]
         for c in caches:
             c.start_padded(pads)
         out = [model(mx.array([[0] * p + ids for p, ids in zip(pads, prompts)]), caches)[:, -1]]
@@ -168,7 +170,14 @@ def test_decode_attention_kernels_equal_the_separate_ops(name, monkeypatch):
     one_op = logits()
     assert sum(t is not None for t in taken) >= 24, "decode did not take the cache-writing kernels"
     monkeypatch.setattr(kernels, "CACHED_ATTENTION", False)
-    assert mx.array_equal(one_op, logits()).item()
+    separate = logits()
+    assert mx.array_equal(one_op, separate).item()
+    if bits == 16:  # the halves did round: not the float32 cache's logits, but near them
+        monkeypatch.setattr(kernels, "CACHED_ATTENTION", True)
+        bits = None
+        full = logits()
+        assert not mx.array_equal(full, separate).item()
+        assert mx.abs(full - separate).max().item() < 1e-2 * mx.std(full).item()
 
 
 def test_latent_attention_caches_only_the_latent():

@@ -267,13 +267,16 @@ def _cached_operands(B: int, H: int, H_kv: int, L: int, S: int, D: int, Dv: int,
 @pytest.mark.parametrize("B,H,H_kv,L,slot", [(1, 9, 3, 1, 40), (3, 4, 2, 2, 0), (2, 8, 8, 1, 299), (1, 4, 1, 1, 0)])
 @pytest.mark.parametrize("mask", [None, "causal", "each"])
 @pytest.mark.parametrize("rotary,normed", [(False, False), (True, False), (True, True)])
-def test_cached_attention_is_the_separate_ops_bit_for_bit(B, H, H_kv, L, slot, mask, rotary, normed):
+@pytest.mark.parametrize("stored", [mx.float32, mx.float16])
+def test_cached_attention_is_the_separate_ops_bit_for_bit(B, H, H_kv, L, slot, mask, rotary, normed, stored):
     """The cache writes and the attention reading the storage (norms and rotation inside)
     against the ops a decode step runs without them: rms_norm, rope, the slice updates of
     the storage and attention, bit for bit, each row rotated at its own position where the
-    tables have a row per sequence."""
+    tables have a row per sequence. A float16 storage: each new entry rounded as
+    astype(float16) rounds it, every entry widened exactly for the products."""
     D, Dv, S = 32, 40, 300
     q, k, v, keys, values = _cached_operands(B, H, H_kv, L, S, D, Dv, seed=60 + L + slot)
+    keys, values = keys.astype(stored), values.astype(stored)
     T = slot + L
     keep = None
     if mask == "causal" and L == 1:
@@ -303,23 +306,25 @@ def test_cached_attention_is_the_separate_ops_bit_for_bit(B, H, H_kv, L, slot, m
     want_keys, want_values = mx.array(old_keys), mx.array(old_values)
     want_keys[:, :, slot:T] = k4.transpose(0, 2, 1, 3)
     want_values[:, :, slot:T] = v.reshape(B, L, H_kv, Dv).transpose(0, 2, 1, 3)
-    want = K.attention(q4.transpose(0, 2, 1, 3), want_keys[:, :, :T], want_values[:, :, :T], 0.3, mask == "causal",
-                       keep)
+    want = K.attention(q4.transpose(0, 2, 1, 3), want_keys[:, :, :T].astype(mx.float32),
+                       want_values[:, :, :T].astype(mx.float32), 0.3, mask == "causal", keep)
     assert out.shape == (B, L, H * Dv)
     assert mx.array_equal(out, want.reshape(B, L, H * Dv)).item()
+    assert new_keys.dtype == stored and new_values.dtype == stored
     assert mx.array_equal(new_keys, want_keys).item() and mx.array_equal(new_values, want_values).item()
     # the storage was held here too (keys, values): the write went to a copy, not what others read
     assert mx.array_equal(keys, old_keys).item() and mx.array_equal(values, old_values).item()
 
 
 @needs_kernels
-def test_cache_write_writes_storage_nothing_else_holds_in_place():
+@pytest.mark.parametrize("stored", [mx.float32, mx.float16])
+def test_cache_write_writes_storage_nothing_else_holds_in_place(stored):
     """The cache replaces its storage by the write's result: with no other reference left,
     the new slots go into the old buffer (as MLX's slice_update does), so a decode step does
     not copy the whole cache. Measured by the memory the evaluation allocates."""
     B, H_kv, S, D = 1, 2, 8192, 64
     _, k, _, _, _ = _cached_operands(B, 4, H_kv, 1, 1, D, D, seed=80)
-    storage = mx.zeros((B, H_kv, S, D))
+    storage = mx.zeros((B, H_kv, S, D), stored)
     mx.eval(storage)
     for slot in range(3):
         before = mx.get_active_memory()
@@ -328,7 +333,7 @@ def test_cache_write_writes_storage_nothing_else_holds_in_place():
         mx.eval(storage)
         assert mx.get_peak_memory() - before < storage.nbytes / 4, "the storage was copied"
     rows = storage[0, :, :4]
-    assert mx.array_equal(rows[:, :3], mx.broadcast_to(k.reshape(H_kv, 1, D), (H_kv, 3, D))).item()
+    assert mx.array_equal(rows[:, :3], mx.broadcast_to(k.reshape(H_kv, 1, D).astype(stored), (H_kv, 3, D))).item()
     assert (rows[:, 3] == 0).all().item()
 
 
@@ -337,7 +342,7 @@ def test_cached_attention_bad_arguments_are_one_line_errors():
     q, k, v, keys, values = _cached_operands(1, 4, 2, 2, 10, 16, 16, seed=90)
     for args, kw, match in [
         ((k[0], keys, 0), {}, "must be"), ((k, keys[..., :8], 0), {}, "match"), ((k, keys, 9), {}, "slots"),
-        ((k, keys, -1), {}, "slots"), ((k, keys.astype(mx.float16), 0), {}, "float32"),
+        ((k, keys, -1), {}, "slots"), ((k, keys.astype(mx.bfloat16), 0), {}, "float16"),
         ((k, keys, 0), {"cos": mx.zeros((2, 8))}, "together"),
         ((k, keys, 0), {"cos": mx.zeros((2, 9)), "sin": mx.zeros((2, 9))}, "dims"),
         ((k, keys, 0), {"norm": mx.ones((8,))}, "norm")]:

@@ -206,9 +206,12 @@ bool keep_mask_fits(const mx::array& mask, int B, int L, int T) {
 
 // attend's operands (elements, not bytes): q (B, H, L, D) at strides qs, its last axis
 // contiguous; k (B, Hk, T, D) and v (B, Hk, T, Dv) at strides ks / vs over (B, Hk), their
-// rows ldk / ldv apart; keep (L, T) or, keep_per_row, (B, L, T); out (B, L, H, Dv).
+// rows ldk / ldv apart; keep (L, T) or, keep_per_row, (B, L, T); out (B, L, H, Dv). Keys and
+// values are float32, or float16 bits (TK = uint16_t: a cache stored as halves).
+template <class TK>
 struct Attend {
-  const float *q, *k, *v;
+  const float* q;
+  const TK *k, *v;
   std::array<int64_t, 3> qs;
   std::array<int64_t, 2> ks, vs;
   int64_t ldk, ldv;
@@ -222,7 +225,8 @@ struct Attend {
 
 // softmax(scale * q @ k.T, masked) @ v for few queries per kv head: attention's math, run on
 // the pool from the stream's thread.
-void attend(const Attend& a);
+template <class TK>
+void attend(const Attend<TK>& a);
 
 } // namespace
 
@@ -271,7 +275,7 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     const auto &q = in[0], &k = in[1], &v = in[2];
     const int T = k.shape(2);
     const auto &qs = q.strides(), &ks = k.strides(), &vs = v.strides();
-    attend({q.data<float>(), k.data<float>(), v.data<float>(), {qs[0], qs[1], qs[2]}, {ks[0], ks[1]},
+    attend<float>({q.data<float>(), k.data<float>(), v.data<float>(), {qs[0], qs[1], qs[2]}, {ks[0], ks[1]},
             {vs[0], vs[1]}, T > 1 ? ks[2] : k.shape(3), T > 1 ? vs[2] : v.shape(3), q.shape(0), q.shape(1),
             q.shape(2), q.shape(3), k.shape(1), T, v.shape(3), in.size() > 3 ? in[3].data<bool>() : nullptr,
             in.size() > 3 && in[3].ndim() == 3, scale, causal, out.data<float>()});
@@ -280,7 +284,8 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
 
 namespace {
 
-void attend(const Attend& a) {
+template <class TK>
+void attend(const Attend<TK>& a) {
   const int B = a.B, H = a.H, L = a.L, D = a.D, Hk = a.Hk, T = a.T, Dv = a.Dv, rep = H / Hk;
   const int64_t ldk = a.ldk, ldv = a.ldv;
   const bool* keep = a.keep;
@@ -288,7 +293,7 @@ void attend(const Attend& a) {
   // being head g * rep + m / L's query m % L, as the score product would take them.
   const int M = rep * L;
   const long groups = static_cast<long>(B) * Hk;
-  const float *kp = a.k, *vp = a.v;
+  const TK *kp = a.k, *vp = a.v;
   float* op = a.out;
   // Scratch kept by this (MLX's stream) thread: a step's layers reuse it instead of
   // fresh pages for every call.
@@ -527,8 +532,8 @@ mx::array cache_write(const mx::array& x, const mx::array& storage, int slot, co
                       const std::optional<mx::array>& sin, bool traditional, const std::optional<mx::array>& norm,
                       float eps, mx::StreamOrDevice s) {
   auto stream = cpu_stream(s, "cache_write");
-  if (x.ndim() != 3 || storage.ndim() != 4 || storage.dtype() != mx::float32) {
-    throw std::invalid_argument("[cache_write] x must be (B, L, H * D) and storage float32 (B, H, S, D)");
+  if (x.ndim() != 3 || storage.ndim() != 4 || (storage.dtype() != mx::float32 && storage.dtype() != mx::float16)) {
+    throw std::invalid_argument("[cache_write] x must be (B, L, H * D) and storage float32 or float16 (B, H, S, D)");
   }
   const int B = x.shape(0), L = x.shape(1), H = storage.shape(1), S = storage.shape(2), D = storage.shape(3);
   if (storage.shape(0) != B || H < 1 || D < 1 || L < 1 || x.shape(2) != static_cast<int64_t>(H) * D) {
@@ -539,7 +544,7 @@ mx::array cache_write(const mx::array& x, const mx::array& storage, int slot, co
   }
   std::vector<mx::array> inputs = {mx::astype(x, mx::float32, stream), storage};
   add_head_prep(inputs, "cache_write", B, L, D, cos, sin, norm, stream);
-  return mx::array(storage.shape(), mx::float32,
+  return mx::array(storage.shape(), storage.dtype(),
                    std::make_shared<CacheWrite>(stream, slot, cos.has_value(), traditional, norm.has_value(), eps),
                    std::move(inputs));
 }
@@ -555,7 +560,11 @@ void CacheWrite::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) 
     out.copy_shared_buffer(old);
   } else {
     out.set_data(mx::allocator::malloc(out.nbytes()));
-    enc.dispatch([old, dst = out.data<float>()]() { gather_rows(old, dst); });
+    if (out.dtype() == mx::float16) {
+      enc.dispatch([old, dst = out.data<uint16_t>()]() { gather_rows(old, dst); });
+    } else {
+      enc.dispatch([old, dst = out.data<float>()]() { gather_rows(old, dst); });
+    }
   }
   std::vector<mx::array> in;
   for (size_t i = 0; i < inputs.size(); ++i) {
@@ -575,12 +584,22 @@ void CacheWrite::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) 
     const int B = x.shape(0), L = x.shape(1), H = out.shape(1), D = out.shape(3);
     const HeadPrep prep = head_prep(in, 2, rotary, normed, traditional, eps, L);
     const float* xp = x.data<float>();
-    float* sp = out.data<float>();
+    const bool halves = out.dtype() == mx::float16; // each entry rounded as astype(float16) rounds it
+    std::vector<float> head(halves ? D : 0);
     for (int b = 0; b < B; ++b) {
       for (int l = 0; l < L; ++l) {
         const float* row = xp + b * x.strides()[0] + l * x.strides()[1];
         for (int h = 0; h < H; ++h) {
-          prep(row + h * D, sp + slot_at(out, b, h, slot + l), D, b, l);
+          const int64_t at = slot_at(out, b, h, slot + l);
+          if (!halves) {
+            prep(row + h * D, out.data<float>() + at, D, b, l);
+            continue;
+          }
+          prep(row + h * D, head.data(), D, b, l);
+          uint16_t* dst = out.data<uint16_t>() + at;
+          for (int i = 0; i < D; ++i) {
+            dst[i] = float_to_half(head[i]);
+          }
         }
       }
     }
@@ -610,8 +629,10 @@ mx::array cached_attention(const mx::array& q, const mx::array& keys, const mx::
   if (n_keys < L || n_keys > S) {
     throw std::invalid_argument("[cached_attention] attends to the first n_keys slots: L <= n_keys <= S");
   }
-  std::vector<mx::array> inputs = {mx::astype(q, mx::float32, stream), mx::astype(keys, mx::float32, stream),
-                                   mx::astype(values, mx::float32, stream)};
+  // a float16 storage is read as it is, each entry widened exactly
+  const mx::Dtype stored = keys.dtype() == mx::float16 && values.dtype() == mx::float16 ? mx::float16 : mx::float32;
+  std::vector<mx::array> inputs = {mx::astype(q, mx::float32, stream), mx::astype(keys, stored, stream),
+                                   mx::astype(values, stored, stream)};
   if (mask) {
     if (causal || !keep_mask_fits(*mask, B, L, n_keys)) {
       throw std::invalid_argument("[cached_attention] mask must be (L, n_keys) or (B, L, n_keys), and not causal");
@@ -658,10 +679,15 @@ void CachedAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
       }
     }
     const auto &ks = keys.strides(), &vs = values.strides();
-    attend({queries, keys.data<float>(), values.data<float>(),
-            {static_cast<int64_t>(H) * L * D, static_cast<int64_t>(L) * D, D}, {ks[0], ks[1]}, {vs[0], vs[1]},
-            keys.shape(2) > 1 ? ks[2] : D, values.shape(2) > 1 ? vs[2] : Dv, B, H, L, D, Hk, T, Dv, keep,
-            keep_per_row, scale, causal, out.data<float>()});
+    const std::array<int64_t, 3> qs = {static_cast<int64_t>(H) * L * D, static_cast<int64_t>(L) * D, D};
+    const int64_t ldk = keys.shape(2) > 1 ? ks[2] : D, ldv = values.shape(2) > 1 ? vs[2] : Dv;
+    if (keys.dtype() == mx::float16) {
+      attend<uint16_t>({queries, keys.data<uint16_t>(), values.data<uint16_t>(), qs, {ks[0], ks[1]}, {vs[0], vs[1]},
+                        ldk, ldv, B, H, L, D, Hk, T, Dv, keep, keep_per_row, scale, causal, out.data<float>()});
+    } else {
+      attend<float>({queries, keys.data<float>(), values.data<float>(), qs, {ks[0], ks[1]}, {vs[0], vs[1]}, ldk, ldv,
+                     B, H, L, D, Hk, T, Dv, keep, keep_per_row, scale, causal, out.data<float>()});
+    }
   });
 }
 

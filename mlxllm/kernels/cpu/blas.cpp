@@ -113,8 +113,8 @@ constexpr int kFewRowsSide = 256; // products of at most kFewRows rows with a si
 
 // C (M, N) = A (M, K) @ B (K, N), 8 columns at a time: C[m][n0:n0+8] = sum_k A[m][k] * B[k][n0:n0+8],
 // summed kSumTerms terms at a time, the partial sums then added in order (gemm_few_rows).
-template <int M>
-void rows_times(int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc) {
+template <int M, class TB>
+void rows_times(int N, int K, const float* A, int lda, const TB* B, int ldb, float* C, int ldc) {
   for (int n0 = 0; n0 < N; n0 += 8) {
     const int w = std::min(8, N - n0);
     f32x8 acc[M];
@@ -127,13 +127,15 @@ void rows_times(int N, int K, const float* A, int lda, const float* B, int ldb, 
         a = splat(0.f);
       }
       for (int k = k0; k < std::min(K, k0 + kSumTerms); ++k) {
-        const float* row = B + static_cast<long>(k) * ldb + n0;
+        const TB* row = B + static_cast<long>(k) * ldb + n0;
         prefetch_ahead(row); // attention's values: a cache's rows, streamed
         f32x8 b = splat(0.f);
         if (w == 8) {
-          b = load<f32x8>(row);
+          b = load8(row);
         } else {
-          std::memcpy(&b, row, sizeof(float) * w);
+          for (int j = 0; j < w; ++j) {
+            b[j] = to_float(row[j]);
+          }
         }
         for (int m = 0; m < M; ++m) {
           part[m] += A[static_cast<long>(m) * lda + k] * b;
@@ -175,8 +177,8 @@ inline f32x8 sum_lanes_each(const f32x8 (&v)[8]) {
 // C[m][n0:n0+w] = A[m] . B[n] for w <= 8 rows of B: 8 partial sums per output over K's
 // multiple of 8, added by sum_lanes_each, then the tail in order. The same sums in the
 // same order for a full group and for the last, shorter one.
-template <bool Full>
-inline void dots_of_8(int w, int K, const float* a, const float* B, int ldb, float* c) {
+template <bool Full, class TB>
+inline void dots_of_8(int w, int K, const float* a, const TB* B, int ldb, float* c) {
   const int K8 = K / 8 * 8;
   f32x8 acc[8];
   for (auto& x : acc) {
@@ -185,54 +187,64 @@ inline void dots_of_8(int w, int K, const float* a, const float* B, int ldb, flo
   for (int k = 0; k < K8; k += 8) {
     const f32x8 av = load<f32x8>(a + k);
     for (int j = 0; j < (Full ? 8 : w); ++j) {
-      acc[j] += av * load<f32x8>(B + static_cast<long>(j) * ldb + k);
+      acc[j] += av * load8(B + static_cast<long>(j) * ldb + k);
     }
   }
   f32x8 sums = sum_lanes_each(acc);
   for (int j = 0; j < w; ++j) {
-    const float* b = B + static_cast<long>(j) * ldb;
+    const TB* b = B + static_cast<long>(j) * ldb;
     for (int k = K8; k < K; ++k) {
-      sums[j] += a[k] * b[k];
+      sums[j] += a[k] * to_float(b[k]);
     }
   }
   std::memcpy(c, &sums, sizeof(float) * w);
 }
 
-} // namespace
-
 // C = A @ B.T (transpose_b) or A @ B for M <= kFewRows rows: a decode step's attention (a
 // head group's queries against its keys, then its values), where BLAS's packing of the
 // operands costs more than the product. Each output is summed in one order that depends on
 // neither N nor the other rows, so a sequence's attention is the same alone or in a batch.
-void gemm_few_rows(bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
-                   int ldc) {
+template <class TB>
+void few_rows(bool transpose_b, int M, int N, int K, const float* A, int lda, const TB* B, int ldb, float* C, int ldc) {
   if (transpose_b) { // C[m][n] = A[m] . B[n], 8 rows of B at a time (in L1 for every row of A)
     for (int n0 = 0; n0 < N; n0 += 8) {
       const int w = std::min(8, N - n0);
-      const float* b = B + static_cast<long>(n0) * ldb;
-      prefetch_ahead(b, static_cast<long>(w) * ldb * sizeof(float)); // attention's keys: a cache's rows
+      const TB* b = B + static_cast<long>(n0) * ldb;
+      prefetch_ahead(b, static_cast<long>(w) * ldb * sizeof(TB)); // attention's keys: a cache's rows
       for (int m = 0; m < M; ++m) {
         const float* a = A + static_cast<long>(m) * lda;
         float* c = C + static_cast<long>(m) * ldc + n0;
         if (w == 8) {
-          dots_of_8<true>(8, K, a, b, ldb, c);
+          dots_of_8<true, TB>(8, K, a, b, ldb, c);
         } else {
-          dots_of_8<false>(w, K, a, b, ldb, c);
+          dots_of_8<false, TB>(w, K, a, b, ldb, c);
         }
       }
     }
     return;
   }
   switch (M) { // the row count a constant: the sums stay in registers
-    case 1: return rows_times<1>(N, K, A, lda, B, ldb, C, ldc);
-    case 2: return rows_times<2>(N, K, A, lda, B, ldb, C, ldc);
-    case 3: return rows_times<3>(N, K, A, lda, B, ldb, C, ldc);
-    case 4: return rows_times<4>(N, K, A, lda, B, ldb, C, ldc);
-    case 5: return rows_times<5>(N, K, A, lda, B, ldb, C, ldc);
-    case 6: return rows_times<6>(N, K, A, lda, B, ldb, C, ldc);
-    case 7: return rows_times<7>(N, K, A, lda, B, ldb, C, ldc);
-    default: return rows_times<8>(N, K, A, lda, B, ldb, C, ldc);
+    case 1: return rows_times<1, TB>(N, K, A, lda, B, ldb, C, ldc);
+    case 2: return rows_times<2, TB>(N, K, A, lda, B, ldb, C, ldc);
+    case 3: return rows_times<3, TB>(N, K, A, lda, B, ldb, C, ldc);
+    case 4: return rows_times<4, TB>(N, K, A, lda, B, ldb, C, ldc);
+    case 5: return rows_times<5, TB>(N, K, A, lda, B, ldb, C, ldc);
+    case 6: return rows_times<6, TB>(N, K, A, lda, B, ldb, C, ldc);
+    case 7: return rows_times<7, TB>(N, K, A, lda, B, ldb, C, ldc);
+    default: return rows_times<8, TB>(N, K, A, lda, B, ldb, C, ldc);
   }
+}
+
+} // namespace
+
+void gemm_few_rows(bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
+                   int ldc) {
+  few_rows(transpose_b, M, N, K, A, lda, B, ldb, C, ldc);
+}
+
+void gemm_few_rows(bool transpose_b, int M, int N, int K, const float* A, int lda, const uint16_t* B, int ldb,
+                   float* C, int ldc) {
+  few_rows(transpose_b, M, N, K, A, lda, B, ldb, C, ldc);
 }
 
 void gemm_serial(bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,

@@ -61,31 +61,6 @@ namespace {
 
 // ------------------------------------------------------------------ the shared decoders
 
-inline float half_to_float(uint16_t h) { // exact IEEE half -> float, subnormals included
-#if defined(__F16C__)
-  return _cvtsh_ss(h); // one instruction; the scalar path below costs a branchy dozen per block
-#endif
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
-  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
-  if (exp == 0x1F) {
-    bits = sign | 0x7F800000 | (man << 13);
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112) << 23) | (man << 13);
-  } else if (man == 0) {
-    bits = sign;
-  } else { // subnormal: normalize
-    int e = -1;
-    do {
-      ++e;
-      man <<= 1;
-    } while ((man & 0x400) == 0);
-    bits = sign | static_cast<uint32_t>(112 - e) << 23 | ((man & 0x3FF) << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
 #define QDEV
 #define QTHR
 #define QFN static inline
@@ -363,36 +338,6 @@ struct Q8Rows {
   Q8Row row(int b) const {
     return {q.data() + static_cast<long>(b) * I, d.data() + static_cast<long>(b) * I / qk,
             s.data() + static_cast<long>(b) * I / 16};
-  }
-
-  static uint16_t float_to_half(float f) { // round to nearest even, for positive normal-range scales
-    uint32_t x;
-    std::memcpy(&x, &f, 4);
-    const uint32_t sign = (x >> 16) & 0x8000;
-    const int exp = static_cast<int>((x >> 23) & 0xFF) - 127 + 15;
-    uint32_t man = x & 0x7FFFFF;
-    if (exp >= 31) {
-      return static_cast<uint16_t>(sign | 0x7C00);
-    }
-    if (exp <= 0) { // subnormal half or zero
-      if (exp < -10) {
-        return static_cast<uint16_t>(sign);
-      }
-      man |= 0x800000;
-      const int shift = 14 - exp;
-      uint32_t h = man >> shift;
-      const uint32_t rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
-      if (rem > half || (rem == half && (h & 1))) {
-        ++h;
-      }
-      return static_cast<uint16_t>(sign | h);
-    }
-    uint32_t h = (static_cast<uint32_t>(exp) << 10) | (man >> 13);
-    const uint32_t rem = man & 0x1FFF;
-    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) {
-      ++h; // a carry into the exponent is the right rounding too
-    }
-    return static_cast<uint16_t>(sign | h);
   }
 };
 

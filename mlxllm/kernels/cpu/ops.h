@@ -129,6 +129,10 @@ constexpr int kFewRows = 8;
 constexpr int kSumTerms = 256;
 void gemm_few_rows(bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
                    int ldc);
+// The same with B's entries float16 bits (a KV cache stored as halves), each widened exactly
+// as read: the same sums as B's float32 copy gives.
+void gemm_few_rows(bool transpose_b, int M, int N, int K, const float* A, int lda, const uint16_t* B, int ldb,
+                   float* C, int ldc);
 
 // One row's RMS norm, y = w * x / sqrt(mean(x^2) + eps) over D entries (activation.cpp;
 // y may be x).
@@ -201,10 +205,12 @@ inline mx::array gathered(mx::cpu::CommandEncoder& enc, const mx::array& a) {
   enc.add_temporary(copy);
   if (a.itemsize() == 4) {
     enc.dispatch([a, dst = copy.data<uint32_t>()]() { gather_rows(a, dst); });
+  } else if (a.itemsize() == 2) {
+    enc.dispatch([a, dst = copy.data<uint16_t>()]() { gather_rows(a, dst); });
   } else if (a.itemsize() == 1) {
     enc.dispatch([a, dst = copy.data<uint8_t>()]() { gather_rows(a, dst); });
   } else {
-    throw std::invalid_argument("[mlxllm_cpu] inputs must have 4- or 1-byte elements");
+    throw std::invalid_argument("[mlxllm_cpu] inputs must have 4-, 2- or 1-byte elements");
   }
   return copy;
 }

@@ -9,6 +9,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 namespace mlxllm_cpu {
 
 // How far ahead of a weight stream the kernels ask for memory. The hardware prefetcher
@@ -37,9 +41,101 @@ inline V load(const void* p) {
   return v;
 }
 
+// 8 floats, or 8 halves widened exactly.
+inline f32x8 load8(const float* p) {
+  return load<f32x8>(p);
+}
+inline f32x8 load8(const uint16_t* p) {
+  f32x8 v;
+#if defined(__F16C__)
+  const __m256 wide = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  std::memcpy(&v, &wide, sizeof(v));
+#else
+  for (int j = 0; j < 8; ++j) {
+    v[j] = half_to_float(p[j]);
+  }
+#endif
+  return v;
+}
+
 template <typename V>
 inline void store(void* p, V v) {
   std::memcpy(p, &v, sizeof(V));
+}
+
+// IEEE half precision (GGUF's F16, a KV cache stored as float16) to float: exact,
+// subnormals included.
+inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h); // one instruction; the scalar path below costs a branchy dozen
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000 | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else { // subnormal: normalize
+    int e = -1;
+    do {
+      ++e;
+      man <<= 1;
+    } while ((man & 0x400) == 0);
+    bits = sign | static_cast<uint32_t>(112 - e) << 23 | ((man & 0x3FF) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+// Float to half, rounded to nearest even as MLX's astype(float16) rounds; overflow to
+// infinity, NaN stays NaN.
+inline uint16_t float_to_half(float f) {
+#if defined(__F16C__)
+  return static_cast<uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
+#else
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000;
+  if (((x >> 23) & 0xFF) == 0xFF) {
+    return static_cast<uint16_t>(sign | 0x7C00 | ((x & 0x7FFFFF) ? 0x200 : 0));
+  }
+  const int exp = static_cast<int>((x >> 23) & 0xFF) - 127 + 15;
+  uint32_t man = x & 0x7FFFFF;
+  if (exp >= 31) {
+    return static_cast<uint16_t>(sign | 0x7C00);
+  }
+  if (exp <= 0) { // subnormal half or zero
+    if (exp < -10) {
+      return static_cast<uint16_t>(sign);
+    }
+    man |= 0x800000;
+    const int shift = 14 - exp;
+    uint32_t h = man >> shift;
+    const uint32_t rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (h & 1))) {
+      ++h;
+    }
+    return static_cast<uint16_t>(sign | h);
+  }
+  uint32_t h = (static_cast<uint32_t>(exp) << 10) | (man >> 13);
+  const uint32_t rem = man & 0x1FFF;
+  if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) {
+    ++h; // a carry into the exponent is the right rounding too
+  }
+  return static_cast<uint16_t>(sign | h);
+#endif
+}
+
+// Kernels that read float32 or float16 rows (a KV cache's storage) read them through these.
+inline float to_float(float x) {
+  return x;
+}
+inline float to_float(uint16_t h) {
+  return half_to_float(h);
 }
 
 // Not `f32x8{} + x`: 0 + -0 is +0, and dequantizing must keep the sign of a zero bias.
