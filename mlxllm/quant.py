@@ -206,7 +206,7 @@ def keeps_blocks_on_cpu(qtype: T, shape: tuple[int, ...]) -> bool:
             return False
     elif QUANT_TABLE.get(qtype, FLOAT).kind not in ("affine", "mxfp4", "packed"):
         return False
-    if len(shape) == 3:  # experts: gguf_gather_matvec multiplies float activations only
+    if len(shape) == 3:  # experts: gguf_gather_matmul multiplies float activations only
         return cpu.gguf_float_kernel(int(qtype))
     if choice == "all":
         return cpu.gguf_has_kernel(int(qtype))

@@ -149,7 +149,7 @@ def test_gather_matvec_reads_the_chosen_experts(qtype, isa, activations):
     w64 = gq.dequantize(raw, qtype).astype(np.float64).reshape(E, out, cols)
     x = np.random.default_rng(11).standard_normal((3, cols)).astype(np.float32)
     indices = np.array([[4, 0], [2, 2], [1, E]], np.int32)
-    ours = np.array(K.gguf_gather_matvec(mx.array(x), mx.array(raw.reshape(E, out, -1)), int(qtype), _table(qtype),
+    ours = np.array(K.gguf_gather_matmul(mx.array(x), mx.array(raw.reshape(E, out, -1)), int(qtype), _table(qtype),
                                          mx.array(indices), activations))
     x64 = _activations(x, qtype, activations)
     assert ours.shape == (3, 2, out)
@@ -162,6 +162,36 @@ def test_gather_matvec_reads_the_chosen_experts(qtype, isa, activations):
             ref = w64[e] @ x64[n]
             tol = 2e-5 * (np.abs(w64[e]) @ np.abs(x64[n])) + 1e-6
             assert (np.abs(ours[n, j] - ref) <= tol).all(), (n, j, np.abs(ours[n, j] - ref).max())
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q4_0, Q.IQ2_XS], ids=lambda t: t.name)
+@pytest.mark.parametrize("activations", ["float", "int16"])
+def test_gather_matmul_groups_a_prompts_rows_by_expert(qtype, activations):
+    """More than 16 rows: the op groups the (row, choice) slots by expert and multiplies each
+    expert's rows as gguf_matmul multiplies those rows gathered (the matvec for an expert
+    with up to 16 rows, tiles and a GEMM past that), bit for bit; an expert chosen by no row
+    is skipped, an index past the experts is NaN. 150 output rows: tiles of 64 and a tail."""
+    E, out, N, k = 6, 150, 40, 3
+    raw, cols = _weight(qtype, E * out, 2 if GGML_QUANT_SIZES[qtype][0] == 256 else 9, seed=12)
+    experts = mx.array(raw.reshape(E, out, -1))
+    x = mx.array(np.random.default_rng(12).standard_normal((N, cols)).astype(np.float32))
+    rng = np.random.default_rng(13)
+    # experts 0, 2 and 5: 40, 30 and 28 rows (GEMMs); 1 and 3: 10 and 12 (matvecs); 4: none; 6: invalid
+    indices = np.stack([np.zeros(N, np.int32), rng.permutation([1] * 10 + [2] * 30),
+                        rng.permutation([3] * 12 + [5] * 28)], axis=1).astype(np.int32)
+    indices[7, 2] = E
+    ours = K.gguf_gather_matmul(x, experts, int(qtype), _table(qtype), mx.array(indices), activations)
+    assert ours.shape == (N, k, out)
+    ours = np.array(ours)
+    counts = {e: int((indices == e).sum()) for e in range(E)}
+    assert counts[0] > 16 and 0 < counts[1] <= 16 and counts[4] == 0 and counts[5] > 16
+    for e in range(E):
+        slots = np.argwhere(indices == e)  # (row, choice) pairs in slot order
+        if not len(slots):
+            continue
+        want = np.array(K.gguf_matmul(x[mx.array(slots[:, 0])], experts[e], int(qtype), _table(qtype), activations))
+        assert np.array_equal(ours[slots[:, 0], slots[:, 1]], want), e
+    assert np.isnan(ours[7, 2]).all() and not np.isnan(np.delete(ours.reshape(N * k, out), 7 * k + 2, 0)).any()
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q6_K, Q.IQ4_XS, Q.Q3_K], ids=lambda t: t.name)
@@ -322,17 +352,17 @@ def test_bad_arguments_raise():
     w, x = mx.array(raw), mx.zeros((1, cols))
     experts, choice = w.reshape(2, 2, -1), mx.zeros((1, 1), mx.int32)
     with pytest.raises(ValueError, match="must be uint8 \\(experts"):
-        K.gguf_gather_matvec(x, w, int(Q.Q4_K), _table(Q.Q4_K), choice)
+        K.gguf_gather_matmul(x, w, int(Q.Q4_K), _table(Q.Q4_K), choice)
     with pytest.raises(ValueError, match="do not hold"):
-        K.gguf_gather_matvec(mx.zeros((1, cols - 32)), experts, int(Q.Q4_K), _table(Q.Q4_K), choice)
+        K.gguf_gather_matmul(mx.zeros((1, cols - 32)), experts, int(Q.Q4_K), _table(Q.Q4_K), choice)
     with pytest.raises(ValueError, match="indices"):
-        K.gguf_gather_matvec(x, experts, int(Q.Q4_K), _table(Q.Q4_K), mx.zeros((2, 1), mx.int32))
+        K.gguf_gather_matmul(x, experts, int(Q.Q4_K), _table(Q.Q4_K), mx.zeros((2, 1), mx.int32))
     with pytest.raises(ValueError, match="indices"):
-        K.gguf_gather_matvec(x, experts, int(Q.Q4_K), _table(Q.Q4_K), mx.zeros((1, 1), mx.float32))
+        K.gguf_gather_matmul(x, experts, int(Q.Q4_K), _table(Q.Q4_K), mx.zeros((1, 1), mx.float32))
     with pytest.raises(ValueError, match="32-bit"):  # 2**32 + 1 would wrap onto expert 1
-        K.gguf_gather_matvec(x, experts, int(Q.Q4_K), _table(Q.Q4_K), mx.array([[2**32 + 1]], mx.int64))
+        K.gguf_gather_matmul(x, experts, int(Q.Q4_K), _table(Q.Q4_K), mx.array([[2**32 + 1]], mx.int64))
     with pytest.raises(ValueError, match="must be uint8 \\(experts"):
-        K.gguf_gather_matvec(x, experts.astype(mx.float32), int(Q.Q4_K), _table(Q.Q4_K), choice)
+        K.gguf_gather_matmul(x, experts.astype(mx.float32), int(Q.Q4_K), _table(Q.Q4_K), choice)
     with pytest.raises(ValueError, match="no CPU kernel"):
         K.gguf_matmul(x, w, int(Q.Q8_1), _table(Q.Q4_K))
     with pytest.raises(ValueError, match="do not hold"):

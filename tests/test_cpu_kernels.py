@@ -437,3 +437,21 @@ def test_strided_inputs_are_read_in_place_of_copies(view):
     ka, va = (mx.random.normal((2, 2, 6, 16), key=mx.random.key(n))[:, :, :4] for n in (19, 20))  # a cache's slice
     keep = mx.random.uniform(shape=(2, 3, 4), key=mx.random.key(22)) > 0.3
     same(lambda q, k, v, m: K.attention(q, k, v, 0.5, False, m), qa, ka, va, keep)
+
+
+@needs_kernels
+@pytest.mark.parametrize("N,k,D", [(1, 8, 2048), (5, 2, 13), (3, 1, 40)])
+def test_expert_sum_is_the_multiply_and_adds_bit_for_bit(N, k, D):
+    """The experts' weighted sum as one op: each product rounded, then added in order of the
+    choice, exactly as MLX's multiply and chain of adds give it (no fused multiply-add), a
+    tail shorter than 8 included; without weights, the plain sum in order."""
+    y = mx.random.normal((N, k, D), key=mx.random.key(100)) * 3
+    weights = mx.softmax(mx.random.normal((N, k), key=mx.random.key(101)), axis=-1)
+    products = y * weights[..., None]
+    want, plain = products[:, 0], y[:, 0]
+    for j in range(1, k):
+        want, plain = want + products[:, j], plain + y[:, j]
+    assert mx.array_equal(K.expert_sum(y, weights), want).item()
+    assert mx.array_equal(kernels.expert_sum(y), plain).item()
+    with pytest.raises(ValueError, match=r"\(N, k\)"):
+        K.expert_sum(y, weights[:, :1] if k > 1 else weights[:1])

@@ -332,17 +332,15 @@ def _by_expert(x: mx.array, indices: mx.array, product) -> mx.array:
 
 
 def _gather_blocks_cpu(x: mx.array, w: QuantizedTensor, indices: mx.array) -> mx.array:
-    """`gather_matmul` over experts kept as GGUF blocks (E, out, bytes per row): few rows
-    read each chosen expert's rows in place; more rows go to each chosen expert's own
-    `gguf_matmul` (its rows' matvec, or dequantized tiles and BLAS past 16): no float copy
-    of an expert, and a row's result the same whichever way its prompt was chunked."""
-    qtype, table = int(w.qtype), _table(w.qtype)
+    """`gather_matmul` over experts kept as GGUF blocks (E, out, bytes per row), one op: few
+    rows read each chosen expert's rows in place; more rows are grouped by expert inside it,
+    each expert's multiplied as `gguf_matmul` multiplies them (its rows' matvec, or
+    dequantized tiles and BLAS past 16): no float copy of an expert, and a row's result the
+    same whichever way its prompt was chunked."""
     # int8 mode's integer dots have no experts' kernel: its experts multiply floats
     activations = "int16" if getattr(w, "activations", "float") == "int16" else "float"
-    if x.shape[0] <= CPU_MATVEC_ROWS:
-        return cpu.KERNELS.gguf_gather_matvec(x, w.weight, qtype, table, indices, activations).astype(x.dtype)
-    return _by_expert(x, indices, lambda e, rows: cpu.KERNELS.gguf_matmul(
-        rows, w.weight[e], qtype, table, activations).astype(x.dtype))
+    return cpu.KERNELS.gguf_gather_matmul(x, w.weight, int(w.qtype), _table(w.qtype), indices,
+                                          activations).astype(x.dtype)
 
 
 def _gather_matmul_cpu(x: mx.array, parts: list[Part], indices: mx.array) -> mx.array:
@@ -564,6 +562,22 @@ def gated(gate: mx.array, up: mx.array, activation: str) -> mx.array:
         return kernels.gated_activation(gate, up, activation).astype(gate.dtype)
     act = nn.silu if activation == "silu" else nn.gelu_approx
     return act(gate) * up
+
+
+def expert_sum(y: mx.array, weights: mx.array | None = None) -> mx.array:
+    """y (N, k, D) -> (N, D): the k expert outputs of each row, each times its weight (N, k)
+    where given, added in order (llama.cpp's order), each product rounded before its add.
+    One op on the CPU where a decode step had ~2k graph nodes (the slices and adds)."""
+    kernels = cpu.active()
+    if kernels is not None:
+        ones = weights if weights is not None else mx.ones(y.shape[:2], mx.float32)
+        return kernels.expert_sum(y, ones).astype(y.dtype)
+    if weights is not None:
+        y = y * weights[..., None].astype(y.dtype)
+    out = y[:, 0]
+    for j in range(1, y.shape[1]):
+        out = out + y[:, j]
+    return out
 
 
 def embed(ids: mx.array, w: QuantizedTensor) -> mx.array:

@@ -80,11 +80,7 @@ class HybridBlock(Block):
         chosen, weights = route(self.ffn_gate_inp(flat), moe, bias)  # (N, k)
         h = activate(self.ffn_up_exps(flat, chosen), moe.activation)  # (N, k, ff)
         y = self.ffn_down_exps(h.reshape(-1, h.shape[-1]), chosen.reshape(-1, 1)).reshape(-1, moe.n_used, D)
-        y = y * weights[..., None].astype(y.dtype)
-        out = y[:, 0]
-        for j in range(1, moe.n_used):  # llama.cpp's order of addition
-            out = out + y[:, j]
-        out = out.reshape(B, L, D)
+        out = kernels.expert_sum(y, weights).reshape(B, L, D)  # weighted, added in llama.cpp's order
         if "ffn_up_shexp" in self:
             out = out + self.ffn_down_shexp(activate(self.ffn_up_shexp(x), moe.activation))
         return out

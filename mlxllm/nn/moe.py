@@ -104,9 +104,6 @@ def experts(block: nn.Module, x: mx.array, args: MoEArgs) -> mx.array:
     h = gate(block.ffn_gate_exps(flat, chosen), up, args.activation) if "ffn_gate_exps" in block \
         else nn.silu(up)
     y = block.ffn_down_exps(h.reshape(-1, h.shape[-1]), chosen.reshape(-1, 1)).reshape(N, args.n_used, D)
-    if not args.weight_input:
-        y = y * weights[..., None].astype(y.dtype)  # (N, k, D)
-    out = y[:, 0]
-    for j in range(1, args.n_used):  # llama.cpp's order of addition
-        out = out + y[:, j]
+    # weighted (where the weights did not already scale the inputs), added in llama.cpp's order
+    out = kernels.expert_sum(y, None if args.weight_input else weights)
     return out.reshape(B, L, D)

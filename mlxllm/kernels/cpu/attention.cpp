@@ -276,9 +276,9 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     const int T = k.shape(2);
     const auto &qs = q.strides(), &ks = k.strides(), &vs = v.strides();
     attend<float>({q.data<float>(), k.data<float>(), v.data<float>(), {qs[0], qs[1], qs[2]}, {ks[0], ks[1]},
-            {vs[0], vs[1]}, T > 1 ? ks[2] : k.shape(3), T > 1 ? vs[2] : v.shape(3), q.shape(0), q.shape(1),
-            q.shape(2), q.shape(3), k.shape(1), T, v.shape(3), in.size() > 3 ? in[3].data<bool>() : nullptr,
-            in.size() > 3 && in[3].ndim() == 3, scale, causal, out.data<float>()});
+                   {vs[0], vs[1]}, T > 1 ? ks[2] : k.shape(3), T > 1 ? vs[2] : v.shape(3), q.shape(0), q.shape(1),
+                   q.shape(2), q.shape(3), k.shape(1), T, v.shape(3), in.size() > 3 ? in[3].data<bool>() : nullptr,
+                   in.size() > 3 && in[3].ndim() == 3, scale, causal, out.data<float>()});
   });
 }
 

@@ -30,11 +30,12 @@ NB_MODULE(_cpu, m) {
   m.def("gated_activation", &mlxllm_cpu::gated_activation, "gate"_a, "up"_a, "kind"_a, nb::kw_only(),
         "stream"_a = nb::none());
   m.def("rms_norm", &mlxllm_cpu::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none());
+  m.def("expert_sum", &mlxllm_cpu::expert_sum, "y"_a, "weights"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("rope", &mlxllm_cpu::rope, "x"_a, "cos"_a, "sin"_a, "traditional"_a, nb::kw_only(),
         "stream"_a = nb::none());
   m.def("gguf_matmul", &mlxllm_cpu::gguf_matmul, "x"_a, "w"_a, "qtype"_a, "table"_a, "activations"_a = "float",
         nb::kw_only(), "stream"_a = nb::none());
-  m.def("gguf_gather_matvec", &mlxllm_cpu::gguf_gather_matvec, "x"_a, "w"_a, "qtype"_a, "table"_a, "indices"_a,
+  m.def("gguf_gather_matmul", &mlxllm_cpu::gguf_gather_matmul, "x"_a, "w"_a, "qtype"_a, "table"_a, "indices"_a,
         "activations"_a = "float", nb::kw_only(), "stream"_a = nb::none());
   m.def("gguf_dequantize", &mlxllm_cpu::gguf_dequantize, "w"_a, "qtype"_a, "in_features"_a, "table"_a,
         nb::kw_only(), "stream"_a = nb::none());

@@ -1619,6 +1619,63 @@ void dots_decoded(const float* const* v, const float* const* x, int mr, int nr, 
 
 constexpr int kMatvecRows = 16; // up to this many activation rows the matvec runs
 
+// A product's activation rows as decode's kernels read them: float rows, and in int16 mode
+// (q16 set) their 16-bit blocks.
+struct ActivationRows {
+  const float* const* xs;
+  const Q16Row* q16;
+  int B;
+};
+
+// y[b * ldy + o] = W[o] . x[b] for n weight rows (row_bytes apart from w), in float or int16
+// activations, on this thread: the work matvec's threads split, and an expert's in
+// gather_matmul. Every output is summed the same whatever n and the rows' offsets.
+void matvec_rows(int t, const TypeInfo& info, const ActivationRows& x, const uint8_t* w, const uint8_t* table,
+                 float* y, long ldy, int I, long n) {
+  const int nb = I / info.qk, B = x.B;
+  const long row_bytes = static_cast<long>(nb) * info.bytes;
+  if (x.q16 != nullptr) {
+    for (int b0 = 0; b0 < B; b0 += kQ16Rows) {
+      q16_rows(t, w, row_bytes, 0, n, x.q16 + b0, std::min(kQ16Rows, B - b0), nb, table, y + b0 * ldy, ldy);
+    }
+    return;
+  }
+  if (float_kernel(t) && B <= kFusedRows) { // each weight row's blocks meet every x as they unpack
+    const int together = fused_weight_rows(B);
+    float out[kFusedRows * fused_weight_rows(1)];
+    for (long o = 0; o < n;) {
+      const int nw = static_cast<int>(std::min<long>(together, n - o));
+      fused_dots(t, w + o * row_bytes, row_bytes, nw, x.xs, B, nb, table, out);
+      for (int m = 0; m < nw; ++m, ++o) {
+        for (int b = 0; b < B; ++b) {
+          y[b * ldy + o] = out[m * B + b];
+        }
+      }
+    }
+    return;
+  }
+  // More rows: kTileM weight rows decoded to floats (in L1), then register tiles over x.
+  std::vector<float> v(static_cast<size_t>(kTileM) * I);
+  const float* vs[kTileM];
+  float out[kTileM * kTileN];
+  for (long o0 = 0; o0 < n; o0 += kTileM) {
+    const int mr = static_cast<int>(std::min<long>(kTileM, n - o0));
+    for (int m = 0; m < mr; ++m) {
+      vs[m] = v.data() + static_cast<long>(m) * I;
+      decode_row(t, info, w + (o0 + m) * row_bytes, table, v.data() + static_cast<long>(m) * I, I);
+    }
+    for (int b0 = 0, nr; b0 < B; b0 += nr) {
+      nr = B - b0 == 4 ? 2 : std::min(kTileN, B - b0); // 4 rows as 2 + 2, not 3 + a lone 1
+      dots_decoded(vs, x.xs + b0, mr, nr, I, out);
+      for (int m = 0; m < mr; ++m) {
+        for (int r = 0; r < nr; ++r) {
+          y[(b0 + r) * ldy + o0 + m] = out[m * nr + r];
+        }
+      }
+    }
+  }
+}
+
 void matvec(int t, const TypeInfo& info, const float* x, const uint8_t* w, const uint8_t* table, float* y, int B,
             int I, int O, Activations act) {
   const int nb = I / info.qk;
@@ -1626,62 +1683,20 @@ void matvec(int t, const TypeInfo& info, const float* x, const uint8_t* w, const
   if (B == 0) {
     return;
   }
-  if (act == Activations::INT16 && q16_kernel(t)) {
-    const Q16Rows q16(x, B, I);
-    std::vector<Q16Row> rows;
-    for (int b = 0; b < B; ++b) {
-      rows.push_back(q16.row(b));
-    }
-    parallel_ranges(O, row_bytes * B, [&](long r0, long r1) {
-      for (int b0 = 0; b0 < B; b0 += kQ16Rows) {
-        q16_rows(t, w, row_bytes, r0, r1, rows.data() + b0, std::min(kQ16Rows, B - b0), nb, table,
-                 y + static_cast<long>(b0) * O, O);
-      }
-    });
-    return;
-  }
   if (info.path == Path::FLOAT || act != Activations::INT8) {
+    const bool int16 = act == Activations::INT16 && q16_kernel(t);
+    const Q16Rows q16(x, int16 ? B : 0, I);
+    std::vector<Q16Row> rows;
     std::vector<const float*> xs(B);
     for (int b = 0; b < B; ++b) {
       xs[b] = x + static_cast<long>(b) * I;
-    }
-    if (float_kernel(t) && B <= kFusedRows) { // each weight row's blocks meet every x as they unpack
-      const int together = fused_weight_rows(B);
-      parallel_ranges(O, row_bytes * B, [&](long r0, long r1) {
-        float out[kFusedRows * fused_weight_rows(1)];
-        for (long o = r0; o < r1;) {
-          const int nw = static_cast<int>(std::min<long>(together, r1 - o));
-          fused_dots(t, w + o * row_bytes, row_bytes, nw, xs.data(), B, nb, table, out);
-          for (int m = 0; m < nw; ++m, ++o) {
-            for (int b = 0; b < B; ++b) {
-              y[static_cast<long>(b) * O + o] = out[m * B + b];
-            }
-          }
-        }
-      });
-      return;
-    }
-    // More rows: kTileM weight rows decoded to floats (in L1), then register tiles over x.
-    parallel_ranges(O, row_bytes * B, [&](long r0, long r1) {
-      std::vector<float> v(static_cast<size_t>(kTileM) * I);
-      const float* vs[kTileM];
-      float out[kTileM * kTileN];
-      for (long o0 = r0; o0 < r1; o0 += kTileM) {
-        const int mr = static_cast<int>(std::min<long>(kTileM, r1 - o0));
-        for (int m = 0; m < mr; ++m) {
-          vs[m] = v.data() + static_cast<long>(m) * I;
-          decode_row(t, info, w + (o0 + m) * row_bytes, table, v.data() + static_cast<long>(m) * I, I);
-        }
-        for (int b0 = 0, nr; b0 < B; b0 += nr) {
-          nr = B - b0 == 4 ? 2 : std::min(kTileN, B - b0); // 4 rows as 2 + 2, not 3 + a lone 1
-          dots_decoded(vs, xs.data() + b0, mr, nr, I, out);
-          for (int m = 0; m < mr; ++m) {
-            for (int r = 0; r < nr; ++r) {
-              y[static_cast<long>(b0 + r) * O + o0 + m] = out[m * nr + r];
-            }
-          }
-        }
+      if (int16) {
+        rows.push_back(q16.row(b));
       }
+    }
+    const ActivationRows in{xs.data(), int16 ? rows.data() : nullptr, B};
+    parallel_ranges(O, row_bytes * B, [&](long r0, long r1) {
+      matvec_rows(t, info, in, w + r0 * row_bytes, table, y + r0, O, I, r1 - r0);
     });
     return;
   }
@@ -1822,6 +1837,93 @@ void matmul_tiles(int t, const TypeInfo& info, const float* x, const uint8_t* w,
   });
 }
 
+// Prefill's experts: y[slot] = x[slot / k] @ W[e].T, e = indices[slot], W (E, O, bytes per
+// row), for more than kMatvecRows rows. Each chosen expert multiplies its rows together as
+// gguf_matmul multiplies a block of rows (the matvec up to kMatvecRows rows, else
+// dequantized tiles of kTileRows weight rows and one GEMM each, the activations rounded as
+// decode rounds them): the products of gathering each expert's rows and multiplying them,
+// bit for bit, without the gathers, joins and reading of the choices on the host that
+// grouping rows in MLX ops took. The threads claim (expert, tile) units over all experts.
+void gather_matmul(int t, const TypeInfo& info, const float* x, const uint8_t* w, const uint8_t* table,
+                   const uint32_t* indices, float* y, int N, int k, int I, int O, int E, Activations act) {
+  const long slots = static_cast<long>(N) * k, row_bytes = static_cast<long>(I / info.qk) * info.bytes;
+  // The slots grouped by expert, in order within each (a counting sort): expert e's are
+  // order[first[e]..first[e + 1]).
+  std::vector<long> first(static_cast<size_t>(E) + 1, 0), order(slots);
+  for (long s = 0; s < slots; ++s) {
+    if (indices[s] < static_cast<uint32_t>(E)) {
+      ++first[indices[s] + 1];
+    } else { // no such expert: a visible NaN, never a stray read
+      std::fill(y + s * O, y + (s + 1) * O, std::numeric_limits<float>::quiet_NaN());
+    }
+  }
+  for (int e = 0; e < E; ++e) {
+    first[e + 1] += first[e];
+  }
+  std::vector<long> next(first.begin(), first.end() - 1);
+  for (long s = 0; s < slots; ++s) {
+    if (indices[s] < static_cast<uint32_t>(E)) {
+      order[next[indices[s]]++] = s;
+    }
+  }
+  std::vector<int> chosen;
+  for (int e = 0; e < E; ++e) {
+    if (first[e + 1] > first[e]) {
+      chosen.push_back(e);
+    }
+  }
+  const bool int16 = act == Activations::INT16 && q16_kernel(t);
+  const Q16Rows q16(x, int16 ? N : 0, I);
+  const std::vector<float> rounded = int16 ? q16.dequantized() : std::vector<float>();
+  const float* xs = int16 ? rounded.data() : x; // as matmul_tiles multiplies them
+  const long tiles = (O + kTileRows - 1) / kTileRows;
+  const long rows_per_expert = chosen.empty() ? 0 : slots / static_cast<long>(chosen.size());
+  parallel_ranges(static_cast<long>(chosen.size()) * tiles, 4L * rows_per_expert * I + kTileRows * row_bytes,
+                  [&](long u0, long u1) {
+    std::vector<float> a, buf, out;
+    std::vector<const float*> row_ptrs;
+    std::vector<Q16Row> q16_rows_of;
+    int current = -1;
+    for (long u = u0; u < u1; ++u) {
+      const int e = chosen[u / tiles];
+      const long* rows = order.data() + first[e];
+      const int R = static_cast<int>(first[e + 1] - first[e]);
+      if (e != current) { // this expert's rows, as its matvec or its GEMM reads them
+        current = e;
+        row_ptrs.clear();
+        q16_rows_of.clear();
+        a.resize(R <= kMatvecRows ? 0 : static_cast<size_t>(R) * I);
+        for (int r = 0; r < R; ++r) {
+          const long n = rows[r] / k;
+          if (R > kMatvecRows) {
+            std::copy(xs + n * I, xs + (n + 1) * I, a.data() + static_cast<long>(r) * I);
+          } else {
+            row_ptrs.push_back(x + n * I);
+            if (int16) {
+              q16_rows_of.push_back(q16.row(static_cast<int>(n)));
+            }
+          }
+        }
+      }
+      const long o0 = u % tiles * kTileRows;
+      const int n = static_cast<int>(std::min<long>(kTileRows, O - o0));
+      const uint8_t* tile = w + (static_cast<long>(e) * O + o0) * row_bytes;
+      out.resize(static_cast<size_t>(R) * n);
+      if (R <= kMatvecRows) {
+        const ActivationRows in{row_ptrs.data(), int16 ? q16_rows_of.data() : nullptr, R};
+        matvec_rows(t, info, in, tile, table, out.data(), n, I, n);
+      } else {
+        buf.resize(static_cast<size_t>(n) * I);
+        dequantize_rows(t, info, tile, table, buf.data(), I, 0, n);
+        gemm_serial(true, R, n, I, a.data(), I, buf.data(), I, out.data(), n);
+      }
+      for (int r = 0; r < R; ++r) {
+        std::copy(out.data() + static_cast<long>(r) * n, out.data() + static_cast<long>(r + 1) * n, y + rows[r] * O + o0);
+      }
+    }
+  });
+}
+
 TypeInfo check_blocks(const mx::array& w, int qtype, int in_features, const char* op) {
   const std::string where = std::string("[") + op + "] ";
   TypeInfo info;
@@ -1900,9 +2002,9 @@ class GgufDequantize : public CpuPrimitive {
   int qtype_, in_;
 };
 
-class GgufGatherMatvec : public CpuPrimitive {
+class GgufGatherMatmul : public CpuPrimitive {
  public:
-  GgufGatherMatvec(mx::Stream s, int qtype, Activations act) : CpuPrimitive(s), qtype_(qtype), act_(act) {}
+  GgufGatherMatmul(mx::Stream s, int qtype, Activations act) : CpuPrimitive(s), qtype_(qtype), act_(act) {}
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto e = begin_eval(stream(), inputs, out);
     const auto &x = e.inputs[0], &w = e.inputs[1], &table = e.inputs[2], &idx = e.inputs[3];
@@ -1911,15 +2013,19 @@ class GgufGatherMatvec : public CpuPrimitive {
                         I = x.shape(1), O = w.shape(1), E = w.shape(0), t = qtype_, act = act_]() {
       TypeInfo info;
       type_info(t, info);
-      gather_matvec(t, info, xp, wp, tp, ip, yp, N, k, I, O, E, act);
+      if (N <= kMatvecRows) {
+        gather_matvec(t, info, xp, wp, tp, ip, yp, N, k, I, O, E, act);
+      } else {
+        gather_matmul(t, info, xp, wp, tp, ip, yp, N, k, I, O, E, act);
+      }
     });
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     return {{inputs[0].shape(0), inputs[3].shape(1), inputs[1].shape(1)}};
   }
-  const char* name() const override { return "GgufGatherMatvec"; }
+  const char* name() const override { return "GgufGatherMatmul"; }
   bool is_equivalent(const mx::Primitive& other) const override {
-    auto& o = static_cast<const GgufGatherMatvec&>(other);
+    auto& o = static_cast<const GgufGatherMatmul&>(other);
     return qtype_ == o.qtype_ && act_ == o.act_;
   }
 
@@ -1974,28 +2080,28 @@ mx::array gguf_matmul(const mx::array& x, const mx::array& w, int qtype, const m
   return mx::array(std::move(shape), mx::float32, std::make_shared<GgufMatmul>(stream, qtype, act), std::move(inputs));
 }
 
-mx::array gguf_gather_matvec(const mx::array& x, const mx::array& w, int qtype, const mx::array& table,
+mx::array gguf_gather_matmul(const mx::array& x, const mx::array& w, int qtype, const mx::array& table,
                              const mx::array& indices, const std::string& activations, mx::StreamOrDevice s) {
-  const char* op = "gguf_gather_matvec";
+  const char* op = "gguf_gather_matmul";
   const Activations act = activations_of(activations, op);
   if (x.ndim() != 2) {
-    throw std::invalid_argument("[gguf_gather_matvec] x must be (rows, in_features)");
+    throw std::invalid_argument("[gguf_gather_matmul] x must be (rows, in_features)");
   }
   if (w.ndim() != 3 || w.dtype() != mx::uint8 || w.shape(2) == 0) {
-    throw std::invalid_argument("[gguf_gather_matvec] w must be uint8 (experts, rows, bytes per row)");
+    throw std::invalid_argument("[gguf_gather_matmul] w must be uint8 (experts, rows, bytes per row)");
   }
   check_blocks(mx::reshape(w, {-1, w.shape(2)}), qtype, x.shape(1), op);
   check_table(table, qtype, op);
   // 32-bit: the kernel reads uint32, and a wider index must not wrap onto a real expert
   if (indices.ndim() != 2 || indices.shape(0) != x.shape(0) || !mx::issubdtype(indices.dtype(), mx::integer) ||
       indices.itemsize() > 4) {
-    throw std::invalid_argument("[gguf_gather_matvec] indices must be 32-bit integers (rows, k)");
+    throw std::invalid_argument("[gguf_gather_matmul] indices must be 32-bit integers (rows, k)");
   }
   auto stream = cpu_stream(s, op);
   mx::Shape shape = {x.shape(0), indices.shape(1), w.shape(1)};
   std::vector<mx::array> inputs = {mx::astype(x, mx::float32, stream), w, mx::flatten(table, stream),
                                    mx::astype(indices, mx::uint32, stream)};
-  return mx::array(std::move(shape), mx::float32, std::make_shared<GgufGatherMatvec>(stream, qtype, act), std::move(inputs));
+  return mx::array(std::move(shape), mx::float32, std::make_shared<GgufGatherMatmul>(stream, qtype, act), std::move(inputs));
 }
 
 mx::array gguf_dequantize(const mx::array& w, int qtype, int in_features, const mx::array& table,

@@ -81,6 +81,10 @@ mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin, b
 
 // weight * x / sqrt(mean(x^2) + eps) over the last axis (mx.fast.rms_norm).
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s = {});
+// A mixture of experts' output: out (N, D)[n] = sum over j of y[n, j] * weights[n, j], for
+// y (N, k, D), added in order of j (llama.cpp's order), each product rounded before its add
+// (as the multiply and the adds would be as MLX ops: one op instead of ~2k graph nodes).
+mx::array expert_sum(const mx::array& y, const mx::array& weights, mx::StreamOrDevice s = {});
 
 // GGUF blocks as stored (gguf.cpp): w uint8 (out, bytes per row) of GGML type `qtype`
 // (its enum value), table the type's codebook bytes (kernels/source.py; any one byte for
@@ -93,7 +97,9 @@ mx::array gguf_matmul(const mx::array& x, const mx::array& w, int qtype, const m
 // Experts: y[n, j] = x[n] @ W[e].T for e = indices[n, j], w uint8 (experts, out, bytes per
 // row), only the chosen experts' rows read, float or (activations "int16") 16-bit activations
 // ("int8" multiplies floats); an index past the experts gives NaN. x (rows, in) -> (rows, k, out).
-mx::array gguf_gather_matvec(const mx::array& x, const mx::array& w, int qtype, const mx::array& table,
+// Up to 16 rows, each (row, choice) reads its expert's rows; more rows are grouped by expert,
+// each expert's multiplied together as gguf_matmul would multiply them.
+mx::array gguf_gather_matmul(const mx::array& x, const mx::array& w, int qtype, const mx::array& table,
                              const mx::array& indices, const std::string& activations = "float",
                              mx::StreamOrDevice s = {});
 // W as float32 (out, in_features), bit-exact to gguf-py's dequantize.
@@ -324,6 +330,17 @@ class Rope : public CpuPrimitive {
 
  private:
   bool traditional_;
+};
+
+class ExpertSum : public CpuPrimitive {
+ public:
+  explicit ExpertSum(mx::Stream s) : CpuPrimitive(s) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {{inputs[0].shape(0), inputs[0].shape(2)}};
+  }
+  const char* name() const override { return "ExpertSum"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
 class RmsNorm : public CpuPrimitive {
