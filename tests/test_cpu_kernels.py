@@ -455,3 +455,27 @@ def test_expert_sum_is_the_multiply_and_adds_bit_for_bit(N, k, D):
     assert mx.array_equal(kernels.expert_sum(y), plain).item()
     with pytest.raises(ValueError, match=r"\(N, k\)"):
         K.expert_sum(y, weights[:, :1] if k > 1 else weights[:1])
+
+
+@needs_kernels
+@pytest.mark.parametrize("gating,normalize,scale,biased", [("softmax", False, 1.0, False), ("softmax", True, 2.5, False),
+                                                           ("sigmoid", True, 1.0, True), ("softmax_weight", False, 1.0, False)])
+def test_moe_route_is_the_routing_ops(gating, normalize, scale, biased, monkeypatch):
+    """The routing as one op against nn.moe.route's MLX ops: the same experts in the same
+    order, weights within float rounding (the sums are ordered differently); NaN logits are
+    never chosen first; bad arguments are one-line errors."""
+    from mlxllm.nn.moe import MoEArgs, route
+
+    logits = mx.random.normal((7, 64), key=mx.random.key(110)) * 2
+    bias = mx.random.normal((64,), key=mx.random.key(111)) * 0.1 if biased else None
+    args = MoEArgs(64, 6, gating=gating, normalize=normalize, scale=scale)
+    chosen, weights = route(logits, args, bias)
+    monkeypatch.setattr(kernels, "moe_route", lambda *a: None)  # nn.moe.route's own ops
+    want_chosen, want_weights = route(logits, args, bias)
+    assert chosen.dtype == mx.uint32 and mx.array_equal(chosen, want_chosen).item()
+    assert mx.allclose(weights, want_weights, rtol=1e-5, atol=1e-7).item()
+    nan_row = mx.where(mx.arange(64) == 3, mx.nan, logits[0])[None]
+    assert 3 not in K.moe_route(nan_row, 6, "sigmoid", False, 1.0)[0].tolist()[0][:5]
+    for bad, match in [(("tanh",), "gating"), ((), "k")]:
+        with pytest.raises(ValueError, match=match):
+            K.moe_route(logits, 65 if not bad else 6, *(bad or ("softmax",)), False, 1.0)

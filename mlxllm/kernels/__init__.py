@@ -564,6 +564,17 @@ def gated(gate: mx.array, up: mx.array, activation: str) -> mx.array:
     return act(gate) * up
 
 
+def moe_route(logits: mx.array, k: int, gating: str, normalize: bool, scale: float,
+              bias: mx.array | None) -> tuple[mx.array, mx.array] | None:
+    """nn.moe.route without expert groups as one op on the CPU ((chosen, weights), each
+    (N, k)); None elsewhere, where the caller runs its MLX ops (a dozen graph nodes a layer)."""
+    kernels = cpu.active()
+    if kernels is None:
+        return None
+    chosen, weights = kernels.moe_route(logits, k, gating, normalize, scale, bias)
+    return chosen, weights
+
+
 def expert_sum(y: mx.array, weights: mx.array | None = None) -> mx.array:
     """y (N, k, D) -> (N, D): the k expert outputs of each row, each times its weight (N, k)
     where given, added in order (llama.cpp's order), each product rounded before its add.

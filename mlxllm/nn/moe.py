@@ -58,6 +58,11 @@ class SwitchLinear(nn.Module):
 
 def route(logits: mx.array, args: MoEArgs, selection_bias: mx.array | None) -> tuple[mx.array, mx.array]:
     """Router logits (N, E) -> (chosen experts (N, k) by descending score, their weights (N, k))."""
+    scale = 1.0 if args.scale in (0.0, 1.0) else args.scale
+    if args.n_groups <= 1 and not args.select_logits:
+        fused = kernels.moe_route(logits, args.n_used, args.gating, args.normalize, scale, selection_bias)
+        if fused is not None:
+            return fused
     logits = logits.astype(mx.float32)
     if args.gating == "softmax":
         probs = mx.softmax(logits, axis=-1, precise=True)
@@ -85,8 +90,8 @@ def route(logits: mx.array, args: MoEArgs, selection_bias: mx.array | None) -> t
         weights = mx.softmax(weights, axis=-1, precise=True)
     if args.normalize:
         weights = weights / mx.maximum(weights.sum(axis=-1, keepdims=True), NORM_MIN)
-    if args.scale not in (0.0, 1.0):
-        weights = weights * args.scale
+    if scale != 1.0:
+        weights = weights * scale
     return chosen, weights
 
 

@@ -1,4 +1,4 @@
-// Gated activations, RMSNorm and the experts' weighted sum, vectorized and threaded.
+// Gated activations, RMSNorm, and the experts' routing and weighted sum.
 //
 // MLX's CPU backend computes exp at ~12 ns per element on one thread: for a 512-token
 // prompt the feed-forward gates cost more than every matmul of the model together. These do
@@ -6,6 +6,8 @@
 // 511 x 640, ~7% of a Gemma prefill). Attention's softmax is in attention.cpp.
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <numeric>
 #include <stdexcept>
 
 #include "ops.h"
@@ -130,6 +132,132 @@ void ExpertSum::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
         weighted_rows(yp + n * k * D, wp + n * k, k, D, op + n * D);
       }
     });
+  });
+}
+
+namespace {
+
+// llama.cpp clamps the chosen weights' normalizing sum to fp16's smallest normal number
+constexpr float kNormMin = 6.103515625e-5f;
+
+// One row's routing (E router logits): the k chosen experts by descending score (ties to
+// the lower index; NaN never chosen first) and their weights.
+void route_row(const float* logits, const float* bias, int E, int k, int gating, bool normalize, float scale,
+               float* probs, int* order, uint32_t* chosen, float* weights) {
+  if (gating == MoeRoute::SOFTMAX) { // max-subtracted, the sum in double as ggml_soft_max's
+    float top = -std::numeric_limits<float>::infinity();
+    for (int e = 0; e < E; ++e) {
+      top = std::max(top, logits[e]);
+    }
+    double sum = 0.0;
+    for (int e = 0; e < E; ++e) {
+      probs[e] = std::exp(logits[e] - top);
+      sum += probs[e];
+    }
+    const float inv = static_cast<float>(1.0 / sum);
+    for (int e = 0; e < E; ++e) {
+      probs[e] *= inv;
+    }
+  } else if (gating == MoeRoute::SIGMOID) {
+    for (int e = 0; e < E; ++e) {
+      probs[e] = 1.f / (1.f + std::exp(-logits[e]));
+    }
+  } else { // SOFTMAX_WEIGHT: chosen on the logits, the softmax over the chosen below
+    std::copy(logits, logits + E, probs);
+  }
+  auto score = [&](int e) {
+    const float s = bias ? probs[e] + bias[e] : probs[e];
+    return std::isnan(s) ? -std::numeric_limits<float>::infinity() : s;
+  };
+  std::iota(order, order + E, 0);
+  std::partial_sort(order, order + k, order + E, [&](int a, int b) {
+    const float sa = score(a), sb = score(b);
+    return sa > sb || (sa == sb && a < b);
+  });
+  float sum = 0.f;
+  for (int j = 0; j < k; ++j) {
+    chosen[j] = static_cast<uint32_t>(order[j]);
+    weights[j] = probs[order[j]];
+  }
+  if (gating == MoeRoute::SOFTMAX_WEIGHT) {
+    const float top = *std::max_element(weights, weights + k);
+    double total = 0.0;
+    for (int j = 0; j < k; ++j) {
+      weights[j] = std::exp(weights[j] - top);
+      total += weights[j];
+    }
+    for (int j = 0; j < k; ++j) {
+      weights[j] *= static_cast<float>(1.0 / total);
+    }
+  }
+  if (normalize) {
+    for (int j = 0; j < k; ++j) {
+      sum += weights[j];
+    }
+    for (int j = 0; j < k; ++j) {
+      weights[j] /= std::max(sum, kNormMin);
+    }
+  }
+  if (scale != 1.f) {
+    for (int j = 0; j < k; ++j) {
+      weights[j] *= scale;
+    }
+  }
+}
+
+} // namespace
+
+std::vector<mx::array> moe_route(const mx::array& logits, int k, const std::string& gating, bool normalize,
+                                 float scale, const std::optional<mx::array>& bias, mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s, "moe_route");
+  int which;
+  if (gating == "softmax") {
+    which = MoeRoute::SOFTMAX;
+  } else if (gating == "sigmoid") {
+    which = MoeRoute::SIGMOID;
+  } else if (gating == "softmax_weight") {
+    which = MoeRoute::SOFTMAX_WEIGHT;
+  } else {
+    throw std::invalid_argument("[moe_route] gating must be softmax, sigmoid or softmax_weight");
+  }
+  if (logits.ndim() != 2 || k < 1 || k > logits.shape(1)) {
+    throw std::invalid_argument("[moe_route] logits must be (N, experts) and 1 <= k <= experts");
+  }
+  std::vector<mx::array> inputs = {mx::astype(logits, mx::float32, stream)};
+  if (bias) {
+    if (bias->ndim() != 1 || bias->shape(0) != logits.shape(1)) {
+      throw std::invalid_argument("[moe_route] bias must be (experts,)");
+    }
+    inputs.push_back(mx::astype(*bias, mx::float32, stream));
+  }
+  const mx::Shape shape = {logits.shape(0), k};
+  return mx::array::make_arrays({shape, shape}, {mx::uint32, mx::float32},
+                                std::make_shared<MoeRoute>(stream, k, which, normalize, scale), inputs);
+}
+
+void MoeRoute::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  std::vector<mx::array> in;
+  for (const auto& a : inputs) {
+    enc.set_input_array(a);
+    in.push_back(a.flags().row_contiguous ? a : gathered(enc, a));
+  }
+  for (auto& o : outputs) {
+    o.set_data(mx::allocator::malloc(o.nbytes()));
+    enc.set_output_array(o);
+  }
+  enc.dispatch([in = std::move(in), chosen = outputs[0], weights = outputs[1], k = k_, gating = gating_,
+                normalize = normalize_, scale = scale_]() mutable {
+    const auto& logits = in[0];
+    const int N = logits.shape(0), E = logits.shape(1);
+    const float* bias = in.size() > 1 ? in[1].data<float>() : nullptr;
+    std::vector<float> probs(E);
+    std::vector<int> order(E);
+    for (int n = 0; n < N; ++n) {
+      route_row(logits.data<float>() + static_cast<long>(n) * E, bias, E, k, gating, normalize, scale, probs.data(),
+                order.data(), chosen.data<uint32_t>() + static_cast<long>(n) * k,
+                weights.data<float>() + static_cast<long>(n) * k);
+    }
   });
 }
 

@@ -2,6 +2,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 
 #include "ops.h"
 #include "pool.h"
@@ -31,6 +32,8 @@ NB_MODULE(_cpu, m) {
         "stream"_a = nb::none());
   m.def("rms_norm", &mlxllm_cpu::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("expert_sum", &mlxllm_cpu::expert_sum, "y"_a, "weights"_a, nb::kw_only(), "stream"_a = nb::none());
+  m.def("moe_route", &mlxllm_cpu::moe_route, "logits"_a, "k"_a, "gating"_a, "normalize"_a, "scale"_a,
+        "bias"_a = nb::none(), nb::kw_only(), "stream"_a = nb::none());
   m.def("rope", &mlxllm_cpu::rope, "x"_a, "cos"_a, "sin"_a, "traditional"_a, nb::kw_only(),
         "stream"_a = nb::none());
   m.def("gguf_matmul", &mlxllm_cpu::gguf_matmul, "x"_a, "w"_a, "qtype"_a, "table"_a, "activations"_a = "float",

@@ -85,6 +85,14 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::S
 // y (N, k, D), added in order of j (llama.cpp's order), each product rounded before its add
 // (as the multiply and the adds would be as MLX ops: one op instead of ~2k graph nodes).
 mx::array expert_sum(const mx::array& y, const mx::array& weights, mx::StreamOrDevice s = {});
+// A mixture of experts' routing for the common gatings (nn.moe.route without expert groups):
+// logits (N, E) -> [chosen (N, k) uint32 by descending score, weights (N, k)]. gating:
+// "softmax" or "sigmoid" of the logits (scores = those plus `bias` where given, for choosing
+// only), or "softmax_weight" (chosen on the logits, weights the softmax over the chosen);
+// then normalized to sum 1 (the sum clamped as llama.cpp's) where asked, times scale.
+std::vector<mx::array> moe_route(const mx::array& logits, int k, const std::string& gating, bool normalize,
+                                 float scale, const std::optional<mx::array>& bias = std::nullopt,
+                                 mx::StreamOrDevice s = {});
 
 // GGUF blocks as stored (gguf.cpp): w uint8 (out, bytes per row) of GGML type `qtype`
 // (its enum value), table the type's codebook bytes (kernels/source.py; any one byte for
@@ -330,6 +338,30 @@ class Rope : public CpuPrimitive {
 
  private:
   bool traditional_;
+};
+
+class MoeRoute : public mx::Primitive {
+ public:
+  enum Gating { SOFTMAX, SIGMOID, SOFTMAX_WEIGHT };
+  MoeRoute(mx::Stream s, int k, int gating, bool normalize, float scale)
+      : mx::Primitive(s), k_(k), gating_(gating), normalize_(normalize), scale_(scale) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("[MoeRoute] has no GPU implementation");
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {{inputs[0].shape(0), k_}, {inputs[0].shape(0), k_}};
+  }
+  const char* name() const override { return "MoeRoute"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const MoeRoute&>(other);
+    return k_ == o.k_ && gating_ == o.gating_ && normalize_ == o.normalize_ && scale_ == o.scale_;
+  }
+
+ private:
+  int k_, gating_;
+  bool normalize_;
+  float scale_;
 };
 
 class ExpertSum : public CpuPrimitive {
