@@ -1412,7 +1412,6 @@ __attribute__((noinline)) void q16_rows_avx2(const uint8_t* w, long row_bytes, l
   }
 }
 
-constexpr int kQ16Rows = 4; // activation rows per pass over a weight row in int16 mode
 
 template <int T>
 void q16_rows_t(const uint8_t* w, long row_bytes, long o0, long o1, const Q16Row* x, int nr, int nb,
@@ -1496,6 +1495,8 @@ void fused_dots(int t, const uint8_t* row, long row_bytes, int nw, const float* 
 // Whether int16 mode's dots take type t: every type the float kernels unpack into integer
 // codes (all but the halves, whose values are not codes).
 bool q16_kernel(int t) { return float_kernel(t) && t != F16 && t != BF16; }
+
+constexpr int kQ16Rows = 4; // activation rows per pass over a weight row in int16 mode
 
 // y[r * O + o] = row o . x[r] for the weight rows o0..o1 and nr (1 to kQ16Rows) activation
 // rows in int16 mode: one dispatch per range, not per row.

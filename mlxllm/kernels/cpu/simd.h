@@ -41,23 +41,6 @@ inline V load(const void* p) {
   return v;
 }
 
-// 8 floats, or 8 halves widened exactly.
-inline f32x8 load8(const float* p) {
-  return load<f32x8>(p);
-}
-inline f32x8 load8(const uint16_t* p) {
-  f32x8 v;
-#if defined(__F16C__)
-  const __m256 wide = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  std::memcpy(&v, &wide, sizeof(v));
-#else
-  for (int j = 0; j < 8; ++j) {
-    v[j] = half_to_float(p[j]);
-  }
-#endif
-  return v;
-}
-
 template <typename V>
 inline void store(void* p, V v) {
   std::memcpy(p, &v, sizeof(V));
@@ -136,6 +119,23 @@ inline float to_float(float x) {
 }
 inline float to_float(uint16_t h) {
   return half_to_float(h);
+}
+
+// 8 floats, or 8 halves widened exactly.
+inline f32x8 load8(const float* p) {
+  return load<f32x8>(p);
+}
+inline f32x8 load8(const uint16_t* p) {
+  f32x8 v;
+#if defined(__F16C__)
+  const __m256 wide = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  std::memcpy(&v, &wide, sizeof(v));
+#else
+  for (int j = 0; j < 8; ++j) {
+    v[j] = half_to_float(p[j]);
+  }
+#endif
+  return v;
 }
 
 // Not `f32x8{} + x`: 0 + -0 is +0, and dequantizing must keep the sign of a zero bias.
