@@ -174,7 +174,6 @@ void route_row(const float* logits, const float* bias, int E, int k, int gating,
     const float sa = score(a), sb = score(b);
     return sa > sb || (sa == sb && a < b);
   });
-  float sum = 0.f;
   for (int j = 0; j < k; ++j) {
     chosen[j] = static_cast<uint32_t>(order[j]);
     weights[j] = probs[order[j]];
@@ -191,6 +190,7 @@ void route_row(const float* logits, const float* bias, int E, int k, int gating,
     }
   }
   if (normalize) {
+    float sum = 0.f;
     for (int j = 0; j < k; ++j) {
       sum += weights[j];
     }

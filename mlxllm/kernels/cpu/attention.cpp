@@ -560,11 +560,7 @@ void CacheWrite::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) 
     out.copy_shared_buffer(old);
   } else {
     out.set_data(mx::allocator::malloc(out.nbytes()));
-    if (out.dtype() == mx::float16) {
-      enc.dispatch([old, dst = out.data<uint16_t>()]() { gather_rows(old, dst); });
-    } else {
-      enc.dispatch([old, dst = out.data<float>()]() { gather_rows(old, dst); });
-    }
+    dispatch_gather(enc, old, out);
   }
   std::vector<mx::array> in;
   for (size_t i = 0; i < inputs.size(); ++i) {

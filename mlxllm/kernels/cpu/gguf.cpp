@@ -1252,7 +1252,7 @@ struct Q16Sink {
     widened<kOffset>(at, _mm256_sub_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x0F)), b),
                      _mm256_sub_epi16(_mm256_srli_epi16(v, 4), b), scale, offset);
   }
-  // 32 codes already 16 bits wide (c0 the first 16), one scale and offset (Q4_K's sub-blocks).
+  // 32 codes already 16 bits wide (c0 the first 16), one scale and offset.
   template <bool kOffset>
   __attribute__((always_inline)) void widened(int at, __m256i c0, __m256i c1, float scale, float offset) {
     __m256i p[NR][2];
@@ -1411,7 +1411,6 @@ __attribute__((noinline)) void q16_rows_avx2(const uint8_t* w, long row_bytes, l
     rows.template operator()<1>();
   }
 }
-
 
 template <int T>
 void q16_rows_t(const uint8_t* w, long row_bytes, long o0, long o1, const Q16Row* x, int nr, int nb,

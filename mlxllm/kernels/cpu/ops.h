@@ -211,21 +211,27 @@ struct Eval {
   std::vector<mx::array> inputs;
 };
 
+// Queues a task on the encoder that gathers a's elements, row-contiguous, into dst (an
+// allocated array of a's shape and dtype).
+inline void dispatch_gather(mx::cpu::CommandEncoder& enc, const mx::array& a, mx::array& dst) {
+  if (a.itemsize() == 4) {
+    enc.dispatch([a, to = dst.data<uint32_t>()]() { gather_rows(a, to); });
+  } else if (a.itemsize() == 2) {
+    enc.dispatch([a, to = dst.data<uint16_t>()]() { gather_rows(a, to); });
+  } else if (a.itemsize() == 1) {
+    enc.dispatch([a, to = dst.data<uint8_t>()]() { gather_rows(a, to); });
+  } else {
+    throw std::invalid_argument("[mlxllm_cpu] inputs must have 4-, 2- or 1-byte elements");
+  }
+}
+
 // a's elements, row-contiguous, in a temporary that a task queued on the encoder (ahead of
 // the kernel's) gathers.
 inline mx::array gathered(mx::cpu::CommandEncoder& enc, const mx::array& a) {
   mx::array copy(a.shape(), a.dtype(), nullptr, {});
   copy.set_data(mx::allocator::malloc(copy.nbytes()));
   enc.add_temporary(copy);
-  if (a.itemsize() == 4) {
-    enc.dispatch([a, dst = copy.data<uint32_t>()]() { gather_rows(a, dst); });
-  } else if (a.itemsize() == 2) {
-    enc.dispatch([a, dst = copy.data<uint16_t>()]() { gather_rows(a, dst); });
-  } else if (a.itemsize() == 1) {
-    enc.dispatch([a, dst = copy.data<uint8_t>()]() { gather_rows(a, dst); });
-  } else {
-    throw std::invalid_argument("[mlxllm_cpu] inputs must have 4-, 2- or 1-byte elements");
-  }
+  dispatch_gather(enc, a, copy);
   return copy;
 }
 
