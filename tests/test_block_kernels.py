@@ -194,8 +194,20 @@ def test_gather_matmul_groups_a_prompts_rows_by_expert(qtype, activations):
     assert np.isnan(ours[7, 2]).all() and not np.isnan(np.delete(ours.reshape(N * k, out), 7 * k + 2, 0)).any()
 
 
+@pytest.fixture(params=["avx512", "avx2", "neon", "portable"])
+def gemm_isa(request):
+    """Each vector ISA prefill's weight GEMM has, where this CPU runs it (the others compile
+    in test_sources_compile_without_avx2's check)."""
+    if request.param not in K.gemm_isas():
+        pytest.skip(f"this CPU does not run the {request.param} GEMM")
+    default = K.gemm_isa()
+    K.set_gemm_isa(request.param)
+    yield request.param
+    K.set_gemm_isa(default)
+
+
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q6_K, Q.IQ4_XS, Q.Q3_K], ids=lambda t: t.name)
-def test_prefill_tiles_against_float64(qtype, activations):
+def test_prefill_tiles_against_float64(qtype, activations, gemm_isa):
     """More than 16 rows: dequantized tiles and a GEMM, exact weights; in int16 and int8 mode
     the activations rounded to the same blocks as decode's integer path.
     3000 weight rows span several tiles."""
@@ -204,6 +216,38 @@ def test_prefill_tiles_against_float64(qtype, activations):
     ref = _activations(x, qtype, activations) @ gq.dequantize(raw, qtype).astype(np.float64).T
     ours = np.array(K.gguf_matmul(mx.array(x), mx.array(raw), int(qtype), _table(qtype), activations))
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("activations", ["float", "int16"])
+def test_prefill_gemm_sums_each_row_in_one_order(qtype, activations):
+    """Past 16 rows (packed activations, dequantized tiles): a row's product is bit for bit
+    the same in a prompt of any length (17-75 rows: full panels, one-vector and two-vector
+    last panels of either width) and on every vector ISA this CPU runs (AVX-512 and AVX2
+    here), since each output is one multiply-add chain over k. 150 weight rows: 64-row
+    tiles, passes of 12 and 6 rows, and their tails."""
+    raw, cols = _weight(qtype, 150, 2 if GGML_QUANT_SIZES[qtype][0] == 256 else 16, seed=14)
+    x = np.random.default_rng(14).standard_normal((75, cols)).astype(np.float32)
+    default = K.gemm_isa()
+
+    def product(rows, isa):
+        K.set_gemm_isa(isa)
+        try:
+            return np.array(K.gguf_matmul(mx.array(rows), mx.array(raw), int(qtype), _table(qtype), activations))
+        finally:
+            K.set_gemm_isa(default)
+
+    whole = product(x, default)
+    for isa in K.gemm_isas():
+        assert np.array_equal(product(x, isa), whole), isa
+        for length in (17, 24, 33, 40, 48, 70):
+            assert np.array_equal(product(x[5:5 + length], isa), whole[5:5 + length]), (isa, length)
+
+
+def test_gemm_isa_refuses_what_the_cpu_lacks():
+    with pytest.raises(ValueError, match="does not run 'sse9'"):
+        K.set_gemm_isa("sse9")
+    assert K.gemm_isa() in K.gemm_isas()
 
 
 @pytest.mark.parametrize("qtype", INTEGER + [Q.Q3_K, Q.IQ2_XS, Q.TQ1_0], ids=lambda t: t.name)

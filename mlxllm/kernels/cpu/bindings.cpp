@@ -47,6 +47,9 @@ NB_MODULE(_cpu, m) {
   m.def("gguf_int16_dots", &mlxllm_cpu::gguf_int16_dots, "qtype"_a);
   m.def("gguf_float_kernel", &mlxllm_cpu::gguf_float_kernel, "qtype"_a);
   m.def("gguf_use_simd", &mlxllm_cpu::gguf_use_simd, "on"_a);
+  m.def("gemm_isas", &mlxllm_cpu::gemm_isas);
+  m.def("gemm_isa", &mlxllm_cpu::gemm_isa);
+  m.def("set_gemm_isa", &mlxllm_cpu::set_gemm_isa, "name"_a);
   m.def("matmul", &mlxllm_cpu::matmul, "a"_a, "b"_a, "transpose_b"_a = false, nb::kw_only(),
         "stream"_a = nb::none());
   m.def("bind_blas", &mlxllm_cpu::bind_blas, "path"_a, "prefix"_a = "");

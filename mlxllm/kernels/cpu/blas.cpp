@@ -275,6 +275,195 @@ void gemm_serial(bool transpose_b, int M, int N, int K, const float* A, int lda,
   fallback_gemm_nt(M, N, K, A, lda, bt.data(), K, C, ldc);
 }
 
+// Prefill's weight products. OpenBLAS packed both operands for every tile of weight rows
+// (19% of a MoE prompt's time) and reached 33-46 GMAC/s a core at 16-32 rows, an expert's
+// share of a 512-token prompt. Here the activations are packed once per product and every
+// weight entry is broadcast from the dequantized tile as it lies: per k, R weight rows x 2
+// vectors of activation rows, 2R FMAs on accumulators that stay in registers. One core of
+// Sapphire Rapids (scripts/bench_weight_gemm.py, a Q8_0 weight's dequantization included):
+// 61 GMAC/s with AVX-512 at 32 rows, 86 at 512, 42 and 53 with AVX2; OpenBLAS on the
+// dequantized float32 weight alone: 40 and 72.
+//
+// Each output is one multiply-add chain over k in order, whatever the row count, the rows'
+// panel, the weight tile or the vector width: a row's product is the same alone or in a
+// batch, and the same on AVX2 and AVX-512.
+namespace {
+
+template <int W>
+struct VectorOf {
+  typedef float type __attribute__((vector_size(4 * W))); // an alias template would drop the attribute
+};
+
+// The widest x86 vectors the CPU has: AVX-512's are used when it runs them, whatever the
+// build targets (each width's code is compiled for its own ISA below).
+struct Isa {
+  const char* name;
+  int lanes;       // floats per vector
+  int weight_rows; // weight rows per pass: 2 x weight_rows accumulators fit in the registers
+};
+
+#if defined(__x86_64__)
+constexpr Isa kAvx512{"avx512", 16, 12}; // 32 zmm: 24 accumulators, 2 activation vectors, a broadcast
+#endif
+#if defined(__AVX__)
+constexpr Isa kNative{"avx2", 8, 6}; // 16 ymm
+#elif defined(__aarch64__)
+constexpr Isa kNative{"neon", 4, 12}; // 32 q registers
+#else
+constexpr Isa kNative{"portable", 4, 6};
+#endif
+
+std::vector<Isa> runnable_isas() {
+  std::vector<Isa> isas;
+#if defined(__x86_64__)
+  __builtin_cpu_init(); // may run before libgcc's own constructor (g_isa's initializer)
+  if (__builtin_cpu_supports("avx512f")) {
+    isas.push_back(kAvx512);
+  }
+#endif
+  isas.push_back(kNative);
+  return isas;
+}
+
+Isa g_isa = runnable_isas().front();
+
+// out[(r V + v) W + i] = sum over k, in order, of panel[k * stride + v W + i] * w[r * K + k].
+template <int W, int V, int R>
+inline __attribute__((always_inline)) void panel_pass(int K, const float* panel, int stride, const float* w,
+                                                      float* out) {
+  using Vec = typename VectorOf<W>::type;
+  Vec acc[R][V];
+  for (auto& row : acc) {
+    for (auto& a : row) {
+      a = Vec{};
+    }
+  }
+  for (int k = 0; k < K; ++k) {
+    Vec a[V];
+    for (int v = 0; v < V; ++v) {
+      std::memcpy(&a[v], panel + static_cast<long>(k) * stride + v * W, sizeof(Vec));
+    }
+    for (int r = 0; r < R; ++r) {
+      const float b = w[static_cast<long>(r) * K + k];
+      for (int v = 0; v < V; ++v) {
+        acc[r][v] += a[v] * b;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) {
+      std::memcpy(out + (r * V + v) * W, &acc[r][v], sizeof(Vec));
+    }
+  }
+}
+
+template <int W, int V, int RMax>
+inline __attribute__((always_inline)) void panel_pass(int R, int K, const float* panel, int stride, const float* w,
+                                                      float* out) {
+  if constexpr (RMax > 0) {
+    if (R == RMax) {
+      return panel_pass<W, V, RMax>(K, panel, stride, w, out);
+    }
+    return panel_pass<W, V, RMax - 1>(R, K, panel, stride, w, out);
+  }
+}
+
+// C (M, n) = A @ w.T for n weight rows (K floats each, contiguous), A packed by PackedRows
+// with W-lane vectors; C's rows ldc apart.
+template <int W, int RMax>
+inline __attribute__((always_inline)) void tile_product(const PackedRows& a, const float* w, int n, float* c,
+                                                        int ldc) {
+  const int K = a.K(), P = a.panel_rows();
+  float out[RMax * 2 * W];
+  for (int p = 0; p < a.panels(); ++p) {
+    const int rows = std::min(P, a.M() - p * P);
+    const float* panel = a.panel(p);
+    for (int n0 = 0; n0 < n; n0 += RMax) {
+      const int R = std::min(RMax, n - n0);
+      const int width = rows <= W ? W : 2 * W; // a last panel of one vector's rows: one vector
+      if (width == W) {
+        panel_pass<W, 1, RMax>(R, K, panel, P, w + static_cast<long>(n0) * K, out);
+      } else {
+        panel_pass<W, 2, RMax>(R, K, panel, P, w + static_cast<long>(n0) * K, out);
+      }
+      for (int r = 0; r < R; ++r) {
+        for (int i = 0; i < rows; ++i) {
+          c[static_cast<long>(p * P + i) * ldc + n0 + r] = out[r * width + i];
+        }
+      }
+    }
+  }
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f,fma"))) void tile_product_avx512(const PackedRows& a, const float* w, int n,
+                                                                 float* c, int ldc) {
+  tile_product<kAvx512.lanes, kAvx512.weight_rows>(a, w, n, c, ldc);
+}
+#endif
+
+void tile_product_native(const PackedRows& a, const float* w, int n, float* c, int ldc) {
+  tile_product<kNative.lanes, kNative.weight_rows>(a, w, n, c, ldc);
+}
+
+} // namespace
+
+PackedRows::PackedRows(int M, int K) : M_(M), K_(K), lanes_(g_isa.lanes) {
+  data_.assign(static_cast<size_t>(panels()) * K * panel_rows(), 0.f);
+}
+
+void PackedRows::pack(const float* const* rows, int p0, int p1) {
+  constexpr int kStep = 64; // k at a time: the panel's slice written stays in L1
+  const int P = panel_rows();
+  for (int p = p0; p < p1; ++p) {
+    float* dst = data_.data() + static_cast<size_t>(p) * K_ * P;
+    const int n = std::min(P, M_ - p * P);
+    for (int k0 = 0; k0 < K_; k0 += kStep) {
+      const int k1 = std::min(K_, k0 + kStep);
+      for (int i = 0; i < n; ++i) {
+        const float* src = rows[p * P + i];
+        for (int k = k0; k < k1; ++k) {
+          dst[static_cast<long>(k) * P + i] = src[k];
+        }
+      }
+    }
+  }
+}
+
+void weight_tile_product(const PackedRows& a, const float* w, int n, float* c, int ldc) {
+  if (a.M() == 0 || n == 0) {
+    return;
+  }
+#if defined(__x86_64__)
+  if (a.lanes() == kAvx512.lanes) {
+    return tile_product_avx512(a, w, n, c, ldc);
+  }
+#endif
+  tile_product_native(a, w, n, c, ldc);
+}
+
+std::vector<std::string> gemm_isas() {
+  std::vector<std::string> names;
+  for (const Isa& isa : runnable_isas()) {
+    names.emplace_back(isa.name);
+  }
+  return names;
+}
+
+std::string gemm_isa() {
+  return g_isa.name;
+}
+
+void set_gemm_isa(const std::string& name) {
+  for (const Isa& isa : runnable_isas()) {
+    if (name == isa.name) {
+      g_isa = isa;
+      return;
+    }
+  }
+  throw std::invalid_argument("[set_gemm_isa] this CPU does not run '" + name + "'");
+}
+
 // Column blocks of C claimed by the pool's threads, each a single-threaded product.
 constexpr int kGemmColumns = 64;
 

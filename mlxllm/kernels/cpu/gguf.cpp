@@ -35,14 +35,16 @@
 // needs no float32 copy either. On a build without AVX2, float mode decodes each block to
 // floats with the shared decoders of ../blocks/*.h (F16 / BF16: dq8_f16 / dq8_bf16 below).
 //
-// Prefill (more rows): a tile of weight rows is dequantized (bit-exact to gguf-py) and
-// multiplied by BLAS (blas.cpp), tile after tile, so no float copy of the weight exists.
+// Prefill (more rows): the activations are packed once, then a tile of weight rows is
+// dequantized (bit-exact to gguf-py) and multiplied by weight_tile_product (blas.cpp),
+// tile after tile, so no float copy of the weight exists.
 // In int16 and int8 mode the activations are first rounded to decode's blocks (as llama.cpp's
 // prefill rounds them too), so each product is the one decode computes.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -1809,9 +1811,9 @@ void dequantize(int t, const TypeInfo& info, const uint8_t* w, const uint8_t* ta
   });
 }
 
-// Prefill: y (B, O) = x (B, I) @ W.T. The threads claim tiles of weight rows; each
-// dequantizes its tile (a few hundred KB, in cache) and multiplies it on one BLAS thread,
-// so no float copy of the weight exists and no thread waits for another.
+// Prefill: y (B, O) = x (B, I) @ W.T. The threads pack the activations' panels, then claim
+// tiles of weight rows; each dequantizes its tile (a few hundred KB, in cache) and
+// multiplies it, so no float copy of the weight exists and no thread waits for another.
 constexpr int kTileRows = 64;
 
 void matmul_tiles(int t, const TypeInfo& info, const float* x, const uint8_t* w, const uint8_t* table, float* y, int B,
@@ -1825,6 +1827,14 @@ void matmul_tiles(int t, const TypeInfo& info, const float* x, const uint8_t* w,
     x = rounded.data();
   }
   const long row_bytes = static_cast<long>(I / info.qk) * info.bytes;
+  PackedRows a(B, I);
+  std::vector<const float*> rows(B);
+  for (int b = 0; b < B; ++b) {
+    rows[b] = x + static_cast<long>(b) * I;
+  }
+  parallel_ranges(a.panels(), 4L * a.panel_rows() * I, [&](long p0, long p1) {
+    a.pack(rows.data(), static_cast<int>(p0), static_cast<int>(p1));
+  });
   const long tiles = (O + kTileRows - 1) / kTileRows;
   parallel_ranges(tiles, 4L * B * I, [&](long t0, long t1) {
     std::vector<float> buf(static_cast<size_t>(kTileRows) * I);
@@ -1832,7 +1842,7 @@ void matmul_tiles(int t, const TypeInfo& info, const float* x, const uint8_t* w,
       const long o0 = tile * kTileRows;
       const int n = static_cast<int>(std::min<long>(kTileRows, O - o0));
       dequantize_rows(t, info, w + o0 * row_bytes, table, buf.data(), I, 0, n);
-      gemm_serial(true, B, n, I, x, I, buf.data(), I, y + o0, O);
+      weight_tile_product(a, buf.data(), n, y + o0, O);
     }
   });
 }
@@ -1880,7 +1890,8 @@ void gather_matmul(int t, const TypeInfo& info, const float* x, const uint8_t* w
   const long rows_per_expert = chosen.empty() ? 0 : slots / static_cast<long>(chosen.size());
   parallel_ranges(static_cast<long>(chosen.size()) * tiles, 4L * rows_per_expert * I + kTileRows * row_bytes,
                   [&](long u0, long u1) {
-    std::vector<float> a, buf, out;
+    std::vector<float> buf, out;
+    std::optional<PackedRows> a;
     std::vector<const float*> row_ptrs;
     std::vector<Q16Row> q16_rows_of;
     int current = -1;
@@ -1892,17 +1903,16 @@ void gather_matmul(int t, const TypeInfo& info, const float* x, const uint8_t* w
         current = e;
         row_ptrs.clear();
         q16_rows_of.clear();
-        a.resize(R <= kMatvecRows ? 0 : static_cast<size_t>(R) * I);
         for (int r = 0; r < R; ++r) {
           const long n = rows[r] / k;
-          if (R > kMatvecRows) {
-            std::copy(xs + n * I, xs + (n + 1) * I, a.data() + static_cast<long>(r) * I);
-          } else {
-            row_ptrs.push_back(x + n * I);
-            if (int16) {
-              q16_rows_of.push_back(q16.row(static_cast<int>(n)));
-            }
+          row_ptrs.push_back((R > kMatvecRows ? xs : x) + n * I);
+          if (int16 && R <= kMatvecRows) {
+            q16_rows_of.push_back(q16.row(static_cast<int>(n)));
           }
+        }
+        if (R > kMatvecRows) {
+          a.emplace(R, I);
+          a->pack(row_ptrs.data(), 0, a->panels());
         }
       }
       const long o0 = u % tiles * kTileRows;
@@ -1915,7 +1925,7 @@ void gather_matmul(int t, const TypeInfo& info, const float* x, const uint8_t* w
       } else {
         buf.resize(static_cast<size_t>(n) * I);
         dequantize_rows(t, info, tile, table, buf.data(), I, 0, n);
-        gemm_serial(true, R, n, I, a.data(), I, buf.data(), I, out.data(), n);
+        weight_tile_product(*a, buf.data(), n, out.data(), n);
       }
       for (int r = 0; r < R; ++r) {
         std::copy(out.data() + static_cast<long>(r) * n, out.data() + static_cast<long>(r + 1) * n, y + rows[r] * O + o0);

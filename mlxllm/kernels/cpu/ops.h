@@ -134,6 +134,31 @@ void set_blas_threads(int n);
 // BLAS, else our blocked GEMM. Leading dimensions as in CBLAS.
 void gemm_serial(bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
                  int ldc);
+// Activation rows packed for weight_tile_product, once per product: panels of
+// panel_rows() rows (two vectors of the GEMM's ISA), k-major (row i of panel p at
+// panel(p)[k * panel_rows() + i]), a last panel's missing rows zero.
+class PackedRows {
+ public:
+  PackedRows(int M, int K);
+  // Packs panels [p0, p1) from the rows' pointers (M of them, K floats each).
+  void pack(const float* const* rows, int p0, int p1);
+  int M() const { return M_; }
+  int K() const { return K_; }
+  int lanes() const { return lanes_; }
+  int panel_rows() const { return 2 * lanes_; }
+  int panels() const { return (M_ + panel_rows() - 1) / panel_rows(); }
+  const float* panel(int p) const { return data_.data() + static_cast<size_t>(p) * K_ * panel_rows(); }
+
+ private:
+  int M_, K_, lanes_;
+  std::vector<float> data_;
+};
+// C (M, n) = A @ w.T for n dequantized weight rows of K floats (contiguous), C's rows ldc
+// apart, on this thread: each output one multiply-add chain over k, whatever M, n and ISA.
+void weight_tile_product(const PackedRows& a, const float* w, int n, float* c, int ldc);
+std::vector<std::string> gemm_isas(); // the vector ISAs this CPU runs it with, widest (the default) first
+std::string gemm_isa();
+void set_gemm_isa(const std::string& name); // for tests: each ISA's products
 // The same for M <= kFewRows without BLAS, each output summed in one order whatever M and N.
 // Without transpose_b (A @ B: attention's value product, K its keys), each output is summed
 // kSumTerms terms at a time and the partial sums added in order, so a product split into
