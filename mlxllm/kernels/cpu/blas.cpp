@@ -286,7 +286,8 @@ void gemm_serial(bool transpose_b, int M, int N, int K, const float* A, int lda,
 //
 // Each output is one multiply-add chain over k in order, whatever the row count, the rows'
 // panel, the weight tile or the vector width: a row's product is the same alone or in a
-// batch, and the same on AVX2 and AVX-512.
+// batch, and the same on AVX2, AVX-512 and NEON (each fuses its multiply-adds; a portable
+// x86 build without FMA rounds its products apart).
 namespace {
 
 template <int W>
@@ -294,8 +295,9 @@ struct VectorOf {
   typedef float type __attribute__((vector_size(4 * W))); // an alias template would drop the attribute
 };
 
-// The widest x86 vectors the CPU has: AVX-512's are used when it runs them, whatever the
-// build targets (each width's code is compiled for its own ISA below).
+// A vector ISA the GEMM is compiled for. The build's own (kNative) always runs; AVX-512 is
+// compiled beside it with a target attribute and used where cpuid says the CPU has it,
+// whatever the build targets (x86-64-v3).
 struct Isa {
   const char* name;
   int lanes;       // floats per vector
