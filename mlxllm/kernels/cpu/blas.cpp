@@ -379,10 +379,10 @@ inline __attribute__((always_inline)) void tile_product(const PackedRows& a, con
   float out[RMax * 2 * W];
   for (int p = 0; p < a.panels(); ++p) {
     const int rows = std::min(P, a.M() - p * P);
+    const int width = rows <= W ? W : 2 * W; // a last panel of one vector's rows: one vector
     const float* panel = a.panel(p);
     for (int n0 = 0; n0 < n; n0 += RMax) {
       const int R = std::min(RMax, n - n0);
-      const int width = rows <= W ? W : 2 * W; // a last panel of one vector's rows: one vector
       if (width == W) {
         panel_pass<W, 1, RMax>(R, K, panel, P, w + static_cast<long>(n0) * K, out);
       } else {

@@ -134,8 +134,22 @@ void set_blas_threads(int n);
 // BLAS, else our blocked GEMM. Leading dimensions as in CBLAS.
 void gemm_serial(bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
                  int ldc);
-// Activation rows packed for weight_tile_product, once per product: panels of
-// panel_rows() rows (two vectors of the GEMM's ISA), k-major (row i of panel p at
+// The same for M <= kFewRows without BLAS, each output summed in one order whatever M and N.
+// Without transpose_b (A @ B: attention's value product, K its keys), each output is summed
+// kSumTerms terms at a time and the partial sums added in order, so a product split into
+// those blocks of K (the threads each taking some, as attention does for one sequence)
+// sums exactly as the whole.
+constexpr int kFewRows = 8;
+constexpr int kSumTerms = 256;
+void gemm_few_rows(bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
+                   int ldc);
+// The same with B's entries float16 bits (a KV cache stored as halves), each widened exactly
+// as read: the same sums as B's float32 copy gives.
+void gemm_few_rows(bool transpose_b, int M, int N, int K, const float* A, int lda, const uint16_t* B, int ldb,
+                   float* C, int ldc);
+
+// Prefill's weight GEMM. Activation rows packed for weight_tile_product, once per product:
+// panels of panel_rows() rows (two vectors of the GEMM's ISA), k-major (row i of panel p at
 // panel(p)[k * panel_rows() + i]), a last panel's missing rows zero.
 class PackedRows {
  public:
@@ -159,19 +173,6 @@ void weight_tile_product(const PackedRows& a, const float* w, int n, float* c, i
 std::vector<std::string> gemm_isas(); // the vector ISAs this CPU runs it with, widest (the default) first
 std::string gemm_isa();
 void set_gemm_isa(const std::string& name); // for tests: each ISA's products
-// The same for M <= kFewRows without BLAS, each output summed in one order whatever M and N.
-// Without transpose_b (A @ B: attention's value product, K its keys), each output is summed
-// kSumTerms terms at a time and the partial sums added in order, so a product split into
-// those blocks of K (the threads each taking some, as attention does for one sequence)
-// sums exactly as the whole.
-constexpr int kFewRows = 8;
-constexpr int kSumTerms = 256;
-void gemm_few_rows(bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
-                   int ldc);
-// The same with B's entries float16 bits (a KV cache stored as halves), each widened exactly
-// as read: the same sums as B's float32 copy gives.
-void gemm_few_rows(bool transpose_b, int M, int N, int K, const float* A, int lda, const uint16_t* B, int ldb,
-                   float* C, int ldc);
 
 // One row's RMS norm, y = w * x / sqrt(mean(x^2) + eps) over D entries (activation.cpp;
 // y may be x).
