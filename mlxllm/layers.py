@@ -178,6 +178,15 @@ def _stack(members: list[QuantizedLinear]) -> None:
     mx.eval(group.layer.parameters(), [m.parameters() for m in members])
 
 
+def stacked_product(x: mx.array, linears: Sequence[nn.Module]) -> mx.array | None:
+    """The outputs of `linears` side by side on the last axis, as one product, where they are
+    one stacked run and x has few rows (where `project` would split that product), else None."""
+    group = getattr(linears[0], "stacked", None)
+    if group is None or group.ids != tuple(map(id, linears)) or x.size // x.shape[-1] > kernels.STACKED_MAX_ROWS:
+        return None
+    return group.layer(x)
+
+
 def project(x: mx.array, linears: Sequence[nn.Module]) -> list[mx.array]:
     """[l(x) for l in linears], each stacked run (`stack_projections`) as one product when x
     has few rows (decode: `kernels.STACKED_MAX_ROWS`)."""

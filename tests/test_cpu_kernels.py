@@ -148,6 +148,22 @@ def test_gated_activation(kind, act, shape):
 
 
 @needs_kernels
+@pytest.mark.parametrize("kind", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("shape", [(1, 1, 2 * 7), (3, 5, 2 * 1536), (2, 1, 2 * 5000)])
+def test_gated_activation_of_stacked_halves_is_the_split_ones_bit_for_bit(kind, shape):
+    """Without up, each row of gate is a stacked projection's [gate | up]: the same values as
+    the op on its split halves (what a decode step computed with two split nodes more)."""
+    both = 6 * mx.random.normal(shape, key=mx.random.key(3))
+    gate, up = mx.split(both, 2, axis=-1)
+    got = K.gated_activation(both, None, kind)
+    assert got.shape == gate.shape
+    assert mx.array_equal(got, K.gated_activation(gate, up, kind)).item()
+    assert mx.array_equal(kernels.gated(both, None, kind), got).item()
+    with pytest.raises(ValueError, match="even"):
+        K.gated_activation(both[..., 1:], None, kind)
+
+
+@needs_kernels
 @pytest.mark.parametrize("H,H_kv,L,T,mask", [(9, 3, 1, 40, None), (9, 3, 17, 17, "causal"), (4, 1, 6, 30, "causal"),
                                              (4, 1, 12, 20, "window"), (2, 2, 5, 5, None),
                                              (4, 1, 300, 300, "causal"), (9, 3, 257, 400, "causal")])

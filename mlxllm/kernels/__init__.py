@@ -555,11 +555,15 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     return kernels.rms_norm(x, weight, eps).astype(x.dtype)
 
 
-def gated(gate: mx.array, up: mx.array, activation: str) -> mx.array:
-    """activation(gate) * up, activation "silu" (SwiGLU) or "gelu_tanh" (GeGLU, ggml_gelu)."""
+def gated(gate: mx.array, up: mx.array | None, activation: str) -> mx.array:
+    """activation(gate) * up, activation "silu" (SwiGLU) or "gelu_tanh" (GeGLU, ggml_gelu).
+    up None: gate holds [gate | up] on its last axis (a stacked projection's output), which
+    the CPU kernel reads as it is, with no split nodes."""
     kernels = cpu.active()
     if kernels is not None:
         return kernels.gated_activation(gate, up, activation).astype(gate.dtype)
+    if up is None:
+        gate, up = mx.split(gate, 2, axis=-1)
     act = nn.silu if activation == "silu" else nn.gelu_approx
     return act(gate) * up
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from .. import kernels, layers
 from ..cache import KVCache, RotatingKVCache
-from .ffn import XIELU, activate, gate
+from .ffn import XIELU, activate, gate_halves, gated_projection
 from .moe import MoEArgs, SwitchLinear, experts
 from .norm import RMSNorm, norm, unit_rms_norm
 from .rope import Rope, RopeArgs
@@ -292,19 +292,16 @@ class Block(nn.Module):
         if self.moe is not None:
             return self.mixture(x)
         if "ffn_gate" in self:
-            g, u = layers.project(x, (self.ffn_gate, self.ffn_up))
-            return self.ffn_down(gate(g, u, self.activation))
+            return self.ffn_down(gated_projection(x, self.ffn_gate, self.ffn_up, self.activation))
         if self.args.gated:
-            g, u = mx.split(self.ffn_up(x), 2, axis=-1)
-            return self.ffn_down(gate(g, u, self.activation))
+            return self.ffn_down(gate_halves(self.ffn_up(x), self.activation))
         return self.ffn_down(activate(self.ffn_up(x), self.activation))
 
     def mixture(self, x: mx.array) -> mx.array:
         """Routed experts plus the shared expert (llama.cpp: moe + shexp, in that order)."""
         out = experts(self, x, self.moe)
         if "ffn_up_shexp" in self:
-            g, u = layers.project(x, (self.ffn_gate_shexp, self.ffn_up_shexp))
-            shared = self.ffn_down_shexp(gate(g, u, "silu"))
+            shared = self.ffn_down_shexp(gated_projection(x, self.ffn_gate_shexp, self.ffn_up_shexp, "silu"))
             if "ffn_gate_inp_shexp" in self:
                 shared = shared * mx.sigmoid(x @ self.ffn_gate_inp_shexp["weight"].reshape(-1, 1))
             out = out + shared

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import kernels
+from .. import kernels, layers
 
 # Gates the CPU kernels fuse (activation(gate) * up in one multi-threaded pass).
 KERNEL_GATES = ("silu", "gelu_tanh")
@@ -56,6 +56,21 @@ def activate(x: mx.array, kind: str | XIELU) -> mx.array:
 
 # gpt-oss's clamped SwiGLU (llama.cpp swiglu_oai, constants fixed in build_moe_ffn)
 OAI_ALPHA, OAI_LIMIT = 1.702, 7.0
+
+
+def gate_halves(both: mx.array, kind: str | XIELU) -> mx.array:
+    """`gate` of the halves of both's last axis, [gate | up]: a stacked projection's output."""
+    if kind in KERNEL_GATES:
+        return kernels.gated(both, None, kind)
+    return gate(*mx.split(both, 2, axis=-1), kind)
+
+
+def gated_projection(x: mx.array, gate_linear: nn.Module, up_linear: nn.Module, kind: str | XIELU) -> mx.array:
+    """`gate` of gate_linear(x) and up_linear(x), from their one product where they are stacked."""
+    both = layers.stacked_product(x, (gate_linear, up_linear))
+    if both is not None:
+        return gate_halves(both, kind)
+    return gate(*layers.project(x, (gate_linear, up_linear)), kind)
 
 
 def gate(g: mx.array, up: mx.array, kind: str | XIELU) -> mx.array:

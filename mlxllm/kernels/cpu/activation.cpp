@@ -8,6 +8,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <optional>
 #include <stdexcept>
 
 #include "ops.h"
@@ -46,11 +47,12 @@ inline f32x8 gelu_tanh(f32x8 x) {
 
 } // namespace
 
-mx::array gated_activation(const mx::array& gate, const mx::array& up, const std::string& kind,
+mx::array gated_activation(const mx::array& gate, const std::optional<mx::array>& up, const std::string& kind,
                            mx::StreamOrDevice s) {
   auto stream = cpu_stream(s, "gated_activation");
-  if (gate.shape() != up.shape()) {
-    throw std::invalid_argument("[gated_activation] gate and up must have one shape");
+  if (up ? gate.shape() != up->shape() : gate.ndim() == 0 || gate.shape(-1) % 2) {
+    throw std::invalid_argument("[gated_activation] gate and up must have one shape (without up, gate's last axis "
+                                "must be [gate | up], of even size)");
   }
   int which;
   if (kind == "silu") {
@@ -60,25 +62,38 @@ mx::array gated_activation(const mx::array& gate, const mx::array& up, const std
   } else {
     throw std::invalid_argument("[gated_activation] kind must be 'silu' or 'gelu_tanh'");
   }
-  std::vector<mx::array> inputs = {mx::astype(gate, mx::float32, stream), mx::astype(up, mx::float32, stream)};
-  return mx::array(gate.shape(), mx::float32, std::make_shared<GatedActivation>(stream, which), std::move(inputs));
+  std::vector<mx::array> inputs = {mx::astype(gate, mx::float32, stream)};
+  auto shape = gate.shape();
+  if (up) {
+    inputs.push_back(mx::astype(*up, mx::float32, stream));
+  } else {
+    shape.back() /= 2;
+  }
+  return mx::array(std::move(shape), mx::float32, std::make_shared<GatedActivation>(stream, which), std::move(inputs));
 }
 
 void GatedActivation::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   auto e = begin_eval(stream(), inputs, out);
-  e.encoder.dispatch(
-      [gp = e.inputs[0].data<float>(), up = e.inputs[1].data<float>(), op = out.data<float>(),
-       n = static_cast<long>(out.size()), kind = kind_]() {
-        constexpr long kBlock = 4096; // elements per unit of work
-        parallel_ranges((n + kBlock - 1) / kBlock, kBlock * 12, [&](long begin, long end) {
-          const long start = begin * kBlock, count = std::min(n, end * kBlock) - start;
-          if (kind == SILU) {
-            gate_rows(gp + start, up + start, op + start, count, silu);
-          } else {
-            gate_rows(gp + start, up + start, op + start, count, gelu_tanh);
-          }
-        });
-      });
+  // Rows of n: gate and up from two arrays, or from the halves of one row of 2n (a stacked projection's)
+  const bool halves = inputs.size() == 1;
+  const long n = halves ? out.shape(-1) : static_cast<long>(out.size()), rows = halves ? out.size() / n : 1;
+  e.encoder.dispatch([gp = e.inputs[0].data<float>(), up = halves ? nullptr : e.inputs[1].data<float>(),
+                      op = out.data<float>(), n, rows, kind = kind_]() {
+    constexpr long kBlock = 4096; // elements per unit of work
+    const long blocks = (n + kBlock - 1) / kBlock;
+    parallel_ranges(rows * blocks, kBlock * 12, [&](long begin, long end) {
+      for (long unit = begin; unit < end; ++unit) {
+        const long row = unit / blocks, start = unit % blocks * kBlock, count = std::min(n - start, kBlock);
+        const float* g = gp + row * (up ? n : 2 * n) + start;
+        const float* u = up ? up + start : g + n;
+        if (kind == SILU) {
+          gate_rows(g, u, op + row * n + start, count, silu);
+        } else {
+          gate_rows(g, u, op + row * n + start, count, gelu_tanh);
+        }
+      }
+    });
+  });
 }
 
 namespace {

@@ -28,7 +28,7 @@ NB_MODULE(_cpu, m) {
   m.def("cached_attention", &mlxllm_cpu::cached_attention, "q"_a, "keys"_a, "values"_a, "n_keys"_a, "scale"_a,
         "causal"_a, "mask"_a = nb::none(), "cos"_a = nb::none(), "sin"_a = nb::none(), "traditional"_a = false,
         "q_norm"_a = nb::none(), "eps"_a = 1e-6f, nb::kw_only(), "stream"_a = nb::none());
-  m.def("gated_activation", &mlxllm_cpu::gated_activation, "gate"_a, "up"_a, "kind"_a, nb::kw_only(),
+  m.def("gated_activation", &mlxllm_cpu::gated_activation, "gate"_a, "up"_a.none(), "kind"_a, nb::kw_only(),
         "stream"_a = nb::none());
   m.def("rms_norm", &mlxllm_cpu::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("expert_sum", &mlxllm_cpu::expert_sum, "y"_a, "weights"_a, nb::kw_only(), "stream"_a = nb::none());

@@ -69,8 +69,9 @@ mx::array cached_attention(const mx::array& q, const mx::array& keys, const mx::
                            const std::optional<mx::array>& cos, const std::optional<mx::array>& sin, bool traditional,
                            const std::optional<mx::array>& q_norm, float eps, mx::StreamOrDevice s = {});
 
-// act(gate) * up, act "silu" or "gelu_tanh".
-mx::array gated_activation(const mx::array& gate, const mx::array& up, const std::string& kind,
+// act(gate) * up, act "silu" or "gelu_tanh". Without up, gate (..., 2n) holds each row's gate
+// and up side by side (a stacked projection's [gate | up]) -> (..., n), with no split nodes.
+mx::array gated_activation(const mx::array& gate, const std::optional<mx::array>& up, const std::string& kind,
                            mx::StreamOrDevice s = {});
 
 // Rotary embedding of x (B, L, H, D) at positions whose angles are given: cos/sin
