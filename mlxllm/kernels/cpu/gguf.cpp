@@ -1376,16 +1376,17 @@ struct Q16Sink {
   void operator()(int, __m256) const { __builtin_unreachable(); }
 };
 
-// Q4_0, Q4_1 and Q8_0 in int16 mode, a block (32 weights, one scale) per step: its codes meet
+// The 32-weight types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) in int16 mode, a block per step: its codes meet
 // each activation row in two madds, and its scale and offset, converted together, meet the
 // row's (d, d * sum) pair in one multiply, so a block costs a dozen and a half instructions
 // where the sink's scalar scale and offset arithmetic took thirty.
 template <int T, int NR, int MW>
 __attribute__((always_inline)) inline void legacy_q16_rows(const uint8_t* row, long row_bytes, const Q16Row* x,
                                                            int nb, float* y, long O) {
-  constexpr int kBytes = T == Q8_0 ? 34 : T == Q4_1 ? 20 : 18;
+  constexpr int kBytes = T == Q8_0 ? 34 : T == Q5_1 ? 24 : T == Q5_0 ? 22 : T == Q4_1 ? 20 : 18;
+  constexpr bool kOffset = T == Q4_1 || T == Q5_1;
   __m256 acc[MW][NR];
-  __m128 offsets[MW][NR]; // lane 1: the offsets' part (Q4_1)
+  __m128 offsets[MW][NR]; // lane 1: the offsets' part (Q4_1, Q5_1)
   for (int m = 0; m < MW; ++m) {
     for (int r = 0; r < NR; ++r) {
       acc[m][r] = _mm256_setzero_ps();
@@ -1401,6 +1402,14 @@ __attribute__((always_inline)) inline void legacy_q16_rows(const uint8_t* row, l
       if constexpr (T == Q8_0) {
         c0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2)));
         c1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18)));
+      } else if constexpr (T == Q5_0 || T == Q5_1) { // the fifth bits from the 32 before the nibbles
+        __m256i codes = _mm256_or_si256(nibbles32(b + kBytes - 16), bit4_of(u32_at(b + kBytes - 20)));
+        if constexpr (T == Q5_0) {
+          codes = _mm256_sub_epi8(codes, _mm256_set1_epi8(16));
+        }
+        const __m128i lo = _mm256_castsi256_si128(codes), hi = _mm256_extracti128_si256(codes, 1);
+        c0 = T == Q5_0 ? _mm256_cvtepi8_epi16(lo) : _mm256_cvtepu8_epi16(lo);
+        c1 = T == Q5_0 ? _mm256_cvtepi8_epi16(hi) : _mm256_cvtepu8_epi16(hi);
       } else {
         const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kBytes - 16)));
         c0 = _mm256_and_si256(v, _mm256_set1_epi16(0x0F));
@@ -1410,7 +1419,7 @@ __attribute__((always_inline)) inline void legacy_q16_rows(const uint8_t* row, l
           c1 = _mm256_sub_epi16(c1, _mm256_set1_epi16(8));
         }
       }
-      // (scale, offset) as floats (exact); Q4_0 / Q8_0's lane 1 is never read
+      // (scale, offset) as floats (exact); lane 1 is read only where the type has an offset
       const __m128 scales = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(u32_at(b))));
       for (int r = 0; r < NR; ++r) {
         const int16_t* q = x[r].q + static_cast<long>(blk) * kQ16;
@@ -1419,7 +1428,7 @@ __attribute__((always_inline)) inline void legacy_q16_rows(const uint8_t* row, l
             _mm256_madd_epi16(c1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 16))));
         const __m128 f = _mm_mul_ps(scales, _mm_loadu_ps(x[r].dsum + 2 * blk)); // (d * xd, offset * xd * sum)
         acc[m][r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(f), _mm256_cvtepi32_ps(p), acc[m][r]);
-        if constexpr (T == Q4_1) {
+        if constexpr (kOffset) {
           offsets[m][r] = _mm_add_ps(offsets[m][r], f);
         }
       }
@@ -1427,7 +1436,7 @@ __attribute__((always_inline)) inline void legacy_q16_rows(const uint8_t* row, l
   }
   for (int m = 0; m < MW; ++m) {
     for (int r = 0; r < NR; ++r) {
-      y[r * O + m] = hsum_ps(acc[m][r]) + (T == Q4_1 ? _mm_cvtss_f32(_mm_movehdup_ps(offsets[m][r])) : 0.f);
+      y[r * O + m] = hsum_ps(acc[m][r]) + (kOffset ? _mm_cvtss_f32(_mm_movehdup_ps(offsets[m][r])) : 0.f);
     }
   }
 }
@@ -1444,7 +1453,7 @@ __attribute__((noinline)) void q16_rows_avx2(const uint8_t* w, long row_bytes, l
   type_info(T, info);
   constexpr int MW = NR == 1 && T != Q8_0 ? 2 : 1;
   long o = o0;
-  if constexpr (T == Q4_0 || T == Q4_1 || T == Q8_0) {
+  if constexpr (T == Q4_0 || T == Q4_1 || T == Q5_0 || T == Q5_1 || T == Q8_0) {
     for (; o + MW <= o1; o += MW) {
       legacy_q16_rows<T, NR, MW>(w + o * row_bytes, row_bytes, x, nb, y + o, O);
     }
