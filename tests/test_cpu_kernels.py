@@ -272,14 +272,14 @@ def test_few_query_attention_bad_shapes_are_one_line_errors():
 
 
 def _cached_operands(B: int, H: int, H_kv: int, L: int, S: int, D: int, Dv: int, seed: int):
-    """q, k, v as one projection's split (views, rows (H + H_kv) * D + H_kv * Dv apart) and a
-    cache's float storage (B, H_kv, S, D) / (B, H_kv, S, Dv) holding earlier keys."""
+    """One projection's [q | k | v] (B, L, H * D + H_kv * (D + Dv)), its split (views, rows as
+    far apart) and a cache's float storage (B, H_kv, S, D) / (B, H_kv, S, Dv) of earlier keys."""
     qkv = mx.random.normal((B, L, H * D + H_kv * (D + Dv)), key=mx.random.key(seed))
     q, k, v = mx.split(qkv, [H * D, (H + H_kv) * D], axis=-1)
     keys = mx.random.normal((B, H_kv, S, D), key=mx.random.key(seed + 1))
     values = mx.random.normal((B, H_kv, S, Dv), key=mx.random.key(seed + 2))
-    mx.eval(q, k, v, keys, values)
-    return q, k, v, keys, values
+    mx.eval(qkv, q, k, v, keys, values)
+    return qkv, q, k, v, keys, values
 
 
 @needs_kernels
@@ -287,14 +287,15 @@ def _cached_operands(B: int, H: int, H_kv: int, L: int, S: int, D: int, Dv: int,
 @pytest.mark.parametrize("mask", [None, "causal", "each"])
 @pytest.mark.parametrize("rotary,normed", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("stored", [mx.float32, mx.float16])
-def test_cached_attention_is_the_separate_ops_bit_for_bit(B, H, H_kv, L, slot, mask, rotary, normed, stored):
-    """The cache writes and the attention reading the storage (norms and rotation inside)
-    against the ops a decode step runs without them: rms_norm, rope, the slice updates of
-    the storage and attention, bit for bit, each row rotated at its own position where the
-    tables have a row per sequence. A float16 storage: each new entry rounded as
-    astype(float16) rounds it, every entry widened exactly for the products."""
+@pytest.mark.parametrize("fused", [True, False], ids=["qkv", "q,k,v"])
+def test_attention_step_is_the_separate_ops_bit_for_bit(B, H, H_kv, L, slot, mask, rotary, normed, stored, fused):
+    """The cache writes and the attention reading the storage (norms and rotation inside), from
+    one [q | k | v] projection or three, against the ops a decode step runs without the kernel:
+    rms_norm, rope, the slice updates of the storage and attention, bit for bit, each row
+    rotated at its own position where the tables have a row per sequence. A float16 storage:
+    each new entry rounded as astype(float16) rounds it, every entry widened exactly."""
     D, Dv, S = 32, 40, 300
-    q, k, v, keys, values = _cached_operands(B, H, H_kv, L, S, D, Dv, seed=60 + L + slot)
+    qkv, q, k, v, keys, values = _cached_operands(B, H, H_kv, L, S, D, Dv, seed=60 + L + slot)
     keys, values = keys.astype(stored), values.astype(stored)
     T = slot + L
     keep = None
@@ -312,10 +313,8 @@ def test_cached_attention_is_the_separate_ops_bit_for_bit(B, H, H_kv, L, slot, m
     old_keys, old_values = mx.array(keys), mx.array(values)
     cos, sin, traditional = rope or (None, None, False)
     q_norm, k_norm, eps = norms or (None, None, 1e-6)
-    new_keys = K.cache_write(k, keys, slot, cos, sin, traditional, k_norm, eps)
-    new_values = K.cache_write(v, values, slot)
-    out = K.cached_attention(q, new_keys, new_values, T, 0.3, mask == "causal", keep, cos, sin, traditional, q_norm,
-                             eps)
+    out, new_keys, new_values = K.attention_step([qkv] if fused else [q, k, v], H, keys, values, slot, 0.3,
+                                                 mask == "causal", keep, cos, sin, traditional, q_norm, k_norm, eps)
 
     q4, k4 = q.reshape(B, L, H, D), k.reshape(B, L, H_kv, D)
     if normed:
@@ -331,50 +330,51 @@ def test_cached_attention_is_the_separate_ops_bit_for_bit(B, H, H_kv, L, slot, m
     assert mx.array_equal(out, want.reshape(B, L, H * Dv)).item()
     assert new_keys.dtype == stored and new_values.dtype == stored
     assert mx.array_equal(new_keys, want_keys).item() and mx.array_equal(new_values, want_values).item()
-    # the storage was held here too (keys, values): the write went to a copy, not what others read
+    # the storage was held here too (keys, values): the writes went to copies, not what others read
     assert mx.array_equal(keys, old_keys).item() and mx.array_equal(values, old_values).item()
 
 
 @needs_kernels
 @pytest.mark.parametrize("stored", [mx.float32, mx.float16])
-def test_cache_write_writes_storage_nothing_else_holds_in_place(stored):
-    """The cache replaces its storage by the write's result: with no other reference left,
-    the new slots go into the old buffer (as MLX's slice_update does), so a decode step does
+def test_attention_step_writes_storage_nothing_else_holds_in_place(stored):
+    """The cache replaces its storage by the step's outputs: with no other reference left,
+    the new slots go into the old buffers (as MLX's slice_update does), so a decode step does
     not copy the whole cache. Measured by the memory the evaluation allocates."""
-    B, H_kv, S, D = 1, 2, 8192, 64
-    _, k, _, _, _ = _cached_operands(B, 4, H_kv, 1, 1, D, D, seed=80)
-    storage = mx.zeros((B, H_kv, S, D), stored)
-    mx.eval(storage)
+    B, H, H_kv, S, D = 1, 4, 2, 8192, 64
+    qkv, _, k, v, _, _ = _cached_operands(B, H, H_kv, 1, 1, D, D, seed=80)
+    keys, values = mx.zeros((B, H_kv, S, D), stored), mx.zeros((B, H_kv, S, D), stored)
+    mx.eval(keys, values)
     for slot in range(3):
         before = mx.get_active_memory()
         mx.reset_peak_memory()
-        storage = K.cache_write(k, storage, slot)
-        mx.eval(storage)
-        assert mx.get_peak_memory() - before < storage.nbytes / 4, "the storage was copied"
-    rows = storage[0, :, :4]
-    assert mx.array_equal(rows[:, :3], mx.broadcast_to(k.reshape(H_kv, 1, D).astype(stored), (H_kv, 3, D))).item()
-    assert (rows[:, 3] == 0).all().item()
+        out, keys, values = K.attention_step([qkv], H, keys, values, slot, 1.0, False)
+        mx.eval(out, keys, values)
+        assert mx.get_peak_memory() - before < keys.nbytes / 4, "the storage was copied"
+    for storage, new in ((keys, k), (values, v)):
+        rows = storage[0, :, :4]
+        assert mx.array_equal(rows[:, :3], mx.broadcast_to(new.reshape(H_kv, 1, D).astype(stored), (H_kv, 3, D))).item()
+        assert (rows[:, 3] == 0).all().item()
 
 
 @needs_kernels
-def test_cached_attention_bad_arguments_are_one_line_errors():
-    q, k, v, keys, values = _cached_operands(1, 4, 2, 2, 10, 16, 16, seed=90)
+def test_attention_step_bad_arguments_are_one_line_errors():
+    qkv, q, k, v, keys, values = _cached_operands(1, 4, 2, 2, 10, 16, 16, seed=90)
     for args, kw, match in [
-        ((k[0], keys, 0), {}, "must be"), ((k, keys[..., :8], 0), {}, "match"), ((k, keys, 9), {}, "slots"),
-        ((k, keys, -1), {}, "slots"), ((k, keys.astype(mx.bfloat16), 0), {}, "float16"),
-        ((k, keys, 0), {"cos": mx.zeros((2, 8))}, "together"),
-        ((k, keys, 0), {"cos": mx.zeros((2, 9)), "sin": mx.zeros((2, 9))}, "dims"),
-        ((k, keys, 0), {"norm": mx.ones((8,))}, "norm")]:
+        (([q, k], 4, keys, values, 0), {}, "one projection"), (([qkv], 4, keys[0], values, 0), {}, "one projection"),
+        (([qkv], 4, keys.astype(mx.bfloat16), values, 0), {}, "float16"),
+        (([qkv], 4, keys, values.astype(mx.float16), 0), {}, "both"),
+        (([qkv[0]], 4, keys, values, 0), {}, "must be"), (([qkv], 3, keys, values, 0), {}, "must be"),
+        (([q, k, v[..., :8]], 4, keys, values, 0), {}, "must be"),
+        (([q, k, v], 4, keys[..., :8], values, 0), {}, "must be"),
+        (([mx.concatenate([q] * 4, -1), k, v], 16, keys, values, 0), {}, "at most"),
+        (([qkv], 4, keys, values, 9), {}, "slots"), (([qkv], 4, keys, values, -1), {}, "slots"),
+        (([qkv], 4, keys, values, 0), {"mask": mx.ones((2, 3), mx.bool_)}, "mask"),
+        (([qkv], 4, keys, values, 0), {"cos": mx.zeros((2, 8))}, "together"),
+        (([qkv], 4, keys, values, 0), {"cos": mx.zeros((2, 9)), "sin": mx.zeros((2, 9))}, "dims"),
+        (([qkv], 4, keys, values, 0), {"q_norm": mx.ones((16,))}, "together"),
+        (([qkv], 4, keys, values, 0), {"q_norm": mx.ones((8,)), "k_norm": mx.ones((8,))}, "norms")]:
         with pytest.raises(ValueError, match=match):
-            K.cache_write(*args, **kw)
-    for args, kw, match in [
-        ((q[0], keys, values, 2), {}, "must be"), ((q, keys[..., :12], values, 2), {}, "match"),
-        ((q, keys, values, 1), {}, "n_keys"), ((q, keys, values, 11), {}, "n_keys"),
-        ((q, keys, values, 2), {"mask": mx.ones((2, 3), mx.bool_)}, "mask"),
-        ((q, keys, values, 2), {"q_norm": mx.ones((8,))}, "norm"),
-        ((mx.concatenate([q] * 4, -1), keys, values, 2), {}, "at most")]:
-        with pytest.raises(ValueError, match=match):
-            K.cached_attention(*args, 1.0, False, **kw)
+            K.attention_step(*args, 1.0, False, **kw)
 
 
 @needs_kernels

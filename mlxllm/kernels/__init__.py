@@ -25,7 +25,7 @@ import ctypes
 import functools
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
@@ -435,23 +435,22 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
 CACHED_ATTENTION = True
 
 
-def cached_attention(q: mx.array, k: mx.array, v: mx.array, cache, n_heads: int, scale: float,
-                     mask: mx.array | str | None,
+def cached_attention(projections: Sequence[mx.array], cache, n_heads: int, n_kv_heads: int, head_dim: int,
+                     value_dim: int, scale: float, mask: mx.array | str | None,
                      rope: Callable[[], tuple[mx.array, mx.array, bool]] | None = None,
                      norms: tuple[mx.array, mx.array, float] | None = None) -> mx.array | None:
-    """A decode step's attention with the cache update, as three ops (cpu.cache_write for the
-    keys and the values, cpu.cached_attention) instead of a dozen, or None where they do not
-    apply and the caller runs the separate ones. q (B, L, H * D), k (B, L, H_kv * D),
-    v (B, L, H_kv * Dv) as the projections give them; each head of q and k RMS-normalized by
-    norms = (q weight, k weight, eps), then rotated by rope() = (cos, sin, traditional)
-    (`rope_tables`; called only where the kernels apply, so a prompt does not make tables
-    here for nothing); cache a `BatchKVCache` with float storage; mask as `attention` takes
-    it. Returns (B, L, H * Dv)."""
+    """A decode step's attention with the cache update as one op (cpu.attention_step) instead
+    of a dozen, or None where it does not apply and the caller runs the separate ones.
+    projections: q (B, L, n_heads * head_dim), k (B, L, n_kv_heads * head_dim) and
+    v (B, L, n_kv_heads * value_dim) as the projections give them, or one array holding the
+    three side by side (a fused or stacked projection's [q | k | v]), read as it is; each head
+    of q and k RMS-normalized by norms = (q weight, k weight, eps), then rotated by
+    rope() = (cos, sin, traditional) (`rope_tables`; called only where the kernel applies,
+    so a prompt does not make tables here for nothing); cache a `BatchKVCache` with float
+    storage; mask as `attention` takes it. Returns (B, L, n_heads * value_dim)."""
     kernels = cpu.active()
-    B, L, _ = q.shape
-    D = q.shape[-1] // n_heads
-    kv_heads = k.shape[-1] // D
-    if (kernels is None or not CACHED_ATTENTION or n_heads // kv_heads * L > FEW_QUERIES
+    B, L, _ = projections[0].shape
+    if (kernels is None or not CACHED_ATTENTION or n_heads // n_kv_heads * L > FEW_QUERIES
             or not getattr(cache, "writes_in_place", lambda: False)()):
         return None
     if isinstance(mask, mx.array):
@@ -463,13 +462,11 @@ def cached_attention(q: mx.array, k: mx.array, v: mx.array, cache, n_heads: int,
     cos, sin, traditional = rope() if rope is not None else (None, None, False)
     q_norm, k_norm, eps = norms if norms is not None else (None, None, 0.0)
 
-    def write(keys: mx.array, values: mx.array, slot: int) -> tuple[mx.array, mx.array, mx.array]:
-        keys = kernels.cache_write(k, keys, slot, cos, sin, traditional, k_norm, eps)
-        values = kernels.cache_write(v, values, slot)
-        out = kernels.cached_attention(q, keys, values, slot + L, scale, causal, keep, cos, sin, traditional, q_norm, eps)
-        return out, keys, values
+    def write(keys: mx.array, values: mx.array, slot: int) -> list[mx.array]:
+        return kernels.attention_step(list(projections), n_heads, keys, values, slot, scale, causal, keep, cos, sin,
+                                      traditional, q_norm, k_norm, eps)
 
-    return cache.update_in_place(B, kv_heads, L, D, v.shape[-1] // kv_heads, write).astype(q.dtype)
+    return cache.update_in_place(B, n_kv_heads, L, head_dim, value_dim, write).astype(projections[0].dtype)
 
 
 def _kernel_mask(mask: mx.array | str | None, B: int, L: int, T: int) -> bool:

@@ -156,9 +156,9 @@ class Block(nn.Module):
         a, d, has, linear = args, args.dim, self._has, self._linear
         q_out, kv_out = a.n_heads * a.head_dim * (2 if a.attn_output_gate else 1), self.n_kv_heads * a.head_dim
         v_out = self.n_kv_heads * self.head_dim_v
+        self.split = (q_out, q_out + kv_out)  # [q | k | v]: a fused or stacked projection's columns
         if has("attn_qkv.weight"):
             self.attn_qkv = linear("attn_qkv", d, q_out + kv_out + v_out)
-            self.split = (q_out, q_out + kv_out)
         else:
             self.attn_q = linear("attn_q", d, q_out)
             self.attn_k = linear("attn_k", d, kv_out)
@@ -231,19 +231,22 @@ class Block(nn.Module):
     def attention(self, x: mx.array, mask, cache, factors: mx.array | None) -> mx.array:
         a = self.args
         B, L, _ = x.shape
-        if "attn_qkv" in self:
-            q, k, v = mx.split(self.attn_qkv(x), self.split, axis=-1)
-        else:
-            q, k, v = layers.project(x, (self.attn_q, self.attn_k, self.attn_v))
+        separate = () if "attn_qkv" in self else (self.attn_q, self.attn_k, self.attn_v)
+        fused = self.attn_qkv(x) if not separate else layers.stacked_product(x, separate)
         scale = a.attn_scale if a.attn_scale is not None else a.head_dim ** -0.5
         if self.cached_attention and cache is not None:
             rope = None if self.rope is None else \
                 lambda: (*self.rope.tables(L, cache.offset, factors), self.rope.args.traditional)
             norms = (self.attn_q_norm.weight, self.attn_k_norm.weight, self.attn_q_norm.eps) \
                 if "attn_q_norm" in self else None
-            out = kernels.cached_attention(q, k, v, cache, a.n_heads, scale, mask, rope, norms)
+            projections = [fused] if fused is not None else layers.project(x, separate)
+            out = kernels.cached_attention(projections, cache, a.n_heads, self.n_kv_heads, a.head_dim,
+                                           self.head_dim_v, scale, mask, rope, norms)
             if out is not None:
                 return self.attn_output(out)
+            q, k, v = projections if fused is None else mx.split(fused, self.split, axis=-1)
+        else:
+            q, k, v = layers.project(x, separate) if fused is None else mx.split(fused, self.split, axis=-1)
         if a.clamp_qkv:
             q, k, v = (mx.clip(t, -a.clamp_qkv, a.clamp_qkv) for t in (q, k, v))
         if a.attn_output_gate:

@@ -428,93 +428,20 @@ struct HeadPrep {
   }
 };
 
-// The optional inputs after the fixed ones, in order: cos and sin (rotary), the norm's weight.
-HeadPrep head_prep(const std::vector<mx::array>& in, size_t next, bool rotary, bool normed, bool traditional,
-                   float eps, int L) {
+// The rotation's tables from in[next] (cos) and in[next + 1] (sin) where rotary, no norm.
+HeadPrep rotation(const std::vector<mx::array>& in, size_t next, bool rotary, bool traditional, float eps, int L) {
   HeadPrep prep{nullptr, nullptr, nullptr, eps, 0, false, traditional, L};
   if (rotary) {
     prep.cos = in[next].data<float>(), prep.sin = in[next + 1].data<float>();
     prep.half = in[next].shape(1), prep.per_row = in[next].shape(0) != L;
-    next += 2;
-  }
-  if (normed) {
-    prep.norm = in[next].data<float>();
   }
   return prep;
-}
-
-// Checks and appends the optional inputs: cos/sin (L or B * L, dims / 2), dims <= D, and a (D,) norm.
-void add_head_prep(std::vector<mx::array>& inputs, const char* op, int B, int L, int D,
-                   const std::optional<mx::array>& cos, const std::optional<mx::array>& sin,
-                   const std::optional<mx::array>& norm, mx::Stream stream) {
-  if (cos.has_value() != sin.has_value()) {
-    throw std::invalid_argument(std::string("[") + op + "] cos and sin come together");
-  }
-  if (cos) {
-    if (cos->ndim() != 2 || cos->shape() != sin->shape() ||
-        (cos->shape(0) != L && static_cast<int64_t>(cos->shape(0)) != static_cast<int64_t>(B) * L) ||
-        2 * static_cast<int64_t>(cos->shape(1)) > D) {
-      throw std::invalid_argument(std::string("[") + op + "] cos/sin must be (L or B * L, dims / 2) with dims <= D");
-    }
-    inputs.push_back(mx::astype(*cos, mx::float32, stream));
-    inputs.push_back(mx::astype(*sin, mx::float32, stream));
-  }
-  if (norm) {
-    if (norm->ndim() != 1 || norm->shape(0) != D) {
-      throw std::invalid_argument(std::string("[") + op + "] the norm's weight must be (D,)");
-    }
-    inputs.push_back(mx::astype(*norm, mx::float32, stream));
-  }
 }
 
 // Whether rows of x (B, L, n) are read in place: their entries contiguous.
 bool heads_in_place(const mx::array& x) {
   return x.shape(2) <= 1 || x.strides()[2] == 1;
 }
-
-class CacheWrite : public CpuPrimitive {
- public:
-  CacheWrite(mx::Stream s, int slot, bool rotary, bool traditional, bool normed, float eps)
-      : CpuPrimitive(s), slot_(slot), rotary_(rotary), traditional_(traditional), normed_(normed), eps_(eps) {}
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[1].shape()}; }
-  const char* name() const override { return "CacheWrite"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto& o = static_cast<const CacheWrite&>(other);
-    return slot_ == o.slot_ && rotary_ == o.rotary_ && traditional_ == o.traditional_ && normed_ == o.normed_ &&
-           eps_ == o.eps_;
-  }
-
- private:
-  int slot_;
-  bool rotary_, traditional_, normed_;
-  float eps_;
-};
-
-class CachedAttention : public CpuPrimitive {
- public:
-  CachedAttention(mx::Stream s, int n_keys, float scale, bool causal, bool masked, bool rotary, bool traditional,
-                  bool normed, float eps)
-      : CpuPrimitive(s), n_keys_(n_keys), scale_(scale), causal_(causal), masked_(masked), rotary_(rotary),
-        traditional_(traditional), normed_(normed), eps_(eps) {}
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    const auto &q = inputs[0], &keys = inputs[1], &values = inputs[2];
-    return {{q.shape(0), q.shape(1), q.shape(2) / keys.shape(3) * values.shape(3)}};
-  }
-  const char* name() const override { return "CachedAttention"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto& o = static_cast<const CachedAttention&>(other);
-    return n_keys_ == o.n_keys_ && scale_ == o.scale_ && causal_ == o.causal_ && masked_ == o.masked_ &&
-           rotary_ == o.rotary_ && traditional_ == o.traditional_ && normed_ == o.normed_ && eps_ == o.eps_;
-  }
-
- private:
-  int n_keys_;
-  float scale_;
-  bool causal_, masked_, rotary_, traditional_, normed_;
-  float eps_;
-};
 
 // Where storage (B, H, S, D) holds (b, h, slot): its strides, any view whose last axis is contiguous.
 inline int64_t slot_at(const mx::array& storage, int b, int h, int slot) {
@@ -526,151 +453,222 @@ bool storage_in_place(const mx::array& x) {
   return x.shape(3) <= 1 || x.strides()[3] == 1;
 }
 
-} // namespace
+// The heads of q, k or v in a projection's rows: position (b, l)'s first head at
+// data + b * sb + l * sl, heads D apart.
+struct Heads {
+  const float* data;
+  int64_t sb, sl;
+};
 
-mx::array cache_write(const mx::array& x, const mx::array& storage, int slot, const std::optional<mx::array>& cos,
-                      const std::optional<mx::array>& sin, bool traditional, const std::optional<mx::array>& norm,
-                      float eps, mx::StreamOrDevice s) {
-  auto stream = cpu_stream(s, "cache_write");
-  if (x.ndim() != 3 || storage.ndim() != 4 || (storage.dtype() != mx::float32 && storage.dtype() != mx::float16)) {
-    throw std::invalid_argument("[cache_write] x must be (B, L, H * D) and storage float32 or float16 (B, H, S, D)");
+// Stores the H heads (D each) of each new position, prepared, at slots slot.. of storage
+// (float32, or float16 with each entry rounded as astype(float16) rounds it).
+void write_heads(const Heads& x, int B, int L, int H, int D, mx::array& storage, int slot, const HeadPrep& prep) {
+  const bool halves = storage.dtype() == mx::float16;
+  std::vector<float> head(halves ? D : 0);
+  for (int b = 0; b < B; ++b) {
+    for (int l = 0; l < L; ++l) {
+      const float* row = x.data + b * x.sb + l * x.sl;
+      for (int h = 0; h < H; ++h) {
+        const int64_t at = slot_at(storage, b, h, slot + l);
+        if (!halves) {
+          prep(row + h * D, storage.data<float>() + at, D, b, l);
+          continue;
+        }
+        prep(row + h * D, head.data(), D, b, l);
+        uint16_t* dst = storage.data<uint16_t>() + at;
+        for (int i = 0; i < D; ++i) {
+          dst[i] = float_to_half(head[i]);
+        }
+      }
+    }
   }
-  const int B = x.shape(0), L = x.shape(1), H = storage.shape(1), S = storage.shape(2), D = storage.shape(3);
-  if (storage.shape(0) != B || H < 1 || D < 1 || L < 1 || x.shape(2) != static_cast<int64_t>(H) * D) {
-    throw std::invalid_argument("[cache_write] x (B, L, H * D) must match storage (B, H, S, D)");
-  }
-  if (slot < 0 || static_cast<long>(slot) + L > S) {
-    throw std::invalid_argument("[cache_write] slots [slot, slot + L) must lie in the storage's S");
-  }
-  std::vector<mx::array> inputs = {mx::astype(x, mx::float32, stream), storage};
-  add_head_prep(inputs, "cache_write", B, L, D, cos, sin, norm, stream);
-  return mx::array(storage.shape(), storage.dtype(),
-                   std::make_shared<CacheWrite>(stream, slot, cos.has_value(), traditional, norm.has_value(), eps),
-                   std::move(inputs));
 }
 
-void CacheWrite::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  const auto& old = inputs[1];
-  enc.set_input_array(old);
-  // The storage's buffer becomes the output's when nothing else holds it (the cache replaced
-  // it by this output): the new slots are written in place, as MLX's slice_update does.
-  // Otherwise the output is a copy. (Checked before any reference to it is taken here.)
-  if (old.is_donatable() && storage_in_place(old)) {
-    out.copy_shared_buffer(old);
-  } else {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    dispatch_gather(enc, old, out);
+class AttentionStep : public mx::Primitive {
+ public:
+  AttentionStep(mx::Stream s, int projections, int n_heads, int slot, float scale, bool causal, bool masked,
+                bool rotary, bool traditional, bool normed, float eps)
+      : mx::Primitive(s), projections_(projections), n_heads_(n_heads), slot_(slot), scale_(scale), causal_(causal),
+        masked_(masked), rotary_(rotary), traditional_(traditional), normed_(normed), eps_(eps) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("[AttentionStep] has no GPU implementation");
   }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    const auto &q = inputs[0], &keys = inputs[projections_], &values = inputs[projections_ + 1];
+    return {{q.shape(0), q.shape(1), n_heads_ * values.shape(3)}, keys.shape(), values.shape()};
+  }
+  const char* name() const override { return "AttentionStep"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const AttentionStep&>(other);
+    return projections_ == o.projections_ && n_heads_ == o.n_heads_ && slot_ == o.slot_ && scale_ == o.scale_ &&
+           causal_ == o.causal_ && masked_ == o.masked_ && rotary_ == o.rotary_ && traditional_ == o.traditional_ &&
+           normed_ == o.normed_ && eps_ == o.eps_;
+  }
+
+ private:
+  int projections_, n_heads_, slot_;
+  float scale_;
+  bool causal_, masked_, rotary_, traditional_, normed_;
+  float eps_;
+};
+
+} // namespace
+
+std::vector<mx::array> attention_step(const std::vector<mx::array>& projections, int n_heads, const mx::array& keys,
+                                      const mx::array& values, int slot, float scale, bool causal,
+                                      const std::optional<mx::array>& mask, const std::optional<mx::array>& cos,
+                                      const std::optional<mx::array>& sin, bool traditional,
+                                      const std::optional<mx::array>& q_norm, const std::optional<mx::array>& k_norm,
+                                      float eps, mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s, "attention_step");
+  if ((projections.size() != 1 && projections.size() != 3) || keys.ndim() != 4 || values.ndim() != 4) {
+    throw std::invalid_argument("[attention_step] takes one projection [q | k | v] or three (q, k, v), each "
+                                "(B, L, n), and storage keys (B, H_kv, S, D), values (B, H_kv, S, Dv)");
+  }
+  if ((keys.dtype() != mx::float32 && keys.dtype() != mx::float16) || values.dtype() != keys.dtype()) {
+    throw std::invalid_argument("[attention_step] keys and values must both be float32 or both float16");
+  }
+  const auto& q = projections[0];
+  const int B = keys.shape(0), Hk = keys.shape(1), S = keys.shape(2), D = keys.shape(3), Dv = values.shape(3);
+  const int L = q.ndim() == 3 ? q.shape(1) : 0, H = n_heads;
+  const int64_t widths[3] = {static_cast<int64_t>(H) * D, static_cast<int64_t>(Hk) * D, static_cast<int64_t>(Hk) * Dv};
+  bool shapes_ok = H > 0 && Hk > 0 && D > 0 && Dv > 0 && L > 0 && values.shape(0) == B && values.shape(1) == Hk &&
+                   values.shape(2) == S;
+  for (size_t i = 0; i < projections.size() && shapes_ok; ++i) {
+    const auto& p = projections[i];
+    const int64_t width = projections.size() == 1 ? widths[0] + widths[1] + widths[2] : widths[i];
+    shapes_ok = p.ndim() == 3 && p.shape(0) == B && p.shape(1) == L && p.shape(2) == width;
+  }
+  if (!shapes_ok) {
+    throw std::invalid_argument("[attention_step] the projections must be (B, L, n_heads * D), (B, L, H_kv * D), "
+                                "(B, L, H_kv * Dv), or those side by side, for keys (B, H_kv, S, D) and values "
+                                "(B, H_kv, S, Dv)");
+  }
+  if (H % Hk || static_cast<long>(H / Hk) * L > kFewRows) {
+    throw std::invalid_argument("[attention_step] needs n_heads a multiple of H_kv and at most " +
+                                std::to_string(kFewRows) + " queries per kv head (n_heads / H_kv * L)");
+  }
+  if (slot < 0 || static_cast<long>(slot) + L > S) {
+    throw std::invalid_argument("[attention_step] slots [slot, slot + L) must lie in the storage's S");
+  }
+  if (q_norm.has_value() != k_norm.has_value()) {
+    throw std::invalid_argument("[attention_step] q_norm and k_norm come together");
+  }
+  std::vector<mx::array> inputs;
+  for (const auto& p : projections) {
+    inputs.push_back(mx::astype(p, mx::float32, stream));
+  }
+  inputs.push_back(keys);
+  inputs.push_back(values);
+  if (mask) {
+    if (causal || !keep_mask_fits(*mask, B, L, slot + L)) {
+      throw std::invalid_argument("[attention_step] mask must be (L, slot + L) or (B, L, slot + L), and not causal");
+    }
+    inputs.push_back(mx::astype(*mask, mx::bool_, stream));
+  }
+  if (cos.has_value() != sin.has_value()) {
+    throw std::invalid_argument("[attention_step] cos and sin come together");
+  }
+  if (cos) {
+    if (cos->ndim() != 2 || cos->shape() != sin->shape() ||
+        (cos->shape(0) != L && static_cast<int64_t>(cos->shape(0)) != static_cast<int64_t>(B) * L) ||
+        2 * static_cast<int64_t>(cos->shape(1)) > D) {
+      throw std::invalid_argument("[attention_step] cos/sin must be (L or B * L, dims / 2) with dims <= D");
+    }
+    inputs.push_back(mx::astype(*cos, mx::float32, stream));
+    inputs.push_back(mx::astype(*sin, mx::float32, stream));
+  }
+  for (const auto* norm : {&q_norm, &k_norm}) {
+    if (*norm) {
+      if ((*norm)->ndim() != 1 || (*norm)->shape(0) != D) {
+        throw std::invalid_argument("[attention_step] the norms' weights must be (D,)");
+      }
+      inputs.push_back(mx::astype(**norm, mx::float32, stream));
+    }
+  }
+  return mx::array::make_arrays({{B, L, H * Dv}, keys.shape(), values.shape()}, {mx::float32, keys.dtype(), values.dtype()},
+                                std::make_shared<AttentionStep>(stream, static_cast<int>(projections.size()), H, slot,
+                                                                scale, causal, mask.has_value(), cos.has_value(),
+                                                                traditional, q_norm.has_value(), eps),
+                                inputs);
+}
+
+void AttentionStep::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  const int P = projections_;
+  // MLX gives each output of a primitive its own copy of the inputs, so the storage would
+  // look held three times and never be written in place: the other outputs' copies go now
+  // (MLX drops every output's inputs once this returns; `inputs` is the one evaluated).
+  for (auto& o : outputs) {
+    if (&o.inputs() != &inputs) {
+      o.inputs().clear();
+    }
+  }
+  // The storage's buffers become the outputs' when nothing else holds them (the cache
+  // replaced them by these outputs): the new slots are written in place, as MLX's
+  // slice_update does. Otherwise the outputs are copies. (Checked before any reference to
+  // them is taken here.)
+  for (int i = 0; i < 2; ++i) {
+    const auto& old = inputs[P + i];
+    auto& stored = outputs[1 + i];
+    enc.set_input_array(old);
+    if (old.is_donatable() && storage_in_place(old)) {
+      stored.copy_shared_buffer(old);
+    } else {
+      stored.set_data(mx::allocator::malloc(stored.nbytes()));
+      dispatch_gather(enc, old, stored);
+    }
+  }
+  outputs[0].set_data(mx::allocator::malloc(outputs[0].nbytes()));
   std::vector<mx::array> in;
   for (size_t i = 0; i < inputs.size(); ++i) {
-    if (i == 1) {
-      in.push_back(out); // a placeholder: the storage is written through out
+    if (i == static_cast<size_t>(P) || i == static_cast<size_t>(P) + 1) {
+      in.push_back(outputs[i - P + 1]); // the storage is written and read through the outputs
       continue;
     }
     const auto& a = inputs[i];
     enc.set_input_array(a);
-    const bool in_place = i == 0 ? heads_in_place(a) : a.flags().row_contiguous;
+    const bool in_place = i < static_cast<size_t>(P) ? heads_in_place(a) : a.flags().row_contiguous;
     in.push_back(in_place ? a : gathered(enc, a));
   }
-  enc.set_output_array(out);
-  enc.dispatch([in = std::move(in), out, slot = slot_, rotary = rotary_, normed = normed_,
-                traditional = traditional_, eps = eps_]() mutable {
-    const auto& x = in[0];
-    const int B = x.shape(0), L = x.shape(1), H = out.shape(1), D = out.shape(3);
-    const HeadPrep prep = head_prep(in, 2, rotary, normed, traditional, eps, L);
-    const float* xp = x.data<float>();
-    const bool halves = out.dtype() == mx::float16; // each entry rounded as astype(float16) rounds it
-    std::vector<float> head(halves ? D : 0);
-    for (int b = 0; b < B; ++b) {
-      for (int l = 0; l < L; ++l) {
-        const float* row = xp + b * x.strides()[0] + l * x.strides()[1];
-        for (int h = 0; h < H; ++h) {
-          const int64_t at = slot_at(out, b, h, slot + l);
-          if (!halves) {
-            prep(row + h * D, out.data<float>() + at, D, b, l);
-            continue;
-          }
-          prep(row + h * D, head.data(), D, b, l);
-          uint16_t* dst = out.data<uint16_t>() + at;
-          for (int i = 0; i < D; ++i) {
-            dst[i] = float_to_half(head[i]);
-          }
-        }
-      }
+  for (auto& o : outputs) {
+    enc.set_output_array(o);
+  }
+  enc.dispatch([in = std::move(in), out = outputs[0], P, H = n_heads_, slot = slot_, scale = scale_, causal = causal_,
+                masked = masked_, rotary = rotary_, traditional = traditional_, normed = normed_,
+                eps = eps_]() mutable {
+    auto &keys = in[P], &values = in[P + 1];
+    const int B = keys.shape(0), Hk = keys.shape(1), D = keys.shape(3), Dv = values.shape(3);
+    const int L = in[0].shape(1), T = slot + L;
+    // q, k and v: the columns [q | k | v] of one projection, or three
+    auto heads = [&](int which) {
+      const auto& p = in[P == 1 ? 0 : which];
+      const int64_t column = P == 1 ? (which == 0 ? 0 : which == 1 ? H * D : (H + Hk) * D) : 0;
+      return Heads{p.data<float>() + column, p.strides()[0], p.strides()[1]};
+    };
+    size_t next = P + 2;
+    const bool* keep = masked ? in[next].data<bool>() : nullptr;
+    const bool keep_per_row = masked && in[next].ndim() == 3;
+    next += masked;
+    HeadPrep q_prep = rotation(in, next, rotary, traditional, eps, L), k_prep = q_prep;
+    const HeadPrep plain{nullptr, nullptr, nullptr, eps, 0, false, traditional, L};
+    if (normed) {
+      q_prep.norm = in[next + 2 * rotary].data<float>();
+      k_prep.norm = in[next + 2 * rotary + 1].data<float>();
     }
-  });
-}
-
-mx::array cached_attention(const mx::array& q, const mx::array& keys, const mx::array& values, int n_keys,
-                           float scale, bool causal, const std::optional<mx::array>& mask,
-                           const std::optional<mx::array>& cos, const std::optional<mx::array>& sin, bool traditional,
-                           const std::optional<mx::array>& q_norm, float eps, mx::StreamOrDevice s) {
-  auto stream = cpu_stream(s, "cached_attention");
-  if (q.ndim() != 3 || keys.ndim() != 4 || values.ndim() != 4) {
-    throw std::invalid_argument("[cached_attention] q must be (B, L, H * D) and keys, values (B, H_kv, S, D)");
-  }
-  const int B = q.shape(0), L = q.shape(1), Hk = keys.shape(1), S = keys.shape(2), D = keys.shape(3);
-  const int Dv = values.shape(3), H = D > 0 ? q.shape(2) / D : 0;
-  const bool shapes_ok = D > 0 && Dv > 0 && Hk > 0 && L > 0 && q.shape(2) == H * D && keys.shape(0) == B &&
-                         values.shape(0) == B && values.shape(1) == Hk && values.shape(2) == S;
-  if (!shapes_ok) {
-    throw std::invalid_argument("[cached_attention] q (B, L, H * D) must match keys (B, H_kv, S, D) and "
-                                "values (B, H_kv, S, Dv)");
-  }
-  if (H < Hk || H % Hk || static_cast<long>(H / Hk) * L > kFewRows) {
-    throw std::invalid_argument("[cached_attention] needs H a multiple of H_kv and at most " +
-                                std::to_string(kFewRows) + " queries per kv head (H / H_kv * L)");
-  }
-  if (n_keys < L || n_keys > S) {
-    throw std::invalid_argument("[cached_attention] attends to the first n_keys slots: L <= n_keys <= S");
-  }
-  // a float16 storage is read as it is, each entry widened exactly
-  const mx::Dtype stored = keys.dtype() == mx::float16 && values.dtype() == mx::float16 ? mx::float16 : mx::float32;
-  std::vector<mx::array> inputs = {mx::astype(q, mx::float32, stream), mx::astype(keys, stored, stream),
-                                   mx::astype(values, stored, stream)};
-  if (mask) {
-    if (causal || !keep_mask_fits(*mask, B, L, n_keys)) {
-      throw std::invalid_argument("[cached_attention] mask must be (L, n_keys) or (B, L, n_keys), and not causal");
-    }
-    inputs.push_back(mx::astype(*mask, mx::bool_, stream));
-  }
-  add_head_prep(inputs, "cached_attention", B, L, D, cos, sin, q_norm, stream);
-  return mx::array({B, L, H * Dv}, mx::float32,
-                   std::make_shared<CachedAttention>(stream, n_keys, scale, causal, mask.has_value(), cos.has_value(),
-                                                     traditional, q_norm.has_value(), eps),
-                   std::move(inputs));
-}
-
-void CachedAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  std::vector<mx::array> in;
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    const auto& a = inputs[i];
-    enc.set_input_array(a);
-    // q's heads and the storage read in place where their last axis is contiguous
-    const bool in_place = i == 0 ? heads_in_place(a) : i < 3 ? storage_in_place(a) : a.flags().row_contiguous;
-    in.push_back(in_place ? a : gathered(enc, a));
-  }
-  enc.set_output_array(out);
-  enc.dispatch([in = std::move(in), out, T = n_keys_, scale = scale_, causal = causal_, masked = masked_,
-                rotary = rotary_, traditional = traditional_, normed = normed_, eps = eps_]() mutable {
-    const auto &q = in[0], &keys = in[1], &values = in[2];
-    const int B = q.shape(0), L = q.shape(1), Hk = keys.shape(1), D = keys.shape(3), Dv = values.shape(3);
-    const int H = q.shape(2) / D;
-    const bool* keep = masked ? in[3].data<bool>() : nullptr;
-    const bool keep_per_row = masked && in[3].ndim() == 3;
-    const HeadPrep prep = head_prep(in, 3 + masked, rotary, normed, traditional, eps, L);
+    write_heads(heads(1), B, L, Hk, D, keys, slot, k_prep);
+    write_heads(heads(2), B, L, Hk, Dv, values, slot, plain);
     // The queries normalized and rotated, as (B, H, L, D).
     static thread_local std::vector<float> query_scratch;
     query_scratch.resize(static_cast<size_t>(B) * H * L * D);
     float* queries = query_scratch.data();
+    const Heads q = heads(0);
     for (int b = 0; b < B; ++b) {
       for (int l = 0; l < L; ++l) {
-        const float* row = q.data<float>() + b * q.strides()[0] + l * q.strides()[1];
+        const float* row = q.data + b * q.sb + l * q.sl;
         for (int h = 0; h < H; ++h) {
-          prep(row + h * D, queries + ((static_cast<long>(b) * H + h) * L + l) * D, D, b, l);
+          q_prep(row + h * D, queries + ((static_cast<long>(b) * H + h) * L + l) * D, D, b, l);
         }
       }
     }

@@ -22,12 +22,10 @@ NB_MODULE(_cpu, m) {
         "mask"_a = nb::none(), nb::kw_only(), "stream"_a = nb::none());
   m.def("attention", &mlxllm_cpu::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a, "mask"_a = nb::none(),
         nb::kw_only(), "stream"_a = nb::none());
-  m.def("cache_write", &mlxllm_cpu::cache_write, "x"_a, "storage"_a, "slot"_a, "cos"_a = nb::none(),
-        "sin"_a = nb::none(), "traditional"_a = false, "norm"_a = nb::none(), "eps"_a = 1e-6f, nb::kw_only(),
+  m.def("attention_step", &mlxllm_cpu::attention_step, "projections"_a, "n_heads"_a, "keys"_a, "values"_a, "slot"_a,
+        "scale"_a, "causal"_a, "mask"_a = nb::none(), "cos"_a = nb::none(), "sin"_a = nb::none(),
+        "traditional"_a = false, "q_norm"_a = nb::none(), "k_norm"_a = nb::none(), "eps"_a = 1e-6f, nb::kw_only(),
         "stream"_a = nb::none());
-  m.def("cached_attention", &mlxllm_cpu::cached_attention, "q"_a, "keys"_a, "values"_a, "n_keys"_a, "scale"_a,
-        "causal"_a, "mask"_a = nb::none(), "cos"_a = nb::none(), "sin"_a = nb::none(), "traditional"_a = false,
-        "q_norm"_a = nb::none(), "eps"_a = 1e-6f, nb::kw_only(), "stream"_a = nb::none());
   m.def("gated_activation", &mlxllm_cpu::gated_activation, "gate"_a, "up"_a.none(), "kind"_a, nb::kw_only(),
         "stream"_a = nb::none());
   m.def("rms_norm", &mlxllm_cpu::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none());

@@ -49,25 +49,25 @@ mx::array masked_softmax(const mx::array& scores, float scale, int queries, bool
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
                     const std::optional<mx::array>& mask, mx::StreamOrDevice s = {});
 
-// A decode step's cache update and attention, as two ops that spare it the graph nodes of
-// the norms, rotations, transposes, slice updates and slices around attention.
-//
-// cache_write: x (B, L, H * D) (a view whose last axis is contiguous: a split of one
-// projection) stored at slots [slot, slot + L) of the float32 storage (B, H, S, D), each
-// head RMS-normalized by norm (D,) where given (eps), then rotated by cos/sin (L or B * L,
-// dims / 2) where given (as `rope`). Returns the storage with the slots written: in the old
-// buffer when nothing else holds it (the cache replaces its storage by the result), as MLX's
-// slice_update does, else in a copy.
-mx::array cache_write(const mx::array& x, const mx::array& storage, int slot, const std::optional<mx::array>& cos,
-                      const std::optional<mx::array>& sin, bool traditional, const std::optional<mx::array>& norm,
-                      float eps, mx::StreamOrDevice s = {});
-// cached_attention: `attention` of q (B, L, H * D) (a view as above; each head normalized by
-// q_norm, then rotated, as cache_write does) against the first n_keys slots of the storage
-// keys (B, H_kv, S, D) / values (B, H_kv, S, Dv), read in place. -> (B, L, H * Dv).
-mx::array cached_attention(const mx::array& q, const mx::array& keys, const mx::array& values, int n_keys,
-                           float scale, bool causal, const std::optional<mx::array>& mask,
-                           const std::optional<mx::array>& cos, const std::optional<mx::array>& sin, bool traditional,
-                           const std::optional<mx::array>& q_norm, float eps, mx::StreamOrDevice s = {});
+// A decode step's attention in one op, which spares it the graph nodes of the splits, norms,
+// rotations, transposes, slice updates and slices around it: the new keys and values stored
+// at slots [slot, slot + L) of the float32 or float16 storage keys (B, H_kv, S, D) / values
+// (B, H_kv, S, Dv), then `attention` of the queries against the first slot + L slots, read in
+// place. projections: q (B, L, n_heads * D), k (B, L, H_kv * D), v (B, L, H_kv * Dv), or one
+// array with the three side by side (a fused or stacked projection's [q | k | v]), views
+// whose last axis is contiguous. Each head of q and k is RMS-normalized by q_norm / k_norm
+// (D,) where given (eps), then rotated by cos/sin (L or B * L, dims / 2) where given (as
+// `rope`); a float16 storage takes each entry rounded as astype(float16) rounds it. causal
+// and mask as `attention` takes them, the mask (L, slot + L) or (B, L, slot + L).
+// Returns {(B, L, n_heads * Dv), keys', values'}: the storage with the slots written, in the
+// old buffers when nothing else holds them (the cache replaces its storage by these), as
+// MLX's slice_update does, else in copies.
+std::vector<mx::array> attention_step(const std::vector<mx::array>& projections, int n_heads, const mx::array& keys,
+                                      const mx::array& values, int slot, float scale, bool causal,
+                                      const std::optional<mx::array>& mask, const std::optional<mx::array>& cos,
+                                      const std::optional<mx::array>& sin, bool traditional,
+                                      const std::optional<mx::array>& q_norm, const std::optional<mx::array>& k_norm,
+                                      float eps, mx::StreamOrDevice s = {});
 
 // act(gate) * up, act "silu" or "gelu_tanh". Without up, gate (..., 2n) holds each row's gate
 // and up side by side (a stacked projection's [gate | up]) -> (..., n), with no split nodes.
