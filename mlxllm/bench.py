@@ -53,7 +53,9 @@ def bench(model, tokenizer, n_prompt: int = 512, n_gen: int = 128, repetitions: 
         return n_prompt / (time.perf_counter() - start)
 
     def tg() -> float:
-        steps = generate_step(model, context(), SamplingParams(temperature=0), max_tokens=n_gen + 1, kv_bits=kv_bits)
+        # the argmax alone, no repetition penalty: llama-bench's tg times decoding, no sampler
+        steps = generate_step(model, context(), SamplingParams(temperature=0, repeat_penalty=1.0),
+                              max_tokens=n_gen + 1, kv_bits=kv_bits)
         next(steps)  # the first token comes from the context's prefill
         start = time.perf_counter()
         for _ in steps:
