@@ -917,18 +917,13 @@ inline __attribute__((always_inline)) void unpack_block_avx2(int t, const uint8_
   // IQ4's 16 signed values (table bytes 0..15; the other types have no table)
   auto kv = [table] { return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table))); };
   uint32_t qh;
-  // int16 mode's sink widens the bytes of these from memory itself
-  constexpr bool widens = requires { sink.signed_bytes(0, b, 0.f); };
+  // int16 mode's sink takes Q4_K and Q6_K super-blocks whole (and never sees the 32-weight
+  // types, which legacy_q16_rows reads itself)
+  constexpr bool superblocks = requires { sink.q4k_superblock(b); };
   switch (t) {
     case Q4_0:
-      if constexpr (widens) {
-        return sink.template nibbles<false>(0, b + 2, 8, f16_at(b), 0.f);
-      }
       return scale32(sink, 0, _mm256_sub_epi8(nibbles32(b + 2), _mm256_set1_epi8(8)), true, f16_at(b));
     case Q4_1:
-      if constexpr (widens) {
-        return sink.template nibbles<true>(0, b + 4, 0, f16_at(b), f16_at(b + 2));
-      }
       return scale32_offset(sink, 0, nibbles32(b + 4), f16_at(b), f16_at(b + 2));
     case Q5_0:
       std::memcpy(&qh, b + 2, 4);
@@ -938,9 +933,6 @@ inline __attribute__((always_inline)) void unpack_block_avx2(int t, const uint8_
       std::memcpy(&qh, b + 4, 4);
       return scale32_offset(sink, 0, _mm256_or_si256(nibbles32(b + 8), bit4_of(qh)), f16_at(b), f16_at(b + 2));
     case Q8_0:
-      if constexpr (widens) {
-        return sink.signed_bytes(0, b + 2, f16_at(b));
-      }
       return scale32(sink, 0, ld(b + 2), true, f16_at(b));
     case F16:
       for (int k = 0; k < 4; ++k) {
@@ -966,7 +958,7 @@ inline __attribute__((always_inline)) void unpack_block_avx2(int t, const uint8_
       return;
     }
     case Q6_K: {
-      if constexpr (widens) {
+      if constexpr (superblocks) {
         return sink.q6k_superblock(b);
       }
       const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
@@ -1137,7 +1129,7 @@ inline __attribute__((always_inline)) void unpack_block_avx2(int t, const uint8_
       }
       return;
     case Q4_K:
-      if constexpr (widens) {
+      if constexpr (superblocks) {
         return sink.q4k_superblock(b);
       }
       [[fallthrough]];
@@ -1248,29 +1240,6 @@ struct Q16Sink {
     __m256i p[NR][2];
     products(at, codes, sign, p);
     scaled<kOffset>(at, p, scale, offset);
-  }
-  // Q4_0 / Q4_1: 16 bytes of nibbles (the low ones are the first 16 codes) minus `bias`,
-  // widened straight from memory (3 operations where the generic path takes 8).
-  template <bool kOffset>
-  __attribute__((always_inline)) void nibbles(int at, const uint8_t* bytes, int bias, float scale, float offset) {
-    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
-    const __m256i b = _mm256_set1_epi16(static_cast<int16_t>(bias));
-    widened<kOffset>(at, _mm256_sub_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x0F)), b),
-                     _mm256_sub_epi16(_mm256_srli_epi16(v, 4), b), scale, offset);
-  }
-  // 32 codes already 16 bits wide (c0 the first 16), one scale and offset.
-  template <bool kOffset>
-  __attribute__((always_inline)) void widened(int at, __m256i c0, __m256i c1, float scale, float offset) {
-    __m256i p[NR][2];
-    products(at, c0, c1, p);
-    scaled<kOffset>(at, p, scale, offset);
-  }
-  // Q8_0: 32 signed bytes, widened straight from memory.
-  __attribute__((always_inline)) void signed_bytes(int at, const uint8_t* bytes, float scale) {
-    auto half = [bytes](int k) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16 * k)); };
-    __m256i p[NR][2];
-    products(at, _mm256_cvtepi8_epi16(half(0)), _mm256_cvtepi8_epi16(half(1)), p);
-    scaled<false>(at, p, scale, 0.f);
   }
   // A Q4_K super-block whole: per sub-block and in scalars, unpacking each scale and minimum
   // and scaling them took most of the kernel's time. Here the 8 scales and 8 minimums (6 bits
