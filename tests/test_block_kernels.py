@@ -502,3 +502,65 @@ def test_float_matrices_multiply_on_the_kernels_gemm():
     bias = mx.arange(routers[0].weight.shape[0], dtype=mx.float32)
     with_bias = FloatLinear(routers[0].weight, bias)
     assert np.array_equal(np.array(with_bias(x)), np.array(K.matmul(x, routers[0].weight, True) + bias))
+
+
+def _graph_ops(out: mx.array, tmp_path: Path) -> list[str]:
+    """The primitives of the graph that evaluating `out` would run."""
+    dot = tmp_path / "graph.dot"
+    mx.export_to_dot(str(dot), out)
+    return [line.split('label ="')[1].split('"')[0] for line in dot.read_text().splitlines() if 'label ="' in line]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 20], ids=lambda r: f"{r}rows")  # the matvec, and prefill's tiles
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_K, Q.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("activations", ["float", "int16"])
+def test_product_takes_over_its_pending_input_op_bit_for_bit(qtype, rows, activations, tmp_path):
+    """A product whose input is a pending rms_norm or gated_activation computes that op's rows
+    itself, and residual_add of a pending product adds the residual as the product writes:
+    each the same values as the ops run apart (their inputs evaluated first), bit for bit,
+    and the fused graph has no node for the op taken over."""
+    raw, cols = _weight(qtype, 40, 2 if GGML_QUANT_SIZES[qtype][0] == 256 else 16, seed=21)
+    w, table = mx.array(raw), _table(qtype)
+    rng = np.random.default_rng(21)
+    x = mx.array(3 * rng.standard_normal((rows, cols)).astype(np.float32))
+    norm_weight = mx.array(rng.standard_normal(cols).astype(np.float32))
+    both = mx.array(2 * rng.standard_normal((rows, 2 * cols)).astype(np.float32))
+    residual = mx.array(rng.standard_normal((rows, 40)).astype(np.float32))
+
+    def product(v: mx.array) -> mx.array:
+        return K.gguf_matmul(v, w, int(qtype), table, activations)
+
+    def apart(v: mx.array) -> mx.array:  # the op's result evaluated: nothing left to take over
+        mx.eval(v)
+        return product(v)
+
+    gate, up = mx.split(both, 2, axis=-1)
+    inputs = {"rms_norm": lambda: K.rms_norm(x, norm_weight, 1e-5),
+              "gated_halves": lambda: K.gated_activation(both, None, "silu"),
+              "gated": lambda: K.gated_activation(gate, up, "gelu_tanh")}
+    for name, make in inputs.items():
+        fused = product(make())
+        assert _graph_ops(fused, tmp_path).count("GgufMatmul") == 1, name
+        assert not {"RmsNorm", "GatedActivation"} & set(_graph_ops(fused, tmp_path)), name
+        assert np.array_equal(np.array(fused), np.array(apart(make()))), name
+
+        summed = K.residual_add(residual, product(make()))
+        assert "Add" not in _graph_ops(summed, tmp_path), name
+        assert np.array_equal(np.array(summed), np.array(residual + apart(make()))), name
+
+
+def test_residual_add_is_an_add_where_no_product_is_pending():
+    """Anything but a pending product of x's shape and dtype is MLX's add: broadcasts, other
+    dtypes, an evaluated product, a product that adds a residual already."""
+    raw, cols = _weight(Q.Q4_0, 8, 2, seed=22)
+    x = mx.array(np.random.default_rng(22).standard_normal((2, cols)).astype(np.float32))
+    r = mx.arange(8, dtype=mx.float32)
+    y = K.gguf_matmul(x, mx.array(raw), int(Q.Q4_0), _table(Q.Q4_0), "int16")
+    want = np.array(y) + np.array(r)  # y evaluated from here on
+    assert np.array_equal(np.array(K.residual_add(r, y)), want)  # evaluated, and broadcast
+    pending = K.gguf_matmul(x, mx.array(raw), int(Q.Q4_0), _table(Q.Q4_0), "int16")
+    twice = K.residual_add(r + mx.zeros((2, 8)), K.residual_add(r + mx.zeros((2, 8)), pending))
+    assert np.array_equal(np.array(twice), want + np.array(r))
+    pending = K.gguf_matmul(x, mx.array(raw), int(Q.Q4_0), _table(Q.Q4_0), "int16")
+    half = K.residual_add(mx.ones((2, 8), mx.float16), pending)
+    assert half.dtype == mx.float32 and np.array_equal(np.array(half), np.array(y) + 1)

@@ -552,6 +552,14 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     return kernels.rms_norm(x, weight, eps).astype(x.dtype)
 
 
+def residual_add(x: mx.array, y: mx.array) -> mx.array:
+    """x + y: a residual stream plus a block's output. On the CPU kernels, where y is a
+    pending product of GGUF blocks, the product adds x as it writes its rows (bit for bit
+    the Add's sums, one graph node fewer)."""
+    kernels = cpu.active()
+    return x + y if kernels is None else kernels.residual_add(x, y)
+
+
 def gated(gate: mx.array, up: mx.array | None, activation: str) -> mx.array:
     """activation(gate) * up, activation "silu" (SwiGLU) or "gelu_tanh" (GeGLU, ggml_gelu).
     up None: gate holds [gate | up] on its last axis (a stacked projection's output), which

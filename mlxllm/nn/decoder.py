@@ -319,13 +319,13 @@ class Block(nn.Module):
             a = self.post_attention_norm(a)
         if self.args.parallel:
             f = self.feed_forward(self.ffn_norm(x) if self.ffn_norm is not None else attn_in)
-            return x + (a + f) * rs if rs != 1.0 else x + a + f
-        h = x + a * rs if rs != 1.0 else x + a
+            return x + (a + f) * rs if rs != 1.0 else kernels.residual_add(kernels.residual_add(x, a), f)
+        h = x + a * rs if rs != 1.0 else kernels.residual_add(x, a)
         ffn_norm = getattr(self, self.args.ffn_input_norm)  # None: the file has no such norm (as for the others)
         f = self.feed_forward(ffn_norm(h) if ffn_norm is not None else h)
         if self.post_ffw_norm is not None:
             f = self.post_ffw_norm(f)
-        return h + f * rs if rs != 1.0 else h + f
+        return h + f * rs if rs != 1.0 else kernels.residual_add(h, f)
 
 
 class Decoder(nn.Module):

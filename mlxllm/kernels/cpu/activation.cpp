@@ -72,6 +72,14 @@ mx::array gated_activation(const mx::array& gate, const std::optional<mx::array>
   return mx::array(std::move(shape), mx::float32, std::make_shared<GatedActivation>(stream, which), std::move(inputs));
 }
 
+void gated_rows(int kind, const float* g, const float* u, float* out, long n) {
+  if (kind == GatedActivation::SILU) {
+    gate_rows(g, u, out, n, silu);
+  } else {
+    gate_rows(g, u, out, n, gelu_tanh);
+  }
+}
+
 void GatedActivation::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   auto e = begin_eval(stream(), inputs, out);
   // Rows of n: gate and up from two arrays, or from the halves of one row of 2n (a stacked projection's)
@@ -86,11 +94,7 @@ void GatedActivation::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
         const long row = unit / blocks, start = unit % blocks * kBlock, count = std::min(n - start, kBlock);
         const float* g = gp + row * (up ? n : 2 * n) + start;
         const float* u = up ? up + start : g + n;
-        if (kind == SILU) {
-          gate_rows(g, u, op + row * n + start, count, silu);
-        } else {
-          gate_rows(g, u, op + row * n + start, count, gelu_tanh);
-        }
+        gated_rows(kind, g, u, op + row * n + start, count);
       }
     });
   });

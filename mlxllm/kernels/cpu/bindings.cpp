@@ -38,6 +38,7 @@ NB_MODULE(_cpu, m) {
         nb::kw_only(), "stream"_a = nb::none());
   m.def("gguf_gather_matmul", &mlxllm_cpu::gguf_gather_matmul, "x"_a, "w"_a, "qtype"_a, "table"_a, "indices"_a,
         "activations"_a = "float", nb::kw_only(), "stream"_a = nb::none());
+  m.def("residual_add", &mlxllm_cpu::residual_add, "x"_a, "y"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("gguf_dequantize", &mlxllm_cpu::gguf_dequantize, "w"_a, "qtype"_a, "in_features"_a, "table"_a,
         nb::kw_only(), "stream"_a = nb::none());
   m.def("gguf_has_kernel", &mlxllm_cpu::gguf_has_kernel, "qtype"_a);

@@ -1998,16 +1998,49 @@ TypeInfo check_blocks(const mx::array& w, int qtype, int in_features, const char
   return info;
 }
 
+// What a product does to its activations before multiplying them: the work of the op that
+// made them, taken over while that op was pending (gguf_matmul). Its inputs come first.
+enum class Prologue {
+  NONE,         // x
+  RMS_NORM,     // x, weight: rms_norm's rows
+  GATED,        // gate, up: gated_activation's rows
+  GATED_HALVES, // [gate | up]
+};
+
 class GgufMatmul : public CpuPrimitive {
  public:
-  GgufMatmul(mx::Stream s, int qtype, Activations act) : CpuPrimitive(s), qtype_(qtype), act_(act) {}
+  GgufMatmul(mx::Stream s, int qtype, Activations act, Prologue prologue = Prologue::NONE, float eps = 0.f,
+             int kind = 0, bool residual = false)
+      : CpuPrimitive(s), qtype_(qtype), act_(act), prologue_(prologue), eps_(eps), kind_(kind), residual_(residual) {}
+  // inputs: the prologue's (one or two), w, table, then the residual where one is added
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto e = begin_eval(stream(), inputs, out);
-    const auto &x = e.inputs[0], &w = e.inputs[1], &table = e.inputs[2];
-    const int I = x.shape(-1), O = w.shape(0);
-    const int B = static_cast<int>(x.size() / I);
-    e.encoder.dispatch([xp = x.data<float>(), wp = w.data<uint8_t>(), tp = table.data<uint8_t>(),
-                        yp = out.data<float>(), B, I, O, t = qtype_, act = act_]() {
+    const int sources = prologue_ == Prologue::RMS_NORM || prologue_ == Prologue::GATED ? 2 : 1;
+    const auto &x = e.inputs[0], &w = e.inputs[sources], &table = e.inputs[sources + 1];
+    const int O = w.shape(0), I = prologue_ == Prologue::GATED_HALVES ? x.shape(-1) / 2 : x.shape(-1);
+    const int B = static_cast<int>(x.size() / x.shape(-1));
+    e.encoder.dispatch([x0 = x.data<float>(), x1 = sources > 1 ? e.inputs[1].data<float>() : nullptr,
+                        wp = w.data<uint8_t>(), tp = table.data<uint8_t>(),
+                        rp = residual_ ? e.inputs.back().data<float>() : nullptr, yp = out.data<float>(), B, I, O,
+                        t = qtype_, act = act_, prologue = prologue_, eps = eps_, kind = kind_]() {
+      std::vector<float> prepared;
+      const float* xp = x0;
+      if (prologue != Prologue::NONE) {
+        prepared.resize(static_cast<size_t>(B) * I);
+        parallel_ranges(B, 8L * I, [&](long r0, long r1) {
+          for (long r = r0; r < r1; ++r) {
+            float* row = prepared.data() + r * I;
+            if (prologue == Prologue::RMS_NORM) {
+              rms_norm_row(x0 + r * I, x1, row, I, eps);
+            } else if (prologue == Prologue::GATED) {
+              gated_rows(kind, x0 + r * I, x1 + r * I, row, I);
+            } else {
+              gated_rows(kind, x0 + 2 * r * I, x0 + (2 * r + 1) * I, row, I);
+            }
+          }
+        });
+        xp = prepared.data();
+      }
       TypeInfo info;
       type_info(t, info);
       if (B <= kMatvecRows) {
@@ -2015,22 +2048,38 @@ class GgufMatmul : public CpuPrimitive {
       } else {
         matmul_tiles(t, info, xp, wp, tp, yp, B, I, O, act);
       }
+      if (rp != nullptr) { // the product + the residual, as the Add it replaces sums them
+        parallel_ranges(B, 8L * O, [&](long r0, long r1) {
+          for (long i = r0 * O; i < r1 * O; ++i) {
+            yp[i] += rp[i];
+          }
+        });
+      }
     });
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     auto shape = inputs[0].shape();
-    shape.back() = inputs[1].shape(0);
+    shape.back() = inputs[prologue_ == Prologue::RMS_NORM || prologue_ == Prologue::GATED ? 2 : 1].shape(0);
     return {shape};
   }
   const char* name() const override { return "GgufMatmul"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const GgufMatmul&>(other);
-    return qtype_ == o.qtype_ && act_ == o.act_;
+    return qtype_ == o.qtype_ && act_ == o.act_ && prologue_ == o.prologue_ && eps_ == o.eps_ && kind_ == o.kind_ &&
+           residual_ == o.residual_;
+  }
+  bool adds_residual() const { return residual_; }
+  std::shared_ptr<GgufMatmul> adding_residual(mx::Stream s) const {
+    return std::make_shared<GgufMatmul>(s, qtype_, act_, prologue_, eps_, kind_, true);
   }
 
  private:
   int qtype_;
   Activations act_;
+  Prologue prologue_;
+  float eps_;
+  int kind_;
+  bool residual_;
 };
 
 class GgufDequantize : public CpuPrimitive {
@@ -2121,6 +2170,16 @@ void check_table(const mx::array& table, int qtype, const char* op) {
 
 } // namespace
 
+// Whether `a` is still to be computed by an op of type P (nothing has scheduled it yet, so
+// nothing but the graph holds its result): the op's inputs are then free to read instead.
+template <class P>
+const P* pending(const mx::array& a) {
+  if (!a.has_primitive() || a.status() != mx::array::Status::unscheduled || !a.siblings().empty()) {
+    return nullptr;
+  }
+  return dynamic_cast<const P*>(&a.primitive());
+}
+
 mx::array gguf_matmul(const mx::array& x, const mx::array& w, int qtype, const mx::array& table,
                       const std::string& activations, mx::StreamOrDevice s) {
   const char* op = "gguf_matmul";
@@ -2133,8 +2192,33 @@ mx::array gguf_matmul(const mx::array& x, const mx::array& w, int qtype, const m
   auto stream = cpu_stream(s, op);
   auto shape = x.shape();
   shape.back() = w.shape(0);
-  std::vector<mx::array> inputs = {mx::astype(x, mx::float32, stream), w, mx::flatten(table, stream)};
-  return mx::array(std::move(shape), mx::float32, std::make_shared<GgufMatmul>(stream, qtype, act), std::move(inputs));
+  std::vector<mx::array> inputs = {mx::astype(x, mx::float32, stream)};
+  Prologue prologue = Prologue::NONE;
+  float eps = 0.f;
+  int kind = 0;
+  if (const auto* norm = pending<RmsNorm>(x)) {
+    inputs = x.inputs();
+    prologue = Prologue::RMS_NORM;
+    eps = norm->eps();
+  } else if (const auto* gated = pending<GatedActivation>(x)) {
+    inputs = x.inputs();
+    prologue = inputs.size() == 1 ? Prologue::GATED_HALVES : Prologue::GATED;
+    kind = gated->kind();
+  }
+  inputs.push_back(w);
+  inputs.push_back(mx::flatten(table, stream));
+  return mx::array(std::move(shape), mx::float32,
+                   std::make_shared<GgufMatmul>(stream, qtype, act, prologue, eps, kind), std::move(inputs));
+}
+
+mx::array residual_add(const mx::array& x, const mx::array& y, mx::StreamOrDevice s) {
+  const auto* product = pending<GgufMatmul>(y);
+  if (product == nullptr || product->adds_residual() || x.dtype() != mx::float32 || x.shape() != y.shape()) {
+    return mx::add(x, y, s);
+  }
+  auto inputs = y.inputs();
+  inputs.push_back(x);
+  return mx::array(y.shape(), mx::float32, product->adding_residual(y.primitive().stream()), std::move(inputs));
 }
 
 mx::array gguf_gather_matmul(const mx::array& x, const mx::array& w, int qtype, const mx::array& table,
