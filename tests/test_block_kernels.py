@@ -516,7 +516,8 @@ def _graph_ops(out: mx.array, tmp_path: Path) -> list[str]:
 @pytest.mark.parametrize("activations", ["float", "int16"])
 def test_product_takes_over_its_pending_input_op_bit_for_bit(qtype, rows, activations, tmp_path):
     """A product whose input is a pending rms_norm or gated_activation computes that op's rows
-    itself, and residual_add of a pending product adds the residual as the product writes:
+    itself, and residual_add of a pending product (or of a pending RMS norm of one) normalizes
+    and adds the residual as the product writes:
     each the same values as the ops run apart (their inputs evaluated first), bit for bit,
     and the fused graph has no node for the op taken over."""
     raw, cols = _weight(qtype, 40, 2 if GGML_QUANT_SIZES[qtype][0] == 256 else 16, seed=21)
@@ -526,6 +527,7 @@ def test_product_takes_over_its_pending_input_op_bit_for_bit(qtype, rows, activa
     norm_weight = mx.array(rng.standard_normal(cols).astype(np.float32))
     both = mx.array(2 * rng.standard_normal((rows, 2 * cols)).astype(np.float32))
     residual = mx.array(rng.standard_normal((rows, 40)).astype(np.float32))
+    post_weight = mx.array(rng.standard_normal(40).astype(np.float32))
 
     def product(v: mx.array) -> mx.array:
         return K.gguf_matmul(v, w, int(qtype), table, activations)
@@ -547,6 +549,13 @@ def test_product_takes_over_its_pending_input_op_bit_for_bit(qtype, rows, activa
         summed = K.residual_add(residual, product(make()))
         assert "Add" not in _graph_ops(summed, tmp_path), name
         assert np.array_equal(np.array(summed), np.array(residual + apart(make()))), name
+
+        post = K.residual_add(residual, K.rms_norm(product(make()), post_weight, 1e-6))  # a post-norm's
+        assert _graph_ops(post, tmp_path).count("GgufMatmul") == 1, name
+        assert not {"Add", "RmsNorm", "GatedActivation"} & set(_graph_ops(post, tmp_path)), name
+        normed = K.rms_norm(apart(make()), post_weight, 1e-6)
+        mx.eval(normed)
+        assert np.array_equal(np.array(post), np.array(residual + normed)), name
 
 
 def test_residual_add_is_an_add_where_no_product_is_pending():

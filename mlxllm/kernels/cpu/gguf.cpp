@@ -1998,44 +1998,57 @@ TypeInfo check_blocks(const mx::array& w, int qtype, int in_features, const char
   return info;
 }
 
-// What a product does to its activations before multiplying them: the work of the op that
-// made them, taken over while that op was pending (gguf_matmul). Its inputs come first.
+// The work of neighbouring ops that a product takes over while they are pending (gguf_matmul,
+// residual_add): before it, the op that makes its activations; after it, an RMS norm of its
+// rows and a residual added. Each is a graph node fewer in a decode step.
 enum class Prologue {
-  NONE,         // x
+  NONE,         // inputs: x
   RMS_NORM,     // x, weight: rms_norm's rows
   GATED,        // gate, up: gated_activation's rows
   GATED_HALVES, // [gate | up]
 };
 
+struct Fused {
+  Prologue prologue = Prologue::NONE;
+  float eps = 0.f; // the prologue's norm
+  int kind = 0;    // the prologue's activation (GatedActivation::Kind)
+  bool post_norm = false;
+  float post_eps = 0.f;
+  bool residual = false;
+  bool operator==(const Fused&) const = default;
+  int sources() const { return prologue == Prologue::RMS_NORM || prologue == Prologue::GATED ? 2 : 1; }
+};
+
 class GgufMatmul : public CpuPrimitive {
  public:
-  GgufMatmul(mx::Stream s, int qtype, Activations act, Prologue prologue = Prologue::NONE, float eps = 0.f,
-             int kind = 0, bool residual = false)
-      : CpuPrimitive(s), qtype_(qtype), act_(act), prologue_(prologue), eps_(eps), kind_(kind), residual_(residual) {}
-  // inputs: the prologue's (one or two), w, table, then the residual where one is added
+  GgufMatmul(mx::Stream s, int qtype, Activations act, Fused fused = {})
+      : CpuPrimitive(s), qtype_(qtype), act_(act), fused_(fused) {}
+  // inputs: the prologue's (one or two), w, table, then the post-norm's weight and the
+  // residual where they are fused
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto e = begin_eval(stream(), inputs, out);
-    const int sources = prologue_ == Prologue::RMS_NORM || prologue_ == Prologue::GATED ? 2 : 1;
+    const int sources = fused_.sources();
     const auto &x = e.inputs[0], &w = e.inputs[sources], &table = e.inputs[sources + 1];
-    const int O = w.shape(0), I = prologue_ == Prologue::GATED_HALVES ? x.shape(-1) / 2 : x.shape(-1);
+    const int O = w.shape(0), I = fused_.prologue == Prologue::GATED_HALVES ? x.shape(-1) / 2 : x.shape(-1);
     const int B = static_cast<int>(x.size() / x.shape(-1));
     e.encoder.dispatch([x0 = x.data<float>(), x1 = sources > 1 ? e.inputs[1].data<float>() : nullptr,
                         wp = w.data<uint8_t>(), tp = table.data<uint8_t>(),
-                        rp = residual_ ? e.inputs.back().data<float>() : nullptr, yp = out.data<float>(), B, I, O,
-                        t = qtype_, act = act_, prologue = prologue_, eps = eps_, kind = kind_]() {
+                        post = fused_.post_norm ? e.inputs[sources + 2].data<float>() : nullptr,
+                        rp = fused_.residual ? e.inputs.back().data<float>() : nullptr, yp = out.data<float>(), B,
+                        I, O, t = qtype_, act = act_, f = fused_]() {
       std::vector<float> prepared;
       const float* xp = x0;
-      if (prologue != Prologue::NONE) {
+      if (f.prologue != Prologue::NONE) {
         prepared.resize(static_cast<size_t>(B) * I);
         parallel_ranges(B, 8L * I, [&](long r0, long r1) {
           for (long r = r0; r < r1; ++r) {
             float* row = prepared.data() + r * I;
-            if (prologue == Prologue::RMS_NORM) {
-              rms_norm_row(x0 + r * I, x1, row, I, eps);
-            } else if (prologue == Prologue::GATED) {
-              gated_rows(kind, x0 + r * I, x1 + r * I, row, I);
+            if (f.prologue == Prologue::RMS_NORM) {
+              rms_norm_row(x0 + r * I, x1, row, I, f.eps);
+            } else if (f.prologue == Prologue::GATED) {
+              gated_rows(f.kind, x0 + r * I, x1 + r * I, row, I);
             } else {
-              gated_rows(kind, x0 + 2 * r * I, x0 + (2 * r + 1) * I, row, I);
+              gated_rows(f.kind, x0 + 2 * r * I, x0 + (2 * r + 1) * I, row, I);
             }
           }
         });
@@ -2048,10 +2061,18 @@ class GgufMatmul : public CpuPrimitive {
       } else {
         matmul_tiles(t, info, xp, wp, tp, yp, B, I, O, act);
       }
-      if (rp != nullptr) { // the product + the residual, as the Add it replaces sums them
+      if (post != nullptr || rp != nullptr) { // as the RmsNorm and the Add they replace compute them
         parallel_ranges(B, 8L * O, [&](long r0, long r1) {
-          for (long i = r0 * O; i < r1 * O; ++i) {
-            yp[i] += rp[i];
+          for (long r = r0; r < r1; ++r) {
+            float* y = yp + r * O;
+            if (post != nullptr) {
+              rms_norm_row(y, post, y, O, f.post_eps); // in place: each entry read before it is written
+            }
+            if (rp != nullptr) {
+              for (long i = 0; i < O; ++i) {
+                y[i] += rp[r * O + i];
+              }
+            }
           }
         });
       }
@@ -2059,27 +2080,23 @@ class GgufMatmul : public CpuPrimitive {
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     auto shape = inputs[0].shape();
-    shape.back() = inputs[prologue_ == Prologue::RMS_NORM || prologue_ == Prologue::GATED ? 2 : 1].shape(0);
+    shape.back() = inputs[fused_.sources()].shape(0);
     return {shape};
   }
   const char* name() const override { return "GgufMatmul"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const GgufMatmul&>(other);
-    return qtype_ == o.qtype_ && act_ == o.act_ && prologue_ == o.prologue_ && eps_ == o.eps_ && kind_ == o.kind_ &&
-           residual_ == o.residual_;
+    return qtype_ == o.qtype_ && act_ == o.act_ && fused_ == o.fused_;
   }
-  bool adds_residual() const { return residual_; }
-  std::shared_ptr<GgufMatmul> adding_residual(mx::Stream s) const {
-    return std::make_shared<GgufMatmul>(s, qtype_, act_, prologue_, eps_, kind_, true);
+  const Fused& fused() const { return fused_; }
+  std::shared_ptr<GgufMatmul> with(mx::Stream s, const Fused& fused) const {
+    return std::make_shared<GgufMatmul>(s, qtype_, act_, fused);
   }
 
  private:
   int qtype_;
   Activations act_;
-  Prologue prologue_;
-  float eps_;
-  int kind_;
-  bool residual_;
+  Fused fused_;
 };
 
 class GgufDequantize : public CpuPrimitive {
@@ -2193,32 +2210,42 @@ mx::array gguf_matmul(const mx::array& x, const mx::array& w, int qtype, const m
   auto shape = x.shape();
   shape.back() = w.shape(0);
   std::vector<mx::array> inputs = {mx::astype(x, mx::float32, stream)};
-  Prologue prologue = Prologue::NONE;
-  float eps = 0.f;
-  int kind = 0;
+  Fused fused;
   if (const auto* norm = pending<RmsNorm>(x)) {
     inputs = x.inputs();
-    prologue = Prologue::RMS_NORM;
-    eps = norm->eps();
+    fused.prologue = Prologue::RMS_NORM;
+    fused.eps = norm->eps();
   } else if (const auto* gated = pending<GatedActivation>(x)) {
     inputs = x.inputs();
-    prologue = inputs.size() == 1 ? Prologue::GATED_HALVES : Prologue::GATED;
-    kind = gated->kind();
+    fused.prologue = inputs.size() == 1 ? Prologue::GATED_HALVES : Prologue::GATED;
+    fused.kind = gated->kind();
   }
   inputs.push_back(w);
   inputs.push_back(mx::flatten(table, stream));
-  return mx::array(std::move(shape), mx::float32,
-                   std::make_shared<GgufMatmul>(stream, qtype, act, prologue, eps, kind), std::move(inputs));
+  return mx::array(std::move(shape), mx::float32, std::make_shared<GgufMatmul>(stream, qtype, act, fused),
+                   std::move(inputs));
 }
 
 mx::array residual_add(const mx::array& x, const mx::array& y, mx::StreamOrDevice s) {
-  const auto* product = pending<GgufMatmul>(y);
-  if (product == nullptr || product->adds_residual() || x.dtype() != mx::float32 || x.shape() != y.shape()) {
-    return mx::add(x, y, s);
+  if (x.dtype() == mx::float32 && x.shape() == y.shape()) {
+    // y a pending product, or a pending RMS norm of one (a post-norm, as Gemma's)
+    const auto* norm = pending<RmsNorm>(y);
+    const mx::array& made = norm != nullptr ? y.inputs()[0] : y;
+    const auto* product = pending<GgufMatmul>(made);
+    if (product != nullptr && !product->fused().post_norm && !product->fused().residual) {
+      Fused fused = product->fused();
+      auto inputs = made.inputs();
+      if (norm != nullptr) {
+        fused.post_norm = true;
+        fused.post_eps = norm->eps();
+        inputs.push_back(y.inputs()[1]);
+      }
+      fused.residual = true;
+      inputs.push_back(x);
+      return mx::array(y.shape(), mx::float32, product->with(made.primitive().stream(), fused), std::move(inputs));
+    }
   }
-  auto inputs = y.inputs();
-  inputs.push_back(x);
-  return mx::array(y.shape(), mx::float32, product->adding_residual(y.primitive().stream()), std::move(inputs));
+  return mx::add(x, y, s);
 }
 
 mx::array gguf_gather_matmul(const mx::array& x, const mx::array& w, int qtype, const mx::array& table,

@@ -115,8 +115,9 @@ mx::array gguf_gather_matmul(const mx::array& x, const mx::array& w, int qtype, 
                              const mx::array& indices, const std::string& activations = "float",
                              mx::StreamOrDevice s = {});
 // W as float32 (out, in_features), bit-exact to gguf-py's dequantize.
-// x + y. Where y is a pending gguf_matmul's product (float32, x's shape), that product adds
-// x itself as it writes its rows: the same sums, bit for bit, without an Add node.
+// x + y. Where y is a pending gguf_matmul's product (float32, x's shape), or a pending
+// rms_norm of one (a post-norm), that product normalizes its rows and adds x itself as it
+// writes them: the same sums, bit for bit, without the RmsNorm and Add nodes.
 mx::array residual_add(const mx::array& x, const mx::array& y, mx::StreamOrDevice s = {});
 mx::array gguf_dequantize(const mx::array& w, int qtype, int in_features, const mx::array& table,
                           mx::StreamOrDevice s = {});
