@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from gguf import Keys
 
-from .. import convert_hooks
+from .. import convert_hooks, kernels
 from ..cache import RecurrentCache
 from ..gguf import GGUFFile
 from ..nn import RMSNorm
@@ -52,7 +52,7 @@ class MambaBlock(nn.Module):
         init_mamba(self, args.dim, args.ssm, lambda leaf: f"blk.{i}.{leaf}" in args.tensors)
 
     def __call__(self, x: mx.array, cache: RecurrentCache | None) -> mx.array:
-        return x + mamba(self, self.attn_norm(x), cache, self.ssm)
+        return kernels.residual_add(x, mamba(self, self.attn_norm(x), cache, self.ssm))
 
 
 class Mamba(nn.Module):

@@ -109,11 +109,11 @@ class HybridBlock(Block):
 
     def __call__(self, x: mx.array, mask, cache, factors: mx.array | None) -> mx.array:
         if self.single_branch:
-            return x + self.attention(self.attn_norm(x), mask, cache, factors)
+            return kernels.residual_add(x, self.attention(self.attn_norm(x), mask, cache, factors))
         if not self.bare_ffn_norm:
             return super().__call__(x, mask, cache, factors)
-        h = x + self.attention(self.attn_norm(x), mask, cache, factors)
-        return h + self.feed_forward(kernels.rms_norm(h, self.ffn_norm, self.args.norm_eps))
+        h = kernels.residual_add(x, self.attention(self.attn_norm(x), mask, cache, factors))
+        return kernels.residual_add(h, self.feed_forward(kernels.rms_norm(h, self.ffn_norm, self.args.norm_eps)))
 
 
 class HybridDecoder(Decoder):
