@@ -554,8 +554,9 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
 
 def residual_add(x: mx.array, y: mx.array) -> mx.array:
     """x + y: a residual stream plus a block's output. On the CPU kernels, where y is a
-    pending product of GGUF blocks, the product adds x as it writes its rows (bit for bit
-    the Add's sums, one graph node fewer)."""
+    pending product of GGUF blocks (or a pending RMS norm of one: a post-norm), the product
+    normalizes its rows and adds x as it writes them (bit for bit the RmsNorm's and the
+    Add's values, their graph nodes spared)."""
     kernels = cpu.active()
     return x + y if kernels is None else kernels.residual_add(x, y)
 
