@@ -608,13 +608,18 @@ inline __m256i nibbles32(const uint8_t* p) {
   return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0F));
 }
 
-// Byte i is 0x10 where bit i of x is set.
-inline __m256i bit4_of(uint32_t x) {
+// Byte i is 0xFF where bit i of x is set, else 0.
+inline __m256i bits_as_bytes(uint32_t x) {
   const __m256i idx = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3,
                                        3, 3, 3, 3, 3);
   const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
   const __m256i v = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(x)), idx), bit);
-  return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), _mm256_set1_epi8(0x10));
+  return _mm256_cmpeq_epi8(v, bit);
+}
+
+// Byte i is 0x10 where bit i of x is set.
+inline __m256i bit4_of(uint32_t x) {
+  return _mm256_and_si256(bits_as_bytes(x), _mm256_set1_epi8(0x10));
 }
 
 // Sums of 4 adjacent u8 x s8 products, as 8 int32 (u8 codes here stay below 64, so the
@@ -1372,10 +1377,13 @@ __attribute__((always_inline)) inline void legacy_q16_rows(const uint8_t* row, l
         c0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2)));
         c1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18)));
       } else if constexpr (T == Q5_0 || T == Q5_1) { // the fifth bits from the 32 before the nibbles
-        __m256i codes = _mm256_or_si256(nibbles32(b + kBytes - 16), bit4_of(u32_at(b + kBytes - 20)));
-        if constexpr (T == Q5_0) {
-          codes = _mm256_sub_epi8(codes, _mm256_set1_epi8(16));
-        }
+        // Q5_0's codes are the 5 bits less 16: where the fifth bit is clear, 0xF0 | nibble is
+        // nibble - 16 as a signed byte, and where it is set, the nibble (one instruction
+        // fewer than adding the bit and subtracting 16)
+        const __m256i fifth = bits_as_bytes(u32_at(b + kBytes - 20));
+        const __m256i codes = _mm256_or_si256(
+            nibbles32(b + kBytes - 16), T == Q5_0 ? _mm256_andnot_si256(fifth, _mm256_set1_epi8(static_cast<char>(0xF0)))
+                                                  : _mm256_and_si256(fifth, _mm256_set1_epi8(0x10)));
         const __m128i lo = _mm256_castsi256_si128(codes), hi = _mm256_extracti128_si256(codes, 1);
         c0 = T == Q5_0 ? _mm256_cvtepi8_epi16(lo) : _mm256_cvtepu8_epi16(lo);
         c1 = T == Q5_0 ? _mm256_cvtepi8_epi16(hi) : _mm256_cvtepu8_epi16(hi);
