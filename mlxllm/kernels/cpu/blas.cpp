@@ -111,43 +111,84 @@ namespace {
 
 constexpr int kFewRowsSide = 256; // products of at most kFewRows rows with a side this short (a head's dimension) skip BLAS
 
-// C (M, N) = A (M, K) @ B (K, N), 8 columns at a time: C[m][n0:n0+8] = sum_k A[m][k] * B[k][n0:n0+8],
-// summed kSumTerms terms at a time, the partial sums then added in order (gemm_few_rows).
-template <int M, class TB>
-void rows_times(int N, int K, const float* A, int lda, const TB* B, int ldb, float* C, int ldc) {
-  for (int n0 = 0; n0 < N; n0 += 8) {
-    const int w = std::min(8, N - n0);
-    f32x8 acc[M];
-    for (auto& a : acc) {
-      a = splat(0.f);
-    }
-    for (int k0 = 0; k0 < K; k0 += kSumTerms) {
-      f32x8 part[M];
-      for (auto& a : part) {
-        a = splat(0.f);
+// C[m][0:8V] = sum_k A[m][k] * B[k][0:8V] for M rows, V vectors of columns at once: each of
+// B's rows read once for all of them (a whole cache line of a float16 cache's values, where
+// 8 columns at a time had read it in pieces, once per piece), each A[m][k] broadcast once
+// for its V vectors. Summed kSumTerms terms at a time, the partial sums then added in order.
+template <int M, int V, class TB>
+inline void rows_times_columns(int K, const float* A, int lda, const TB* B, int ldb, float* C, int ldc) {
+  f32x8 acc[M][V];
+  for (int k0 = 0; k0 < K; k0 += kSumTerms) {
+    f32x8 part[M][V];
+    for (auto& row : part) {
+      for (auto& x : row) {
+        x = splat(0.f);
       }
-      for (int k = k0; k < std::min(K, k0 + kSumTerms); ++k) {
-        const TB* row = B + static_cast<long>(k) * ldb + n0;
-        prefetch_ahead(row); // attention's values: a cache's rows, streamed
-        f32x8 b = splat(0.f);
-        if (w == 8) {
-          b = load8(row);
-        } else {
-          for (int j = 0; j < w; ++j) {
-            b[j] = to_float(row[j]);
-          }
-        }
-        for (int m = 0; m < M; ++m) {
-          part[m] += A[static_cast<long>(m) * lda + k] * b;
-        }
+    }
+    for (int k = k0; k < std::min(K, k0 + kSumTerms); ++k) {
+      const TB* row = B + static_cast<long>(k) * ldb;
+      prefetch_ahead(row, 8L * V * sizeof(TB)); // attention's values: a cache's rows, streamed
+      f32x8 b[V];
+      for (int v = 0; v < V; ++v) {
+        b[v] = load8(row + 8 * v);
       }
       for (int m = 0; m < M; ++m) {
-        acc[m] = k0 == 0 ? part[m] : acc[m] + part[m];
+        const float a = A[static_cast<long>(m) * lda + k];
+        for (int v = 0; v < V; ++v) {
+          part[m][v] += a * b[v];
+        }
       }
     }
     for (int m = 0; m < M; ++m) {
-      std::memcpy(C + static_cast<long>(m) * ldc + n0, &acc[m], sizeof(float) * w);
+      for (int v = 0; v < V; ++v) {
+        acc[m][v] = k0 == 0 ? part[m][v] : acc[m][v] + part[m][v];
+      }
     }
+  }
+  for (int m = 0; m < M; ++m) {
+    std::memcpy(C + static_cast<long>(m) * ldc, acc[m], sizeof(acc[m]));
+  }
+}
+
+// C (M, N) = A (M, K) @ B (K, N) (gemm_few_rows): as many columns at once as M's sums leave
+// registers for, then 8, then the last w < 8 columns alone. Every column is summed in the
+// same order whichever way (kSumTerms terms at a time, then the partial sums in order).
+template <int M, class TB>
+void rows_times(int N, int K, const float* A, int lda, const TB* B, int ldb, float* C, int ldc) {
+  constexpr int V = M <= 3 ? 4 : (M <= 6 ? 2 : 1); // M * V accumulators of 16 registers
+  int n0 = 0;
+  for (; n0 + 8 * V <= N; n0 += 8 * V) {
+    rows_times_columns<M, V>(K, A, lda, B + n0, ldb, C + n0, ldc);
+  }
+  for (; n0 + 8 <= N; n0 += 8) {
+    rows_times_columns<M, 1>(K, A, lda, B + n0, ldb, C + n0, ldc);
+  }
+  if (n0 == N) {
+    return;
+  }
+  const int w = N - n0;
+  f32x8 acc[M];
+  for (int k0 = 0; k0 < K; k0 += kSumTerms) {
+    f32x8 part[M];
+    for (auto& a : part) {
+      a = splat(0.f);
+    }
+    for (int k = k0; k < std::min(K, k0 + kSumTerms); ++k) {
+      const TB* row = B + static_cast<long>(k) * ldb + n0;
+      f32x8 b = splat(0.f);
+      for (int j = 0; j < w; ++j) {
+        b[j] = to_float(row[j]);
+      }
+      for (int m = 0; m < M; ++m) {
+        part[m] += A[static_cast<long>(m) * lda + k] * b;
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      acc[m] = k0 == 0 ? part[m] : acc[m] + part[m];
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    std::memcpy(C + static_cast<long>(m) * ldc + n0, &acc[m], sizeof(float) * w);
   }
 }
 
