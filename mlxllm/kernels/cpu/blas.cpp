@@ -155,7 +155,7 @@ inline void rows_times_columns(int K, const float* A, int lda, const TB* B, int 
 // same order whichever way (kSumTerms terms at a time, then the partial sums in order).
 template <int M, class TB>
 void rows_times(int N, int K, const float* A, int lda, const TB* B, int ldb, float* C, int ldc) {
-  constexpr int V = M <= 3 ? 4 : (M <= 6 ? 2 : 1); // M * V accumulators of 16 registers
+  constexpr int V = M <= 3 ? 4 : (M <= 6 ? 2 : 1); // M * V accumulators: at most 12 of AVX2's 16 registers
   int n0 = 0;
   for (; n0 + 8 * V <= N; n0 += 8 * V) {
     rows_times_columns<M, V>(K, A, lda, B + n0, ldb, C + n0, ldc);
