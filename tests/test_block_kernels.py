@@ -517,9 +517,8 @@ def _graph_ops(out: mx.array, tmp_path: Path) -> list[str]:
 def test_product_takes_over_its_pending_input_op_bit_for_bit(qtype, rows, activations, tmp_path):
     """A product whose input is a pending rms_norm or gated_activation computes that op's rows
     itself, and residual_add of a pending product (or of a pending RMS norm of one) normalizes
-    and adds the residual as the product writes:
-    each the same values as the ops run apart (their inputs evaluated first), bit for bit,
-    and the fused graph has no node for the op taken over."""
+    and adds the residual as the product writes: each the same values as the ops run apart
+    (their inputs evaluated first), bit for bit, and the graph has no node for the op taken over."""
     raw, cols = _weight(qtype, 40, 2 if GGML_QUANT_SIZES[qtype][0] == 256 else 16, seed=21)
     w, table = mx.array(raw), _table(qtype)
     rng = np.random.default_rng(21)
