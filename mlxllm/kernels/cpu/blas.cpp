@@ -115,8 +115,9 @@ constexpr int kFewRowsSide = 256; // products of at most kFewRows rows with a si
 // B's rows read once for all of them (a whole cache line of a float16 cache's values, where
 // 8 columns at a time had read it in pieces, once per piece), each A[m][k] broadcast once
 // for its V vectors. Summed kSumTerms terms at a time, the partial sums then added in order.
-template <int M, int V, class TB>
-inline void rows_times_columns(int K, const float* A, int lda, const TB* B, int ldb, float* C, int ldc) {
+// Not Full: one vector of only the first w < 8 columns.
+template <int M, int V, bool Full, class TB>
+inline void rows_times_columns(int K, const float* A, int lda, const TB* B, int ldb, float* C, int ldc, int w = 8 * V) {
   f32x8 acc[M][V];
   for (int k0 = 0; k0 < K; k0 += kSumTerms) {
     f32x8 part[M][V];
@@ -130,7 +131,14 @@ inline void rows_times_columns(int K, const float* A, int lda, const TB* B, int 
       prefetch_ahead(row, 8L * V * sizeof(TB)); // attention's values: a cache's rows, streamed
       f32x8 b[V];
       for (int v = 0; v < V; ++v) {
-        b[v] = load8(row + 8 * v);
+        if constexpr (Full) {
+          b[v] = load8(row + 8 * v);
+        } else {
+          b[v] = splat(0.f);
+          for (int j = 0; j < w; ++j) {
+            b[v][j] = to_float(row[j]);
+          }
+        }
       }
       for (int m = 0; m < M; ++m) {
         const float a = A[static_cast<long>(m) * lda + k];
@@ -146,7 +154,7 @@ inline void rows_times_columns(int K, const float* A, int lda, const TB* B, int 
     }
   }
   for (int m = 0; m < M; ++m) {
-    std::memcpy(C + static_cast<long>(m) * ldc, acc[m], sizeof(acc[m]));
+    std::memcpy(C + static_cast<long>(m) * ldc, acc[m], sizeof(float) * w);
   }
 }
 
@@ -158,37 +166,13 @@ void rows_times(int N, int K, const float* A, int lda, const TB* B, int ldb, flo
   constexpr int V = M <= 3 ? 4 : (M <= 6 ? 2 : 1); // M * V accumulators: at most 12 of AVX2's 16 registers
   int n0 = 0;
   for (; n0 + 8 * V <= N; n0 += 8 * V) {
-    rows_times_columns<M, V>(K, A, lda, B + n0, ldb, C + n0, ldc);
+    rows_times_columns<M, V, true>(K, A, lda, B + n0, ldb, C + n0, ldc);
   }
   for (; n0 + 8 <= N; n0 += 8) {
-    rows_times_columns<M, 1>(K, A, lda, B + n0, ldb, C + n0, ldc);
+    rows_times_columns<M, 1, true>(K, A, lda, B + n0, ldb, C + n0, ldc);
   }
-  if (n0 == N) {
-    return;
-  }
-  const int w = N - n0;
-  f32x8 acc[M];
-  for (int k0 = 0; k0 < K; k0 += kSumTerms) {
-    f32x8 part[M];
-    for (auto& a : part) {
-      a = splat(0.f);
-    }
-    for (int k = k0; k < std::min(K, k0 + kSumTerms); ++k) {
-      const TB* row = B + static_cast<long>(k) * ldb + n0;
-      f32x8 b = splat(0.f);
-      for (int j = 0; j < w; ++j) {
-        b[j] = to_float(row[j]);
-      }
-      for (int m = 0; m < M; ++m) {
-        part[m] += A[static_cast<long>(m) * lda + k] * b;
-      }
-    }
-    for (int m = 0; m < M; ++m) {
-      acc[m] = k0 == 0 ? part[m] : acc[m] + part[m];
-    }
-  }
-  for (int m = 0; m < M; ++m) {
-    std::memcpy(C + static_cast<long>(m) * ldc + n0, &acc[m], sizeof(float) * w);
+  if (n0 < N) {
+    rows_times_columns<M, 1, false>(K, A, lda, B + n0, ldb, C + n0, ldc, N - n0);
   }
 }
 
